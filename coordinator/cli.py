@@ -1,0 +1,229 @@
+"""krasis-coord: the command line of the coordinator.
+
+    krasis-coord generate MODEL --prompt "..." --max-new-tokens 32     one shot, then exit
+    krasis-coord serve MODEL --zmq tcp://127.0.0.1:5555                the long-running service
+    krasis-coord chat --connect tcp://127.0.0.1:5555                   an interactive client
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import signal
+import sys
+
+import click
+
+from ..shared import protocol as P
+from ..shared.models.family import ConfigError
+from ..shared.weights import WeightError
+from .engine import Engine, RequestError
+from .plan import PlanError
+from .processes import RuntimeOptions, WorkerDied
+from .tokenizer import TokenizerError
+
+USER_ERRORS = (ConfigError, WeightError, PlanError, RequestError, TokenizerError, P.ProtocolError, WorkerDied)
+
+
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+def runtime_options(f):
+    """Options shared by every command that runs the model."""
+
+    @click.option("--devices", default="cpu", show_default=True,
+                  help="Comma-separated devices, one pipeline stage (process) each: cuda:0,cuda:1 or cpu,cpu.")
+    @click.option("--pp-layers", callback=_int_list, help="Layers per stage, e.g. 14,13 (default: balanced by cost).")
+    @click.option("--cpu-workers", type=click.IntRange(min=1), help="CPU expert pool processes (default: one per NUMA node).")
+    @click.option("--numa-nodes", type=click.IntRange(min=1), help="Simulate this many NUMA nodes (splits the cores).")
+    @click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default="bfloat16", show_default=True,
+                  help="Compute dtype; float32 is the exact-check mode.")
+    @click.option("--max-context", type=click.IntRange(min=2), default=4096, show_default=True,
+                  help="Longest sequence (prompt + generated) served.")
+    @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+                  help="Most sequences decoded together.")
+    @click.option("--prefill-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
+                  help="Prompt tokens per prefill step.")
+    @functools.wraps(f)
+    def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, **kw):
+        opts = RuntimeOptions(
+            devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
+            cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
+            max_batch=max_batch, prefill_chunk=prefill_chunk,
+        )
+        return f(*args, opts=opts, **kw)
+
+    return wrapper
+
+
+def _fail(e: BaseException) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(1)
+
+
+async def _with_engine(model: str, opts: RuntimeOptions, body):
+    """Run `body(engine)` with every process started, stopping them all whatever happens
+    (SIGINT and SIGTERM included)."""
+    engine = Engine(model, opts)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        await engine.start()
+        return await body(engine)
+    finally:
+        await engine.close()
+
+
+def _run(coro):
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Krasis: MoE inference with the prompt on the GPU and routed experts on the CPU."""
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--prompt", help="Prompt text (tokenized with the model's tokenizer).")
+@click.option("--prompt-ids", callback=_int_list, help="Prompt token ids, comma-separated.")
+@click.option("--messages", help='Chat messages as JSON: [{"role": "user", "content": "..."}].')
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Seed for sampling (reproducible).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
+@runtime_options
+def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, opts):
+    """Start every process, generate once, print, stop every process."""
+    try:
+        msgs = json.loads(messages) if messages is not None else None
+    except json.JSONDecodeError as e:
+        _fail(ConfigError(f"--messages is not valid JSON: {e}"))
+    gen = P.Generate(
+        id="cli", prompt=prompt, prompt_ids=prompt_ids, messages=msgs,
+        sampling=P.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed, stop=list(stop)),
+    )
+    try:
+        gen.validate()
+    except P.ProtocolError as e:
+        _fail(e)
+
+    async def body(engine: Engine):
+        ids, text, done = [], [], None
+        async for ev in engine.generate(gen):
+            if isinstance(ev, P.Tokens):
+                ids += ev.token_ids
+                text.append(ev.text)
+                if not as_json:
+                    click.echo(ev.text, nl=False)
+            elif isinstance(ev, P.Error):
+                raise RequestError(ev.message)
+            else:
+                done = ev
+        if as_json:
+            click.echo(json.dumps({
+                "token_ids": ids, "text": "".join(text), "finish_reason": done.finish_reason,
+                "prompt_tokens": done.prompt_tokens, "ttft_s": done.ttft_s,
+                "prefill_tok_s": done.prefill_tok_s, "decode_tok_s": done.decode_tok_s,
+            }))
+        else:
+            click.echo()
+
+    try:
+        _run(_with_engine(model, opts, body))
+    except USER_ERRORS as e:
+        _fail(e)
+    except asyncio.CancelledError:
+        _fail(RuntimeError("interrupted"))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--zmq", "endpoint", default="tcp://127.0.0.1:5555", show_default=True,
+              help="Client endpoint (tcp://host:port or ipc://path).")
+@runtime_options
+def serve(model, endpoint, opts):
+    """Run the service until SIGTERM or Ctrl-C."""
+    from .server import Server
+
+    async def body(engine: Engine):
+        server = Server(engine, endpoint)
+        click.echo(f"krasis: serving {model} on {endpoint}", err=True)
+        serving = asyncio.create_task(server.serve())
+        fatal = asyncio.create_task(_until_fatal(engine))
+        done, _ = await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        serving.cancel()
+        if fatal in done and engine._fatal is not None:
+            raise WorkerDied(str(engine._fatal))
+
+    try:
+        _run(_with_engine(model, opts, body))
+    except USER_ERRORS as e:
+        _fail(e)
+    except asyncio.CancelledError:
+        click.echo("krasis: stopped", err=True)
+
+
+async def _until_fatal(engine: Engine):
+    while engine._fatal is None:
+        await asyncio.sleep(0.25)
+
+
+@main.command()
+@click.option("--connect", "endpoint", default="tcp://127.0.0.1:5555", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--system", help="System prompt.")
+def chat(endpoint, max_new_tokens, temperature, system):
+    """Interactive chat with a running service; replies stream as they are generated."""
+    from ..shared.client import Client, ServiceError
+
+    history = [{"role": "system", "content": system}] if system else []
+    with Client(endpoint) as c:
+        try:
+            c.sock.setsockopt(__import__("zmq").RCVTIMEO, 5000)
+            c.health()
+            c.sock.setsockopt(__import__("zmq").RCVTIMEO, 600_000)
+        except TimeoutError:
+            _fail(RuntimeError(f"no service answers at {endpoint}"))
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                click.echo()
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            reply = []
+            try:
+                for ev in c.stream(messages=history, max_new_tokens=max_new_tokens, temperature=temperature):
+                    if isinstance(ev, P.Tokens):
+                        reply.append(ev.text)
+                        click.echo(ev.text, nl=False)
+                    elif isinstance(ev, P.Error):
+                        raise ServiceError(ev.message)
+            except ServiceError as e:
+                click.echo(f"\nerror: {e}", err=True)
+                history.pop()
+                continue
+            click.echo()
+            history.append({"role": "assistant", "content": "".join(reply)})

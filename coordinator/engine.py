@@ -1,0 +1,419 @@
+"""The coordinator's engine: it owns the worker processes, the requests and the schedule.
+
+Loop: admit waiting requests by prefilling their prompts (in chunks of `prefill_chunk` tokens, the
+routed experts on the GPU workers), then run one decode step for every running request together (the
+routed experts on the CPU pool, so one read of an expert serves every token that chose it). Logits
+come back from the last stage; sampling, stop conditions and detokenisation happen here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+import zmq.asyncio
+from tqdm import tqdm
+
+from ..shared import protocol as P
+from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout
+from ..shared.models.family import ConfigError
+from ..shared.weights import SafetensorsSource, load_family
+from .plan import split_layers
+from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
+from .sampling import Sampler
+from .tokenizer import Detokenizer, TextCodec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the text is sent to the client."""
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: P.SamplingParams
+    prompt_logits: bool
+    seq: int
+    sampler: Sampler
+    detok: Detokenizer
+    max_new: int
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # generated text so far (stop strings are searched here)
+    sent: int = 0  # characters of `text` already streamed
+    cancelled: bool = False
+    finished: bool = False
+    t_arrive: float = field(default_factory=time.perf_counter)
+    t_prefill: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+    @property
+    def pos(self) -> int:
+        """Position of the token to feed next (the last generated one)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+
+def validate_devices(devices: list[str]) -> None:
+    if not devices:
+        raise ConfigError("--devices is empty")
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise ConfigError(f"device {d!r} is not a device name (cpu, cuda:0, ...)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {d}: CUDA is not available on this machine")
+            if (dev.index or 0) >= torch.cuda.device_count():
+                raise ConfigError(f"device {d}: only {torch.cuda.device_count()} CUDA device(s)")
+        elif dev.type != "cpu":
+            raise ConfigError(f"device {d}: only cpu and cuda devices are supported")
+
+
+class Engine:
+    def __init__(self, model_dir: str, opts: RuntimeOptions):
+        self.model_dir, self.opts = str(model_dir), opts
+        if opts.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {opts.dtype} is not one of {', '.join(DTYPES)}")
+        if opts.max_context < 2:
+            raise ConfigError("--max-context must be at least 2")
+        self.family = load_family(model_dir)
+        source = SafetensorsSource(model_dir)
+        source.check(self.family.expected_tensors())
+        self.codec = TextCodec(model_dir)
+        validate_devices(opts.devices)
+        self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
+        self.eos = set(self.family.eos_token_ids())
+        self.group = WorkerGroup()
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._futures: dict[int, asyncio.Future] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._fatal: BaseException | None = None
+        self.workers: list[dict] = []
+        self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.closed = False
+
+    # --- start-up ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        opts = self.opts
+        self.ctx = zmq.asyncio.Context()
+        ep = Endpoints()
+        self.results = self.ctx.socket(zmq.PULL)
+        self.results.setsockopt(zmq.LINGER, 0)
+        self.results.bind(ep("results"))
+        nodes = numa_cpus(opts.numa_nodes)
+        n_pool = opts.cpu_workers or len(nodes)
+        layout = StoreLayout(self.family, n_pool, ExpertFormat("dense", DTYPES[opts.dtype]))
+        fds = ExpertStore.create_segments(layout)
+        store = {"nodes": n_pool, "fds": fds, "dtype": opts.dtype}
+        pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
+        ncores = len(os.sched_getaffinity(0))
+        try:
+            with tqdm(desc="loading experts", unit="layer", disable=None, leave=False) as bar:
+                for i in range(n_pool):
+                    node_cores = nodes[i % len(nodes)]
+                    share = [c for j, c in enumerate(node_cores) if j % -(-n_pool // len(nodes)) == i // len(nodes)] or node_cores
+                    spec = dict(node=i, model=self.model_dir, bind=pool_eps[i], coord=ep("results"), cores=share,
+                                threads=len(share), store=store)
+                    self.group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, fds)
+                await self._await_ready("cpu", n_pool, bar)
+            world = len(opts.devices)
+            with tqdm(desc="loading layers", unit="layer", disable=None, leave=False) as bar:
+                for r, dev in enumerate(opts.devices):
+                    spec = dict(
+                        rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
+                        max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
+                        coord=ep("results"), pool=pool_eps, store=store, **{"in": ep(f"stage{r}")},
+                        next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
+                    )
+                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, fds)
+                await self._await_ready("gpu", world, bar)
+        finally:
+            for fd in fds:  # the children hold their own copies
+                os.close(fd)
+        self.head = self.ctx.socket(zmq.PUSH)
+        self.head.setsockopt(zmq.LINGER, 0)
+        self.head.connect(ep("stage0"))
+        self.pool_ctl = []
+        for e in pool_eps:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(e)
+            self.pool_ctl.append(s)
+        self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._schedule()),
+                       asyncio.create_task(self._watch())]
+
+    async def _await_ready(self, role: str, count: int, bar) -> None:
+        ready, progress = 0, {}
+        while ready < count:
+            self.group.check()
+            if not await self.results.poll(200):
+                continue
+            msg = P.decode(await self.results.recv_multipart())
+            if isinstance(msg, P.Progress):
+                progress[(msg.role, msg.rank)] = (msg.done, msg.total)
+                bar.total = sum(t for _, t in progress.values())
+                bar.n = sum(d for d, _ in progress.values())
+                bar.refresh()
+            elif isinstance(msg, P.Ready):
+                ready += 1
+                self.workers.append({"role": msg.role, "rank": msg.rank, "pid": msg.pid, **msg.info})
+            elif isinstance(msg, P.WorkerError):
+                raise WorkerDied(f"{msg.role}_worker {msg.rank} failed to start: {msg.message}")
+
+    # --- background tasks --------------------------------------------------------------------
+    async def _reader(self) -> None:
+        while True:
+            msg = P.decode(await self.results.recv_multipart(copy=False))
+            if isinstance(msg, P.Logits):
+                fut = self._futures.pop(msg.step, None)
+                if fut and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, P.WorkerError):
+                fut = self._futures.pop(msg.step, None)
+                if fut and not fut.done():
+                    fut.set_exception(StepFailed(f"{msg.role}_worker {msg.rank}: {msg.message}"))
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                self.group.check()
+                await asyncio.sleep(0.25)
+        except WorkerDied as e:
+            self._die(e)
+
+    def _die(self, e: BaseException) -> None:
+        self._fatal = e
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(e)
+        for req in list(self.requests.values()):
+            self._fail(req, str(e))
+        self._wake.set()
+
+    # --- requests ----------------------------------------------------------------------------
+    def submit(self, gen: P.Generate) -> Request:
+        """Validate and queue a request; RequestError (or ProtocolError) if it cannot be served."""
+        if self._fatal is not None:
+            raise RequestError(f"service is down: {self._fatal}")
+        gen.validate()
+        if gen.id in self.requests:
+            raise RequestError(f"request id {gen.id!r} is already in use")
+        try:
+            if gen.prompt_ids is not None:
+                ids = gen.prompt_ids
+            elif gen.prompt is not None:
+                ids = self.codec.encode(gen.prompt)
+            else:
+                ids = self.codec.encode_chat(gen.messages)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if not ids:
+            raise RequestError("the prompt encodes to no tokens")
+        bad = [t for t in ids if not 0 <= t < self.family.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.family.vocab_size - 1})")
+        if len(ids) >= self.opts.max_context:
+            raise RequestError(f"prompt has {len(ids)} tokens; --max-context is {self.opts.max_context}")
+        req = Request(
+            id=gen.id, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
+            seq=next(self._seq_ids), sampler=Sampler(gen.sampling), detok=Detokenizer(self.codec),
+            max_new=min(gen.sampling.max_new_tokens, self.opts.max_context - len(ids)),
+        )
+        self.requests[req.id] = req
+        self.waiting.append(req)
+        self.stats["requests"] += 1
+        self._wake.set()
+        return req
+
+    def cancel(self, rid: str) -> bool:
+        req = self.requests.get(rid)
+        if req is None:
+            return False
+        req.cancelled = True
+        self._wake.set()
+        return True
+
+    async def generate(self, gen: P.Generate):
+        """Submit and yield the request's Tokens messages, then its Done (or Error)."""
+        req = self.submit(gen)
+        while True:
+            msg = await req.events.get()
+            yield msg
+            if isinstance(msg, (P.Done, P.Error)):
+                return
+
+    # --- the schedule ------------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        try:
+            await self._schedule_loop()
+        except Exception as e:  # a dead worker surfaces here through the step futures
+            if self._fatal is None:
+                self._die(e)
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            if self._fatal is not None:
+                return
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                self._finish(req, "cancelled")
+            for req in [r for r in self.running.values() if r.cancelled]:
+                self._finish(req, "cancelled")
+            if self.waiting and len(self.running) < self.opts.max_batch:
+                await self._prefill(self.waiting.popleft())
+            elif self.running:
+                await self._decode()
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+
+    async def _step(self, slices: list[P.SeqSlice], tokens: list[int], decode: bool) -> P.Logits:
+        sid = next(self._step_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._futures[sid] = fut
+        msg = P.Step(step=sid, slices=slices, decode=decode)
+        msg.tensors = {"tokens": torch.tensor(tokens, dtype=torch.int64)}
+        await self.head.send_multipart(P.encode(msg), copy=False)
+        return await fut
+
+    async def _prefill(self, req: Request) -> None:
+        req.t_prefill = time.perf_counter()
+        ids, chunk, rows = req.prompt_ids, self.opts.prefill_chunk, []
+        try:
+            for a in range(0, len(ids), chunk):
+                b = min(a + chunk, len(ids))
+                kind = "all" if req.prompt_logits else ("last" if b == len(ids) else "none")
+                out = await self._step([P.SeqSlice(seq=req.seq, start=a, n=b - a, logits=kind)], ids[a:b], False)
+                rows.append(out.tensors["logits"])
+        except StepFailed as e:
+            self._fail(req, f"prefill failed: {e}")
+            return
+        self.running[req.seq] = req
+        self.stats["prompt_tokens"] += len(ids)
+        logits = torch.cat(rows)
+        self._emit(req, req.sampler(logits[-1]), logits if req.prompt_logits else None)
+
+    async def _decode(self) -> None:
+        batch = list(self.running.values())[: self.opts.max_batch]
+        slices = [P.SeqSlice(seq=r.seq, start=r.pos, n=1, logits="last") for r in batch]
+        try:
+            out = await self._step(slices, [r.generated[-1] for r in batch], True)
+        except StepFailed as e:
+            for r in batch:
+                self._fail(r, f"decode failed: {e}")
+            return
+        logits = out.tensors["logits"]
+        for i, r in enumerate(batch):
+            if not r.finished:
+                self._emit(r, r.sampler(logits[i]), None)
+
+    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None) -> None:
+        now = time.perf_counter()
+        if not req.generated:
+            req.t_first = now
+        req.t_last = now
+        req.generated.append(tok)
+        self.stats["generated_tokens"] += 1
+        p = req.params
+        reason = None
+        if not p.ignore_eos and tok in self.eos:
+            reason = "eos"
+        elif tok in p.stop_token_ids:
+            reason = "stop"
+        else:
+            req.text += req.detok.add([tok])
+        if reason is None and p.stop:
+            for s in p.stop:
+                k = req.text.find(s, max(0, req.sent - len(s)))
+                if k >= 0:
+                    req.text, reason = req.text[:k], "stop"
+                    break
+        if reason is None and len(req.generated) >= req.max_new:
+            reason = "length"
+            req.text += req.detok.flush()
+        # Hold back text that could still become the start of a stop string.
+        hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
+        upto = max(req.sent, len(req.text) - hold)
+        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto])
+        req.sent = upto
+        if prompt_logits is not None:
+            msg.tensors = {"prompt_logits": prompt_logits}
+        req.events.put_nowait(msg)
+        if reason:
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        n = len(req.generated)
+        prefill_s = (req.t_first - req.t_prefill) if n else 0.0
+        req.events.put_nowait(P.Done(
+            id=req.id, finish_reason=reason, prompt_tokens=len(req.prompt_ids), completion_tokens=n,
+            ttft_s=(req.t_first - req.t_arrive) if n else 0.0,
+            prefill_tok_s=len(req.prompt_ids) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tok_s=(n - 1) / (req.t_last - req.t_first) if n > 1 and req.t_last > req.t_first else 0.0,
+        ))
+        self.stats["completed"] += 1
+        self._release(req)
+
+    def _fail(self, req: Request, message: str) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        req.events.put_nowait(P.Error(id=req.id, message=message))
+        self.stats["errors"] += 1
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        self.requests.pop(req.id, None)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        was_running = self.running.pop(req.seq, None) is not None
+        if (was_running or req.t_prefill) and self._fatal is None and not self.closed:
+            asyncio.get_running_loop().create_task(self.head.send_multipart(P.encode(P.Free(seqs=[req.seq]))))
+
+    # --- status and shutdown -----------------------------------------------------------------
+    def health(self) -> P.HealthReply:
+        return P.HealthReply(status="down" if self._fatal else "ok", model=self.model_dir, workers=self.workers)
+
+    def stats_reply(self) -> P.StatsReply:
+        return P.StatsReply(stats={**self.stats, "running": len(self.running), "waiting": len(self.waiting)})
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for t in self._tasks:
+            t.cancel()
+        for req in list(self.requests.values()):
+            self._fail(req, "service is shutting down")
+        try:
+            if hasattr(self, "head"):
+                await self.head.send_multipart(P.encode(P.Shutdown()))
+                for s in self.pool_ctl:
+                    await s.send_multipart(P.encode(P.Shutdown()))
+            await asyncio.get_running_loop().run_in_executor(None, self.group.stop)
+        finally:
+            self.group.kill_all()
+            self.ctx.destroy(linger=0) if hasattr(self, "ctx") else None

@@ -1,0 +1,128 @@
+"""Starting, watching and stopping the worker processes.
+
+Every worker is a child of the coordinator, started with a JSON spec (below) and the expert-store
+memfds as inherited descriptors. Children set PDEATHSIG so they die with the coordinator however it
+ends; the coordinator in turn stops them on any exit path (normal, signal, exception) and treats
+an unexpected child exit as fatal (WorkerDied).
+
+GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
+    in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
+    pool (CPU pool endpoints), store {nodes, fds, dtype}, parent_pid.
+CPU worker spec: node, model, bind, coord, cores, threads, store {...}, parent_pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+@dataclass
+class RuntimeOptions:
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    pp_layers: list[int] | None = None
+    cpu_workers: int | None = None  # default: one per NUMA node
+    numa_nodes: int | None = None  # simulate this many nodes
+    dtype: str = "bfloat16"
+    max_context: int = 4096
+    max_batch: int = 32
+    prefill_chunk: int = 4096
+
+
+def numa_cpus(simulate: int | None) -> list[list[int]]:
+    """Cores of each NUMA node that this process may run on; with `simulate`, the available cores
+    split into that many groups."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if simulate:
+        k = simulate
+        return [allowed[len(allowed) * i // k : len(allowed) * (i + 1) // k] or allowed for i in range(k)]
+    nodes = []
+    for d in sorted(Path("/sys/devices/system/node").glob("node[0-9]*")):
+        try:
+            cpus = _parse_cpulist((d / "cpulist").read_text())
+        except OSError:
+            continue
+        cpus = [c for c in cpus if c in allowed]
+        if cpus:
+            nodes.append(cpus)
+    return nodes or [allowed]
+
+
+def _parse_cpulist(s: str) -> list[int]:
+    out = []
+    for part in s.strip().split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += range(int(a), int(b) + 1)
+        elif part:
+            out.append(int(part))
+    return out
+
+
+class Endpoints:
+    """ipc endpoints in Linux's abstract namespace: nothing on disk to clean up."""
+
+    def __init__(self):
+        self.prefix = f"ipc://@krasis-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def __call__(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+
+class WorkerGroup:
+    def __init__(self):
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.stopping = False
+
+    def spawn(self, role: str, module: str, spec: dict, fds: list[int]) -> None:
+        spec = dict(spec, parent_pid=os.getpid())
+        env = dict(os.environ)
+        # Workers size their own thread pools; an inherited OMP_NUM_THREADS would fight that.
+        env.pop("OMP_NUM_THREADS", None)
+        p = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], pass_fds=fds, env=env)
+        self.procs.append((role, p))
+
+    def check(self) -> None:
+        if self.stopping:
+            return
+        for role, p in self.procs:
+            rc = p.poll()
+            if rc is not None:
+                raise WorkerDied(f"{role} (pid {p.pid}) exited with code {rc}")
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Wait for the workers to finish (a shutdown was sent), then terminate, then kill."""
+        self.stopping = True
+        deadline = time.monotonic() + grace_s
+        for _, p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+        for _, p in self.procs:
+            try:
+                p.wait(2.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def kill_all(self) -> None:
+        self.stopping = True
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for _, p in self.procs:
+            p.wait()
+
+    def pids(self) -> list[int]:
+        return [p.pid for _, p in self.procs]

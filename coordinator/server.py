@@ -1,0 +1,69 @@
+"""The client front end: a ZeroMQ ROUTER socket speaking the messages of shared/protocol.py
+(docs/protocol.md). One task per generate request streams its events back to the client that sent
+it; a malformed message gets an Error reply and changes nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+import zmq.asyncio
+
+from ..shared import protocol as P
+from .engine import Engine, RequestError
+
+
+class Server:
+    def __init__(self, engine: Engine, endpoint: str):
+        self.engine = engine
+        self.sock = engine.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client's replies are dropped
+        self.sock.bind(endpoint)
+        self.endpoint = endpoint
+        self._streams: set[asyncio.Task] = set()
+
+    async def _send(self, ident: bytes, msg: P.Message) -> None:
+        await self.sock.send_multipart([ident, *P.encode(msg)], copy=False)
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                ident, *frames = await self.sock.recv_multipart()
+                await self._handle(ident, frames)
+        finally:
+            for t in self._streams:
+                t.cancel()
+            self.sock.close(0)
+
+    async def _handle(self, ident: bytes, frames: list) -> None:
+        try:
+            msg = P.decode(frames)
+        except P.ProtocolError as e:
+            await self._send(ident, P.Error(message=str(e)))
+            return
+        if isinstance(msg, P.Generate):
+            try:
+                req = self.engine.submit(msg)
+            except (RequestError, P.ProtocolError) as e:
+                await self._send(ident, P.Error(id=msg.id, message=str(e)))
+                return
+            task = asyncio.create_task(self._stream(ident, req))
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+        elif isinstance(msg, P.Cancel):
+            if not self.engine.cancel(msg.id):
+                await self._send(ident, P.Error(id=msg.id, message=f"no running request {msg.id!r}"))
+        elif isinstance(msg, P.Health):
+            await self._send(ident, self.engine.health())
+        elif isinstance(msg, P.Stats):
+            await self._send(ident, self.engine.stats_reply())
+        else:
+            await self._send(ident, P.Error(message=f"'{msg.TYPE}' is not a client request"))
+
+    async def _stream(self, ident: bytes, req) -> None:
+        while True:
+            ev = await req.events.get()
+            await self._send(ident, ev)
+            if isinstance(ev, (P.Done, P.Error)):
+                return

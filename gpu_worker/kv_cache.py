@@ -1,0 +1,48 @@
+"""Per-sequence, per-layer cache of whatever the attention keeps (K and V for GQA; the compressed
+latent and the rope key for MLA), grown by doubling and freed with the sequence."""
+
+from __future__ import annotations
+
+import torch
+
+from ..shared.protocol import SeqSlice
+
+
+class ContextOverflow(ValueError):
+    pass
+
+
+class KVCache:
+    def __init__(self, device: torch.device, dtype: torch.dtype, max_context: int):
+        self.device, self.dtype, self.max_context = device, dtype, max_context
+        # seq -> layer -> (length, [buffers])
+        self._seqs: dict[int, dict[int, tuple[int, list[torch.Tensor]]]] = {}
+
+    def update(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append the slice's new entries and return views of everything cached, [start + n, ...]."""
+        layers = self._seqs.setdefault(s.seq, {})
+        length, bufs = layers.get(layer, (0, []))
+        if s.start != length:
+            raise ValueError(f"sequence {s.seq} layer {layer}: slice starts at {s.start}, cache holds {length}")
+        end = length + s.n
+        if end > self.max_context:
+            raise ContextOverflow(f"sequence {s.seq} would reach {end} tokens, max context is {self.max_context}")
+        if not bufs or bufs[0].shape[0] < end:
+            cap = min(self.max_context, max(end, 2 * (bufs[0].shape[0] if bufs else 0), 64))
+            grown = [torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in new]
+            for g, old in zip(grown, bufs):
+                g[:length] = old[:length]
+            bufs = grown
+        for b, t in zip(bufs, new):
+            b[length:end] = t
+        layers[layer] = (end, bufs)
+        return tuple(b[:end] for b in bufs)
+
+    def free(self, seq: int) -> None:
+        self._seqs.pop(seq, None)
+
+    def sequences(self) -> int:
+        return len(self._seqs)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for layers in self._seqs.values() for _, bufs in layers.values() for b in bufs)

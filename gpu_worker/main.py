@@ -1,0 +1,140 @@
+"""A GPU worker process: one pipeline stage. Its loop: receive a message on its inbound socket (from
+the coordinator for stage 0, from the previous stage otherwise), do the work, pass the result on
+(to the next stage, or logits to the coordinator from the last stage).
+
+Started by the coordinator as `python -m krasis.gpu_worker SPEC_JSON`; the spec is documented in
+coordinator/processes.py, which writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import zmq
+
+from ..shared import protocol as P
+from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout
+from ..shared.lifecycle import die_with_parent, limit_threads
+from ..shared.weights import SafetensorsSource, load_family
+from .pool_client import PoolClient
+from .stage import ResidentExperts, Stage
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    die_with_parent(spec["parent_pid"])
+    limit_threads(spec["threads"])
+    ctx = zmq.Context()
+    coord = ctx.socket(zmq.PUSH)
+    coord.setsockopt(zmq.LINGER, 2000)
+    coord.connect(spec["coord"])
+    rank = spec["rank"]
+    try:
+        stage, inbound, nxt = _start(spec, ctx, coord)
+    except Exception as e:
+        coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=-1, message=_one_line(e))))
+        traceback.print_exc()
+        coord.close()
+        ctx.term()
+        sys.exit(1)
+    _serve(stage, rank, inbound, nxt, coord)
+    for s in (inbound, nxt, coord):
+        s.close()
+    if stage.pool is not None:
+        stage.pool.close()
+    ctx.term()
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.Socket]:
+    rank, (a, b) = spec["rank"], spec["layers"]
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = DTYPES[spec["dtype"]]
+    family = load_family(spec["model"])
+    source = SafetensorsSource(spec["model"])
+    layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat("dense", DTYPES[spec["store"]["dtype"]]))
+    store = ExpertStore(layout, spec["store"]["fds"])
+
+    total, done = (b - a) + 2, 0
+
+    def progress():
+        coord.send_multipart(P.encode(P.Progress(role="gpu", rank=rank, what="layers", done=done, total=total)))
+
+    def get(name):
+        return source.get(name).to(device=device, dtype=dtype)
+
+    pool = PoolClient(ctx, spec["pool"]) if spec["pool"] else None
+    act = getattr(family, "expert_act", "silu")
+    experts = ResidentExperts(store, range(a, b), device, act)
+    done += 1
+    progress()
+    stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"], experts, pool)
+    done = total
+    progress()
+
+    inbound = ctx.socket(zmq.PULL)
+    inbound.setsockopt(zmq.LINGER, 0)
+    inbound.bind(spec["in"])
+    nxt = ctx.socket(zmq.PUSH)
+    nxt.setsockopt(zmq.LINGER, 2000)
+    nxt.connect(spec["next"])
+    info = {
+        "layers": [a, b],
+        "device": str(device),
+        "weights_bytes": sum(
+            t.numel() * t.element_size()
+            for layer in stage.layers
+            for t in vars(layer).values()
+            if isinstance(t, torch.Tensor)
+        ),
+    }
+    coord.send_multipart(P.encode(P.Ready(role="gpu", rank=rank, pid=os.getpid(), info=info)))
+    return stage, inbound, nxt
+
+
+def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
+    while True:
+        msg = P.decode(inbound.recv_multipart(copy=False))
+        if isinstance(msg, P.Shutdown):
+            if not stage.last:
+                nxt.send_multipart(P.encode(msg))
+            return
+        if isinstance(msg, P.Free):
+            stage.free(msg.seqs)
+            if not stage.last:
+                nxt.send_multipart(P.encode(msg))
+            continue
+        if not isinstance(msg, P.Step):
+            coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=-1, message=f"unexpected {msg.TYPE}")))
+            continue
+        t0 = time.perf_counter()
+        try:
+            x = msg.tensors["tokens" if stage.first else "hidden"]
+            out = stage.forward(x, msg.slices, msg.decode)
+        except Exception as e:
+            traceback.print_exc()
+            # The sequences of a failed step are in an unknown state: drop them here; the
+            # coordinator fails their requests and frees them on the other stages.
+            stage.free([s.seq for s in msg.slices])
+            coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=msg.step, message=_one_line(e))))
+            continue
+        if stage.last:
+            reply = P.Logits(step=msg.step, elapsed_s=time.perf_counter() - t0)
+            reply.tensors = {"logits": out}
+            coord.send_multipart(P.encode(reply), copy=False)
+        else:
+            fwd = P.Step(step=msg.step, slices=msg.slices, decode=msg.decode)
+            fwd.tensors = {"hidden": out}
+            nxt.send_multipart(P.encode(fwd), copy=False)

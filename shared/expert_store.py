@@ -1,0 +1,161 @@
+"""The routed experts, once in RAM, in shared memory that every process maps.
+
+The store is split into one segment per CPU-pool node (a NUMA node, or a simulated one). Node n
+holds a contiguous block of each MoE layer's experts; its pool process fills the segment (so the
+first touch, and with it the physical pages, land on that node) and runs those experts in decode.
+GPU workers map every segment read-only, as the source of their host-to-device copies in prefill.
+
+Segments are memfd files created by the coordinator and handed to children as inherited file
+descriptors: they have no name in /dev/shm, so no exit path, not even SIGKILL of the coordinator,
+leaves one behind; the memory is freed when the last process holding it exits.
+
+Per layer and node the segment holds, for the node's E_n experts, the tensors of the layer's
+`ExpertFormat` (for unquantized weights: w13 = [gate; up] as [E_n, 2I, H] and w2 as [E_n, H, I]).
+The layout is a pure function of (family, nodes, format), so every process computes the same one.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .models.family import ExpertShape, ModelFamily
+
+ALIGN = 4096
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How one expert's weights are stored. `kind` is "dense" (weights in `dtype`), "int8" or
+    "int4" (see shared/quant.py for the quantized layouts)."""
+
+    kind: str = "dense"
+    dtype: torch.dtype = torch.float32
+    group_size: int = 128
+
+    def tensors(self, es: ExpertShape, n: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        H, I = es.hidden, es.inter
+        if self.kind == "dense":
+            t = {"w13": (self.dtype, (n, 2 * I, H)), "w2": (self.dtype, (n, H, I))}
+        else:
+            from .quant import quantized_tensors
+
+            t = quantized_tensors(self, n, 2 * I, H, "w13") | quantized_tensors(self, n, H, I, "w2")
+        if es.bias:
+            t["b13"] = (torch.float32, (n, 2 * I))
+            t["b2"] = (torch.float32, (n, H))
+        return t
+
+    def describe(self) -> str:
+        return str(self.dtype).removeprefix("torch.") if self.kind == "dense" else f"{self.kind}/g{self.group_size}"
+
+
+def node_range(num_experts: int, nodes: int, node: int) -> tuple[int, int]:
+    """Experts [a, b) of a layer placed on `node`: contiguous, as equal as possible."""
+    return num_experts * node // nodes, num_experts * (node + 1) // nodes
+
+
+@dataclass
+class Entry:
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class StoreLayout:
+    def __init__(self, family: ModelFamily, nodes: int, fmt: ExpertFormat):
+        self.nodes, self.fmt = nodes, fmt
+        self.moe_layers = [i for i in range(family.num_layers) if family.is_moe(i)]
+        self.shapes = {i: family.experts(i) for i in self.moe_layers}
+        # entries[node][(layer, name)]
+        self.entries: list[dict[tuple[int, str], Entry]] = []
+        self.sizes: list[int] = []
+        for node in range(nodes):
+            off, ent = 0, {}
+            for layer in self.moe_layers:
+                a, b = node_range(self.shapes[layer].num, nodes, node)
+                for name, (dtype, shape) in fmt.tensors(self.shapes[layer], b - a).items():
+                    e = Entry(off, dtype, shape)
+                    ent[(layer, name)] = e
+                    off = _align(off + e.nbytes)
+            self.entries.append(ent)
+            self.sizes.append(max(off, ALIGN))
+
+    def range(self, layer: int, node: int) -> tuple[int, int]:
+        return node_range(self.shapes[layer].num, self.nodes, node)
+
+
+class ExpertStore:
+    """Maps the segments given as file descriptors and exposes tensor views into them."""
+
+    def __init__(self, layout: StoreLayout, fds: list[int]):
+        if len(fds) != layout.nodes:
+            raise ValueError(f"expert store needs {layout.nodes} segment fds, got {len(fds)}")
+        self.layout = layout
+        self._maps = [mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) for fd, size in zip(fds, layout.sizes)]
+        self._bytes = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+
+    @staticmethod
+    def create_segments(layout: StoreLayout) -> list[int]:
+        """Coordinator side: one anonymous, inheritable memfd per node, sized for its experts."""
+        fds = []
+        for node, size in enumerate(layout.sizes):
+            fd = os.memfd_create(f"krasis-experts-node{node}", 0)
+            os.ftruncate(fd, size)
+            os.set_inheritable(fd, True)
+            fds.append(fd)
+        return fds
+
+    def tensors(self, layer: int, node: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for (lay, name), e in self.layout.entries[node].items():
+            if lay == layer:
+                out[name] = self._bytes[node][e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
+        return out
+
+    def segment(self, node: int) -> torch.Tensor:
+        """The whole segment as bytes (for pinning it for DMA)."""
+        return self._bytes[node]
+
+    def nbytes(self) -> int:
+        return sum(self.layout.sizes)
+
+
+def fill_node(store: ExpertStore, node: int, family: ModelFamily, get, on_layer=None) -> None:
+    """Write node `node`'s experts of every MoE layer into the store, reading them one expert at a
+    time through `get(name) -> tensor` (so resident memory stays at one expert beyond the store)."""
+    layout, fmt = store.layout, store.layout.fmt
+    for layer in layout.moe_layers:
+        a, b = layout.range(layer, node)
+        dst = store.tensors(layer, node)
+        for local, e in enumerate(range(a, b)):
+            names = family.expert_tensor_names(layer, e)
+            gate, up, down = get(names["gate"]), get(names["up"]), get(names["down"])
+            w13 = torch.cat([gate, up], dim=0)
+            if fmt.kind == "dense":
+                dst["w13"][local].copy_(w13.to(fmt.dtype))
+                dst["w2"][local].copy_(down.to(fmt.dtype))
+            else:
+                from .quant import quantize_into
+
+                quantize_into(fmt, w13, dst, "w13", local)
+                quantize_into(fmt, down, dst, "w2", local)
+            if "b13" in dst:
+                dst["b13"][local].copy_(torch.cat([get(names["gate_bias"]), get(names["up_bias"])]).float())
+                dst["b2"][local].copy_(get(names["down_bias"]).float())
+        if on_layer is not None:
+            on_layer(layer)

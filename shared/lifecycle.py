@@ -1,0 +1,26 @@
+"""Child-process hygiene: a worker dies with the coordinator that started it, whatever way that
+coordinator ends (SIGKILL included), so no worker is ever orphaned."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The parent may have died between fork and prctl: then we were re-parented already.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def limit_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))

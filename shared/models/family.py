@@ -1,0 +1,181 @@
+"""What every model family provides to the workers, and the registry from `architectures` names.
+
+A family knows its config switches, the names and shapes of its tensors (so a checkpoint is checked
+before anything runs), how to build one decoder layer's GPU-resident part (attention, norms, router,
+shared or dense MLP), and how its routed experts are laid out. The routed experts themselves are not
+part of a layer object: they live in the expert store (shared memory) and are run by whoever the
+strategy says (the GPU worker in prefill, the CPU pool in decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..protocol import SeqSlice
+
+Getter = Callable[[str], torch.Tensor]
+
+
+class ConfigError(ValueError):
+    """The model's config.json cannot be served; the text says why."""
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """Routed experts of one MoE layer: `num` experts of SwiGLU type with hidden size `hidden`
+    and intermediate size `inter`. `act` names the gated activation ("silu" or "gptoss");
+    `bias` says whether the projections carry biases."""
+
+    num: int
+    top_k: int
+    hidden: int
+    inter: int
+    act: str = "silu"
+    bias: bool = False
+
+
+class DecoderLayer:
+    """One layer's non-routed part. The worker runs, per layer:
+
+        h = h + attention(input_norm(h))
+        x = post_norm(h)
+        h = h + (experts(x, route(x)) + shared(x))      for MoE layers
+        h = h + dense(x)                                 for dense layers
+    """
+
+    index: int
+    is_moe: bool
+
+    def input_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def post_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention(self, x: torch.Tensor, slices: list[SeqSlice], positions: torch.Tensor, kv) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (ids int64 [T, k], weights float32 [T, k])."""
+        raise NotImplementedError
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ModelFamily:
+    architectures: tuple[str, ...] = ()
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.hidden_size = self._req("hidden_size", int)
+        self.vocab_size = self._req("vocab_size", int)
+        self.num_layers = self._req("num_hidden_layers", int)
+        self.rms_norm_eps = float(cfg.get("rms_norm_eps", 1e-6))
+        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        self.max_position_embeddings = int(cfg.get("max_position_embeddings", 4096))
+
+    def _req(self, key: str, kind: type):
+        if key not in self.cfg or self.cfg[key] is None:
+            raise ConfigError(f"config.json lacks '{key}'")
+        try:
+            return kind(self.cfg[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"config.json '{key}' = {self.cfg[key]!r} is not {kind.__name__}") from None
+
+    # --- structure ---
+    def is_moe(self, layer: int) -> bool:
+        raise NotImplementedError
+
+    def experts(self, layer: int) -> ExpertShape:
+        raise NotImplementedError
+
+    def layer_tensors(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Non-routed tensors of a layer: HF name -> shape."""
+        raise NotImplementedError
+
+    def expert_tensor_names(self, layer: int, e: int) -> dict[str, str]:
+        """HF names of one routed expert's projections: keys 'gate', 'up', 'down'
+        (plus 'gate_bias', 'up_bias', 'down_bias' when the family has biases)."""
+        p = f"model.layers.{layer}.mlp.experts.{e}."
+        return {"gate": p + "gate_proj.weight", "up": p + "up_proj.weight", "down": p + "down_proj.weight"}
+
+    def global_tensors(self) -> dict[str, tuple[int, ...]]:
+        t = {
+            "model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+            "model.norm.weight": (self.hidden_size,),
+        }
+        if not self.tie_word_embeddings:
+            t["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return t
+
+    def lm_head_name(self) -> str:
+        return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
+
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        out = dict(self.global_tensors())
+        for i in range(self.num_layers):
+            out.update(self.layer_tensors(i))
+            if self.is_moe(i):
+                es = self.experts(i)
+                for e in range(es.num):
+                    names = self.expert_tensor_names(i, e)
+                    out[names["gate"]] = (es.inter, es.hidden)
+                    out[names["up"]] = (es.inter, es.hidden)
+                    out[names["down"]] = (es.hidden, es.inter)
+        return out
+
+    def make_layer(self, layer: int, get: Getter) -> DecoderLayer:
+        raise NotImplementedError
+
+    def layer_cost(self, layer: int) -> float:
+        """Relative cost of a layer, for balancing pipeline stages: parameters touched per token."""
+        attn = sum(_numel(s) for s in self.layer_tensors(layer).values())
+        if self.is_moe(layer):
+            es = self.experts(layer)
+            attn += 3 * es.hidden * es.inter * es.top_k
+        return float(attn)
+
+    def eos_token_ids(self) -> list[int]:
+        """EOS ids from config.json and generation_config.json (loaded into the cfg by weights.py)."""
+        ids: list[int] = []
+        for key in ("eos_token_id", "_generation_eos_token_id"):
+            eos = self.cfg.get(key)
+            if eos is not None:
+                ids += [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        return sorted(set(ids))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+_FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+def register(cls: type[ModelFamily]) -> type[ModelFamily]:
+    for a in cls.architectures:
+        _FAMILIES[a] = cls
+    return cls
+
+
+def family_for(cfg: dict) -> ModelFamily:
+    from . import deepseek_v2, qwen3_moe  # noqa: F401  (registration)
+
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in _FAMILIES:
+            return _FAMILIES[a](cfg)
+    raise ConfigError(
+        f"unsupported architecture {archs or cfg.get('model_type')!r} "
+        f"(supported: {', '.join(sorted(_FAMILIES))})"
+    )

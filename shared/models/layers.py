@@ -1,0 +1,176 @@
+"""Building blocks shared by the model families: RMSNorm, SwiGLU, rotary embeddings (default and
+YaRN, matching transformers' initialisation), and attention of a batch of variable-length sequence
+slices against their caches.
+
+Tokens of every sequence in a step are concatenated along dim 0 ("varlen"); `slices` says which
+rows belong to which sequence and at what position they start.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..protocol import SeqSlice
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = w * x / sqrt(mean(x^2) + eps), the statistics in float32 whatever x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    y = w.matmul_t(x)
+    return y if b is None else y + b
+
+
+def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """down( silu(gate x) * up x )."""
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+# --- rotary embeddings ---------------------------------------------------------------------------
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """The rope settings of an HF config, whichever generation of config.json wrote them
+    (transformers 5 `rope_parameters`, or the older top-level `rope_theta` + `rope_scaling`)."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if "partial_rotary_factor" in cfg and "partial_rotary_factor" not in params:
+        params["partial_rotary_factor"] = cfg["partial_rotary_factor"]
+    return params
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(params: dict, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for a rotary dimension `dim`, and the factor YaRN applies to cos/sin."""
+    base = float(params["rope_theta"])
+    rtype = params["rope_type"]
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if rtype == "default":
+        return 1.0 / (base**exponents), 1.0
+    if rtype == "linear":
+        return 1.0 / (base**exponents) / float(params["factor"]), 1.0
+    if rtype != "yarn":
+        raise ValueError(f"unsupported rope type {rtype!r} (supported: default, linear, yarn)")
+    orig_max = params.get("original_max_position_embeddings", max_position_embeddings)
+    factor = params.get("factor") or max_position_embeddings / orig_max
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(orig_max / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = base**exponents
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class Rotary:
+    """cos/sin tables for positions, computed on demand in float32 (as transformers does)."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_factor: float = 1.0):
+        self.inv_freq = inv_freq
+        self.attention_factor = attention_factor
+
+    def to(self, device) -> "Rotary":
+        return Rotary(self.inv_freq.to(device), self.attention_factor)
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+
+    def rotate_half(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """GPT-NeoX layout: the two halves of the head dim are the real and imaginary parts.
+        x: [T, heads, dim]."""
+        freqs = self.angles(positions)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_factor).to(x.dtype)[:, None, :]
+        sin = (emb.sin() * self.attention_factor).to(x.dtype)[:, None, :]
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def interleaved(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """GPT-J / DeepSeek layout: adjacent pairs (x0, x1) are complex numbers. x: [T, heads, dim]."""
+        freqs = self.angles(positions)
+        cis = torch.polar(torch.ones_like(freqs), freqs) * self.attention_factor
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * cis[:, None, :]).flatten(-2).to(x.dtype)
+
+
+def slice_positions(slices: list[SeqSlice], device) -> torch.Tensor:
+    return torch.cat([torch.arange(s.start, s.start + s.n, device=device) for s in slices])
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    scale: float,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of t new queries (at positions start..start+t-1) over all T = start + t keys
+    of one sequence. q [t, Hq, d], k [T, Hkv, d], v [T, Hkv, dv] -> [t, Hq, dv]. GQA when Hq > Hkv.
+    `sinks` (gpt-oss): one learned logit per head that joins the softmax and takes probability mass
+    but contributes no value."""
+    t, T = q.shape[0], k.shape[0]
+    qpos = torch.arange(start, start + t, device=q.device)[:, None]
+    kpos = torch.arange(T, device=q.device)[None, :]
+    mask = kpos <= qpos
+    if sliding_window is not None:
+        mask = mask & (kpos > qpos - sliding_window)
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if sinks is None:
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=qh.shape[0] != kh.shape[0]
+        )
+        return out.transpose(0, 1)
+    rep = qh.shape[0] // kh.shape[0]
+    kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
+    scores = torch.matmul(qh, kh.transpose(1, 2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.reshape(-1, 1, 1).to(scores.dtype).expand(-1, t, 1)
+    combined = torch.cat([scores, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined.float(), dim=-1).to(scores.dtype)[..., :-1]
+    return torch.matmul(probs, vh).transpose(0, 1)
+
+
+def rows_for_slices(slices: list[SeqSlice]) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of each slice in the concatenated token dimension."""
+    out, a = [], 0
+    for s in slices:
+        out.append((a, a + s.n))
+        a += s.n
+    return out

@@ -1,0 +1,420 @@
+"""Every message that crosses a process boundary, declared once.
+
+A message on the wire is a ZeroMQ multipart: frame 0 is a msgpack map (the header), frames 1..n are
+raw tensor bytes, described in the header's ``tensors`` list (name, dtype, shape) in frame order.
+Tensors never go through msgpack, so a [T, hidden] activation is sent and received without a copy
+into or out of a serialiser, and nothing is ever unpickled.
+
+Each message type is a dataclass here; ``encode``/``decode`` check the version, the type name, the
+field names and the field types, so a malformed peer gets a one-line ``ProtocolError`` naming the
+problem rather than a KeyError deep in a worker. docs/protocol.md documents the same set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+import torch
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; the text names the problem."""
+
+
+# --- tensor frames -------------------------------------------------------------------------------
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def tensor_frame(t: torch.Tensor) -> tuple[dict, memoryview]:
+    """Describe a CPU tensor and expose its bytes without copying (contiguous tensors only copy once
+    if they were not contiguous already)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype not in _DTYPE_NAMES:
+        raise ProtocolError(f"tensor dtype {t.dtype} cannot travel")
+    # bfloat16 has no numpy dtype: view it as int16, the bytes are what matter.
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+    buf = memoryview(raw.numpy()).cast("B") if raw.numel() else memoryview(b"")
+    return {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, buf
+
+
+def frame_tensor(desc: dict, frame: bytes | memoryview) -> torch.Tensor:
+    try:
+        dtype = _DTYPES[desc["dtype"]]
+        shape = [int(s) for s in desc["shape"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"bad tensor descriptor {desc!r}") from e
+    nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    if len(frame) != nbytes:
+        raise ProtocolError(f"tensor frame has {len(frame)} bytes, descriptor {desc!r} needs {nbytes}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    # frombuffer on a read-only zmq frame: torch warns about non-writable memory; copy only if needed.
+    arr = np.frombuffer(frame, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
+    return t.view(dtype).reshape(shape)
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+    # Tensors carried as frames, by name; not part of the msgpack header.
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.TYPE:
+            _REGISTRY[cls.TYPE] = cls
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Validate a decoded msgpack value against a dataclass annotation (the subset we use)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _check_type(value, a, where)
+            except ProtocolError:
+                pass
+        raise ProtocolError(f"{where}: {value!r} is not {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise ProtocolError(f"{where}: expected null")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if annotation in (str, bool, bytes):
+        if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
+            raise ProtocolError(f"{where}: expected {annotation.__name__}, got {type(value).__name__}")
+        return value
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        return _from_fields(annotation, value, where)
+    return value
+
+
+def _from_fields(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "tensors"}
+    unknown = set(data) - names
+    if unknown:
+        raise ProtocolError(f"{where}: unknown field(s) {sorted(unknown)}")
+    for f in dataclasses.fields(cls):
+        if f.name == "tensors":
+            continue
+        if f.name in data:
+            kwargs[f.name] = _check_type(data[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{where}: missing field '{f.name}'")
+    return cls(**kwargs)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "tensors"}
+    if isinstance(obj, list):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def encode(msg: Message) -> list:
+    """Message -> multipart frames."""
+    header = _to_plain(msg)
+    header["v"] = PROTOCOL_VERSION
+    header["type"] = msg.TYPE
+    descs, frames = [], []
+    for name, t in msg.tensors.items():
+        desc, buf = tensor_frame(t)
+        desc["name"] = name
+        descs.append(desc)
+        frames.append(buf)
+    if descs:
+        header["tensors"] = descs
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def decode(frames: list) -> Message:
+    """Multipart frames -> Message, or ProtocolError naming what is wrong."""
+    if not frames:
+        raise ProtocolError("empty message")
+    try:
+        header = msgpack.unpackb(bytes(frames[0]), raw=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a msgpack map")
+    v = header.pop("v", None)
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {v!r} not supported (this server speaks {PROTOCOL_VERSION})")
+    mtype = header.pop("type", None)
+    cls = _REGISTRY.get(mtype) if isinstance(mtype, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {mtype!r}")
+    descs = header.pop("tensors", [])
+    if not isinstance(descs, list) or len(descs) != len(frames) - 1:
+        raise ProtocolError(f"{mtype}: {len(frames) - 1} tensor frame(s) but {len(descs) if isinstance(descs, list) else '?'} descriptor(s)")
+    msg = _from_fields(cls, header, mtype)
+    for desc, frame in zip(descs, frames[1:]):
+        if not isinstance(desc, dict) or not isinstance(desc.get("name"), str):
+            raise ProtocolError(f"{mtype}: bad tensor descriptor {desc!r}")
+        msg.tensors[desc["name"]] = frame_tensor(desc, frame.buffer if hasattr(frame, "buffer") else frame)
+    return msg
+
+
+# === client <-> coordinator (documented in docs/protocol.md) =====================================
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ProtocolError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ProtocolError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ProtocolError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ProtocolError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ProtocolError("stop strings must be non-empty")
+
+
+@dataclass
+class Generate(Message):
+    """Start a request. Exactly one of prompt, prompt_ids, messages."""
+
+    TYPE: ClassVar[str] = "generate"
+    id: str
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[dict] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Return the logits of every prompt position (float32 [L, vocab]) with the first token: used by
+    # exactness checks and teacher-forced evaluation.
+    prompt_logits: bool = False
+
+    def validate(self) -> None:
+        given = [x is not None for x in (self.prompt, self.prompt_ids, self.messages)]
+        if sum(given) != 1:
+            raise ProtocolError("generate needs exactly one of prompt, prompt_ids, messages")
+        if self.prompt_ids is not None and not self.prompt_ids:
+            raise ProtocolError("prompt_ids is empty")
+        if self.messages is not None:
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                    raise ProtocolError(f"messages[{i}] must be a map with 'role' and 'content'")
+        self.sampling.validate()
+
+
+@dataclass
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    id: str
+
+
+@dataclass
+class Health(Message):
+    TYPE: ClassVar[str] = "health"
+
+
+@dataclass
+class Stats(Message):
+    TYPE: ClassVar[str] = "stats"
+
+
+@dataclass
+class Tokens(Message):
+    """Streamed: new tokens of request `id` and the text they complete (may be empty while a
+    multi-byte character is still incomplete)."""
+
+    TYPE: ClassVar[str] = "tokens"
+    id: str
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Done(Message):
+    TYPE: ClassVar[str] = "done"
+    id: str
+    finish_reason: str  # "length" | "stop" | "eos" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+@dataclass
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    message: str
+    id: str | None = None
+
+
+@dataclass
+class HealthReply(Message):
+    TYPE: ClassVar[str] = "health_reply"
+    status: str
+    model: str
+    workers: list[dict]
+
+
+@dataclass
+class StatsReply(Message):
+    TYPE: ClassVar[str] = "stats_reply"
+    stats: dict
+
+
+# === coordinator <-> gpu workers <-> cpu pool (internal) ==========================================
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of a step: tokens [start, start + n) of sequence `seq`."""
+
+    seq: int
+    start: int
+    n: int
+    logits: str = "last"  # "last" | "all" | "none" (a non-final chunk of a chunked prefill)
+
+
+@dataclass
+class Step(Message):
+    """A forward pass over the listed slices, concatenated in order. Rank 0 receives tensor
+    `tokens` (int64 [T]); later ranks receive `hidden` ([T, hidden_size])."""
+
+    TYPE: ClassVar[str] = "step"
+    step: int
+    slices: list[SeqSlice]
+    decode: bool  # routed experts on the CPU pool (decode) or on the GPU worker (prefill)
+
+
+@dataclass
+class Logits(Message):
+    """Last rank -> coordinator: tensor `logits` float32 [R, vocab], the rows asked for by the
+    step's slices in order."""
+
+    TYPE: ClassVar[str] = "logits"
+    step: int
+    elapsed_s: float
+
+
+@dataclass
+class Free(Message):
+    """Drop these sequences' KV caches; travels the pipeline like a step."""
+
+    TYPE: ClassVar[str] = "free"
+    seqs: list[int]
+
+
+@dataclass
+class Shutdown(Message):
+    TYPE: ClassVar[str] = "shutdown"
+
+
+@dataclass
+class Ready(Message):
+    """A worker finished loading. `info` reports what it holds (layers, memory)."""
+
+    TYPE: ClassVar[str] = "ready"
+    role: str  # "gpu" | "cpu"
+    rank: int
+    pid: int
+    info: dict
+
+
+@dataclass
+class WorkerError(Message):
+    """A worker could not do `step` (or failed to start when step is -1); it keeps serving."""
+
+    TYPE: ClassVar[str] = "worker_error"
+    role: str
+    rank: int
+    step: int
+    message: str
+
+
+@dataclass
+class ExpertWork(Message):
+    """GPU worker -> CPU pool process: run the routed experts of `layer` that this process holds for
+    tensors `x` [M, hidden], `ids` int32 [M, k] and `weights` float32 [M, k]; ids this process does
+    not hold are ignored. Replied with ExpertResult carrying `out` [M, hidden], the weighted sum."""
+
+    TYPE: ClassVar[str] = "expert_work"
+    layer: int
+    tag: int
+
+
+@dataclass
+class ExpertResult(Message):
+    TYPE: ClassVar[str] = "expert_result"
+    tag: int
+    error: str | None = None
+
+
+@dataclass
+class Progress(Message):
+    """A worker's loading progress, shown by the coordinator as one bar: `done` of `total` units
+    (tensors or layers) of `what`."""
+
+    TYPE: ClassVar[str] = "progress"
+    role: str
+    rank: int
+    what: str
+    done: int
+    total: int
