@@ -143,9 +143,9 @@ def fill_node(store: ExpertStore, node: int, family: ModelFamily, get, on_layer=
         a, b = layout.range(layer, node)
         dst = store.tensors(layer, node)
         for local, e in enumerate(range(a, b)):
-            names = family.expert_tensor_names(layer, e)
-            gate, up, down = get(names["gate"]), get(names["up"]), get(names["down"])
-            w13 = torch.cat([gate, up], dim=0)
+            w = family.load_expert(get, layer, e)
+            w13 = torch.cat([w["gate"], w["up"]], dim=0)
+            down = w["down"]
             if fmt.kind == "dense":
                 dst["w13"][local].copy_(w13.to(fmt.dtype))
                 dst["w2"][local].copy_(down.to(fmt.dtype))
@@ -155,7 +155,7 @@ def fill_node(store: ExpertStore, node: int, family: ModelFamily, get, on_layer=
                 quantize_into(fmt, w13, dst, "w13", local)
                 quantize_into(fmt, down, dst, "w2", local)
             if "b13" in dst:
-                dst["b13"][local].copy_(torch.cat([get(names["gate_bias"]), get(names["up_bias"])]).float())
-                dst["b2"][local].copy_(get(names["down_bias"]).float())
+                dst["b13"][local].copy_(torch.cat([w["gate_bias"], w["up_bias"]]).float())
+                dst["b2"][local].copy_(w["down_bias"].float())
         if on_layer is not None:
             on_layer(layer)

@@ -100,11 +100,22 @@ class ModelFamily:
         """Non-routed tensors of a layer: HF name -> shape."""
         raise NotImplementedError
 
-    def expert_tensor_names(self, layer: int, e: int) -> dict[str, str]:
-        """HF names of one routed expert's projections: keys 'gate', 'up', 'down'
-        (plus 'gate_bias', 'up_bias', 'down_bias' when the family has biases)."""
+    def expert_tensors(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """HF names and shapes of all routed-expert tensors of a MoE layer (the per-expert layout
+        gate_proj / up_proj / down_proj that Qwen3 and DeepSeek checkpoints use)."""
+        es, out = self.experts(layer), {}
+        for e in range(es.num):
+            p = f"model.layers.{layer}.mlp.experts.{e}."
+            out[p + "gate_proj.weight"] = (es.inter, es.hidden)
+            out[p + "up_proj.weight"] = (es.inter, es.hidden)
+            out[p + "down_proj.weight"] = (es.hidden, es.inter)
+        return out
+
+    def load_expert(self, get: Getter, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """One routed expert as {'gate': [I, H], 'up': [I, H], 'down': [H, I]} (plus 'gate_bias',
+        'up_bias', 'down_bias' when ExpertShape.bias), whatever the checkpoint's layout."""
         p = f"model.layers.{layer}.mlp.experts.{e}."
-        return {"gate": p + "gate_proj.weight", "up": p + "up_proj.weight", "down": p + "down_proj.weight"}
+        return {"gate": get(p + "gate_proj.weight"), "up": get(p + "up_proj.weight"), "down": get(p + "down_proj.weight")}
 
     def global_tensors(self) -> dict[str, tuple[int, ...]]:
         t = {
@@ -123,12 +134,7 @@ class ModelFamily:
         for i in range(self.num_layers):
             out.update(self.layer_tensors(i))
             if self.is_moe(i):
-                es = self.experts(i)
-                for e in range(es.num):
-                    names = self.expert_tensor_names(i, e)
-                    out[names["gate"]] = (es.inter, es.hidden)
-                    out[names["up"]] = (es.inter, es.hidden)
-                    out[names["down"]] = (es.hidden, es.inter)
+                out.update(self.expert_tensors(i))
         return out
 
     def make_layer(self, layer: int, get: Getter) -> DecoderLayer:

@@ -1,0 +1,98 @@
+"""The weight quantization scheme (docs/quantization.md), one definition for every process.
+
+Symmetric, per group of `g` consecutive input features (along K) of each output row:
+    scale = bf16( max|w_group| / qmax )            qmax = 7 (INT4), 127 (INT8)
+    q     = clamp( round_half_even(w / scale), -qmax - 1, qmax )     (q = 0 where scale = 0)
+    w'    = q * scale
+The scale is rounded to bf16 *before* q is computed, so storing it in bf16 loses nothing and the
+dequantized weight is exactly q * stored_scale. Dense INT8 weights use one group per row.
+
+Layouts, for a weight [O, K] with groups of g:
+    INT8: q int8 [O, K];               scales bf16 [O, K / g]
+    INT4: q uint8 [O, K / 2], byte j of a row holds (q[2j] + 8) | (q[2j + 1] + 8) << 4;
+          scales bf16 [O, K / g]
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMAX = {4: 7, 8: 127}
+
+
+class QuantError(ValueError):
+    pass
+
+
+def group_for(k: int, group_size: int) -> int:
+    """The group actually used along K: `group_size`, or all of K when K is smaller."""
+    g = min(group_size, k)
+    if k % g:
+        raise QuantError(f"input dimension {k} is not a multiple of the quantization group size {g}")
+    return g
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., O, K] -> (q int8 [..., O, K] with values in [-qmax-1, qmax], scales bf16 [..., O, K/g])."""
+    qmax = QMAX[bits]
+    k = w.shape[-1]
+    g = group_for(k, group_size)
+    wg = w.float().reshape(*w.shape[:-1], k // g, g)
+    scale = (wg.abs().amax(dim=-1) / qmax).to(torch.bfloat16)
+    s = scale.float().unsqueeze(-1)
+    q = torch.where(s > 0, torch.round(wg / torch.where(s > 0, s, 1.0)), 0.0)  # torch.round: half to even
+    q = q.clamp(-qmax - 1, qmax).to(torch.int8).reshape(w.shape)
+    return q, scale
+
+
+def dequantize_q(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(q int8 [..., O, K], scales [..., O, K/g]) -> float32 [..., O, K]."""
+    k, groups = q.shape[-1], scale.shape[-1]
+    return (q.float().reshape(*q.shape[:-1], groups, k // groups) * scale.float().unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """What the model computes with after quantization: dequantize(quantize(w)), in w's dtype."""
+    return dequantize_q(*quantize(w, bits, group_size)).to(w.dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    lo = (p & 0xF).to(torch.int8) - 8
+    hi = (p >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+# --- expert-store hooks (shared/expert_store.py) -------------------------------------------------
+
+
+def _bits(fmt) -> int:
+    return {"int4": 4, "int8": 8}[fmt.kind]
+
+
+def quantized_tensors(fmt, n: int, o: int, k: int, name: str) -> dict:
+    g = group_for(k, fmt.group_size)
+    if _bits(fmt) == 4:
+        if k % 2:
+            raise QuantError(f"INT4 needs an even input dimension, got {k}")
+        qt = (torch.uint8, (n, o, k // 2))
+    else:
+        qt = (torch.int8, (n, o, k))
+    return {f"{name}.q": qt, f"{name}.s": (torch.bfloat16, (n, o, k // g))}
+
+
+def quantize_into(fmt, w: torch.Tensor, dst: dict, name: str, local: int) -> None:
+    q, s = quantize(w, _bits(fmt), fmt.group_size)
+    dst[f"{name}.q"][local].copy_(pack_int4(q) if _bits(fmt) == 4 else q)
+    dst[f"{name}.s"][local].copy_(s)
+
+
+def dequantize(fmt, t: dict, name: str, local: int) -> torch.Tensor:
+    q = t[f"{name}.q"][local]
+    if _bits(fmt) == 4:
+        q = unpack_int4(q)
+    return dequantize_q(q, t[f"{name}.s"][local])
