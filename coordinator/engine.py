@@ -391,7 +391,8 @@ class Engine:
             self.waiting.remove(req)
         was_running = self.running.pop(req.seq, None) is not None
         if (was_running or req.t_prefill) and self._fatal is None and not self.closed:
-            asyncio.get_running_loop().create_task(self.head.send_multipart(P.encode(P.Free(seqs=[req.seq]))))
+            # zmq.asyncio sends return a future that completes by itself; nothing to await here
+            asyncio.ensure_future(self.head.send_multipart(P.encode(P.Free(seqs=[req.seq]))))
 
     # --- status and shutdown -----------------------------------------------------------------
     def health(self) -> P.HealthReply:

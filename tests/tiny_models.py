@@ -128,3 +128,78 @@ def generate_json(model_dir: Path, prompt_ids: list[int], n: int, *extra: str) -
     p = krasis("generate", model_dir, "--prompt-ids", ",".join(map(str, prompt_ids)), "--max-new-tokens", n,
                "--dtype", "float32", "--json", *extra)
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+class Service:
+    """`krasis-coord serve` in a subprocess on a private ipc endpoint, for the duration of a with-block.
+    Stops it with SIGTERM on exit and checks that every process it started is gone."""
+
+    def __init__(self, model_dir: Path, *extra: str, startup_timeout: float = 180):
+        import uuid
+
+        self.endpoint = f"ipc://@krasis-test-{uuid.uuid4().hex[:10]}"
+        self.args = ["serve", str(model_dir), "--zmq", self.endpoint, *map(str, extra)]
+        self.startup_timeout = startup_timeout
+
+    def __enter__(self) -> "Service":
+        import time
+
+        from krasis.shared.client import Client
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "krasis.coordinator", *self.args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.client = Client(self.endpoint, timeout_s=120)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited during start-up:\n{self.proc.stderr.read()[-3000:]}")
+            self.client.sock.setsockopt(__import__("zmq").RCVTIMEO, 1000)
+            try:
+                h = self.client.health()
+                if h.status == "ok":
+                    break
+            except TimeoutError:
+                # DEALER queues the unanswered request; start over with a fresh socket
+                self.client.close()
+                from krasis.shared.client import Client as C
+
+                self.client = C(self.endpoint, timeout_s=120)
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("serve did not become healthy in time")
+        self.client.sock.setsockopt(__import__("zmq").RCVTIMEO, 120_000)
+        self.worker_pids = [w["pid"] for w in h.workers]
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("serve did not stop within 30 s of SIGTERM")
+        self.stderr = self.proc.stderr.read()
+        wait_gone(self.worker_pids)
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 15) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker processes still alive: {[p for p in pids if alive(p)]}")
+        time.sleep(0.1)

@@ -1,0 +1,92 @@
+"""In-process checks of the pieces the end-to-end tests rely on: the wire format, sampling,
+pipeline planning and incremental detokenisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_models as tm
+from krasis.coordinator.plan import PlanError, split_layers
+from krasis.coordinator.sampling import Sampler
+from krasis.shared import protocol as P
+from krasis.shared.models.family import family_for
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.float16])
+def test_tensor_frames_round_trip(dtype):
+    t = (torch.randn(3, 5, 7) * 50).to(dtype)
+    msg = P.Step(step=3, slices=[P.SeqSlice(seq=1, start=0, n=3)], decode=False)
+    msg.tensors = {"hidden": t, "empty": torch.empty(0, 4, dtype=dtype)}
+    back = P.decode(P.encode(msg))
+    assert isinstance(back, P.Step) and back.step == 3 and back.slices[0].n == 3
+    assert back.tensors["hidden"].dtype == dtype and torch.equal(back.tensors["hidden"], t)
+    assert back.tensors["empty"].shape == (0, 4)
+
+
+def test_frame_size_mismatch_is_refused():
+    frames = P.encode(P.ExpertResult(tag=1, tensors={"out": torch.zeros(2, 2)}))
+    with pytest.raises(P.ProtocolError, match="needs 16"):
+        P.decode([frames[0], b"123"])
+
+
+def test_sampler_greedy_topk_topp_and_seed():
+    logits = torch.randn(1000)
+    assert Sampler(P.SamplingParams())(logits) == int(logits.argmax())
+    assert Sampler(P.SamplingParams(temperature=5.0, top_k=1, seed=1))(logits) == int(logits.argmax())
+    assert Sampler(P.SamplingParams(temperature=5.0, top_p=1e-6, seed=1))(logits) == int(logits.argmax())
+    a = [Sampler(P.SamplingParams(temperature=1.0, seed=7))(logits) for _ in range(3)]
+    s = Sampler(P.SamplingParams(temperature=1.0, seed=7))
+    assert [s(logits) for _ in range(3)][0] == a[0]
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    s = Sampler(P.SamplingParams(temperature=2.0, top_k=3, seed=3))
+    assert {s(logits) for _ in range(200)} <= top3
+
+
+def test_sampler_matches_the_softmax_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    s = Sampler(P.SamplingParams(temperature=1.0, seed=11))
+    n = 8000
+    counts = torch.bincount(torch.tensor([s(logits) for _ in range(n)]), minlength=4).float() / n
+    assert torch.allclose(counts, torch.softmax(logits, 0), atol=0.02)
+    # top_p=0.7 keeps the smallest prefix with mass >= 0.7: tokens 0 and 1 (0.64 + 0.24)
+    s = Sampler(P.SamplingParams(temperature=1.0, top_p=0.7, seed=11))
+    draws = torch.tensor([s(logits) for _ in range(2000)])
+    assert set(draws.tolist()) == {0, 1}
+    p = torch.softmax(logits, 0)[:2]
+    assert abs(float((draws == 0).float().mean()) - float(p[0] / p.sum())) < 0.04
+
+
+def test_pipeline_split_balances_cost_and_honours_overrides():
+    fam = family_for(tm.deepseek_config(num_hidden_layers=6, first_k_dense_replace=2).to_dict())
+    plan = split_layers(fam, 2)
+    assert plan[0][0] == 0 and plan[-1][1] == 6 and plan[0][1] == plan[1][0]
+    costs = [sum(fam.layer_cost(i) for i in range(a, b)) for a, b in plan]
+    # no other single cut point gives a smaller maximum
+    best = min(max(sum(fam.layer_cost(i) for i in range(c)), sum(fam.layer_cost(i) for i in range(c, 6))) for c in range(1, 6))
+    assert max(costs) == best
+    assert split_layers(fam, 2, [5, 1]) == [(0, 5), (5, 6)]
+    with pytest.raises(PlanError, match="sum to 6"):
+        split_layers(fam, 2, [2, 2])
+    with pytest.raises(PlanError, match="2 entries for 3"):
+        split_layers(fam, 3, [3, 3])
+
+
+def test_detokenizer_streams_whole_characters(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from krasis.coordinator.tokenizer import Detokenizer, TextCodec
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    codec = TextCodec(tmp_path)
+    text = "naïve ✓ 日本"
+    ids = codec.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several byte tokens
+    d = Detokenizer(codec)
+    pieces = [d.add([i]) for i in ids] + [d.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
