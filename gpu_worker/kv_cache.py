@@ -1,5 +1,6 @@
 """Per-sequence, per-layer cache of whatever the attention keeps (K and V for GQA; the compressed
-latent and the rope key for MLA), grown by doubling and freed with the sequence."""
+latent and the rope key for MLA; the conv and SSM state of a linear-attention layer), grown by
+doubling and freed with the sequence."""
 
 from __future__ import annotations
 
@@ -37,6 +38,21 @@ class KVCache:
             b[length:end] = t
         layers[layer] = (end, bufs)
         return tuple(b[:end] for b in bufs)
+
+    def state(self, layer: int, s: SeqSlice, init) -> list[torch.Tensor]:
+        """The fixed-size recurrent state of a linear-attention layer for the slice's sequence
+        (`init()` makes it at the sequence's first token), checked to cover exactly the tokens before
+        the slice; the caller updates the tensors in place. Freed with the sequence like K and V."""
+        layers = self._seqs.setdefault(s.seq, {})
+        length, bufs = layers.get(layer, (0, None))
+        if s.start != length:
+            raise ValueError(f"sequence {s.seq} layer {layer}: slice starts at {s.start}, state holds {length}")
+        if length + s.n > self.max_context:
+            raise ContextOverflow(f"sequence {s.seq} would reach {length + s.n} tokens, max context is {self.max_context}")
+        if bufs is None:
+            bufs = init()
+        layers[layer] = (length + s.n, bufs)
+        return bufs
 
     def free(self, seq: int) -> None:
         self._seqs.pop(seq, None)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..shared.expert_store import ExpertStore
 from ..shared.models.family import ModelFamily
-from ..shared.models.layers import rms_norm, rows_for_slices, slice_positions
+from ..shared.models.layers import rows_for_slices, slice_positions
 from ..shared.protocol import SeqSlice
 from .kv_cache import KVCache
 
@@ -72,7 +72,7 @@ class Stage:
                 rows.append(h[b - 1 : b])
         if not rows:
             return torch.empty(0, self.f.vocab_size, dtype=torch.float32)
-        hn = rms_norm(torch.cat(rows), self.norm, self.f.rms_norm_eps)
+        hn = self.f.final_norm(torch.cat(rows), self.norm)
         return F.linear(hn, self.lm_head).float()
 
     def free(self, seqs: list[int]) -> None:

@@ -126,6 +126,12 @@ class ModelFamily:
             t["lm_head.weight"] = (self.vocab_size, self.hidden_size)
         return t
 
+    def final_norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The norm before the LM head (model.norm.weight)."""
+        from .layers import rms_norm
+
+        return rms_norm(h, weight, self.rms_norm_eps)
+
     def lm_head_name(self) -> str:
         return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
 
@@ -175,7 +181,7 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 
 def family_for(cfg: dict) -> ModelFamily:
-    from . import deepseek_v2, qwen3_moe  # noqa: F401  (registration)
+    from . import deepseek_v2, gpt_oss, qwen3_moe, qwen3_next  # noqa: F401  (registration)
 
     archs = cfg.get("architectures") or []
     for a in archs:
