@@ -111,6 +111,7 @@ class Engine:
         self.workers: list[dict] = []
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.closed = False
+        self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
     # --- start-up ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -131,7 +132,8 @@ class Engine:
             with tqdm(desc="loading experts", unit="layer", disable=None, leave=False) as bar:
                 for i in range(n_pool):
                     node_cores = nodes[i % len(nodes)]
-                    share = [c for j, c in enumerate(node_cores) if j % -(-n_pool // len(nodes)) == i // len(nodes)] or node_cores
+                    peers = len(range(i % len(nodes), n_pool, len(nodes)))  # pool processes on this node
+                    share = [c for j, c in enumerate(node_cores) if j % peers == i // len(nodes)] or node_cores
                     spec = dict(node=i, model=self.model_dir, bind=pool_eps[i], coord=ep("results"), cores=share,
                                 threads=len(share), store=store)
                     self.group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, fds)
@@ -398,8 +400,19 @@ class Engine:
     def health(self) -> P.HealthReply:
         return P.HealthReply(status="down" if self._fatal else "ok", model=self.model_dir, workers=self.workers)
 
-    def stats_reply(self) -> P.StatsReply:
-        return P.StatsReply(stats={**self.stats, "running": len(self.running), "waiting": len(self.waiting)})
+    async def stats_reply(self) -> P.StatsReply:
+        """The engine's counters, and under "cpu_pool" each pool process's own (its pinned cores,
+        calls, tokens and the largest batch M it ran: the evidence of decode batching)."""
+        pools = []
+        async with self._pool_lock:
+            for s in self.pool_ctl:
+                await s.send_multipart(P.encode(P.Stats()))
+            for s in self.pool_ctl:
+                reply = P.decode(await s.recv_multipart())
+                if isinstance(reply, P.StatsReply):
+                    pools.append(reply.stats)
+        return P.StatsReply(stats={**self.stats, "running": len(self.running), "waiting": len(self.waiting),
+                                   "cpu_pool": pools})
 
     async def close(self) -> None:
         if self.closed:

@@ -57,7 +57,7 @@ class Server:
         elif isinstance(msg, P.Health):
             await self._send(ident, self.engine.health())
         elif isinstance(msg, P.Stats):
-            await self._send(ident, self.engine.stats_reply())
+            await self._send(ident, await self.engine.stats_reply())
         else:
             await self._send(ident, P.Error(message=f"'{msg.TYPE}' is not a client request"))
 

@@ -18,7 +18,7 @@ import zmq
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import die_with_parent, limit_threads
-from ..shared.moe import moe_reference
+from .expert_kernel import moe_layer, set_threads, warm_up
 from ..shared.weights import SafetensorsSource, load_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +57,14 @@ def main() -> None:
         ctx.term()
         sys.exit(1)
     act = getattr(family, "expert_act", "silu")
+    # The kernel's own threads do the work from here; torch's idle OpenMP pool would spin against them.
+    set_threads(spec["threads"])
+    limit_threads(1)
+    # What this process has done, for the coordinator's stats (tests read batching and dispatch here).
+    work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "max_m": 0}
     blocks = {layer: (*_first_count(layout, layer, node), store.tensors(layer, node)) for layer in layout.moe_layers}
+    for first, count, t in list(blocks.values())[:1]:
+        warm_up(t, layout.fmt, first, count, act)
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(), info={"bytes": layout.sizes[node], "experts": layout.fmt.describe()}))
     )
@@ -70,13 +77,18 @@ def main() -> None:
             continue
         if isinstance(msg, P.Shutdown):
             break
+        if isinstance(msg, P.Stats):
+            sock.send_multipart([ident, *P.encode(P.StatsReply(stats=work))])
+            continue
         if not isinstance(msg, P.ExpertWork) or msg.layer not in blocks:
             sock.send_multipart([ident, *P.encode(P.ExpertResult(tag=getattr(msg, "tag", -1), error=f"bad work {msg.TYPE}"))])
             continue
         first, count, t = blocks[msg.layer]
         try:
             with torch.inference_mode():
-                out = moe_reference(msg.tensors["x"], msg.tensors["ids"], msg.tensors["weights"], t, layout.fmt, first, count, act)
+                out = moe_layer(msg.tensors["x"], msg.tensors["ids"], msg.tensors["weights"], t, layout.fmt, first, count, act)
+            m = msg.tensors["x"].shape[0]
+            work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m))
             reply = P.ExpertResult(tag=msg.tag)
             reply.tensors = {"out": out}
         except Exception as e:

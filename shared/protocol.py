@@ -100,6 +100,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # Optional[X]: report X's own, more precise, complaint
+            return _check_type(value, others[0], where)
         for a in args:
             try:
                 return _check_type(value, a, where)

@@ -58,7 +58,8 @@ def test_sampler_matches_the_softmax_distribution():
 
 
 def test_pipeline_split_balances_cost_and_honours_overrides():
-    fam = family_for(tm.deepseek_config(num_hidden_layers=6, first_k_dense_replace=2).to_dict())
+    cfg = tm.deepseek_config(num_hidden_layers=6, first_k_dense_replace=2).to_dict()
+    fam = family_for({**cfg, "architectures": ["DeepseekV2ForCausalLM"]})
     plan = split_layers(fam, 2)
     assert plan[0][0] == 0 and plan[-1][1] == 6 and plan[0][1] == plan[1][0]
     costs = [sum(fam.layer_cost(i) for i in range(a, b)) for a, b in plan]
