@@ -13,9 +13,24 @@ class ContextOverflow(ValueError):
     pass
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [n, ..., d] -> (e4m3 values, float32 scales [n, ..., 1]): one scale per cached row (token
+    and head), amax / 448, so every row uses the format's whole range."""
+    tf = t.float()
+    scale = (tf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    return (tf / scale).to(torch.float8_e4m3fn), scale
+
+
 class KVCache:
-    def __init__(self, device: torch.device, dtype: torch.dtype, max_context: int):
+    """kv_dtype "fp8" keeps e4m3 values with per-row scales (half the bytes of bf16); anything else
+    keeps the compute dtype (float32 exact-check runs always do)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, max_context: int, kv_dtype: str | None = None):
         self.device, self.dtype, self.max_context = device, dtype, max_context
+        self.fp8 = kv_dtype == "fp8"
         # seq -> layer -> (length, [buffers])
         self._seqs: dict[int, dict[int, tuple[int, list[torch.Tensor]]]] = {}
 
@@ -28,6 +43,8 @@ class KVCache:
         end = length + s.n
         if end > self.max_context:
             raise ContextOverflow(f"sequence {s.seq} would reach {end} tokens, max context is {self.max_context}")
+        if self.fp8:
+            new = tuple(part for t in new for part in fp8_quantize(t))
         if not bufs or bufs[0].shape[0] < end:
             cap = min(self.max_context, max(end, 2 * (bufs[0].shape[0] if bufs else 0), 64))
             grown = [torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in new]
@@ -37,6 +54,8 @@ class KVCache:
         for b, t in zip(bufs, new):
             b[length:end] = t
         layers[layer] = (end, bufs)
+        if self.fp8:
+            return tuple((q[:end].float() * sc[:end]).to(self.dtype) for q, sc in zip(bufs[0::2], bufs[1::2]))
         return tuple(b[:end] for b in bufs)
 
     def state(self, layer: int, s: SeqSlice, init) -> list[torch.Tensor]:

@@ -26,12 +26,20 @@ class PoolClient:
         self._tags = itertools.count()
 
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.collect(self.submit(layer, x, ids, weights)).to(device=x.device, dtype=x.dtype)
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> int:
+        """Send the work to every pool process and return at once (the caller may compute meanwhile)."""
         tag = next(self._tags)
         msg = P.ExpertWork(layer=layer, tag=tag)
         msg.tensors = {"x": x.cpu(), "ids": ids.to(torch.int32).cpu(), "weights": weights.float().cpu()}
         frames = P.encode(msg)
         for s in self.socks:
             s.send_multipart(frames, copy=False)
+        return tag
+
+    def collect(self, tag: int) -> torch.Tensor:
+        """The summed float32 [M, hidden] partials of the work `submit` sent (on the CPU)."""
         total = None
         for s in self.socks:
             reply = P.decode(s.recv_multipart(copy=False))
@@ -41,7 +49,7 @@ class PoolClient:
                 raise PoolError(f"CPU pool: {reply.error}")
             out = reply.tensors["out"]
             total = out.float() if total is None else total + out.float()
-        return total.to(device=x.device, dtype=x.dtype)
+        return total
 
     def close(self):
         for s in self.socks:

@@ -1,0 +1,214 @@
+"""`krasis-coord bench MODEL`: prefill and decode speed in the reference's table columns, beside this
+machine's floor measured in the same run (DESIGN.md, Ceilings):
+
+    prefill floor = max(expert bytes streamed / pinned host-to-device bandwidth, FLOPs / matrix rate)
+    decode floor  = expert bytes one token reads from RAM / DRAM read bandwidth
+
+Each figure is also given as the fraction of its floor reached. The prompt is random token ids
+(seeded), so no data set is needed; decode ignores EOS so every run decodes the same count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+
+import torch
+
+from ..shared import protocol as P
+from .processes import RuntimeOptions
+
+
+# --- ceilings ------------------------------------------------------------------------------------
+
+
+def _median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def measure_h2d(device: str, nbytes: int = 1 << 30) -> float | None:
+    """Pinned host-to-device bytes/s (None on a CPU device, which copies nothing)."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    src.random_(0, 255)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def go():
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+
+    go()
+    return nbytes / _median_time(go, 5)
+
+
+def measure_matmul(device: str, dtype: torch.dtype) -> float:
+    """Matrix FLOP/s of one large product on `device` (random data, never zeros)."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def go():
+        (a @ b).sum().item() if device == "cpu" else (a @ b, torch.cuda.synchronize(device))
+
+    go()
+    return 2 * n**3 / _median_time(go, 5)
+
+
+def measure_dram(nbytes: int = 1 << 30) -> float:
+    """Host DRAM read bytes/s with all of this process's threads (a float32 sum over 1 GiB)."""
+    x = torch.rand(nbytes // 4)
+    x.sum()
+    return nbytes / _median_time(lambda: x.sum(), 5)
+
+
+# --- model arithmetic ----------------------------------------------------------------------------
+
+
+def model_costs(family, gpu_fmt, cpu_fmt, prompt: int) -> dict:
+    """FLOPs of a prompt, expert bytes of the whole model (GPU format), expert bytes one decode
+    token reads (CPU format)."""
+    from ..shared.expert_store import StoreLayout
+    from ..gpu_worker.vram_budget import layer_expert_bytes
+
+    flops, token_bytes = 0.0, 0
+    gpu_layout, cpu_layout = StoreLayout(family, 1, gpu_fmt), StoreLayout(family, 1, cpu_fmt)
+    for i in range(family.num_layers):
+        params = sum(math.prod(s) for s in family.layer_tensors(i).values() if len(s) == 2)
+        if family.is_moe(i):
+            es = family.experts(i)
+            params += es.top_k * 3 * es.hidden * es.inter
+            token_bytes += es.top_k * layer_expert_bytes(cpu_layout, i) // es.num
+        flops += 2 * prompt * params
+        heads = getattr(family, "num_heads", 1)
+        qk = getattr(family, "qk_head_dim", getattr(family, "head_dim", 0))
+        vd = getattr(family, "v_head_dim", getattr(family, "head_dim", 0))
+        flops += 2 * prompt * prompt / 2 * (qk + vd) * heads  # causal scores and values
+    expert_bytes = sum(layer_expert_bytes(gpu_layout, i) for i in gpu_layout.moe_layers)
+    return {"flops": flops, "expert_bytes": expert_bytes, "token_bytes": token_bytes}
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _rss_gb(pids: list[int]) -> float:
+    """Private resident memory of the processes, plus the shared expert store once."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            m = psutil.Process(pid).memory_info()
+            total += m.rss - getattr(m, "shared", 0)
+        except psutil.Error:
+            pass
+    return total / 1e9
+
+
+async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int) -> dict:
+    from .engine import Engine
+
+    engine = Engine(model, opts)
+    try:
+        await engine.start()
+        vocab = engine.family.vocab_size
+        g = torch.Generator().manual_seed(1234)
+
+        async def one(n_prompt, n_new, rid):
+            ids = torch.randint(0, vocab, (n_prompt,), generator=g).tolist()
+            gen = P.Generate(id=rid, prompt_ids=ids, sampling=P.SamplingParams(max_new_tokens=n_new, ignore_eos=True))
+            async for ev in engine.generate(gen):
+                if isinstance(ev, P.Error):
+                    raise RuntimeError(ev.message)
+                if isinstance(ev, P.Done):
+                    return ev
+
+        # warm-up: kernels compiled, hot-expert counts gathered, allocator settled
+        await one(min(prompt_tokens, opts.prefill_chunk), min(decode_tokens, 4), "warmup")
+        dones = [await one(prompt_tokens, decode_tokens, f"run{i}") for i in range(runs)]
+        pids = [engine.workers[i]["pid"] for i in range(len(engine.workers))] + [os.getpid()]
+        store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
+        gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
+        vram = "+".join(
+            f"{w.get('vram_mb', w.get('vram_plan_mb', {}).get('total', 0)):,.0f}" for w in gpus
+        )
+        return {
+            "runs": [{"ttft_s": d.ttft_s, "prefill_tok_s": d.prefill_tok_s, "decode_tok_s": d.decode_tok_s} for d in dones],
+            "vram_mb": vram, "ram_gb": _rss_gb(pids) + store / 1e9, "workers": engine.workers,
+            "caches": engine.caches,
+        }
+    finally:
+        await engine.close()
+
+
+def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int,
+              measure_floor: bool = True) -> dict:
+    from ..shared.weights import load_family
+
+    need = prompt_tokens + decode_tokens + 1
+    opts = RuntimeOptions(**{**vars(opts), "max_context": max(opts.max_context, need)})
+    out = asyncio.run(_bench(model, opts, prompt_tokens, decode_tokens, runs))
+    mean = lambda k: sum(r[k] for r in out["runs"]) / len(out["runs"])  # noqa: E731
+    res = {
+        "model": os.path.basename(os.path.normpath(model)), "gpus": len(opts.devices), "devices": opts.devices,
+        "bits": f"{_bits(opts.gpu_bits)}/{_bits(opts.cpu_bits)}",
+        "prefill_strategy": out["workers"][-1].get("prefill_strategy", ""),
+        "decode_strategy": out["workers"][-1].get("decode_strategy", ""),
+        "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+        "prefill_tok_s": mean("prefill_tok_s"), "ttft_s": mean("ttft_s"), "decode_tok_s": mean("decode_tok_s"),
+        "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": out["runs"],
+    }
+    res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
+    if measure_floor:
+        res.update(floors(load_family(model), out["caches"], opts, prompt_tokens, res))
+    return res
+
+
+def _bits(b: int) -> str:
+    return "BF16" if b == 16 else f"INT{b}"
+
+
+def floors(family, caches, opts: RuntimeOptions, prompt_tokens: int, res: dict) -> dict:
+    dev = opts.devices[0]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts.dtype]
+    h2d, mm, dram = measure_h2d(dev), measure_matmul(dev, dtype), measure_dram()
+    c = model_costs(family, caches.gpu_fmt, caches.cpu_fmt, prompt_tokens)
+    chunks = math.ceil(prompt_tokens / opts.prefill_chunk)
+    streamed = 0 if res["prefill_strategy"] == "persistent" or h2d is None else c["expert_bytes"] * chunks
+    t_prefill = max(streamed / h2d if h2d else 0.0, c["flops"] / mm)
+    t_decode = c["token_bytes"] / dram
+    pf, df = prompt_tokens / t_prefill, 1 / t_decode
+    return {
+        "h2d_gb_s": h2d / 1e9 if h2d else None, "matmul_tflop_s": mm / 1e12, "dram_gb_s": dram / 1e9,
+        "prefill_floor_tok_s": pf, "prefill_fraction": res["prefill_tok_s"] / pf,
+        "decode_floor_tok_s": df, "decode_fraction": res["decode_tok_s"] / df,
+        "expert_gb": c["expert_bytes"] / 1e9, "prompt_tflop": c["flops"] / 1e12, "token_expert_mb": c["token_bytes"] / 1e6,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| Model | GPUs | GPU/CPU bits | LGS | HCS | Prefill (tok/s) | TTFT (s) | Decode (tok/s) | ms/tok "
+            "| VRAM (MB) | RAM (GB) | Prefill floor (tok/s) | of floor | Decode floor (tok/s) | of floor |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ps, ds = r["prefill_strategy"], r["decode_strategy"]
+        lgs = ps.rsplit("_", 1)[1] if ps.startswith("layer_grouped_") else ("1" if ps == "chunked" else "-")
+        hcs = "ON" if "hcs" in ps or ds == "hcs_hybrid" else "OFF"
+        pf = r.get("prefill_floor_tok_s")
+        df = r.get("decode_floor_tok_s")
+        lines.append(
+            f"| {r['model']} | {r['gpus']} | {r['bits']} | {lgs} | {hcs} | {r['prefill_tok_s']:,.1f} | {r['ttft_s']:.2f} "
+            f"| {r['decode_tok_s']:.2f} | {r['ms_per_tok'] or 0:.1f} | {r['vram_mb']} | {r['ram_gb']:.1f} "
+            f"| {pf:,.0f} | {r['prefill_fraction']:.0%} | {df:,.1f} | {r['decode_fraction']:.0%} |"
+            if pf else
+            f"| {r['model']} | {r['gpus']} | {r['bits']} | {lgs} | {hcs} | {r['prefill_tok_s']:,.1f} | {r['ttft_s']:.2f} "
+            f"| {r['decode_tok_s']:.2f} | {r['ms_per_tok'] or 0:.1f} | {r['vram_mb']} | {r['ram_gb']:.1f} | - | - | - | - |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""`krasis-coord optimize MODEL`: every prefill and every decode strategy on this machine and model,
+`--runs` each, ranked as the reference's auto-optimiser reports them; the winners are stored per model
+(`strategy.json` in the model's state folder) and used by `serve` and `generate` unless
+--prefill-strategy / --decode-strategy say otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .processes import RuntimeOptions
+
+WINNER_FILE = "strategy.json"
+
+
+def state_path(model_dir, name: str) -> Path:
+    """A small per-model file beside the weight caches: MODEL/.krasis_cache/NAME, or under
+    ~/.cache/krasis when the model folder is read-only."""
+    model = Path(model_dir).resolve()
+    if os.access(model, os.W_OK):
+        return model / ".krasis_cache" / name
+    tag = hashlib.sha1(str(model).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "krasis" / f"{model.name}-{tag}" / name
+
+
+def stored_winner(model_dir) -> dict:
+    p = state_path(model_dir, WINNER_FILE)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def prefill_candidates(moe_layers: int) -> list[str]:
+    groups = [n for n in (2, 4) if n < moe_layers] or [1]
+    return ["persistent", *(f"layer_grouped_{n}" for n in groups), "hcs_prefill", "chunked", "active_only"]
+
+
+DECODE_CANDIDATES = ["pure_cpu", "hcs_hybrid", "compact", "lru"]
+
+
+def rank(rows: list[dict], key: str) -> list[dict]:
+    """Successful rows best first (higher `key`), failed ones (key None) last."""
+    return sorted(rows, key=lambda r: (r[key] is None, -(r[key] or 0.0)))
+
+
+def optimize(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int, log=print) -> dict:
+    from ..shared.weights import load_family
+    from .bench import run_bench
+
+    family = load_family(model)
+    moe = sum(family.is_moe(i) for i in range(family.num_layers))
+    prefill_rows, decode_rows = [], []
+    for name in prefill_candidates(moe):
+        o = RuntimeOptions(**{**vars(opts), "prefill_strategy": name, "decode_strategy": "pure_cpu"})
+        prefill_rows.append(_row(name, model, o, prompt_tokens, 2, runs, "prefill", log))
+    best_prefill = rank(prefill_rows, "prefill_tok_s")[0]["strategy"]
+    for name in DECODE_CANDIDATES:
+        o = RuntimeOptions(**{**vars(opts), "prefill_strategy": best_prefill, "decode_strategy": name})
+        decode_rows.append(_row(name, model, o, min(prompt_tokens, 512), decode_tokens, runs, "decode", log))
+    prefill_rows, decode_rows = rank(prefill_rows, "prefill_tok_s"), rank(decode_rows, "decode_tok_s")
+    if prefill_rows[0]["prefill_tok_s"] is None or decode_rows[0]["decode_tok_s"] is None:
+        raise RuntimeError("optimize: no strategy ran; see the errors above")
+    winner = {"prefill": prefill_rows[0]["strategy"], "decode": decode_rows[0]["strategy"],
+              "devices": opts.devices, "vram_budget": opts.vram_budget}
+    p = state_path(model, WINNER_FILE)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(winner, indent=1))
+    return {"prefill": prefill_rows, "decode": decode_rows, "winner": winner, "path": str(p)}
+
+
+def _row(name, model, opts, prompt_tokens, decode_tokens, runs, phase, log) -> dict:
+    from .bench import run_bench
+
+    try:
+        r = run_bench(model, opts, prompt_tokens, decode_tokens, runs, measure_floor=False)
+        return {"strategy": name, "prefill_tok_s": r["prefill_tok_s"], "ttft_s": r["ttft_s"],
+                "decode_tok_s": r["decode_tok_s"], "vram_mb": r["vram_mb"], "error": None}
+    except Exception as e:  # a strategy that cannot run here (budget, memory) is ranked last, with why
+        log(f"optimize: {phase} strategy {name} failed: {type(e).__name__}: {e}".splitlines()[0])
+        return {"strategy": name, "prefill_tok_s": None, "ttft_s": None, "decode_tok_s": None, "vram_mb": "", "error": str(e)}
+
+
+def tables(result: dict) -> str:
+    def f(v, fmt):
+        return "failed" if v is None else format(v, fmt)
+
+    lines = ["**Prefill strategies** (ranked by tok/s):", "",
+             "| Strategy | Avg tok/s | Avg TTFT (s) | VRAM (MB) |", "|----------|----------:|-------------:|----------:|"]
+    for r in result["prefill"]:
+        lines.append(f"| {r['strategy']} | {f(r['prefill_tok_s'], ',.1f')} | {f(r['ttft_s'], '.2f')} | {r['vram_mb']} |")
+    lines += ["", "**Decode strategies** (ranked by tok/s):", "",
+              "| Strategy | Avg tok/s | VRAM (MB) |", "|----------|----------:|----------:|"]
+    for r in result["decode"]:
+        lines.append(f"| {r['strategy']} | {f(r['decode_tok_s'], '.2f')} | {r['vram_mb']} |")
+    w = result["winner"]
+    lines += ["", f"**Winner**: {w['prefill']} prefill + {w['decode']} decode (stored in {result['path']})"]
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Decode strategies: who runs a decode step's routed experts (docs/strategies.md).
+
+Same interface as the prefill strategies (`begin()`, `run(layer, x, ids, weights)`), plus `close()`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .dma import CopyEngine, ExpertSlots, HostExperts
+from .hcs import HotSet
+from .moe_gpu import moe_blocks
+from .pool_client import PoolClient
+
+DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
+
+
+class DecodeStrategy:
+    name = ""
+
+    def __init__(self, pool: PoolClient | None, host: HostExperts, engine: CopyEngine, act: str):
+        self.pool, self.host, self.engine, self.act = pool, host, engine, act
+
+    def begin(self) -> None:
+        pass
+
+    def nbytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+class PureCpu(DecodeStrategy):
+    """Every routed expert on the CPU pool."""
+
+    name = "pure_cpu"
+
+    def run(self, layer, x, ids, weights):
+        return self.pool.run(layer, x, ids, weights)
+
+
+class HcsHybrid(DecodeStrategy):
+    """Hot experts on the device, the rest on the CPU pool, at the same time: the pool's share is
+    sent first (the hot ids masked to -1, which no pool process holds), the device computes its
+    share while the pool works, then the two partial sums are added in float32."""
+
+    name = "hcs_hybrid"
+
+    def __init__(self, pool, host, engine, act, hot: HotSet):
+        super().__init__(pool, host, engine, act)
+        self.hot = hot
+
+    def begin(self):
+        self.hot.ensure()
+
+    def run(self, layer, x, ids, weights):
+        hot = self.hot.is_hot(layer, ids)
+        cold_ids = ids.masked_fill(hot.to(ids.device), -1)
+        pending = self.pool.submit(layer, x, cold_ids, weights) if bool((cold_ids >= 0).any()) else None
+        out = moe_blocks(x, ids, weights, self.hot.blocks(layer), self.host.fmt, self.act)
+        if pending is not None:
+            out += self.pool.collect(pending).to(out.device)
+        return out.to(x.dtype)
+
+    def nbytes(self):
+        return self.hot.nbytes()
+
+
+class SlotDecode(DecodeStrategy):
+    """Routed experts on the device from single-expert slots filled over DMA on demand.
+    `compact`: slots for one layer's chosen experts, refilled every layer (nothing kept).
+    `lru`: a larger cache of (layer, expert) slots shared by the stage's layers; a miss evicts the
+    least recently used expert that this layer does not need."""
+
+    def __init__(self, pool, host, engine, act, capacity: int, keep: bool):
+        super().__init__(pool, host, engine, act)
+        self.name = "lru" if keep else "compact"
+        self.keep = keep
+        self.slots = ExpertSlots(host, capacity, engine)
+        self.where: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self.free = list(range(capacity))
+        self._released = None
+        self.hits = self.misses = 0
+        self._lk_host: dict[int, torch.Tensor] = {}
+
+    def _place(self, layer: int, chosen: list[int]) -> torch.Tensor:
+        need = set((layer, e) for e in chosen)
+        if not self.keep:
+            self.where.clear()
+            self.free = list(range(self.slots.capacity))
+        for key in need:
+            if key in self.where:
+                self.where.move_to_end(key)
+                self.hits += 1
+                continue
+            self.misses += 1
+            if not self.free:
+                victim = next(k for k in self.where if k not in need)
+                self.free.append(self.where.pop(victim))
+            slot = self.free.pop()
+            self.where[key] = slot
+            self.slots.load(slot, *key)
+        # a slot may be refilled only after the compute that last read it
+        self.slots.flush(after=self._released)
+        lk = self._lk_host.setdefault(layer, _host_buffer(self.host.shape(layer).num, self.host.device))
+        lk.fill_(-1)
+        for e in chosen:
+            lk[e] = self.where[(layer, e)]
+        # one pinned buffer per layer: the step that reuses it starts after this one's output was read
+        return lk.to(self.host.device, non_blocking=True)
+
+    def run(self, layer, x, ids, weights):
+        chosen = torch.unique(ids.reshape(-1)).tolist()
+        lk = self._place(layer, chosen)
+        out = moe_blocks(x, ids, weights, [(self.slots.t, lk)], self.host.fmt, self.act).to(x.dtype)
+        self._released = self.engine.event_after_compute()
+        return out
+
+    def nbytes(self):
+        return self.slots.nbytes()
+
+
+def _host_buffer(n: int, device) -> torch.Tensor:
+    t = torch.empty(n, dtype=torch.long)
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def make_decode(name: str, pool, host: HostExperts, engine: CopyEngine, act: str, hot: HotSet | None,
+                lru_capacity: int) -> DecodeStrategy:
+    if name not in DECODE_STRATEGIES:
+        from .prefill_strategies import StrategyError
+
+        raise StrategyError(f"unknown decode strategy {name!r} (one of {', '.join(DECODE_STRATEGIES)})")
+    if name == "pure_cpu":
+        return PureCpu(pool, host, engine, act)
+    if name == "hcs_hybrid":
+        return HcsHybrid(pool, host, engine, act, hot)
+    num = max(host.shape(layer).num for layer in host.layers)
+    if name == "compact":
+        return SlotDecode(pool, host, engine, act, num, keep=False)
+    return SlotDecode(pool, host, engine, act, max(num, lru_capacity), keep=True)

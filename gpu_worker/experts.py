@@ -1,0 +1,56 @@
+"""Which routed-expert strategies a GPU worker runs, sized by its VRAM plan.
+
+Spec keys read (coordinator/processes.py documents the spec): prefill_strategy, decode_strategy,
+vram_budget (GB or null), kv_dtype, prefill_chunk, max_context, hcs_path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..shared.expert_store import ExpertStore
+from ..shared.models.family import ModelFamily
+from .decode_strategies import make_decode
+from .dma import CopyEngine, HostExperts
+from .hcs import Counts, HotSet
+from .prefill_strategies import make_prefill
+from .vram_budget import VramPlan, plan
+
+
+class StageExperts:
+    def __init__(self, spec: dict, family: ModelFamily, store: ExpertStore, device: torch.device, dtype: torch.dtype, pool):
+        a, b = spec["layers"]
+        prefill = spec.get("prefill_strategy") or "persistent"
+        decode = spec.get("decode_strategy") or "pure_cpu"
+        total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+        self.plan: VramPlan = plan(
+            family, store.layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1,
+            torch.empty((), dtype=dtype).element_size(), spec.get("kv_dtype") or "bf16", spec["max_context"],
+            spec.get("prefill_chunk") or 4096, prefill, decode, spec.get("vram_budget"), total,
+        )
+        self.host = HostExperts(store, range(a, b), device)
+        self.engine = CopyEngine(device)
+        act = getattr(family, "expert_act", "silu")
+        self.counts = Counts({i: store.layout.shapes[i].num for i in self.host.layers}, spec.get("hcs_path"))
+        hot = None
+        if self.host.layers and (prefill == "hcs_prefill" or decode == "hcs_hybrid"):
+            per_expert = self.host.expert_nbytes(self.host.layers[0])
+            hot = HotSet(self.host, self.counts, self.plan.hot // per_expert, self.engine)
+        lru_slots = self.plan.lru // self.host.expert_nbytes(self.host.layers[0]) if self.host.layers else 0
+        self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot)
+        self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
+        self.hot = hot
+
+    def info(self) -> dict:
+        out = {
+            "prefill_strategy": self.prefill.name, "decode_strategy": self.decode.name,
+            "vram_plan_mb": self.plan.report(),
+            "hot_experts": len(self.hot.members) if self.hot is not None else 0,
+        }
+        if self.host.device.type == "cuda":
+            out["vram_mb"] = round(torch.cuda.memory_reserved(self.host.device) / 2**20, 1)
+        return out
+
+    def close(self) -> None:
+        self.counts.save()
+        self.decode.close()

@@ -1,0 +1,98 @@
+"""The hot-expert cache (HCS): how often each routed expert is chosen, and the hottest ones kept in
+device memory.
+
+Counts are gathered from the router's choices in every prefill step (and by `--calibrate`, which
+is a prefill). They are remembered per model in a small JSON (`hcs_counts.json` in the model's
+state folder, coordinator/state.py) that every worker of the model merges its layers into, so a
+restart starts with the hot set of the last run. The hot set is the most-chosen (layer, expert)
+pairs of this stage that fit in the bytes the VRAM plan leaves for it; each layer gets a lookup
+from expert id to its slot, -1 for the cold ones.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .dma import Block, CopyEngine, ExpertSlots, HostExperts
+
+
+class Counts:
+    def __init__(self, layers: dict[int, int], path: str | None):
+        """layers: layer -> number of experts."""
+        self.path = Path(path) if path else None
+        self.c = {layer: torch.zeros(n, dtype=torch.int64) for layer, n in layers.items()}
+        if self.path and self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text()).get("layers", {})
+            except (OSError, json.JSONDecodeError):
+                saved = {}
+            for layer, counts in saved.items():
+                if int(layer) in self.c and len(counts) == len(self.c[int(layer)]):
+                    self.c[int(layer)] += torch.tensor(counts, dtype=torch.int64)
+
+    def add(self, layer: int, ids: torch.Tensor) -> None:
+        self.c[layer] += torch.bincount(ids.reshape(-1).cpu(), minlength=len(self.c[layer]))
+
+    def total(self) -> int:
+        return int(sum(int(v.sum()) for v in self.c.values()))
+
+    def save(self) -> None:
+        """Merge this stage's layers into the model's file (other stages own the other layers)."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = {"layers": {}}
+            if self.path.exists():
+                try:
+                    data = json.loads(self.path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    pass
+            data.setdefault("layers", {}).update({str(k): v.tolist() for k, v in self.c.items()})
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.path)
+
+
+def hottest(counts: Counts, capacity: int) -> list[tuple[int, int]]:
+    """The `capacity` most-chosen (layer, expert) pairs; ties broken by layer then expert id so the
+    choice is deterministic. Never-chosen experts are not cached."""
+    pairs = [(-int(n), layer, e) for layer, c in counts.c.items() for e, n in enumerate(c.tolist()) if n > 0]
+    pairs.sort()
+    return [(layer, e) for _, layer, e in pairs[:capacity]]
+
+
+class HotSet:
+    """The hot experts of this stage in device memory, built once counts exist."""
+
+    def __init__(self, host: HostExperts, counts: Counts, capacity: int, engine: CopyEngine):
+        self.host, self.counts, self.capacity, self.engine = host, counts, capacity, engine
+        self.slots = ExpertSlots(host, capacity, engine) if capacity > 0 else None
+        self.lookup = {layer: torch.full((host.shape(layer).num,), -1, dtype=torch.long, device=host.device) for layer in host.layers}
+        self.built = False
+        self.members: list[tuple[int, int]] = []
+
+    def ensure(self) -> None:
+        if self.built or self.slots is None or self.counts.total() == 0:
+            return
+        self.members = hottest(self.counts, self.capacity)
+        for slot, (layer, e) in enumerate(self.members):
+            self.slots.load(slot, layer, e)
+            self.lookup[layer][e] = slot
+        self.slots.flush()
+        self.built = True
+
+    def blocks(self, layer: int) -> list[Block]:
+        return [(self.slots.t, self.lookup[layer])] if self.members else []
+
+    def is_hot(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup[layer][ids.to(self.host.device).long()] >= 0
+
+    def nbytes(self) -> int:
+        return self.slots.nbytes() if self.slots is not None else 0

@@ -1,0 +1,181 @@
+"""Prefill strategies: where a stage's routed experts come from while the whole prompt runs on the
+device (docs/strategies.md describes each; the names are the reference system's).
+
+Every strategy is called by the stage as `begin()` at the start of a prefill step and
+`run(layer, x, ids, weights)` per MoE layer in order, and returns x's dtype [T, H]. Each counts the
+router's choices for the hot-expert cache.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .dma import Block, CopyEngine, ExpertSlots, GroupStager, HostExperts
+from .hcs import Counts, HotSet
+from .moe_gpu import moe_blocks
+
+PREFILL_STRATEGIES = ("persistent", "layer_grouped_N", "chunked", "active_only", "hcs_prefill")
+
+
+class StrategyError(ValueError):
+    pass
+
+
+def parse_prefill(name: str) -> tuple[str, int]:
+    """'layer_grouped_4' -> ('layer_grouped', 4); other names -> (name, 0)."""
+    m = re.fullmatch(r"layer_grouped_(\d+)", name)
+    if m:
+        if int(m.group(1)) < 1:
+            raise StrategyError("layer_grouped_N needs N >= 1")
+        return "layer_grouped", int(m.group(1))
+    if name not in PREFILL_STRATEGIES or name == "layer_grouped_N":
+        raise StrategyError(f"unknown prefill strategy {name!r} (one of {', '.join(PREFILL_STRATEGIES)})")
+    return name, 0
+
+
+class PrefillStrategy:
+    name = ""
+
+    def __init__(self, host: HostExperts, engine: CopyEngine, act: str, counts: Counts):
+        self.host, self.engine, self.act, self.counts = host, engine, act, counts
+
+    def begin(self) -> None:
+        pass
+
+    def run(self, layer: int, x, ids, weights):
+        self.counts.add(layer, ids)
+        return moe_blocks(x, ids, weights, self.blocks(layer, ids), self.host.fmt, self.act).to(x.dtype)
+
+    def blocks(self, layer: int, ids) -> list[Block]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Device bytes this strategy holds for experts."""
+        return 0
+
+
+class Persistent(PrefillStrategy):
+    """Every expert of the stage copied to the device once, at start. On a CPU device the store's
+    own views are used (nothing to copy to)."""
+
+    name = "persistent"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        if self.host.device.type == "cpu":
+            self._blocks = {layer: self.host.host_blocks(layer) for layer in self.host.layers}
+            self._bytes = 0
+            return
+        groups = [self.host.layers] if self.host.layers else []
+        self._stager = GroupStager(self.host, groups, 1, self.engine) if groups else None
+        self._blocks = self._stager.acquire(0) if groups else {}
+        self._bytes = self._stager.nbytes() if groups else 0
+
+    def blocks(self, layer, ids):
+        return self._blocks[layer]
+
+    def nbytes(self):
+        return self._bytes
+
+
+class LayerGrouped(PrefillStrategy):
+    """N MoE layers per DMA group, two staging slots: group g+1 is copied while group g computes.
+    `chunked` is the one-slot, one-layer case: each layer's experts are copied, then used."""
+
+    def __init__(self, host, engine, act, counts, n: int, slots: int = 2):
+        super().__init__(host, engine, act, counts)
+        self.name = f"layer_grouped_{n}" if slots == 2 else "chunked"
+        L = self.host.layers
+        self.groups = [L[i : i + n] for i in range(0, len(L), n)]
+        self.group_of = {layer: g for g, grp in enumerate(self.groups) for layer in grp}
+        self.stager = GroupStager(self.host, self.groups, slots, self.engine) if L else None
+        self.slots = slots
+        self._cur: tuple[int, dict] | None = None
+
+    def begin(self):
+        if self.stager is not None and self.slots > 1:
+            self.stager.fetch(0)  # overlaps the first layers' attention
+
+    def blocks(self, layer, ids):
+        g = self.group_of[layer]
+        if self._cur is None or self._cur[0] != g:
+            self._cur = (g, self.stager.acquire(g))
+            if self.slots > 1 and g + 1 < len(self.groups):
+                self.stager.fetch(g + 1)
+        return self._cur[1][layer]
+
+    def run(self, layer, x, ids, weights):
+        out = super().run(layer, x, ids, weights)
+        g = self.group_of[layer]
+        if layer == self.groups[g][-1]:
+            self.stager.release(g)
+            self._cur = None
+        return out
+
+    def nbytes(self):
+        return self.stager.nbytes() if self.stager is not None else 0
+
+
+class ActiveOnly(PrefillStrategy):
+    """Per layer, only the experts this chunk's tokens chose are copied (one copy per expert and
+    tensor), into slots sized for a whole layer."""
+
+    name = "active_only"
+
+    def __init__(self, *a, hot: HotSet | None = None):
+        super().__init__(*a)
+        self.hot = hot
+        num = max((self.host.shape(layer).num for layer in self.host.layers), default=0)
+        self.scratch = ExpertSlots(self.host, num, self.engine) if num else None
+        self._lookup = {layer: torch.full((self.host.shape(layer).num,), -1, dtype=torch.long, device=self.host.device)
+                        for layer in self.host.layers}
+        self._released = None
+
+    def blocks(self, layer, ids):
+        out = self.hot.blocks(layer) if self.hot is not None else []
+        chosen = torch.unique(ids.reshape(-1).to(self.host.device))
+        if self.hot is not None:
+            chosen = chosen[self.hot.lookup[layer][chosen] < 0]
+        if chosen.numel() == 0:
+            return out
+        lk = self._lookup[layer]
+        lk.fill_(-1)
+        lk[chosen] = torch.arange(chosen.numel(), device=lk.device)
+        for slot, e in enumerate(chosen.tolist()):
+            self.scratch.load(slot, layer, e)
+        # the scratch is reused per layer: the copy waits for the previous layer's compute
+        self.scratch.flush(after=self._released)
+        return out + [(self.scratch.t, lk)]
+
+    def run(self, layer, x, ids, weights):
+        out = super().run(layer, x, ids, weights)
+        self._released = self.engine.event_after_compute()
+        return out
+
+    def nbytes(self):
+        return self.scratch.nbytes() if self.scratch is not None else 0
+
+
+class HcsPrefill(ActiveOnly):
+    """The hot experts stay in device memory (the HCS set, shared with hcs_hybrid decode); only the
+    cold experts a chunk chooses are copied."""
+
+    name = "hcs_prefill"
+
+    def begin(self):
+        self.hot.ensure()
+
+
+def make_prefill(name: str, host: HostExperts, engine: CopyEngine, act: str, counts: Counts, hot: HotSet | None) -> PrefillStrategy:
+    kind, n = parse_prefill(name)
+    if kind == "persistent":
+        return Persistent(host, engine, act, counts)
+    if kind == "layer_grouped":
+        return LayerGrouped(host, engine, act, counts, n)
+    if kind == "chunked":
+        return LayerGrouped(host, engine, act, counts, 1, slots=1)
+    if kind == "active_only":
+        return ActiveOnly(host, engine, act, counts)
+    return HcsPrefill(host, engine, act, counts, hot=hot)

@@ -1,0 +1,144 @@
+"""The VRAM plan of one GPU worker: what `--vram-budget` GB per GPU must hold, worked out from
+shapes before anything is allocated, and refused with the shortfall when it cannot fit.
+
+    fixed  = weights (this stage's non-routed tensors) + KV cache (one sequence of --max-context)
+           + staging (what the prefill and decode strategies keep for experts)
+           + activations (one --prefill-chunk through the largest layer, routed experts included)
+    hot    = budget - fixed, for the hot-expert cache (hcs_prefill, hcs_hybrid) and the lru cache
+
+Activations count the step's hidden states, attention projections, the MoE rows sorted by expert and
+the bf16 dequantization of the active experts of one layer (all of them, the worst case of a long
+chunk); prompt logits are one row per step (requests that ask for every prompt row's logits are
+exactness checks, not served prompts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..shared.expert_store import StoreLayout
+from ..shared.models.family import ConfigError, ModelFamily
+
+GB = 1e9
+
+
+class VramBudgetError(ConfigError):
+    pass
+
+
+@dataclass
+class VramPlan:
+    budget: float | None  # bytes, None: no limit given
+    weights: int
+    kv: int
+    staging: int
+    activations: int
+    hot: int  # bytes for hot experts
+    lru: int  # bytes for lru decode slots
+
+    def total(self) -> int:
+        return self.weights + self.kv + self.staging + self.activations + self.hot + self.lru
+
+    def report(self) -> dict:
+        return {k: (round(v / 2**20, 1) if v is not None else None) for k, v in asdict(self).items()} | {
+            "total": round(self.total() / 2**20, 1)
+        }
+
+
+def kv_bytes_per_token(family: ModelFamily, layer: int, kv_dtype: str, dtype_bytes: int) -> int:
+    """Bytes the cache keeps per token of one layer: K and V per KV head (GQA), or the latent and
+    the rope key (MLA). FP8 keeps one byte per value and a float32 scale per cached row."""
+    if hasattr(family, "kv_lora_rank"):
+        widths = [family.kv_lora_rank, family.qk_rope]
+    else:
+        widths = [family.num_kv_heads * family.head_dim] * 2
+    if kv_dtype == "fp8":
+        return sum(widths) + 4 * len(widths)
+    return sum(widths) * dtype_bytes
+
+
+def layer_expert_bytes(layout: StoreLayout, layer: int) -> int:
+    return sum(e.nbytes for n in range(layout.nodes) for (lay, _), e in layout.entries[n].items() if lay == layer)
+
+
+def plan(
+    family: ModelFamily,
+    layout: StoreLayout,
+    layers: tuple[int, int],
+    first: bool,
+    last: bool,
+    dtype_bytes: int,
+    kv_dtype: str,
+    max_context: int,
+    prefill_chunk: int,
+    prefill: str,
+    decode: str,
+    budget_gb: float | None,
+    device_total: int | None,
+) -> VramPlan:
+    from .prefill_strategies import parse_prefill
+
+    a, b = layers
+    moe = [i for i in range(a, b) if i in layout.shapes]
+    weights = sum(_numel(s) for i in range(a, b) for s in family.layer_tensors(i).values())
+    g = family.global_tensors()
+    if first:
+        weights += _numel(g["model.embed_tokens.weight"])
+    if last:
+        weights += _numel(g["model.norm.weight"]) + _numel(g.get("lm_head.weight", (0,)))
+    weights *= dtype_bytes
+    kv = max_context * sum(kv_bytes_per_token(family, i, kv_dtype, dtype_bytes) for i in range(a, b))
+
+    per_layer = [layer_expert_bytes(layout, i) for i in moe]
+    biggest = max(per_layer, default=0)
+    kind, n = parse_prefill(prefill)
+    if kind == "persistent":
+        staging = sum(per_layer)
+    elif kind == "layer_grouped":
+        staging = 2 * max((sum(per_layer[j : j + n]) for j in range(0, len(per_layer), n)), default=0)
+    else:  # chunked, active_only, hcs_prefill: one layer's worth
+        staging = biggest
+    if decode == "compact":
+        staging += biggest
+
+    H, T = family.hidden_size, prefill_chunk
+    act = 8 * T * H * dtype_bytes + 4 * T * H  # hidden, residual, norms, float32 expert sum
+    act += 4 * T * max((_numel(s) for i in range(a, b) for s in family.layer_tensors(i).values() if len(s) == 2), default=0) // H * dtype_bytes
+    if moe:
+        es = layout.shapes[moe[0]]
+        rows = T * es.top_k
+        act += rows * (2 * H + 3 * es.inter) * dtype_bytes
+        act += es.num * 2 * es.inter * H * dtype_bytes  # the larger projection of a layer, dequantized
+    if T < max_context:
+        act += T * max_context  # a chunk past the first attends through a boolean mask
+
+    fixed = weights + kv + staging + act
+    budget = budget_gb * GB if budget_gb is not None else device_total
+    hot = lru = 0
+    experts = sum(per_layer)
+    wants_hot = kind == "hcs_prefill" or decode == "hcs_hybrid"
+    if budget is not None and fixed > budget:
+        raise VramBudgetError(
+            f"--vram-budget {budget / GB:.2f} GB is {(fixed - budget) / GB:.2f} GB short for layers {a}-{b - 1}: "
+            f"weights {weights / GB:.2f} + KV {kv / GB:.2f} + staging ({prefill}/{decode}) {staging / GB:.2f} "
+            f"+ activations {act / GB:.2f} = {fixed / GB:.2f} GB"
+        )
+    spare = (budget - fixed) if budget is not None else None
+    if spare is None:
+        # No limit and no device size (a CPU device): half the experts hot, a quarter in the lru
+        # cache, so both the device and the pool share of every strategy are exercised.
+        hot = experts // 2 if wants_hot else 0
+        lru = experts // 4 if decode == "lru" else 0
+    else:
+        if wants_hot:
+            hot = min(experts, int(spare if decode != "lru" else spare / 2))
+        if decode == "lru":
+            lru = min(experts, int(spare - hot))
+    return VramPlan(budget=budget, weights=weights, kv=kv, staging=staging, activations=act, hot=hot, lru=lru)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,146 @@
+"""Prefill and decode strategies (gpu_worker/), the grouped MoE kernel, the VRAM plan, the FP8 KV
+cache and the flash-attention fast path. Every strategy runs on `--devices cpu` (the copy engine
+does plain copies there) and must match transformers in float32 exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny_models as tm
+from krasis.gpu_worker.kv_cache import KVCache, fp8_quantize
+from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks
+from krasis.shared.expert_store import ExpertFormat
+from krasis.shared.models.layers import attend
+from krasis.shared.moe import moe_reference
+from krasis.shared.protocol import SeqSlice
+from krasis.shared.quant import quantized
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 2, 71, 82, 81]
+
+# (model, prefill, decode, topology): each strategy once, with one- and two-node stores and PP=2
+CASES = [
+    ("qwen3-base", "persistent", "pure_cpu", ("--devices", "cpu", "--cpu-workers", "1")),
+    ("qwen3-norm-tied-dense", "layer_grouped_2", "hcs_hybrid", ("--devices", "cpu", "--cpu-workers", "2")),
+    ("qwen3-norm-tied-dense", "chunked", "compact", ("--devices", "cpu,cpu", "--cpu-workers", "2")),
+    ("dsv2-qlora-group-yarn", "active_only", "lru", ("--devices", "cpu", "--cpu-workers", "2")),
+    ("dsv2-qlora-group-yarn", "hcs_prefill", "hcs_hybrid", ("--devices", "cpu,cpu", "--cpu-workers", "1")),
+]
+CONFIGS = {**{k: ("qwen3", v) for k, v in tm.QWEN3_CONFIGS.items()}, **{k: ("deepseek", v) for k, v in tm.DEEPSEEK_CONFIGS.items()}}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("strategy-models")
+    names = {c[0] for c in CASES}
+    return {n: tm.build(root / n, CONFIGS[n][0], **CONFIGS[n][1]) for n in names}
+
+
+@pytest.mark.parametrize("model,prefill,decode,topology", CASES, ids=[f"{c[1]}+{c[2]}" for c in CASES])
+def test_strategy_exact_against_transformers(models, model, prefill, decode, topology, tmp_path):
+    import shutil
+
+    from krasis.shared.weights import load_family
+
+    path = shutil.copytree(models[model], tmp_path / "m")  # a fresh state folder per case
+    want = tm.reference_greedy(tm.reference_model(path), PROMPT, 16)
+    got = tm.generate_json(path, PROMPT, 16, "--prefill-strategy", prefill, "--decode-strategy", decode,
+                           "--prefill-chunk", "5", *topology)
+    assert got["token_ids"] == want
+    # every prefill token's top-k choices counted once per MoE layer, all stages merged into one file
+    counts = json.loads((path / ".krasis_cache" / "hcs_counts.json").read_text())["layers"]
+    fam = load_family(path)
+    moe = [i for i in range(fam.num_layers) if fam.is_moe(i)]
+    assert sorted(map(int, counts)) == moe
+    for layer in moe:
+        es = fam.experts(layer)
+        assert len(counts[str(layer)]) == es.num and sum(counts[str(layer)]) == len(PROMPT) * es.top_k
+
+
+def test_unknown_strategy_and_budget_refusal(models):
+    path = models["qwen3-base"]
+    p = tm.krasis("generate", path, "--prompt-ids", "1,2", "--prefill-strategy", "layer_grouped_0", check=False)
+    assert p.returncode == 1 and "layer_grouped_N needs N >= 1" in p.stderr
+    p = tm.krasis("generate", path, "--prompt-ids", "1,2", "--vram-budget", "0.0001", check=False)
+    assert p.returncode == 1
+    line = [x for x in p.stderr.splitlines() if "--vram-budget" in x][0]
+    assert "GB short for layers 0-2" in line and "weights" in line and "KV" in line
+
+
+def test_vram_plan_gives_the_rest_to_hot_experts():
+    from krasis.gpu_worker.vram_budget import VramBudgetError, plan
+    from krasis.shared.expert_store import StoreLayout
+    from krasis.shared.models.family import family_for
+
+    fam = family_for(tm.qwen3_config().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
+    layout = StoreLayout(fam, 1, ExpertFormat("int4", torch.bfloat16, 32))
+    args = (fam, layout, (0, 3), True, True, 2, "fp8", 256, 64)
+    base = plan(*args, "layer_grouped_1", "pure_cpu", None, 10**12)
+    assert base.hot == 0 and base.total() == base.weights + base.kv + base.staging + base.activations
+    fixed = plan(*args, "hcs_prefill", "hcs_hybrid", None, 10**12)
+    spare = 12345
+    p = plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot + spare) / 1e9, None)
+    assert abs(p.hot - spare) <= 1
+    with pytest.raises(VramBudgetError, match=r"is 0\.00 GB short"):
+        plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot - 1000) / 1e9, None)
+    # FP8 halves the bf16 cache (plus one float32 scale per row)
+    assert plan(*args[:6], "bf16", *args[7:], "chunked", "pure_cpu", None, None).kv > 1.5 * base.kv
+
+
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+def test_grouped_moe_matches_reference(kind):
+    torch.manual_seed(0)
+    E, H, I, M, k = 6, 64, 32, 40, 3
+    fmt = ExpertFormat(kind, torch.float32, 16)
+    t = {name: torch.empty(shape, dtype=dt) for name, (dt, shape) in fmt.tensors(tm_shape(E, H, I), E).items()}
+    for e in range(E):
+        w13, w2 = torch.randn(2 * I, H), torch.randn(H, I)
+        if kind == "dense":
+            t["w13"][e], t["w2"][e] = w13, w2
+        else:
+            for name, v in (quantized(fmt, w13, "w13") | quantized(fmt, w2, "w2")).items():
+                t[name][e] = v
+    x = torch.randn(M, H)
+    ids = torch.randint(0, E + 2, (M, k))  # ids E, E+1 belong to nobody here
+    w = torch.rand(M, k)
+    # two blocks: experts [0, 2) in order, and [2, E) held in reversed rows through a lookup
+    first = {n: v[:2] for n, v in t.items()}
+    rev = {n: v[2:].flip(0) for n, v in t.items()}
+    lk_rev = torch.full((E + 2,), -1, dtype=torch.long)
+    lk_rev[2:E] = torch.arange(E - 3, -1, -1)
+    got = moe_blocks(x, ids, w, [(first, block_lookup(E + 2, 0, 2, "cpu")), (rev, lk_rev)], fmt)
+    want = moe_reference(x, ids, w, t, fmt, 0, E)
+    assert got.dtype == torch.float32
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def tm_shape(E, H, I):
+    from krasis.shared.models.family import ExpertShape
+
+    return ExpertShape(E, 2, H, I)
+
+
+def test_fp8_kv_cache():
+    torch.manual_seed(0)
+    k = torch.randn(20, 2, 16) * torch.logspace(-2, 2, 20)[:, None, None]  # rows of very different scale
+    q, s = fp8_quantize(k)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (20, 2, 1)
+    back = q.float() * s
+    assert float(((back - k).abs() / k.abs().amax(-1, keepdim=True)).max()) < 1 / 16  # e4m3: 3 mantissa bits
+    cache = KVCache(torch.device("cpu"), torch.float32, 64, "fp8")
+    (a,) = cache.update(0, SeqSlice(seq=0, start=0, n=12), k[:12])
+    (b,) = cache.update(0, SeqSlice(seq=0, start=12, n=8), k[12:])
+    assert torch.equal(b[:12], a) and torch.allclose(b, back)
+    exact = KVCache(torch.device("cpu"), torch.float32, 64)
+    (c,) = exact.update(0, SeqSlice(seq=0, start=0, n=20), k)
+    assert torch.equal(c, k)
+
+
+def test_attention_fast_path_matches_masked():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(33, 4, 16), torch.randn(33, 2, 16), torch.randn(33, 2, 16)
+    fast = attend(q, k, v, 0, 0.25)
+    masked = attend(q, k, v, 0, 0.25, sliding_window=10**6)  # the mask path, same function
+    assert torch.allclose(fast, masked, atol=1e-6)
