@@ -20,6 +20,12 @@ class TokenizerError(ValueError):
 class TextCodec:
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)
+        if d.is_file() and d.suffix == ".gguf":  # everything from the GGUF metadata
+            from ..shared.gguf_source import gguf_tokenizer
+
+            self.tokenizer, self.special, self.chat_template = gguf_tokenizer(d)
+            self._compiled = None
+            return
         path = d / "tokenizer.json"
         self.tokenizer: Tokenizer | None = None
         if path.exists():

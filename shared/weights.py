@@ -24,6 +24,10 @@ def load_config(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir)
     if not path.exists():
         raise ConfigError(f"model folder {path} does not exist")
+    if is_gguf(path):
+        from .gguf_source import gguf_config
+
+        return gguf_config(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a folder (a Hugging Face model folder is expected)")
     cfg_path = path / "config.json"
@@ -44,6 +48,21 @@ def load_config(model_dir: str | os.PathLike) -> dict:
         except (OSError, json.JSONDecodeError):
             pass
     return cfg
+
+
+def is_gguf(path) -> bool:
+    return Path(path).is_file() and Path(path).suffix == ".gguf"
+
+
+def open_source(model, gguf=None):
+    """The weights of `model` (a Hugging Face folder, or a .gguf file holding everything), with the
+    routed experts read from the GGUF file `gguf` instead when one is given."""
+    from .gguf_source import CombinedSource, GGUFSource
+
+    if is_gguf(model):
+        return GGUFSource(model)
+    source = SafetensorsSource(model)
+    return source if gguf is None else CombinedSource(source, GGUFSource(gguf, experts_only=True))
 
 
 def load_family(model_dir) -> ModelFamily:

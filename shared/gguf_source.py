@@ -1,0 +1,329 @@
+"""A GGUF file (llama.cpp's format, read with the `gguf` package) as a weight source with Hugging Face
+tensor names, so every family reads it exactly as it reads a safetensors folder.
+
+llama.cpp's converter (convert_hf_to_gguf.py) renames tensors (blk.N.attn_q.weight, ...), which the
+`gguf` package's TensorNameMap records per architecture; we invert that map. For the three
+architectures served from GGUF it permutes no Q/K rows (Qwen3-MoE uses NeoX rope, DeepSeek-V2 and
+gpt-oss keep HF order), so nothing is undone there. Routed experts are stacked per layer
+(ffn_{gate,up,down}_exps [E, rows, cols], rows and cols in HF order): Qwen3-MoE and DeepSeek-V2 are
+presented per expert; gpt-oss as its fused HF tensors (gate and up columns interleaved again).
+Weights are dequantized one expert (or one tensor) at a time with gguf.quants.dequantize.
+
+The file's metadata also yields an HF-style config dict (gguf_config) and, in the coordinator, the
+tokenizer and chat template (coordinator/tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models.family import ConfigError
+from .weights import WeightError
+
+ARCHS = {"qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
+_EXPERT_PARTS = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+
+
+class GGUFError(WeightError):
+    """The GGUF file cannot be served; the text says why."""
+
+
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise GGUFError(f"GGUF file {path} does not exist")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises assorted errors on a truncated or corrupt file
+        raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}".splitlines()[0]) from None
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
+    return reader, arch
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def gguf_config(path: str | os.PathLike) -> dict:
+    """An HF-style config.json dict from the GGUF metadata (llama.cpp's key names)."""
+    reader, arch = _open(Path(path))
+
+    def get(key, default=None, required=False):
+        v = _field(reader, f"{arch}.{key}", default)
+        if v is None and required:
+            raise GGUFError(f"{path}: metadata lacks {arch}.{key}")
+        return v
+
+    embd = {t.name: t for t in reader.tensors}.get("token_embd.weight")
+    vocab = int(embd.shape[1]) if embd is not None else len(_field(reader, "tokenizer.ggml.tokens", []))
+    heads = int(get("attention.head_count", required=True))
+    cfg = {
+        "architectures": [ARCHS[arch]],
+        "vocab_size": vocab,
+        "hidden_size": int(get("embedding_length", required=True)),
+        "num_hidden_layers": int(get("block_count", required=True)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "num_experts_per_tok": int(get("expert_used_count", required=True)),
+        "moe_intermediate_size": int(get("expert_feed_forward_length", required=True)),
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if get("feed_forward_length") is not None:
+        cfg["intermediate_size"] = int(get("feed_forward_length"))
+    if arch == "qwen3moe":
+        cfg |= {"num_experts": int(get("expert_count", required=True)), "head_dim": int(get("attention.key_length", required=True)),
+                # llama.cpp always renormalises Qwen3-MoE's top-k weights unless the file says otherwise
+                "norm_topk_prob": bool(get("expert_weights_norm", True))}
+    elif arch == "deepseek2":
+        rope = int(get("rope.dimension_count", required=True))
+        q_lora = int(get("attention.q_lora_rank", 0) or 0)
+        groups = int(get("expert_group_count", 1) or 1)
+        cfg |= {
+            "n_routed_experts": int(get("expert_count", required=True)),
+            "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": int(get("attention.key_length", required=True)) - rope,
+            "v_head_dim": int(get("attention.value_length", required=True)),
+            "kv_lora_rank": int(get("attention.kv_lora_rank", required=True)),
+            "q_lora_rank": q_lora or None,
+            "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+            "n_shared_experts": int(get("expert_shared_count", 0)),
+            "routed_scaling_factor": float(get("expert_weights_scale", 1.0)),
+            "norm_topk_prob": bool(get("expert_weights_norm", False)),
+            "n_group": groups, "topk_group": int(get("expert_group_used_count", groups) or groups),
+            "topk_method": "group_limited_greedy" if groups > 1 else "greedy",
+        }
+    else:
+        cfg |= {"num_local_experts": int(get("expert_count", required=True)), "intermediate_size": cfg["moe_intermediate_size"],
+                "head_dim": int(get("attention.key_length", required=True)), "sliding_window": get("attention.sliding_window"),
+                "attention_bias": True}
+    scaling = get("rope.scaling.type")
+    if scaling == "yarn":
+        params = {"rope_type": "yarn", "rope_theta": cfg["rope_theta"], "factor": float(get("rope.scaling.factor", required=True)),
+                  "original_max_position_embeddings": int(get("rope.scaling.original_context_length", required=True))}
+        log_mul = get("rope.scaling.yarn_log_multiplier")
+        if log_mul:  # llama.cpp stores 0.1 * mscale_all_dim (DeepSeek)
+            params["mscale"] = params["mscale_all_dim"] = float(log_mul) / 0.1
+        if arch == "gpt-oss":
+            params |= {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+        cfg["rope_parameters"] = params
+    elif scaling not in (None, "none"):
+        raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported")
+    return cfg
+
+
+class GGUFSource:
+    """The interface of weights.SafetensorsSource (names / shape / get / check / source_files) over a
+    GGUF file. `experts_only` presents only the routed experts (a GGUF supplying the expert cache
+    next to a Hugging Face folder for everything else)."""
+
+    def __init__(self, path: str | os.PathLike, experts_only: bool = False):
+        from gguf import get_tensor_name_map
+        from gguf.constants import MODEL_ARCH_NAMES
+
+        self.path = Path(path)
+        self._reader, self.arch = _open(self.path)
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        for t in self._tensors.values():
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                raise GGUFError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, "
+                                f"which is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        cfg = gguf_config(self.path)
+        n_layers = cfg["num_hidden_layers"]
+        arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
+        tmap = get_tensor_name_map(arch_enum, n_layers)
+        from .models.family import family_for
+
+        try:
+            family = family_for(cfg)
+        except ConfigError as e:
+            raise GGUFError(f"{self.path}: {e}") from None
+        # HF name -> how to read it: ("plain", gguf name) | ("expert", gguf name, e) | ("fused", layer, part)
+        self._map: dict[str, tuple] = {}
+        for layer in range(n_layers):
+            if family.is_moe(layer):
+                self._map_experts(family, layer)
+        if not experts_only:
+            wanted = dict(family.global_tensors())
+            for layer in range(n_layers):
+                wanted |= family.layer_tensors(layer)
+            for hf in wanted:
+                g = self._gguf_name(tmap, hf)
+                if g is not None:
+                    self._map[hf] = ("plain", g)
+
+    def _gguf_name(self, tmap, hf: str) -> str | None:
+        g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if g is None:  # dense MLP of an MoE architecture: the map lists only the generic names
+            for part in ("gate", "up", "down"):
+                if hf.endswith(f".mlp.{part}_proj.weight"):
+                    g = f"blk.{hf.split('.')[2]}.ffn_{part}.weight"
+        if g is not None and g not in self._tensors and g + ".weight" in self._tensors:
+            g += ".weight"  # llama.cpp names gpt-oss's sinks attn_sinks.weight
+        return g
+
+    def _map_experts(self, family, layer: int) -> None:
+        if self.arch == "gpt-oss":
+            for name in family.expert_tensors(layer):
+                self._map[name] = ("fused", layer, name.rsplit(".", 1)[1])
+            return
+        for e in range(family.experts(layer).num):
+            for part, g in _EXPERT_PARTS.items():
+                self._map[f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight"] = ("expert", f"blk.{layer}.{g}.weight", e)
+
+    # --- the SafetensorsSource interface ---
+    def names(self) -> list[str]:
+        return [n for n in self._map if self._present(n)]
+
+    def _present(self, name: str) -> bool:
+        how = self._map[name]
+        if how[0] == "fused":
+            return all(f"blk.{how[1]}.{g}.weight" in self._tensors for g in _EXPERT_PARTS.values())
+        return how[1] in self._tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._map and self._present(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        how = self._map[name]
+        if how[0] == "plain":
+            return tuple(int(s) for s in reversed(self._tensors[how[1]].shape))
+        if how[0] == "expert":
+            return tuple(int(s) for s in reversed(self._tensors[how[1]].shape[:2]))
+        return tuple(self.get(name).shape)
+
+    def _dequant(self, gname: str, index: int | None = None) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[gname]
+        data = t.data if index is None else t.data[index]
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if index is not None:
+            shape = shape[1:]
+        try:
+            arr = dequantize(np.asarray(data), t.tensor_type)
+        except (ValueError, IndexError) as e:
+            raise GGUFError(f"{self.path}: tensor {gname} cannot be read (truncated file?): {e}") from None
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)  # a copy: the file is mapped read-only
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self:
+            raise WeightError(f"tensor {name} is not in {self.path}")
+        how = self._map[name]
+        if how[0] == "plain":
+            t = self._dequant(how[1])
+        elif how[0] == "expert":
+            t = self._dequant(how[1], how[2])
+        else:
+            t = self._fused(how[1], how[2])
+        return t if dtype is None else t.to(dtype)
+
+    def _fused(self, layer: int, part: str) -> torch.Tensor:
+        """gpt-oss's HF expert tensors from llama.cpp's split ones: gate_up_proj [E, H, 2I] with gate
+        in the even and up in the odd columns, down_proj [E, I, H], and their biases."""
+        b = f"blk.{layer}."
+        if part.endswith("_bias"):
+            if part == "down_proj_bias":
+                return self._dequant(b + "ffn_down_exps.bias")
+            g, u = self._dequant(b + "ffn_gate_exps.bias"), self._dequant(b + "ffn_up_exps.bias")
+            return torch.stack([g, u], dim=-1).flatten(-2)
+        if part == "down_proj":
+            return self._dequant(b + "ffn_down_exps.weight").transpose(1, 2).contiguous()
+        g, u = self._dequant(b + "ffn_gate_exps.weight"), self._dequant(b + "ffn_up_exps.weight")  # [E, I, H]
+        return torch.stack([g, u], dim=2).flatten(1, 2).transpose(1, 2).contiguous()
+
+    def source_files(self) -> list[Path]:
+        return [self.path]
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        for name, shape in expected.items():
+            if name not in self:
+                raise WeightError(f"tensor {name} (shape {list(shape)}) is missing from {self.path}")
+            got = self.shape(name)
+            if tuple(got) != tuple(shape):
+                raise WeightError(f"tensor {name} in {self.path.name} has shape {list(got)}, the config implies {list(shape)}")
+
+
+class CombinedSource:
+    """A Hugging Face folder with its routed experts taken from a GGUF file instead."""
+
+    def __init__(self, hf, experts: GGUFSource):
+        self.hf, self.experts = hf, experts
+
+    def _src(self, name: str):
+        return self.experts if name in self.experts else self.hf
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(self.experts.names() + self.hf.names()))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._src(name).shape(name)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._src(name).get(name, dtype)
+
+    def source_files(self) -> list[Path]:
+        return self.hf.source_files() + self.experts.source_files()
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        self.experts.check({n: s for n, s in expected.items() if n in self.experts})
+        self.hf.check({n: s for n, s in expected.items() if n not in self.experts})
+
+
+# Pre-tokenizer split patterns of llama.cpp's `tokenizer.ggml.pre` names (as in the models' tokenizer.json).
+_PRE_SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """(tokenizers.Tokenizer or None, special token strings, chat template) from the GGUF metadata:
+    a byte-level BPE (tokenizer.ggml.model "gpt2") from tokenizer.ggml.tokens / merges, the control
+    tokens as special tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    reader, _ = _open(Path(path))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    template = _field(reader, "tokenizer.chat_template")
+    special = {k: None for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    if tokens is None:
+        return None, special, template
+    for k in special:
+        i = _field(reader, f"tokenizer.ggml.{k.removesuffix('_token')}_token_id")
+        if i is not None and 0 <= int(i) < len(tokens):
+            special[k] = tokens[int(i)]
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(f"{path}: tokenizer model {kind!r} is not supported (byte-level BPE, 'gpt2', only)")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre in ("default", "gpt2"):
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif pre in _PRE_SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        raise GGUFError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: default, {', '.join(_PRE_SPLITS)})")
+    tok.decoder = decoders.ByteLevel()
+    types = _field(reader, "tokenizer.ggml.token_type", [])
+    tok.add_special_tokens([AddedToken(tokens[i], special=True) for i, t in enumerate(types) if t == 3])
+    return tok, special, template
