@@ -73,21 +73,6 @@ class KVCache:
         layers[layer] = (length + s.n, bufs)
         return bufs
 
-    def state(self, layer: int, s: SeqSlice, init) -> list[torch.Tensor]:
-        """The fixed-size recurrent state of a linear-attention layer for the slice's sequence
-        (`init()` makes it at the sequence's first token), checked to cover exactly the tokens before
-        the slice; the caller updates the tensors in place. Freed with the sequence like K and V."""
-        layers = self._seqs.setdefault(s.seq, {})
-        length, bufs = layers.get(layer, (0, None))
-        if s.start != length:
-            raise ValueError(f"sequence {s.seq} layer {layer}: slice starts at {s.start}, state holds {length}")
-        if length + s.n > self.max_context:
-            raise ContextOverflow(f"sequence {s.seq} would reach {length + s.n} tokens, max context is {self.max_context}")
-        if bufs is None:
-            bufs = init()
-        layers[layer] = (length + s.n, bufs)
-        return bufs
-
     def free(self, seq: int) -> None:
         self._seqs.pop(seq, None)
 

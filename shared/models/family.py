@@ -132,12 +132,6 @@ class ModelFamily:
 
         return rms_norm(h, weight, self.rms_norm_eps)
 
-    def final_norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The norm before the LM head (model.norm.weight)."""
-        from .layers import rms_norm
-
-        return rms_norm(h, weight, self.rms_norm_eps)
-
     def lm_head_name(self) -> str:
         return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
 
