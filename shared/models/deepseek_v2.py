@@ -149,12 +149,6 @@ class DeepseekV2Layer(DecoderLayer):
         else:
             self.mlp = mlp(p + "mlp.")
 
-    def input_norm(self, h):
-        return rms_norm(h, self.ln1, self.f.rms_norm_eps)
-
-    def post_norm(self, h):
-        return rms_norm(h, self.ln2, self.f.rms_norm_eps)
-
     def attention(self, x, slices, positions, kv):
         f, T = self.f, x.shape[0]
         if f.q_lora_rank is None:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..protocol import SeqSlice
+from .layers import rms_norm
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -49,11 +50,12 @@ class DecoderLayer:
     index: int
     is_moe: bool
 
+    # Most families: plain RMSNorm with weights ln1 / ln2 and the family's epsilon.
     def input_norm(self, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return rms_norm(h, self.ln1, self.f.rms_norm_eps)
 
     def post_norm(self, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return rms_norm(h, self.ln2, self.f.rms_norm_eps)
 
     def attention(self, x: torch.Tensor, slices: list[SeqSlice], positions: torch.Tensor, kv) -> torch.Tensor:
         raise NotImplementedError

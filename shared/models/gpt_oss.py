@@ -23,7 +23,7 @@ import torch
 
 from ..moe import GPTOSS_ALPHA, GPTOSS_LIMIT
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
-from .layers import Rotary, attend, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices
+from .layers import Rotary, attend, linear, rope_inv_freq, rope_parameters, rows_for_slices
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_BLOCK = 32
@@ -150,12 +150,6 @@ class GptOssLayer(DecoderLayer):
         self.window = fam.sliding_window if fam.layer_types[index] == "sliding_attention" else None
         self.router, self.router_bias = get(p + "mlp.router.weight"), get(p + "mlp.router.bias")
         self.rotary = fam.rotary.to(self.wq.device)
-
-    def input_norm(self, h):
-        return rms_norm(h, self.ln1, self.f.rms_norm_eps)
-
-    def post_norm(self, h):
-        return rms_norm(h, self.ln2, self.f.rms_norm_eps)
 
     def attention(self, x, slices, positions, kv):
         f, T = self.f, x.shape[0]

@@ -105,12 +105,6 @@ class Qwen3MoeLayer(DecoderLayer):
         else:
             self.mlp = tuple(get(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
 
-    def input_norm(self, h):
-        return rms_norm(h, self.ln1, self.f.rms_norm_eps)
-
-    def post_norm(self, h):
-        return rms_norm(h, self.ln2, self.f.rms_norm_eps)
-
     def attention(self, x, slices, positions, kv):
         f, T = self.f, x.shape[0]
         q = rms_norm(linear(x, self.wq, self.bq).view(T, f.num_heads, f.head_dim), self.q_norm, f.rms_norm_eps)
