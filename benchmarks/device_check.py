@@ -1,0 +1,258 @@
+"""The whole GPU check of issue 4 in one run (the lent H100): exactness of every strategy on CUDA in
+bfloat16 against transformers, the grouped-MoE kernel against its reference (and timed), the
+machine's ceilings (pinned and pageable host-to-device, a registered memfd, copy/compute overlap),
+then `bench` on synthetic real-shaped models. Logs and JSON go to $OUT (or ./device_out); a short
+table is printed last.
+
+    python benchmarks/device_check.py [--layers 8] [--skip-exact] [--skip-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+OUT = Path(os.environ.get("OUT") or ROOT / "device_out")
+OUT.mkdir(parents=True, exist_ok=True)
+RESULTS: dict = {"exact": [], "kernel": [], "ceilings": {}, "bench": []}
+LOG = open(OUT / "device_check.log", "a")
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.write(s + "\n")
+    LOG.flush()
+
+
+def save():
+    (OUT / "device_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+# --- exactness: every strategy, bf16, against transformers on the same GPU ----------------------
+
+CASES = [
+    ("qwen3-base", "persistent", "pure_cpu"),
+    ("dsv2-lite-like", "layer_grouped_2", "hcs_hybrid"),
+    ("qwen3-base", "chunked", "compact"),
+    ("dsv2-lite-like", "active_only", "lru"),
+    ("qwen3-base", "hcs_prefill", "hcs_hybrid"),
+]
+
+
+def exactness(root: Path):
+    import tiny_models as tm
+
+    fams = {**{k: ("qwen3", v) for k, v in tm.QWEN3_CONFIGS.items()}, **{k: ("deepseek", v) for k, v in tm.DEEPSEEK_CONFIGS.items()}}
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 160, (256,), generator=g).tolist()
+    refs = {}
+    for model, prefill, decode in CASES:
+        path = root / model
+        if not path.exists():
+            tm.build(path, fams[model][0], **fams[model][1])
+        if model not in refs:
+            ref = tm.reference_model(path, torch.bfloat16).to("cuda")
+            with torch.no_grad():
+                logits = ref(torch.tensor([prompt], device="cuda")).logits[0].float().cpu()
+                gen = ref.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            refs[model] = (logits, gen[0, len(prompt):].tolist())
+            del ref
+        ref_logits, ref_tokens = refs[model]
+        for kv in ("bf16", "fp8") if prefill == "persistent" else ("bf16",):
+            t0 = time.time()
+            row = {"model": model, "prefill": prefill, "decode": decode, "kv": kv}
+            try:
+                with tm.Service(path, "--devices", "cuda:0", "--dtype", "bfloat16", "--cpu-workers", "2",
+                                "--prefill-strategy", prefill, "--decode-strategy", decode, "--kv-dtype", kv,
+                                "--prefill-chunk", "100") as svc:
+                    got = svc.client.complete(prompt_ids=prompt, max_new_tokens=16, prompt_logits=True, ignore_eos=True)
+                agree = float((got.prompt_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+                row.update(top1=agree, greedy_same=got.token_ids == ref_tokens,
+                           first_diff=next((i for i, (a, b) in enumerate(zip(got.token_ids, ref_tokens)) if a != b), None))
+                row["pass"] = agree >= 0.99 and (row["greedy_same"] or kv == "fp8")
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {e}"[:400], **{"pass": False})
+                traceback.print_exc(file=LOG)
+            row["s"] = round(time.time() - t0, 1)
+            log("exact", row)
+            RESULTS["exact"].append(row)
+            save()
+
+
+# --- the grouped MoE kernel: correctness at a real size, and its time against the per-expert loop ---
+
+
+def kernel_check():
+    from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks
+    from krasis.shared.expert_store import ExpertFormat
+    from krasis.shared.moe import moe_reference
+    from krasis.shared.quant import quantized
+
+    E, H, I, k, M = 128, 2048, 768, 8, 10000
+    torch.manual_seed(0)
+    for kind in ("int4", "int8", "dense"):
+        fmt = ExpertFormat(kind, torch.bfloat16, 128)
+        w13, w2 = torch.randn(E, 2 * I, H, device="cuda") * 0.02, torch.randn(E, H, I, device="cuda") * 0.02
+        if kind == "dense":
+            t = {"w13": w13.bfloat16(), "w2": w2.bfloat16()}
+        else:
+            parts = [quantized(fmt, w13[e], "w13") | quantized(fmt, w2[e], "w2") for e in range(E)]
+            t = {n: torch.stack([p[n] for p in parts]) for n in parts[0]}
+        x = torch.randn(M, H, device="cuda").bfloat16()
+        ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(M)])
+        w = torch.rand(M, k, device="cuda")
+        lk = block_lookup(E, 0, E, "cuda")
+        out = moe_blocks(x, ids, w, [(t, lk)], fmt)
+        sub = torch.arange(0, M, 97, device="cuda")  # the float32 reference on a sample of rows
+        t32 = {n: (v.float() if v.dtype == torch.bfloat16 else v) for n, v in t.items()}
+        ref = moe_reference(x[sub].float(), ids[sub], w[sub], t32, ExpertFormat(kind, torch.float32, 128), 0, E)
+        err = float((out[sub] - ref).norm() / ref.norm())
+
+        def timed(fn, reps=5):
+            fn()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                ts.append(a.elapsed_time(b))
+            return sorted(ts)[len(ts) // 2]
+
+        grouped_ms = timed(lambda: moe_blocks(x, ids, w, [(t, lk)], fmt))
+        import krasis.gpu_worker.moe_gpu as mg
+
+        keep = mg._grouped_ok
+        mg._grouped_ok = lambda _x: False
+        loop_ms = timed(lambda: moe_blocks(x, ids, w, [(t, lk)], fmt))
+        mg._grouped_ok = keep
+        flops = 2 * M * k * 3 * H * I
+        row = {"kind": kind, "rel_err": err, "grouped_ms": grouped_ms, "loop_ms": loop_ms,
+               "grouped_tflop_s": flops / grouped_ms / 1e9, "pass": err < 1e-2}
+        log("kernel", row)
+        RESULTS["kernel"].append(row)
+        save()
+
+
+# --- ceilings -----------------------------------------------------------------------------------
+
+
+def ceilings():
+    from krasis.coordinator.bench import measure_dram, measure_h2d, measure_matmul
+    from krasis.gpu_worker.dma import pin_segment
+
+    c = RESULTS["ceilings"]
+    c["h2d_pinned_gb_s"] = measure_h2d("cuda:0") / 1e9
+    n = 1 << 30
+    fd = os.memfd_create("krasis-check")
+    os.ftruncate(fd, n)
+    import mmap
+
+    m = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    seg = torch.frombuffer(m, dtype=torch.uint8)
+    seg.random_(0, 255)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+
+    def bw():
+        dst.copy_(seg, non_blocking=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dst.copy_(seg, non_blocking=True)
+        torch.cuda.synchronize()
+        return 3 * n / (time.perf_counter() - t0) / 1e9
+
+    c["h2d_pageable_memfd_gb_s"] = bw()
+    pin_segment(seg)
+    c["h2d_registered_memfd_gb_s"] = bw()
+    assert torch.equal(dst[:4096].cpu(), seg[:4096])
+    c["matmul_bf16_tflop_s"] = measure_matmul("cuda:0", torch.bfloat16) / 1e12
+    c["dram_gb_s"] = measure_dram() / 1e9
+    log("ceilings", c)
+    save()
+
+
+# --- bench on synthetic real shapes -------------------------------------------------------------
+
+
+def bench(layers: int, prompt: int, decode: int, runs: int):
+    from krasis.coordinator.bench import run_bench, table
+    from krasis.coordinator.processes import RuntimeOptions
+    from krasis.coordinator.synth import synth
+
+    configs = [
+        ("qwen3-30b-a3b", "layer_grouped_2", "pure_cpu"),
+        ("qwen3-30b-a3b", "layer_grouped_2", "hcs_hybrid"),
+        ("deepseek-v2-lite", "layer_grouped_2", "pure_cpu"),
+    ]
+    rows = []
+    for shape, prefill, dec in configs:
+        path = Path("/tmp/krasis-synth") / f"{shape}-{layers}"
+        if not (path / "config.json").exists():
+            t0 = time.time()
+            synth(shape, path, layers=layers)
+            log(f"synth {shape} {layers} layers: {time.time() - t0:.0f} s")
+        opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
+                              prefill_strategy=prefill, decode_strategy=dec, prefill_chunk=prompt,
+                              max_context=prompt + decode + 8, max_batch=1)
+        t0 = time.time()
+        try:
+            r = run_bench(str(path), opts, prompt, decode, runs)
+            r["model"] = f"{shape} ({layers}L synth)"
+            r["wall_s"] = round(time.time() - t0, 1)
+            log("bench", json.dumps(r, default=str))
+            rows.append(r)
+            RESULTS["bench"].append(r)
+        except Exception as e:
+            traceback.print_exc(file=LOG)
+            log("bench failed", shape, prefill, dec, f"{type(e).__name__}: {e}"[:600])
+            RESULTS["bench"].append({"model": shape, "prefill": prefill, "decode": dec, "error": str(e)[:2000]})
+        save()
+    return table(rows) if rows else ""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=10000)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--skip-exact", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    a = ap.parse_args()
+    log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    t0 = time.time()
+    for step in (ceilings, kernel_check):
+        try:
+            step()
+        except Exception:
+            traceback.print_exc()
+    if not a.skip_exact:
+        exactness(Path("/tmp/krasis-exact"))
+    log(f"checks done at {time.time() - t0:.0f} s")
+    tab = bench(a.layers, a.prompt, a.decode, a.runs) if not a.skip_bench else ""
+    print("\n=== summary ===")
+    print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
+    for r in RESULTS["kernel"]:
+        print(f"kernel {r['kind']}: rel_err {r['rel_err']:.2e} grouped {r['grouped_ms']:.1f} ms "
+              f"({r['grouped_tflop_s']:.0f} TFLOP/s) loop {r['loop_ms']:.1f} ms")
+    for r in RESULTS["exact"]:
+        print(f"exact {r['model']} {r['prefill']}+{r['decode']} kv={r['kv']}: "
+              f"{'PASS' if r['pass'] else 'FAIL'} top1={r.get('top1', 0):.3f} greedy_same={r.get('greedy_same')} {r.get('error', '')[:150]}")
+    print(tab)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""`krasis-coord synth --shape NAME [--layers N] OUT`: a random-weight model of a real model's shape,
+in Hugging Face layout (config.json, safetensors shards with an index, a byte-level tokenizer and a
+chat template), so benchmarks of the real shapes need no download.
+
+Weights are written one layer at a time (bounded RAM). Dense tensors are drawn from N(0, 0.02)
+(norms are 1). Routed experts, which are almost all of the bytes, are windows of one shared random
+block at pseudo-random offsets: their values are as random as the rest to the kernels and the
+routing, and writing them runs at memory speed rather than at random-number speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+SHAPES = {
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, hidden_act="silu",
+    ),
+    "qwen3-235b-a22b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=4096,
+        intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=94, num_attention_heads=64,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, hidden_act="silu",
+    ),
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=102400, hidden_size=2048,
+        intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+        num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, routed_scaling_factor=1.0, topk_method="greedy", norm_topk_prob=False,
+        max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+        rope_theta=10000.0, hidden_act="silu",
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
+}
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+POOL = 1 << 24  # elements of the shared random block the experts are windows of
+
+
+class SynthError(ValueError):
+    pass
+
+
+def synth_config(shape: str, layers: int | None = None, experts: int | None = None, vocab: int | None = None) -> dict:
+    if shape not in SHAPES:
+        raise SynthError(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
+    cfg = dict(SHAPES[shape], torch_dtype="bfloat16", eos_token_id=None, bos_token_id=None)
+    if layers is not None:
+        if layers < 1:
+            raise SynthError("--layers must be at least 1")
+        cfg["num_hidden_layers"] = layers
+    if experts is not None:
+        key = "n_routed_experts" if "n_routed_experts" in cfg else "num_experts"
+        if not 0 < cfg["num_experts_per_tok"] <= experts:
+            raise SynthError(f"--experts must be at least num_experts_per_tok ({cfg['num_experts_per_tok']})")
+        cfg[key] = experts
+    if vocab is not None:
+        if vocab < 256:
+            raise SynthError("--vocab must be at least 256 (the byte tokens)")
+        cfg["vocab_size"] = vocab
+    return cfg
+
+
+def write_tokenizer(out: Path) -> None:
+    """A byte-level tokenizer: 256 byte tokens (any text encodes, every id decodes), no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "model_max_length": 1 << 20}))
+
+
+def synth(shape: str, out, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
+          seed: int = 0, expert_std: float = 0.02) -> Path:
+    from safetensors.torch import save_file
+
+    from ..shared.models.family import family_for
+
+    cfg = synth_config(shape, layers, experts, vocab)
+    fam = family_for(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(POOL, generator=g) * expert_std).to(torch.bfloat16)
+
+    def dense(shape_):
+        if len(shape_) == 1:
+            return torch.ones(shape_, dtype=torch.bfloat16)
+        return (torch.randn(shape_, generator=g) * 0.02).to(torch.bfloat16)
+
+    def window(shape_):
+        n = 1
+        for s in shape_:
+            n *= s
+        start = int(torch.randint(0, POOL, (1,), generator=g))
+        reps = -(-(start + n) // POOL)
+        flat = pool.repeat(reps)[start : start + n] if reps > 1 else pool[start : start + n]
+        return flat.reshape(shape_).clone()
+
+    index: dict[str, str] = {}
+    shards = [("globals", fam.global_tensors(), {})] + [
+        (f"layer{i:03d}", fam.layer_tensors(i), fam.expert_tensors(i) if fam.is_moe(i) else {}) for i in range(fam.num_layers)
+    ]
+    for name, plain, routed in tqdm(shards, desc="synth", unit="shard", disable=None):
+        tensors = {k: dense(s) for k, s in plain.items()}
+        tensors.update({k: window(s) for k, s in routed.items()})
+        fname = f"model-{name}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        index.update({k: fname for k in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_tokenizer(out)
+    return out
