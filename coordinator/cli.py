@@ -17,13 +17,16 @@ import click
 
 from ..shared import protocol as P
 from ..shared.models.family import ConfigError
+from ..shared.quant import QuantError
+from ..shared.weight_cache import CacheError
 from ..shared.weights import WeightError
 from .engine import Engine, RequestError
 from .plan import PlanError
 from .processes import RuntimeOptions, WorkerDied
 from .tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, WeightError, PlanError, RequestError, TokenizerError, P.ProtocolError, WorkerDied)
+USER_ERRORS = (ConfigError, WeightError, PlanError, RequestError, TokenizerError, P.ProtocolError, WorkerDied,
+               CacheError, QuantError)
 
 
 def _int_list(ctx, param, value):
@@ -33,6 +36,36 @@ def _int_list(ctx, param, value):
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+BITS = click.Choice(["4", "8", "16"])
+
+
+def quant_options(f):
+    """Weight precision and cache options (docs/quantization.md), handed on as `quant`, a dict of
+    RuntimeOptions fields."""
+
+    @click.option("--gpu-bits", type=BITS, default="16", show_default=True,
+                  help="Routed experts as the GPU workers run them (prefill): INT4, INT8, or 16 = unquantized.")
+    @click.option("--cpu-bits", type=BITS, default="16", show_default=True,
+                  help="Routed experts in the CPU pool's shared store (decode): INT4, INT8, or 16 = unquantized.")
+    @click.option("--attn-bits", type=click.Choice(["8", "16"]), default="16", show_default=True,
+                  help="Dense GPU weights (attention, shared experts, dense MLPs, lm_head): INT8 per output "
+                       "channel, or 16 = unquantized. Routers, norms and embeddings are never quantized.")
+    @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
+                  help="Expert quantization group along the input dimension.")
+    @click.option("--cache-dir", type=click.Path(file_okay=False),
+                  help="Where the weight caches live (default: MODEL/.krasis_cache, or ~/.cache/krasis/NAME "
+                       "if the model folder is read-only).")
+    @click.option("--rebuild", is_flag=True, help="Rebuild the weight caches even if they look current "
+                                                  "(the way to replace a corrupt one).")
+    @functools.wraps(f)
+    def wrapper(*args, gpu_bits, cpu_bits, attn_bits, group_size, cache_dir, rebuild, **kw):
+        quant = dict(gpu_bits=int(gpu_bits), cpu_bits=int(cpu_bits), attn_bits=int(attn_bits),
+                     group_size=group_size, cache_dir=cache_dir, rebuild=rebuild)
+        return f(*args, quant=quant, **kw)
+
+    return wrapper
 
 
 def runtime_options(f):
@@ -51,12 +84,14 @@ def runtime_options(f):
                   help="Most sequences decoded together.")
     @click.option("--prefill-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
                   help="Prompt tokens per prefill step.")
+    @quant_options
     @functools.wraps(f)
-    def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, **kw):
+    def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
+                **kw):
         opts = RuntimeOptions(
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
-            max_batch=max_batch, prefill_chunk=prefill_chunk,
+            max_batch=max_batch, prefill_chunk=prefill_chunk, **quant,
         )
         return f(*args, opts=opts, **kw)
 
@@ -153,6 +188,25 @@ def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, t
         _fail(e)
     except asyncio.CancelledError:
         _fail(RuntimeError("interrupted"))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@quant_options
+def convert(model, quant):
+    """Build the weight caches that these precisions need, one layer at a time; current caches are
+    reused after a full checksum verification."""
+    from ..shared.weights import SafetensorsSource, load_family
+    from .convert import prepare
+
+    try:
+        family = load_family(model)
+        SafetensorsSource(model).check(family.expected_tensors())
+        caches = prepare(model, family, RuntimeOptions(**quant), verify=True)
+    except USER_ERRORS as e:
+        _fail(e)
+    if caches.cpu is None and caches.gpu is None and caches.dense is None:
+        click.echo("convert: nothing to build: --gpu-bits, --cpu-bits and --attn-bits are all 16 (unquantized)", err=True)
 
 
 @main.command()

@@ -21,9 +21,10 @@ import zmq.asyncio
 from tqdm import tqdm
 
 from ..shared import protocol as P
-from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout
+from ..shared.expert_store import ExpertStore, StoreLayout
 from ..shared.models.family import ConfigError
 from ..shared.weights import SafetensorsSource, load_family
+from .convert import prepare
 from .plan import split_layers
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
 from .sampling import Sampler
@@ -67,6 +68,10 @@ class Request:
         return len(self.prompt_ids) + len(self.generated) - 1
 
 
+def _str(path) -> str | None:
+    return None if path is None else str(path)
+
+
 def validate_devices(devices: list[str]) -> None:
     if not devices:
         raise ConfigError("--devices is empty")
@@ -94,6 +99,7 @@ class Engine:
         self.family = load_family(model_dir)
         source = SafetensorsSource(model_dir)
         source.check(self.family.expected_tensors())
+        self.caches = prepare(model_dir, self.family, opts)
         self.codec = TextCodec(model_dir)
         validate_devices(opts.devices)
         self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
@@ -123,9 +129,15 @@ class Engine:
         self.results.bind(ep("results"))
         nodes = numa_cpus(opts.numa_nodes)
         n_pool = opts.cpu_workers or len(nodes)
-        layout = StoreLayout(self.family, n_pool, ExpertFormat("dense", DTYPES[opts.dtype]))
-        fds = ExpertStore.create_segments(layout)
-        store = {"nodes": n_pool, "fds": fds, "dtype": opts.dtype}
+        caches = self.caches
+        fds = ExpertStore.create_segments(StoreLayout(self.family, n_pool, caches.cpu_fmt))
+        store = {"nodes": n_pool, "fds": fds, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu)}
+        if caches.gpu_fmt == caches.cpu_fmt:  # one store, one copy in RAM, serves both
+            gpu_fds, gpu_store = fds, dict(store, fill=False)
+        else:  # the GPU workers' own format: a single-node store each fills for its layers
+            gpu_fds = ExpertStore.create_segments(StoreLayout(self.family, 1, caches.gpu_fmt))
+            gpu_store = {"nodes": 1, "fds": gpu_fds, "format": caches.gpu_fmt.to_spec(), "cache": _str(caches.gpu),
+                         "fill": True}
         pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
         ncores = len(os.sched_getaffinity(0))
         try:
@@ -144,13 +156,13 @@ class Engine:
                     spec = dict(
                         rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
                         max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
-                        coord=ep("results"), pool=pool_eps, store=store, **{"in": ep(f"stage{r}")},
-                        next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
+                        coord=ep("results"), pool=pool_eps, store=gpu_store, dense_cache=_str(caches.dense),
+                        **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
                     )
-                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, fds)
+                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, gpu_fds)
                 await self._await_ready("gpu", world, bar)
         finally:
-            for fd in fds:  # the children hold their own copies
+            for fd in set(fds) | set(gpu_fds):  # the children hold their own copies
                 os.close(fd)
         self.head = self.ctx.socket(zmq.PUSH)
         self.head.setsockopt(zmq.LINGER, 0)

@@ -7,8 +7,12 @@ an unexpected child exit as fatal (WorkerDied).
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
-    pool (CPU pool endpoints), store {nodes, fds, dtype}, parent_pid.
-CPU worker spec: node, model, bind, coord, cores, threads, store {...}, parent_pid.
+    pool (CPU pool endpoints), store {nodes, fds, format, cache, fill}, dense_cache, parent_pid.
+    Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
+    otherwise a store of its own format (fill: each GPU worker fills its own layers).
+CPU worker spec: node, model, bind, coord, cores, threads, store {nodes, fds, format, cache}, parent_pid.
+    format: ExpertFormat.to_spec(); cache: the expert cache file to copy from, or null to format the
+    experts from the checkpoint (16-bit); dense_cache: the INT8 dense cache file or null.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ class RuntimeOptions:
     max_context: int = 4096
     max_batch: int = 32
     prefill_chunk: int = 4096
+    # Weight precision (docs/quantization.md): 16 = unquantized, read from the checkpoint.
+    gpu_bits: int = 16  # routed experts as the GPU workers run them (prefill)
+    cpu_bits: int = 16  # routed experts in the CPU pool's shared store (decode)
+    attn_bits: int = 16  # dense GPU weights: attention, shared experts, dense MLPs, lm_head
+    group_size: int = 128  # expert quantization group along the input dimension
+    cache_dir: str | None = None  # default: MODEL/.krasis_cache, or ~/.cache/krasis/NAME
+    rebuild: bool = False  # rebuild the caches even when they look current
 
 
 def numa_cpus(simulate: int | None) -> list[list[int]]:

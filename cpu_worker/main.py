@@ -19,10 +19,8 @@ from ..shared import protocol as P
 from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import die_with_parent, limit_threads
 from .expert_kernel import moe_layer, set_threads, warm_up
-from ..shared.weights import SafetensorsSource, load_family
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from ..shared.weight_cache import store_writer
+from ..shared.weights import load_family
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
@@ -37,16 +35,16 @@ def main() -> None:
     coord.connect(spec["coord"])
     try:
         family = load_family(spec["model"])
-        layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat("dense", DTYPES[spec["store"]["dtype"]]))
+        layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat.from_spec(spec["store"]["format"]))
         store = ExpertStore(layout, spec["store"]["fds"])
-        source = SafetensorsSource(spec["model"])
         total = len(layout.moe_layers)
 
         def on_layer(layer):
             done = layout.moe_layers.index(layer) + 1
             coord.send_multipart(P.encode(P.Progress(role="cpu", rank=node, what="expert layers", done=done, total=total)))
 
-        fill_node(store, node, family, source.get, on_layer)
+        with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
+            fill_node(store, node, write, on_layer=on_layer)
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(spec["bind"])

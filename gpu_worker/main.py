@@ -18,8 +18,10 @@ import torch
 import zmq
 
 from ..shared import protocol as P
-from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout
+from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import die_with_parent, limit_threads
+from ..shared.quant import QuantLinear
+from ..shared.weight_cache import WeightCache, store_writer
 from ..shared.weights import SafetensorsSource, load_family
 from .pool_client import PoolClient
 from .stage import ResidentExperts, Stage
@@ -64,8 +66,12 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
     dtype = DTYPES[spec["dtype"]]
     family = load_family(spec["model"])
     source = SafetensorsSource(spec["model"])
-    layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat("dense", DTYPES[spec["store"]["dtype"]]))
+    layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat.from_spec(spec["store"]["format"]))
     store = ExpertStore(layout, spec["store"]["fds"])
+    if spec["store"].get("fill"):  # a store of the GPU's own format: this stage's layers are ours to fill
+        with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
+            fill_node(store, 0, write, layers=range(a, b))
+    dense = WeightCache(spec["dense_cache"]) if spec.get("dense_cache") else None
 
     total, done = (b - a) + 2, 0
 
@@ -73,6 +79,8 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
         coord.send_multipart(P.encode(P.Progress(role="gpu", rank=rank, what="layers", done=done, total=total)))
 
     def get(name):
+        if dense is not None and name + ".q" in dense:
+            return QuantLinear(dense.tensor(name + ".q"), dense.tensor(name + ".s")).to(device)
         return source.get(name).to(device=device, dtype=dtype)
 
     pool = PoolClient(ctx, spec["pool"]) if spec["pool"] else None
@@ -81,6 +89,8 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
     done += 1
     progress()
     stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"], experts, pool)
+    if dense is not None:
+        dense.close()
     done = total
     progress()
 

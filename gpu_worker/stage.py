@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..shared.expert_store import ExpertStore
 from ..shared.models.family import ModelFamily
-from ..shared.models.layers import rows_for_slices, slice_positions
+from ..shared.models.layers import linear, rows_for_slices, slice_positions
 from ..shared.protocol import SeqSlice
 from .kv_cache import KVCache
 
@@ -73,7 +73,7 @@ class Stage:
         if not rows:
             return torch.empty(0, self.f.vocab_size, dtype=torch.float32)
         hn = self.f.final_norm(torch.cat(rows), self.norm)
-        return F.linear(hn, self.lm_head).float()
+        return linear(hn, self.lm_head).float()  # lm_head may be INT8 (--attn-bits 8)
 
     def free(self, seqs: list[int]) -> None:
         for s in seqs:

@@ -53,6 +53,13 @@ class ExpertFormat:
             t["b2"] = (torch.float32, (n, H))
         return t
 
+    def to_spec(self) -> dict:
+        return {"kind": self.kind, "dtype": str(self.dtype).removeprefix("torch."), "group_size": self.group_size}
+
+    @classmethod
+    def from_spec(cls, d: dict) -> "ExpertFormat":
+        return cls(d["kind"], getattr(torch, d["dtype"]), int(d["group_size"]))
+
     def describe(self) -> str:
         return str(self.dtype).removeprefix("torch.") if self.kind == "dense" else f"{self.kind}/g{self.group_size}"
 
@@ -135,27 +142,45 @@ class ExpertStore:
         return sum(self.layout.sizes)
 
 
-def fill_node(store: ExpertStore, node: int, family: ModelFamily, get, on_layer=None) -> None:
-    """Write node `node`'s experts of every MoE layer into the store, reading them one expert at a
-    time through `get(name) -> tensor` (so resident memory stays at one expert beyond the store)."""
-    layout, fmt = store.layout, store.layout.fmt
+def format_expert(fmt: ExpertFormat, family: ModelFamily, get, layer: int, e: int) -> dict[str, torch.Tensor]:
+    """Expert `e` of `layer`, read through `get(name) -> tensor`, as the tensors of `fmt` without
+    the leading expert dimension (quantized here when `fmt` is INT4/INT8)."""
+    w = family.load_expert(get, layer, e)
+    w13 = torch.cat([w["gate"], w["up"]], dim=0)
+    if fmt.kind == "dense":
+        out = {"w13": w13.to(fmt.dtype), "w2": w["down"].to(fmt.dtype)}
+    else:
+        from .quant import quantized
+
+        out = quantized(fmt, w13, "w13") | quantized(fmt, w["down"], "w2")
+    if family.experts(layer).bias:
+        out["b13"] = torch.cat([w["gate_bias"], w["up_bias"]]).float()
+        out["b2"] = w["down_bias"].float()
+    return out
+
+
+def from_source(fmt: ExpertFormat, family: ModelFamily, get):
+    """An expert writer for fill_node that formats experts from the checkpoint (16-bit parts, and
+    what `convert` writes into a cache)."""
+
+    def write(layer: int, e: int, dst: dict[str, torch.Tensor]) -> None:
+        for name, t in format_expert(fmt, family, get, layer, e).items():
+            dst[name].copy_(t)
+
+    return write
+
+
+def fill_node(store: ExpertStore, node: int, write, layers=None, on_layer=None) -> None:
+    """Fill node `node`'s experts of every MoE layer (or of `layers`) one expert at a time through
+    `write(layer, e, dst)`, dst being that expert's slots in the store (so resident memory stays at
+    one expert beyond the store)."""
+    layout = store.layout
     for layer in layout.moe_layers:
+        if layers is not None and layer not in layers:
+            continue
         a, b = layout.range(layer, node)
         dst = store.tensors(layer, node)
         for local, e in enumerate(range(a, b)):
-            w = family.load_expert(get, layer, e)
-            w13 = torch.cat([w["gate"], w["up"]], dim=0)
-            down = w["down"]
-            if fmt.kind == "dense":
-                dst["w13"][local].copy_(w13.to(fmt.dtype))
-                dst["w2"][local].copy_(down.to(fmt.dtype))
-            else:
-                from .quant import quantize_into
-
-                quantize_into(fmt, w13, dst, "w13", local)
-                quantize_into(fmt, down, dst, "w2", local)
-            if "b13" in dst:
-                dst["b13"][local].copy_(torch.cat([w["gate_bias"], w["up_bias"]]).float())
-                dst["b2"][local].copy_(w["down_bias"].float())
+            write(layer, e, {name: t[local] for name, t in dst.items()})
         if on_layer is not None:
             on_layer(layer)

@@ -16,6 +16,7 @@ Layouts, for a weight [O, K] with groups of g:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 QMAX = {4: 7, 8: 127}
 
@@ -85,10 +86,10 @@ def quantized_tensors(fmt, n: int, o: int, k: int, name: str) -> dict:
     return {f"{name}.q": qt, f"{name}.s": (torch.bfloat16, (n, o, k // g))}
 
 
-def quantize_into(fmt, w: torch.Tensor, dst: dict, name: str, local: int) -> None:
+def quantized(fmt, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    """One expert's weight [O, K] in the stored layout: {name.q, name.s}."""
     q, s = quantize(w, _bits(fmt), fmt.group_size)
-    dst[f"{name}.q"][local].copy_(pack_int4(q) if _bits(fmt) == 4 else q)
-    dst[f"{name}.s"][local].copy_(s)
+    return {f"{name}.q": pack_int4(q) if _bits(fmt) == 4 else q, f"{name}.s": s}
 
 
 def dequantize(fmt, t: dict, name: str, local: int) -> torch.Tensor:
@@ -96,3 +97,38 @@ def dequantize(fmt, t: dict, name: str, local: int) -> torch.Tensor:
     if _bits(fmt) == 4:
         q = unpack_int4(q)
     return dequantize_q(q, t[f"{name}.s"][local])
+
+
+# --- dense weights (--attn-bits 8) ---------------------------------------------------------------
+
+
+class QuantLinear:
+    """A dense weight [O, K] held as INT8 with one bf16 scale per output channel (a single group
+    spanning K). shared/models/layers.py:linear() calls `matmul_t`, so model code is unchanged.
+    This is the reference path: dequantize, then an ordinary matrix product."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        if q.dim() != 2 or scale.shape != (q.shape[0], 1):
+            raise QuantError(f"INT8 weight {list(q.shape)} needs scales [{q.shape[0]}, 1], got {list(scale.shape)}")
+        self.q, self.scale = q, scale
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> "QuantLinear":
+        return cls(*quantize(w, 8, w.shape[-1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def to(self, device) -> "QuantLinear":
+        return QuantLinear(self.q.to(device), self.scale.to(device))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_q(self.q, self.scale).to(dtype)
+
+    def matmul_t(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))

@@ -1,0 +1,147 @@
+"""Building the weight caches (docs/quantization.md): `krasis-coord convert`, and what `generate`,
+`serve` and `bench` do on first use.
+
+    expert caches   one per quantized ExpertFormat asked for by --cpu-bits / --gpu-bits (one file
+                    when both ask for the same format): every routed expert, as the store holds it
+    dense cache     with --attn-bits 8: attention projections, shared experts, dense MLP layers and
+                    an untied lm_head, INT8 per output channel
+16 bits means unquantized: that part is read from the checkpoint and needs no cache.
+
+Conversion streams one layer at a time: the checkpoint is reopened per layer, so the shards mapped
+for the previous layer are unmapped and the resident set stays near one layer's weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..shared.expert_store import ExpertFormat, format_expert
+from ..shared.models.family import ModelFamily
+from ..shared.quant import QuantLinear
+from ..shared.weight_cache import CacheWriter, WeightCache, expert_key, fingerprint
+from ..shared.weights import SafetensorsSource
+from .processes import RuntimeOptions
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Caches:
+    """The formats the run uses and the cache file behind each (None: read from the checkpoint)."""
+
+    cpu_fmt: ExpertFormat
+    gpu_fmt: ExpertFormat
+    cpu: Path | None
+    gpu: Path | None
+    dense: Path | None
+
+
+def expert_format(bits: int, dtype: torch.dtype, group_size: int) -> ExpertFormat:
+    return ExpertFormat("dense", dtype) if bits == 16 else ExpertFormat(f"int{bits}", dtype, group_size)
+
+
+def cache_dir(model_dir: Path, override: str | None) -> Path:
+    """--cache-dir, else .krasis_cache in the model folder, else (read-only folder) the user cache."""
+    if override:
+        return Path(override)
+    if os.access(model_dir, os.W_OK):
+        return model_dir / ".krasis_cache"
+    return Path.home() / ".cache" / "krasis" / model_dir.resolve().name
+
+
+def dense_names(family: ModelFamily) -> list[list[str]]:
+    """Names of the dense weights --attn-bits 8 quantizes, grouped per layer (lm_head last, unless
+    tied to the embedding, which stays unquantized): the 2-D projection weights (`*_proj*.weight`).
+    Routers (`mlp.gate`), norms and embeddings are not projections, so they stay as they are."""
+    out = [
+        [n for n, shape in family.layer_tensors(i).items() if "_proj" in n and n.endswith(".weight") and len(shape) == 2]
+        for i in range(family.num_layers)
+    ]
+    if not family.tie_word_embeddings:
+        out.append(["lm_head.weight"])
+    return out
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(model_dir, family: ModelFamily, opts: RuntimeOptions, verify: bool = False, log=_log) -> Caches:
+    """Make sure every cache the options need exists and is current: reuse, build, or (corrupt,
+    without --rebuild) refuse with CacheError. With `verify`, reused caches are checked in full."""
+    model_dir = Path(model_dir)
+    dtype = DTYPES[opts.dtype]
+    cpu_fmt = expert_format(opts.cpu_bits, dtype, opts.group_size)
+    gpu_fmt = expert_format(opts.gpu_bits, dtype, opts.group_size)
+    moe_layers = [i for i in range(family.num_layers) if family.is_moe(i)]
+    for fmt in {cpu_fmt, gpu_fmt}:
+        for layer in moe_layers:  # raises QuantError when the group size does not divide K
+            fmt.tensors(family.experts(layer), 1)
+    need_experts = [f for f in dict.fromkeys([cpu_fmt, gpu_fmt]) if f.kind != "dense" and moe_layers]
+    if not need_experts and opts.attn_bits == 16:
+        return Caches(cpu_fmt, gpu_fmt, None, None, None)
+    sources = fingerprint(SafetensorsSource(model_dir).source_files() + [model_dir / "config.json"])
+    folder = cache_dir(model_dir, opts.cache_dir)
+    paths: dict[ExpertFormat, Path] = {}
+    for fmt in need_experts:
+        path = folder / f"experts-{fmt.kind}-g{fmt.group_size}.kc"
+        options = {"bits": int(fmt.kind[3:]), "group_size": fmt.group_size, "scale_dtype": "bfloat16"}
+        _ensure(path, "experts", options, sources, opts.rebuild, verify, log,
+                lambda w, fmt=fmt: _write_experts(w, model_dir, family, fmt, moe_layers))
+        paths[fmt] = path
+    dense = None
+    if opts.attn_bits == 8:
+        dense = folder / "dense-int8.kc"
+        options = {"bits": 8, "group_size": "row", "scale_dtype": "bfloat16"}
+        _ensure(dense, "dense", options, sources, opts.rebuild, verify, log,
+                lambda w: _write_dense(w, model_dir, family))
+    return Caches(cpu_fmt, gpu_fmt, paths.get(cpu_fmt), paths.get(gpu_fmt), dense)
+
+
+def _ensure(path: Path, kind: str, options: dict, sources: list[dict], rebuild: bool, verify: bool, log, build) -> None:
+    reason = "missing"
+    if path.exists():
+        if rebuild:
+            reason = "--rebuild"
+        else:
+            with WeightCache(path) as cache:
+                reason = cache.stale_reason(kind, options, sources)
+                if reason is None:
+                    log(f"cache: reusing {path}")
+                    if verify:
+                        with tqdm(total=cache.nbytes(), unit="B", unit_scale=True, desc=f"verifying {path.name}",
+                                  disable=None, leave=False) as bar:
+                            cache.verify(bar.update)
+                    return
+    log(f"cache: building {path} ({reason})")
+    with CacheWriter(path, kind, options, sources) as w:
+        build(w)
+
+
+def _per_layer(model_dir: Path, groups: list, desc: str):
+    """(source, group) per layer, with a fresh view of the checkpoint each time (see the module
+    docstring: this is what bounds the resident set)."""
+    for g in tqdm(groups, desc=desc, unit="layer", disable=None, leave=False):
+        src = SafetensorsSource(model_dir)
+        yield src, g
+
+
+def _write_experts(w: CacheWriter, model_dir: Path, family: ModelFamily, fmt: ExpertFormat, layers: list[int]) -> None:
+    for src, layer in _per_layer(model_dir, layers, f"converting experts to {fmt.describe()}"):
+        for e in range(family.experts(layer).num):
+            for name, t in format_expert(fmt, family, src.get, layer, e).items():
+                w.add(expert_key(layer, e, name), t)
+
+
+def _write_dense(w: CacheWriter, model_dir: Path, family: ModelFamily) -> None:
+    for src, names in _per_layer(model_dir, dense_names(family), "converting dense weights to int8"):
+        for n in names:
+            q = QuantLinear.quantize(src.get(n))
+            w.add(n + ".q", q.q)
+            w.add(n + ".s", q.scale)
