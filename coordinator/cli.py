@@ -227,6 +227,8 @@ def serve(model, endpoint, opts):
         serving.cancel()
         if fatal in done and engine._fatal is not None:
             raise WorkerDied(str(engine._fatal))
+        if serving in done:
+            serving.result()  # the front end only ends by an error: surface it (exit non-zero)
 
     try:
         _run(_with_engine(model, opts, body))

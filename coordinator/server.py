@@ -5,12 +5,15 @@ it; a malformed message gets an Error reply and changes nothing else."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import zmq
 import zmq.asyncio
 
 from ..shared import protocol as P
 from .engine import Engine, RequestError
+
+log = logging.getLogger("krasis.server")
 
 
 class Server:
@@ -30,7 +33,12 @@ class Server:
         try:
             while True:
                 ident, *frames = await self.sock.recv_multipart()
-                await self._handle(ident, frames)
+                try:
+                    await self._handle(ident, frames)
+                except Exception as e:
+                    # A bug met by one request must not take the service down for everyone.
+                    log.exception("request failed")
+                    await self._send(ident, P.Error(message=f"internal error: {type(e).__name__}: {e}"))
         finally:
             for t in self._streams:
                 t.cancel()

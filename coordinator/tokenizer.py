@@ -64,7 +64,7 @@ class TextCodec:
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template (tokenizer_config.json chat_template)")
         if self._compiled is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
                 x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii
             )
