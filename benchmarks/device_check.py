@@ -146,6 +146,38 @@ def kernel_check():
         save()
 
 
+# --- attention at the bench's prompt length: which SDPA path, and its time ---------------------
+
+
+def attention_check(T: int = 10000):
+    import torch.nn.functional as F
+
+    from krasis.shared.models.layers import attend
+
+    def ms(fn, reps=5):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps * 1000
+
+    q = torch.randn(T, 32, 128, device="cuda").bfloat16()
+    k, v = torch.randn(T, 4, 128, device="cuda").bfloat16(), torch.randn(T, 4, 128, device="cuda").bfloat16()
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    row = {
+        "gqa_attend_ms": ms(lambda: attend(q, k, v, 0, 0.088)),
+        "gqa_enable_gqa_ms": ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)),
+    }
+    qm, km, vm = (torch.randn(T, 16, d, device="cuda").bfloat16() for d in (192, 192, 128))
+    row["mla_attend_ms"] = ms(lambda: attend(qm, km, vm, 0, 0.07))
+    row["gqa_second_chunk_ms"] = ms(lambda: attend(q[: T // 2], k, v, T // 2, 0.088))
+    log("attention", row)
+    RESULTS["attention"] = row
+    save()
+
+
 # --- ceilings -----------------------------------------------------------------------------------
 
 
@@ -240,7 +272,7 @@ def main():
     a = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
-    for step in (ceilings, kernel_check):
+    for step in (ceilings, attention_check, kernel_check):
         try:
             step()
         except Exception:
@@ -250,6 +282,7 @@ def main():
     log(f"checks done at {time.time() - t0:.0f} s")
     tab = bench(a.layers, a.prompt, a.decode, a.runs) if not a.skip_bench else ""
     print("\n=== summary ===")
+    print("attention:", {k: round(v, 1) for k, v in RESULTS.get("attention", {}).items()})
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
     for r in RESULTS["kernel"]:
         print(f"kernel {r['kind']}: rel_err {r['rel_err']:.2e} grouped {r['grouped_ms']:.1f} ms "

@@ -35,14 +35,13 @@ def dequant_rows(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows:
     s = t[f"{name}.s"].index_select(0, rows)
     wide = torch.float32 if dtype == torch.float32 else dtype
     if fmt.kind == "int4":
-        lo = (q & 0xF).to(wide) - 8
-        hi = (q >> 4).to(wide) - 8
-        q = torch.stack([lo, hi], dim=-1).flatten(-2)
+        # unpack as bytes (one byte per value), widen once, then shift and scale in place
+        w = torch.stack([q & 0xF, q >> 4], dim=-1).flatten(-2).to(wide).sub_(8)
     else:
-        q = q.to(wide)
-    G, O, K = q.shape
+        w = q.to(wide)
+    G, O, K = w.shape
     groups = s.shape[-1]
-    w = q.view(G, O, groups, K // groups) * s.to(wide).unsqueeze(-1)
+    w = w.view(G, O, groups, K // groups).mul_(s.to(wide).unsqueeze(-1))
     return w.view(G, O, K).to(dtype)
 
 

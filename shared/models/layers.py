@@ -147,10 +147,13 @@ def attend(
     t, T = q.shape[0], k.shape[0]
     if start == 0 and t == T and sliding_window is None and sinks is None:
         # The square causal case (a prompt's first chunk): no mask tensor, so SDPA can pick flash or
-        # cuDNN attention on CUDA, O(t) memory instead of a [t, T] mask.
+        # cuDNN attention on CUDA, O(t) memory instead of a [t, T] mask. KV heads are repeated
+        # rather than passed with enable_gqa, which not every fused kernel accepts.
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=qh.shape[0] != kh.shape[0])
-        return out.transpose(0, 1)
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale).transpose(0, 1)
     qpos = torch.arange(start, start + t, device=q.device)[:, None]
     kpos = torch.arange(T, device=q.device)[None, :]
     mask = kpos <= qpos
