@@ -84,14 +84,23 @@ def runtime_options(f):
                   help="Most sequences decoded together.")
     @click.option("--prefill-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
                   help="Prompt tokens per prefill step.")
+    @click.option("--prefill-strategy", help="persistent | layer_grouped_N | chunked | active_only | hcs_prefill "
+                  "(docs/strategies.md; default: the winner of `optimize`, else persistent).")
+    @click.option("--decode-strategy", type=click.Choice(["pure_cpu", "hcs_hybrid", "compact", "lru"]),
+                  help="Who runs decode's routed experts (default: the winner of `optimize`, else pure_cpu).")
+    @click.option("--vram-budget", type=click.FloatRange(min=0, min_open=True),
+                  help="GB of device memory per GPU for weights, KV cache, staging, activations and hot experts.")
+    @click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
+                  help="KV cache: FP8 e4m3 with per-row scales, or the compute dtype; auto is fp8 except with --dtype float32.")
     @quant_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                **kw):
+                prefill_strategy, decode_strategy, vram_budget, kv_dtype, **kw):
         opts = RuntimeOptions(
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
-            max_batch=max_batch, prefill_chunk=prefill_chunk, **quant,
+            max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
+            decode_strategy=decode_strategy, vram_budget=vram_budget, kv_dtype=kv_dtype,
         )
         return f(*args, opts=opts, **kw)
 
@@ -283,3 +292,63 @@ def chat(endpoint, max_new_tokens, temperature, system):
                 continue
             click.echo()
             history.append({"role": "assistant", "content": "".join(reply)})
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Prompt length (random token ids, seeded).")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens decoded per run.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs (after one warm-up).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the figures to this JSON file.")
+@runtime_options
+def bench(model, prompt_tokens, decode_tokens, runs, json_file, opts):
+    """Prefill and decode speed in the reference's table, with this machine's floor and the fraction reached."""
+    from .bench import run_bench, table
+
+    try:
+        res = run_bench(model, opts, prompt_tokens, decode_tokens, runs)
+    except USER_ERRORS as e:
+        _fail(e)
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    click.echo(table([res]))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=10000, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per strategy.")
+@runtime_options
+def optimize(model, prompt_tokens, decode_tokens, runs, opts):
+    """Run every prefill and decode strategy, rank them, and store the winner for `serve`."""
+    from .optimize import optimize as run_optimize
+    from .optimize import tables
+
+    try:
+        res = run_optimize(model, opts, prompt_tokens, decode_tokens, runs, log=lambda m: click.echo(m, err=True))
+    except (*USER_ERRORS, RuntimeError) as e:
+        _fail(e)
+    click.echo(tables(res))
+
+
+@main.command()
+@click.option("--shape", required=True, type=click.Choice(["deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b"]),
+              help="The real model whose shape to copy.")
+@click.option("--layers", type=int, help="Decoder layers (default: the real model's).")
+@click.option("--experts", type=int, help="Routed experts per layer (default: the real model's; fewer for tests).")
+@click.option("--vocab", type=int, help="Vocabulary size (default: the real model's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.argument("out", type=click.Path(file_okay=False))
+def synth(shape, layers, experts, vocab, seed, out):
+    """Write a random-weight model of a real model's shape in Hugging Face layout (with a tokenizer)."""
+    from .synth import SynthError
+    from .synth import synth as run_synth
+
+    try:
+        path = run_synth(shape, out, layers, experts, vocab, seed)
+    except SynthError as e:
+        _fail(e)
+    click.echo(str(path))

@@ -157,6 +157,7 @@ class Engine:
                         rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
                         max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
                         coord=ep("results"), pool=pool_eps, store=gpu_store, dense_cache=_str(caches.dense),
+                        **self.strategy_spec(),
                         **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
                     )
                     self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, gpu_fds)
@@ -175,6 +176,20 @@ class Engine:
             self.pool_ctl.append(s)
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._schedule()),
                        asyncio.create_task(self._watch())]
+
+    def strategy_spec(self) -> dict:
+        """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
+        for this model, else persistent prefill and pure_cpu decode."""
+        from .optimize import stored_winner, state_path
+
+        o, won = self.opts, stored_winner(self.model_dir)
+        kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
+        return dict(
+            prefill_strategy=o.prefill_strategy or won.get("prefill", "persistent"),
+            decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
+            vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
+            hcs_path=str(state_path(self.model_dir, "hcs_counts.json")),
+        )
 
     async def _await_ready(self, role: str, count: int, bar) -> None:
         ready, progress = 0, {}

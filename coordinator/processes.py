@@ -7,7 +7,8 @@ an unexpected child exit as fatal (WorkerDied).
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
-    pool (CPU pool endpoints), store {nodes, fds, format, cache, fill}, dense_cache, parent_pid.
+    pool (CPU pool endpoints), store {nodes, fds, format, cache, fill}, dense_cache, parent_pid,
+    prefill_strategy, decode_strategy, vram_budget, kv_dtype, prefill_chunk, hcs_path (gpu_worker/experts.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
     otherwise a store of its own format (fill: each GPU worker fills its own layers).
 CPU worker spec: node, model, bind, coord, cores, threads, store {nodes, fds, format, cache}, parent_pid.
@@ -48,6 +49,11 @@ class RuntimeOptions:
     group_size: int = 128  # expert quantization group along the input dimension
     cache_dir: str | None = None  # default: MODEL/.krasis_cache, or ~/.cache/krasis/NAME
     rebuild: bool = False  # rebuild the caches even when they look current
+    # Routed-expert strategies (docs/strategies.md); None: the winner `optimize` stored, else the defaults.
+    prefill_strategy: str | None = None
+    decode_strategy: str | None = None
+    vram_budget: float | None = None  # GB per GPU; None: the device's memory
+    kv_dtype: str = "auto"  # fp8 | bf16 | auto (fp8, except float32 runs keep float32)
 
 
 def numa_cpus(simulate: int | None) -> list[list[int]]:

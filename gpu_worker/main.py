@@ -24,7 +24,8 @@ from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
 from ..shared.weights import SafetensorsSource, load_family
 from .pool_client import PoolClient
-from .stage import ResidentExperts, Stage
+from .experts import StageExperts
+from .stage import Stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,8 +50,7 @@ def main() -> None:
     _serve(stage, rank, inbound, nxt, coord)
     for s in (inbound, nxt, coord):
         s.close()
-    if stage.pool is not None:
-        stage.pool.close()
+    stage.experts.close()
     ctx.term()
 
 
@@ -84,11 +84,11 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
         return source.get(name).to(device=device, dtype=dtype)
 
     pool = PoolClient(ctx, spec["pool"]) if spec["pool"] else None
-    act = getattr(family, "expert_act", "silu")
-    experts = ResidentExperts(store, range(a, b), device, act)
+    experts = StageExperts(spec, family, store, device, dtype, pool)
     done += 1
     progress()
-    stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"], experts, pool)
+    stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"], experts,
+                  spec.get("kv_dtype"))
     if dense is not None:
         dense.close()
     done = total
@@ -109,6 +109,7 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
             for t in vars(layer).values()
             if isinstance(t, torch.Tensor)
         ),
+        **experts.info(),
     }
     coord.send_multipart(P.encode(P.Ready(role="gpu", rank=rank, pid=os.getpid(), info=info)))
     return stage, inbound, nxt

@@ -5,7 +5,7 @@ the first stage and the final norm and LM head on the last.
     for each layer in the slice:
         h = h + attention(input_norm(h))
         x = post_norm(h)
-        MoE layer:   h = h + (routed(x) + shared(x))        routed: GPU in prefill, CPU pool in decode
+        MoE layer:   h = h + (routed(x) + shared(x))        routed: the prefill or decode strategy
         dense layer: h = h + dense(x)
     logits = lm_head(norm(h)) for the rows the slices ask for   (last stage)
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..shared.expert_store import ExpertStore
 from ..shared.models.family import ModelFamily
 from ..shared.models.layers import linear, rows_for_slices, slice_positions
 from ..shared.protocol import SeqSlice
@@ -33,8 +32,8 @@ class Stage:
         device: torch.device,
         dtype: torch.dtype,
         max_context: int,
-        prefill_experts,
-        pool,
+        experts,
+        kv_dtype: str | None = None,
     ):
         self.f, self.device, self.dtype = family, device, dtype
         self.first, self.last = first, last
@@ -43,20 +42,20 @@ class Stage:
         if last:
             self.norm = get("model.norm.weight")
             self.lm_head = get(family.lm_head_name())
-        self.kv = KVCache(device, dtype, max_context)
-        self.prefill_experts = prefill_experts  # runs routed experts on this device (prefill)
-        self.pool = pool  # runs routed experts on the CPU pool (decode)
+        self.kv = KVCache(device, dtype, max_context, kv_dtype)
+        self.experts = experts  # the prefill and decode strategies (gpu_worker/experts.py)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, slices: list[SeqSlice], decode: bool) -> torch.Tensor:
         h = F.embedding(x.to(self.device), self.embed) if self.first else x.to(self.device, self.dtype)
         positions = slice_positions(slices, self.device)
+        runner = self.experts.decode if decode else self.experts.prefill
+        runner.begin()
         for layer in self.layers:
             h = h + layer.attention(layer.input_norm(h), slices, positions, self.kv)
             x = layer.post_norm(h)
             if layer.is_moe:
                 ids, weights = layer.route(x)
-                runner = self.pool if decode else self.prefill_experts
                 mlp = runner.run(layer.index, x, ids, weights)
                 shared = layer.shared(x)
                 h = h + (mlp if shared is None else mlp + shared)
@@ -78,32 +77,3 @@ class Stage:
     def free(self, seqs: list[int]) -> None:
         for s in seqs:
             self.kv.free(s)
-
-
-class ResidentExperts:
-    """Prefill experts that stay where they are: views of the shared store on a CPU device, or a
-    copy in device memory (the `persistent` strategy) on CUDA."""
-
-    def __init__(self, store: ExpertStore, layers: range, device: torch.device, act: str):
-        from ..shared.moe import moe_reference
-
-        self._run = moe_reference
-        self.store, self.fmt, self.act = store, store.layout.fmt, act
-        self.blocks: dict[int, list[tuple[int, int, dict]]] = {}
-        for layer in layers:
-            if layer not in store.layout.shapes:
-                continue
-            self.blocks[layer] = []
-            for node in range(store.layout.nodes):
-                a, b = store.layout.range(layer, node)
-                t = store.tensors(layer, node)
-                if device.type != "cpu":
-                    t = {k: v.to(device) for k, v in t.items()}
-                self.blocks[layer].append((a, b - a, t))
-
-    def run(self, layer: int, x, ids, weights):
-        out = None
-        for first, count, t in self.blocks[layer]:
-            part = self._run(x, ids, weights, t, self.fmt, first, count, self.act)
-            out = part if out is None else out + part
-        return out
