@@ -2,7 +2,7 @@
 dequantized once on the device, then one grouped GEMM per projection.
 
     rows  = (token, slot) pairs whose expert is held by a block, sorted by expert
-    W13_g = dequant(q13_g, s13_g), W2_g = dequant(q2_g, s2_g)      for the G active experts only
+    W13_g = dequant(q13_g, s13_g), W2_g = dequant(q2_g, s2_g)      for the G active experts only (dequant.py)
     Y     = grouped_mm(X_sorted, W13^T);  A = act(Y);  Z = grouped_mm(A, W2^T)
     out  += scatter_add(token, Z * w)                                 accumulated in float32
 
@@ -23,26 +23,7 @@ import torch.nn.functional as F
 
 from ..shared.expert_store import ExpertFormat
 from ..shared.moe import gated_act
-
-
-def dequant_rows(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: torch.Tensor, dtype) -> torch.Tensor:
-    """Weights `name` of experts `rows` (int64 [G]) as `dtype` [G, O, K], dequantized on their device.
-    Exactly shared/quant.py's q * scale: the product of an int in [-8, 127] and a bf16 scale is
-    exact in float32, and is rounded to `dtype` once."""
-    if fmt.kind == "dense":
-        return t[name].index_select(0, rows).to(dtype)
-    q = t[f"{name}.q"].index_select(0, rows)
-    s = t[f"{name}.s"].index_select(0, rows)
-    wide = torch.float32 if dtype == torch.float32 else dtype
-    if fmt.kind == "int4":
-        # unpack as bytes (one byte per value), widen once, then shift and scale in place
-        w = torch.stack([q & 0xF, q >> 4], dim=-1).flatten(-2).to(wide).sub_(8)
-    else:
-        w = q.to(wide)
-    G, O, K = w.shape
-    groups = s.shape[-1]
-    w = w.view(G, O, groups, K // groups).mul_(s.to(wide).unsqueeze(-1))
-    return w.view(G, O, K).to(dtype)
+from .dequant import dequant_rows
 
 
 def _grouped_ok(x: torch.Tensor) -> bool:

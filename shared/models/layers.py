@@ -145,26 +145,10 @@ def attend(
     `sinks` (gpt-oss): one learned logit per head that joins the softmax and takes probability mass
     but contributes no value."""
     t, T = q.shape[0], k.shape[0]
-    if start == 0 and t == T and sliding_window is None and sinks is None:
-        # The square causal case (a prompt's first chunk): no mask tensor, so SDPA can pick flash or
-        # cuDNN attention on CUDA, O(t) memory instead of a [t, T] mask. KV heads are repeated
-        # rather than passed with enable_gqa, which not every fused kernel accepts.
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale).transpose(0, 1)
-    qpos = torch.arange(start, start + t, device=q.device)[:, None]
-    kpos = torch.arange(T, device=q.device)[None, :]
-    mask = kpos <= qpos
-    if sliding_window is not None:
-        mask = mask & (kpos > qpos - sliding_window)
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     if sinks is None:
-        out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=qh.shape[0] != kh.shape[0]
-        )
-        return out.transpose(0, 1)
+        return _sdpa(q, k, v, start, scale, sliding_window)
+    mask = _causal_mask(start, t, T, sliding_window, q.device)
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     rep = qh.shape[0] // kh.shape[0]
     kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
     scores = torch.matmul(qh, kh.transpose(1, 2)) * scale
@@ -174,6 +158,39 @@ def attend(
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = torch.softmax(combined.float(), dim=-1).to(scores.dtype)[..., :-1]
     return torch.matmul(probs, vh).transpose(0, 1)
+
+
+def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """attend() through F.scaled_dot_product_attention, shaped so that CUDA can pick a fused kernel
+    (flash, cuDNN or memory-efficient): those take only 4-D inputs, one head size for q, k and v,
+    and (not all of them) no GQA head broadcast."""
+    t, T, dv = q.shape[0], k.shape[0], v.shape[-1]
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and t > 1:
+        # a prompt chunk: repeating the KV heads costs far less than the attention itself; a decode
+        # step (t = 1) keeps the broadcast, where copying the whole cache would dominate
+        k, v, rep = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), 1
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))  # MLA: zero value columns add nothing to the output
+    q4, k4, v4 = (a.transpose(0, 1).unsqueeze(0) for a in (q, k, v))
+    if start == 0 and t == T and sliding_window is None:
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+    else:
+        # a later chunk or a decode step: is_causal would align the triangle to the top left
+        mask = _causal_mask(start, t, T, sliding_window, q.device)
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
+    return out[0, ..., :dv].transpose(0, 1)
+
+
+
+def _causal_mask(start: int, t: int, T: int, window: int | None, device) -> torch.Tensor:
+    """[t, T] True where query start+i may see key j: j <= start+i, and within the sliding window."""
+    qpos = torch.arange(start, start + t, device=device)[:, None]
+    kpos = torch.arange(T, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask = mask & (kpos > qpos - window)
+    return mask
 
 
 def rows_for_slices(slices: list[SeqSlice]) -> list[tuple[int, int]]:

@@ -1,0 +1,46 @@
+"""The GPU dequantization kernel (gpu_worker/dequant.py) against its torch reference, bit for bit.
+Without a GPU, Triton's interpreter runs the same kernel on the CPU (TRITON_INTERPRET, set before
+triton is first imported: this test runs the check in a fresh interpreter). benchmarks/device_check.py
+runs the same check on CUDA, where bfloat16 results must be identical too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
+
+CHECK = r"""
+import torch
+from krasis.gpu_worker.dequant import dequant_reference, dequant_triton
+from krasis.shared.expert_store import ExpertFormat
+from krasis.shared.quant import quantized
+
+torch.manual_seed(0)
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+for kind in ("int4", "int8"):
+    # odd sizes: O not a power of two, K / 2 not a multiple of the kernel's block, 3 groups per row
+    for O, K, group, n in ((5, 96, 32, 4), (3, 1536, 512, 3)):
+        fmt = ExpertFormat(kind, torch.bfloat16, group)
+        parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
+        t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
+        rows = torch.tensor([n - 1, 0, n - 1], device=dev)  # gathered, out of order, repeated
+        for dtype in (torch.bfloat16, torch.float32):
+            want = dequant_reference(fmt, t, "w", rows, dtype)
+            got = dequant_triton(fmt, t, "w", rows, dtype)
+            assert got.dtype == dtype and got.shape == want.shape == (3, O, K), (got.shape, want.shape)
+            if dev == "cuda" or dtype == torch.float32:
+                assert torch.equal(got, want), (kind, O, K, dtype, (got.float() - want.float()).abs().max())
+            else:  # the interpreter's float32 -> bfloat16 cast truncates where CUDA's rounds to nearest
+                assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0), (kind, O, K, dtype)
+print("ok")
+"""
+
+
+def test_triton_dequant_matches_reference():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
