@@ -55,14 +55,17 @@ def quant_options(f):
     @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
                   help="Expert quantization group along the input dimension.")
     @click.option("--cache-dir", type=click.Path(file_okay=False),
-                  help="Where the weight caches live (default: MODEL/.krasis_cache, or ~/.cache/krasis/NAME "
-                       "if the model folder is read-only).")
+                  help="Where the weight caches live (default: MODEL/.krasis_cache, or ~/.cache/krasis/NAME-HASH "
+                       "if the model folder is read-only; docs/quantization.md).")
     @click.option("--rebuild", is_flag=True, help="Rebuild the weight caches even if they look current "
                                                   "(the way to replace a corrupt one).")
+    @click.option("--gguf", type=click.Path(dir_okay=False),
+                  help="Read the routed experts from this GGUF file instead of MODEL (everything else from MODEL, "
+                       "which may itself be a .gguf file holding everything).")
     @functools.wraps(f)
-    def wrapper(*args, gpu_bits, cpu_bits, attn_bits, group_size, cache_dir, rebuild, **kw):
+    def wrapper(*args, gpu_bits, cpu_bits, attn_bits, group_size, cache_dir, rebuild, gguf, **kw):
         quant = dict(gpu_bits=int(gpu_bits), cpu_bits=int(cpu_bits), attn_bits=int(attn_bits),
-                     group_size=group_size, cache_dir=cache_dir, rebuild=rebuild)
+                     group_size=group_size, cache_dir=cache_dir, rebuild=rebuild, gguf=gguf)
         return f(*args, quant=quant, **kw)
 
     return wrapper
@@ -205,12 +208,12 @@ def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, t
 def convert(model, quant):
     """Build the weight caches that these precisions need, one layer at a time; current caches are
     reused after a full checksum verification."""
-    from ..shared.weights import SafetensorsSource, load_family
+    from ..shared.weights import load_family, open_source
     from .convert import prepare
 
     try:
         family = load_family(model)
-        SafetensorsSource(model).check(family.expected_tensors())
+        open_source(model, quant["gguf"]).check(family.expected_tensors())
         caches = prepare(model, family, RuntimeOptions(**quant), verify=True)
     except USER_ERRORS as e:
         _fail(e)

@@ -13,6 +13,7 @@ for the previous layer are unmapped and the resident set stays near one layer's 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ..shared.expert_store import ExpertFormat, format_expert
 from ..shared.models.family import ModelFamily
 from ..shared.quant import QuantLinear
 from ..shared.weight_cache import CacheWriter, WeightCache, expert_key, fingerprint
-from ..shared.weights import SafetensorsSource
+from ..shared.weights import open_source
 from .processes import RuntimeOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,13 +47,18 @@ def expert_format(bits: int, dtype: torch.dtype, group_size: int) -> ExpertForma
     return ExpertFormat("dense", dtype) if bits == 16 else ExpertFormat(f"int{bits}", dtype, group_size)
 
 
-def cache_dir(model_dir: Path, override: str | None) -> Path:
-    """--cache-dir, else .krasis_cache in the model folder, else (read-only folder) the user cache."""
+def cache_dir(model, override: str | None = None) -> Path:
+    """--cache-dir, else .krasis_cache beside the weights (in the model folder; next to a .gguf file,
+    in a subfolder named after it, since one folder may hold several), else (not writable) under
+    ~/.cache/krasis, tagged with the path so same-named models do not share it."""
     if override:
         return Path(override)
-    if os.access(model_dir, os.W_OK):
-        return model_dir / ".krasis_cache"
-    return Path.home() / ".cache" / "krasis" / model_dir.resolve().name
+    model = Path(model).resolve()
+    folder, sub = (model.parent, model.name) if model.is_file() else (model, "")
+    if os.access(folder, os.W_OK):
+        return folder / ".krasis_cache" / sub
+    tag = hashlib.sha1(str(model).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "krasis" / f"{model.name}-{tag}"
 
 
 def dense_names(family: ModelFamily) -> list[list[str]]:
@@ -86,21 +92,21 @@ def prepare(model_dir, family: ModelFamily, opts: RuntimeOptions, verify: bool =
     need_experts = [f for f in dict.fromkeys([cpu_fmt, gpu_fmt]) if f.kind != "dense" and moe_layers]
     if not need_experts and opts.attn_bits == 16:
         return Caches(cpu_fmt, gpu_fmt, None, None, None)
-    sources = fingerprint(SafetensorsSource(model_dir).source_files() + [model_dir / "config.json"])
+    sources = fingerprint(open_source(model_dir, opts.gguf).source_files())
     folder = cache_dir(model_dir, opts.cache_dir)
     paths: dict[ExpertFormat, Path] = {}
     for fmt in need_experts:
         path = folder / f"experts-{fmt.kind}-g{fmt.group_size}.kc"
         options = {"bits": int(fmt.kind[3:]), "group_size": fmt.group_size, "scale_dtype": "bfloat16"}
         _ensure(path, "experts", options, sources, opts.rebuild, verify, log,
-                lambda w, fmt=fmt: _write_experts(w, model_dir, family, fmt, moe_layers))
+                lambda w, fmt=fmt: _write_experts(w, model_dir, opts.gguf, family, fmt, moe_layers))
         paths[fmt] = path
     dense = None
     if opts.attn_bits == 8:
         dense = folder / "dense-int8.kc"
         options = {"bits": 8, "group_size": "row", "scale_dtype": "bfloat16"}
         _ensure(dense, "dense", options, sources, opts.rebuild, verify, log,
-                lambda w: _write_dense(w, model_dir, family))
+                lambda w: _write_dense(w, model_dir, opts.gguf, family))
     return Caches(cpu_fmt, gpu_fmt, paths.get(cpu_fmt), paths.get(gpu_fmt), dense)
 
 
@@ -124,23 +130,24 @@ def _ensure(path: Path, kind: str, options: dict, sources: list[dict], rebuild: 
         build(w)
 
 
-def _per_layer(model_dir: Path, groups: list, desc: str):
+def _per_layer(model_dir: Path, gguf: str | None, groups: list, desc: str):
     """(source, group) per layer, with a fresh view of the checkpoint each time (see the module
     docstring: this is what bounds the resident set)."""
     for g in tqdm(groups, desc=desc, unit="layer", disable=None, leave=False):
-        src = SafetensorsSource(model_dir)
+        src = open_source(model_dir, gguf)
         yield src, g
 
 
-def _write_experts(w: CacheWriter, model_dir: Path, family: ModelFamily, fmt: ExpertFormat, layers: list[int]) -> None:
-    for src, layer in _per_layer(model_dir, layers, f"converting experts to {fmt.describe()}"):
+def _write_experts(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily, fmt: ExpertFormat,
+                   layers: list[int]) -> None:
+    for src, layer in _per_layer(model_dir, gguf, layers, f"converting experts to {fmt.describe()}"):
         for e in range(family.experts(layer).num):
             for name, t in format_expert(fmt, family, src.get, layer, e).items():
                 w.add(expert_key(layer, e, name), t)
 
 
-def _write_dense(w: CacheWriter, model_dir: Path, family: ModelFamily) -> None:
-    for src, names in _per_layer(model_dir, dense_names(family), "converting dense weights to int8"):
+def _write_dense(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily) -> None:
+    for src, names in _per_layer(model_dir, gguf, dense_names(family), "converting dense weights to int8"):
         for n in names:
             q = QuantLinear.quantize(src.get(n))
             w.add(n + ".q", q.q)

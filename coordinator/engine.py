@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout
 from ..shared.models.family import ConfigError
-from ..shared.weights import SafetensorsSource, load_family
+from ..shared.weights import load_family, open_source
 from .convert import prepare
 from .plan import split_layers
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
@@ -97,8 +97,7 @@ class Engine:
         if opts.max_context < 2:
             raise ConfigError("--max-context must be at least 2")
         self.family = load_family(model_dir)
-        source = SafetensorsSource(model_dir)
-        source.check(self.family.expected_tensors())
+        open_source(model_dir, opts.gguf).check(self.family.expected_tensors())
         self.caches = prepare(model_dir, self.family, opts)
         self.codec = TextCodec(model_dir)
         validate_devices(opts.devices)
@@ -131,13 +130,13 @@ class Engine:
         n_pool = opts.cpu_workers or len(nodes)
         caches = self.caches
         fds = ExpertStore.create_segments(StoreLayout(self.family, n_pool, caches.cpu_fmt))
-        store = {"nodes": n_pool, "fds": fds, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu)}
+        store = {"nodes": n_pool, "fds": fds, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu), "gguf": opts.gguf}
         if caches.gpu_fmt == caches.cpu_fmt:  # one store, one copy in RAM, serves both
             gpu_fds, gpu_store = fds, dict(store, fill=False)
         else:  # the GPU workers' own format: a single-node store each fills for its layers
             gpu_fds = ExpertStore.create_segments(StoreLayout(self.family, 1, caches.gpu_fmt))
-            gpu_store = {"nodes": 1, "fds": gpu_fds, "format": caches.gpu_fmt.to_spec(), "cache": _str(caches.gpu),
-                         "fill": True}
+            gpu_store = dict(store, nodes=1, fds=gpu_fds, format=caches.gpu_fmt.to_spec(), cache=_str(caches.gpu),
+                             fill=True)
         pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
         ncores = len(os.sched_getaffinity(0))
         try:

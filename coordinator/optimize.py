@@ -6,24 +6,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
+from .convert import cache_dir
 from .processes import RuntimeOptions
 
 WINNER_FILE = "strategy.json"
 
 
 def state_path(model_dir, name: str) -> Path:
-    """A small per-model file beside the weight caches: MODEL/.krasis_cache/NAME, or under
-    ~/.cache/krasis when the model folder is read-only."""
-    model = Path(model_dir).resolve()
-    if os.access(model, os.W_OK):
-        return model / ".krasis_cache" / name
-    tag = hashlib.sha1(str(model).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "krasis" / f"{model.name}-{tag}" / name
+    """A small per-model file beside the weight caches."""
+    return cache_dir(model_dir) / name
 
 
 def stored_winner(model_dir) -> dict:

@@ -7,13 +7,14 @@ an unexpected child exit as fatal (WorkerDied).
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
-    pool (CPU pool endpoints), store {nodes, fds, format, cache, fill}, dense_cache, parent_pid,
+    pool (CPU pool endpoints), store {nodes, fds, format, cache, gguf, fill}, dense_cache, parent_pid,
     prefill_strategy, decode_strategy, vram_budget, kv_dtype, prefill_chunk, hcs_path (gpu_worker/experts.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
     otherwise a store of its own format (fill: each GPU worker fills its own layers).
-CPU worker spec: node, model, bind, coord, cores, threads, store {nodes, fds, format, cache}, parent_pid.
+CPU worker spec: node, model, bind, coord, cores, threads, store {nodes, fds, format, cache, gguf}, parent_pid.
     format: ExpertFormat.to_spec(); cache: the expert cache file to copy from, or null to format the
-    experts from the checkpoint (16-bit); dense_cache: the INT8 dense cache file or null.
+    experts from the checkpoint (16-bit): MODEL, or the GGUF file `gguf` when not null;
+    dense_cache: the INT8 dense cache file or null.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class RuntimeOptions:
     cpu_bits: int = 16  # routed experts in the CPU pool's shared store (decode)
     attn_bits: int = 16  # dense GPU weights: attention, shared experts, dense MLPs, lm_head
     group_size: int = 128  # expert quantization group along the input dimension
-    cache_dir: str | None = None  # default: MODEL/.krasis_cache, or ~/.cache/krasis/NAME
+    cache_dir: str | None = None  # default: convert.cache_dir (MODEL/.krasis_cache, ...)
     rebuild: bool = False  # rebuild the caches even when they look current
+    gguf: str | None = None  # a GGUF file the routed experts are read from instead of MODEL
     # Routed-expert strategies (docs/strategies.md); None: the winner `optimize` stored, else the defaults.
     prefill_strategy: str | None = None
     decode_strategy: str | None = None

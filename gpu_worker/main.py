@@ -22,7 +22,7 @@ from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_n
 from ..shared.lifecycle import die_with_parent, limit_threads
 from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
-from ..shared.weights import SafetensorsSource, load_family
+from ..shared.weights import load_family, open_source
 from .pool_client import PoolClient
 from .experts import StageExperts
 from .stage import Stage
@@ -65,7 +65,7 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
         torch.cuda.set_device(device)
     dtype = DTYPES[spec["dtype"]]
     family = load_family(spec["model"])
-    source = SafetensorsSource(spec["model"])
+    source = open_source(spec["model"])  # what this stage reads itself; the routed experts come through the store
     layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat.from_spec(spec["store"]["format"]))
     store = ExpertStore(layout, spec["store"]["fds"])
     if spec["store"].get("fill"):  # a store of the GPU's own format: this stage's layers are ours to fill

@@ -7,6 +7,8 @@ architectures served from GGUF it permutes no Q/K rows (Qwen3-MoE uses NeoX rope
 gpt-oss keep HF order), so nothing is undone there. Routed experts are stacked per layer
 (ffn_{gate,up,down}_exps [E, rows, cols], rows and cols in HF order): Qwen3-MoE and DeepSeek-V2 are
 presented per expert; gpt-oss as its fused HF tensors (gate and up columns interleaved again).
+DeepSeek-V2's kv_b_proj is one tensor (attn_kv_b) in older files; the converter now writes it split
+per head into attn_k_b (transposed) and attn_v_b for llama.cpp's absorbed MLA, which we join again.
 Weights are dequantized one expert (or one tensor) at a time with gguf.quants.dequantize.
 
 The file's metadata also yields an HF-style config dict (gguf_config) and, in the coordinator, the
@@ -94,12 +96,16 @@ def gguf_config(path: str | os.PathLike) -> dict:
     elif arch == "deepseek2":
         rope = int(get("rope.dimension_count", required=True))
         q_lora = int(get("attention.q_lora_rank", 0) or 0)
+        # Files converted for llama.cpp's absorbed MLA give the latent's sizes as key/value_length and
+        # the per-head sizes as *_mla; older files have only the per-head sizes.
+        key_length = int(get("attention.key_length_mla") or get("attention.key_length", required=True))
+        value_length = int(get("attention.value_length_mla") or get("attention.value_length", required=True))
         groups = int(get("expert_group_count", 1) or 1)
         cfg |= {
             "n_routed_experts": int(get("expert_count", required=True)),
             "qk_rope_head_dim": rope,
-            "qk_nope_head_dim": int(get("attention.key_length", required=True)) - rope,
-            "v_head_dim": int(get("attention.value_length", required=True)),
+            "qk_nope_head_dim": key_length - rope,
+            "v_head_dim": value_length,
             "kv_lora_rank": int(get("attention.kv_lora_rank", required=True)),
             "q_lora_rank": q_lora or None,
             "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
@@ -155,6 +161,7 @@ class GGUFSource:
         except ConfigError as e:
             raise GGUFError(f"{self.path}: {e}") from None
         # HF name -> how to read it: ("plain", gguf name) | ("expert", gguf name, e) | ("fused", layer, part)
+        # | ("kv_b", layer)
         self._map: dict[str, tuple] = {}
         for layer in range(n_layers):
             if family.is_moe(layer):
@@ -165,7 +172,9 @@ class GGUFSource:
                 wanted |= family.layer_tensors(layer)
             for hf in wanted:
                 g = self._gguf_name(tmap, hf)
-                if g is not None:
+                if hf.endswith("self_attn.kv_b_proj.weight") and g not in self._tensors:
+                    self._map[hf] = ("kv_b", int(hf.split(".")[2]))
+                elif g is not None:
                     self._map[hf] = ("plain", g)
 
     def _gguf_name(self, tmap, hf: str) -> str | None:
@@ -192,21 +201,39 @@ class GGUFSource:
         return [n for n in self._map if self._present(n)]
 
     def _present(self, name: str) -> bool:
+        return all(g in self._tensors for g in self._parts(name))
+
+    def _parts(self, name: str) -> list[str]:
+        """The GGUF tensors an HF tensor is made of."""
         how = self._map[name]
         if how[0] == "fused":
-            return all(f"blk.{how[1]}.{g}.weight" in self._tensors for g in _EXPERT_PARTS.values())
-        return how[1] in self._tensors
+            kind = "bias" if how[2].endswith("_bias") else "weight"
+            parts = ("down",) if how[2].startswith("down") else ("gate", "up")
+            return [f"blk.{how[1]}.{_EXPERT_PARTS[p]}.{kind}" for p in parts]
+        if how[0] == "kv_b":
+            return [f"blk.{how[1]}.attn_k_b.weight", f"blk.{how[1]}.attn_v_b.weight"]
+        return [how[1]]
+
+    def _shape(self, gname: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in reversed(self._tensors[gname].shape))
 
     def __contains__(self, name: str) -> bool:
         return name in self._map and self._present(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        how = self._map[name]
+        """From the GGUF shapes alone: a check of the whole file reads no tensor data."""
+        how, parts = self._map[name], [self._shape(g) for g in self._parts(name)]
         if how[0] == "plain":
-            return tuple(int(s) for s in reversed(self._tensors[how[1]].shape))
+            return parts[0]
         if how[0] == "expert":
-            return tuple(int(s) for s in reversed(self._tensors[how[1]].shape[:2]))
-        return tuple(self.get(name).shape)
+            return parts[0][1:]
+        if how[0] == "kv_b":  # k_b [heads, kv_lora, nope], v_b [heads, v, kv_lora]
+            (heads, rank, nope), (_, v, _) = parts
+            return heads * (nope + v), rank
+        if how[2].endswith("_bias"):
+            return parts[0][0], parts[0][1] * len(parts)
+        E, rows, cols = parts[0]
+        return (E, cols, rows * len(parts))  # [E, rows, cols] -> HF's [E, in, out] (gate and up fused)
 
     def _dequant(self, gname: str, index: int | None = None) -> torch.Tensor:
         from gguf.quants import dequantize
@@ -230,23 +257,20 @@ class GGUFSource:
             t = self._dequant(how[1])
         elif how[0] == "expert":
             t = self._dequant(how[1], how[2])
+        elif how[0] == "kv_b":
+            k_b, v_b = (self._dequant(g) for g in self._parts(name))
+            t = torch.cat([k_b.transpose(1, 2), v_b], dim=1).flatten(0, 1)
         else:
-            t = self._fused(how[1], how[2])
+            t = self._fused(name)
         return t if dtype is None else t.to(dtype)
 
-    def _fused(self, layer: int, part: str) -> torch.Tensor:
-        """gpt-oss's HF expert tensors from llama.cpp's split ones: gate_up_proj [E, H, 2I] with gate
-        in the even and up in the odd columns, down_proj [E, I, H], and their biases."""
-        b = f"blk.{layer}."
-        if part.endswith("_bias"):
-            if part == "down_proj_bias":
-                return self._dequant(b + "ffn_down_exps.bias")
-            g, u = self._dequant(b + "ffn_gate_exps.bias"), self._dequant(b + "ffn_up_exps.bias")
-            return torch.stack([g, u], dim=-1).flatten(-2)
-        if part == "down_proj":
-            return self._dequant(b + "ffn_down_exps.weight").transpose(1, 2).contiguous()
-        g, u = self._dequant(b + "ffn_gate_exps.weight"), self._dequant(b + "ffn_up_exps.weight")  # [E, I, H]
-        return torch.stack([g, u], dim=2).flatten(1, 2).transpose(1, 2).contiguous()
+    def _fused(self, name: str) -> torch.Tensor:
+        """gpt-oss's HF expert tensors from llama.cpp's split ones: gate and up interleaved again
+        (gate in the even, up in the odd positions), weights as [E, in, out]."""
+        parts = [self._dequant(g) for g in self._parts(name)]
+        if name.endswith("_bias"):
+            return torch.stack(parts, dim=-1).flatten(-2)
+        return torch.stack(parts, dim=2).flatten(1, 2).transpose(1, 2).contiguous()
 
     def source_files(self) -> list[Path]:
         return [self.path]
@@ -282,6 +306,11 @@ class CombinedSource:
         return self.hf.source_files() + self.experts.source_files()
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        # Expert tensors the model does not name would be ignored while the model's own are read instead.
+        foreign = [n for n in self.experts.names() if n not in expected]
+        if foreign:
+            raise GGUFError(f"{self.experts.path}: routed-expert tensor {foreign[0]} is not one the model has "
+                            f"(its experts are stored another way, e.g. MXFP4, or the GGUF is of another model)")
         self.experts.check({n: s for n, s in expected.items() if n in self.experts})
         self.hf.check({n: s for n, s in expected.items() if n not in self.experts})
 

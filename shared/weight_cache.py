@@ -238,12 +238,13 @@ def expert_key(layer: int, e: int, name: str) -> str:
 @contextmanager
 def store_writer(store_spec: dict, fmt, family, model_dir):
     """The expert writer that fills a store described by a worker spec (coordinator/processes.py):
-    a copy from its cache file, or, for an unquantized store, the experts read from the checkpoint."""
+    a copy from its cache file, or, for an unquantized store, the experts read from the checkpoint
+    (or from the spec's GGUF file)."""
     if store_spec.get("cache"):
         with WeightCache(store_spec["cache"]) as cache:
             yield cache.expert_writer()
     else:
         from .expert_store import from_source
-        from .weights import SafetensorsSource
+        from .weights import open_source
 
-        yield from_source(fmt, family, SafetensorsSource(model_dir).get)
+        yield from_source(fmt, family, open_source(model_dir, store_spec.get("gguf")).get)

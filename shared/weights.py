@@ -57,12 +57,16 @@ def is_gguf(path) -> bool:
 def open_source(model, gguf=None):
     """The weights of `model` (a Hugging Face folder, or a .gguf file holding everything), with the
     routed experts read from the GGUF file `gguf` instead when one is given."""
-    from .gguf_source import CombinedSource, GGUFSource
+    from .gguf_source import ARCHS, CombinedSource, GGUFError, GGUFSource
 
-    if is_gguf(model):
-        return GGUFSource(model)
-    source = SafetensorsSource(model)
-    return source if gguf is None else CombinedSource(source, GGUFSource(gguf, experts_only=True))
+    source = GGUFSource(model) if is_gguf(model) else SafetensorsSource(model)
+    if gguf is None:
+        return source
+    experts = GGUFSource(gguf, experts_only=True)
+    archs = load_config(model).get("architectures") or []
+    if ARCHS[experts.arch] not in archs:
+        raise GGUFError(f"{gguf} holds a {experts.arch} model ({ARCHS[experts.arch]}); {model} is {', '.join(archs) or 'of no architecture'}")
+    return CombinedSource(source, experts)
 
 
 def load_family(model_dir) -> ModelFamily:
@@ -118,7 +122,8 @@ class SafetensorsSource:
         return t if dtype is None else t.to(dtype)
 
     def source_files(self) -> list[Path]:
-        return sorted(self._handles)
+        """What the weights are read from, and the config that says what they mean."""
+        return sorted(self._handles) + [self.dir / "config.json"]
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Every tensor the config implies exists with its shape."""
