@@ -14,37 +14,6 @@ import tiny_models as tm
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 8, 45, 90, 45, 23, 53, 60, 28, 74]]
 PP1 = ("--devices", "cpu", "--cpu-workers", "1")
 PP2 = ("--devices", "cpu,cpu", "--cpu-workers", "2")
-CONFIGS = {
-    "go-base": dict(sliding_window=5),  # sliding, full, sliding; YaRN rope
-    "go-mha-nobias-default-rope": dict(attention_bias=False, num_key_value_heads=4, num_experts_per_tok=3,
-                                       sliding_window=3, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                       layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
-}
-
-
-def config(**over):
-    from transformers import GptOssConfig
-
-    base = dict(vocab_size=160, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
-                max_position_embeddings=512, eos_token_id=None, bos_token_id=None)
-    return GptOssConfig(**{**base, **over})
-
-
-def random_model(seed=0, expert_std=0.08, **over):
-    from transformers import GptOssForCausalLM
-
-    torch.manual_seed(seed)
-    model = GptOssForCausalLM(config(**over))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "sinks" in name:
-                p.normal_(0, 1.0)
-            elif "experts" in name:
-                p.normal_(0, expert_std)
-            elif "norm" not in name:
-                p.normal_(0, 0.08)
-    return model.eval()
 
 
 def random_mxfp4(shape_rows: tuple[int, ...], cols: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +28,7 @@ def build_mxfp4(ref_dir, mx_dir, seed=1, **over):
     quantization_config mxfp4), `ref_dir` with transformers' own dequantization of them in float32."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    model = random_model(seed, **over)
+    model = tm.random_model("gpt_oss", seed, **over)
     cfg, gen = model.config, torch.Generator().manual_seed(seed)
     E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     packed = {}
@@ -88,8 +57,8 @@ def build_mxfp4(ref_dir, mx_dir, seed=1, **over):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptoss")
     out = {}
-    for name, over in CONFIGS.items():
-        random_model(**over).save_pretrained(root / name)
+    for name, over in tm.GPT_OSS_CONFIGS.items():
+        tm.build(root / name, "gpt_oss", **over)
         out[name] = (root / name, root / name)
     build_mxfp4(root / "mx-ref", root / "mx", sliding_window=6)
     out["go-mxfp4"] = (root / "mx", root / "mx-ref")
@@ -104,9 +73,11 @@ def test_experts_match_transformers():
     from krasis.shared.models.family import family_for
     from krasis.shared.moe import moe_reference
 
-    model = random_model(expert_std=0.6)
+    model = tm.random_model("gpt_oss")
     experts = model.model.layers[0].mlp.experts
     with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.6)
+        experts.down_proj.normal_(0, 0.6)
         experts.gate_up_proj_bias.normal_(0, 0.5)
         experts.down_proj_bias.normal_(0, 0.5)
     fam = family_for(model.config.to_dict() | {"architectures": ["GptOssForCausalLM"]})
@@ -152,6 +123,6 @@ def test_exact_against_transformers(models, config, topology):
 
 
 def test_unsupported_swiglu_is_refused(tmp_path):
-    random_model(swiglu_limit=5.0).save_pretrained(tmp_path)
+    tm.build(tmp_path, "gpt_oss", swiglu_limit=5.0)
     p = tm.krasis("generate", tmp_path, "--prompt-ids", "1,2", check=False)
     assert p.returncode == 1 and "swiglu_limit" in p.stderr and "Traceback" not in p.stderr

@@ -12,42 +12,12 @@ LONG = [(7 * i + 3) % 150 + 1 for i in range(70)]  # > 64 tokens: more than one 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], LONG]
 PP1 = ("--devices", "cpu", "--cpu-workers", "1")
 PP2 = ("--devices", "cpu,cpu", "--cpu-workers", "2")
-CONFIGS = {
-    "qn-base": dict(),  # 3 linear + 1 full layer, 2 key heads serving 4 value heads, rotary on 1/4 of the head
-    "qn-dense-bias-tied": dict(mlp_only_layers=[1], attention_bias=True, partial_rotary_factor=0.5,
-                               full_attention_interval=2, linear_num_value_heads=2, linear_conv_kernel_dim=3,
-                               norm_topk_prob=False, tie_word_embeddings=True),
-    "qn-sparse-step": dict(decoder_sparse_step=2, rope_theta=500000.0,
-                           layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"]),
-}
-
-
-def build(path, seed=0, **over):
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
-
-    base = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                shared_expert_intermediate_size=48, linear_num_key_heads=2, linear_num_value_heads=4,
-                linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=512,
-                eos_token_id=None, bos_token_id=None)
-    torch.manual_seed(seed)
-    model = Qwen3NextForCausalLM(Qwen3NextConfig(**{**base, **over}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("linear_attn.norm.weight"):
-                p.normal_(1.0, 0.1)
-            elif "norm" in name:
-                p.normal_(0.0, 0.1)  # (1 + w) norms: w around 0
-            elif not name.endswith(("A_log", "dt_bias")):
-                p.normal_(0, 0.08)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3next")
-    return {name: build(root / name, **over) for name, over in CONFIGS.items()}
+    return {name: tm.build(root / name, "qwen3_next", **over) for name, over in tm.QWEN3_NEXT_CONFIGS.items()}
 
 
 def _delta_inputs(T, H=3, dk=8, dv=6, seed=0):

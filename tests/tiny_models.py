@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,22 @@ DEEPSEEK_CONFIGS = {
 }
 
 
+QWEN3_NEXT_CONFIGS = {
+    "qn-base": dict(),  # 3 linear + 1 full layer, 2 key heads serving 4 value heads, rotary on 1/4 of the head
+    "qn-dense-bias-tied": dict(mlp_only_layers=[1], attention_bias=True, partial_rotary_factor=0.5,
+                               full_attention_interval=2, linear_num_value_heads=2, linear_conv_kernel_dim=3,
+                               norm_topk_prob=False, tie_word_embeddings=True),
+    "qn-sparse-step": dict(decoder_sparse_step=2, rope_theta=500000.0,
+                           layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention"]),
+}
+GPT_OSS_CONFIGS = {
+    "go-base": dict(sliding_window=5),  # sliding, full, sliding; YaRN rope
+    "go-mha-nobias-default-rope": dict(attention_bias=False, num_key_value_heads=4, num_experts_per_tok=3,
+                                       sliding_window=3, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                       layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
+}
+
+
 def qwen3_config(**over):
     from transformers import Qwen3MoeConfig
 
@@ -58,6 +75,28 @@ def deepseek_config(**over):
     return DeepseekV2Config(**base)
 
 
+def qwen3_next_config(**over):
+    from transformers import Qwen3NextConfig
+
+    base = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                shared_expert_intermediate_size=48, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=512,
+                eos_token_id=None, bos_token_id=None)
+    base.update(over)
+    return Qwen3NextConfig(**base)
+
+
+def gpt_oss_config(**over):
+    from transformers import GptOssConfig
+
+    base = dict(vocab_size=160, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                max_position_embeddings=512, eos_token_id=None, bos_token_id=None)
+    base.update(over)
+    return GptOssConfig(**base)
+
+
 def patch_deepseek_norm_topk(model) -> None:
     """transformers 5 ignores DeepSeek-V2's norm_topk_prob; DeepSeek's own code normalises the
     top-k weights instead of scaling them. Make the reference do what the checkpoint means."""
@@ -77,21 +116,40 @@ def patch_deepseek_norm_topk(model) -> None:
             mod.forward = forward
 
 
-def build(path: Path, family: str, seed: int = 0, **over) -> Path:
-    """Save a random model of `family` ("qwen3" or "deepseek") with config overrides to `path`.
-    Weights get a larger spread than the init default so greedy decoding is not degenerate."""
-    from transformers import DeepseekV2ForCausalLM, Qwen3MoeForCausalLM
+FAMILIES = {  # family -> (transformers class name, config builder)
+    "qwen3": ("Qwen3MoeForCausalLM", qwen3_config),
+    "deepseek": ("DeepseekV2ForCausalLM", deepseek_config),
+    "qwen3_next": ("Qwen3NextForCausalLM", qwen3_next_config),
+    "gpt_oss": ("GptOssForCausalLM", gpt_oss_config),
+}
 
+
+def random_model(family: str, seed: int = 0, **over):
+    """A random model of `family` (a FAMILIES key) with config overrides. Weights get a larger spread
+    than the init default so greedy decoding is not degenerate; norms keep their init, except that
+    Qwen3-Next's (1 + w) norms get w around 0 and its gated norm weights around 1; gpt-oss's sinks
+    are large enough to matter."""
+    import transformers
+
+    cls, config = FAMILIES[family]
     torch.manual_seed(seed)
-    if family == "qwen3":
-        model = Qwen3MoeForCausalLM(qwen3_config(**over))
-    else:
-        model = DeepseekV2ForCausalLM(deepseek_config(**over))
+    model = getattr(transformers, cls)(config(**over))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" not in name:
+            if family == "qwen3_next" and name.endswith("linear_attn.norm.weight"):
+                p.normal_(1.0, 0.1)
+            elif family == "qwen3_next" and "norm" in name:
+                p.normal_(0.0, 0.1)
+            elif "sinks" in name:
+                p.normal_(0, 1.0)
+            elif "norm" not in name and not name.endswith(("A_log", "dt_bias")):
                 p.normal_(0, 0.08)
-    model.save_pretrained(path)
+    return model.eval()
+
+
+def build(path: Path, family: str, seed: int = 0, **over) -> Path:
+    """Save random_model(family, seed, **over) to `path`."""
+    random_model(family, seed, **over).save_pretrained(path)
     return path
 
 
@@ -113,6 +171,59 @@ def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
 def reference_logits(model, prompt_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([prompt_ids])).logits[0].float()
+
+
+# What the runtime quantizes (docs/quantization.md), by checkpoint name, independently of its own
+# choice: routed experts (per expert, or gpt-oss's fused [E, in, out] tensors) get the expert scheme,
+# and with --attn-bits 8 every attention / linear-attention / shared-expert / dense-MLP projection and
+# an untied lm_head gets INT8 per output channel. Routers, norms, convolutions and embeddings stay.
+EXPERT = re.compile(r"\.mlp\.experts\.(\d+\.(gate|up|down)_proj\.weight|gate_up_proj|down_proj)$")
+DENSE = re.compile(r"(\.(self_attn|linear_attn)\.\w*_proj\w*|\.mlp\.(shared_experts?\.)?(gate|up|down)_proj)\.weight$"
+                   r"|^lm_head\.weight$")
+
+
+def fake_quant_copy(src: Path, dst: Path, expert_bits: int, attn_bits: int, group: int):
+    """A copy of the model folder whose weights are what the runtime computes with, loaded in
+    transformers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from krasis.shared.quant import fake_quantize
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, dst / f.name)
+    hits = {"expert": 0, "dense": 0}
+    for f in src.glob("*.safetensors"):
+        state = load_file(f)
+        for name, w in state.items():
+            if EXPERT.search(name) and expert_bits != 16:
+                # groups run along each expert's input dimension: the last one of [out, in], the middle of [E, in, out]
+                state[name] = (fake_quantize(w.transpose(1, 2), expert_bits, group).transpose(1, 2).contiguous() if w.dim() == 3
+                               else fake_quantize(w, expert_bits, group))
+                hits["expert"] += 1
+            elif DENSE.search(name) and attn_bits == 8:
+                state[name] = fake_quantize(w, 8, w.shape[-1])
+                hits["dense"] += 1
+        save_file(state, dst / f.name, metadata={"format": "pt"})
+    assert hits["expert"] > 0 and (attn_bits == 16 or hits["dense"] > 0)
+    return reference_model(dst)
+
+
+def greedy_two_phase(prefill_model, decode_model, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy tokens with the prompt run by one model and every decode step by another, sharing
+    the cache: the runtime's prefill-on-GPU / decode-on-CPU split with different precisions."""
+    with torch.no_grad():
+        out = prefill_model(torch.tensor([prompt_ids]), use_cache=True)
+        toks = [int(out.logits[0, -1].argmax())]
+        past = out.past_key_values
+        for _ in range(n - 1):
+            out = decode_model(torch.tensor([[toks[-1]]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            toks.append(int(out.logits[0, -1].argmax()))
+    return toks
 
 
 def krasis(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
