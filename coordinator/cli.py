@@ -23,6 +23,7 @@ from ..shared.weights import WeightError
 from .engine import Engine, RequestError
 from .plan import PlanError
 from .processes import RuntimeOptions, WorkerDied
+from .synth import SHAPES
 from .tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, WeightError, PlanError, RequestError, TokenizerError, P.ProtocolError, WorkerDied,
@@ -338,7 +339,7 @@ def optimize(model, prompt_tokens, decode_tokens, runs, opts):
 
 
 @main.command()
-@click.option("--shape", required=True, type=click.Choice(["deepseek-v2-lite", "qwen3-30b-a3b", "qwen3-235b-a22b"]),
+@click.option("--shape", required=True, type=click.Choice(list(SHAPES)),
               help="The real model whose shape to copy.")
 @click.option("--layers", type=int, help="Decoder layers (default: the real model's).")
 @click.option("--experts", type=int, help="Routed experts per layer (default: the real model's; fewer for tests).")

@@ -42,7 +42,30 @@ SHAPES = {
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                       "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
+    # Qwen3-Next-80B-A3B's architecture (transformers' Qwen3NextConfig defaults) with the model card's
+    # 262,144-token context: 12 x (3 Gated DeltaNet + 1 gated attention layers), every one MoE.
+    "qwen3-coder-next": dict(
+        architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=151936, hidden_size=2048,
+        intermediate_size=5632, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=48,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256, num_experts=512, num_experts_per_tok=10,
+        norm_topk_prob=True, full_attention_interval=4, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
+        mlp_only_layers=[], attention_bias=False, hidden_act="silu",
+    ),
+    # transformers' GptOssConfig defaults are gpt-oss-120b's: sliding (128) and full attention alternating.
+    "gpt-oss-120b": dict(
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=201088, hidden_size=2880,
+        intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+        num_local_experts=128, num_experts_per_tok=4, sliding_window=128, swiglu_limit=7.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096},
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True,
+        hidden_act="silu",
+    ),
 }
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -64,7 +87,7 @@ def synth_config(shape: str, layers: int | None = None, experts: int | None = No
             raise SynthError("--layers must be at least 1")
         cfg["num_hidden_layers"] = layers
     if experts is not None:
-        key = "n_routed_experts" if "n_routed_experts" in cfg else "num_experts"
+        key = next(k for k in EXPERT_COUNT_KEYS if k in cfg)
         if not 0 < cfg["num_experts_per_tok"] <= experts:
             raise SynthError(f"--experts must be at least num_experts_per_tok ({cfg['num_experts_per_tok']})")
         cfg[key] = experts
