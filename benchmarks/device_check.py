@@ -168,7 +168,7 @@ def attention_check(T: int = 10000):
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     row = {
         "gqa_attend_ms": ms(lambda: attend(q, k, v, 0, 0.088)),
-        "gqa_enable_gqa_ms": ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)),
+        "gqa_enable_gqa_4d_ms": ms(lambda: F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True, enable_gqa=True)),
     }
     qm, km, vm = (torch.randn(T, 16, d, device="cuda").bfloat16() for d in (192, 192, 128))
     row["mla_attend_ms"] = ms(lambda: attend(qm, km, vm, 0, 0.07))
@@ -261,6 +261,38 @@ def bench(layers: int, prompt: int, decode: int, runs: int):
     return table(rows) if rows else ""
 
 
+def dequant_check():
+    """tests/test_dequant.py's comparison on CUDA, where bfloat16 must be identical too."""
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_dequant import CHECK
+
+    p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
+    RESULTS["dequant_exact"] = p.returncode == 0 and p.stdout.strip() == "ok"
+    log("dequant kernel identical to its reference on CUDA:", RESULTS["dequant_exact"], p.stderr[-800:])
+    save()
+
+
+def profile_bench(layers: int, prompt: int, decode: int):
+    """One more bench run of the first shape with every GPU worker under torch.profiler
+    (gpu_worker/profiling.py), tables in $OUT/profile."""
+    os.environ["KRASIS_PROFILE"] = str(OUT / "profile")
+    os.environ["KRASIS_PROFILE_STEPS"] = "1,16"
+    try:
+        from krasis.coordinator.bench import run_bench
+        from krasis.coordinator.processes import RuntimeOptions
+
+        opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
+                              prefill_strategy="layer_grouped_2", decode_strategy="pure_cpu", prefill_chunk=prompt,
+                              max_context=prompt + decode + 8, max_batch=1)
+        run_bench(str(Path("/tmp/krasis-synth") / f"qwen3-30b-a3b-{layers}"), opts, prompt, decode, 2, measure_floor=False)
+    except Exception:
+        traceback.print_exc(file=LOG)
+    finally:
+        del os.environ["KRASIS_PROFILE"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
@@ -269,10 +301,11 @@ def main():
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also one profiled bench run (gpu_worker/profiling.py)")
     a = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
-    for step in (ceilings, attention_check, kernel_check):
+    for step in (ceilings, attention_check, dequant_check, kernel_check):
         try:
             step()
         except Exception:
@@ -281,6 +314,8 @@ def main():
         exactness(Path("/tmp/krasis-exact"))
     log(f"checks done at {time.time() - t0:.0f} s")
     tab = bench(a.layers, a.prompt, a.decode, a.runs) if not a.skip_bench else ""
+    if a.profile and not a.skip_bench:
+        profile_bench(a.layers, a.prompt, a.decode)
     print("\n=== summary ===")
     print("attention:", {k: round(v, 1) for k, v in RESULTS.get("attention", {}).items()})
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})

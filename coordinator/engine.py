@@ -26,7 +26,7 @@ from ..shared.models.family import ConfigError
 from ..shared.weights import load_family, open_source
 from .convert import prepare
 from .plan import split_layers
-from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
+from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus, reserve_cores
 from .sampling import Sampler
 from .tokenizer import Detokenizer, TextCodec
 
@@ -126,7 +126,7 @@ class Engine:
         self.results = self.ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
         self.results.bind(ep("results"))
-        nodes = numa_cpus(opts.numa_nodes)
+        nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
         n_pool = opts.cpu_workers or len(nodes)
         caches = self.caches
         fds = ExpertStore.create_segments(StoreLayout(self.family, n_pool, caches.cpu_fmt))
@@ -155,7 +155,7 @@ class Engine:
                     spec = dict(
                         rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
                         max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
-                        coord=ep("results"), pool=pool_eps, store=gpu_store, dense_cache=_str(caches.dense),
+                        coord=ep("results"), pool=pool_eps, store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
                         **self.strategy_spec(),
                         **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
                     )

@@ -8,6 +8,7 @@ an unexpected child exit as fatal (WorkerDied).
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
     pool (CPU pool endpoints), store {nodes, fds, format, cache, gguf, fill}, dense_cache, parent_pid,
+    cores (empty: any; else the cores kept off the pool, coordinator/processes.py:reserve_cores),
     prefill_strategy, decode_strategy, vram_budget, kv_dtype, prefill_chunk, hcs_path (gpu_worker/experts.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
     otherwise a store of its own format (fill: each GPU worker fills its own layers).
@@ -75,6 +76,19 @@ def numa_cpus(simulate: int | None) -> list[list[int]]:
         if cpus:
             nodes.append(cpus)
     return nodes or [allowed]
+
+
+def reserve_cores(nodes: list[list[int]], gpu_workers: int) -> tuple[list[list[int]], list[int]]:
+    """(the pool's cores per node, the cores kept for the GPU workers and the coordinator): one per
+    GPU worker plus one, from the end of the first node, when that leaves the pool at least three
+    quarters of the machine. In decode a GPU worker launches a layer's kernels between two pool
+    calls; if the pool's threads (which spin a while after each call) share its core, every layer
+    waits for the scheduler."""
+    need = gpu_workers + 1
+    total = sum(map(len, nodes))
+    if total < 4 * need or len(nodes[0]) <= need:
+        return nodes, []
+    return [nodes[0][:-need], *nodes[1:]], nodes[0][-need:]
 
 
 def _parse_cpulist(s: str) -> list[int]:

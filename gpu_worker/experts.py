@@ -31,7 +31,7 @@ class StageExperts:
         self.host = HostExperts(store, range(a, b), device)
         self.engine = CopyEngine(device)
         act = getattr(family, "expert_act", "silu")
-        self.counts = Counts({i: store.layout.shapes[i].num for i in self.host.layers}, spec.get("hcs_path"))
+        self.counts = Counts({i: store.layout.shapes[i].num for i in self.host.layers}, spec.get("hcs_path"), device)
         hot = None
         if self.host.layers and (prefill == "hcs_prefill" or decode == "hcs_hybrid"):
             per_expert = self.host.expert_nbytes(self.host.layers[0])

@@ -22,10 +22,11 @@ from .dma import Block, CopyEngine, ExpertSlots, HostExperts
 
 
 class Counts:
-    def __init__(self, layers: dict[int, int], path: str | None):
-        """layers: layer -> number of experts."""
+    def __init__(self, layers: dict[int, int], path: str | None, device: torch.device | str = "cpu"):
+        """layers: layer -> number of experts. The counts live on `device`, where the router's
+        choices are: counting then costs no host synchronisation in the prefill loop."""
         self.path = Path(path) if path else None
-        self.c = {layer: torch.zeros(n, dtype=torch.int64) for layer, n in layers.items()}
+        self.c = {layer: torch.zeros(n, dtype=torch.int64, device=device) for layer, n in layers.items()}
         if self.path and self.path.exists():
             try:
                 saved = json.loads(self.path.read_text()).get("layers", {})
@@ -33,10 +34,11 @@ class Counts:
                 saved = {}
             for layer, counts in saved.items():
                 if int(layer) in self.c and len(counts) == len(self.c[int(layer)]):
-                    self.c[int(layer)] += torch.tensor(counts, dtype=torch.int64)
+                    self.c[int(layer)] += torch.tensor(counts, dtype=torch.int64, device=device)
 
     def add(self, layer: int, ids: torch.Tensor) -> None:
-        self.c[layer] += torch.bincount(ids.reshape(-1).cpu(), minlength=len(self.c[layer]))
+        c = self.c[layer]
+        c += torch.bincount(ids.reshape(-1).to(c.device), minlength=len(c))
 
     def total(self) -> int:
         return int(sum(int(v.sum()) for v in self.c.values()))

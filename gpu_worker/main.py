@@ -24,6 +24,7 @@ from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
 from ..shared.weights import load_family, open_source
 from .pool_client import PoolClient
+from .profiling import StepProfiler
 from .experts import StageExperts
 from .stage import Stage
 
@@ -33,6 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def main() -> None:
     spec = json.loads(sys.argv[1])
     die_with_parent(spec["parent_pid"])
+    if spec.get("cores"):
+        os.sched_setaffinity(0, spec["cores"])
     limit_threads(spec["threads"])
     ctx = zmq.Context()
     coord = ctx.socket(zmq.PUSH)
@@ -116,6 +119,7 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
 
 
 def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
+    profiler = StepProfiler(rank)
     while True:
         msg = P.decode(inbound.recv_multipart(copy=False))
         if isinstance(msg, P.Shutdown):
@@ -133,7 +137,8 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
         t0 = time.perf_counter()
         try:
             x = msg.tensors["tokens" if stage.first else "hidden"]
-            out = stage.forward(x, msg.slices, msg.decode)
+            with profiler.step(msg.decode):
+                out = stage.forward(x, msg.slices, msg.decode)
         except Exception as e:
             traceback.print_exc()
             # The sequences of a failed step are in an unknown state: drop them here; the

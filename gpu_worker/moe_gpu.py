@@ -2,7 +2,9 @@
 dequantized once on the device, then one grouped GEMM per projection.
 
     rows  = (token, slot) pairs whose expert is held by a block, sorted by expert
-    W13_g = dequant(q13_g, s13_g), W2_g = dequant(q2_g, s2_g)      for the G active experts only (dequant.py)
+    W13_g = dequant(q13_g, s13_g), W2_g = dequant(q2_g, s2_g)      (dequant.py) for the G experts that
+            are groups: all the block holds when the pairs are at least as many (no host sync),
+            else only the active ones
     Y     = grouped_mm(X_sorted, W13^T);  A = act(Y);  Z = grouped_mm(A, W2^T)
     out  += scatter_add(token, Z * w)                                 accumulated in float32
 
@@ -30,8 +32,9 @@ def _grouped_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
-def _project(xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int], grouped: bool) -> torch.Tensor:
-    """Rows xs [R, K] sorted into groups of `counts`, times W_g^T for w [G, O, K] -> [R, O]."""
+def _project(xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int] | None, grouped: bool) -> torch.Tensor:
+    """Rows xs [R, K] sorted into groups (ending at `offs`, of sizes `counts`), times W_g^T for
+    w [G, O, K] -> [R, O]."""
     if grouped:
         return torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
     out, a = [], 0
@@ -56,33 +59,64 @@ def moe_blocks(
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     grouped = _grouped_ok(x)
     ids = ids.to(x.device).long()
+    weights = weights.to(x.device)
     for t, lookup in blocks:
-        local = lookup[ids]  # [M, k]
-        tok, slot = torch.nonzero(local >= 0, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        rows = local[tok, slot]
-        rows, order = torch.sort(rows, stable=True)
-        tok = tok[order]
-        w_tok = weights.to(x.device)[tok, slot[order]].float()
-        active, counts_t = torch.unique_consecutive(rows, return_counts=True)
-        counts = counts_t.tolist()
-        offs = torch.cumsum(counts_t, 0).to(torch.int32)
-        xs = x.index_select(0, tok)
-        w13 = dequant_rows(fmt, t, "w13", active, x.dtype)
-        gu = _project(xs, w13, offs, counts, grouped)
-        del w13
-        if "b13" in t:
-            gu = gu + t["b13"].index_select(0, active).to(x.dtype).repeat_interleave(counts_t, 0)
-        a = gated_act(gu, act)
-        del gu
-        w2 = dequant_rows(fmt, t, "w2", active, x.dtype)
-        y = _project(a, w2, offs, counts, grouped)
-        del w2, a
-        if "b2" in t:
-            y = y + t["b2"].index_select(0, active).to(x.dtype).repeat_interleave(counts_t, 0)
-        out.index_add_(0, tok, y.float() * w_tok[:, None])
+        held = next(iter(t.values())).shape[0]  # experts (rows) the block holds
+        if ids.numel() >= held:
+            sorted_rows = _all_rows(lookup[ids], weights, held)
+        else:
+            sorted_rows = _active_rows(lookup[ids], weights)
+        if sorted_rows is not None:
+            _block(x, t, fmt, act, grouped, out, *sorted_rows)
     return out
+
+
+def _all_rows(local, weights, held: int):
+    """Every (token, slot) pair, sorted by expert; pairs the block does not hold join group 0 with
+    weight 0. Every held expert is a group (empty ones included), so nothing here waits for the
+    device: a prompt chunk chooses nearly every expert anyway, and the prefill loop keeps the GPU
+    queue full only while the host never synchronises."""
+    k = local.shape[1]
+    mine = (local >= 0).reshape(-1)
+    key, order = torch.sort(local.clamp(min=0).reshape(-1), stable=True)
+    wt = torch.where(mine[order], weights.reshape(-1)[order].float(), 0.0)
+    counts = torch.bincount(key, minlength=held)
+    return order // k, wt, key, torch.arange(held, device=key.device), counts
+
+
+def _active_rows(local, weights):
+    """The pairs the block holds, sorted by expert, and only their experts as groups (a decode
+    step's few tokens use a few of the experts held; reading all of them would cost more than the
+    synchronisation that finding the active ones needs)."""
+    tok, slot = torch.nonzero(local >= 0, as_tuple=True)
+    if tok.numel() == 0:
+        return None
+    rows, order = torch.sort(local[tok, slot], stable=True)
+    tok, slot = tok[order], slot[order]
+    active, counts = torch.unique_consecutive(rows, return_counts=True)
+    return tok, weights[tok, slot].float(), rows, active, counts
+
+
+def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts) -> None:
+    """out[tok] += wt * expert(x[tok]) for sorted pairs: `erow` is each pair's expert row in `t`,
+    `experts` the rows dequantized as the groups, `counts` the pairs per group."""
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    sizes = None if grouped else counts.tolist()
+    xs = x.index_select(0, tok)
+    w13 = dequant_rows(fmt, t, "w13", experts, x.dtype)
+    gu = _project(xs, w13, offs, sizes, grouped)
+    del w13
+    if "b13" in t:
+        gu = gu + t["b13"].index_select(0, erow).to(x.dtype)
+    a = gated_act(gu, act)
+    del gu
+    w2 = dequant_rows(fmt, t, "w2", experts, x.dtype)
+    y = _project(a, w2, offs, sizes, grouped)
+    del w2, a
+    if "b2" in t:
+        y = y + t["b2"].index_select(0, erow).to(x.dtype)
+    # where(), not a product alone: a pair outside the block (weight 0) may have overflowed to inf
+    out.index_add_(0, tok, torch.where(wt[:, None] != 0, y.float() * wt[:, None], 0.0))
 
 
 def block_lookup(num_experts: int, first: int, count: int, device) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..shared.models.family import ModelFamily
 from ..shared.models.layers import linear, rows_for_slices, slice_positions
@@ -52,15 +53,20 @@ class Stage:
         runner = self.experts.decode if decode else self.experts.prefill
         runner.begin()
         for layer in self.layers:
-            h = h + layer.attention(layer.input_norm(h), slices, positions, self.kv)
+            with record_function("attention"):
+                h = h + layer.attention(layer.input_norm(h), slices, positions, self.kv)
             x = layer.post_norm(h)
             if layer.is_moe:
-                ids, weights = layer.route(x)
-                mlp = runner.run(layer.index, x, ids, weights)
-                shared = layer.shared(x)
+                with record_function("route"):
+                    ids, weights = layer.route(x)
+                with record_function("routed_experts"):
+                    mlp = runner.run(layer.index, x, ids, weights)
+                with record_function("shared_expert"):
+                    shared = layer.shared(x)
                 h = h + (mlp if shared is None else mlp + shared)
             else:
-                h = h + layer.dense(x)
+                with record_function("dense_mlp"):
+                    h = h + layer.dense(x)
         if not self.last:
             return h
         rows = []

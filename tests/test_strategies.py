@@ -104,16 +104,20 @@ def test_grouped_moe_matches_reference(kind):
                 t[name][e] = v
     x = torch.randn(M, H)
     ids = torch.randint(0, E + 2, (M, k))  # ids E, E+1 belong to nobody here
+    ids[0] = torch.tensor([1, 3, E])  # the one-token case: one expert of each block and one of nobody's
     w = torch.rand(M, k)
     # two blocks: experts [0, 2) in order, and [2, E) held in reversed rows through a lookup
     first = {n: v[:2] for n, v in t.items()}
     rev = {n: v[2:].flip(0) for n, v in t.items()}
     lk_rev = torch.full((E + 2,), -1, dtype=torch.long)
     lk_rev[2:E] = torch.arange(E - 3, -1, -1)
-    got = moe_blocks(x, ids, w, [(first, block_lookup(E + 2, 0, 2, "cpu")), (rev, lk_rev)], fmt)
-    want = moe_reference(x, ids, w, t, fmt, 0, E)
-    assert got.dtype == torch.float32
-    assert float((got - want).norm() / want.norm()) < 1e-5
+    blocks = [(first, block_lookup(E + 2, 0, 2, "cpu")), (rev, lk_rev)]
+    # 40 tokens: every held expert is a group (the sync-free path); 1 token: only the active ones
+    for m in (M, 1):
+        got = moe_blocks(x[:m], ids[:m], w[:m], blocks, fmt)
+        want = moe_reference(x[:m], ids[:m], w[:m], t, fmt, 0, E)
+        assert got.dtype == torch.float32
+        assert float((got - want).norm() / want.norm()) < 1e-5
 
 
 def tm_shape(E, H, I):

@@ -91,3 +91,17 @@ def test_detokenizer_streams_whole_characters(tmp_path):
     pieces = [d.add([i]) for i in ids] + [d.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_reserve_cores_keeps_gpu_workers_off_the_pool():
+    from krasis.coordinator.processes import reserve_cores
+
+    for nodes, world in (([list(range(16))], 1), ([list(range(8)), list(range(8, 16))], 2), ([[0, 1]], 1), ([list(range(6))], 2)):
+        pool, front = reserve_cores(nodes, world)
+        flat = [c for n in pool for c in n]
+        assert sorted(flat + front) == sorted(c for n in nodes for c in n)  # nothing lost, nothing shared
+        assert not set(flat) & set(front) and all(pool)
+        if front:
+            assert len(front) == world + 1 and len(flat) >= 3 * len(front)
+    assert reserve_cores([list(range(16))], 1)[1] == [14, 15]
+    assert reserve_cores([[0, 1]], 1)[1] == []  # a 2-core machine: the pool keeps both

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..protocol import SeqSlice
 
@@ -160,6 +161,9 @@ def attend(
     return torch.matmul(probs, vh).transpose(0, 1)
 
 
+_MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torch.Tensor:
     """attend() through F.scaled_dot_product_attention, shaped so that CUDA can pick a fused kernel
     (flash, cuDNN or memory-efficient): those take only 4-D inputs, one head size for q, k and v,
@@ -178,7 +182,9 @@ def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torc
     else:
         # a later chunk or a decode step: is_causal would align the triangle to the top left
         mask = _causal_mask(start, t, T, sliding_window, q.device)
-        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
+        # not cuDNN: it builds an execution plan per shape, and every decode step has a new length
+        with sdpa_kernel(_MASKED_BACKENDS):
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
     return out[0, ..., :dv].transpose(0, 1)
 
 
