@@ -182,14 +182,26 @@ DENSE = re.compile(r"(\.(self_attn|linear_attn)\.\w*_proj\w*|\.mlp\.(shared_expe
                    r"|^lm_head\.weight$")
 
 
+def fake_quantized(state: dict[str, torch.Tensor], expert_bits: int, attn_bits: int, group: int) -> dict[str, torch.Tensor]:
+    """`state` with the weights the runtime quantizes replaced by what it computes with."""
+    from krasis.shared.quant import fake_quantize
+
+    out = dict(state)
+    for name, w in state.items():
+        if EXPERT.search(name) and expert_bits != 16:
+            # groups run along each expert's input dimension: the last one of [out, in], the middle of [E, in, out]
+            out[name] = (fake_quantize(w.transpose(1, 2), expert_bits, group).transpose(1, 2).contiguous() if w.dim() == 3
+                         else fake_quantize(w, expert_bits, group))
+        elif DENSE.search(name) and attn_bits == 8:
+            out[name] = fake_quantize(w, 8, w.shape[-1])
+    return out
+
+
 def fake_quant_copy(src: Path, dst: Path, expert_bits: int, attn_bits: int, group: int):
-    """A copy of the model folder whose weights are what the runtime computes with, loaded in
-    transformers."""
+    """A copy of the model folder holding fake_quantized weights, loaded in transformers."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from krasis.shared.quant import fake_quantize
 
     dst.mkdir()
     for f in src.iterdir():
@@ -198,16 +210,9 @@ def fake_quant_copy(src: Path, dst: Path, expert_bits: int, attn_bits: int, grou
     hits = {"expert": 0, "dense": 0}
     for f in src.glob("*.safetensors"):
         state = load_file(f)
-        for name, w in state.items():
-            if EXPERT.search(name) and expert_bits != 16:
-                # groups run along each expert's input dimension: the last one of [out, in], the middle of [E, in, out]
-                state[name] = (fake_quantize(w.transpose(1, 2), expert_bits, group).transpose(1, 2).contiguous() if w.dim() == 3
-                               else fake_quantize(w, expert_bits, group))
-                hits["expert"] += 1
-            elif DENSE.search(name) and attn_bits == 8:
-                state[name] = fake_quantize(w, 8, w.shape[-1])
-                hits["dense"] += 1
-        save_file(state, dst / f.name, metadata={"format": "pt"})
+        hits["expert"] += sum(bool(EXPERT.search(n)) for n in state)
+        hits["dense"] += sum(bool(DENSE.search(n)) for n in state)
+        save_file(fake_quantized(state, expert_bits, attn_bits, group), dst / f.name, metadata={"format": "pt"})
     assert hits["expert"] > 0 and (attn_bits == 16 or hits["dense"] > 0)
     return reference_model(dst)
 
