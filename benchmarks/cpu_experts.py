@@ -1,29 +1,40 @@
-"""CPU expert kernel against this machine's DRAM read bandwidth (issue 3).
+"""CPU expert kernels against this machine's DRAM read bandwidth (issue 3).
 
-    python benchmarks/cpu_experts.py [--threads N] [--gb 2.2] [--seconds 3]
+    python benchmarks/cpu_experts.py [--threads N] [--gb 2.2] [--seconds 3] [--c-flags "-DPREFETCH=0" ...]
 
 1. The ceiling: DRAM read bandwidth, a float32 sum over a buffer of >= 2 GB with every thread.
-2. cpu_worker/expert_kernel.moe_layer at M = 1 and M = 8 tokens on Qwen3-30B-A3B-shaped experts
-   (hidden 2048, expert intermediate 768, 128 experts, top-8), INT4 and INT8 with groups of 128,
-   one call per layer, rotating over enough layers that the weights total >= --gb GB, so an
-   expert's weights are never in cache when read.
+2. The layer kernels of cpu_worker/expert_kernel.py side by side, the C kernel (expert_kernel.c,
+   through moe_layer as the pool calls it) and the numba one, at M = 1 and M = 8 tokens on
+   Qwen3-30B-A3B-shaped experts (hidden 2048, expert intermediate 768, 128 experts, top-8), INT4
+   and INT8 with groups of 128, one call per layer, rotating over enough layers that the weights
+   total >= --gb GB, so an expert's weights are never in cache when read. Each --c-flags adds a
+   build of the C kernel with those extra compiler flags (e.g. -DPREFETCH=4096) as another row.
+3. Each kernel's arithmetic alone: one thread, M = 1, one expert whose weights stay in cache, in
+   G weights/s; times the threads, against the ceiling in weights/s, it tells whether a kernel that
+   falls short of the ceiling is compute-bound.
 Weights read per call = the bytes (codes and scales) of the distinct experts its tokens chose.
-The codes and scales are random: the kernel's work does not depend on their values.
+The codes and scales are random: the kernels' work does not depend on their values. Before timing,
+each kernel's result on those weights is checked against shared/moe.py:moe_reference (the C
+kernel's SIMD width depends on the machine it is built on, so this is its check there).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import time
 
 import torch
 
+from krasis.cpu_worker import native
 from krasis.cpu_worker.expert_kernel import moe_layer, set_threads
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
+from krasis.shared.moe import moe_reference
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
+TOLERANCE = 1e-4  # of the output's largest magnitude: float32 sums in another order, over K = 2048
 
 
 def dram_read_gbs(gb: float, reps: int = 5) -> float:
@@ -55,19 +66,69 @@ def expert_bytes(t: dict[str, torch.Tensor]) -> int:
     return sum(v[0].numel() * v.element_size() for v in t.values())
 
 
-def bench(fmt: ExpertFormat, layers, m: int, seconds: float, gen: torch.Generator) -> tuple[float, float]:
+class Threads:
+    """The kernels' thread count: moe_layer's (set_threads) and the --c-flags builds' own."""
+
+    n = 1
+
+    @classmethod
+    def use(cls, n: int) -> None:
+        cls.n = n
+        set_threads(n)
+
+
+def kernels(c_flags: list[str]) -> dict:
+    """name -> layer(x, ids, weights, t, fmt)"""
+    out = {
+        "c": lambda x, ids, w, t, fmt: moe_layer(x, ids, w, t, fmt, 0, EXPERTS, kernel="c"),
+        "numba": lambda x, ids, w, t, fmt: moe_layer(x, ids, w, t, fmt, 0, EXPERTS, kernel="numba"),
+    }
+    for flags in c_flags:
+        k = native.load(tuple(shlex.split(flags)))
+        out[f"c {flags}"] = lambda x, ids, w, t, fmt, k=k: k(x, ids, w, t, int(fmt.kind[3:]), 0, EXPERTS, "silu", Threads.n)
+    return out
+
+
+def check(layer, fmt: ExpertFormat, t, gen: torch.Generator) -> float:
+    """Largest |kernel - reference| over the reference's largest magnitude, float32, M = 1 and 8."""
+    worst = 0.0
+    for m in (1, 8):
+        x = torch.randn(m, HIDDEN, generator=gen)
+        ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(m)])
+        w = torch.rand(m, TOP_K, generator=gen)
+        want = moe_reference(x, ids, w, t, fmt, 0, EXPERTS)
+        worst = max(worst, float((layer(x, ids, w, t, fmt) - want).abs().max() / want.abs().max()))
+    return worst
+
+
+def compute_rate(layer, fmt: ExpertFormat, t, seconds: float, threads: int, gen: torch.Generator) -> float:
+    """G weights/s of one thread on expert 0 of `t`, in cache after the first call."""
+    x = torch.randn(1, HIDDEN, generator=gen).to(torch.bfloat16)
+    ids, w = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)
+    Threads.use(1)
+    layer(x, ids, w, t, fmt)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        layer(x, ids, w, t, fmt)
+        n += 1
+    elapsed = time.perf_counter() - t0
+    Threads.use(threads)
+    return n * 3 * HIDDEN * INTER / elapsed / 1e9
+
+
+def bench(layer, fmt: ExpertFormat, layers, m: int, seconds: float, gen: torch.Generator) -> tuple[float, float]:
     """(GB/s of weights read, ms per layer call)"""
     per_expert = expert_bytes(layers[0])
     x = torch.randn(m, HIDDEN, generator=gen).to(torch.bfloat16)
     w = torch.rand(m, TOP_K, generator=gen)
     calls = [torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(m)]) for _ in range(64)]
-    moe_layer(x, calls[0], w, layers[0], fmt, 0, EXPERTS)  # compile / load the cached kernel
+    layer(x, calls[0], w, layers[0], fmt)  # compile / load, and start the threads
     n, nbytes, elapsed = 0, 0, 0.0
     while elapsed < seconds:
         ids = calls[n % len(calls)]
         t = layers[n % len(layers)]
         t0 = time.perf_counter()
-        moe_layer(x, ids, w, t, fmt, 0, EXPERTS)
+        layer(x, ids, w, t, fmt)
         elapsed += time.perf_counter() - t0
         nbytes += len(torch.unique(ids)) * per_expert
         n += 1
@@ -79,30 +140,50 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads (default: all cores)")
     ap.add_argument("--gb", type=float, default=2.2, help="GB of weights per format to rotate over (>= 2 keeps them out of cache)")
     ap.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
+    ap.add_argument("--c-flags", action="append", default=[], metavar="FLAGS",
+                    help="also time a C build with these extra compiler flags (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    set_threads(args.threads)
+    Threads.use(args.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"threads {args.threads}, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}", flush=True)
+    print(f"C kernel: {native.build()} ({' '.join(native.FLAGS)})", flush=True)
+    layer_fns = kernels(args.c_flags)
     ceiling = dram_read_gbs(max(args.gb, 2.0))
     print(f"DRAM read (float32 sum over {max(args.gb, 2.0):.1f} GB): {ceiling:.1f} GB/s", flush=True)
-    rows = []
+    rows, rates = [], []
     for kind in ("int4", "int8"):
         fmt = ExpertFormat(kind, group_size=128)
         layers = make_layers(fmt, args.gb, gen)
         total = len(layers) * EXPERTS * expert_bytes(layers[0]) / 1e9
         print(f"{kind}: {len(layers)} layers, {total:.2f} GB of expert weights", flush=True)
         torch.set_num_threads(1)  # as in the pool process: torch's idle OpenMP threads would spin against the kernel's
+        for name, layer in layer_fns.items():
+            err = check(layer, fmt, layers[0], gen)
+            print(f"  {name}: max error vs reference {err:.1e} of the output's magnitude", flush=True)
+            if err > TOLERANCE:
+                raise SystemExit(f"{name} disagrees with the reference on {kind} ({err:.1e} > {TOLERANCE:.0e})")
+        for name, layer in layer_fns.items():
+            rate = compute_rate(layer, fmt, layers[0], min(args.seconds, 1.0), args.threads, gen)
+            rates.append((kind, name, rate))
+            print(f"  {name}: {rate:.1f} G weights/s on 1 thread in cache", flush=True)
         for m in (1, 8):
-            gbs, ms = bench(fmt, layers, m, args.seconds, gen)
-            rows.append((kind, m, ms, gbs, gbs / ceiling))
-            print(f"  M={m}: {ms:.3f} ms/layer, {gbs:.1f} GB/s, {gbs / ceiling:.0%} of DRAM read", flush=True)
+            for name, layer in layer_fns.items():
+                gbs, ms = bench(layer, fmt, layers, m, args.seconds, gen)
+                rows.append((kind, m, name, ms, gbs, gbs / ceiling))
+                print(f"  M={m} {name}: {ms:.3f} ms/layer, {gbs:.1f} GB/s, {gbs / ceiling:.0%} of DRAM read", flush=True)
         del layers
         torch.set_num_threads(args.threads)
-    print(f"\n| format | M | ms / layer | weights GB/s | fraction of {ceiling:.1f} GB/s |")
+    print(f"\n| format | M | kernel | ms / layer | weights GB/s | fraction of {ceiling:.1f} GB/s |")
+    print("|---|---|---|---|---|---|")
+    for kind, m, name, ms, gbs, frac in rows:
+        print(f"| {kind} | {m} | {name} | {ms:.3f} | {gbs:.1f} | {frac:.0%} |")
+    print(f"\nArithmetic alone (1 thread, weights in cache), and {args.threads} threads' worth against the ceiling:")
+    print(f"| format | kernel | G weights/s, 1 thread | x {args.threads} threads, as GB/s of weights | / {ceiling:.1f} GB/s |")
     print("|---|---|---|---|---|")
-    for kind, m, ms, gbs, frac in rows:
-        print(f"| {kind} | {m} | {ms:.3f} | {gbs:.1f} | {frac:.0%} |")
+    for kind, name, rate in rates:
+        gbs = rate * args.threads * (0.5 if kind == "int4" else 1.0)
+        print(f"| {kind} | {name} | {rate:.1f} | {gbs:.0f} | {gbs / ceiling:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
     out[t] = sum_j w[t, j] * W2_e (silu(W_gate,e x_t) * W_up,e x_t),   e = ids[t, j] in this block
 
+moe_layer runs the C kernel (expert_kernel.c, built for this CPU at first use by native.py), which
+also covers gpt-oss's clamped activation and expert biases; where it cannot be built (no compiler,
+a CPU without AVX2) it warns once and runs the numba kernel below, which is also kept as the C
+kernel's second opinion in tests and benchmarks. The numba kernel is described from here on.
+
 It reads the store's quantized layout as it is (shared/quant.py: INT4 as two nibbles per byte,
 value + 8, low nibble first; INT8 as int8; bf16 scales per group of g along K), so the one copy in
 shared memory that the GPU workers DMA from also feeds this kernel: no kernel-specific repacking.
@@ -25,6 +30,10 @@ grouped path of moe_reference.
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+
 import numba
 import numpy as np
 import torch
@@ -33,6 +42,7 @@ from numba.extending import intrinsic
 
 from ..shared.expert_store import ExpertFormat
 from ..shared.moe import moe_reference
+from . import native
 
 ROWS = 16  # rows per work item: enough work to amortise scheduling, enough items for 16+ threads
 
@@ -169,6 +179,22 @@ def _u16(s: torch.Tensor) -> np.ndarray:
     return s.view(torch.int16).numpy().view(np.uint16)
 
 
+_threads = len(os.sched_getaffinity(0))
+_c_kernel: native.CKernel | None | bool = None  # None: not tried yet; False: could not be built
+
+
+def c_kernel() -> native.CKernel | None:
+    """The C kernel, built or loaded on first call; None (after one warning) where it cannot be."""
+    global _c_kernel
+    if _c_kernel is None:
+        try:
+            _c_kernel = native.load()
+        except (native.BuildError, OSError, subprocess.SubprocessError) as e:
+            logging.getLogger("krasis.cpu_worker").warning("C expert kernel unavailable, using the numba kernel: %s", e)
+            _c_kernel = False
+    return _c_kernel or None
+
+
 def moe_layer(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -178,12 +204,23 @@ def moe_layer(
     first: int,
     count: int,
     act: str = "silu",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Same contract as shared/moe.py:moe_reference: x [M, H], ids [M, k], weights [M, k] -> the
-    partial sum [M, H] in x's dtype over experts [first, first + count) whose tensors are `t`."""
-    if fmt.kind == "dense" or act != "silu" or "b13" in t:
+    partial sum [M, H] in x's dtype over experts [first, first + count) whose tensors are `t`.
+    `kernel`: "c", "numba", or "auto" (C if it could be built, else numba). What neither covers
+    (dense stores, INT4 with odd groups; for numba also gptoss and biases) runs moe_reference."""
+    if fmt.kind == "dense":
         return moe_reference(x, ids, weights, t, fmt, first, count, act)
     bits = {"int4": 4, "int8": 8}[fmt.kind]
+    c = c_kernel() if kernel in ("auto", "c") else None
+    if kernel == "c" and c is None:
+        raise RuntimeError("the C expert kernel could not be built (see the warning above)")
+    if c is not None:
+        out = c(x, ids, weights, t, bits, first, count, act, _threads)
+        return moe_reference(x, ids, weights, t, fmt, first, count, act) if out is None else out
+    if act != "silu" or "b13" in t or not _even_int4_groups(fmt, t):
+        return moe_reference(x, ids, weights, t, fmt, first, count, act)
     local = (ids.long() - first).numpy()
     active, off, tok, slot = _route(local, count)
     out = np.zeros(x.shape, np.float32)
@@ -195,13 +232,23 @@ def moe_layer(
     return torch.from_numpy(out).to(x.dtype)
 
 
+def _even_int4_groups(fmt: ExpertFormat, t: dict[str, torch.Tensor]) -> bool:
+    """The kernels read INT4 a whole byte (two weights) at a time, so a group must not end inside one
+    (the C kernel checks this itself)."""
+    if fmt.kind != "int4":
+        return True
+    return all(t[f"{n}.q"].shape[2] % t[f"{n}.s"].shape[2] == 0 for n in ("w13", "w2"))
+
+
 def set_threads(n: int) -> None:
-    """Threads of the kernel (the pool process's pinned cores)."""
+    """Threads of the kernels (the pool process's pinned cores)."""
+    global _threads
+    _threads = max(1, n)
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def warm_up(t: dict[str, torch.Tensor], fmt: ExpertFormat, first: int, count: int, act: str = "silu") -> None:
-    """Compile the kernel (or load it from numba's on-disk cache) before the first decode step
-    waits on it: one token through the block's first expert."""
+    """Build or load the kernel (C, or numba's compiled code) before the first decode step waits on
+    it: one token through the block's first expert."""
     hidden = t["w2.q" if "w2.q" in t else "w2"].shape[1]
     moe_layer(torch.zeros(1, hidden), torch.tensor([[first]]), torch.ones(1, 1), t, fmt, first, count, act)

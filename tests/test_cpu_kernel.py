@@ -1,19 +1,28 @@
-"""The CPU pool's layer kernel (cpu_worker/expert_kernel.py) against the plain reference
-(shared/moe.py:moe_reference) on the same stored experts.
+"""The CPU pool's layer kernels (cpu_worker/expert_kernel.c through native.py, and the numba kernel
+in cpu_worker/expert_kernel.py) against the plain reference (shared/moe.py:moe_reference) on the
+same stored experts.
 
-Tolerances: float32 inputs are compared to 2e-5 of the output's largest magnitude (the kernel sums
-in another order, and folds INT4's -8 offset per group); bfloat16 inputs to 2e-2, since the reference
-rounds the dequantized weights and every intermediate to bf16 while the kernel keeps float32 until
+Tolerances: float32 inputs are compared to 2e-5 of the output's largest magnitude (the kernels sum
+in another order, and fold INT4's -8 offset per group); bfloat16 inputs to 2e-2, since the reference
+rounds the dequantized weights and every intermediate to bf16 while the kernels keep float32 until
 the output is rounded once.
+
+The C kernel's vector width is the build machine's (8 lanes with AVX2, 16 with AVX-512), so the
+odd shapes below put groups of 4, 8, 20 and 48 bytes, and row counts that do not split evenly over
+threads, through either width's whole-vector and scalar-tail paths.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from krasis.cpu_worker import expert_kernel, native
 from krasis.cpu_worker.expert_kernel import moe_layer
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
@@ -30,20 +39,29 @@ FORMATS = {
     "dense-f32": ExpertFormat("dense", torch.float32),
     "dense-bf16": ExpertFormat("dense", torch.bfloat16),
 }
+KERNELS = ["c", "numba"]
+
+HAVE_CC = any(shutil.which(n) for n in ([os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]))
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
 
 
-def node_block(fmt: ExpertFormat, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A node's experts in the store layout, from random weights quantized by the scheme."""
-    spec = fmt.tensors(ExpertShape(LAYER_EXPERTS, TOP_K, HIDDEN, INTER), COUNT)
+def node_block(fmt: ExpertFormat, gen: torch.Generator, hidden: int = HIDDEN, inter: int = INTER,
+               bias: bool = False) -> dict[str, torch.Tensor]:
+    """A node's experts in the store layout, from random weights quantized by the scheme. Biases
+    are large enough to push some gpt-oss gate and up values past its clamp at 7."""
+    spec = fmt.tensors(ExpertShape(LAYER_EXPERTS, TOP_K, hidden, inter, bias=bias), COUNT)
     t = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape) in spec.items()}
     for e in range(COUNT):
-        w13 = torch.randn(2 * INTER, HIDDEN, generator=gen) * 0.05
-        w2 = torch.randn(HIDDEN, INTER, generator=gen) * 0.05
+        w13 = torch.randn(2 * inter, hidden, generator=gen) * 0.05
+        w2 = torch.randn(hidden, inter, generator=gen) * 0.05
         if fmt.kind == "dense":
             t["w13"][e], t["w2"][e] = w13, w2
         else:
             for name, v in (quantized(fmt, w13, "w13") | quantized(fmt, w2, "w2")).items():
                 t[name][e] = v
+        if bias:
+            t["b13"][e] = torch.randn(2 * inter, generator=gen) * 6
+            t["b2"][e] = torch.randn(hidden, generator=gen)
     return t
 
 
@@ -56,26 +74,66 @@ def routing(m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.rand(m, TOP_K, generator=gen)
 
 
+def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    scale = want.float().abs().max()
+    assert scale > 0
+    tol = 2e-5 if want.dtype == torch.float32 else 2e-2
+    err = (got.float() - want.float()).abs().max()
+    assert err <= tol * scale, f"max error {float(err / scale):.1e} of the output's magnitude"
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    if request.param == "c" and not HAVE_CC:
+        pytest.skip("no C compiler")
+    return request.param
+
+
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 8, 32])
-def test_kernel_matches_reference(fmt_name, dtype, m):
+def test_kernel_matches_reference(fmt_name, dtype, m, kernel):
     fmt = FORMATS[fmt_name]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{fmt_name} {dtype} {m}".encode()))
     t = node_block(fmt, gen)
     x = (torch.randn(m, HIDDEN, generator=gen) * 2).to(dtype)
     ids, weights = routing(m, gen)
-    got = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT)
-    want = moe_reference(x, ids, weights, t, fmt, FIRST, COUNT)
-    assert got.dtype == x.dtype and got.shape == x.shape
-    scale = want.float().abs().max()
-    assert scale > 0
-    tol = 2e-5 if dtype == torch.float32 else 2e-2
-    assert (got.float() - want.float()).abs().max() <= tol * scale
+    got = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, kernel=kernel)
+    assert_close_to_reference(got, moe_reference(x, ids, weights, t, fmt, FIRST, COUNT))
+
+
+# (hidden, inter, format), with the bytes per group of w13 and w2
+ODD_SHAPES = {
+    "int4-120x40-g40": (120, 40, ExpertFormat("int4", group_size=40)),  # 20, 20
+    "int4-200x48-g8": (200, 48, ExpertFormat("int4", group_size=8)),  # 4, 4
+    "int4-96x64-g128": (96, 64, ExpertFormat("int4", group_size=128)),  # 48 (K < group size), 32
+    "int8-97x33": (97, 33, ExpertFormat("int8", group_size=128)),  # 97, 33
+    "int8-96x48-g48": (96, 48, ExpertFormat("int8", group_size=48)),  # 48, 48
+}
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", list(ODD_SHAPES))
+@pytest.mark.parametrize("act", ["silu", "gptoss"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("m, threads", [(1, 3), (5, 1), (32, 3)])
+def test_c_kernel_odd_shapes_activations_biases(shape, act, bias, m, threads, monkeypatch):
+    hidden, inter, fmt = ODD_SHAPES[shape]
+    monkeypatch.setattr(expert_kernel, "_threads", threads)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape} {act} {bias} {m}".encode()))
+    t = node_block(fmt, gen, hidden, inter, bias)
+    x = torch.randn(m, hidden, generator=gen) * 2
+    ids, weights = routing(m, gen)
+    got = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, act, kernel="c")
+    assert_close_to_reference(got, moe_reference(x, ids, weights, t, fmt, FIRST, COUNT, act))
+    if act == "silu" and not bias:  # what the numba kernel covers: the two kernels agree
+        numba = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, act, kernel="numba")
+        torch.testing.assert_close(got, numba, rtol=0, atol=2e-5 * float(numba.abs().max()))
 
 
 @pytest.mark.parametrize("fmt_name", ["int4-g64", "int8-g64"])
-def test_tokens_outside_the_block_get_zero_and_rows_are_independent(fmt_name):
+def test_tokens_outside_the_block_get_zero_and_rows_are_independent(fmt_name, kernel):
     """A token whose experts all live on another node gets exactly 0; a token's result does not
     depend on which other tokens share the batch (the grouping by expert must not mix rows)."""
     fmt = FORMATS[fmt_name]
@@ -84,16 +142,80 @@ def test_tokens_outside_the_block_get_zero_and_rows_are_independent(fmt_name):
     x = torch.randn(5, HIDDEN, generator=gen)
     ids, weights = routing(5, gen)
     ids[2] = torch.tensor([0, 1, 2, FIRST + COUNT])  # all outside [FIRST, FIRST + COUNT)
-    out = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT)
+    out = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, kernel=kernel)
     assert torch.all(out[2] == 0)
     for i in (0, 4):
-        alone = moe_layer(x[i : i + 1], ids[i : i + 1], weights[i : i + 1], t, fmt, FIRST, COUNT)
+        alone = moe_layer(x[i : i + 1], ids[i : i + 1], weights[i : i + 1], t, fmt, FIRST, COUNT, kernel=kernel)
         torch.testing.assert_close(out[i : i + 1], alone, rtol=0, atol=2e-5 * float(alone.abs().max()))
 
 
-def test_no_token_in_the_block():
+def test_no_token_in_the_block(kernel):
     fmt = FORMATS["int4-g128"]
     t = node_block(fmt, torch.Generator().manual_seed(1))
     x = torch.randn(2, HIDDEN, dtype=torch.bfloat16)
-    out = moe_layer(x, torch.zeros(2, TOP_K, dtype=torch.int32), torch.ones(2, TOP_K), t, fmt, FIRST, COUNT)
+    out = moe_layer(x, torch.zeros(2, TOP_K, dtype=torch.int32), torch.ones(2, TOP_K), t, fmt, FIRST, COUNT, kernel=kernel)
     assert out.dtype == torch.bfloat16 and torch.all(out == 0)
+
+
+def test_int4_groups_ending_inside_a_byte_take_the_reference(kernel):
+    """Groups of 9 weights end in the middle of a byte, which neither kernel reads."""
+    fmt = ExpertFormat("int4", group_size=9)
+    gen = torch.Generator().manual_seed(5)
+    t = node_block(fmt, gen, 18, 18)
+    x = torch.randn(3, 18, generator=gen)
+    ids, weights = routing(3, gen)
+    assert_close_to_reference(moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, kernel=kernel),
+                              moe_reference(x, ids, weights, t, fmt, FIRST, COUNT))
+
+
+@needs_cc
+def test_build_is_cached_and_keyed_by_flags(tmp_path):
+    first = native.build(cache=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(cache=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    other = native.build(("-DPREFETCH=0",), cache=tmp_path)
+    assert other != first and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])  # no temporary files left
+
+
+@needs_cc
+def test_concurrent_builds_do_not_race(tmp_path):
+    """Pool processes starting together each compile into the same cache; every one of them ends
+    up with a complete library (threads here: the compiler runs as a subprocess either way)."""
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: native.build(cache=tmp_path), range(3)))
+    assert len(set(paths)) == 1 and list(tmp_path.iterdir()) == [paths[0]]
+    native.CKernel(paths[0])
+
+
+def test_no_compiler_falls_back_to_numba_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setenv("CC", "krasis-no-such-compiler")
+    monkeypatch.setattr(expert_kernel, "_c_kernel", None)
+    fmt = FORMATS["int4-g64"]
+    gen = torch.Generator().manual_seed(9)
+    t = node_block(fmt, gen)
+    x = torch.randn(3, HIDDEN, generator=gen)
+    ids, weights = routing(3, gen)
+    with caplog.at_level("WARNING", logger="krasis.cpu_worker"):
+        got = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT)
+        moe_layer(x, ids, weights, t, fmt, FIRST, COUNT)
+    assert [r.getMessage() for r in caplog.records] == [
+        "C expert kernel unavailable, using the numba kernel: no C compiler ('krasis-no-such-compiler' is not on PATH)"
+    ]
+    assert torch.equal(got, moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, kernel="numba"))
+    with pytest.raises(RuntimeError, match="could not be built"):
+        moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, kernel="c")
+
+
+@needs_cc
+def test_a_failing_build_falls_back(monkeypatch, tmp_path, caplog):
+    """A compiler that runs but fails (here: rejects the flags) is reported in one line."""
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho 'cc: error: unrecognized option' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CC", str(bad))
+    monkeypatch.setattr(expert_kernel, "_c_kernel", None)
+    monkeypatch.setattr(native, "CACHE", tmp_path / "kernels")
+    assert expert_kernel.c_kernel() is None
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "failed on expert_kernel.c: cc: error: unrecognized option" in msg and "\n" not in msg

@@ -1,0 +1,119 @@
+"""Builds and loads the C layer kernel (expert_kernel.c) with the system C compiler at first use.
+
+Built at first use rather than at install time because it is compiled for the CPU it runs on
+(-march=native: AVX-512 on the pool's hosts, AVX2 on smaller machines), and a pip wheel cannot know
+that. The shared library is cached under ~/.cache/krasis/kernels, named by a hash of the source,
+the compiler (path and version), the flags and the CPU, so a new source, compiler or machine gets
+its own build; each build is written to a temporary file and renamed into place, so pool processes
+starting together never load a half-written library (each may compile, one rename wins).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("expert_kernel.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CACHE = Path.home() / ".cache" / "krasis" / "kernels"
+ACTS = {"silu": 0, "gptoss": 1}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _cpu() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    return "\n".join(next((l for l in lines if l.startswith(k)), "") for k in ("model name", "flags"))
+
+
+def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> Path:
+    """The path of the built library (compiled now unless cached) in `cache` (default CACHE).
+    `extra_flags` go after FLAGS (the benchmark uses them to try -D settings of the source)."""
+    cache = CACHE if cache is None else cache
+    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]
+    cc = next((n for n in names if shutil.which(n)), None)
+    if cc is None:
+        raise BuildError(f"no C compiler ({' or '.join(map(repr, names))} is not on PATH)")
+    compiler = shutil.which(cc)
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu()]).encode()).hexdigest()[:16]
+    out = cache / f"expert_kernel-{key}.so"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=cache)
+    os.close(fd)
+    try:
+        r = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            errors = [l for l in r.stderr.splitlines() if "error" in l] or r.stderr.splitlines() or [f"exit code {r.returncode}"]
+            raise BuildError(f"{cc} failed on {SOURCE.name}: {errors[0].strip()}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+class CKernel:
+    """The loaded library's krasis_moe_layer, called with the tensors of moe_layer's contract.
+    Per-call Python work is kept to a few microseconds: a layer's weights take ~0.2 ms to read."""
+
+    def __init__(self, path: Path):
+        fn = ctypes.CDLL(str(path)).krasis_moe_layer
+        i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [i] * 10 + [p] * 3 + [i64] * 2 + [p] * 7
+        fn.restype = i
+        self.fn = fn
+
+    def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
+        """None where the kernel does not apply: an INT4 group that ends inside a byte."""
+        q13, s13, q2, s2 = t["w13.q"], t["w13.s"], t["w2.q"], t["w2.s"]
+        n, rows13, row13 = q13.shape
+        _, hidden, row2 = q2.shape
+        g13, g2 = s13.shape[2], s2.shape[2]
+        if row13 % g13 or row2 % g2:
+            return None
+        inter, per_byte = rows13 // 2, 8 // bits
+        m, k = ids.shape
+        if not (
+            x.shape[1] == hidden == row13 * per_byte and row2 * per_byte == inter and s13.shape[:2] == (n, rows13)
+            and s2.shape[:2] == (n, hidden) and 0 <= count <= n and weights.shape == ids.shape and x.shape[0] == m
+            and q13.is_contiguous() and s13.is_contiguous() and q2.is_contiguous() and s2.is_contiguous()
+        ):
+            raise ValueError(f"expert tensors {[list(v.shape) for v in (q13, s13, q2, s2)]} do not fit x {list(x.shape)}")
+        b13, b2 = t.get("b13"), t.get("b2")
+        if b13 is not None and (b13.shape != (n, rows13) or b2.shape != (n, hidden)):
+            raise ValueError(f"expert biases {list(b13.shape)}, {list(b2.shape)} do not fit the weights")
+        xbf16 = x.dtype == torch.bfloat16
+        xc = x.contiguous() if xbf16 else x.float().contiguous()
+        ids, weights = ids.long().contiguous(), weights.float().contiguous()
+        out = torch.empty(m, hidden, dtype=xc.dtype)
+        rc = self.fn(
+            bits, ACTS[act], threads, m, k, hidden, inter, g13, g2, xbf16,
+            xc.data_ptr(), ids.data_ptr(), weights.data_ptr(), first, count,
+            q13.data_ptr(), s13.data_ptr(), q2.data_ptr(), s2.data_ptr(),
+            None if b13 is None else b13.contiguous().data_ptr(), None if b2 is None else b2.contiguous().data_ptr(),
+            out.data_ptr(),
+        )
+        if rc:
+            raise MemoryError("the C expert kernel could not allocate its scratch buffers")
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def load(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> CKernel:
+    return CKernel(build(extra_flags, cache))
