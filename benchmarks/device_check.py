@@ -4,7 +4,7 @@ machine's ceilings (pinned and pageable host-to-device, a registered memfd, copy
 then `bench` on synthetic real-shaped models. Logs and JSON go to $OUT (or ./device_out); a short
 table is printed last.
 
-    python benchmarks/device_check.py [--layers 8] [--skip-exact] [--skip-bench]
+    python benchmarks/device_check.py [--layers 8 (0: all)] [--skip-exact] [--skip-bench] [--profile]
 """
 
 from __future__ import annotations
@@ -225,30 +225,31 @@ def ceilings():
 # --- bench on synthetic real shapes -------------------------------------------------------------
 
 
-def bench(layers: int, prompt: int, decode: int, runs: int):
+def bench(layers: int | None, prompt: int, decode: int, runs: int, configs=None):
     from krasis.coordinator.bench import run_bench, table
     from krasis.coordinator.processes import RuntimeOptions
     from krasis.coordinator.synth import synth
 
-    configs = [
+    configs = configs or [
         ("qwen3-30b-a3b", "layer_grouped_2", "pure_cpu"),
         ("qwen3-30b-a3b", "layer_grouped_2", "hcs_hybrid"),
         ("deepseek-v2-lite", "layer_grouped_2", "pure_cpu"),
     ]
     rows = []
     for shape, prefill, dec in configs:
-        path = Path("/tmp/krasis-synth") / f"{shape}-{layers}"
+        path = Path("/tmp/krasis-synth") / f"{shape}-{layers or 'all'}"
         if not (path / "config.json").exists():
             t0 = time.time()
-            synth(shape, path, layers=layers)
-            log(f"synth {shape} {layers} layers: {time.time() - t0:.0f} s")
+            # experts straight into the INT4 cache: the whole Qwen3-30B-A3B in BF16 would not fit the disk
+            synth(shape, path, layers=layers, expert_bits=4)
+            log(f"synth {shape} {layers or 'all'} layers: {time.time() - t0:.0f} s")
         opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
                               prefill_strategy=prefill, decode_strategy=dec, prefill_chunk=prompt,
                               max_context=prompt + decode + 8, max_batch=1)
         t0 = time.time()
         try:
             r = run_bench(str(path), opts, prompt, decode, runs)
-            r["model"] = f"{shape} ({layers}L synth)"
+            r["model"] = f"{shape} ({f'{layers}L ' if layers else ''}synth)"
             r["wall_s"] = round(time.time() - t0, 1)
             log("bench", json.dumps(r, default=str))
             rows.append(r)
@@ -286,7 +287,7 @@ def profile_bench(layers: int, prompt: int, decode: int):
         opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
                               prefill_strategy="layer_grouped_2", decode_strategy="pure_cpu", prefill_chunk=prompt,
                               max_context=prompt + decode + 8, max_batch=1)
-        run_bench(str(Path("/tmp/krasis-synth") / f"qwen3-30b-a3b-{layers}"), opts, prompt, decode, 2, measure_floor=False)
+        run_bench(str(Path("/tmp/krasis-synth") / f"qwen3-30b-a3b-{layers or 'all'}"), opts, prompt, decode, 2, measure_floor=False)
     except Exception:
         traceback.print_exc(file=LOG)
     finally:
@@ -295,17 +296,19 @@ def profile_bench(layers: int, prompt: int, decode: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=8, help="layers of each synthetic shape; 0: all (the real model's)")
     ap.add_argument("--prompt", type=int, default=10000)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true", help="no ceilings, attention, dequant or kernel checks")
+    ap.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite", help="synthetic shapes to bench")
     ap.add_argument("--profile", action="store_true", help="also one profiled bench run (gpu_worker/profiling.py)")
     a = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
-    for step in (ceilings, attention_check, dequant_check, kernel_check):
+    for step in () if a.skip_checks else (ceilings, attention_check, dequant_check, kernel_check):
         try:
             step()
         except Exception:
@@ -313,9 +316,11 @@ def main():
     if not a.skip_exact:
         exactness(Path("/tmp/krasis-exact"))
     log(f"checks done at {time.time() - t0:.0f} s")
-    tab = bench(a.layers, a.prompt, a.decode, a.runs) if not a.skip_bench else ""
+    shapes = a.shapes.split(",")
+    configs = [(s, "layer_grouped_2", d) for s in shapes for d in (("pure_cpu", "hcs_hybrid") if s == shapes[0] else ("pure_cpu",))]
+    tab = bench(a.layers or None, a.prompt, a.decode, a.runs, configs) if not a.skip_bench else ""
     if a.profile and not a.skip_bench:
-        profile_bench(a.layers, a.prompt, a.decode)
+        profile_bench(a.layers or None, a.prompt, a.decode)
     print("\n=== summary ===")
     print("attention:", {k: round(v, 1) for k, v in RESULTS.get("attention", {}).items()})
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})

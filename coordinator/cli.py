@@ -209,12 +209,11 @@ def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, t
 def convert(model, quant):
     """Build the weight caches that these precisions need, one layer at a time; current caches are
     reused after a full checksum verification."""
-    from ..shared.weights import load_family, open_source
+    from ..shared.weights import load_family
     from .convert import prepare
 
     try:
         family = load_family(model)
-        open_source(model, quant["gguf"]).check(family.expected_tensors())
         caches = prepare(model, family, RuntimeOptions(**quant), verify=True)
     except USER_ERRORS as e:
         _fail(e)
@@ -339,20 +338,47 @@ def optimize(model, prompt_tokens, decode_tokens, runs, opts):
 
 
 @main.command()
+@click.argument("model", type=click.Path())
+@click.option("--text", "text_file", required=True, type=click.File("r"),
+              help="Representative text (prompts, code, documents) to prefill; '-' reads stdin.")
+@runtime_options
+def calibrate(model, text_file, opts):
+    """Gather hot-expert (HCS) counts for MODEL from representative text; hcs_prefill and
+    hcs_hybrid then start from them."""
+    from tqdm import tqdm
+
+    from .calibrate import calibrate as run_calibrate
+
+    text = text_file.read()
+    try:
+        with tqdm(desc="calibrating", unit="tok", disable=None) as bar:
+            res = run_calibrate(model, opts, text, bar.update)
+    except (*USER_ERRORS, ValueError, RuntimeError) as e:
+        _fail(e)
+    click.echo(f"calibrate: {res['tokens']} tokens; counts of {res['layers']} MoE layers in {res['counts']}")
+
+
+@main.command()
 @click.option("--shape", required=True, type=click.Choice(list(SHAPES)),
               help="The real model whose shape to copy.")
 @click.option("--layers", type=int, help="Decoder layers (default: the real model's).")
 @click.option("--experts", type=int, help="Routed experts per layer (default: the real model's; fewer for tests).")
 @click.option("--vocab", type=int, help="Vocabulary size (default: the real model's).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--expert-bits", type=click.Choice(["4", "8"]),
+              help="Write the routed experts straight into the INT4/INT8 expert cache instead of BF16 shards "
+              "(for shapes too large for the disk in BF16); run them with --cpu-bits/--gpu-bits of the same value.")
+@click.option("--group-size", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Quantization group of --expert-bits (the runs must use the same).")
 @click.argument("out", type=click.Path(file_okay=False))
-def synth(shape, layers, experts, vocab, seed, out):
+def synth(shape, layers, experts, vocab, seed, expert_bits, group_size, out):
     """Write a random-weight model of a real model's shape in Hugging Face layout (with a tokenizer)."""
     from .synth import SynthError
     from .synth import synth as run_synth
 
     try:
-        path = run_synth(shape, out, layers, experts, vocab, seed)
-    except SynthError as e:
+        path = run_synth(shape, out, layers, experts, vocab, seed,
+                         expert_bits=int(expert_bits) if expert_bits else None, group_size=group_size)
+    except (SynthError, *USER_ERRORS) as e:
         _fail(e)
     click.echo(str(path))

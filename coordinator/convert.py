@@ -89,17 +89,25 @@ def prepare(model_dir, family: ModelFamily, opts: RuntimeOptions, verify: bool =
     for fmt in {cpu_fmt, gpu_fmt}:
         for layer in moe_layers:  # raises QuantError when the group size does not divide K
             fmt.tensors(family.experts(layer), 1)
+    source = open_source(model_dir, opts.gguf)
+    # The routed experts must be in the checkpoint only where something reads them there: a 16-bit
+    # expert format, or a cache still to build. A folder may ship them only as a current cache
+    # (`synth --expert-bits`, for shapes too large to write in BF16). A --gguf file is there for its
+    # experts, so they are checked with the rest at once.
+    source.check(family.expected_tensors(routed=bool(opts.gguf)))
+    check_routed = (lambda: None) if opts.gguf else (lambda: source.check(family.expected_tensors(dense=False)))
     need_experts = [f for f in dict.fromkeys([cpu_fmt, gpu_fmt]) if f.kind != "dense" and moe_layers]
+    if moe_layers and "dense" in (cpu_fmt.kind, gpu_fmt.kind):
+        check_routed()
     if not need_experts and opts.attn_bits == 16:
         return Caches(cpu_fmt, gpu_fmt, None, None, None)
-    sources = fingerprint(open_source(model_dir, opts.gguf).source_files())
+    sources = fingerprint(source.source_files())
     folder = cache_dir(model_dir, opts.cache_dir)
     paths: dict[ExpertFormat, Path] = {}
     for fmt in need_experts:
-        path = folder / f"experts-{fmt.kind}-g{fmt.group_size}.kc"
-        options = {"bits": int(fmt.kind[3:]), "group_size": fmt.group_size, "scale_dtype": "bfloat16"}
+        path, options = expert_cache(folder, fmt)
         _ensure(path, "experts", options, sources, opts.rebuild, verify, log,
-                lambda w, fmt=fmt: _write_experts(w, model_dir, opts.gguf, family, fmt, moe_layers))
+                lambda w, fmt=fmt: (check_routed(), _write_experts(w, model_dir, opts.gguf, family, fmt, moe_layers)))
         paths[fmt] = path
     dense = None
     if opts.attn_bits == 8:
@@ -108,6 +116,12 @@ def prepare(model_dir, family: ModelFamily, opts: RuntimeOptions, verify: bool =
         _ensure(dense, "dense", options, sources, opts.rebuild, verify, log,
                 lambda w: _write_dense(w, model_dir, opts.gguf, family))
     return Caches(cpu_fmt, gpu_fmt, paths.get(cpu_fmt), paths.get(gpu_fmt), dense)
+
+
+def expert_cache(folder: Path, fmt: ExpertFormat) -> tuple[Path, dict]:
+    """The file of an expert cache of `fmt` and the options its header records."""
+    options = {"bits": int(fmt.kind[3:]), "group_size": fmt.group_size, "scale_dtype": "bfloat16"}
+    return folder / f"experts-{fmt.kind}-g{fmt.group_size}.kc", options
 
 
 def _ensure(path: Path, kind: str, options: dict, sources: list[dict], rebuild: bool, verify: bool, log, build) -> None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout
 from ..shared.models.family import ConfigError
-from ..shared.weights import load_family, open_source
+from ..shared.weights import load_family
 from .convert import prepare
 from .plan import split_layers
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus, reserve_cores
@@ -97,8 +97,7 @@ class Engine:
         if opts.max_context < 2:
             raise ConfigError("--max-context must be at least 2")
         self.family = load_family(model_dir)
-        open_source(model_dir, opts.gguf).check(self.family.expected_tensors())
-        self.caches = prepare(model_dir, self.family, opts)
+        self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
         self.codec = TextCodec(model_dir)
         validate_devices(opts.devices)
         self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)

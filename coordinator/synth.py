@@ -113,7 +113,12 @@ def write_tokenizer(out: Path) -> None:
 
 
 def synth(shape: str, out, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
-          seed: int = 0, expert_std: float = 0.02) -> Path:
+          seed: int = 0, expert_std: float = 0.02, expert_bits: int | None = None, group_size: int = 128) -> Path:
+    """With `expert_bits` (4 or 8) the routed experts are not written to the safetensors shards but
+    straight into the expert cache of that precision (coordinator/convert.py), current for the
+    shards written: runs with --cpu-bits/--gpu-bits of that precision and that group size use it
+    as they would a converted cache. Qwen3-30B-A3B's experts are 58 GB in BF16 and 15 GB in INT4,
+    which is what decides whether a benchmark machine's disk can hold the model."""
     from safetensors.torch import save_file
 
     from ..shared.models.family import family_for
@@ -123,6 +128,8 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
+    # the experts' own stream: the same experts whether they go to the shards or to the cache
+    g_experts = torch.Generator().manual_seed(seed + 1)
     pool = (torch.randn(POOL, generator=g) * expert_std).to(torch.bfloat16)
 
     def dense(shape_):
@@ -134,7 +141,7 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
         n = 1
         for s in shape_:
             n *= s
-        start = int(torch.randint(0, POOL, (1,), generator=g))
+        start = int(torch.randint(0, POOL, (1,), generator=g_experts))
         reps = -(-(start + n) // POOL)
         flat = pool.repeat(reps)[start : start + n] if reps > 1 else pool[start : start + n]
         return flat.reshape(shape_).clone()
@@ -143,13 +150,37 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
     shards = [("globals", fam.global_tensors(), {})] + [
         (f"layer{i:03d}", fam.layer_tensors(i), fam.expert_tensors(i) if fam.is_moe(i) else {}) for i in range(fam.num_layers)
     ]
+    if expert_bits not in (None, 4, 8):
+        raise SynthError("--expert-bits must be 4 or 8")
     for name, plain, routed in tqdm(shards, desc="synth", unit="shard", disable=None):
         tensors = {k: dense(s) for k, s in plain.items()}
-        tensors.update({k: window(s) for k, s in routed.items()})
+        if expert_bits is None:
+            tensors.update({k: window(s) for k, s in routed.items()})
         fname = f"model-{name}.safetensors"
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         index.update({k: fname for k in tensors})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     write_tokenizer(out)
+    if expert_bits is not None:
+        _experts_to_cache(fam, out, expert_bits, group_size, window)
     return out
+
+
+def _experts_to_cache(fam, out: Path, bits: int, group_size: int, window) -> None:
+    from ..shared.expert_store import format_expert
+    from ..shared.weight_cache import CacheWriter, expert_key, fingerprint
+    from ..shared.weights import open_source
+    from .convert import cache_dir, expert_cache, expert_format
+
+    fmt = expert_format(bits, torch.bfloat16, group_size)
+    path, options = expert_cache(cache_dir(out), fmt)
+    layers = [i for i in range(fam.num_layers) if fam.is_moe(i)]
+    for i in layers:
+        fmt.tensors(fam.experts(i), 1)  # the group size must divide K
+    with CacheWriter(path, "experts", options, fingerprint(open_source(out).source_files())) as w:
+        for layer in tqdm(layers, desc=f"synth experts ({fmt.describe()})", unit="layer", disable=None):
+            routed = {k: window(s) for k, s in fam.expert_tensors(layer).items()}
+            for e in range(fam.experts(layer).num):
+                for name, t in format_expert(fmt, fam, routed.__getitem__, layer, e).items():
+                    w.add(expert_key(layer, e, name), t)

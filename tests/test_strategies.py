@@ -148,3 +148,24 @@ def test_attention_fast_path_matches_masked():
     fast = attend(q, k, v, 0, 0.25)
     masked = attend(q, k, v, 0, 0.25, sliding_window=10**6)  # the mask path, same function
     assert torch.allclose(fast, masked, atol=1e-6)
+
+
+def test_calibrate_counts_every_token_of_the_text(tmp_path):
+    """`calibrate` prefills a text in several prompts; the saved counts hold each token's top-k
+    choices once per MoE layer, and a second calibration adds to them."""
+    from click.testing import CliRunner
+
+    from krasis.coordinator.cli import main
+
+    model = tmp_path / "m"
+    r = CliRunner().invoke(main, ["synth", "--shape", "qwen3-30b-a3b", "--layers", "2", "--experts", "8", "--vocab", "512",
+                                  str(model)])
+    assert r.exit_code == 0, r.output
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x * 2  # calibration text, one byte per token\n")
+    n = len(text.read_bytes())  # the synthetic tokenizer is byte-level with no merges
+    for rounds in (1, 2):
+        p = tm.krasis("calibrate", model, "--text", text, "--devices", "cpu", "--prefill-chunk", "16")
+        assert f"calibrate: {n} tokens" in p.stdout
+        counts = json.loads((model / ".krasis_cache" / "hcs_counts.json").read_text())["layers"]
+        assert sorted(counts) == ["0", "1"] and all(sum(c) == rounds * n * 8 for c in counts.values())

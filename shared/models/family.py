@@ -137,11 +137,13 @@ class ModelFamily:
     def lm_head_name(self) -> str:
         return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
 
-    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
-        out = dict(self.global_tensors())
+    def expected_tensors(self, dense: bool = True, routed: bool = True) -> dict[str, tuple[int, ...]]:
+        """Every tensor the checkpoint must hold: the non-routed ones, the routed experts, or both."""
+        out = dict(self.global_tensors()) if dense else {}
         for i in range(self.num_layers):
-            out.update(self.layer_tensors(i))
-            if self.is_moe(i):
+            if dense:
+                out.update(self.layer_tensors(i))
+            if routed and self.is_moe(i):
                 out.update(self.expert_tensors(i))
         return out
 
