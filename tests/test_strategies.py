@@ -169,3 +169,35 @@ def test_calibrate_counts_every_token_of_the_text(tmp_path):
         assert f"calibrate: {n} tokens" in p.stdout
         counts = json.loads((model / ".krasis_cache" / "hcs_counts.json").read_text())["layers"]
         assert sorted(counts) == ["0", "1"] and all(sum(c) == rounds * n * 8 for c in counts.values())
+
+
+def test_optimize_ranks_every_strategy_and_bench_uses_the_winner(models, tmp_path):
+    import re
+    import shutil
+
+    from krasis.coordinator.optimize import DECODE_CANDIDATES, prefill_candidates
+    from krasis.shared.weights import load_family
+
+    path = shutil.copytree(models["qwen3-base"], tmp_path / "m")
+    small = ("--prompt-tokens", "24", "--decode-tokens", "3", "--runs", "1", "--devices", "cpu", "--cpu-workers", "1",
+             "--prefill-chunk", "8")
+    p = tm.krasis("optimize", path, *small)
+    fam = load_family(path)
+    tables = p.stdout.split("**Decode strategies**")
+    for text, names, col in ((tables[0], prefill_candidates(sum(map(fam.is_moe, range(fam.num_layers)))), 1),
+                             (tables[1], DECODE_CANDIDATES, 1)):
+        rows = [r.split("|")[1:-1] for r in text.splitlines() if re.match(r"\| [a-z_0-9]+ \|", r)]
+        assert sorted(r[0].strip() for r in rows) == sorted(names)  # every strategy ran, none failed
+        speeds = [float(r[col].replace(",", "")) for r in rows]
+        assert speeds == sorted(speeds, reverse=True) and speeds[-1] > 0
+    winner = json.loads((path / ".krasis_cache" / "strategy.json").read_text())
+    first = lambda text: re.search(r"\| ([a-z_0-9]+) \|", text).group(1)  # noqa: E731
+    assert (winner["prefill"], winner["decode"]) == (first(tables[0]), first(tables[1]))
+    out = tmp_path / "bench.json"
+    p = tm.krasis("bench", path, *small, "--json", out)
+    r = json.loads(out.read_text())
+    assert (r["prefill_strategy"], r["decode_strategy"]) == (winner["prefill"], winner["decode"])
+    assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and len(r["runs"]) == 1
+    assert r["prefill_fraction"] == pytest.approx(r["prefill_tok_s"] / r["prefill_floor_tok_s"])
+    assert r["decode_fraction"] == pytest.approx(r["decode_tok_s"] / r["decode_floor_tok_s"])
+    assert "| Prefill (tok/s) | TTFT (s) | Decode (tok/s) |" in p.stdout and "| of floor |" in p.stdout
