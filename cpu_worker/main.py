@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -59,7 +60,8 @@ def main() -> None:
     set_threads(spec["threads"])
     limit_threads(1)
     # What this process has done, for the coordinator's stats (tests read batching and dispatch here).
-    work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "max_m": 0}
+    work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "max_m": 0,
+            "kernel_s": 0.0}
     blocks = {layer: (*_first_count(layout, layer, node), store.tensors(layer, node)) for layer in layout.moe_layers}
     for first, count, t in list(blocks.values())[:1]:
         warm_up(t, layout.fmt, first, count, act)
@@ -83,10 +85,12 @@ def main() -> None:
             continue
         first, count, t = blocks[msg.layer]
         try:
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 out = moe_layer(msg.tensors["x"], msg.tensors["ids"], msg.tensors["weights"], t, layout.fmt, first, count, act)
             m = msg.tensors["x"].shape[0]
-            work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m))
+            work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m),
+                        kernel_s=work["kernel_s"] + time.perf_counter() - t0)
             reply = P.ExpertResult(tag=msg.tag)
             reply.tensors = {"out": out}
         except Exception as e:

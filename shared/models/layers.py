@@ -95,32 +95,51 @@ def rope_inv_freq(params: dict, dim: int, max_position_embeddings: int) -> tuple
 
 
 class Rotary:
-    """cos/sin tables for positions, computed on demand in float32 (as transformers does)."""
+    """cos/sin tables for positions, computed on demand in float32 (as transformers does).
+
+    Every layer of a stage gets the same Rotary per device (`to`), and the tables of the last
+    positions tensor are kept: a step computes them once for all its layers and for q and k, not
+    twice per layer (a decode step is bound by such small launches)."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_factor: float = 1.0):
         self.inv_freq = inv_freq
         self.attention_factor = attention_factor
+        self._on: dict[str, Rotary] = {}
+        self._last: tuple | None = None  # (positions, dtype, tables)
 
     def to(self, device) -> "Rotary":
-        return Rotary(self.inv_freq.to(device), self.attention_factor)
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = Rotary(self.inv_freq.to(device), self.attention_factor)
+        return self._on[key]
 
     def angles(self, positions: torch.Tensor) -> torch.Tensor:
         return positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
 
+    def _tables(self, positions: torch.Tensor, kind, make):
+        if self._last is not None and self._last[0] is positions and self._last[1] == kind:
+            return self._last[2]
+        tables = make(self.angles(positions))
+        self._last = (positions, kind, tables)
+        return tables
+
     def rotate_half(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """GPT-NeoX layout: the two halves of the head dim are the real and imaginary parts.
         x: [T, heads, dim]."""
-        freqs = self.angles(positions)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_factor).to(x.dtype)[:, None, :]
-        sin = (emb.sin() * self.attention_factor).to(x.dtype)[:, None, :]
+
+        def make(freqs):
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = (emb.cos() * self.attention_factor).to(x.dtype)[:, None, :]
+            sin = (emb.sin() * self.attention_factor).to(x.dtype)[:, None, :]
+            return cos, sin
+
+        cos, sin = self._tables(positions, x.dtype, make)
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
     def interleaved(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """GPT-J / DeepSeek layout: adjacent pairs (x0, x1) are complex numbers. x: [T, heads, dim]."""
-        freqs = self.angles(positions)
-        cis = torch.polar(torch.ones_like(freqs), freqs) * self.attention_factor
+        cis = self._tables(positions, "cis", lambda f: torch.polar(torch.ones_like(f), f) * self.attention_factor)
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(xc * cis[:, None, :]).flatten(-2).to(x.dtype)
 
