@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
     ap.add_argument("--c-flags", action="append", default=[], metavar="FLAGS",
                     help="also time a C build with these extra compiler flags (repeatable)")
+    ap.add_argument("--formats", default="int4,int8", help="formats to time, in order")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     Threads.use(args.threads)
@@ -152,7 +153,7 @@ def main() -> None:
     ceiling = dram_read_gbs(max(args.gb, 2.0))
     print(f"DRAM read (float32 sum over {max(args.gb, 2.0):.1f} GB): {ceiling:.1f} GB/s", flush=True)
     rows, rates = [], []
-    for kind in ("int4", "int8"):
+    for kind in args.formats.split(","):
         fmt = ExpertFormat(kind, group_size=128)
         layers = make_layers(fmt, args.gb, gen)
         total = len(layers) * EXPERTS * expert_bytes(layers[0]) / 1e9
