@@ -15,7 +15,8 @@ pytest.importorskip("triton", reason="triton is a test dependency (pyproject's t
 
 CHECK = r"""
 import torch
-from krasis.gpu_worker.dequant import dequant_reference, dequant_triton
+from krasis.gpu_worker.dequant import dequant_reference
+from krasis.gpu_worker.dequant_kernel import dequant_triton
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.quant import quantized
 
