@@ -42,15 +42,15 @@ SHAPES = {
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                       "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
-    # Qwen3-Next-80B-A3B's architecture (transformers' Qwen3NextConfig defaults) with the model card's
-    # 262,144-token context: 12 x (3 Gated DeltaNet + 1 gated attention layers), every one MoE.
+    # Qwen3-Coder-Next's published config.json: 12 x (3 Gated DeltaNet + 1 gated attention layers),
+    # every one MoE, rope_theta 5e6 on a quarter of each head, 262,144-token context.
     "qwen3-coder-next": dict(
         architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=151936, hidden_size=2048,
-        intermediate_size=5632, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=48,
+        intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=48,
         num_attention_heads=16, num_key_value_heads=2, head_dim=256, num_experts=512, num_experts_per_tok=10,
         norm_topk_prob=True, full_attention_interval=4, linear_conv_kernel_dim=4, linear_key_head_dim=128,
         linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.25},
         max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
         mlp_only_layers=[], attention_bias=False, hidden_act="silu",
     ),
