@@ -14,8 +14,9 @@
    falls short of the ceiling is compute-bound.
 Weights read per call = the bytes (codes and scales) of the distinct experts its tokens chose.
 The codes and scales are random: the kernels' work does not depend on their values. Before timing,
-each kernel's result on those weights is checked against shared/moe.py:moe_reference (the C
-kernel's SIMD width depends on the machine it is built on, so this is its check there).
+each kernel's result on those weights is checked against shared/moe.py:moe_reference, for float32
+and for bf16 x (the timed case; the C kernel's SIMD width and its INT4 path for bf16 x depend on
+the machine it is built on, so this is its check there).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from krasis.shared.moe import moe_reference
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
 TOLERANCE = 1e-4  # of the output's largest magnitude: float32 sums in another order, over K = 2048
+# bf16 x, against the float32 reference on the same values: out is rounded to bf16 (up to 2^-8 =
+# 3.9e-3 of the largest magnitude), and on the C kernel's INT4 bf16 path so is the activation
+# (~1e-3 more; 2.5-5e-3 in all measured, 2-3.5e-3 without it)
+TOLERANCE_BF16 = 1e-2
+BF16_PATHS = {0: "float32 (no AVX512_BF16)", 1: "vdpbf16ps", 2: "emulated"}
 
 
 def dram_read_gbs(gb: float, reps: int = 5) -> float:
@@ -89,15 +95,16 @@ def kernels(c_flags: list[str]) -> dict:
     return out
 
 
-def check(layer, fmt: ExpertFormat, t, gen: torch.Generator) -> float:
-    """Largest |kernel - reference| over the reference's largest magnitude, float32, M = 1 and 8."""
+def check(layer, fmt: ExpertFormat, t, gen: torch.Generator, dtype: torch.dtype) -> float:
+    """Largest |kernel - reference| over the reference's largest magnitude, x in `dtype`, M = 1 and
+    8; the reference is float32 on x's values."""
     worst = 0.0
     for m in (1, 8):
-        x = torch.randn(m, HIDDEN, generator=gen)
+        x = torch.randn(m, HIDDEN, generator=gen).to(dtype)
         ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(m)])
         w = torch.rand(m, TOP_K, generator=gen)
-        want = moe_reference(x, ids, w, t, fmt, 0, EXPERTS)
-        worst = max(worst, float((layer(x, ids, w, t, fmt) - want).abs().max() / want.abs().max()))
+        want = moe_reference(x.float(), ids, w, t, fmt, 0, EXPERTS)
+        worst = max(worst, float((layer(x, ids, w, t, fmt).float() - want).abs().max() / want.abs().max()))
     return worst
 
 
@@ -148,7 +155,8 @@ def main() -> None:
     Threads.use(args.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"threads {args.threads}, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}", flush=True)
-    print(f"C kernel: {native.build()} ({' '.join(native.FLAGS)})", flush=True)
+    path = native.build()
+    print(f"C kernel: {path} ({' '.join(native.FLAGS)}), INT4 with bf16 x: {BF16_PATHS[native.CKernel(path).int4_bf16]}", flush=True)
     layer_fns = kernels(args.c_flags)
     ceiling = dram_read_gbs(max(args.gb, 2.0))
     print(f"DRAM read (float32 sum over {max(args.gb, 2.0):.1f} GB): {ceiling:.1f} GB/s", flush=True)
@@ -160,10 +168,12 @@ def main() -> None:
         print(f"{kind}: {len(layers)} layers, {total:.2f} GB of expert weights", flush=True)
         torch.set_num_threads(1)  # as in the pool process: torch's idle OpenMP threads would spin against the kernel's
         for name, layer in layer_fns.items():
-            err = check(layer, fmt, layers[0], gen)
-            print(f"  {name}: max error vs reference {err:.1e} of the output's magnitude", flush=True)
-            if err > TOLERANCE:
-                raise SystemExit(f"{name} disagrees with the reference on {kind} ({err:.1e} > {TOLERANCE:.0e})")
+            for dtype, tol in ((torch.float32, TOLERANCE), (torch.bfloat16, TOLERANCE_BF16)):
+                err = check(layer, fmt, layers[0], gen, dtype)
+                x_name = str(dtype).removeprefix("torch.")
+                print(f"  {name}: max error vs reference {err:.1e} of the output's magnitude ({x_name} x)", flush=True)
+                if err > tol:
+                    raise SystemExit(f"{name} disagrees with the reference on {kind}, {x_name} x ({err:.1e} > {tol:.0e})")
         for name, layer in layer_fns.items():
             rate = compute_rate(layer, fmt, layers[0], min(args.seconds, 1.0), args.threads, gen)
             rates.append((kind, name, rate))

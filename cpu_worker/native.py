@@ -74,11 +74,14 @@ class CKernel:
     Per-call Python work is kept to a few microseconds: a layer's weights take ~0.2 ms to read."""
 
     def __init__(self, path: Path):
-        fn = ctypes.CDLL(str(path)).krasis_moe_layer
+        lib = ctypes.CDLL(str(path))
+        fn = lib.krasis_moe_layer
         i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
         fn.argtypes = [i] * 10 + [p] * 3 + [i64] * 2 + [p] * 7
         fn.restype = i
         self.fn = fn
+        # INT4 with bf16 x: 1 on vdpbf16ps (AVX512_BF16), 2 emulated (-DKRASIS_EMULATE_BF16), 0 as float32
+        self.int4_bf16 = ctypes.c_int.in_dll(lib, "krasis_int4_bf16").value
 
     def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
         """None where the kernel does not apply: an INT4 group that ends inside a byte."""

@@ -9,7 +9,8 @@ the output is rounded once.
 
 The C kernel's vector width is the build machine's (8 lanes with AVX2, 16 with AVX-512), so the
 odd shapes below put groups of 4, 8, 20 and 48 bytes, and row counts that do not split evenly over
-threads, through either width's whole-vector and scalar-tail paths.
+threads, through either width's whole-vector and scalar-tail paths. Its INT4 path for bf16 x, which
+needs AVX512_BF16, is also run here in a build that emulates those instructions.
 """
 
 from __future__ import annotations
@@ -130,6 +131,38 @@ def test_c_kernel_odd_shapes_activations_biases(shape, act, bias, m, threads, mo
     if act == "silu" and not bias:  # what the numba kernel covers: the two kernels agree
         numba = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, act, kernel="numba")
         torch.testing.assert_close(got, numba, rtol=0, atol=2e-5 * float(numba.abs().max()))
+
+
+INT4_BF16_SHAPES = {
+    "int4-256x128-g128": (HIDDEN, INTER, FORMATS["int4-g128"]),  # 64, 64
+    **{name: shape for name, shape in ODD_SHAPES.items() if shape[2].kind == "int4"},
+}
+BF16_X_TOLERANCE = 1e-2
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", list(INT4_BF16_SHAPES))
+@pytest.mark.parametrize("act", ["silu", "gptoss"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+@pytest.mark.parametrize("m, threads", [(1, 3), (5, 1), (32, 3)])
+def test_c_kernel_int4_bf16_path(shape, act, bias, m, threads):
+    """INT4 with bf16 x runs expert_kernel.c's vdpbf16ps path, here (without AVX512_BF16) on its
+    emulation at this machine's vector width: the bf16 planes, which nibble pairs with which x,
+    masked group tails, the activation rounded to bf16. Against the float32 reference on the same
+    bf16 values: out is rounded to bf16 (up to 2^-8 of the largest magnitude) and the activation
+    too (~1e-3 more), so 1e-2; a pairing or tail mistake costs O(1)."""
+    hidden, inter, fmt = INT4_BF16_SHAPES[shape]
+    c = native.load(("-DKRASIS_EMULATE_BF16",))
+    assert c.int4_bf16 in (1, 2)  # 1 where the CPU has the instructions
+    gen = torch.Generator().manual_seed(zlib.crc32(f"bf16 {shape} {act} {bias} {m}".encode()))
+    t = node_block(fmt, gen, hidden, inter, bias)
+    x = (torch.randn(m, hidden, generator=gen) * 2).to(torch.bfloat16)
+    ids, weights = routing(m, gen)
+    got = c(x, ids, weights, t, 4, FIRST, COUNT, act, threads)
+    want = moe_reference(x.float(), ids, weights, t, fmt, FIRST, COUNT, act)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err <= BF16_X_TOLERANCE, f"max error {float(err):.1e} of the output's magnitude"
 
 
 @pytest.mark.parametrize("fmt_name", ["int4-g64", "int8-g64"])
