@@ -132,7 +132,9 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_to
 
         # warm-up: kernels compiled, hot-expert counts gathered, allocator settled
         await one(min(prompt_tokens, opts.prefill_chunk), min(decode_tokens, 4), "warmup")
+        before = (await engine.stats_reply()).stats["cpu_pool"]
         dones = [await one(prompt_tokens, decode_tokens, f"run{i}") for i in range(runs)]
+        after = (await engine.stats_reply()).stats["cpu_pool"]
         pids = [engine.workers[i]["pid"] for i in range(len(engine.workers))] + [os.getpid()]
         store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
         gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
@@ -143,6 +145,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_to
             "runs": [{"ttft_s": d.ttft_s, "prefill_tok_s": d.prefill_tok_s, "decode_tok_s": d.decode_tok_s} for d in dones],
             "vram_mb": vram, "ram_gb": _rss_gb(pids) + store / 1e9, "workers": engine.workers,
             "caches": engine.caches,
+            # the pool's own share of the measured runs: kernel seconds per call, against the step time
+            "pool": [{"calls": b["calls"] - a["calls"], "kernel_s": b["kernel_s"] - a["kernel_s"]} for a, b in zip(before, after)],
         }
     finally:
         await engine.close()
@@ -163,7 +167,7 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
         "decode_strategy": out["workers"][-1].get("decode_strategy", ""),
         "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "prefill_tok_s": mean("prefill_tok_s"), "ttft_s": mean("ttft_s"), "decode_tok_s": mean("decode_tok_s"),
-        "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": out["runs"],
+        "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": out["runs"], "pool": out["pool"],
     }
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
     if measure_floor:

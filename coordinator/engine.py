@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 from tqdm import tqdm
 
+from ..shared import mailbox
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout
 from ..shared.models.family import ConfigError
@@ -137,6 +138,13 @@ class Engine:
             gpu_store = dict(store, nodes=1, fds=gpu_fds, format=caches.gpu_fmt.to_spec(), cache=_str(caches.gpu),
                              fill=True)
         pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
+        world = len(opts.devices)
+        # the decode hop: a shared-memory slot per (GPU worker, pool process), slot rank * n_pool + node
+        shape = mailbox.SlotShape(max_m=opts.max_batch, hidden=self.family.hidden_size,
+                                  top_k=max((self.family.experts(i).top_k for i in range(self.family.num_layers)
+                                           if self.family.is_moe(i)), default=1))
+        box_fd = mailbox.create(shape, world * n_pool)
+        boxes = {"fd": box_fd, "shape": shape.to_spec(), "count": world * n_pool}
         ncores = len(os.sched_getaffinity(0))
         try:
             with tqdm(desc="loading experts", unit="layer", disable=None, leave=False) as bar:
@@ -145,23 +153,25 @@ class Engine:
                     peers = len(range(i % len(nodes), n_pool, len(nodes)))  # pool processes on this node
                     share = [c for j, c in enumerate(node_cores) if j % peers == i // len(nodes)] or node_cores
                     spec = dict(node=i, model=self.model_dir, bind=pool_eps[i], coord=ep("results"), cores=share,
-                                threads=len(share), store=store)
-                    self.group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, fds)
+                                threads=len(share), store=store,
+                                mailbox=dict(boxes, slots=[r * n_pool + i for r in range(world)]))
+                    self.group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, [*fds, box_fd])
                 await self._await_ready("cpu", n_pool, bar)
-            world = len(opts.devices)
+            pool_pids = self.group.pids()
             with tqdm(desc="loading layers", unit="layer", disable=None, leave=False) as bar:
                 for r, dev in enumerate(opts.devices):
                     spec = dict(
                         rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
                         max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
-                        coord=ep("results"), pool=pool_eps, store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
+                        coord=ep("results"), store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
+                        mailbox=dict(boxes, slots=[r * n_pool + i for i in range(n_pool)], pool_pids=pool_pids),
                         **self.strategy_spec(),
                         **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
                     )
-                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, gpu_fds)
+                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
                 await self._await_ready("gpu", world, bar)
         finally:
-            for fd in set(fds) | set(gpu_fds):  # the children hold their own copies
+            for fd in set(fds) | set(gpu_fds) | {box_fd}:  # the children hold their own copies
                 os.close(fd)
         self.head = self.ctx.socket(zmq.PUSH)
         self.head.setsockopt(zmq.LINGER, 0)

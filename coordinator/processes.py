@@ -7,12 +7,14 @@ an unexpected child exit as fatal (WorkerDied).
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
-    pool (CPU pool endpoints), store {nodes, fds, format, cache, gguf, fill}, dense_cache, parent_pid,
+    mailbox {fd, shape, count, slots (its slot per pool process), pool_pids} (shared/mailbox.py),
+    store {nodes, fds, format, cache, gguf, fill}, dense_cache, parent_pid,
     cores (empty: any; else the cores kept off the pool, coordinator/processes.py:reserve_cores),
     prefill_strategy, decode_strategy, vram_budget, kv_dtype, prefill_chunk, hcs_path (gpu_worker/experts.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
     otherwise a store of its own format (fill: each GPU worker fills its own layers).
-CPU worker spec: node, model, bind, coord, cores, threads, store {nodes, fds, format, cache, gguf}, parent_pid.
+CPU worker spec: node, model, bind (its control endpoint: stats, shutdown), coord, cores, threads,
+    store {nodes, fds, format, cache, gguf}, mailbox {fd, shape, count, slots (one per GPU worker)}, parent_pid.
     format: ExpertFormat.to_spec(); cache: the expert cache file to copy from, or null to format the
     experts from the checkpoint (16-bit): MODEL, or the GGUF file `gguf` when not null;
     dense_cache: the INT8 dense cache file or null.

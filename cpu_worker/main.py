@@ -1,6 +1,7 @@
 """A CPU expert pool process: one per (possibly simulated) NUMA node, its threads pinned to that
-node's cores. It fills its node's segment of the shared expert store, then serves ExpertWork from
-GPU workers: run this node's block of a layer's routed experts and return the partial sum.
+node's cores. It fills its node's segment of the shared expert store, then serves the GPU workers'
+decode requests from its mailbox slots (shared/mailbox.py): run this node's block of a layer's
+routed experts and write back the partial sum. Its ZeroMQ socket takes control messages only.
 
 Started by the coordinator as `python -m krasis.cpu_worker SPEC_JSON`.
 """
@@ -19,6 +20,7 @@ import zmq
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import die_with_parent, limit_threads
+from ..shared.mailbox import Mailboxes, Slot, SlotShape
 from .expert_kernel import moe_layer, set_threads, warm_up
 from ..shared.weight_cache import store_writer
 from ..shared.weights import load_family
@@ -68,38 +70,67 @@ def main() -> None:
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(), info={"bytes": layout.sizes[node], "experts": layout.fmt.describe()}))
     )
-    while True:
+    boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
+    slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
+
+    def serve(slot: Slot, number: int) -> None:
+        layer, x, ids, weights = slot.take()
+        if layer not in blocks:
+            slot.answer(number, error=f"layer {layer} has no routed experts here")
+            return
+        first, count, t = blocks[layer]
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = moe_layer(x, ids, weights, t, layout.fmt, first, count, act)
+            m = x.shape[0]
+            work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m),
+                        kernel_s=work["kernel_s"] + time.perf_counter() - t0)
+            slot.answer(number, out)
+        except Exception as e:
+            traceback.print_exc()
+            slot.answer(number, error=f"{type(e).__name__}: {e}")
+
+    def control() -> bool:
+        """One control message (stats, shutdown) from the coordinator; False on shutdown."""
         ident, *frames = sock.recv_multipart(copy=False)
         try:
             msg = P.decode(frames)
         except P.ProtocolError as e:
-            sock.send_multipart([ident, *P.encode(P.ExpertResult(tag=-1, error=str(e)))])
-            continue
+            sock.send_multipart([ident, *P.encode(P.WorkerError(role="cpu", rank=node, step=-1, message=str(e)))])
+            return True
         if isinstance(msg, P.Shutdown):
-            break
+            return False
         if isinstance(msg, P.Stats):
             sock.send_multipart([ident, *P.encode(P.StatsReply(stats=work))])
-            continue
-        if not isinstance(msg, P.ExpertWork) or msg.layer not in blocks:
-            sock.send_multipart([ident, *P.encode(P.ExpertResult(tag=getattr(msg, "tag", -1), error=f"bad work {msg.TYPE}"))])
-            continue
-        first, count, t = blocks[msg.layer]
-        try:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = moe_layer(msg.tensors["x"], msg.tensors["ids"], msg.tensors["weights"], t, layout.fmt, first, count, act)
-            m = msg.tensors["x"].shape[0]
-            work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m),
-                        kernel_s=work["kernel_s"] + time.perf_counter() - t0)
-            reply = P.ExpertResult(tag=msg.tag)
-            reply.tensors = {"out": out}
-        except Exception as e:
-            traceback.print_exc()
-            reply = P.ExpertResult(tag=msg.tag, error=f"{type(e).__name__}: {e}")
-        sock.send_multipart([ident, *P.encode(reply)], copy=False)
+        else:
+            sock.send_multipart([ident, *P.encode(P.WorkerError(role="cpu", rank=node, step=-1, message=f"unexpected {msg.TYPE}"))])
+        return True
+
+    # Poll the slots without pause while decode is under way (a layer's request follows the last
+    # reply by well under a millisecond); after SPIN_S without work, wait on the control socket in
+    # POLL_MS naps, so an idle pool costs no core and the first layer of a step waits at most a nap.
+    seen = [slot.request() for slot in slots]
+    last_work, spins = time.monotonic(), 0
+    while True:
+        for i, slot in enumerate(slots):
+            n = slot.request()
+            if n != seen[i]:
+                seen[i] = n
+                serve(slot, n)
+                last_work, spins = time.monotonic(), 0
+        spins += 1
+        if spins % 4096 == 0:
+            idle = time.monotonic() - last_work > SPIN_S
+            if sock.poll(POLL_MS if idle else 0) and not control():
+                break
     sock.close()
     coord.close()
     ctx.term()
+
+
+SPIN_S = 0.05
+POLL_MS = 1
 
 
 def _first_count(layout: StoreLayout, layer: int, node: int) -> tuple[int, int]:

@@ -86,7 +86,7 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
             return QuantLinear(dense.tensor(name + ".q"), dense.tensor(name + ".s")).to(device)
         return source.get(name).to(device=device, dtype=dtype)
 
-    pool = PoolClient(ctx, spec["pool"]) if spec["pool"] else None
+    pool = PoolClient(spec["mailbox"], device)
     experts = StageExperts(spec, family, store, device, dtype, pool)
     done += 1
     progress()

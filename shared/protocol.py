@@ -395,24 +395,6 @@ class WorkerError(Message):
 
 
 @dataclass
-class ExpertWork(Message):
-    """GPU worker -> CPU pool process: run the routed experts of `layer` that this process holds for
-    tensors `x` [M, hidden], `ids` int32 [M, k] and `weights` float32 [M, k]; ids this process does
-    not hold are ignored. Replied with ExpertResult carrying `out` [M, hidden], the weighted sum."""
-
-    TYPE: ClassVar[str] = "expert_work"
-    layer: int
-    tag: int
-
-
-@dataclass
-class ExpertResult(Message):
-    TYPE: ClassVar[str] = "expert_result"
-    tag: int
-    error: str | None = None
-
-
-@dataclass
 class Progress(Message):
     """A worker's loading progress, shown by the coordinator as one bar: `done` of `total` units
     (tensors or layers) of `what`."""

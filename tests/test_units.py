@@ -3,6 +3,8 @@ pipeline planning and incremental detokenisation."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def test_tensor_frames_round_trip(dtype):
 
 
 def test_frame_size_mismatch_is_refused():
-    frames = P.encode(P.ExpertResult(tag=1, tensors={"out": torch.zeros(2, 2)}))
+    frames = P.encode(P.Logits(step=1, elapsed_s=0.0, tensors={"logits": torch.zeros(2, 2)}))
     with pytest.raises(P.ProtocolError, match="needs 16"):
         P.decode([frames[0], b"123"])
 
@@ -105,3 +107,30 @@ def test_reserve_cores_keeps_gpu_workers_off_the_pool():
             assert len(front) == world + 1 and len(flat) >= 3 * len(front)
     assert reserve_cores([list(range(16))], 1)[1] == [14, 15]
     assert reserve_cores([[0, 1]], 1)[1] == []  # a 2-core machine: the pool keeps both
+
+
+def test_mailbox_round_trip_errors_and_dead_pool():
+    """The decode hop (shared/mailbox.py): a request reaches the other mapping intact, a pool's
+    error comes back as PoolError with its text, and a waiter on a pool that is gone is told so."""
+    from krasis.shared.mailbox import Mailboxes, PoolError, SlotShape, create
+
+    shape = SlotShape(max_m=4, hidden=16, top_k=2)
+    fd = create(shape, 2)
+    gpu, pool = Mailboxes(fd, shape, 2).slot(1), Mailboxes(fd, shape, 2).slot(1)
+    x, ids, w = torch.randn(3, 16).bfloat16(), torch.tensor([[1, 2], [3, -1], [0, 5]]), torch.rand(3, 2)
+    n = gpu.post(7, x, ids, w)
+    assert pool.request() == n
+    layer, px, pids, pw = pool.take()
+    assert layer == 7 and torch.equal(px, x) and torch.equal(pids, ids.int()) and torch.equal(pw, w)
+    pool.answer(n, px.float() * 2)
+    assert torch.equal(gpu.wait(n, lambda: True), x.float() * 2)
+    n = gpu.post(7, x, ids, w)
+    pool.answer(n, error="RuntimeError: boom")
+    with pytest.raises(PoolError, match="boom"):
+        gpu.wait(n, lambda: True)
+    n = gpu.post(7, x, ids, w)
+    with pytest.raises(PoolError, match="exited"):
+        gpu.wait(n, lambda: False)
+    with pytest.raises(PoolError, match="max-batch"):
+        gpu.post(7, torch.zeros(5, 16), torch.zeros(5, 2), torch.zeros(5, 2))
+    os.close(fd)
