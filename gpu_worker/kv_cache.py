@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from ..shared.models.layers import attend
 from ..shared.protocol import SeqSlice
+from .decode_attention import Rows, decode_attention
 
 
 class ContextOverflow(ValueError):
@@ -24,6 +26,9 @@ def fp8_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (tf / scale).to(torch.float8_e4m3fn), scale
 
 
+DECODE_MAX_T = 16  # new tokens of a slice up to which attend() runs the decode kernel
+
+
 class KVCache:
     """kv_dtype "fp8" keeps e4m3 values with per-row scales (half the bytes of bf16); anything else
     keeps the compute dtype (float32 exact-check runs always do)."""
@@ -34,8 +39,8 @@ class KVCache:
         # seq -> layer -> (length, [buffers])
         self._seqs: dict[int, dict[int, tuple[int, list[torch.Tensor]]]] = {}
 
-    def update(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Append the slice's new entries and return views of everything cached, [start + n, ...]."""
+    def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
+        """Append the slice's new entries and return everything cached, [start + n, ...], as stored."""
         layers = self._seqs.setdefault(s.seq, {})
         length, bufs = layers.get(layer, (0, []))
         if s.start != length:
@@ -55,8 +60,40 @@ class KVCache:
             b[length:end] = t
         layers[layer] = (end, bufs)
         if self.fp8:
-            return tuple((q[:end].float() * sc[:end]).to(self.dtype) for q, sc in zip(bufs[0::2], bufs[1::2]))
-        return tuple(b[:end] for b in bufs)
+            return tuple(Rows(q[:end], sc[:end]) for q, sc in zip(bufs[0::2], bufs[1::2]))
+        return tuple(Rows(b[:end]) for b in bufs)
+
+    def update(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """append(), then everything cached in the compute dtype (views, or dequantized copies)."""
+        return tuple(r.dense(self.dtype) for r in self.append(layer, s, *new))
+
+    def decode_kernel(self, s: SeqSlice) -> bool:
+        """Whether attend() runs decode_attention on the stored rows for this slice: a few new
+        tokens on CUDA. Prompt chunks, and every slice on CPU, keep layers.attend on dequantized
+        views (what the exactness checks against transformers run)."""
+        return self.device.type == "cuda" and s.n <= DECODE_MAX_T
+
+    def attend(
+        self,
+        layer: int,
+        s: SeqSlice,
+        q: torch.Tensor,
+        *new: torch.Tensor,
+        scale: float,
+        window: int | None = None,
+        sinks: torch.Tensor | None = None,
+        keys: tuple[int, ...] = (0,),
+        values: int = 1,
+    ) -> torch.Tensor:
+        """Append the slice's new entries, then attend its queries q [n, Hq, dk] over everything
+        cached (layers.attend's contract). The keys are the cached parts `keys` concatenated along
+        the head dim, the values part `values`: (k, v) for GQA, [c ; k_r] and c for MLA."""
+        if self.decode_kernel(s):
+            rows = self.append(layer, s, *new)
+            return decode_attention(q, [rows[i] for i in keys], rows[values], s.start, scale, window, sinks)
+        parts = self.update(layer, s, *new)
+        k = parts[keys[0]] if len(keys) == 1 else torch.cat([parts[i] for i in keys], dim=-1)
+        return attend(q, k, parts[values], s.start, scale, window, sinks)
 
     def state(self, layer: int, s: SeqSlice, init) -> list[torch.Tensor]:
         """The fixed-size recurrent state of a linear-attention layer for the slice's sequence

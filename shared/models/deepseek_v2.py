@@ -9,6 +9,8 @@ Attention (MLA), for x = RMSNorm(h):
     h         += W_o softmax([q_nope;q_rope] [k_nope;k_r]^T * s + causal) v
 RoPE is the interleaved (complex pair) form; with YaRN, cos/sin carry YaRN's attention factor and
 s = mscale(factor, mscale_all_dim)^2 / sqrt(qk_nope + qk_rope).
+Decode attends in the latent space instead ("absorbed"; W_kvb = [W_UK ; W_UV] per head):
+    h         += W_o W_UV softmax([W_UK^T q_nope;q_rope] [c;k_r]^T * s + causal) c
 
 MoE, for x = RMSNorm(h):
     p = softmax(W_router x) in float32
@@ -136,7 +138,13 @@ class DeepseekV2Layer(DecoderLayer):
             self.wqa, self.bqa = get(a + "q_a_proj.weight"), opt(a + "q_a_proj.bias")
             self.q_a_norm, self.wqb = get(a + "q_a_layernorm.weight"), get(a + "q_b_proj.weight")
         self.wkva, self.bkva = get(a + "kv_a_proj_with_mqa.weight"), opt(a + "kv_a_proj_with_mqa.bias")
-        self.kv_a_norm, self.wkvb = get(a + "kv_a_layernorm.weight"), get(a + "kv_b_proj.weight")
+        self.kv_a_norm, wkvb = get(a + "kv_a_layernorm.weight"), get(a + "kv_b_proj.weight")
+        # dense in the compute dtype even under --attn-bits 8: decode multiplies by its per-head
+        # slices every step, and linear() would dequantize the INT8 form per call anyway (to this
+        # same matrix, so prompts compute exactly what they did)
+        self.wkvb = wkvb if isinstance(wkvb, torch.Tensor) else wkvb.dequantize(self.ln1.dtype)
+        w = self.wkvb.view(fam.num_heads, fam.qk_nope + fam.v_head_dim, fam.kv_lora_rank)
+        self.w_uk, self.w_uv = w[:, : fam.qk_nope], w[:, fam.qk_nope :]
         self.wo, self.bo = get(a + "o_proj.weight"), opt(a + "o_proj.bias")
         self.rotary = fam.rotary.to(self.wo.device)
 
@@ -158,19 +166,33 @@ class DeepseekV2Layer(DecoderLayer):
         q = q.view(T, f.num_heads, f.qk_head_dim)
         q_nope, q_rope = q.split([f.qk_nope, f.qk_rope], dim=-1)
         c, k_rope = linear(x, self.wkva, self.bkva).split([f.kv_lora_rank, f.qk_rope], dim=-1)
-        c = rms_norm(c, self.kv_a_norm, LATENT_NORM_EPS)
+        c = rms_norm(c, self.kv_a_norm, LATENT_NORM_EPS).view(T, 1, f.kv_lora_rank)  # one head, shared by all
         q_rope = self.rotary.interleaved(q_rope, positions)
         k_rope = self.rotary.interleaved(k_rope.reshape(T, 1, f.qk_rope), positions)
-        q = torch.cat([q_nope, q_rope], dim=-1)
         out = []
         for (a, b), s in zip(rows_for_slices(slices), slices):
-            C, KR = kv.update(self.index, s, c[a:b], k_rope[a:b])
-            k_nope, v = linear(C, self.wkvb).view(-1, f.num_heads, f.qk_nope + f.v_head_dim).split(
-                [f.qk_nope, f.v_head_dim], dim=-1
-            )
-            k = torch.cat([k_nope, KR.expand(-1, f.num_heads, -1)], dim=-1)
-            out.append(attend(q[a:b], k, v, s.start, f.softmax_scale))
+            mla = self._absorbed if kv.decode_kernel(s) else self._expanded
+            out.append(mla(kv, s, q_nope[a:b], q_rope[a:b], c[a:b], k_rope[a:b]))
         return linear(torch.cat(out).reshape(T, -1), self.wo, self.bo)
+
+    def _expanded(self, kv, s, q_nope, q_rope, c, k_rope):
+        """Prompt chunks: [k_nope ; v] = W_kvb c for every cached token, then multi-head attention."""
+        f = self.f
+        C, KR = kv.update(self.index, s, c, k_rope)
+        k_nope, v = linear(C, self.wkvb).view(-1, f.num_heads, f.qk_nope + f.v_head_dim).split(
+            [f.qk_nope, f.v_head_dim], dim=-1
+        )
+        k = torch.cat([k_nope, KR.expand(-1, f.num_heads, -1)], dim=-1)
+        return attend(torch.cat([q_nope, q_rope], dim=-1), k, v, s.start, f.softmax_scale)
+
+    def _absorbed(self, kv, s, q_nope, q_rope, c, k_rope):
+        """Decode: q_nope . (W_UK c) = (W_UK^T q_nope) . c, so attention runs over the cached latent
+        itself (keys [c ; k_r], values c, one head for all), and W_UV maps its output back per head;
+        the cache is never up-projected."""
+        q_lat = torch.einsum("thn,hnr->thr", q_nope, self.w_uk)
+        o_lat = kv.attend(self.index, s, torch.cat([q_lat, q_rope], dim=-1), c, k_rope,
+                          scale=self.f.softmax_scale, keys=(0, 1), values=0)
+        return torch.einsum("thr,hvr->thv", o_lat, self.w_uv)
 
     def route(self, x):
         f = self.f

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
-from .layers import Rotary, attend, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, swiglu
+from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, swiglu
 
 
 @register
@@ -113,8 +113,7 @@ class Qwen3MoeLayer(DecoderLayer):
         q, k = self.rotary.rotate_half(q, positions), self.rotary.rotate_half(k, positions)
         out = []
         for (a, b), s in zip(rows_for_slices(slices), slices):
-            K, V = kv.update(self.index, s, k[a:b], v[a:b])
-            out.append(attend(q[a:b], K, V, s.start, f.head_dim**-0.5))
+            out.append(kv.attend(self.index, s, q[a:b], k[a:b], v[a:b], scale=f.head_dim**-0.5))
         return linear(torch.cat(out).reshape(T, -1), self.wo, self.bo)
 
     def route(self, x):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .family import ConfigError, DecoderLayer, Getter, ModelFamily, register
-from .layers import Rotary, attend, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, swiglu
+from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, swiglu
 from .qwen3_moe import Qwen3Moe, Qwen3MoeLayer
 
 
@@ -213,8 +213,7 @@ class Qwen3NextLayer(DecoderLayer):
         v = linear(x, self.wv, self.bv).view(T, f.num_kv_heads, d)
         out = []
         for (a, b), s in zip(rows_for_slices(slices), slices):
-            K, V = kv.update(self.index, s, k[a:b], v[a:b])
-            out.append(attend(q[a:b], K, V, s.start, d**-0.5))
+            out.append(kv.attend(self.index, s, q[a:b], k[a:b], v[a:b], scale=d**-0.5))
         o = torch.cat(out).reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return linear(o, self.wo, self.bo)
 

@@ -1,0 +1,200 @@
+"""The Triton kernels of decode_attention.py: flash-decoding over the cache as stored.
+
+Work split: program (g, s) takes key head g / head_blocks, a block of BLOCK_H of its query rows
+(row r = query i * rep + head in the group: every query head of the group and every new token, so
+K and V are read once for all of them) and the s-th split of the visible keys [lo, T). It streams
+its keys in blocks of BLOCK_N and keeps, per row, the running max m, sum l and unnormalised output
+acc (online softmax, base 2). The combine kernel, one program per (query, head) row, merges the
+splits and the sink:
+
+    M = max(max_s m_s, sink),  o = sum_s 2^(m_s - M) acc_s / (sum_s 2^(m_s - M) l_s + 2^(sink - M))
+
+fp8 rows: q . (k * s_k) = (q . k) * s_k, so keys enter the product as they are (e4m3 -> bf16/fp16
+is exact) and their scale multiplies the scores; values are dequantized per block in registers.
+Products accumulate in float32 (fp32 operands in IEEE, not TF32, for float32 runs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention import Rows
+
+LOG2E = 1.4426950408889634
+BLOCK_H = 16  # query rows per program: tl.dot's smallest M
+
+
+@triton.jit(do_not_specialize=["start", "lo", "T", "keys_per_split"])
+def _split_kernel(
+    Q, KA, SA, KB, SB, V, SV, M, L, ACC,
+    sq_t, sq_h, ska_t, ska_h, ssa_t, ssa_h, skb_t, skb_h, ssb_t, ssb_h, sv_t, sv_h, ssv_t, ssv_h,
+    start, lo, T, keys_per_split, window, rep, rows, R, Hq, head_blocks, qk_scale,
+    DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    A_FP8: tl.constexpr, B_FP8: tl.constexpr, V_FP8: tl.constexpr, V_IS_A: tl.constexpr, WINDOWED: tl.constexpr,
+):
+    DT = Q.dtype.element_ty
+    kh = tl.program_id(0) // head_blocks
+    r = (tl.program_id(0) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = r < rows
+    i = r // rep
+    head = kh * rep + r % rep
+    qpos = start + i
+    q_row = Q + i * sq_t + head * sq_h
+    da = tl.arange(0, BLOCK_DA)
+    qa = tl.load(q_row[:, None] + da[None, :], mask=row_ok[:, None] & (da[None, :] < DA), other=0.0)
+    if DB > 0:
+        db = tl.arange(0, BLOCK_DB)
+        qb = tl.load(q_row[:, None] + DA + db[None, :], mask=row_ok[:, None] & (db[None, :] < DB), other=0.0)
+    dv = tl.arange(0, BLOCK_DV)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    k_lo = lo + tl.program_id(1) * keys_per_split
+    k_hi = tl.minimum(k_lo + keys_per_split, T)
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < k_hi
+        ka = tl.load(KA + n[:, None] * ska_t + kh * ska_h + da[None, :], mask=n_ok[:, None] & (da[None, :] < DA), other=0.0)
+        s = tl.dot(qa, tl.trans(ka.to(DT)), input_precision="ieee")
+        if A_FP8:
+            sa = tl.load(SA + n * ssa_t + kh * ssa_h, mask=n_ok, other=0.0)
+            s = s * sa[None, :]
+        if DB > 0:
+            kb = tl.load(KB + n[:, None] * skb_t + kh * skb_h + db[None, :], mask=n_ok[:, None] & (db[None, :] < DB), other=0.0)
+            sb = tl.dot(qb, tl.trans(kb.to(DT)), input_precision="ieee")
+            if B_FP8:
+                sb = sb * tl.load(SB + n * ssb_t + kh * ssb_h, mask=n_ok, other=0.0)[None, :]
+            s = s + sb
+        seen = (n[None, :] <= qpos[:, None]) & n_ok[None, :]
+        if WINDOWED:
+            seen = seen & (n[None, :] > qpos[:, None] - window)
+        s = tl.where(seen, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet (a later query's keys, or outside its window) stays at
+        # -inf; subtracting 0 instead keeps 2^(-inf - -inf) from making NaNs
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - base[:, None])
+        alpha = tl.exp2(m_i - base)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_IS_A:
+            v = ka  # MLA: the values are the latent part of the keys, already loaded
+        else:
+            v = tl.load(V + n[:, None] * sv_t + kh * sv_h + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if V_FP8:
+            if V_IS_A:
+                vs = sa
+            else:
+                vs = tl.load(SV + n * ssv_t + kh * ssv_h, mask=n_ok, other=0.0)
+            v = v.to(tl.float32) * vs[:, None]
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT), input_precision="ieee")
+        m_i = m_new
+
+    out = tl.program_id(1) * R + i * Hq + head
+    tl.store(M + out, m_i, mask=row_ok)
+    tl.store(L + out, l_i, mask=row_ok)
+    tl.store(ACC + out[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit(do_not_specialize=["splits"])
+def _combine_kernel(M, L, ACC, SINKS, O, splits, R, Hq, sink_scale,
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr):
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_DV)
+    top = tl.load(M + row)
+    for s in range(1, splits):
+        top = tl.maximum(top, tl.load(M + s * R + row))
+    if HAS_SINKS:
+        sink = tl.load(SINKS + row % Hq).to(tl.float32) * sink_scale
+        top = tl.maximum(top, sink)
+    w = tl.exp2(tl.load(M + row) - top)
+    den = w * tl.load(L + row)
+    acc = w * tl.load(ACC + row * DV + d, mask=d < DV, other=0.0)
+    for s in range(1, splits):
+        w = tl.exp2(tl.load(M + s * R + row) - top)
+        den += w * tl.load(L + s * R + row)
+        acc += w * tl.load(ACC + (s * R + row) * DV + d, mask=d < DV, other=0.0)
+    if HAS_SINKS:
+        den += tl.exp2(sink - top)
+    tl.store(O + row * DV + d, (acc / den).to(O.dtype.element_ty), mask=d < DV)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # Triton's interpreter runs the programs one after another
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tiles(width: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for a key head dim: wider rows (256; MLA's [512 ; 64]) take fewer keys
+    per block and more warps, so that q, the key block and acc fit in registers (ptxas for sm_90:
+    at most ~140 per thread, no spills, for d = 64, 128, 256 and 576)."""
+    return (64, 4) if width <= 128 else (32, 8)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot's smallest K and N
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k: Sequence[Rows],
+    v: Rows,
+    start: int,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """decode_attention on the stored rows. K has one or two parts; v may be k[0] itself (MLA: read
+    once, as keys and as values) or any rows, a view into K's included. `splits` (of the keys):
+    None is about two programs per SM."""
+    if len(k) not in (1, 2):
+        raise ValueError(f"keys come in one or two parts, got {len(k)}")
+    ka, kb = k[0], (k[1] if len(k) == 2 else None)
+    t, Hq, dk = q.shape
+    T, Hkv, DA = ka.values.shape
+    DB, DV = (kb.values.shape[-1] if kb else 0), v.values.shape[-1]
+    if dk != DA + DB or Hq % Hkv or T != start + t:
+        raise ValueError(f"q {list(q.shape)} against keys [{T}, {Hkv}, {DA}+{DB}] from position {start}")
+    if any(p.values.stride(-1) != 1 for p in (*k, v)):
+        raise ValueError("cached rows must be contiguous along the head dim")
+    q, rep = q.contiguous(), Hq // Hkv
+    rows, R = t * rep, t * Hq
+    head_blocks = triton.cdiv(rows, BLOCK_H)
+    lo = 0 if window is None else max(0, start + 1 - window)  # no query sees a key before the first one's window
+    BLOCK_N, warps = _tiles(dk)
+    if splits is None:
+        splits = min(triton.cdiv(T - lo, BLOCK_N), triton.cdiv(2 * _sm_count(q.device), Hkv * head_blocks))
+    keys_per_split = triton.cdiv(triton.cdiv(T - lo, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(T - lo, keys_per_split)
+
+    def parts(p: Rows | None):
+        """(values, scales, strides) with stand-ins that the kernel never reads for what is absent."""
+        if p is None:
+            return ka.values, ka.values, 0, 0, 0, 0
+        s = p.values if p.scales is None else p.scales
+        return p.values, s, p.values.stride(0), p.values.stride(1), s.stride(0), s.stride(1)
+
+    (KA, SA, *sa), (KB, SB, *sb), (V, SV, *sv) = parts(ka), parts(kb), parts(v)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m, l, acc = torch.empty(splits, R, **f32), torch.empty(splits, R, **f32), torch.empty(splits, R, DV, **f32)
+    _split_kernel[(Hkv * head_blocks, splits)](
+        q, KA, SA, KB, SB, V, SV, m, l, acc,
+        q.stride(0), q.stride(1), *sa, *sb, *sv,
+        start, lo, T, keys_per_split, window or 0, rep, rows, R, Hq, head_blocks, scale * LOG2E,
+        DA=DA, DB=DB, DV=DV, BLOCK_DA=_pow2(DA), BLOCK_DB=_pow2(DB) if DB else 1, BLOCK_DV=_pow2(DV),
+        BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, A_FP8=ka.scales is not None, B_FP8=kb is not None and kb.scales is not None,
+        V_FP8=v.scales is not None, V_IS_A=v is ka, WINDOWED=window is not None, num_warps=warps,
+    )
+    out = torch.empty(t, Hq, DV, dtype=q.dtype, device=q.device)
+    _combine_kernel[(R,)](m, l, acc, m if sinks is None else sinks, out, splits, R, Hq, LOG2E,
+                          DV=DV, BLOCK_DV=_pow2(DV), HAS_SINKS=sinks is not None)
+    return out
