@@ -173,6 +173,25 @@ def attention_check(T: int = 10000):
     qm, km, vm = (torch.randn(T, 16, d, device="cuda").bfloat16() for d in (192, 192, 128))
     row["mla_attend_ms"] = ms(lambda: attend(qm, km, vm, 0, 0.07))
     row["gqa_second_chunk_ms"] = ms(lambda: attend(q[: T // 2], k, v, T // 2, 0.088))
+    # decode: one new token over the whole cache, the Triton kernel against its reference
+    from krasis.gpu_worker.decode_attention import Rows, decode_attention_reference
+    from krasis.gpu_worker.decode_attention_kernel import decode_attention_triton
+    from krasis.gpu_worker.kv_cache import fp8_quantize
+
+    q1 = q[-1:]
+    cases = {"bf16": (Rows(k), Rows(v)), "fp8": (Rows(*fp8_quantize(k)), Rows(*fp8_quantize(v)))}
+    c, kr = torch.randn(T, 1, 512, device="cuda").bfloat16(), torch.randn(T, 1, 64, device="cuda").bfloat16()
+    cq, krq = Rows(*fp8_quantize(c)), Rows(*fp8_quantize(kr))
+    qm1 = torch.randn(1, 16, 576, device="cuda").bfloat16()
+    for name, (kk, vv) in cases.items():
+        got, want = decode_attention_triton(q1, [kk], vv, T - 1, 0.088), decode_attention_reference(q1, [kk], vv, T - 1, 0.088)
+        row[f"decode_{name}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+        row[f"decode_{name}_ms"] = ms(lambda: decode_attention_triton(q1, [kk], vv, T - 1, 0.088), 50)
+        row[f"decode_{name}_reference_ms"] = ms(lambda: decode_attention_reference(q1, [kk], vv, T - 1, 0.088), 5)
+    got = decode_attention_triton(qm1, [cq, krq], cq, T - 1, 0.07)
+    want = decode_attention_reference(qm1, [cq, krq], cq, T - 1, 0.07)
+    row["decode_mla_fp8_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    row["decode_mla_fp8_ms"] = ms(lambda: decode_attention_triton(qm1, [cq, krq], cq, T - 1, 0.07), 50)
     log("attention", row)
     RESULTS["attention"] = row
     save()
@@ -322,7 +341,7 @@ def main():
     if a.profile and not a.skip_bench:
         profile_bench(a.layers or None, a.prompt, a.decode)
     print("\n=== summary ===")
-    print("attention:", {k: round(v, 1) for k, v in RESULTS.get("attention", {}).items()})
+    print("attention:", {k: float(f"{v:.3g}") for k, v in RESULTS.get("attention", {}).items()})
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
     for r in RESULTS["kernel"]:
         print(f"kernel {r['kind']}: rel_err {r['rel_err']:.2e} grouped {r['grouped_ms']:.1f} ms "
