@@ -25,6 +25,12 @@ from .expert_kernel import moe_layer, set_threads, warm_up
 from ..shared.weight_cache import store_writer
 from ..shared.weights import load_family
 
+# While decode is under way the pool polls its mailbox slots without pause; after SPIN_S without work
+# it waits on its control socket in POLL_MS naps (main() says why).
+SPIN_S = 0.05
+POLL_MS = 1
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     die_with_parent(spec["parent_pid"])
@@ -127,10 +133,6 @@ def main() -> None:
     sock.close()
     coord.close()
     ctx.term()
-
-
-SPIN_S = 0.05
-POLL_MS = 1
 
 
 def _first_count(layout: StoreLayout, layer: int, node: int) -> tuple[int, int]:

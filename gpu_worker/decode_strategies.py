@@ -63,7 +63,7 @@ class HcsHybrid(DecodeStrategy):
         pending = self.pool.submit(layer, x, cold_ids, weights) if bool((cold_ids >= 0).any()) else None
         out = moe_blocks(x, ids, weights, self.hot.blocks(layer), self.host.fmt, self.act)
         if pending is not None:
-            out += self.pool.collect(pending).to(out.device)
+            out += self.pool.collect(pending)
         return out.to(x.dtype)
 
     def nbytes(self):

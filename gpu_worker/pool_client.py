@@ -40,8 +40,13 @@ class PoolClient:
         return self.collect(self.submit(layer, x, ids, weights)).to(x.dtype)
 
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list[int]:
-        """Post the work to every pool process and return at once (the caller may compute meanwhile)."""
-        return [slot.post(layer, x, ids, weights) for slot in self.slots]
+        """Post the work to every pool process and return at once (the caller may compute meanwhile):
+        every slot's copies first, one wait for them, then the requests published."""
+        for slot in self.slots:
+            slot.write(layer, x, ids, weights)
+        if self.pinned:
+            torch.cuda.current_stream(self.device).synchronize()
+        return [slot.publish() for slot in self.slots]
 
     def collect(self, numbers: list[int]) -> torch.Tensor:
         """The summed float32 [M, hidden] partials of the work `submit` posted, on the device."""

@@ -123,9 +123,9 @@ class Slot:
 
     # --- GPU worker side --------------------------------------------------------------------------
 
-    def post(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> int:
-        """Copy a request in (DMA from the device where the slot is page-locked), wait for the copies,
-        then publish it; returns its number."""
+    def write(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Copy a request in: a DMA from the device where the slot is page-locked, so the caller
+        waits for its stream before publish()."""
         m = x.shape[0]
         if m > self.shape.max_m:
             raise PoolError(f"{m} tokens in one decode step, the mailbox holds {self.shape.max_m} (--max-batch)")
@@ -134,16 +134,17 @@ class Slot:
         self._x_as(x.dtype, m).copy_(x, non_blocking=True)
         self.ids[:m].copy_(ids, non_blocking=True)
         self.weights[:m].copy_(weights, non_blocking=True)
-        if x.is_cuda:
-            torch.cuda.current_stream(x.device).synchronize()
         self.hdr[LAYER], self.hdr[M], self.hdr[DTYPE] = layer, m, _DTYPES.index(x.dtype)
+
+    def publish(self) -> int:
+        """Hand the written request to the pool; returns its number."""
         number = int(self.hdr[REQUEST]) + 1
         self.hdr[REQUEST] = number
         return number
 
     def wait(self, number: int, alive, timeout_s: float = 600.0) -> torch.Tensor:
         """The reply to request `number`: float32 [M, hidden], a view of the slot (valid until the next
-        post). `alive()` is asked now and then while waiting; False means the pool is gone."""
+        write). `alive()` is asked now and then while waiting; False means the pool is gone."""
         hdr, spins, t0 = self.hdr, 0, None
         while hdr[REPLY] != number:
             spins += 1

@@ -118,19 +118,22 @@ def test_mailbox_round_trip_errors_and_dead_pool():
     fd = create(shape, 2)
     gpu, pool = Mailboxes(fd, shape, 2).slot(1), Mailboxes(fd, shape, 2).slot(1)
     x, ids, w = torch.randn(3, 16).bfloat16(), torch.tensor([[1, 2], [3, -1], [0, 5]]), torch.rand(3, 2)
-    n = gpu.post(7, x, ids, w)
+    gpu.write(7, x, ids, w)
+    n = gpu.publish()
     assert pool.request() == n
     layer, px, pids, pw = pool.take()
     assert layer == 7 and torch.equal(px, x) and torch.equal(pids, ids.int()) and torch.equal(pw, w)
     pool.answer(n, px.float() * 2)
     assert torch.equal(gpu.wait(n, lambda: True), x.float() * 2)
-    n = gpu.post(7, x, ids, w)
+    gpu.write(7, x, ids, w)
+    n = gpu.publish()
     pool.answer(n, error="RuntimeError: boom")
     with pytest.raises(PoolError, match="boom"):
         gpu.wait(n, lambda: True)
-    n = gpu.post(7, x, ids, w)
+    gpu.write(7, x, ids, w)
+    n = gpu.publish()
     with pytest.raises(PoolError, match="exited"):
         gpu.wait(n, lambda: False)
     with pytest.raises(PoolError, match="max-batch"):
-        gpu.post(7, torch.zeros(5, 16), torch.zeros(5, 2), torch.zeros(5, 2))
+        gpu.write(7, torch.zeros(5, 16), torch.zeros(5, 2), torch.zeros(5, 2))
     os.close(fd)
