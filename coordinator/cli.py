@@ -221,22 +221,50 @@ def convert(model, quant):
         click.echo("convert: nothing to build: --gpu-bits, --cpu-bits and --attn-bits are all 16 (unquantized)", err=True)
 
 
+def _host_port(ctx, param, value):
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("--zmq", "endpoint", default="tcp://127.0.0.1:5555", show_default=True,
               help="Client endpoint (tcp://host:port or ipc://path).")
+@click.option("--http", "http_addr", callback=_host_port,
+              help="Also serve the OpenAI-compatible HTTP API on HOST:PORT (docs/openai_api.md); off by default.")
+@click.option("--served-model-name", help="The model name the HTTP API answers to (default: MODEL's basename).")
 @runtime_options
-def serve(model, endpoint, opts):
+def serve(model, endpoint, http_addr, served_model_name, opts):
     """Run the service until SIGTERM or Ctrl-C."""
     from .server import Server
 
     async def body(engine: Engine):
         server = Server(engine, endpoint)
         click.echo(f"krasis: serving {model} on {endpoint}", err=True)
+        http = None
+        if http_addr:
+            from pathlib import Path
+
+            from .openai_api import OpenAIServer
+
+            http = OpenAIServer(engine, served_model_name or Path(model).name)
+            try:
+                await http.start(*http_addr)
+            except OSError as e:
+                raise ConfigError(f"--http {http_addr[0]}:{http_addr[1]}: {e.strerror or e}") from None
+            click.echo(f"krasis: OpenAI API for '{http.model}' on http://{http_addr[0]}:{http_addr[1]}/v1", err=True)
         serving = asyncio.create_task(server.serve())
         fatal = asyncio.create_task(_until_fatal(engine))
-        done, _ = await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)
-        serving.cancel()
+        try:
+            done, _ = await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            serving.cancel()
+            if http:  # before the engine closes, so its open streams end with their requests
+                await http.stop()
         if fatal in done and engine._fatal is not None:
             raise WorkerDied(str(engine._fatal))
         if serving in done:
