@@ -17,8 +17,31 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..protocol import SeqSlice
 
 
+def _use_kernel(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether rms_norm and rotate_half run the Triton kernels (gpu_worker/norm_rope_kernel.py, the
+    same roundings as the torch code): half-precision CUDA tensors outside autograd (the kernels
+    have no backward). The module is imported only then: CPU workers never load Triton."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
+    )
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = w * x / sqrt(mean(x^2) + eps), the statistics in float32 whatever x's dtype."""
+    """y = w * x / sqrt(mean(x^2) + eps), the statistics in float32 whatever x's dtype: one Triton
+    kernel on CUDA (see _use_kernel), else rms_norm_reference."""
+    if _use_kernel(x, weight) and weight.shape == x.shape[-1:]:
+        from ...gpu_worker.norm_rope_kernel import RMS_MAX_D, rms_norm_triton
+
+        if x.shape[-1] <= RMS_MAX_D:
+            return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm as Hugging Face transformers computes it: the normalized value is rounded to x's
+    dtype before it is multiplied by the weight."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -125,7 +148,16 @@ class Rotary:
 
     def rotate_half(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """GPT-NeoX layout: the two halves of the head dim are the real and imaginary parts.
-        x: [T, heads, dim]."""
+        x: [T, heads, dim]. One Triton kernel on CUDA (see _use_kernel), cos/sin computed in it from
+        the positions (no tables, nothing kept between calls), else rotate_half_reference."""
+        if _use_kernel(x):
+            from ...gpu_worker.norm_rope_kernel import rotate_half_triton
+
+            return rotate_half_triton(x, positions, self.inv_freq.to(x.device), self.attention_factor)
+        return self.rotate_half_reference(x, positions)
+
+    def rotate_half_reference(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """rotate_half as transformers computes it: cos/sin rounded to x's dtype, then x.dtype ops."""
 
         def make(freqs):
             emb = torch.cat((freqs, freqs), dim=-1)
