@@ -149,19 +149,47 @@ def kernel_check():
 # --- attention at the bench's prompt length: which SDPA path, and its time ---------------------
 
 
+def ms(fn, reps=5):
+    """Milliseconds per call of fn on the GPU, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1000
+
+
+def norm_rope_check(T: int = 10000):
+    """The Triton RMSNorm and rotary kernels (gpu_worker/norm_rope_kernel.py) against their torch
+    references on a prompt's activations: identical in bf16, and their times."""
+    from krasis.shared.models.layers import Rotary, rms_norm, rms_norm_reference, rope_inv_freq
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    h = torch.randn(T, 2048, device="cuda", generator=g).bfloat16()
+    qh = torch.randn(T, 32, 128, device="cuda", generator=g).bfloat16()
+    w2048, w128 = (torch.rand(d, device="cuda", generator=g) + 0.5).bfloat16(), (torch.rand(128, device="cuda", generator=g) + 0.5).bfloat16()
+    rot = Rotary(rope_inv_freq({"rope_theta": 1e6, "rope_type": "default"}, 128, 40960)[0]).to("cuda")
+    pos = torch.arange(5, 5 + T, device="cuda")
+    row = {}
+    for name, x, w in (("norm_2048", h, w2048), ("norm_head_128", qh, w128)):
+        row[f"{name}_identical"] = bool(torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)))
+        row[f"{name}_ms"] = ms(lambda: rms_norm(x, w, 1e-6), 20)
+        row[f"{name}_reference_ms"] = ms(lambda: rms_norm_reference(x, w, 1e-6), 20)
+    got, want = rot.rotate_half(qh, pos), rot.rotate_half_reference(qh, pos)
+    row["rope_identical"] = bool(torch.equal(got, want))
+    row["rope_max_abs_diff"] = float((got.float() - want.float()).abs().max())
+    row["rope_ms"] = ms(lambda: rot.rotate_half(qh, pos), 20)
+    row["rope_reference_ms"] = ms(lambda: rot.rotate_half_reference(qh, pos), 20)  # tables cached, as across a step's layers
+    log("norm_rope", row)
+    RESULTS["norm_rope"] = row
+    save()
+
+
 def attention_check(T: int = 10000):
     import torch.nn.functional as F
 
     from krasis.shared.models.layers import attend
-
-    def ms(fn, reps=5):
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps * 1000
 
     q = torch.randn(T, 32, 128, device="cuda").bfloat16()
     k, v = torch.randn(T, 4, 128, device="cuda").bfloat16(), torch.randn(T, 4, 128, device="cuda").bfloat16()
@@ -255,7 +283,8 @@ def bench(layers: int | None, prompt: int, decode: int, runs: int, configs=None)
         ("deepseek-v2-lite", "layer_grouped_2", "pure_cpu"),
     ]
     rows = []
-    for shape, prefill, dec in configs:
+    for shape, prefill, dec, *env in configs:
+        env = env[0] if env else {}
         path = Path("/tmp/krasis-synth") / f"{shape}-{layers or 'all'}"
         if not (path / "config.json").exists():
             t0 = time.time()
@@ -266,9 +295,10 @@ def bench(layers: int | None, prompt: int, decode: int, runs: int, configs=None)
                               prefill_strategy=prefill, decode_strategy=dec, prefill_chunk=prompt,
                               max_context=prompt + decode + 8, max_batch=1)
         t0 = time.time()
+        os.environ.update(env)
         try:
             r = run_bench(str(path), opts, prompt, decode, runs)
-            r["model"] = f"{shape} ({f'{layers}L ' if layers else ''}synth)"
+            r["model"] = f"{shape} ({f'{layers}L ' if layers else ''}synth)" + "".join(f" {k}={v}" for k, v in env.items())
             r["wall_s"] = round(time.time() - t0, 1)
             log("bench", json.dumps(r, default=str))
             rows.append(r)
@@ -277,6 +307,9 @@ def bench(layers: int | None, prompt: int, decode: int, runs: int, configs=None)
             traceback.print_exc(file=LOG)
             log("bench failed", shape, prefill, dec, f"{type(e).__name__}: {e}"[:600])
             RESULTS["bench"].append({"model": shape, "prefill": prefill, "decode": dec, "error": str(e)[:2000]})
+        finally:
+            for k in env:
+                del os.environ[k]
         save()
     return table(rows) if rows else ""
 
@@ -291,6 +324,17 @@ def dequant_check():
     p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
     RESULTS["dequant_exact"] = p.returncode == 0 and p.stdout.strip() == "ok"
     log("dequant kernel identical to its reference on CUDA:", RESULTS["dequant_exact"], p.stderr[-800:])
+    save()
+
+
+def graphs_check():
+    """tests/test_decode_graphs.py: decode replayed as CUDA graphs against eager steps."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "tests" / "test_decode_graphs.py")],
+                       capture_output=True, text=True, cwd=ROOT)
+    RESULTS["graphs_exact"] = p.returncode == 0
+    log("decode graphs replay the eager steps:", RESULTS["graphs_exact"], p.stdout[-1500:], p.stderr[-800:])
     save()
 
 
@@ -324,10 +368,11 @@ def main():
     ap.add_argument("--skip-checks", action="store_true", help="no ceilings, attention, dequant or kernel checks")
     ap.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite", help="synthetic shapes to bench")
     ap.add_argument("--profile", action="store_true", help="also one profiled bench run (gpu_worker/profiling.py)")
+    ap.add_argument("--eager-too", action="store_true", help="also bench the first shape's pure_cpu decode without CUDA graphs")
     a = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
-    for step in () if a.skip_checks else (ceilings, attention_check, dequant_check, kernel_check):
+    for step in () if a.skip_checks else (ceilings, norm_rope_check, attention_check, dequant_check, kernel_check, graphs_check):
         try:
             step()
         except Exception:
@@ -337,11 +382,15 @@ def main():
     log(f"checks done at {time.time() - t0:.0f} s")
     shapes = a.shapes.split(",")
     configs = [(s, "layer_grouped_2", d) for s in shapes for d in (("pure_cpu", "hcs_hybrid") if s == shapes[0] else ("pure_cpu",))]
+    if a.eager_too:
+        configs.insert(1, (shapes[0], "layer_grouped_2", "pure_cpu", {"KRASIS_CUDA_GRAPHS": "0"}))
     tab = bench(a.layers or None, a.prompt, a.decode, a.runs, configs) if not a.skip_bench else ""
     if a.profile and not a.skip_bench:
         profile_bench(a.layers or None, a.prompt, a.decode)
     print("\n=== summary ===")
     print("attention:", {k: float(f"{v:.3g}") for k, v in RESULTS.get("attention", {}).items()})
+    print("decode graphs identical to eager:", RESULTS.get("graphs_exact"))
+    print("norm/rope kernels:", RESULTS.get("norm_rope"))
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
     for r in RESULTS["kernel"]:
         print(f"kernel {r['kind']}: rel_err {r['rel_err']:.2e} grouped {r['grouped_ms']:.1f} ms "

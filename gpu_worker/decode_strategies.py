@@ -1,6 +1,6 @@
 """Decode strategies: who runs a decode step's routed experts (docs/strategies.md).
 
-Same interface as the prefill strategies (`begin()`, `run(layer, x, ids, weights)`), plus `close()`.
+Same interface as the prefill strategies (moe_gpu.RoutedExperts), plus `close()`.
 """
 
 from __future__ import annotations
@@ -11,20 +11,17 @@ import torch
 
 from .dma import CopyEngine, ExpertSlots, HostExperts
 from .hcs import HotSet
-from .moe_gpu import moe_blocks
+from .moe_gpu import RoutedExperts, moe_blocks
 from .pool_client import PoolClient
 
 DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
 
 
-class DecodeStrategy:
+class DecodeStrategy(RoutedExperts):
     name = ""
 
     def __init__(self, pool: PoolClient | None, host: HostExperts, engine: CopyEngine, act: str):
         self.pool, self.host, self.engine, self.act = pool, host, engine, act
-
-    def begin(self) -> None:
-        pass
 
     def nbytes(self) -> int:
         return 0
@@ -38,9 +35,17 @@ class PureCpu(DecodeStrategy):
     """Every routed expert on the CPU pool."""
 
     name = "pure_cpu"
+    graphable = True
 
     def run(self, layer, x, ids, weights):
-        return self.pool.run(layer, x, ids, weights)
+        return self.collect(self.submit(layer, x, ids, weights))
+
+    def submit(self, layer, x, ids, weights):
+        self.pool.submit(layer, x, ids, weights)
+        return x.dtype
+
+    def collect(self, dtype):
+        return self.pool.collect().to(dtype)
 
 
 class HcsHybrid(DecodeStrategy):
@@ -60,10 +65,12 @@ class HcsHybrid(DecodeStrategy):
     def run(self, layer, x, ids, weights):
         hot = self.hot.is_hot(layer, ids)
         cold_ids = ids.masked_fill(hot.to(ids.device), -1)
-        pending = self.pool.submit(layer, x, cold_ids, weights) if bool((cold_ids >= 0).any()) else None
+        cold = bool((cold_ids >= 0).any())
+        if cold:
+            self.pool.submit(layer, x, cold_ids, weights)
         out = moe_blocks(x, ids, weights, self.hot.blocks(layer), self.host.fmt, self.act)
-        if pending is not None:
-            out += self.pool.collect(pending)
+        if cold:
+            out += self.pool.collect()
         return out.to(x.dtype)
 
     def nbytes(self):

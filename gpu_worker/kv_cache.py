@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..shared.models.layers import attend
+from ..shared.models.layers import attend, rows_for_slices
 from ..shared.protocol import SeqSlice
 from .decode_attention import Rows, decode_attention
+from .decode_graphs import eager
 
 
 class ContextOverflow(ValueError):
@@ -39,8 +40,15 @@ class KVCache:
         # seq -> layer -> (length, [buffers])
         self._seqs: dict[int, dict[int, tuple[int, list[torch.Tensor]]]] = {}
 
+    def _stored(self, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """New entries as the cache keeps them: e4m3 values and their scales, part by part, or as they are."""
+        return tuple(part for t in new for part in fp8_quantize(t)) if self.fp8 else new
+
     def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
         """Append the slice's new entries and return everything cached, [start + n, ...], as stored."""
+        return self._append(layer, s, self._stored(new))
+
+    def _append(self, layer: int, s: SeqSlice, new: tuple[torch.Tensor, ...]) -> tuple[Rows, ...]:
         layers = self._seqs.setdefault(s.seq, {})
         length, bufs = layers.get(layer, (0, []))
         if s.start != length:
@@ -48,8 +56,6 @@ class KVCache:
         end = length + s.n
         if end > self.max_context:
             raise ContextOverflow(f"sequence {s.seq} would reach {end} tokens, max context is {self.max_context}")
-        if self.fp8:
-            new = tuple(part for t in new for part in fp8_quantize(t))
         if not bufs or bufs[0].shape[0] < end:
             cap = min(self.max_context, max(end, 2 * (bufs[0].shape[0] if bufs else 0), 64))
             grown = [torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in new]
@@ -67,16 +73,16 @@ class KVCache:
         """append(), then everything cached in the compute dtype (views, or dequantized copies)."""
         return tuple(r.dense(self.dtype) for r in self.append(layer, s, *new))
 
-    def decode_kernel(self, s: SeqSlice) -> bool:
-        """Whether attend() runs decode_attention on the stored rows for this slice: a few new
-        tokens on CUDA. Prompt chunks, and every slice on CPU, keep layers.attend on dequantized
-        views (what the exactness checks against transformers run)."""
-        return self.device.type == "cuda" and s.n <= DECODE_MAX_T
+    def decode_kernel(self, slices: list[SeqSlice]) -> bool:
+        """Whether attend() runs decode_attention on the stored rows: a few new tokens per sequence,
+        on CUDA. Prompt chunks, and every step on CPU, keep layers.attend on dequantized views (what
+        the exactness checks against transformers run)."""
+        return self.device.type == "cuda" and all(s.n <= DECODE_MAX_T for s in slices)
 
     def attend(
         self,
         layer: int,
-        s: SeqSlice,
+        slices: list[SeqSlice],
         q: torch.Tensor,
         *new: torch.Tensor,
         scale: float,
@@ -85,15 +91,31 @@ class KVCache:
         keys: tuple[int, ...] = (0,),
         values: int = 1,
     ) -> torch.Tensor:
-        """Append the slice's new entries, then attend its queries q [n, Hq, dk] over everything
-        cached (layers.attend's contract). The keys are the cached parts `keys` concatenated along
-        the head dim, the values part `values`: (k, v) for GQA, [c ; k_r] and c for MLA."""
-        if self.decode_kernel(s):
-            rows = self.append(layer, s, *new)
-            return decode_attention(q, [rows[i] for i in keys], rows[values], s.start, scale, window, sinks)
-        parts = self.update(layer, s, *new)
-        k = parts[keys[0]] if len(keys) == 1 else torch.cat([parts[i] for i in keys], dim=-1)
-        return attend(q, k, parts[values], s.start, scale, window, sinks)
+        """Append each slice's new entries, then attend its queries over everything its sequence has
+        cached (layers.attend's contract); q [T, Hq, dk] and the new entries hold the slices' rows one
+        after another. The keys are the cached parts `keys` concatenated along the head dim, the values
+        part `values`: (k, v) for GQA, [c ; k_r] and c for MLA.
+
+        With the decode kernel, the new entries are encoded for storage here, and the appends and the
+        kernel (whose grid follows the cache's length) run as one `eager` part of a decode graph."""
+        rows = rows_for_slices(slices)
+        if self.decode_kernel(slices):
+            stored = self._stored(new)
+
+            def run(slices):
+                out = []
+                for (a, b), s in zip(rows, slices):
+                    cached = self._append(layer, s, tuple(t[a:b] for t in stored))
+                    out.append(decode_attention(q[a:b], [cached[i] for i in keys], cached[values], s.start, scale, window, sinks))
+                return out[0] if len(out) == 1 else torch.cat(out)
+
+            return eager(run, slices)
+        out = []
+        for (a, b), s in zip(rows, slices):
+            parts = self.update(layer, s, *(t[a:b] for t in new))
+            k = parts[keys[0]] if len(keys) == 1 else torch.cat([parts[i] for i in keys], dim=-1)
+            out.append(attend(q[a:b], k, parts[values], s.start, scale, window, sinks))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def state(self, layer: int, s: SeqSlice, init) -> list[torch.Tensor]:
         """The fixed-size recurrent state of a linear-attention layer for the slice's sequence

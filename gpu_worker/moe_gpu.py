@@ -34,6 +34,28 @@ from ..shared.moe import gated_act
 from .dequant import dequant_rows
 
 
+class RoutedExperts:
+    """What a stage calls for a MoE layer's routed experts, prefill and decode strategies alike:
+    `begin()` once per step, then per layer `submit(layer, x, ids, weights)` and, after whatever the
+    stage overlaps with it (the shared expert), `collect(pending)` -> x's dtype [T, H]. A strategy
+    whose work runs elsewhere (the CPU pool) splits the two; the others do it all in `run`.
+    `graphable`: submit and collect may be captured in a decode graph (decode_graphs.py)."""
+
+    graphable = False
+
+    def begin(self) -> None:
+        pass
+
+    def run(self, layer: int, x, ids, weights) -> torch.Tensor:
+        raise NotImplementedError
+
+    def submit(self, layer: int, x, ids, weights):
+        return self.run(layer, x, ids, weights)
+
+    def collect(self, pending) -> torch.Tensor:
+        return pending
+
+
 def _grouped_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 

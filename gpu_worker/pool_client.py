@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..shared.mailbox import Mailboxes, PoolError, SlotShape
+from .decode_graphs import eager
 
 __all__ = ["PoolClient", "PoolError"]
 
@@ -22,6 +23,7 @@ class PoolClient:
         self.boxes = Mailboxes(spec["fd"], SlotShape(**spec["shape"]), spec["count"])
         self.slots = [self.boxes.slot(i) for i in spec["slots"]]
         self.pids = spec["pool_pids"]
+        self._numbers: list[int] = []  # the requests submit() published, which collect() waits for
         self.pinned = device.type == "cuda"
         if self.pinned:
             from .dma import pin_segment
@@ -36,26 +38,33 @@ class PoolClient:
                 return False
         return True
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.collect(self.submit(layer, x, ids, weights)).to(x.dtype)
-
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list[int]:
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Post the work to every pool process and return at once (the caller may compute meanwhile):
-        every slot's copies first, one wait for them, then the requests published."""
+        every slot's copies first (device work, part of a decode graph), then, eagerly, one wait
+        for them and the requests published."""
         for slot in self.slots:
-            slot.write(layer, x, ids, weights)
-        if self.pinned:
-            torch.cuda.current_stream(self.device).synchronize()
-        return [slot.publish() for slot in self.slots]
+            slot.write(x, ids, weights)
+        m, dtype = x.shape[0], x.dtype
 
-    def collect(self, numbers: list[int]) -> torch.Tensor:
+        def publish(_):
+            if self.pinned:
+                torch.cuda.current_stream(self.device).synchronize()
+            self._numbers = [slot.publish(layer, m, dtype) for slot in self.slots]
+
+        eager(publish)
+
+    def collect(self) -> torch.Tensor:
         """The summed float32 [M, hidden] partials of the work `submit` posted, on the device."""
-        total = None
-        for slot, n in zip(self.slots, numbers):
-            part = slot.wait(n, self._alive)
-            # a copy either way: the slot's reply is overwritten by the next request
-            part = part.to(self.device, non_blocking=self.pinned, copy=True)
-            total = part if total is None else total.add_(part)
+
+        def replies(_):
+            # copies either way: a slot's reply is overwritten by its next request
+            return [slot.wait(n, self._alive).to(self.device, non_blocking=self.pinned, copy=True)
+                    for slot, n in zip(self.slots, self._numbers)]
+
+        parts = eager(replies)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
         return total
 
     def close(self) -> None:

@@ -2,8 +2,8 @@
 device (docs/strategies.md describes each; the names are the reference system's).
 
 Every strategy is called by the stage as `begin()` at the start of a prefill step and
-`run(layer, x, ids, weights)` per MoE layer in order, and returns x's dtype [T, H]. Each counts the
-router's choices for the hot-expert cache.
+`run(layer, x, ids, weights)` per MoE layer in order (moe_gpu.RoutedExperts), and returns x's dtype
+[T, H]. Each counts the router's choices for the hot-expert cache.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from .dma import Block, CopyEngine, ExpertSlots, GroupStager, HostExperts
 from .hcs import Counts, HotSet
-from .moe_gpu import moe_blocks
+from .moe_gpu import RoutedExperts, moe_blocks
 
 PREFILL_STRATEGIES = ("persistent", "layer_grouped_N", "chunked", "active_only", "hcs_prefill")
 
@@ -35,14 +35,11 @@ def parse_prefill(name: str) -> tuple[str, int]:
     return name, 0
 
 
-class PrefillStrategy:
+class PrefillStrategy(RoutedExperts):
     name = ""
 
     def __init__(self, host: HostExperts, engine: CopyEngine, act: str, counts: Counts):
         self.host, self.engine, self.act, self.counts = host, engine, act, counts
-
-    def begin(self) -> None:
-        pass
 
     def run(self, layer: int, x, ids, weights):
         self.counts.add(layer, ids)

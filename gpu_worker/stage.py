@@ -8,9 +8,14 @@ the first stage and the final norm and LM head on the last.
         MoE layer:   h = h + (routed(x) + shared(x))        routed: the prefill or decode strategy
         dense layer: h = h + dense(x)
     logits = lm_head(norm(h)) for the rows the slices ask for   (last stage)
+
+On CUDA a plain decode step runs as CUDA graphs (decode_graphs.py) when every layer and the decode
+strategy allow it; KRASIS_CUDA_GRAPHS=0 turns them off (to compare, or to debug).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +24,7 @@ from torch.profiler import record_function
 from ..shared.models.family import ModelFamily
 from ..shared.models.layers import linear, rows_for_slices, slice_positions
 from ..shared.protocol import SeqSlice
+from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 
 
@@ -45,11 +51,35 @@ class Stage:
             self.lm_head = get(family.lm_head_name())
         self.kv = KVCache(device, dtype, max_context, kv_dtype)
         self.experts = experts  # the prefill and decode strategies (gpu_worker/experts.py)
+        self.graphs = None
+        if (device.type == "cuda" and os.environ.get("KRASIS_CUDA_GRAPHS", "1") != "0"
+                and experts.decode.graphable and all(layer.graphable for layer in self.layers)):
+            self.graphs = DecodeGraphs(device, self._graph_body, self._graph_inputs)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, slices: list[SeqSlice], decode: bool) -> torch.Tensor:
-        h = F.embedding(x.to(self.device), self.embed) if self.first else x.to(self.device, self.dtype)
-        positions = slice_positions(slices, self.device)
+        """The stage's output for a step: hidden states, or on the last stage the logits the slices
+        ask for. Valid until the next step (a decode graph's output is overwritten by its replay)."""
+        if decode and self.graphs is not None and self.graphs.ready(slices):
+            inputs = self.graphs.buffers(len(slices))
+            inputs["x"].copy_(x)
+            inputs["positions"].copy_(torch.tensor([s.start for s in slices]))
+            return self.graphs.run(slices)
+        return self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
+
+    def _graph_inputs(self, m: int) -> dict[str, torch.Tensor]:
+        if self.first:
+            x = torch.empty(m, dtype=torch.long, device=self.device)
+        else:
+            x = torch.empty(m, self.f.hidden_size, dtype=self.dtype, device=self.device)
+        return {"x": x, "positions": torch.empty(m, dtype=torch.long, device=self.device)}
+
+    def _graph_body(self, slices: list[SeqSlice]) -> torch.Tensor:
+        inputs = self.graphs.buffers(len(slices))
+        return self._forward(inputs["x"], inputs["positions"], slices, True)
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, slices: list[SeqSlice], decode: bool) -> torch.Tensor:
+        h = F.embedding(x, self.embed) if self.first else x.to(self.dtype)
         runner = self.experts.decode if decode else self.experts.prefill
         runner.begin()
         for layer in self.layers:
@@ -60,9 +90,11 @@ class Stage:
                 with record_function("route"):
                     ids, weights = layer.route(x)
                 with record_function("routed_experts"):
-                    mlp = runner.run(layer.index, x, ids, weights)
+                    pending = runner.submit(layer.index, x, ids, weights)
                 with record_function("shared_expert"):
-                    shared = layer.shared(x)
+                    shared = layer.shared(x)  # on the device while the routed experts run elsewhere
+                with record_function("routed_experts"):
+                    mlp = runner.collect(pending)
                 h = h + (mlp if shared is None else mlp + shared)
             else:
                 with record_function("dense_mlp"):

@@ -123,9 +123,10 @@ class Slot:
 
     # --- GPU worker side --------------------------------------------------------------------------
 
-    def write(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Copy a request in: a DMA from the device where the slot is page-locked, so the caller
-        waits for its stream before publish()."""
+    def write(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Copy a request's tensors in: a DMA from the device where the slot is page-locked, so the
+        caller waits for its stream before publish(). Device work only (a decode graph captures it);
+        the header is publish()'s."""
         m = x.shape[0]
         if m > self.shape.max_m:
             raise PoolError(f"{m} tokens in one decode step, the mailbox holds {self.shape.max_m} (--max-batch)")
@@ -134,10 +135,10 @@ class Slot:
         self._x_as(x.dtype, m).copy_(x, non_blocking=True)
         self.ids[:m].copy_(ids, non_blocking=True)
         self.weights[:m].copy_(weights, non_blocking=True)
-        self.hdr[LAYER], self.hdr[M], self.hdr[DTYPE] = layer, m, _DTYPES.index(x.dtype)
 
-    def publish(self) -> int:
-        """Hand the written request to the pool; returns its number."""
+    def publish(self, layer: int, m: int, dtype: torch.dtype) -> int:
+        """Hand the written request (layer `layer`, m rows of x in `dtype`) to the pool; returns its number."""
+        self.hdr[LAYER], self.hdr[M], self.hdr[DTYPE] = layer, m, _DTYPES.index(dtype)
         number = int(self.hdr[REQUEST]) + 1
         self.hdr[REQUEST] = number
         return number

@@ -111,7 +111,7 @@ def test_reference_matches_attend_on_dequantized_rows(fp8):
 
 def _decode_everywhere(monkeypatch):
     """KVCache.attend takes its decode path (decode_attention: the reference, on CPU) for short slices."""
-    monkeypatch.setattr(KVCache, "decode_kernel", lambda self, s: s.n <= DECODE_MAX_T)
+    monkeypatch.setattr(KVCache, "decode_kernel", lambda self, slices: all(s.n <= DECODE_MAX_T for s in slices))
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "fp8"])
@@ -125,11 +125,18 @@ def test_cache_attend_paths_agree(monkeypatch, kv_dtype):
            for _, n in steps]
 
     def run():
+        """Two sequences: the second joins at the second step, so a step also holds two slices
+        (their rows one after another)."""
         kv, out = KVCache(torch.device("cpu"), torch.float32, 64, kv_dtype), []
-        for (start, n), (q, k, v), (ql, c, kr) in zip(steps, gqa, mla):
-            s = SeqSlice(seq=0, start=start, n=n)
-            out.append(kv.attend(0, s, q, k, v, scale=0.25, window=6, sinks=torch.ones(4)))
-            out.append(kv.attend(1, s, ql, c, kr, scale=0.2, keys=(0, 1), values=0))
+        for i, ((start, n), (q, k, v), (ql, c, kr)) in enumerate(zip(steps, gqa, mla)):
+            slices = [SeqSlice(seq=0, start=start, n=n)]
+            if i > 0:  # sequence 1 replays sequence 0's steps one step behind
+                (start1, n1), (q1, k1, v1), (ql1, c1, kr1) = steps[i - 1], gqa[i - 1], mla[i - 1]
+                slices.append(SeqSlice(seq=1, start=start1, n=n1))
+                q, k, v = torch.cat([q, q1]), torch.cat([k, k1]), torch.cat([v, v1])
+                ql, c, kr = torch.cat([ql, ql1]), torch.cat([c, c1]), torch.cat([kr, kr1])
+            out.append(kv.attend(0, slices, q, k, v, scale=0.25, window=6, sinks=torch.ones(4)))
+            out.append(kv.attend(1, slices, ql, c, kr, scale=0.2, keys=(0, 1), values=0))
         return out
 
     prompt_path = run()

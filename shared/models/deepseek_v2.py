@@ -169,11 +169,12 @@ class DeepseekV2Layer(DecoderLayer):
         c = rms_norm(c, self.kv_a_norm, LATENT_NORM_EPS).view(T, 1, f.kv_lora_rank)  # one head, shared by all
         q_rope = self.rotary.interleaved(q_rope, positions)
         k_rope = self.rotary.interleaved(k_rope.reshape(T, 1, f.qk_rope), positions)
-        out = []
-        for (a, b), s in zip(rows_for_slices(slices), slices):
-            mla = self._absorbed if kv.decode_kernel(s) else self._expanded
-            out.append(mla(kv, s, q_nope[a:b], q_rope[a:b], c[a:b], k_rope[a:b]))
-        return linear(torch.cat(out).reshape(T, -1), self.wo, self.bo)
+        if kv.decode_kernel(slices):
+            out = self._absorbed(kv, slices, q_nope, q_rope, c, k_rope)
+        else:
+            out = torch.cat([self._expanded(kv, s, q_nope[a:b], q_rope[a:b], c[a:b], k_rope[a:b])
+                             for (a, b), s in zip(rows_for_slices(slices), slices)])
+        return linear(out.reshape(T, -1), self.wo, self.bo)
 
     def _expanded(self, kv, s, q_nope, q_rope, c, k_rope):
         """Prompt chunks: [k_nope ; v] = W_kvb c for every cached token, then multi-head attention."""
@@ -185,12 +186,12 @@ class DeepseekV2Layer(DecoderLayer):
         k = torch.cat([k_nope, KR.expand(-1, f.num_heads, -1)], dim=-1)
         return attend(torch.cat([q_nope, q_rope], dim=-1), k, v, s.start, f.softmax_scale)
 
-    def _absorbed(self, kv, s, q_nope, q_rope, c, k_rope):
+    def _absorbed(self, kv, slices, q_nope, q_rope, c, k_rope):
         """Decode: q_nope . (W_UK c) = (W_UK^T q_nope) . c, so attention runs over the cached latent
         itself (keys [c ; k_r], values c, one head for all), and W_UV maps its output back per head;
         the cache is never up-projected."""
         q_lat = torch.einsum("thn,hnr->thr", q_nope, self.w_uk)
-        o_lat = kv.attend(self.index, s, torch.cat([q_lat, q_rope], dim=-1), c, k_rope,
+        o_lat = kv.attend(self.index, slices, torch.cat([q_lat, q_rope], dim=-1), c, k_rope,
                           scale=self.f.softmax_scale, keys=(0, 1), values=0)
         return torch.einsum("thr,hvr->thv", o_lat, self.w_uv)
 

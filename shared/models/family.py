@@ -49,6 +49,9 @@ class DecoderLayer:
 
     index: int
     is_moe: bool
+    # Whether a decode step through this layer may be captured as CUDA graphs: everything but the
+    # KV cache's attention is the same device work at every step of a batch size.
+    graphable = True
 
     # Most families: plain RMSNorm with weights ln1 / ln2 and the family's epsilon.
     def input_norm(self, h: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from ..moe import GPTOSS_ALPHA, GPTOSS_LIMIT
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
-from .layers import Rotary, linear, rope_inv_freq, rope_parameters, rows_for_slices
+from .layers import Rotary, linear, rope_inv_freq, rope_parameters
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_BLOCK = 32
@@ -156,10 +156,8 @@ class GptOssLayer(DecoderLayer):
         q = self.rotary.rotate_half(linear(x, self.wq, self.bq).view(T, f.num_heads, f.head_dim), positions)
         k = self.rotary.rotate_half(linear(x, self.wk, self.bk).view(T, f.num_kv_heads, f.head_dim), positions)
         v = linear(x, self.wv, self.bv).view(T, f.num_kv_heads, f.head_dim)
-        out, scale = [], f.head_dim**-0.5
-        for (a, b), s in zip(rows_for_slices(slices), slices):
-            out.append(kv.attend(self.index, s, q[a:b], k[a:b], v[a:b], scale=scale, window=self.window, sinks=self.sinks))
-        return linear(torch.cat(out).reshape(T, -1), self.wo, self.bo)
+        out = kv.attend(self.index, slices, q, k, v, scale=f.head_dim**-0.5, window=self.window, sinks=self.sinks)
+        return linear(out.reshape(T, -1), self.wo, self.bo)
 
     def route(self, x):
         top, ids = torch.topk(linear(x, self.router, self.router_bias), self.f.top_k, dim=-1)

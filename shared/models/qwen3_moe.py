@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
-from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, swiglu
+from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, swiglu
 
 
 @register
@@ -111,10 +111,8 @@ class Qwen3MoeLayer(DecoderLayer):
         k = rms_norm(linear(x, self.wk, self.bk).view(T, f.num_kv_heads, f.head_dim), self.k_norm, f.rms_norm_eps)
         v = linear(x, self.wv, self.bv).view(T, f.num_kv_heads, f.head_dim)
         q, k = self.rotary.rotate_half(q, positions), self.rotary.rotate_half(k, positions)
-        out = []
-        for (a, b), s in zip(rows_for_slices(slices), slices):
-            out.append(kv.attend(self.index, s, q[a:b], k[a:b], v[a:b], scale=f.head_dim**-0.5))
-        return linear(torch.cat(out).reshape(T, -1), self.wo, self.bo)
+        out = kv.attend(self.index, slices, q, k, v, scale=f.head_dim**-0.5)
+        return linear(out.reshape(T, -1), self.wo, self.bo)
 
     def route(self, x):
         probs = torch.softmax(linear(x, self.router).float(), dim=-1)

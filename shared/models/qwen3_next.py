@@ -170,6 +170,7 @@ class Qwen3NextLayer(DecoderLayer):
         p = f"model.layers.{index}."
         self.f, self.index, self.is_moe = fam, index, fam.is_moe(index)
         self.linear_attn = fam.layer_types[index] == "linear_attention"
+        self.graphable = not self.linear_attn  # its recurrent state is per sequence, updated in place
         self.ln1, self.ln2 = get(p + "input_layernorm.weight"), get(p + "post_attention_layernorm.weight")
         if self.linear_attn:
             a = p + "linear_attn."
@@ -211,10 +212,7 @@ class Qwen3NextLayer(DecoderLayer):
         q = self._rope(rms_norm_1p(q, self.q_norm, f.rms_norm_eps), positions)
         k = self._rope(rms_norm_1p(linear(x, self.wk, self.bk).view(T, f.num_kv_heads, d), self.k_norm, f.rms_norm_eps), positions)
         v = linear(x, self.wv, self.bv).view(T, f.num_kv_heads, d)
-        out = []
-        for (a, b), s in zip(rows_for_slices(slices), slices):
-            out.append(kv.attend(self.index, s, q[a:b], k[a:b], v[a:b], scale=d**-0.5))
-        o = torch.cat(out).reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
+        o = kv.attend(self.index, slices, q, k, v, scale=d**-0.5).reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return linear(o, self.wo, self.bo)
 
     def _split(self, x):
