@@ -9,15 +9,24 @@
  * scale, summed in float32 over groups. INT4 codes are used as stored (q + 8) and the offset comes
  * back per group as 8 * sum(x over the group), prepared once per input vector; INT4 inputs are
  * prepared as two planes (even and odd elements) to match the low and high nibbles of each byte.
+ * With groups of 128, a group is only 64 INT4 bytes, so what is done per group rather than per
+ * byte costs as much as the products unless it is kept small: each tile converts the bf16 scales
+ * of up to 16 groups per row to float32 at once with vector instructions, after which a group
+ * costs one FMA with its scale as a broadcast operand (and the INT4 offsets are subtracted VL
+ * groups at a time); groups of 128 weights run code compiled for that size (G128), with no
+ * loop or tail over the bytes of a group.
  *
  * INT4 with bf16 x (what the GPU workers send in decode) on CPUs with AVX512_BF16 takes a second
  * inner path: vdpbf16ps multiplies pairs of bf16 values and adds them exactly into float32 lanes,
- * so the codes become bf16 q (-8..7, exact: no offset to fold back) by a table lookup and 32 bytes
- * (64 weights) cost one vpmovzxbw from memory, a vpermw per nibble, a shift, and two vdpbf16ps per
- * token. Its planes hold x's bf16 values as received; the down projection's input, the float32
- * activation, is rounded to bf16 for it (the GPU workers round it too in bf16). Built with
- * -DKRASIS_EMULATE_BF16 on other CPUs, the same path runs on scalar stand-ins for those
- * instructions at the build's vector width (tests/test_cpu_kernel.py checks it on AVX2).
+ * so the codes become bf16 q (-8..7, exact: no offset to fold back) by a table lookup. The codes
+ * are read as 16-bit words of 4 nibbles each, not widened: 64 bytes (128 weights, a group of 128)
+ * cost one plain load, three shifts, four vpermw and four vdpbf16ps per token, x being prepared
+ * as 4 planes (elements mod 4) to match; groups of an odd number of bytes (sizes 2 mod 4) take
+ * the float path. Its planes hold x's bf16 values as received; the down projection's input, the
+ * float32 activation, is rounded to bf16 for it (the GPU workers round it too in bf16). Built with
+ * -DKRASIS_EMULATE_BF16 on other CPUs, the same path, loops and layout included, runs on scalar
+ * stand-ins for those instructions at the build's vector width (tests/test_cpu_kernel.py checks it
+ * on AVX2).
  *
  * Each weight row is read once per call and applied, while it sits in L1, to every token that
  * chose its expert (tiles of R rows x T tokens, accumulators in registers). One OpenMP region:
@@ -45,6 +54,13 @@
  * speed (benchmarks/cpu_experts.py --c-flags=-DTILE_ROWS=4 compares them). */
 #ifndef TILE_ROWS
 #define TILE_ROWS 2
+#endif
+
+/* 1: groups of 128 weights (64 bytes of INT4, 128 of INT8) take code built for that size, their
+ * loops unrolled and tails dropped; 0: the code for any size (benchmarks/cpu_experts.py --c-flags
+ * compares them). */
+#ifndef G128
+#define G128 1
 #endif
 
 /* VL bytes of codes at a time, widened to VL int32 lanes (GCC's generic vector conversions do not
@@ -102,11 +118,11 @@ INLINE float hsum(vf v) {
 const int krasis_int4_bf16 = INT4_BF16;
 
 #if INT4_BF16
-/* 2 VL bf16 values, or codes widened to 16 bits. */
+/* 2 VL bf16 values, or 2 VL words of codes (4 VL bytes). */
 typedef uint16_t vw __attribute__((vector_size(4 * VL)));
 
-/* bf16((i & 15) - 8): vpermw reads only the low 5 bits of each index, so a byte's low nibble is
- * looked up with the high nibble's low bit still above it, hence the table twice. */
+/* bf16((i & 15) - 8): vpermw reads only the low 5 bits of each index, so a nibble is looked up
+ * with the next nibble's low bit still above it, hence the table twice. */
 static const uint16_t NIBBLE_BF16[32] = {
     0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, /* -8..-1 */
     0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, /* 0..7 */
@@ -114,29 +130,24 @@ static const uint16_t NIBBLE_BF16[32] = {
     0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, /* 0..7 */
 };
 
-/* Loads of n <= 2 VL elements, the rest zero: n < 2 VL only for a group's last bytes, masked, as
- * they may end the weights' buffer. */
+/* Loads of n <= 2 VL 16-bit words, the rest zero: n < 2 VL only for a group's last bytes, masked,
+ * as they may end the weights' buffer. */
 #if INT4_BF16 == 1
 INLINE __mmask32 first_n(int n) { return (__mmask32)((1u << n) - 1); }
-INLINE vw load_u8(const uint8_t *p, int n) {
-    __m256i b = n == 2 * VL ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi8(first_n(n), p);
-    return (vw)_mm512_cvtepu8_epi16(b);
-}
-INLINE vw load_u16(const uint16_t *p, int n) {
+INLINE vw load_u16(const void *p, int n) {
     return (vw)(n == 2 * VL ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(first_n(n), p));
 }
 INLINE vw nibble_bf16(vw i) { return (vw)_mm512_permutexvar_epi16((__m512i)i, _mm512_loadu_si512(NIBBLE_BF16)); }
 /* acc[i] += a[2i + 1] b[2i + 1] + a[2i] b[2i] */
 INLINE vf dot_bf16(vf acc, vw a, vw b) { return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b); }
 #else
-INLINE vw load_u8(const uint8_t *p, int n) {
+INLINE vw load_u16(const void *p, int n) {
     vw w = {0};
-    for (int i = 0; i < n; i++) w[i] = p[i];
-    return w;
-}
-INLINE vw load_u16(const uint16_t *p, int n) {
-    vw w = {0};
-    for (int i = 0; i < n; i++) w[i] = p[i];
+    for (int i = 0; i < n; i++) {
+        uint16_t e;
+        memcpy(&e, (const char *)p + 2 * i, 2);
+        w[i] = e;
+    }
     return w;
 }
 INLINE vw nibble_bf16(vw i) {
@@ -157,38 +168,43 @@ INLINE vf dot_bf16(vf acc, vw a, vw b) {
 
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
-/* An input vector of length K as the dot products read it, `bytes` apart: INT4 [evens | odds |
- * 8 * group sums], each part padded to 16 floats; INT4 for the bf16 path (bf16 set) [evens | odds]
- * as bf16, each padded to 32; INT8 [x]. */
+/* An input vector of length K as the dot products read it, `bytes` apart: 2^lp planes `plane`
+ * elements apart, plane m holding elements m, m + 2^lp, m + 2 * 2^lp, ...: INT4 [evens | odds |
+ * 8 * group sums], each part padded to 16 floats; INT4 for the bf16 path (bf16 set) its 4 planes
+ * (elements mod 4) as bf16, each padded to 32; INT8 [x]. */
 typedef struct {
-    int bf16, half, sums, bytes;
+    int bf16, lp, plane, sums, bytes;
 } prep_t;
 
 static prep_t prep_layout(int bits, int bf16, int k, int groups) {
     prep_t p = {.bf16 = bf16};
     if (bf16) {
-        p.half = round_up(k / 2, 32);
-        p.sums = 2 * p.half;
+        p.lp = 2, p.plane = round_up(k / 4, 32);
+        p.sums = 4 * p.plane;
         p.bytes = 2 * p.sums;
     } else if (bits == 4) {
-        p.half = round_up(k / 2, 16);
-        p.sums = 2 * p.half;
+        p.lp = 1, p.plane = round_up(k / 2, 16);
+        p.sums = 2 * p.plane;
         p.bytes = 4 * (p.sums + round_up(groups, 16));
     } else {
-        p.half = round_up(k, 16);
-        p.sums = p.half;
-        p.bytes = 4 * p.half;
+        p.lp = 0, p.plane = round_up(k, 16);
+        p.sums = p.plane;
+        p.bytes = 4 * p.plane;
     }
     return p;
 }
+
+/* Where element k of an input vector goes in it (shifts: a division per element was measurable). */
+INLINE int place(prep_t p, int k) { return (k & ((1 << p.lp) - 1)) * p.plane + (k >> p.lp); }
 
 static void group_sums(float *v, prep_t p, int half_k, int groups) {
     int gb = half_k / groups;
     for (int gi = 0; gi < groups; gi++) {
         float s = 0.0f;
-        for (int j = gi * gb; j < (gi + 1) * gb; j++) s += v[j] + v[p.half + j];
+        for (int j = gi * gb; j < (gi + 1) * gb; j++) s += v[j] + v[p.plane + j];
         v[p.sums + gi] = 8.0f * s;
     }
+    for (int gi = groups; gi < round_up(groups, 16); gi++) v[p.sums + gi] = 0.0f; /* read as whole vectors */
 }
 
 /* x is float32, or bf16 when xbf16 (widened here rather than by a torch call per layer, or kept
@@ -197,7 +213,7 @@ static void prepare(int bits, const void *x, int xbf16, int k, int groups, prep_
     const float *xf = x;
     const uint16_t *xb = x;
     for (int j = 0; j < k; j++) {
-        const int i = bits == 8 ? j : (j & 1) * p.half + j / 2;
+        const int i = place(p, j);
         if (p.bf16)
             ((uint16_t *)v)[i] = xb[j];
         else
@@ -214,92 +230,146 @@ typedef union {
 } vec_t;
 
 #if INT4_BF16
-/* acc[r][t] += 2 VL bytes (n of them) of row r from byte j . x_t, on the bf16 path. Byte j + k
- * holds weights 2(j + k) (low nibble) and 2(j + k) + 1 (high), so word k of lo and hi pairs with
- * element j + k of the even and odd planes: elementwise, as vdpbf16ps multiplies (lane i of acc
- * gets words 2i and 2i + 1: weights 2j + 4i and 2j + 4i + 2 from lo, 2j + 4i + 1 and 2j + 4i + 3
- * from hi, so lo and hi add to separate lanes or chains and the float32 group sum is the same). */
-INLINE void int4_bf16(const int R, const int T, const int S, const uint8_t *const *rows, const vec_t *v, int half, int j,
+/* acc[r][t] += 4 VL bytes (n of them; j and n even) of row r from byte j . x_t, on the bf16 path.
+ * The bytes are read as they are, as 16-bit words: no widening, one plain load a row (a group of
+ * 128 weights, 64 bytes, is one zmm). Word k holds bytes j + 2k and j + 2k + 1, i.e. weights
+ * 2j + 4k + m for its nibbles m = 0..3 (low first), so a shift and a vpermw lookup per nibble give
+ * 4 vectors of bf16 weights, and nibble m's pairs elementwise with x's plane m (elements mod 4)
+ * from element j / 2, as vdpbf16ps multiplies (lane i of acc gets words 2i and 2i + 1 of a plane:
+ * weights 8 apart, in the same group). Planes 0, 2 and 1, 3 add to separate chains when S = 2. */
+INLINE void int4_bf16(const int R, const int T, const int S, const uint8_t *const *rows, const vec_t *v, int plane, int j,
                       int n, vf acc[4][4][2]) {
     for (int r = 0; r < R; r++) {
-        const vw b = load_u8(rows[r] + j, n), lo = nibble_bf16(b), hi = nibble_bf16(b >> 4);
-        for (int t = 0; t < T; t++) {
-            const uint16_t *x = v[t].w;
-            acc[r][t][0] = dot_bf16(acc[r][t][0], lo, load_u16(x + j, n));
-            acc[r][t][S - 1] = dot_bf16(acc[r][t][S - 1], hi, load_u16(x + half + j, n));
-        }
+        const vw c = load_u16(rows[r] + j, n / 2);
+        const vw q[4] = {nibble_bf16(c), nibble_bf16(c >> 4), nibble_bf16(c >> 8), nibble_bf16(c >> 12)};
+        for (int t = 0; t < T; t++)
+            for (int m = 0; m < 4; m++) {
+                /* element j / 2 of the plane is at byte j, as the codes: one index for all loads */
+                const char *x = (const char *)(v[t].w + m * plane) + j;
+                acc[r][t][m & (S - 1)] = dot_bf16(acc[r][t][m & (S - 1)], q[m], load_u16(x, n / 2));
+            }
     }
 }
 #endif
 
+/* Groups whose scales are converted to float32 together, once per tile: per group, the scale is
+ * then one broadcast operand of the FMA that adds the group's sum to the row's total. */
+#define CHUNK 16
+
+/* min(n, VL) bf16 scales from s (n > 0) as float32, lanes from n on zero: a chunk can end a row's
+ * scales, and the last row's end the buffer, so only n are read. */
+INLINE vf scales(const uint16_t *s, int n) {
+#if VL == 16 && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __m256i h = n >= VL ? _mm256_loadu_si256((const __m256i *)s) : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), s);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
+    typedef uint16_t vh __attribute__((vector_size(2 * VL), aligned(2)));
+    vh h = {0};
+    if (n >= VL)
+        h = *(const vh *)s;
+    else /* one insertion a lane, in registers (scalar stores read back as a vector stall) */
+        for (int i = 0; i < VL; i++)
+            if (i < n) h[i] = s[i];
+    return (vf)(__builtin_convertvector(h, vi) << 16);
+#endif
+}
+
+/* acc[r][t][0..S) (vectors) + sacc[r][t] (the scalar tail) = row r's group of bytes [j0, j0 + gb)
+ * . vector t, unscaled. The loops run over offsets within the group, so that a gb known at
+ * compile time unrolls them and drops the tails. */
+INLINE void group_dots(const int bits, const int xb, const int R, const int T, const int S, const uint8_t *const *rows,
+                       const vec_t *v, prep_t p, int j0, const int gb, vf acc[4][4][2], float sacc[4][4]) {
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t][0] = acc[r][t][S - 1] = (vf){0}, sacc[r][t] = 0.0f;
+    int o = 0;
+    if (xb) {
+#if INT4_BF16
+        for (; o + 4 * VL <= gb; o += 4 * VL) int4_bf16(R, T, S, rows, v, p.plane, j0 + o, 4 * VL, acc);
+        if (o < gb) int4_bf16(R, T, S, rows, v, p.plane, j0 + o, gb - o, acc);
+        o = gb; /* no scalar tail: the masked step took the group's last bytes */
+#endif
+    } else if (bits == 4) {
+        for (; o + VL <= gb; o += VL)
+            for (int r = 0; r < R; r++) {
+                const int j = j0 + o;
+                vi b = (vi)WIDEN_U8(rows[r] + j);
+                vf lo = __builtin_convertvector(b & 15, vf), hi = __builtin_convertvector(b >> 4, vf);
+                for (int t = 0; t < T; t++) {
+                    acc[r][t][0] += lo * *(const vf_u *)(v[t].f + j);
+                    acc[r][t][S - 1] += hi * *(const vf_u *)(v[t].f + p.plane + j);
+                }
+            }
+    } else {
+        for (; o + S * VL <= gb; o += S * VL)
+            for (int c = 0; c < S; c++)
+                for (int r = 0; r < R; r++) {
+                    const int j = j0 + o + c * VL;
+                    vf w = __builtin_convertvector((vi)WIDEN_S8(rows[r] + j), vf);
+                    for (int t = 0; t < T; t++) acc[r][t][c] += w * *(const vf_u *)(v[t].f + j);
+                }
+        for (; o + VL <= gb; o += VL)
+            for (int r = 0; r < R; r++) {
+                const int j = j0 + o;
+                vf w = __builtin_convertvector((vi)WIDEN_S8(rows[r] + j), vf);
+                for (int t = 0; t < T; t++) acc[r][t][0] += w * *(const vf_u *)(v[t].f + j);
+            }
+    }
+    for (; o < gb; o++) {
+        const int j = j0 + o;
+        for (int r = 0; r < R; r++) {
+            if (bits == 4) {
+                uint8_t b = rows[r][j];
+                for (int t = 0; t < T; t++)
+                    sacc[r][t] += (float)(b & 15) * v[t].f[j] + (float)(b >> 4) * v[t].f[p.plane + j];
+            } else {
+                float w = (float)(int8_t)rows[r][j];
+                for (int t = 0; t < T; t++) sacc[r][t] += w * v[t].f[j];
+            }
+        }
+    }
+}
+
 /* d[r * T + t] = row r . vector t for R rows of `groups` groups of `gb` bytes each; xb: the bf16
- * path (vectors prepared with bf16 set). */
+ * path (vectors prepared with bf16 set); g128: groups of 128 weights, a gb known here. */
 typedef void dots_fn(const uint8_t *const *rows, const uint16_t *const *sc, const vec_t *v, int groups, int gb, prep_t p,
                      float *d);
 
-INLINE void dots(const int bits, const int xb, const int R, const int T, const uint8_t *const *rows,
+INLINE void dots(const int bits, const int xb, const int R, const int T, const int g128, const uint8_t *const *rows,
                  const uint16_t *const *sc, const vec_t *v, int groups, int gb, prep_t p, float *d) {
-    /* Independent FMA chains per (row, token): with one token, two (INT4: low and high nibbles;
-     * INT8: even and odd vectors), else the tokens' own chains are enough to hide FMA latency. */
+    if (g128) gb = 128 * bits / 8;
+    /* Independent chains per (row, token) within a group: with one token, two (INT4: low and high
+     * nibbles, or x's planes 0, 2 and 1, 3; INT8: even and odd vectors), else the tokens' own
+     * chains are enough to hide the latency. (Two groups per step, each into its own total, measured
+     * 2-6% slower on AVX2: the group's work already hides the total's.) */
     const int S = T == 1 ? 2 : 1;
+    /* Whether bytes past a group's last whole vector are summed as scalars. */
+    const int tails = !xb && gb % VL;
+    /* INT4's +8 offsets come back as scale x 8 sum(x over the group), VL groups at a time. */
+    const int offsets = bits == 4 && !xb;
     vf tot[4][4];
     float stot[4][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) tot[r][t] = (vf){0}, stot[r][t] = 0.0f;
-    for (int gi = 0; gi < groups; gi++) {
-        vf acc[4][4][2];
-        float sacc[4][4];
+    for (int g0 = 0; g0 < groups; g0 += CHUNK) {
+        const int n = groups - g0 < CHUNK ? groups - g0 : CHUNK;
+        float sf[4][CHUNK] __attribute__((aligned(64)));
         for (int r = 0; r < R; r++)
-            for (int t = 0; t < T; t++) acc[r][t][0] = acc[r][t][S - 1] = (vf){0}, sacc[r][t] = 0.0f;
-        const int j0 = gi * gb, j1 = j0 + gb;
-        int j = j0;
-        if (xb) {
-#if INT4_BF16
-            for (; j + 2 * VL <= j1; j += 2 * VL) int4_bf16(R, T, S, rows, v, p.half, j, 2 * VL, acc);
-            if (j < j1) int4_bf16(R, T, S, rows, v, p.half, j, j1 - j, acc);
-            j = j1; /* no scalar tail: the masked step took the group's last bytes */
-#endif
-        } else if (bits == 4) {
-            for (; j + VL <= j1; j += VL)
-                for (int r = 0; r < R; r++) {
-                    vi b = (vi)WIDEN_U8(rows[r] + j);
-                    vf lo = __builtin_convertvector(b & 15, vf), hi = __builtin_convertvector(b >> 4, vf);
-                    for (int t = 0; t < T; t++) {
-                        acc[r][t][0] += lo * *(const vf_u *)(v[t].f + j);
-                        acc[r][t][S - 1] += hi * *(const vf_u *)(v[t].f + p.half + j);
-                    }
-                }
-        } else {
-            for (; j + S * VL <= j1; j += S * VL)
-                for (int c = 0; c < S; c++)
-                    for (int r = 0; r < R; r++) {
-                        vf w = __builtin_convertvector((vi)WIDEN_S8(rows[r] + j + c * VL), vf);
-                        for (int t = 0; t < T; t++) acc[r][t][c] += w * *(const vf_u *)(v[t].f + j + c * VL);
-                    }
-            for (; j + VL <= j1; j += VL)
-                for (int r = 0; r < R; r++) {
-                    vf w = __builtin_convertvector((vi)WIDEN_S8(rows[r] + j), vf);
-                    for (int t = 0; t < T; t++) acc[r][t][0] += w * *(const vf_u *)(v[t].f + j);
-                }
-        }
-        for (; j < j1; j++) {
-            for (int r = 0; r < R; r++) {
-                if (bits == 4) {
-                    uint8_t b = rows[r][j];
-                    for (int t = 0; t < T; t++)
-                        sacc[r][t] += (float)(b & 15) * v[t].f[j] + (float)(b >> 4) * v[t].f[p.half + j];
-                } else {
-                    float w = (float)(int8_t)rows[r][j];
-                    for (int t = 0; t < T; t++) sacc[r][t] += w * v[t].f[j];
-                }
+            for (int c = 0; c < n; c += VL) {
+                const vf s = scales(sc[r] + g0 + c, n - c);
+                *(vf *)(sf[r] + c) = s;
+                /* lanes past n: zero scales, times zero sums (the padding past `groups`) */
+                if (offsets)
+                    for (int t = 0; t < T; t++) tot[r][t] -= s * *(const vf_u *)(v[t].f + p.sums + g0 + c);
             }
-        }
-        for (int r = 0; r < R; r++) {
-            float s = bf16(sc[r][gi]);
-            for (int t = 0; t < T; t++) {
-                tot[r][t] += (S == 2 ? acc[r][t][0] + acc[r][t][1] : acc[r][t][0]) * s;
-                if (!xb) stot[r][t] += (bits == 4 ? sacc[r][t] - v[t].f[p.sums + gi] : sacc[r][t]) * s;
-            }
+        for (int c = 0; c < n; c++) {
+            vf acc[4][4][2];
+            float sacc[4][4];
+            group_dots(bits, xb, R, T, S, rows, v, p, (g0 + c) * gb, gb, acc, sacc);
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < T; t++) {
+                    tot[r][t] += (S == 2 ? acc[r][t][0] + acc[r][t][1] : acc[r][t][0]) * sf[r][c];
+                    if (tails) stot[r][t] += sacc[r][t] * sf[r][c];
+                }
         }
     }
     for (int r = 0; r < R; r++)
@@ -307,29 +377,34 @@ INLINE void dots(const int bits, const int xb, const int R, const int T, const u
 }
 
 /* The tiles used: R = TILE_ROWS rows for 1-2 tokens at a time, 2 rows for 4 (register budget),
- * and 1-2 rows at the ends of ranges. */
-#define TILE(B, X, R, T)                                                                                       \
-    static void dots_##B##X##_##R##_##T(const uint8_t *const *rows, const uint16_t *const *sc, const vec_t *v, \
-                                        int groups, int gb, prep_t p, float *d) {                              \
-        dots(B, X, R, T, rows, sc, v, groups, gb, p, d);                                                       \
+ * and 1-2 rows at the ends of ranges; each for any group size and for groups of 128 (_g). */
+#define TILE(B, X, R, T)                                                                                         \
+    static void dots_##B##X##_##R##_##T(const uint8_t *const *rows, const uint16_t *const *sc, const vec_t *v,   \
+                                        int groups, int gb, prep_t p, float *d) {                                \
+        dots(B, X, R, T, 0, rows, sc, v, groups, gb, p, d);                                                      \
+    }                                                                                                            \
+    static void dots_##B##X##_##R##_##T##_g(const uint8_t *const *rows, const uint16_t *const *sc, const vec_t *v, \
+                                            int groups, int gb, prep_t p, float *d) {                            \
+        dots(B, X, R, T, 1, rows, sc, v, groups, gb, p, d);                                                      \
     }
 #define TILES(B, X)                                                                                       \
     TILE(B, X, 4, 1) TILE(B, X, 4, 2) TILE(B, X, 2, 1) TILE(B, X, 2, 2) TILE(B, X, 2, 4) TILE(B, X, 1, 1) \
     TILE(B, X, 1, 2) TILE(B, X, 1, 4)
-#define TABLE(B, X)                                                                        \
-    {                                                                                      \
-        [4] = {[1] = dots_##B##X##_4_1, [2] = dots_##B##X##_4_2},                          \
-        [2] = {[1] = dots_##B##X##_2_1, [2] = dots_##B##X##_2_2, [4] = dots_##B##X##_2_4}, \
-        [1] = {[1] = dots_##B##X##_1_1, [2] = dots_##B##X##_1_2, [4] = dots_##B##X##_1_4}, \
+#define SHAPES(B, X, G)                                                                                            \
+    {                                                                                                              \
+        [4] = {[1] = dots_##B##X##_4_1##G, [2] = dots_##B##X##_4_2##G},                                            \
+        [2] = {[1] = dots_##B##X##_2_1##G, [2] = dots_##B##X##_2_2##G, [4] = dots_##B##X##_2_4##G},                \
+        [1] = {[1] = dots_##B##X##_1_1##G, [2] = dots_##B##X##_1_2##G, [4] = dots_##B##X##_1_4##G},                \
     }
-/* [INT4, INT8, INT4 on the bf16 path] */
+#define TABLE(B, X) {SHAPES(B, X, ), SHAPES(B, X, _g)}
+/* [INT4, INT8, INT4 on the bf16 path][any group size, groups of 128] */
 TILES(4, 0)
 TILES(8, 0)
 #if INT4_BF16
 TILES(4, 1)
-static dots_fn *const TILE_FN[3][5][5] = {TABLE(4, 0), TABLE(8, 0), TABLE(4, 1)};
+static dots_fn *const TILE_FN[3][2][5][5] = {TABLE(4, 0), TABLE(8, 0), TABLE(4, 1)};
 #else
-static dots_fn *const TILE_FN[2][5][5] = {TABLE(4, 0), TABLE(8, 0)};
+static dots_fn *const TILE_FN[2][2][5][5] = {TABLE(4, 0), TABLE(8, 0)};
 #endif
 
 /* Rows per tile for an expert with n tokens, and tokens per tile of the n - done left. */
@@ -375,9 +450,12 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                      const void *x, const int64_t *ids, const float *weights, int64_t first, int64_t count,
                      const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2, const float *b13,
                      const float *b2, void *out) {
-    const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I;
-    const int xb = INT4_BF16 && xbf16 && bits == 4;
-    const int gb13 = nb13 / G13, gb2 = nb2 / G2, bi = bits == 8 ? 1 : xb ? 2 : 0;
+    const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I, gb13 = nb13 / G13, gb2 = nb2 / G2;
+    /* The bf16 path reads codes as 16-bit words, a group never sharing one: odd bytes per group
+     * (group sizes 2 mod 4, not seen in practice) take the float path. */
+    const int xb = INT4_BF16 && xbf16 && bits == 4 && gb13 % 2 == 0 && gb2 % 2 == 0;
+    const int bi = bits == 8 ? 1 : xb ? 2 : 0;
+    const int g13 = G128 && gb13 == 16 * bits, g2 = G128 && gb2 == 16 * bits; /* groups of 128 weights */
     const prep_t p1 = prep_layout(bits, xb, H, G13), p2 = prep_layout(bits, xb, I, G2);
     const size_t mk = (size_t)M * topk;
 
@@ -450,13 +528,13 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                 vec_t v[4];
                 float d[16];
                 for (int t = 0; t < T; t++) v[t].p = xp + (size_t)tok[p + t] * p1.bytes;
-                TILE_FN[bi][2 * pairs][T](rows, sc, v, G13, gb13, p1, d);
+                TILE_FN[bi][g13][2 * pairs][T](rows, sc, v, G13, gb13, p1, d);
                 for (int i = 0; i < pairs; i++)
                     for (int t = 0; t < T; t++) {
                         float g = d[2 * i * T + t], up = d[(2 * i + 1) * T + t];
                         if (b13) g += b13[(size_t)e * 2 * I + r + i], up += b13[(size_t)e * 2 * I + I + r + i];
                         char *dst = ap + (size_t)(p + t) * p2.bytes;
-                        const int k = r + i, at = bits == 4 ? (k & 1) * p2.half + k / 2 : k;
+                        const int at = place(p2, r + i);
                         const float y = activation(act, g, up);
                         if (xb)
                             ((uint16_t *)dst)[at] = to_bf16(y);
@@ -492,7 +570,7 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                     vec_t v[4];
                     float d[16];
                     for (int t = 0; t < T; t++) v[t].p = ap + (size_t)(p + t) * p2.bytes;
-                    TILE_FN[bi][R][T](rows, sc, v, G2, gb2, p2, d);
+                    TILE_FN[bi][g2][R][T](rows, sc, v, G2, gb2, p2, d);
                     for (int i = 0; i < R; i++)
                         for (int t = 0; t < T; t++) {
                             float y = d[i * T + t] + (b2 ? b2[(size_t)e * H + h + i] : 0.0f);
