@@ -168,12 +168,16 @@ def norm_rope_check(T: int = 10000):
     g = torch.Generator(device="cuda").manual_seed(3)
     h = torch.randn(T, 2048, device="cuda", generator=g).bfloat16()
     qh = torch.randn(T, 32, 128, device="cuda", generator=g).bfloat16()
-    w2048, w128 = (torch.rand(d, device="cuda", generator=g) + 0.5).bfloat16(), (torch.rand(128, device="cuda", generator=g) + 0.5).bfloat16()
+    w2048, w128 = ((torch.rand(d, device="cuda", generator=g) + 0.5).bfloat16() for d in (2048, 128))
     rot = Rotary(rope_inv_freq({"rope_theta": 1e6, "rope_type": "default"}, 128, 40960)[0]).to("cuda")
     pos = torch.arange(5, 5 + T, device="cuda")
     row = {}
     for name, x, w in (("norm_2048", h, w2048), ("norm_head_128", qh, w128)):
-        row[f"{name}_identical"] = bool(torch.equal(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)))
+        got, want = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
+        row[f"{name}_identical"] = bool(torch.equal(got, want))
+        row[f"{name}_differ_fraction"] = float((got != want).float().mean())
+        # bf16 has 8 significant bits: 2^-7 relative is one unit in the last place at most
+        row[f"{name}_max_rel_diff"] = float(((got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30)).max())
         row[f"{name}_ms"] = ms(lambda: rms_norm(x, w, 1e-6), 20)
         row[f"{name}_reference_ms"] = ms(lambda: rms_norm_reference(x, w, 1e-6), 20)
     got, want = rot.rotate_half(qh, pos), rot.rotate_half_reference(qh, pos)
@@ -338,11 +342,11 @@ def graphs_check():
     save()
 
 
-def profile_bench(layers: int, prompt: int, decode: int):
+def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b-a3b"):
     """One more bench run of the first shape with every GPU worker under torch.profiler
     (gpu_worker/profiling.py), tables in $OUT/profile."""
     os.environ["KRASIS_PROFILE"] = str(OUT / "profile")
-    os.environ["KRASIS_PROFILE_STEPS"] = "1,16"
+    os.environ["KRASIS_PROFILE_STEPS"] = "1,8-23"  # decode steps of one request, clear of the next prefill
     try:
         from krasis.coordinator.bench import run_bench
         from krasis.coordinator.processes import RuntimeOptions
@@ -350,7 +354,12 @@ def profile_bench(layers: int, prompt: int, decode: int):
         opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
                               prefill_strategy="layer_grouped_2", decode_strategy="pure_cpu", prefill_chunk=prompt,
                               max_context=prompt + decode + 8, max_batch=1)
-        run_bench(str(Path("/tmp/krasis-synth") / f"qwen3-30b-a3b-{layers or 'all'}"), opts, prompt, decode, 2, measure_floor=False)
+        path = Path("/tmp/krasis-synth") / f"{shape}-{layers or 'all'}"
+        if not (path / "config.json").exists():
+            from krasis.coordinator.synth import synth
+
+            synth(shape, path, layers=layers, expert_bits=4)
+        run_bench(str(path), opts, prompt, decode, 2, measure_floor=False)
     except Exception:
         traceback.print_exc(file=LOG)
     finally:

@@ -59,11 +59,14 @@ def decode_attention(
     scale: float,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """decode_attention_triton (decode_attention_kernel.py, imported only here: CPU workers never
-    load Triton) on CUDA, else the reference."""
+    load Triton) on CUDA, else the reference; written into `out` when given (a decode graph reads
+    the same buffer at every step)."""
     if q.is_cuda:
         from .decode_attention_kernel import decode_attention_triton
 
-        return decode_attention_triton(q, k, v, start, scale, window, sinks)
-    return decode_attention_reference(q, k, v, start, scale, window, sinks)
+        return decode_attention_triton(q, k, v, start, scale, window, sinks, out=out)
+    result = decode_attention_reference(q, k, v, start, scale, window, sinks)
+    return result if out is None else out.copy_(result)

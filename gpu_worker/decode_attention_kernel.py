@@ -152,10 +152,11 @@ def decode_attention_triton(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """decode_attention on the stored rows. K has one or two parts; v may be k[0] itself (MLA: read
     once, as keys and as values) or any rows, a view into K's included. `splits` (of the keys):
-    None is about two programs per SM."""
+    None is about two programs per SM. `out`: a contiguous [t, Hq, dv] to write to."""
     if len(k) not in (1, 2):
         raise ValueError(f"keys come in one or two parts, got {len(k)}")
     ka, kb = k[0], (k[1] if len(k) == 2 else None)
@@ -194,7 +195,8 @@ def decode_attention_triton(
         BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, A_FP8=ka.scales is not None, B_FP8=kb is not None and kb.scales is not None,
         V_FP8=v.scales is not None, V_IS_A=v is ka, WINDOWED=window is not None, num_warps=warps,
     )
-    out = torch.empty(t, Hq, DV, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(t, Hq, DV, dtype=q.dtype, device=q.device)
     _combine_kernel[(R,)](m, l, acc, m if sinks is None else sinks, out, splits, R, Hq, LOG2E,
                           DV=DV, BLOCK_DV=_pow2(DV), HAS_SINKS=sinks is not None)
     return out

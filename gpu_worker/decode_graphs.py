@@ -12,7 +12,7 @@ step, and the hand-off to the CPU pool (publish the request, wait for the reply,
 The code that does them calls `eager(fn, slices)`: while a step is captured this ends the graph,
 runs fn, and starts the next graph; every replay then runs fn again at that point with that step's
 slices. fn's tensors are copied into the ones it returned at capture, which the following graphs
-read. Any other per-step input (tokens or hidden states, positions) sits in buffers the stage fills
+read, unless fn writes into those itself (the attention output and the pool's replies do). Any other per-step input (tokens or hidden states, positions) sits in buffers the stage fills
 before a replay.
 
 The graphs of one program share a memory pool and replay in the order they were captured, the
@@ -46,7 +46,8 @@ def eager(fn: Callable, slices: list[SeqSlice] | None = None):
 
 def _copy_into(dst, src) -> None:
     if isinstance(dst, torch.Tensor):
-        dst.copy_(src)
+        if dst.data_ptr() != src.data_ptr():  # an eager part that writes in place returns it again
+            dst.copy_(src)
     elif isinstance(dst, (list, tuple)):
         for d, s in zip(dst, src):
             _copy_into(d, s)
@@ -101,13 +102,20 @@ class _Program:
 
     def _end(self) -> None:
         g, self.graph = self.graph, None
-        with warnings.catch_warnings():
-            # two eager parts in a row leave an empty graph between them (a layer with nothing to
-            # overlap with the CPU pool's work); replaying it costs one launch
-            warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
             g.capture_end()
-        g.replay()
-        self.parts.append(g)
+        empty = False
+        for w in said:
+            if "The CUDA Graph is empty" in str(w.message):
+                # two eager parts in a row (a layer with nothing to overlap with the CPU pool's
+                # work) leave nothing between them, and an empty graph still costs a launch
+                empty = True
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not empty:
+            g.replay()
+            self.parts.append(g)
 
     def cut(self, fn: Callable):
         self._end()

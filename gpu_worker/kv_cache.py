@@ -97,17 +97,19 @@ class KVCache:
         part `values`: (k, v) for GQA, [c ; k_r] and c for MLA.
 
         With the decode kernel, the new entries are encoded for storage here, and the appends and the
-        kernel (whose grid follows the cache's length) run as one `eager` part of a decode graph."""
+        kernel (whose grid follows the cache's length) run as one `eager` part of a decode graph,
+        which writes into the same output at every replay."""
         rows = rows_for_slices(slices)
         if self.decode_kernel(slices):
             stored = self._stored(new)
+            dv = stored[2 * values if self.fp8 else values].shape[-1]
+            out = torch.empty(q.shape[0], q.shape[1], dv, dtype=q.dtype, device=q.device)
 
             def run(slices):
-                out = []
                 for (a, b), s in zip(rows, slices):
                     cached = self._append(layer, s, tuple(t[a:b] for t in stored))
-                    out.append(decode_attention(q[a:b], [cached[i] for i in keys], cached[values], s.start, scale, window, sinks))
-                return out[0] if len(out) == 1 else torch.cat(out)
+                    decode_attention(q[a:b], [cached[i] for i in keys], cached[values], s.start, scale, window, sinks, out=out[a:b])
+                return out
 
             return eager(run, slices)
         out = []

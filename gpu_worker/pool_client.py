@@ -24,6 +24,9 @@ class PoolClient:
         self.slots = [self.boxes.slot(i) for i in spec["slots"]]
         self.pids = spec["pool_pids"]
         self._numbers: list[int] = []  # the requests submit() published, which collect() waits for
+        self._m = 0
+        shape = self.boxes.shape
+        self._replies = [torch.empty(shape.max_m, shape.hidden, dtype=torch.float32, device=device) for _ in self.slots]
         self.pinned = device.type == "cuda"
         if self.pinned:
             from .dma import pin_segment
@@ -49,7 +52,7 @@ class PoolClient:
         def publish(_):
             if self.pinned:
                 torch.cuda.current_stream(self.device).synchronize()
-            self._numbers = [slot.publish(layer, m, dtype) for slot in self.slots]
+            self._numbers, self._m = [slot.publish(layer, m, dtype) for slot in self.slots], m
 
         eager(publish)
 
@@ -57,9 +60,10 @@ class PoolClient:
         """The summed float32 [M, hidden] partials of the work `submit` posted, on the device."""
 
         def replies(_):
-            # copies either way: a slot's reply is overwritten by its next request
-            return [slot.wait(n, self._alive).to(self.device, non_blocking=self.pinned, copy=True)
-                    for slot, n in zip(self.slots, self._numbers)]
+            # copied either way: a slot's reply is overwritten by its next request; into the same
+            # device buffers at every call, which a decode graph then reads in place
+            return [buf[: self._m].copy_(slot.wait(n, self._alive), non_blocking=self.pinned)
+                    for buf, slot, n in zip(self._replies, self.slots, self._numbers)]
 
         parts = eager(replies)
         total = parts[0]
