@@ -116,10 +116,10 @@ def _fail(e: BaseException) -> None:
     sys.exit(1)
 
 
-async def _with_engine(model: str, opts: RuntimeOptions, body):
+async def _with_engine(model: str, opts: RuntimeOptions, body, max_restarts: int = 0):
     """Run `body(engine)` with every process started, stopping them all whatever happens
     (SIGINT and SIGTERM included)."""
-    engine = Engine(model, opts)
+    engine = Engine(model, opts, max_restarts)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,8 +237,11 @@ def _host_port(ctx, param, value):
 @click.option("--http", "http_addr", callback=_host_port,
               help="Also serve the OpenAI-compatible HTTP API on HOST:PORT (docs/openai_api.md); off by default.")
 @click.option("--served-model-name", help="The model name the HTTP API answers to (default: MODEL's basename).")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="When a worker dies, fail its running requests and restart all workers, at most this many "
+                   "times in 10 minutes; past that (or with 0) exit non-zero, for systemd's Restart= to take over.")
 @runtime_options
-def serve(model, endpoint, http_addr, served_model_name, opts):
+def serve(model, endpoint, http_addr, served_model_name, max_restarts, opts):
     """Run the service until SIGTERM or Ctrl-C."""
     from .server import Server
 
@@ -271,7 +274,7 @@ def serve(model, endpoint, http_addr, served_model_name, opts):
             serving.result()  # the front end only ends by an error: surface it (exit non-zero)
 
     try:
-        _run(_with_engine(model, opts, body))
+        _run(_with_engine(model, opts, body, max_restarts))
     except USER_ERRORS as e:
         _fail(e)
     except asyncio.CancelledError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .sampling import Sampler
 from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESTART_WINDOW_S = 600.0  # --max-restarts counts the restarts within this many seconds
 
 
 class RequestError(ValueError):
@@ -91,8 +93,8 @@ def validate_devices(devices: list[str]) -> None:
 
 
 class Engine:
-    def __init__(self, model_dir: str, opts: RuntimeOptions):
-        self.model_dir, self.opts = str(model_dir), opts
+    def __init__(self, model_dir: str, opts: RuntimeOptions, max_restarts: int = 0):
+        self.model_dir, self.opts, self.max_restarts = str(model_dir), opts, max_restarts
         if opts.dtype not in DTYPES:
             raise ConfigError(f"--dtype {opts.dtype} is not one of {', '.join(DTYPES)}")
         if opts.max_context < 2:
@@ -113,15 +115,27 @@ class Engine:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._fatal: BaseException | None = None
+        self._broken: WorkerDied | None = None  # the group's workers are unusable; the schedule restarts them
+        self.restarting = False
+        self._restart_times: list[float] = []
         self.workers: list[dict] = []
-        self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.head, self.pool_ctl, self._reader_task = None, [], None
+        self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                      "restarts": 0}
         self.closed = False
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
     # --- start-up ----------------------------------------------------------------------------
     async def start(self) -> None:
-        opts = self.opts
         self.ctx = zmq.asyncio.Context()
+        await self._start_group()
+        self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._watch())]
+
+    async def _start_group(self) -> None:
+        """Start every worker and the sockets to them; a restart runs this again on fresh endpoints,
+        so nothing a dead group sent can reach the new one."""
+        opts = self.opts
+        self.group, self.workers = WorkerGroup(), []
         ep = Endpoints()
         self.results = self.ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
@@ -182,8 +196,7 @@ class Engine:
             s.setsockopt(zmq.LINGER, 0)
             s.connect(e)
             self.pool_ctl.append(s)
-        self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._schedule()),
-                       asyncio.create_task(self._watch())]
+        self._reader_task = asyncio.create_task(self._reader())
 
     def strategy_spec(self) -> dict:
         """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
@@ -231,21 +244,54 @@ class Engine:
                     fut.set_exception(StepFailed(f"{msg.role}_worker {msg.rank}: {msg.message}"))
 
     async def _watch(self) -> None:
-        try:
-            while True:
-                self.group.check()
-                await asyncio.sleep(0.25)
-        except WorkerDied as e:
-            self._die(e)
+        while True:
+            await asyncio.sleep(0.25)
+            if self._broken is None and not self.restarting:  # a restart checks the new group itself
+                try:
+                    self.group.check()
+                except WorkerDied as e:
+                    self._break(e)
 
-    def _die(self, e: BaseException) -> None:
-        self._fatal = e
+    def _break(self, e: BaseException) -> None:
+        """Fail the steps in flight (their replies will never come) and wake the schedule to deal with it."""
+        if isinstance(e, WorkerDied):
+            self._broken = e
         for fut in self._futures.values():
             if not fut.done():
                 fut.set_exception(e)
+        self._futures.clear()
+        self._wake.set()
+
+    def _die(self, e: BaseException) -> None:
+        self._fatal = e
+        self._break(e)
         for req in list(self.requests.values()):
             self._fail(req, str(e))
-        self._wake.set()
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S]
+        return len(self._restart_times) < self.max_restarts
+
+    async def _restart(self, cause: BaseException) -> None:
+        """Replace the whole group: a GPU worker's KV cache and mailboxes pair with the pool processes,
+        so no worker can be restarted alone. Requests that had reached the workers lose their state
+        and fail; the waiting ones stay queued."""
+        self._restart_times.append(time.monotonic())
+        self.stats["restarts"] += 1
+        self.restarting = True
+        print(f"krasis: {cause}; restarting the workers (restart {len(self._restart_times)} of "
+              f"{self.max_restarts} within {RESTART_WINDOW_S / 60:g} min)", file=sys.stderr, flush=True)
+        for req in [r for r in self.requests.values() if r not in self.waiting]:
+            self._fail(req, f"lost to a worker failure ({cause}); the service is restarting its workers")
+        self._reader_task.cancel()
+        async with self._pool_lock:  # closing a socket under a stats query would cancel the front end's task
+            for s in [self.head, *self.pool_ctl, self.results]:
+                s.close(0)
+            self.head, self.pool_ctl = None, []
+        await asyncio.get_running_loop().run_in_executor(None, self.group.kill_all)
+        await self._start_group()
+        self._broken, self.restarting = None, False
 
     # --- requests ----------------------------------------------------------------------------
     def submit(self, gen: P.Generate) -> Request:
@@ -301,16 +347,26 @@ class Engine:
 
     # --- the schedule ------------------------------------------------------------------------
     async def _schedule(self) -> None:
-        try:
-            await self._schedule_loop()
-        except Exception as e:  # a dead worker surfaces here through the step futures
-            if self._fatal is None:
-                self._die(e)
+        while True:
+            try:
+                return await self._schedule_loop()
+            except Exception as e:  # a dead worker, or a step the workers did not survive
+                if self._fatal is not None:
+                    return
+                if not self._may_restart():
+                    return self._die(e)
+                cause = e
+            try:
+                await self._restart(cause)
+            except Exception as e:  # the new group did not start: nothing left to try here
+                return self._die(e)
 
     async def _schedule_loop(self) -> None:
         while True:
             if self._fatal is not None:
                 return
+            if self._broken is not None:
+                raise self._broken
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
                 self._finish(req, "cancelled")
@@ -427,13 +483,15 @@ class Engine:
         if req in self.waiting:
             self.waiting.remove(req)
         was_running = self.running.pop(req.seq, None) is not None
-        if (was_running or req.t_prefill) and self._fatal is None and not self.closed:
+        if (was_running or req.t_prefill) and self.head is not None and self._fatal is None and not self.restarting \
+                and not self.closed:
             # zmq.asyncio sends return a future that completes by itself; nothing to await here
             asyncio.ensure_future(self.head.send_multipart(P.encode(P.Free(seqs=[req.seq]))))
 
     # --- status and shutdown -----------------------------------------------------------------
     def health(self) -> P.HealthReply:
-        return P.HealthReply(status="down" if self._fatal else "ok", model=self.model_dir, workers=self.workers)
+        status = "down" if self._fatal else "restarting" if self.restarting else "ok"
+        return P.HealthReply(status=status, model=self.model_dir, workers=self.workers)
 
     async def stats_reply(self) -> P.StatsReply:
         """The engine's counters, and under "cpu_pool" each pool process's own (its pinned cores,
@@ -443,7 +501,10 @@ class Engine:
             for s in self.pool_ctl:
                 await s.send_multipart(P.encode(P.Stats()))
             for s in self.pool_ctl:
-                reply = P.decode(await s.recv_multipart())
+                try:  # a dead pool process never answers; the front end must not wait on it
+                    reply = P.decode(await asyncio.wait_for(s.recv_multipart(), 5.0))
+                except asyncio.TimeoutError:
+                    continue
                 if isinstance(reply, P.StatsReply):
                     pools.append(reply.stats)
         return P.StatsReply(stats={**self.stats, "running": len(self.running), "waiting": len(self.waiting),
@@ -453,12 +514,13 @@ class Engine:
         if self.closed:
             return
         self.closed = True
-        for t in self._tasks:
-            t.cancel()
+        for t in [*self._tasks, self._reader_task]:
+            if t is not None:
+                t.cancel()
         for req in list(self.requests.values()):
             self._fail(req, "service is shutting down")
         try:
-            if hasattr(self, "head"):
+            if self.head is not None:
                 await self.head.send_multipart(P.encode(P.Shutdown()))
                 for s in self.pool_ctl:
                     await s.send_multipart(P.encode(P.Shutdown()))

@@ -192,7 +192,7 @@ class OpenAIServer:
         stream = _get(body, "stream", bool, False)
         usage_chunk = stream and isinstance(body.get("stream_options"), dict) and \
             body["stream_options"].get("include_usage") is True
-        if self.engine.health().status != "ok":
+        if self.engine.health().status == "down":  # while restarting, requests queue
             raise ApiError(503, "the service is down (a worker failed); see the server's log", code="service_unavailable")
         try:
             req = self.engine.submit(gen)

@@ -2,8 +2,8 @@
 
 Every worker is a child of the coordinator, started with a JSON spec (below) and the expert-store
 memfds as inherited descriptors. Children set PDEATHSIG so they die with the coordinator however it
-ends; the coordinator in turn stops them on any exit path (normal, signal, exception) and treats
-an unexpected child exit as fatal (WorkerDied).
+ends; the coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
+child exit raises WorkerDied; the engine then restarts the whole group, or goes down past --max-restarts.
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -133,7 +134,8 @@ class WorkerGroup:
         for role, p in self.procs:
             rc = p.poll()
             if rc is not None:
-                raise WorkerDied(f"{role} (pid {p.pid}) exited with code {rc}")
+                how = f" (killed by {signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else ""
+                raise WorkerDied(f"{role} (pid {p.pid}) exited with code {rc}{how}")
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Wait for the workers to finish (a shutdown was sent), then terminate, then kill."""

@@ -314,7 +314,7 @@ class Error(Message):
 @dataclass
 class HealthReply(Message):
     TYPE: ClassVar[str] = "health_reply"
-    status: str
+    status: str  # ok | restarting | down (docs/protocol.md); anything but ok: not serving now
     model: str
     workers: list[dict]
 

@@ -76,15 +76,16 @@ def test_sigkill_of_coordinator_takes_workers_down(model):
     assert workers_of(model) == []
 
 
-def test_worker_crash_stops_the_service(model):
-    proc, c, pids = start(model)
+def test_worker_crash_without_restarts_stops_the_service(model):
+    proc, c, pids = start(model, "--max-restarts", "0")  # restarts: tests/test_recovery.py
     os.kill(pids[-1], signal.SIGKILL)  # a GPU worker
     rc = proc.wait(30)
     err = proc.stderr.read()
     c.close()
     assert rc != 0
-    assert "exited with code" in err and str(pids[-1]) in err
+    assert "exited with code -9 (killed by SIGKILL)" in err and str(pids[-1]) in err
     tm.wait_gone(pids)
+    assert workers_of(model) == []
 
 
 def test_generate_leaves_nothing_behind(model):
