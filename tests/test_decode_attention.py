@@ -6,12 +6,10 @@ paths against each other, and DeepSeek's absorbed MLA decode against the up-proj
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+import tiny_models as tm
 
 from krasis.gpu_worker.decode_attention import Rows, decode_attention_reference
 from krasis.gpu_worker.kv_cache import DECODE_MAX_T, KVCache, fp8_quantize
@@ -81,9 +79,7 @@ print("ok")
 
 def test_triton_decode_attention_matches_reference():
     pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+    tm.run_interpreted(CHECK)
 
 
 def _cached(x: torch.Tensor, fp8: bool) -> tuple[Rows, torch.Tensor]:

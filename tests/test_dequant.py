@@ -5,11 +5,9 @@ runs the same check on CUDA, where bfloat16 results must be identical too."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+import tiny_models as tm
 
 pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
 
@@ -42,6 +40,4 @@ print("ok")
 
 
 def test_triton_dequant_matches_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+    tm.run_interpreted(CHECK)

@@ -6,12 +6,12 @@ Rotary.rotate_half off CUDA, which must not import the kernels' module."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+import tiny_models as tm
 
 CHECK = r"""
 import numpy as np
@@ -116,9 +116,7 @@ print("ok")
 
 def test_triton_norm_rope_match_reference():
     pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+    tm.run_interpreted(CHECK)
 
 
 def test_cpu_dispatch_is_the_reference(monkeypatch):

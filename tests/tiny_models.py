@@ -240,6 +240,15 @@ def krasis(*args: str, timeout: float = 300, check: bool = True) -> subprocess.C
     return p
 
 
+def run_interpreted(check: str) -> None:
+    """Run a Triton check script (it prints "ok" when every comparison holds) in a fresh Python with
+    TRITON_INTERPRET=1: Triton reads the variable when it is first imported, so the kernels run on
+    the CPU only in a process of their own."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    p = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+
+
 def generate_json(model_dir: Path, prompt_ids: list[int], n: int, *extra: str) -> dict:
     p = krasis("generate", model_dir, "--prompt-ids", ",".join(map(str, prompt_ids)), "--max-new-tokens", n,
                "--dtype", "float32", "--json", *extra)
