@@ -1,5 +1,5 @@
 """The Triton kernels behind layers.rms_norm and Rotary.rotate_half on CUDA: RMSNorm over the last
-dim, rotary embedding in the GPT-NeoX layout, and the two fused (a per-head q/k norm, then rotary).
+dim, and rotary embedding in the GPT-NeoX layout.
 
 Why: a profile of a Qwen3-30B-A3B-shaped layer at a 10K-token prompt on an H100 spent ~3 ms per
 layer outside the matmuls and attention in float32 RMSNorm passes (the input and post-attention
@@ -18,9 +18,8 @@ mirror Hugging Face transformers), roundings included:
                y = x * cos + rotate_half(x) * sin, each product rounded to x's dtype, then the sum.
 
 Only the order of the sum of squares differs from torch's, so mean(x^2) may be one float32 ulp off
-and an output, rarely, one ulp of x's dtype (fused: one ulp of the normalized value, which may be
-more ulps of a rotated output where its two products nearly cancel). The rest is meant to be bit for
-bit on CUDA (to be confirmed on a device): the float32 steps that torch runs as separate kernels stay
+and an output, rarely, one ulp of x's dtype. The rest is meant to be bit for bit on CUDA (on the
+lent H100: rotary identical, RMSNorm one ulp off on 2.5e-6 of the elements): the float32 steps that torch runs as separate kernels stay
 separate roundings (fp fusion, fmul + fadd -> fma, is off), the mean is the sum times float32(1/D) as
 torch's CUDA mean computes it, and cos, sin and rsqrt are libdevice's cosf, sinf and rsqrtf, the CUDA
 math functions torch's kernels call. Triton links libdevice flushing denormals to zero, which these
@@ -83,9 +82,8 @@ def _rms_norm_kernel(X, W, Y, R, sx, eps, D: tl.constexpr, BLOCK_R: tl.constexpr
 
 
 @triton.jit(do_not_specialize=["T"])
-def _rope_kernel(X, P, F, W, Y, T, H, sx_t, sx_h, attention_factor, eps,
-                 HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 NORM: tl.constexpr):
+def _rope_kernel(X, P, F, Y, T, H, sx_t, sx_h, attention_factor,
+                 HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     # program: BLOCK_T tokens x BLOCK_H heads; the two halves of a head row are x1 (real) and x2
     DT = X.dtype.element_ty
     f32 = tl.float32
@@ -104,12 +102,6 @@ def _rope_kernel(X, P, F, W, Y, T, H, sx_t, sx_h, attention_factor, eps,
     src = X + t[:, None, None] * sx_t + h[None, :, None] * sx_h + j[None, None, :]
     x1 = tl.load(src, mask=ok, other=0.0).to(f32)
     x2 = tl.load(src + HALF, mask=ok, other=0.0).to(f32)
-    if NORM:
-        inv = _inv_rms(tl.sum(x1 * x1, 2) + tl.sum(x2 * x2, 2), eps, 2 * HALF)[:, :, None]
-        w1 = tl.load(W + j, mask=j < HALF, other=0.0)[None, None, :]
-        w2 = tl.load(W + HALF + j, mask=j < HALF, other=0.0)[None, None, :]
-        x1 = _weighted(x1, inv, w1, DT, DT).to(f32)
-        x2 = _weighted(x2, inv, w2, DT, DT).to(f32)
     # x * cos + cat(-x2, x1) * sin as x.dtype tensor ops: each product rounded, then the sum
     y1 = ((x1 * cos).to(DT).to(f32) + (-x2 * sin).to(DT).to(f32)).to(DT)
     y2 = ((x2 * cos).to(DT).to(f32) + (x1 * sin).to(DT).to(f32)).to(DT)
@@ -149,17 +141,12 @@ def rotate_half_triton(
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
     attention_factor: float,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
 ) -> torch.Tensor:
     """Rotary.rotate_half_reference for x [T, heads, dim] (any strides but the last), positions [T],
-    inv_freq float32 [dim / 2]. With norm_weight [dim] (x's dtype): the rotation of
-    rms_norm_reference(x, norm_weight, eps), the per-head q/k norm done in the same pass."""
+    inv_freq float32 [dim / 2]."""
     T, H, dim = x.shape
     if dim % 2 or inv_freq.shape != (dim // 2,):
         raise ValueError(f"head dim {dim} against {tuple(inv_freq.shape)} frequencies")
-    if norm_weight is not None and (norm_weight.shape != (dim,) or norm_weight.dtype != x.dtype):
-        raise ValueError(f"norm weight {tuple(norm_weight.shape)} {norm_weight.dtype} for rows of {dim} {x.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(T, H, dim, dtype=x.dtype, device=x.device)
@@ -170,10 +157,9 @@ def rotate_half_triton(
     # all heads of a token in one program where they fit, so its cos/sin serve every head
     BLOCK_H = min(triton.next_power_of_2(H), max(1, _TILE // (2 * BLOCK_HALF)))
     BLOCK_T = max(1, _TILE // (2 * BLOCK_HALF * BLOCK_H))
-    w = x if norm_weight is None else norm_weight.contiguous()  # not read without NORM
     _rope_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(H, BLOCK_H))](
-        x, positions.contiguous(), inv_freq.float().contiguous(), w, y, T, H, x.stride(0), x.stride(1),
-        attention_factor, eps, HALF=half, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
-        NORM=norm_weight is not None, **_launch_options(2 * BLOCK_T * BLOCK_H * BLOCK_HALF),
+        x, positions.contiguous(), inv_freq.float().contiguous(), y, T, H, x.stride(0), x.stride(1),
+        attention_factor, HALF=half, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
+        **_launch_options(2 * BLOCK_T * BLOCK_H * BLOCK_HALF),
     )
     return y
