@@ -1,8 +1,8 @@
 """Opt-in profiling of a GPU worker: with KRASIS_PROFILE=DIR, steps PREFILL and DECODE steps
 (KRASIS_PROFILE_STEPS, default "2,16": 2 prefill and 16 decode steps after the first of each, which
-compiles and warms; "1,8-23" profiles decode steps 8 to 23) run under torch.profiler, and each worker writes DIR/stage{rank}-{prefill,decode}.txt: the
-operator table, with the stage's own regions (attention, route, routed_experts, shared_expert,
-dense_mlp) as rows. Off by default: a serving process pays nothing but a dictionary lookup."""
+compiles and warms; "1,8-23" profiles decode steps 8 to 23) run under torch.profiler, and each
+worker writes DIR/stage{rank}-{prefill,decode}.txt: the operator table, with the stage's own
+regions (attention, route, routed_experts, shared_expert, dense_mlp) as rows. Off by default: a serving process pays nothing but a dictionary lookup."""
 
 from __future__ import annotations
 
