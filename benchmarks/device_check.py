@@ -332,11 +332,12 @@ def dequant_check():
 
 
 def graphs_check():
-    """tests/test_decode_graphs.py: decode replayed as CUDA graphs against eager steps."""
+    """tests/test_doorbell.py (the GPU's side of the pool hop) and tests/test_decode_graphs.py
+    (decode replayed as CUDA graphs against eager steps)."""
     import subprocess
 
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "tests" / "test_decode_graphs.py")],
-                       capture_output=True, text=True, cwd=ROOT)
+    tests = [str(ROOT / "tests" / t) for t in ("test_doorbell.py", "test_decode_graphs.py")]
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests], capture_output=True, text=True, cwd=ROOT)
     RESULTS["graphs_exact"] = p.returncode == 0
     log("decode graphs replay the eager steps:", RESULTS["graphs_exact"], p.stdout[-1500:], p.stderr[-800:])
     save()

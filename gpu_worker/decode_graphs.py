@@ -7,14 +7,14 @@ per batch size M and replayed after, as a program of parts:
 
     graph | eager | graph | eager | ... | graph
 
-Most of a layer (norms, projections, rope, router, the copies into the CPU pool's mailbox) is a
-graph. Two things cannot be frozen: attention over a cache whose length and buffers change every
-step, and the hand-off to the CPU pool (publish the request, wait for the reply, which the host does).
-The code that does them calls `eager(fn, slices)`: while a step is captured this ends the graph,
-runs fn, and starts the next graph; every replay then runs fn again at that point with that step's
-slices. fn's tensors are copied into the ones it returned at capture, which the following graphs
-read, unless fn writes into those itself (the attention output and the pool's replies do). Any other
-per-step input (tokens or hidden states, positions) sits in buffers the stage fills before a replay.
+Most of a layer (norms, projections, rope, router, the hand-off to the CPU pool, whose request and
+wait are kernels: doorbell_kernel.py) is a graph. Attention over a cache whose length and buffers
+change every step cannot be frozen: the code that runs it calls `eager(fn, slices)`. While a step is
+captured this ends the graph, runs fn, and starts the next graph; every replay then runs fn again at
+that point with that step's slices. fn's tensors are copied into the ones it returned at capture,
+which the following graphs read, unless fn writes into those itself (the attention output does). Any
+other per-step input (tokens or hidden states, positions) sits in buffers the stage fills before a
+replay. Nothing in a program waits for the host, so the host enqueues a whole step and runs ahead.
 
 The graphs of one program share a memory pool and replay in the order they were captured, the
 condition under which CUDA graphs may share memory. Outside a capture `eager(fn, slices)` is just

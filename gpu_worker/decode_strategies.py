@@ -26,6 +26,10 @@ class DecodeStrategy(RoutedExperts):
     def nbytes(self) -> int:
         return 0
 
+    def end(self) -> None:
+        if self.pool is not None:
+            self.pool.finish()  # the step's requests answered, or PoolError
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()

@@ -24,12 +24,13 @@ class DmaError(RuntimeError):
     pass
 
 
-def pin_segment(seg: torch.Tensor) -> None:
-    """Page-lock a host byte tensor in place (no copy)."""
-    rc = torch.cuda.cudart().cudaHostRegister(seg.data_ptr(), seg.numel(), 0)
+def pin_segment(seg: torch.Tensor, mapped: bool = False) -> None:
+    """Page-lock a host byte tensor in place (no copy); `mapped`: also into the device's address
+    space (cudaHostRegisterMapped), for kernels that read and write it directly."""
+    rc = torch.cuda.cudart().cudaHostRegister(seg.data_ptr(), seg.numel(), 2 if mapped else 0)
     code = getattr(rc, "value", rc)
     if int(code) != 0:
-        raise DmaError(f"cudaHostRegister of {seg.numel() / 2**30:.1f} GiB of expert store failed (cudaError {int(code)})")
+        raise DmaError(f"cudaHostRegister of {seg.numel() / 2**30:.1f} GiB of host memory failed (cudaError {int(code)})")
 
 
 class CopyEngine:

@@ -37,13 +37,17 @@ from .dequant import dequant_rows
 class RoutedExperts:
     """What a stage calls for a MoE layer's routed experts, prefill and decode strategies alike:
     `begin()` once per step, then per layer `submit(layer, x, ids, weights)` and, after whatever the
-    stage overlaps with it (the shared expert), `collect(pending)` -> x's dtype [T, H]. A strategy
-    whose work runs elsewhere (the CPU pool) splits the two; the others do it all in `run`.
+    stage overlaps with it (the shared expert), `collect(pending)` -> x's dtype [T, H], and `end()`
+    once the step is enqueued (graphed or not). A strategy whose work runs elsewhere (the CPU pool)
+    splits the two; the others do it all in `run`.
     `graphable`: submit and collect may be captured in a decode graph (decode_graphs.py)."""
 
     graphable = False
 
     def begin(self) -> None:
+        pass
+
+    def end(self) -> None:
         pass
 
     def run(self, layer: int, x, ids, weights) -> torch.Tensor:

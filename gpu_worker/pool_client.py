@@ -1,17 +1,25 @@
 """The GPU worker's side of decode: hand a layer's routed-expert work to every CPU pool process
 (each holds a disjoint block of the experts) through its mailbox slot (shared/mailbox.py), and add
-up their partial sums on the device."""
+up their partial sums on the device.
+
+On CUDA the GPU does the hop itself (doorbell_kernel.py): the request and the wait are kernels, so
+they run inside a decode graph and the host never waits per layer; `finish()` is then where the host
+waits for the step, watching that the pool lives. On a CPU device the host does it (Slot.publish and
+Slot.wait, the kernels' reference), as it computes the step anyway.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
-from ..shared.mailbox import Mailboxes, PoolError, SlotShape
-from .decode_graphs import eager
+from ..shared.mailbox import Mailboxes, PoolError, SlotShape, dtype_code
 
 __all__ = ["PoolClient", "PoolError"]
+
+WAIT_TIMEOUT_S = 600.0  # a pool that answers nothing for this long is taken for hung
 
 
 class PoolClient:
@@ -23,15 +31,21 @@ class PoolClient:
         self.boxes = Mailboxes(spec["fd"], SlotShape(**spec["shape"]), spec["count"])
         self.slots = [self.boxes.slot(i) for i in spec["slots"]]
         self.pids = spec["pool_pids"]
-        self._numbers: list[int] = []  # the requests submit() published, which collect() waits for
+        self.shape = self.boxes.shape
+        self._parts = {name: at for name, (at, _) in self.shape.parts().items()}
+        self.gpu = device.type == "cuda"
+        self._numbers: list[int] = []  # host path: the requests submit() published
         self._m = 0
-        shape = self.boxes.shape
-        self._replies = [torch.empty(shape.max_m, shape.hidden, dtype=torch.float32, device=device) for _ in self.slots]
-        self.pinned = device.type == "cuda"
-        if self.pinned:
+        if self.gpu:
             from .dma import pin_segment
 
-            pin_segment(self.boxes.bytes)  # the request and reply copies become DMA, no staging
+            pin_segment(self.boxes.bytes, mapped=True)  # the kernels read and write the slots in place
+            nbytes = self.shape.nbytes
+            self._offsets = torch.tensor([i * nbytes for i in spec["slots"]], dtype=torch.int64, device=device)
+            # the request numbers, advanced by the ring kernel: a graph's replay advances them too
+            self._counters = torch.tensor([slot.request() for slot in self.slots], dtype=torch.int64, device=device)
+            self._abort = torch.zeros(1, dtype=torch.int64).pin_memory()
+            self._failed = torch.zeros(len(self.slots), dtype=torch.int64).pin_memory()
 
     def _alive(self) -> bool:
         for pid in self.pids:
@@ -41,38 +55,68 @@ class PoolClient:
                 return False
         return True
 
+    def _check(self, x: torch.Tensor) -> None:
+        if x.shape[0] > self.shape.max_m:
+            raise PoolError(f"{x.shape[0]} tokens in one decode step, the mailbox holds {self.shape.max_m} (--max-batch)")
+        dtype_code(x.dtype)
+
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Post the work to every pool process and return at once (the caller may compute meanwhile):
-        every slot's copies first (device work, part of a decode graph), then, eagerly, one wait
-        for them and the requests published."""
+        """Post the work to every pool process and return at once (the caller may compute meanwhile)."""
+        self._check(x)
+        self._m = x.shape[0]
+        if self.gpu:
+            from .doorbell_kernel import ring
+
+            ring(self.boxes.bytes.data_ptr(), self._offsets, self._counters, self._parts, layer,
+                 dtype_code(x.dtype), x, ids, weights)
+            return
         for slot in self.slots:
             slot.write(x, ids, weights)
-        m, dtype = x.shape[0], x.dtype
-
-        def publish(_):
-            if self.pinned:
-                torch.cuda.current_stream(self.device).synchronize()
-            self._numbers, self._m = [slot.publish(layer, m, dtype) for slot in self.slots], m
-
-        eager(publish)
+        self._numbers = [slot.publish(layer, self._m, x.dtype) for slot in self.slots]
 
     def collect(self) -> torch.Tensor:
         """The summed float32 [M, hidden] partials of the work `submit` posted, on the device."""
+        if self.gpu:
+            from .doorbell_kernel import wait
 
-        def replies(_):
-            # copied either way: a slot's reply is overwritten by its next request; into the same
-            # device buffers at every call, which a decode graph then reads in place
-            return [buf[: self._m].copy_(slot.wait(n, self._alive), non_blocking=self.pinned)
-                    for buf, slot, n in zip(self._replies, self.slots, self._numbers)]
-
-        parts = eager(replies)
+            return wait(self.boxes.bytes.data_ptr(), self._offsets, self._counters, self._abort, self._failed,
+                        self._parts, self._m, self.shape.hidden)
+        # copied: a slot's reply is overwritten by its next request
+        parts = [slot.wait(n, self._alive).clone() for slot, n in zip(self.slots, self._numbers)]
         total = parts[0]
         for part in parts[1:]:
             total = total + part
         return total
 
+    def finish(self) -> None:
+        """After a step's work is enqueued: on CUDA, wait for it while watching the pool. A dead pool,
+        or one silent for WAIT_TIMEOUT_S, releases the waiting kernels (`abort`) and raises PoolError,
+        as does an error reply to any request of the step."""
+        if not self.gpu:
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        t0, polls = time.monotonic(), 0
+        while not done.query():
+            polls += 1
+            if polls % 256 == 0:
+                why = None if self._alive() else "the CPU pool process exited"
+                if why is None and time.monotonic() - t0 > WAIT_TIMEOUT_S:
+                    why = f"the CPU pool did not answer in {WAIT_TIMEOUT_S:.0f} s"
+                if why is not None:
+                    self._abort[0] = 1
+                    done.synchronize()
+                    self._abort[0] = 0
+                    raise PoolError(why)
+            time.sleep(20e-6)  # the pool's reply is ~0.1-1 ms away; leave the core (and the GIL)
+        errors = [(slot, int(n)) for slot, n in zip(self.slots, self._failed.tolist()) if n]
+        if errors:
+            self._failed.zero_()
+            slot, n = errors[0]
+            raise PoolError(slot.error_text(n))
+
     def close(self) -> None:
-        if self.pinned:
+        if self.gpu:
             # a registered range must be unregistered before it is unmapped
             torch.cuda.synchronize(self.device)
             torch.cuda.cudart().cudaHostUnregister(self.boxes.bytes.data_ptr())

@@ -64,8 +64,11 @@ class Stage:
             inputs = self.graphs.buffers(len(slices))
             inputs["x"].copy_(x)
             inputs["positions"].copy_(torch.tensor([s.start for s in slices]))
-            return self.graphs.run(slices)
-        return self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
+            out = self.graphs.run(slices)
+        else:
+            out = self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
+        (self.experts.decode if decode else self.experts.prefill).end()
+        return out
 
     def _graph_inputs(self, m: int) -> dict[str, torch.Tensor]:
         if self.first:

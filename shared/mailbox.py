@@ -4,9 +4,10 @@ that both map, not a ZeroMQ message.
 A decode step crosses this hop once per MoE layer. As ZeroMQ messages it cost ~2 ms per layer on
 the lent H100 host, against a pool kernel of ~0.35 ms: a socket's I/O thread must find a core, and
 the pool's cores are held by its kernel threads, which spin a while after every call. Here the GPU
-worker's DMA writes the request straight into the slot (page-locked on CUDA), a number written last
-says it is complete, and the pool process, polling its slots while decode is under way, writes its
-reply beside it the same way. ZeroMQ keeps the control messages (stats, shutdown).
+worker writes the request straight into the slot (on CUDA a kernel does, into the page-locked,
+mapped slot: gpu_worker/doorbell_kernel.py), a number written last says it is complete, and the pool
+process, polling its slots while decode is under way, writes its reply beside it the same way (on
+CUDA a kernel spins on the reply's number). ZeroMQ keeps the control messages (stats, shutdown).
 
 One memfd holds a slot per (GPU worker, pool process) pair; the coordinator creates it and both
 sides inherit it. A slot (MAILBOX_VERSION 1; every part 64-byte aligned):
@@ -20,8 +21,9 @@ sides inherit it. A slot (MAILBOX_VERSION 1; every part 64-byte aligned):
     out      float32 [max_m, hidden]: the weighted sum over the experts this pool process holds
     error    ERROR_BYTES of UTF-8, when the pool failed the request
 
-Ordering: each side writes its payload, then its number. x86 keeps stores in order, and a reader
-loads the number before the payload, so a changed number means a complete payload.
+Ordering: each side writes its payload, then its number. x86 keeps stores in order, the GPU's kernel
+fences (fence.sc.sys) before its number, and a reader loads the number before the payload, so a
+changed number means a complete payload.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ REQUEST, REPLY, LAYER, M, DTYPE, ERROR, VERSION = range(7)
 
 class PoolError(RuntimeError):
     """The pool failed a request, died, or does not answer."""
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """How the header names x's dtype."""
+    if dtype not in _DTYPES:
+        raise PoolError(f"activations of dtype {dtype} cannot go to the CPU pool")
+    return _DTYPES.index(dtype)
 
 
 def _align(n: int) -> int:
@@ -124,21 +133,16 @@ class Slot:
     # --- GPU worker side --------------------------------------------------------------------------
 
     def write(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Copy a request's tensors in: a DMA from the device where the slot is page-locked, so the
-        caller waits for its stream before publish(). Device work only (a decode graph captures it);
-        the header is publish()'s."""
+        """Copy a request's tensors in (checked by the caller: PoolClient); the header is publish()'s.
+        On CUDA the GPU worker does this and publish() in a kernel (gpu_worker/doorbell_kernel.py)."""
         m = x.shape[0]
-        if m > self.shape.max_m:
-            raise PoolError(f"{m} tokens in one decode step, the mailbox holds {self.shape.max_m} (--max-batch)")
-        if x.dtype not in _DTYPES:
-            raise PoolError(f"activations of dtype {x.dtype} cannot go to the CPU pool")
-        self._x_as(x.dtype, m).copy_(x, non_blocking=True)
-        self.ids[:m].copy_(ids, non_blocking=True)
-        self.weights[:m].copy_(weights, non_blocking=True)
+        self._x_as(x.dtype, m).copy_(x)
+        self.ids[:m].copy_(ids)
+        self.weights[:m].copy_(weights)
 
     def publish(self, layer: int, m: int, dtype: torch.dtype) -> int:
         """Hand the written request (layer `layer`, m rows of x in `dtype`) to the pool; returns its number."""
-        self.hdr[LAYER], self.hdr[M], self.hdr[DTYPE] = layer, m, _DTYPES.index(dtype)
+        self.hdr[LAYER], self.hdr[M], self.hdr[DTYPE] = layer, m, dtype_code(dtype)
         number = int(self.hdr[REQUEST]) + 1
         self.hdr[REQUEST] = number
         return number
@@ -156,8 +160,12 @@ class Slot:
                 if time.monotonic() - t0 > timeout_s:
                     raise PoolError(f"the CPU pool did not answer in {timeout_s:.0f} s")
         if hdr[ERROR]:
-            raise PoolError(bytes(self._error[: hdr[ERROR]]).decode(errors="replace"))
+            raise PoolError(self.error_text(int(hdr[ERROR])))
         return self.out[: hdr[M]]
+
+    def error_text(self, n: int) -> str:
+        """The pool's message for an error reply of n bytes."""
+        return bytes(self._error[:n]).decode(errors="replace")
 
     # --- pool side --------------------------------------------------------------------------------
 

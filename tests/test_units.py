@@ -134,6 +134,21 @@ def test_mailbox_round_trip_errors_and_dead_pool():
     n = gpu.publish(7, 3, x.dtype)
     with pytest.raises(PoolError, match="exited"):
         gpu.wait(n, lambda: False)
+    os.close(fd)
+
+
+def test_pool_client_refuses_what_a_slot_cannot_hold():
+    """PoolClient checks a request before either path (the host's, here, or the GPU's kernels) writes it."""
+    from krasis.gpu_worker.pool_client import PoolClient
+    from krasis.shared.mailbox import PoolError, SlotShape, create
+
+    shape = SlotShape(max_m=4, hidden=16, top_k=2)
+    fd = create(shape, 1)
+    client = PoolClient({"fd": fd, "shape": shape.to_spec(), "count": 1, "slots": [0], "pool_pids": [os.getpid()]},
+                        torch.device("cpu"))
     with pytest.raises(PoolError, match="max-batch"):
-        gpu.write(torch.zeros(5, 16), torch.zeros(5, 2), torch.zeros(5, 2))
+        client.submit(0, torch.zeros(5, 16), torch.zeros(5, 2, dtype=torch.long), torch.zeros(5, 2))
+    with pytest.raises(PoolError, match="dtype"):
+        client.submit(0, torch.zeros(2, 16, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2))
+    client.close()
     os.close(fd)

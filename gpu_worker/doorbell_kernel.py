@@ -1,0 +1,125 @@
+"""The mailbox hop (shared/mailbox.py) driven by the GPU itself: a kernel rings the CPU pool's
+doorbell and a kernel waits for its reply, so a decode step's layers need no host thread between
+them and the whole step is one CUDA graph.
+
+Why: with the host in the loop, each MoE layer of a decode step cost a stream sync (to know the
+request's copies had landed), the header write, a spin on the reply, a copy back and a graph launch,
+~0.5 ms per layer on the lent H100 host against ~0.15 ms of device work. Here the host enqueues the
+whole step and runs ahead; the only waiting is the GPU's, on the pool.
+
+The protocol is the slot's, unchanged for the pool process (Slot.publish and Slot.wait are the host
+reference of these two kernels, and what CPU devices run):
+
+    ring:  payload (x, ids as int32, weights as float32, layer, M, dtype code) stored into the
+           mapped slot; barrier; fence.sc.sys; then the request number, so the pool that sees the
+           number sees the payload (the number comes from a counter on the device, one per slot,
+           which a graph's replay advances like an eager call);
+    wait:  spin on the reply number with volatile loads (sysmem, never a stale cached line) until it
+           is the counter's, or until the GPU worker's host sets `abort` (the pool died or hung:
+           PoolClient.finish); note an error reply's length in `failed`; then sum the slots' float32
+           replies into `out`.
+
+Slots and `abort`, `failed` are page-locked host memory mapped into the device's address space
+(cudaHostRegisterMapped, or torch's pinned allocator), passed as pointers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..shared import mailbox
+
+_BLOCK = 2048
+# the header's fields (int64 indices), as constants the kernels may read
+_REQUEST, _REPLY, _LAYER, _M, _DTYPE, _ERROR = (tl.constexpr(getattr(mailbox, f)) for f in ("REQUEST", "REPLY", "LAYER", "M", "DTYPE", "ERROR"))
+
+
+@triton.jit
+def _fence_sys(n):
+    # Orders this thread's earlier stores (and, after the barrier, its CTA's) before later ones as
+    # every observer sees them, the host included: __threadfence_system(). The number passes through
+    # so that the store of it depends on the fence.
+    return tl.inline_asm_elementwise("fence.sc.sys;\n\tmov.b64 $0, $1;", "=l,l", [n], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit(do_not_specialize=["layer", "dtype_code"])
+def _ring(base, offsets, counters, x_ptr, ids_ptr, w_ptr, layer, dtype_code,
+          X_OFF: tl.constexpr, IDS_OFF: tl.constexpr, W_OFF: tl.constexpr,
+          M: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    slot = base + tl.load(offsets + s)
+    xd = (slot + X_OFF).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    for i in range(0, M * HIDDEN, BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        tl.store(xd + o, tl.load(x_ptr + o, mask=o < M * HIDDEN), mask=o < M * HIDDEN)
+    k = tl.arange(0, KB)
+    km = k < M * TOPK
+    tl.store((slot + IDS_OFF).to(tl.pointer_type(tl.int32)) + k, tl.load(ids_ptr + k, mask=km).to(tl.int32), mask=km)
+    tl.store((slot + W_OFF).to(tl.pointer_type(tl.float32)) + k, tl.load(w_ptr + k, mask=km).to(tl.float32), mask=km)
+    hdr = slot.to(tl.pointer_type(tl.int64))
+    tl.store(hdr + _LAYER, layer.to(tl.int64))
+    tl.store(hdr + _M, tl.full((), M, tl.int64))
+    tl.store(hdr + _DTYPE, dtype_code.to(tl.int64))
+    n = tl.load(counters + s) + 1
+    tl.store(counters + s, n)
+    tl.debug_barrier()
+    tl.store(hdr + _REQUEST, _fence_sys(n))
+
+
+@triton.jit
+def _wait(base, offsets, counters, abort, failed, out_ptr,
+          OUT_OFF: tl.constexpr, SLOTS: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SLOTS):
+        slot = base + tl.load(offsets + s)
+        hdr = slot.to(tl.pointer_type(tl.int64))
+        n = tl.load(counters + s)
+        r = tl.load(hdr + _REPLY, volatile=True)
+        a = tl.load(abort, volatile=True)
+        while (r != n) & (a == 0):
+            r = tl.load(hdr + _REPLY, volatile=True)
+            a = tl.load(abort, volatile=True)
+        err = tl.load(hdr + _ERROR, volatile=True)
+        if err != 0:
+            tl.store(failed + s, err)
+        rep = (slot + OUT_OFF).to(tl.pointer_type(tl.float32))
+        acc += tl.load(rep + o, mask=o < N, other=0.0, volatile=True)
+    tl.store(out_ptr + o, acc, mask=o < N)
+
+
+class _Mapped:
+    """A pointer into mapped host memory as Triton takes one (data_ptr and an element dtype); Triton's
+    launcher turns it into the device address."""
+
+    def __init__(self, ptr: int, dtype: torch.dtype):
+        self.ptr, self.dtype = ptr, dtype
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+def ring(base: int, offsets: torch.Tensor, counters: torch.Tensor, parts: dict[str, int], layer: int, dtype_code: int,
+         x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    """Post x [M, H], ids and weights [M, k] to every slot at base + offsets (device int64)."""
+    m, h = x.shape
+    k = ids.shape[1]
+    _ring[(offsets.numel(),)](
+        _Mapped(base, torch.uint8), offsets, counters, x.contiguous(), ids.contiguous(), weights.contiguous(), layer,
+        dtype_code, X_OFF=parts["x"], IDS_OFF=parts["ids"], W_OFF=parts["weights"], M=m, HIDDEN=h, TOPK=k,
+        KB=triton.next_power_of_2(m * k), BLOCK=_BLOCK,
+    )
+
+
+def wait(base: int, offsets: torch.Tensor, counters: torch.Tensor, abort: torch.Tensor, failed: torch.Tensor,
+         parts: dict[str, int], m: int, hidden: int) -> torch.Tensor:
+    """The float32 [m, hidden] sum of every slot's reply to its last ring."""
+    out = torch.empty(m, hidden, dtype=torch.float32, device=counters.device)
+    n = m * hidden
+    _wait[(triton.cdiv(n, _BLOCK),)](
+        _Mapped(base, torch.uint8), offsets, counters, abort, failed, out, OUT_OFF=parts["out"],
+        SLOTS=offsets.numel(), N=n, BLOCK=_BLOCK,
+    )
+    return out
