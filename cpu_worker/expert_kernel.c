@@ -5,33 +5,42 @@
  * what DRAM delivers. Here 16 bytes (32 INT4 weights) cost 7 vector instructions per row: one
  * vpmovzxbd from memory, an AND and a shift for the two nibbles, two conversions, two FMAs.
  *
- * Arithmetic: per group of g weights along K, products summed in float32, times the group's bf16
- * scale, summed in float32 over groups. INT4 codes are used as stored (q + 8) and the offset comes
- * back per group as 8 * sum(x over the group), prepared once per input vector; INT4 inputs are
- * prepared as two planes (even and odd elements) to match the low and high nibbles of each byte.
- * With groups of 128, a group is only 64 INT4 bytes, so what is done per group rather than per
- * byte costs as much as the products unless it is kept small: each tile converts the bf16 scales
- * of up to 16 groups per row to float32 at once with vector instructions, after which a group
- * costs one FMA with its scale as a broadcast operand (and the INT4 offsets are subtracted VL
- * groups at a time); groups of 128 weights run code compiled for that size (G128), with no
- * loop or tail over the bytes of a group.
+ * Arithmetic, float32 x (and INT8 weights): per group of g weights along K, products summed in
+ * float32, times the group's bf16 scale, summed in float32 over groups. INT4 codes are used as
+ * stored (q + 8) and the offset comes back per group as 8 * sum(x over the group), prepared once per
+ * input vector; INT4 inputs are prepared as two planes (even and odd elements) to match the low and
+ * high nibbles of each byte. With groups of 128, a group is only 64 INT4 bytes, so what is done per
+ * group rather than per byte costs as much as the products unless it is kept small: each tile
+ * converts the bf16 scales of up to 16 groups per row to float32 at once with vector instructions,
+ * after which a group costs one FMA with its scale as a broadcast operand (and the INT4 offsets are
+ * subtracted VL groups at a time); groups of 128 weights run code compiled for that size (G128),
+ * with no loop or tail over the bytes of a group. CI's exactness tests run float32, so this path
+ * stays the scheme's weight-only arithmetic.
  *
- * INT4 with bf16 x (what the GPU workers send in decode) on CPUs with AVX512_BF16 takes a second
- * inner path: vdpbf16ps multiplies pairs of bf16 values and adds them exactly into float32 lanes,
- * so the codes become bf16 q (-8..7, exact: no offset to fold back) by a table lookup. The codes
- * are read as 16-bit words of 4 nibbles each, not widened: 64 bytes (128 weights, a group of 128)
- * cost one plain load, three shifts, four vpermw and four vdpbf16ps per token, x being prepared
- * as 4 planes (elements mod 4) to match; groups of an odd number of bytes (sizes 2 mod 4) take
- * the float path. Its planes hold x's bf16 values as received; the down projection's input, the
- * float32 activation, is rounded to bf16 for it (the GPU workers round it too in bf16). Built with
- * -DKRASIS_EMULATE_BF16 on other CPUs, the same path, loops and layout included, runs on scalar
- * stand-ins for those instructions at the build's vector width (tests/test_cpu_kernel.py checks it
- * on AVX2).
+ * INT4 with bf16 x (what the GPU workers send in decode) takes the Q8 path, as llama.cpp does for
+ * Q4 x Q8: the float path (and a vdpbf16ps one after it) measured bound by its arithmetic, at 54% of
+ * DRAM read at M=1, and integer dot products do twice the multiply-adds per instruction with no
+ * nibble-to-float conversion. x, or the down projection's input (the float32 activation, quantized
+ * straight from float32), is quantized per group of the weights' K-group: xs = max|x| / 127 in
+ * float32, xq = round-half-even(x / xs) (0 for an all-zero group). A row's group then adds
+ * f32(scale) * xs * (S - 8 X): S = sum code * xq over the group, u8 codes as stored times s8, and
+ * X = sum xq, both exact in int32, so any two implementations (shared/moe.py:moe_reference_q8 is
+ * the plain one) differ only in the float32 order of the group sums. -8 X is prepared once per
+ * vector and seeds each group's int32 accumulator, so the offset costs a load, not arithmetic. xq
+ * is two int8 planes (even and odd elements), byte j of each meeting byte j of a row's codes (its
+ * low and high nibble), so the codes are read as they are stored: a group of 128 weights is one
+ * zmm, split into nibbles by an AND and a 16-bit shift + AND, and with AVX512-VNNI two vpdpbusd add
+ * each aligned 4 bytes' products into an int32 lane; without it (AVX2, what CI runs, or AVX-512
+ * without VNNI) vpmaddubsw makes u8 x s8 pairs into s16 (at most 2 x 15 x 127: four such sums stay
+ * below 2^15, so two registers' worth add in s16) and vpmaddwd by ones widens them. Per group and
+ * (row, token) what is left is one conversion and one FMA with the product of the two scales as a
+ * broadcast operand, those products being made 16 groups at a time with the scale conversion.
  *
  * Each weight row is read once per call and applied, while it sits in L1, to every token that
  * chose its expert (tiles of R rows x T tokens, accumulators in registers). One OpenMP region:
  *   0. prepare x;  1. gate and up rows of every active expert, split evenly across threads by
- *   row, -> the activation of every (token, expert) assignment;  2. down rows, split by output
+ *   row, -> the activation of every (token, expert) assignment, then (INT4) its group sums or
+ *   Q8 planes, which need the whole vector;  2. down rows, split by output
  *   row, so each output element has one owner and no atomics are needed.
  */
 #include <immintrin.h>
@@ -107,81 +116,83 @@ INLINE float hsum(vf v) {
 #endif
 }
 
-/* INT4_BF16: 1 where the bf16 path runs on vdpbf16ps, 2 where it is emulated, 0 without it. */
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define INT4_BF16 1
-#elif defined(KRASIS_EMULATE_BF16)
-#define INT4_BF16 2
+/* INT4_Q8: the Q8 path's instructions, 1 vpdpbusd (AVX512-VNNI), 2 vpmaddubsw + vpmaddwd (AVX2,
+ * or AVX-512 without VNNI). Its registers are one vector of VL int32 lanes: QB bytes of codes. */
+#if VL == 16 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define INT4_Q8 1
+#elif VL == 16 && defined(__AVX512BW__)
+#define INT4_Q8 2
+#elif VL == 8
+#define INT4_Q8 2
 #else
-#define INT4_BF16 0
+#error "the C expert kernel's Q8 path needs AVX512BW with AVX-512 (or an AVX2 build)"
 #endif
-const int krasis_int4_bf16 = INT4_BF16;
+const int krasis_int4_q8 = INT4_Q8;
+#define QB (4 * VL)
 
-#if INT4_BF16
-/* 2 VL bf16 values, or 2 VL words of codes (4 VL bytes). */
-typedef uint16_t vw __attribute__((vector_size(4 * VL)));
-
-/* bf16((i & 15) - 8): vpermw reads only the low 5 bits of each index, so a nibble is looked up
- * with the next nibble's low bit still above it, hence the table twice. */
-static const uint16_t NIBBLE_BF16[32] = {
-    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, /* -8..-1 */
-    0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, /* 0..7 */
-    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, /* -8..-1 */
-    0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, /* 0..7 */
-};
-
-/* Loads of n <= 2 VL 16-bit words, the rest zero: n < 2 VL only for a group's last bytes, masked,
- * as they may end the weights' buffer. */
-#if INT4_BF16 == 1
-INLINE __mmask32 first_n(int n) { return (__mmask32)((1u << n) - 1); }
-INLINE vw load_u16(const void *p, int n) {
-    return (vw)(n == 2 * VL ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(first_n(n), p));
-}
-INLINE vw nibble_bf16(vw i) { return (vw)_mm512_permutexvar_epi16((__m512i)i, _mm512_loadu_si512(NIBBLE_BF16)); }
-/* acc[i] += a[2i + 1] b[2i + 1] + a[2i] b[2i] */
-INLINE vf dot_bf16(vf acc, vw a, vw b) { return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b); }
+#if VL == 16
+typedef __m512i qv;
+INLINE qv q_load(const void *p) { return _mm512_loadu_si512(p); }
+/* The first n < QB bytes, the rest zero: a group's last bytes, which may end the weights' buffer. */
+INLINE qv q_load_n(const void *p, int n) { return _mm512_maskz_loadu_epi8(~0ull >> (64 - n), p); }
+INLINE qv q_lo(qv c) { return _mm512_and_si512(c, _mm512_set1_epi8(15)); }
+INLINE qv q_hi(qv c) { return _mm512_and_si512(_mm512_srli_epi16(c, 4), _mm512_set1_epi8(15)); }
+#if INT4_Q8 == 1
+/* lane i += sum over bytes 4i..4i+3 of codes x xq (u8 x s8) */
+INLINE vi q_dpbusd(vi acc, qv c, qv x) { return (vi)_mm512_dpbusd_epi32((__m512i)acc, c, x); }
 #else
-INLINE vw load_u16(const void *p, int n) {
-    vw w = {0};
-    for (int i = 0; i < n; i++) {
-        uint16_t e;
-        memcpy(&e, (const char *)p + 2 * i, 2);
-        w[i] = e;
-    }
-    return w;
-}
-INLINE vw nibble_bf16(vw i) {
-    vw w;
-    for (int k = 0; k < 2 * VL; k++) w[k] = NIBBLE_BF16[i[k] & 31];
-    return w;
-}
-/* As vdpbf16ps: products exact, two roundings (odd then even); its flushing of subnormals aside. */
-INLINE vf dot_bf16(vf acc, vw a, vw b) {
-    for (int i = 0; i < VL; i++) {
-        acc[i] += bf16(a[2 * i + 1]) * bf16(b[2 * i + 1]);
-        acc[i] += bf16(a[2 * i]) * bf16(b[2 * i]);
-    }
-    return acc;
-}
+INLINE qv q_pairs(qv c, qv x) { return _mm512_maddubs_epi16(c, x); }
+INLINE qv q_add16(qv a, qv b) { return _mm512_add_epi16(a, b); }
+INLINE vi q_widen(qv s) { return (vi)_mm512_madd_epi16(s, _mm512_set1_epi16(1)); }
 #endif
+#else
+typedef __m256i qv;
+INLINE qv q_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+INLINE qv q_lo(qv c) { return _mm256_and_si256(c, _mm256_set1_epi8(15)); }
+INLINE qv q_hi(qv c) { return _mm256_and_si256(_mm256_srli_epi16(c, 4), _mm256_set1_epi8(15)); }
+INLINE qv q_pairs(qv c, qv x) { return _mm256_maddubs_epi16(c, x); }
+INLINE qv q_add16(qv a, qv b) { return _mm256_add_epi16(a, b); }
+INLINE vi q_widen(qv s) { return (vi)_mm256_madd_epi16(s, _mm256_set1_epi16(1)); }
 #endif
+
+/* acc + the products of one register of codes c (its nibbles lo, hi) with x's planes e, o. */
+INLINE vi q_dot(vi acc, qv lo, qv hi, qv e, qv o) {
+#if INT4_Q8 == 1
+    return q_dpbusd(q_dpbusd(acc, lo, e), hi, o);
+#else
+    return acc + q_widen(q_add16(q_pairs(lo, e), q_pairs(hi, o)));
+#endif
+}
+
+/* The same for two registers of codes: with vpmaddubsw, their four s16 sums add before one widening. */
+INLINE vi q_dot2(vi acc, const qv lo[2], const qv hi[2], const qv e[2], const qv o[2]) {
+#if INT4_Q8 == 1
+    return q_dot(q_dot(acc, lo[0], hi[0], e[0], o[0]), lo[1], hi[1], e[1], o[1]);
+#else
+    return acc + q_widen(q_add16(q_add16(q_pairs(lo[0], e[0]), q_pairs(hi[0], o[0])),
+                                 q_add16(q_pairs(lo[1], e[1]), q_pairs(hi[1], o[1]))));
+#endif
+}
 
 static int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
 /* An input vector of length K as the dot products read it, `bytes` apart: 2^lp planes `plane`
  * elements apart, plane m holding elements m, m + 2^lp, m + 2 * 2^lp, ...: INT4 [evens | odds |
- * 8 * group sums], each part padded to 16 floats; INT4 for the bf16 path (bf16 set) its 4 planes
- * (elements mod 4) as bf16, each padded to 32; INT8 [x]. */
+ * 8 * group sums], each part padded to 16 floats; INT8 [x]; on the Q8 path (q8 set) [evens | odds]
+ * as int8, each padded to 64 bytes, then per group xs (float32) and -8 X (int32), each padded to
+ * 16, then `raw`, the float32 vector the planes are quantized from. */
 typedef struct {
-    int bf16, lp, plane, sums, bytes;
+    int q8, lp, plane, sums, xs, off, raw, bytes;
 } prep_t;
 
-static prep_t prep_layout(int bits, int bf16, int k, int groups) {
-    prep_t p = {.bf16 = bf16};
-    if (bf16) {
-        p.lp = 2, p.plane = round_up(k / 4, 32);
-        p.sums = 4 * p.plane;
-        p.bytes = 2 * p.sums;
+static prep_t prep_layout(int bits, int q8, int k, int groups) {
+    prep_t p = {.q8 = q8};
+    if (q8) {
+        p.lp = 1, p.plane = round_up(k / 2, 64);
+        p.xs = 2 * p.plane;
+        p.off = p.xs + 4 * round_up(groups, 16);
+        p.raw = p.off + 4 * round_up(groups, 16);
+        p.bytes = p.raw + 4 * round_up(k, 16);
     } else if (bits == 4) {
         p.lp = 1, p.plane = round_up(k / 2, 16);
         p.sums = 2 * p.plane;
@@ -207,50 +218,50 @@ static void group_sums(float *v, prep_t p, int half_k, int groups) {
     for (int gi = groups; gi < round_up(groups, 16); gi++) v[p.sums + gi] = 0.0f; /* read as whole vectors */
 }
 
-/* x is float32, or bf16 when xbf16 (widened here rather than by a torch call per layer, or kept
- * as it is for the bf16 path). */
+/* The Q8 planes, scales and offsets of the vector at v from its raw float32 values. */
+static void quantize_q8(char *v, prep_t p, int k, int groups) {
+    const float *x = (const float *)(v + p.raw);
+    int8_t *q = (int8_t *)v;
+    float *xs = (float *)(v + p.xs);
+    int32_t *off = (int32_t *)(v + p.off);
+    const int gk = k / groups;
+    for (int gi = 0; gi < groups; gi++) {
+        const float *xg = x + gi * gk;
+        float m = 0.0f;
+        for (int j = 0; j < gk; j++) m = fmaxf(m, fabsf(xg[j]));
+        const float s = m / 127.0f; /* a division, as the reference: x / s must round as it does */
+        int32_t sum = 0;
+        for (int j = 0; j < gk; j++) {
+            const int32_t y = s > 0.0f ? (int32_t)nearbyintf(xg[j] / s) : 0; /* half to even */
+            q[place(p, gi * gk + j)] = (int8_t)y;
+            sum += y;
+        }
+        xs[gi] = s > 0.0f ? s : 0.0f, off[gi] = -8 * sum;
+    }
+    for (int gi = groups; gi < round_up(groups, 16); gi++) xs[gi] = 0.0f, off[gi] = 0; /* read as whole vectors */
+    for (int j = k / 2; j < p.plane; j++) q[j] = q[p.plane + j] = 0;
+}
+
+/* x is float32, or bf16 when xbf16 (widened here rather than by a torch call per layer). */
 static void prepare(int bits, const void *x, int xbf16, int k, int groups, prep_t p, void *v) {
     const float *xf = x;
     const uint16_t *xb = x;
-    for (int j = 0; j < k; j++) {
-        const int i = place(p, j);
-        if (p.bf16)
-            ((uint16_t *)v)[i] = xb[j];
-        else
-            ((float *)v)[i] = xbf16 ? bf16(xb[j]) : xf[j];
+    if (p.q8) {
+        float *raw = (float *)((char *)v + p.raw);
+        for (int j = 0; j < k; j++) raw[j] = xbf16 ? bf16(xb[j]) : xf[j];
+        quantize_q8(v, p, k, groups);
+        return;
     }
-    if (bits == 4 && !p.bf16) group_sums(v, p, k / 2, groups);
+    for (int j = 0; j < k; j++) ((float *)v)[place(p, j)] = xbf16 ? bf16(xb[j]) : xf[j];
+    if (bits == 4) group_sums(v, p, k / 2, groups);
 }
 
-/* A prepared vector, set through p and read as float32 (f) or as the bf16 path's planes (w). */
+/* A prepared vector, set through p and read as float32 (f) or as the Q8 path's planes (b). */
 typedef union {
     const void *p;
     const float *f;
-    const uint16_t *w;
+    const char *b;
 } vec_t;
-
-#if INT4_BF16
-/* acc[r][t] += 4 VL bytes (n of them; j and n even) of row r from byte j . x_t, on the bf16 path.
- * The bytes are read as they are, as 16-bit words: no widening, one plain load a row (a group of
- * 128 weights, 64 bytes, is one zmm). Word k holds bytes j + 2k and j + 2k + 1, i.e. weights
- * 2j + 4k + m for its nibbles m = 0..3 (low first), so a shift and a vpermw lookup per nibble give
- * 4 vectors of bf16 weights, and nibble m's pairs elementwise with x's plane m (elements mod 4)
- * from element j / 2, as vdpbf16ps multiplies (lane i of acc gets words 2i and 2i + 1 of a plane:
- * weights 8 apart, in the same group). Planes 0, 2 and 1, 3 add to separate chains when S = 2. */
-INLINE void int4_bf16(const int R, const int T, const int S, const uint8_t *const *rows, const vec_t *v, int plane, int j,
-                      int n, vf acc[4][4][2]) {
-    for (int r = 0; r < R; r++) {
-        const vw c = load_u16(rows[r] + j, n / 2);
-        const vw q[4] = {nibble_bf16(c), nibble_bf16(c >> 4), nibble_bf16(c >> 8), nibble_bf16(c >> 12)};
-        for (int t = 0; t < T; t++)
-            for (int m = 0; m < 4; m++) {
-                /* element j / 2 of the plane is at byte j, as the codes: one index for all loads */
-                const char *x = (const char *)(v[t].w + m * plane) + j;
-                acc[r][t][m & (S - 1)] = dot_bf16(acc[r][t][m & (S - 1)], q[m], load_u16(x, n / 2));
-            }
-    }
-}
-#endif
 
 /* Groups whose scales are converted to float32 together, once per tile: per group, the scale is
  * then one broadcast operand of the FMA that adds the group's sum to the row's total. */
@@ -277,18 +288,12 @@ INLINE vf scales(const uint16_t *s, int n) {
 /* acc[r][t][0..S) (vectors) + sacc[r][t] (the scalar tail) = row r's group of bytes [j0, j0 + gb)
  * . vector t, unscaled. The loops run over offsets within the group, so that a gb known at
  * compile time unrolls them and drops the tails. */
-INLINE void group_dots(const int bits, const int xb, const int R, const int T, const int S, const uint8_t *const *rows,
+INLINE void group_dots(const int bits, const int R, const int T, const int S, const uint8_t *const *rows,
                        const vec_t *v, prep_t p, int j0, const int gb, vf acc[4][4][2], float sacc[4][4]) {
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t][0] = acc[r][t][S - 1] = (vf){0}, sacc[r][t] = 0.0f;
     int o = 0;
-    if (xb) {
-#if INT4_BF16
-        for (; o + 4 * VL <= gb; o += 4 * VL) int4_bf16(R, T, S, rows, v, p.plane, j0 + o, 4 * VL, acc);
-        if (o < gb) int4_bf16(R, T, S, rows, v, p.plane, j0 + o, gb - o, acc);
-        o = gb; /* no scalar tail: the masked step took the group's last bytes */
-#endif
-    } else if (bits == 4) {
+    if (bits == 4) {
         for (; o + VL <= gb; o += VL)
             for (int r = 0; r < R; r++) {
                 const int j = j0 + o;
@@ -329,23 +334,103 @@ INLINE void group_dots(const int bits, const int xb, const int R, const int T, c
     }
 }
 
-/* d[r * T + t] = row r . vector t for R rows of `groups` groups of `gb` bytes each; xb: the bf16
- * path (vectors prepared with bf16 set); g128: groups of 128 weights, a gb known here. */
+/* acc[r][t] = row r's group gi, bytes [j0, j0 + gb), . vector t on the Q8 path: int32 lanes, the
+ * first seeded with the group's -8 X (so the lanes sum to S - 8 X), exact. */
+INLINE void group_q8(const int R, const int T, const uint8_t *const *rows, const vec_t *v, prep_t p, int gi, int j0,
+                     const int gb, vi acc[4][4]) {
+    for (int t = 0; t < T; t++) {
+        const vi seed = {((const int32_t *)(v[t].b + p.off))[gi]};
+        for (int r = 0; r < R; r++) acc[r][t] = seed;
+    }
+    int o = 0;
+    for (; o + 2 * QB <= gb; o += 2 * QB)
+        for (int r = 0; r < R; r++) {
+            const int j = j0 + o;
+            const qv c[2] = {q_load(rows[r] + j), q_load(rows[r] + j + QB)};
+            const qv lo[2] = {q_lo(c[0]), q_lo(c[1])}, hi[2] = {q_hi(c[0]), q_hi(c[1])};
+            for (int t = 0; t < T; t++) {
+                const qv e[2] = {q_load(v[t].b + j), q_load(v[t].b + j + QB)};
+                const qv od[2] = {q_load(v[t].b + p.plane + j), q_load(v[t].b + p.plane + j + QB)};
+                acc[r][t] = q_dot2(acc[r][t], lo, hi, e, od);
+            }
+        }
+    for (; o + QB <= gb; o += QB)
+        for (int r = 0; r < R; r++) {
+            const int j = j0 + o;
+            const qv c = q_load(rows[r] + j), lo = q_lo(c), hi = q_hi(c);
+            for (int t = 0; t < T; t++)
+                acc[r][t] = q_dot(acc[r][t], lo, hi, q_load(v[t].b + j), q_load(v[t].b + p.plane + j));
+        }
+#if VL == 16
+    if (o < gb) { /* masked: zero codes and zero x past the group's end */
+        for (int r = 0; r < R; r++) {
+            const int j = j0 + o;
+            const qv c = q_load_n(rows[r] + j, gb - o), lo = q_lo(c), hi = q_hi(c);
+            for (int t = 0; t < T; t++)
+                acc[r][t] = q_dot(acc[r][t], lo, hi, q_load_n(v[t].b + j, gb - o), q_load_n(v[t].b + p.plane + j, gb - o));
+        }
+        o = gb;
+    }
+#endif
+    for (; o < gb; o++) {
+        const int j = j0 + o;
+        for (int r = 0; r < R; r++) {
+            const uint8_t b = rows[r][j];
+            for (int t = 0; t < T; t++)
+                acc[r][t][0] += (b & 15) * (int8_t)v[t].b[j] + (b >> 4) * (int8_t)v[t].b[p.plane + j];
+        }
+    }
+}
+
+/* d[r * T + t] = row r . vector t on the Q8 path (see group_q8), groups as in dots. */
+INLINE void dots_q8(const int R, const int T, const int g128, const uint8_t *const *rows, const uint16_t *const *sc,
+                    const vec_t *v, int groups, int gb, prep_t p, float *d) {
+    if (g128) gb = 64;
+    vf tot[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) tot[r][t] = (vf){0};
+    for (int g0 = 0; g0 < groups; g0 += CHUNK) {
+        const int n = groups - g0 < CHUNK ? groups - g0 : CHUNK;
+        /* per group, weight scale x activation scale: one broadcast FMA operand a group */
+        float cs[4][4][CHUNK] __attribute__((aligned(64)));
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < n; c += VL) {
+                const vf s = scales(sc[r] + g0 + c, n - c);
+                for (int t = 0; t < T; t++)
+                    *(vf *)(cs[r][t] + c) = s * *(const vf_u *)((const float *)(v[t].b + p.xs) + g0 + c);
+            }
+        for (int c = 0; c < n; c++) {
+            vi acc[4][4];
+            group_q8(R, T, rows, v, p, g0 + c, (g0 + c) * gb, gb, acc);
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < T; t++) tot[r][t] += __builtin_convertvector(acc[r][t], vf) * cs[r][t][c];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) d[r * T + t] = hsum(tot[r][t]);
+}
+
+/* d[r * T + t] = row r . vector t for R rows of `groups` groups of `gb` bytes each; q8: the Q8 path
+ * (vectors prepared with q8 set); g128: groups of 128 weights, a gb known here. */
 typedef void dots_fn(const uint8_t *const *rows, const uint16_t *const *sc, const vec_t *v, int groups, int gb, prep_t p,
                      float *d);
 
-INLINE void dots(const int bits, const int xb, const int R, const int T, const int g128, const uint8_t *const *rows,
+INLINE void dots(const int bits, const int q8, const int R, const int T, const int g128, const uint8_t *const *rows,
                  const uint16_t *const *sc, const vec_t *v, int groups, int gb, prep_t p, float *d) {
+    if (q8) {
+        dots_q8(R, T, g128, rows, sc, v, groups, gb, p, d);
+        return;
+    }
     if (g128) gb = 128 * bits / 8;
     /* Independent chains per (row, token) within a group: with one token, two (INT4: low and high
-     * nibbles, or x's planes 0, 2 and 1, 3; INT8: even and odd vectors), else the tokens' own
-     * chains are enough to hide the latency. (Two groups per step, each into its own total, measured
-     * 2-6% slower on AVX2: the group's work already hides the total's.) */
+     * nibbles; INT8: even and odd vectors), else the tokens' own chains are enough to hide the
+     * latency. (Two groups per step, each into its own total, measured 2-6% slower on AVX2: the
+     * group's work already hides the total's.) */
     const int S = T == 1 ? 2 : 1;
     /* Whether bytes past a group's last whole vector are summed as scalars. */
-    const int tails = !xb && gb % VL;
+    const int tails = gb % VL;
     /* INT4's +8 offsets come back as scale x 8 sum(x over the group), VL groups at a time. */
-    const int offsets = bits == 4 && !xb;
+    const int offsets = bits == 4;
     vf tot[4][4];
     float stot[4][4];
     for (int r = 0; r < R; r++)
@@ -364,7 +449,7 @@ INLINE void dots(const int bits, const int xb, const int R, const int T, const i
         for (int c = 0; c < n; c++) {
             vf acc[4][4][2];
             float sacc[4][4];
-            group_dots(bits, xb, R, T, S, rows, v, p, (g0 + c) * gb, gb, acc, sacc);
+            group_dots(bits, R, T, S, rows, v, p, (g0 + c) * gb, gb, acc, sacc);
             for (int r = 0; r < R; r++)
                 for (int t = 0; t < T; t++) {
                     tot[r][t] += (S == 2 ? acc[r][t][0] + acc[r][t][1] : acc[r][t][0]) * sf[r][c];
@@ -397,15 +482,11 @@ INLINE void dots(const int bits, const int xb, const int R, const int T, const i
         [1] = {[1] = dots_##B##X##_1_1##G, [2] = dots_##B##X##_1_2##G, [4] = dots_##B##X##_1_4##G},                \
     }
 #define TABLE(B, X) {SHAPES(B, X, ), SHAPES(B, X, _g)}
-/* [INT4, INT8, INT4 on the bf16 path][any group size, groups of 128] */
+/* [INT4, INT8, INT4 on the Q8 path][any group size, groups of 128] */
 TILES(4, 0)
 TILES(8, 0)
-#if INT4_BF16
 TILES(4, 1)
 static dots_fn *const TILE_FN[3][2][5][5] = {TABLE(4, 0), TABLE(8, 0), TABLE(4, 1)};
-#else
-static dots_fn *const TILE_FN[2][2][5][5] = {TABLE(4, 0), TABLE(8, 0)};
-#endif
 
 /* Rows per tile for an expert with n tokens, and tokens per tile of the n - done left. */
 static int tile_rows(int n) { return n >= 4 ? 2 : TILE_ROWS; }
@@ -442,8 +523,8 @@ static void *scratch_get(size_t n) {
 
 /* out [M, H] = sum over the top-k slots of each token whose expert e = ids - first lies in
  * [0, count): weights * (W2_e act(W13_e x + b13_e) + b2_e); x and out are bf16 when xbf16, else
- * float32 (a bf16 out is rounded once, from float32 sums; on the bf16 path act is rounded to bf16
- * too). Returns 0, or -1 when out of memory.
+ * float32 (a bf16 out is rounded once, from float32 sums; INT4 with bf16 x runs the Q8 path). Returns
+ * 0, or -1 when out of memory.
  * Layout per expert (contiguous): q13 [2I, H/2 or H] u8/i8, s13 [2I, G13] bf16, q2 [H, I/2 or I],
  * s2 [H, G2], b13 [2I] and b2 [H] float32 or NULL. INT4 needs even group sizes. */
 int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16,
@@ -451,12 +532,10 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                      const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2, const float *b13,
                      const float *b2, void *out) {
     const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I, gb13 = nb13 / G13, gb2 = nb2 / G2;
-    /* The bf16 path reads codes as 16-bit words, a group never sharing one: odd bytes per group
-     * (group sizes 2 mod 4, not seen in practice) take the float path. */
-    const int xb = INT4_BF16 && xbf16 && bits == 4 && gb13 % 2 == 0 && gb2 % 2 == 0;
-    const int bi = bits == 8 ? 1 : xb ? 2 : 0;
+    const int q8 = xbf16 && bits == 4;
+    const int bi = bits == 8 ? 1 : q8 ? 2 : 0;
     const int g13 = G128 && gb13 == 16 * bits, g2 = G128 && gb2 == 16 * bits; /* groups of 128 weights */
-    const prep_t p1 = prep_layout(bits, xb, H, G13), p2 = prep_layout(bits, xb, I, G2);
+    const prep_t p1 = prep_layout(bits, q8, H, G13), p2 = prep_layout(bits, q8, I, G2);
     const size_t mk = (size_t)M * topk;
 
     size_t n_idx = 2 * (size_t)count + 1 + 3 * mk;
@@ -534,19 +613,21 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                         float g = d[2 * i * T + t], up = d[(2 * i + 1) * T + t];
                         if (b13) g += b13[(size_t)e * 2 * I + r + i], up += b13[(size_t)e * 2 * I + I + r + i];
                         char *dst = ap + (size_t)(p + t) * p2.bytes;
-                        const int at = place(p2, r + i);
                         const float y = activation(act, g, up);
-                        if (xb)
-                            ((uint16_t *)dst)[at] = to_bf16(y);
+                        if (q8)
+                            ((float *)(dst + p2.raw))[r + i] = y;
                         else
-                            ((float *)dst)[at] = y;
+                            ((float *)dst)[place(p2, r + i)] = y;
                     }
                 p += T;
             }
             u += pairs;
         }
 #pragma omp barrier
-        if (bits == 4 && !xb) {
+        if (q8) {
+#pragma omp for schedule(static)
+            for (int p = 0; p < P; p++) quantize_q8(ap + (size_t)p * p2.bytes, p2, I, G2);
+        } else if (bits == 4) {
 #pragma omp for schedule(static)
             for (int p = 0; p < P; p++) group_sums((float *)(ap + (size_t)p * p2.bytes), p2, I / 2, G2);
         }

@@ -3,9 +3,12 @@
     out[t] = sum_j w[t, j] * W2_e (silu(W_gate,e x_t) * W_up,e x_t),   e = ids[t, j] in this block
 
 moe_layer runs the C kernel (expert_kernel.c, built for this CPU at first use by native.py), which
-also covers gpt-oss's clamped activation and expert biases; where it cannot be built (no compiler,
-a CPU without AVX2) it warns once and runs the numba kernel below, which is also kept as the C
-kernel's second opinion in tests and benchmarks. The numba kernel is described from here on.
+also covers gpt-oss's clamped activation and expert biases; for INT4 experts and bf16 x (decode on
+the GPU workers' dtype) it quantizes the activations to int8 per group and takes integer dot
+products (shared/moe.py:moe_reference_q8 is that arithmetic's reference), float32 x keeping the
+scheme's weight-only arithmetic. Where it cannot be built (no compiler, a CPU without AVX2) it warns
+once and runs the numba kernel below, which is also kept as the C kernel's second opinion in tests
+and benchmarks. The numba kernel is described from here on.
 
 It reads the store's quantized layout as it is (shared/quant.py: INT4 as two nibbles per byte,
 value + 8, low nibble first; INT8 as int8; bf16 scales per group of g along K), so the one copy in

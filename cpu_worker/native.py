@@ -80,8 +80,9 @@ class CKernel:
         fn.argtypes = [i] * 10 + [p] * 3 + [i64] * 2 + [p] * 7
         fn.restype = i
         self.fn = fn
-        # INT4 with bf16 x: 1 on vdpbf16ps (AVX512_BF16), 2 emulated (-DKRASIS_EMULATE_BF16), 0 as float32
-        self.int4_bf16 = ctypes.c_int.in_dll(lib, "krasis_int4_bf16").value
+        # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
+        # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
+        self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
 
     def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
         """None where the kernel does not apply: an INT4 group that ends inside a byte."""

@@ -9,8 +9,9 @@ the output is rounded once.
 
 The C kernel's vector width is the build machine's (8 lanes with AVX2, 16 with AVX-512), so the
 odd shapes below put groups of 4, 8, 20 and 48 bytes, and row counts that do not split evenly over
-threads, through either width's whole-vector and scalar-tail paths. Its INT4 path for bf16 x, which
-needs AVX512_BF16, is also run here in a build that emulates those instructions.
+threads, through either width's whole-vector and scalar-tail paths. For INT4 with bf16 x it runs its
+Q8 path (activations quantized to int8 per group), which is compared tightly with its own reference,
+shared/moe.py:moe_reference_q8, as well as loosely with moe_reference like everything else.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from krasis.cpu_worker import expert_kernel, native
 from krasis.cpu_worker.expert_kernel import moe_layer
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
-from krasis.shared.moe import moe_reference
+from krasis.shared.moe import expert_weight, gated_act, moe_reference, moe_reference_q8
 from krasis.shared.quant import quantized
 
 HIDDEN, INTER, TOP_K = 256, 128, 4
@@ -101,7 +102,9 @@ def test_kernel_matches_reference(fmt_name, dtype, m, kernel):
     x = (torch.randn(m, HIDDEN, generator=gen) * 2).to(dtype)
     ids, weights = routing(m, gen)
     got = moe_layer(x, ids, weights, t, fmt, FIRST, COUNT, kernel=kernel)
-    assert_close_to_reference(got, moe_reference(x, ids, weights, t, fmt, FIRST, COUNT))
+    # the C kernel runs INT4 with bf16 x on activations quantized to int8: its own reference
+    q8 = kernel == "c" and fmt.kind == "int4" and dtype == torch.bfloat16
+    assert_close_to_reference(got, (moe_reference_q8 if q8 else moe_reference)(x, ids, weights, t, fmt, FIRST, COUNT))
 
 
 # (hidden, inter, format), with the bytes per group of w13 and w2
@@ -133,38 +136,86 @@ def test_c_kernel_odd_shapes_activations_biases(shape, act, bias, m, threads, mo
         torch.testing.assert_close(got, numba, rtol=0, atol=2e-5 * float(numba.abs().max()))
 
 
-INT4_BF16_SHAPES = {
+# INT4 shapes for the Q8 path, with the bytes per group of w13 and w2: groups of 128 (64 bytes, one
+# zmm or two ymm; 17 of them along K take a second chunk of scales), whole and partial registers of
+# either width, scalar or masked tails, K smaller than the group size.
+Q8_SHAPES = {
     "int4-256x128-g128": (HIDDEN, INTER, FORMATS["int4-g128"]),  # 64, 64
-    **{name: shape for name, shape in ODD_SHAPES.items() if shape[2].kind == "int4"},
-    # 3, 3: the bf16 path reads codes as 16-bit words, so odd bytes per group take the float path
-    "int4-96x48-g6": (96, 48, ExpertFormat("int4", group_size=6)),
+    "int4-2176x128-g128": (2176, 128, FORMATS["int4-g128"]),  # 64 (17 groups), 64
+    "int4-256x128-g64": (HIDDEN, INTER, FORMATS["int4-g64"]),  # 32, 32
+    "int4-512x256-g256": (512, 256, ExpertFormat("int4", group_size=256)),  # 128, 128
+    "int4-384x192-g192": (384, 192, ExpertFormat("int4", group_size=192)),  # 96, 96
+    **{name: shape for name, shape in ODD_SHAPES.items() if shape[2].kind == "int4"},  # 20; 4; 48, 32
+    "int4-96x48-g6": (96, 48, ExpertFormat("int4", group_size=6)),  # 3, 3
 }
-BF16_X_TOLERANCE = 1e-2
+# Q8 reference against the float32 weight-only one: the activations' rounding (two quantizations,
+# x and the activation, each up to half a step of max|group| / 127) costs ~1% of the output here
+Q8_ERROR = 2e-2
+
+
+def q8_case(shape: str, act: str, bias: bool, m: int):
+    hidden, inter, fmt = Q8_SHAPES[shape]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"q8 {shape} {act} {bias} {m}".encode()))
+    t = node_block(fmt, gen, hidden, inter, bias)
+    x = (torch.randn(m, hidden, generator=gen) * 2).to(torch.bfloat16)
+    return fmt, t, x, *routing(m, gen)
+
+
+def q8_flip_step(x, ids, weights, t, fmt, act) -> torch.Tensor:
+    """[M, 1]: how far a token's outputs move when one of the down projection's int8 inputs rounds
+    the other way (at most max|act| / 127 x max|W2| x routing weight, over its experts): the
+    kernel's activation and the reference's differ by float32 rounding (their own order of sums,
+    libm's expf against torch's), so one within that of a rounding boundary (xq + 1/2, ~1e-5 of
+    them) can go either way."""
+    step = torch.zeros(x.shape[0], 1)
+    for i, j in zip(*torch.where((ids >= FIRST) & (ids < FIRST + COUNT))):
+        e = int(ids[i, j]) - FIRST
+        b13 = t["b13"][e] if "b13" in t else None
+        a = gated_act(torch.nn.functional.linear(x[i].float(), expert_weight(fmt, t, "w13", e, torch.float32), b13), act)
+        w2 = expert_weight(fmt, t, "w2", e, torch.float32)
+        step[i] = max(step[i], a.abs().max() / 127 * w2.abs().max() * weights[i, j])
+    return step
 
 
 @needs_cc
-@pytest.mark.parametrize("shape", list(INT4_BF16_SHAPES))
-@pytest.mark.parametrize("act", ["silu", "gptoss"])
-@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
-@pytest.mark.parametrize("m, threads", [(1, 3), (5, 1), (32, 3)])
-def test_c_kernel_int4_bf16_path(shape, act, bias, m, threads):
-    """INT4 with bf16 x runs expert_kernel.c's vdpbf16ps path, here (without AVX512_BF16) on its
-    emulation at this machine's vector width: the bf16 planes, which nibble pairs with which x,
-    masked group tails, the activation rounded to bf16. Against the float32 reference on the same
-    bf16 values: out is rounded to bf16 (up to 2^-8 of the largest magnitude) and the activation
-    too (~1e-3 more), so 1e-2; a pairing or tail mistake costs O(1)."""
-    hidden, inter, fmt = INT4_BF16_SHAPES[shape]
-    c = native.load(("-DKRASIS_EMULATE_BF16",))
-    assert c.int4_bf16 in (1, 2)  # 1 where the CPU has the instructions
-    gen = torch.Generator().manual_seed(zlib.crc32(f"bf16 {shape} {act} {bias} {m}".encode()))
-    t = node_block(fmt, gen, hidden, inter, bias)
-    x = (torch.randn(m, hidden, generator=gen) * 2).to(torch.bfloat16)
-    ids, weights = routing(m, gen)
-    got = c(x, ids, weights, t, 4, FIRST, COUNT, act, threads)
-    want = moe_reference(x.float(), ids, weights, t, fmt, FIRST, COUNT, act)
+@pytest.mark.parametrize("shape", list(Q8_SHAPES))
+@pytest.mark.parametrize("act, bias", [("silu", False), ("gptoss", True)], ids=["silu", "gptoss-bias"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_c_kernel_q8_path_matches_q8_reference(shape, act, bias, m):
+    """INT4 with bf16 x runs expert_kernel.c's Q8 path (on this machine's instructions: vpmaddubsw
+    with AVX2, vpdpbusd with AVX512-VNNI). Its integer sums are exact, so against
+    moe_reference_q8 in float32 only the order of float32 sums differs: the bf16 out must be the
+    reference rounded to bf16, to within half a bf16 ulp (2^-8 of each element) plus float32 noise.
+    One token may be further off by two of its down projection's inputs rounding the other way
+    (q8_flip_step), which these seeds hit once. A wrong plane, scale, offset or tail costs
+    percents everywhere. Threads 1 and 2 split rows differently but each row's arithmetic is the
+    same, so they agree bit for bit."""
+    fmt, t, x, ids, weights = q8_case(shape, act, bias, m)
+    c = native.load()
+    assert c.int4_q8 in (1, 2)
+    got = c(x, ids, weights, t, 4, FIRST, COUNT, act, 1)
     assert got.dtype == torch.bfloat16
-    err = (got.float() - want).abs().max() / want.abs().max()
-    assert err <= BF16_X_TOLERANCE, f"max error {float(err):.1e} of the output's magnitude"
+    assert torch.equal(got, c(x, ids, weights, t, 4, FIRST, COUNT, act, 2))
+    want = moe_reference_q8(x.float(), ids, weights, t, fmt, FIRST, COUNT, act)
+    err = (got.float() - want).abs()
+    rounding = 2**-8 * want.abs() + 1e-5 * want.abs().max()
+    off = (err > rounding).any(dim=1)
+    assert off.sum() <= 1, f"tokens {off.nonzero().flatten().tolist()} off by more than rounding"
+    excess = err - rounding - 2 * q8_flip_step(x, ids, weights, t, fmt, act)
+    assert torch.all(excess <= 0), f"max error {float(err.max() / want.abs().max()):.1e} of the output's magnitude"
+
+
+@pytest.mark.parametrize("shape", list(Q8_SHAPES))
+@pytest.mark.parametrize("act, bias", [("silu", False), ("gptoss", True)], ids=["silu", "gptoss-bias"])
+def test_q8_reference_is_close_to_float32(shape, act, bias):
+    """The Q8 scheme itself: its only error is the activations' rounding, small against the output
+    (a wrong scale, a swapped nibble plane or a lost offset would cost O(1))."""
+    fmt, t, x, ids, weights = q8_case(shape, act, bias, 8)
+    want = moe_reference(x.float(), ids, weights, t, fmt, FIRST, COUNT, act)
+    got = moe_reference_q8(x, ids, weights, t, fmt, FIRST, COUNT, act)
+    assert got.dtype == torch.bfloat16
+    err = float((got.float() - want).norm() / want.norm())
+    assert 0 < err < Q8_ERROR, f"relative error {err:.1e}"
 
 
 @pytest.mark.parametrize("fmt_name", ["int4-g64", "int8-g64"])
