@@ -218,22 +218,55 @@ static void group_sums(float *v, prep_t p, int half_k, int groups) {
     for (int gi = groups; gi < round_up(groups, 16); gi++) v[p.sums + gi] = 0.0f; /* read as whole vectors */
 }
 
-/* The Q8 planes, scales and offsets of the vector at v from its raw float32 values. */
+/* Round half to even, as nearbyintf in the default rounding mode (and torch.round). */
+#if VL == 16
+INLINE vf round_even(vf v) { return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+INLINE vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
+INLINE vf round_even(vf v) { return (vf)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+INLINE vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+#endif
+
+/* The Q8 planes, scales and offsets of the vector at v from its raw float32 values, VL at a time
+ * (one element at a time it took 11 us per 2048 on AVX2, a few % of a layer at M=1). */
 static void quantize_q8(char *v, prep_t p, int k, int groups) {
+    typedef int8_t vq __attribute__((vector_size(VL), aligned(1)));
+#if VL == 16
+    const vi evens = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, odds = evens + 1;
+#else
+    const vi evens = {0, 2, 4, 6, 8, 10, 12, 14}, odds = evens + 1;
+#endif
     const float *x = (const float *)(v + p.raw);
     int8_t *q = (int8_t *)v;
     float *xs = (float *)(v + p.xs);
     int32_t *off = (int32_t *)(v + p.off);
-    const int gk = k / groups;
+    const int gk = k / groups; /* even: an INT4 group ends on a byte */
     for (int gi = 0; gi < groups; gi++) {
         const float *xg = x + gi * gk;
+        int8_t *qe = q + gi * gk / 2, *qo = qe + p.plane;
+        vf mv = {0};
+        int j = 0;
+        for (; j + VL <= gk; j += VL) mv = vmax((vf)((vi) * (const vf_u *)(xg + j) & 0x7fffffff), mv);
         float m = 0.0f;
-        for (int j = 0; j < gk; j++) m = fmaxf(m, fabsf(xg[j]));
+        for (int i = 0; i < VL; i++) m = fmaxf(m, mv[i]);
+        for (; j < gk; j++) m = fmaxf(m, fabsf(xg[j]));
         const float s = m / 127.0f; /* a division, as the reference: x / s must round as it does */
         int32_t sum = 0;
-        for (int j = 0; j < gk; j++) {
-            const int32_t y = s > 0.0f ? (int32_t)nearbyintf(xg[j] / s) : 0; /* half to even */
-            q[place(p, gi * gk + j)] = (int8_t)y;
+        j = 0;
+        if (s > 0.0f) {
+            vi sv = {0};
+            for (; j + 2 * VL <= gk; j += 2 * VL) {
+                const vi a = __builtin_convertvector(round_even(*(const vf_u *)(xg + j) / s), vi);
+                const vi b = __builtin_convertvector(round_even(*(const vf_u *)(xg + j + VL) / s), vi);
+                sv += a + b;
+                *(vq *)(qe + j / 2) = __builtin_convertvector(__builtin_shuffle(a, b, evens), vq);
+                *(vq *)(qo + j / 2) = __builtin_convertvector(__builtin_shuffle(a, b, odds), vq);
+            }
+            for (int i = 0; i < VL; i++) sum += sv[i];
+        }
+        for (; j < gk; j++) {
+            const int32_t y = s > 0.0f ? (int32_t)nearbyintf(xg[j] / s) : 0;
+            (j & 1 ? qo : qe)[j / 2] = (int8_t)y;
             sum += y;
         }
         xs[gi] = s > 0.0f ? s : 0.0f, off[gi] = -8 * sum;
