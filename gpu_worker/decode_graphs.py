@@ -109,8 +109,8 @@ class _Program:
         empty = False
         for w in said:
             if "The CUDA Graph is empty" in str(w.message):
-                # two eager parts in a row (a layer with nothing to overlap with the CPU pool's
-                # work) leave nothing between them, and an empty graph still costs a launch
+                # an eager part that starts or ends the step, or follows another, leaves nothing
+                # to capture, and an empty graph still costs a launch
                 empty = True
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

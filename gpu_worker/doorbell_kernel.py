@@ -33,7 +33,9 @@ from ..shared import mailbox
 
 _BLOCK = 2048
 # the header's fields (int64 indices), as constants the kernels may read
-_REQUEST, _REPLY, _LAYER, _M, _DTYPE, _ERROR = (tl.constexpr(getattr(mailbox, f)) for f in ("REQUEST", "REPLY", "LAYER", "M", "DTYPE", "ERROR"))
+_REQUEST, _REPLY, _LAYER, _M, _DTYPE, _ERROR = (
+    tl.constexpr(getattr(mailbox, f)) for f in ("REQUEST", "REPLY", "LAYER", "M", "DTYPE", "ERROR")
+)
 
 
 @triton.jit

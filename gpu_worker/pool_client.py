@@ -55,20 +55,20 @@ class PoolClient:
                 return False
         return True
 
-    def _check(self, x: torch.Tensor) -> None:
+    def _check(self, x: torch.Tensor) -> int:
+        """x's dtype code in the header, once x is known to fit a slot."""
         if x.shape[0] > self.shape.max_m:
             raise PoolError(f"{x.shape[0]} tokens in one decode step, the mailbox holds {self.shape.max_m} (--max-batch)")
-        dtype_code(x.dtype)
+        return dtype_code(x.dtype)
 
     def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Post the work to every pool process and return at once (the caller may compute meanwhile)."""
-        self._check(x)
+        code = self._check(x)
         self._m = x.shape[0]
         if self.gpu:
             from .doorbell_kernel import ring
 
-            ring(self.boxes.bytes.data_ptr(), self._offsets, self._counters, self._parts, layer,
-                 dtype_code(x.dtype), x, ids, weights)
+            ring(self.boxes.bytes.data_ptr(), self._offsets, self._counters, self._parts, layer, code, x, ids, weights)
             return
         for slot in self.slots:
             slot.write(x, ids, weights)
