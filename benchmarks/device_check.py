@@ -345,7 +345,10 @@ def graphs_check():
 
 def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b-a3b"):
     """One more bench run of the first shape with every GPU worker under torch.profiler
-    (gpu_worker/profiling.py), tables in $OUT/profile."""
+    (gpu_worker/profiling.py) and the coordinator under cProfile, tables in $OUT/profile."""
+    import cProfile
+    import pstats
+
     os.environ["KRASIS_PROFILE"] = str(OUT / "profile")
     os.environ["KRASIS_PROFILE_STEPS"] = "1,8-23"  # decode steps of one request, clear of the next prefill
     try:
@@ -360,7 +363,11 @@ def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b
             from krasis.coordinator.synth import synth
 
             synth(shape, path, layers=layers, expert_bits=4)
-        run_bench(str(path), opts, prompt, decode, 2, measure_floor=False)
+        prof = cProfile.Profile()
+        r = prof.runcall(run_bench, str(path), opts, prompt, decode, 2, measure_floor=False)
+        log("profiled bench", json.dumps(r, default=str))
+        with open(OUT / "profile" / "coordinator.txt", "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(45)
     except Exception:
         traceback.print_exc(file=LOG)
     finally:

@@ -132,9 +132,10 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_to
 
         # warm-up: kernels compiled, hot-expert counts gathered, allocator settled
         await one(min(prompt_tokens, opts.prefill_chunk), min(decode_tokens, 4), "warmup")
-        before = (await engine.stats_reply()).stats["cpu_pool"]
+        before = (await engine.stats_reply()).stats
         dones = [await one(prompt_tokens, decode_tokens, f"run{i}") for i in range(runs)]
-        after = (await engine.stats_reply()).stats["cpu_pool"]
+        after = (await engine.stats_reply()).stats
+        steps = after["decode_steps"] - before["decode_steps"]
         pids = [engine.workers[i]["pid"] for i in range(len(engine.workers))] + [os.getpid()]
         store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
         gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
@@ -146,7 +147,10 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_to
             "vram_mb": vram, "ram_gb": _rss_gb(pids) + store / 1e9, "workers": engine.workers,
             "caches": engine.caches,
             # the pool's own share of the measured runs: kernel seconds per call, against the step time
-            "pool": [{"calls": b["calls"] - a["calls"], "kernel_s": b["kernel_s"] - a["kernel_s"]} for a, b in zip(before, after)],
+            "pool": [{"calls": b["calls"] - a["calls"], "kernel_s": b["kernel_s"] - a["kernel_s"]}
+                     for a, b in zip(before["cpu_pool"], after["cpu_pool"])],
+            # a decode step's time: the last stage's own, and from sending it to its reply
+            "step_ms": {k: 1000 * (after[f"decode_{k}_s"] - before[f"decode_{k}_s"]) / max(steps, 1) for k in ("step", "worker")},
         }
     finally:
         await engine.close()
@@ -170,6 +174,12 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
         "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": out["runs"], "pool": out["pool"],
     }
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
+    if res["ms_per_tok"]:
+        # where a decode token's time goes: in the worker, between the processes (the messages both
+        # ways), and on the coordinator between a reply and the next step
+        st = out["step_ms"]
+        res["decode_split_ms"] = {"worker": st["worker"], "messages": st["step"] - st["worker"],
+                                  "coordinator": res["ms_per_tok"] - st["step"]}
     if measure_floor:
         res.update(floors(load_family(model), out["caches"], opts, prompt_tokens, res))
     return res

@@ -2,8 +2,9 @@
 
 Loop: admit waiting requests by prefilling their prompts (in chunks of `prefill_chunk` tokens, the
 routed experts on the GPU workers), then run one decode step for every running request together (the
-routed experts on the CPU pool, so one read of an expert serves every token that chose it). Logits
-come back from the last stage; sampling, stop conditions and detokenisation happen here.
+routed experts on the CPU pool, so one read of an expert serves every token that chose it). The last
+stage samples each next token on its device with a draw made here from the request's seeded
+generator (shared/sampling.py) and sends back token ids; stop conditions and detokenisation happen here.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from ..shared import mailbox
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout
 from ..shared.models.family import ConfigError
+from ..shared.sampling import Sampler
 from ..shared.weights import load_family
 from .convert import prepare
 from .plan import split_layers
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus, reserve_cores
-from .sampling import Sampler
 from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,8 +121,10 @@ class Engine:
         self._restart_times: list[float] = []
         self.workers: list[dict] = []
         self.head, self.pool_ctl, self._reader_task = None, [], None
+        # decode_step_s: decode steps from sending to the reply; decode_worker_s: the last stage's own
+        # share of them (Logits.elapsed_s); the rest of a token's time is the coordinator's
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "restarts": 0}
+                      "restarts": 0, "decode_steps": 0, "decode_step_s": 0.0, "decode_worker_s": 0.0}
         self.closed = False
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
@@ -386,39 +389,55 @@ class Engine:
         self._futures[sid] = fut
         msg = P.Step(step=sid, slices=slices, decode=decode)
         msg.tensors = {"tokens": torch.tensor(tokens, dtype=torch.int64)}
+        t0 = time.perf_counter()
         await self.head.send_multipart(P.encode(msg), copy=False)
-        return await fut
+        out = await fut
+        if decode:
+            st = self.stats
+            st["decode_steps"] += 1
+            st["decode_step_s"] += time.perf_counter() - t0
+            st["decode_worker_s"] += out.elapsed_s
+        return out
 
     async def _prefill(self, req: Request) -> None:
+        """The prompt in chunks; the last one's reply is the first token (or, for prompt_logits, the
+        logits of every position, sampled here)."""
         req.t_prefill = time.perf_counter()
         ids, chunk, rows = req.prompt_ids, self.opts.prefill_chunk, []
         try:
             for a in range(0, len(ids), chunk):
                 b = min(a + chunk, len(ids))
-                kind = "all" if req.prompt_logits else ("last" if b == len(ids) else "none")
-                out = await self._step([P.SeqSlice(seq=req.seq, start=a, n=b - a, logits=kind)], ids[a:b], False)
+                if req.prompt_logits:
+                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="all")
+                elif b == len(ids):
+                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="sample", draw=req.sampler.draw())
+                else:
+                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="none")
+                out = await self._step([s], ids[a:b], False)
                 rows.append(out.tensors["logits"])
         except StepFailed as e:
             self._fail(req, f"prefill failed: {e}")
             return
         self.running[req.seq] = req
         self.stats["prompt_tokens"] += len(ids)
-        logits = torch.cat(rows)
-        self._emit(req, req.sampler(logits[-1]), logits if req.prompt_logits else None)
+        if req.prompt_logits:
+            logits = torch.cat(rows)
+            self._emit(req, req.sampler(logits[-1]), logits)
+        else:
+            self._emit(req, int(out.tensors["tokens"][0]), None)
 
     async def _decode(self) -> None:
         batch = list(self.running.values())[: self.opts.max_batch]
-        slices = [P.SeqSlice(seq=r.seq, start=r.pos, n=1, logits="last") for r in batch]
+        slices = [P.SeqSlice(seq=r.seq, start=r.pos, n=1, logits="sample", draw=r.sampler.draw()) for r in batch]
         try:
             out = await self._step(slices, [r.generated[-1] for r in batch], True)
         except StepFailed as e:
             for r in batch:
                 self._fail(r, f"decode failed: {e}")
             return
-        logits = out.tensors["logits"]
-        for i, r in enumerate(batch):
+        for r, tok in zip(batch, out.tensors["tokens"].tolist()):
             if not r.finished:
-                self._emit(r, r.sampler(logits[i]), None)
+                self._emit(r, tok, None)
 
     def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None) -> None:
         now = time.perf_counter()

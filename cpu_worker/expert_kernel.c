@@ -99,13 +99,6 @@ INLINE float bf16(uint16_t s) {
     return v.f;
 }
 
-/* Round to nearest even, as torch does; NaNs stay NaNs. */
-INLINE uint16_t to_bf16(float f) {
-    union { float f; uint32_t u; } v = {.f = f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1)) >> 16);
-}
-
 INLINE float hsum(vf v) {
 #if VL == 16
     return _mm512_reduce_add_ps((__m512)v);
@@ -562,16 +555,17 @@ static void *scratch_get(size_t n) {
     return scratch;
 }
 
-/* out [M, H] = sum over the top-k slots of each token whose expert e = ids - first lies in
- * [0, count): weights * (W2_e act(W13_e x + b13_e) + b2_e); x and out are bf16 when xbf16, else
- * float32 (a bf16 out is rounded once, from float32 sums; INT4 with bf16 x runs the Q8 path). Returns
- * 0, or -1 when out of memory.
+/* out [M, H] float32 = sum over the top-k slots of each token whose expert e = ids - first lies in
+ * [0, count): weights * (W2_e act(W13_e x + b13_e) + b2_e); x is bf16 when xbf16, else float32 (INT4
+ * with bf16 x runs the Q8 path). ids are int32 and out float32 whatever x is, because those are the
+ * mailbox slot's own types (shared/mailbox.py): the pool process calls this on a slot's bytes as
+ * they lie, with no conversion or copy around the call. Returns 0, or -1 when out of memory.
  * Layout per expert (contiguous): q13 [2I, H/2 or H] u8/i8, s13 [2I, G13] bf16, q2 [H, I/2 or I],
  * s2 [H, G2], b13 [2I] and b2 [H] float32 or NULL. INT4 needs even group sizes. */
 int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16,
-                     const void *x, const int64_t *ids, const float *weights, int64_t first, int64_t count,
+                     const void *x, const int32_t *ids, const float *weights, int64_t first, int64_t count,
                      const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2, const float *b13,
-                     const float *b2, void *out) {
+                     const float *b2, float *out) {
     const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I, gb13 = nb13 / G13, gb2 = nb2 / G2;
     const int q8 = xbf16 && bits == 4;
     const int bi = bits == 8 ? 1 : q8 ? 2 : 0;
@@ -580,13 +574,11 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
     const size_t mk = (size_t)M * topk;
 
     size_t n_idx = 2 * (size_t)count + 1 + 3 * mk;
-    const size_t n_acc = xbf16 ? (size_t)M * H : 0;
-    size_t bytes = (size_t)M * p1.bytes + mk * p2.bytes + sizeof(float) * n_acc + sizeof(int32_t) * n_idx;
+    size_t bytes = (size_t)M * p1.bytes + mk * p2.bytes + sizeof(int32_t) * n_idx;
     char *xp = scratch_get(bytes);
     if (!xp) return -1;
     char *ap = xp + (size_t)M * p1.bytes;
-    float *osum = xbf16 ? (float *)(ap + mk * p2.bytes) : out; /* float32 sums of out */
-    int32_t *fill = (int32_t *)(ap + mk * p2.bytes + sizeof(float) * n_acc), *active = fill + count, *off = active + count;
+    int32_t *fill = (int32_t *)(ap + mk * p2.bytes), *active = fill + count, *off = active + count;
     int32_t *tok = off + mk + 1, *slot = tok + mk;
 
     /* Assignments grouped by expert, in token order within each. */
@@ -613,7 +605,7 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         }
     }
     if (!na) {
-        memset(out, 0, (xbf16 ? sizeof(uint16_t) : sizeof(float)) * M * H);
+        memset(out, 0, sizeof(float) * M * H);
         return 0;
     }
 
@@ -675,7 +667,7 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
 
         /* Phase 2: this thread's output rows [h0, h1) for every token. */
         const int h0 = (int)((long)H * tid / nt), h1 = (int)((long)H * (tid + 1) / nt);
-        for (int t = 0; t < M; t++) memset(osum + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
+        for (int t = 0; t < M; t++) memset(out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
         for (int a = 0; a < na; a++) {
             const int e = active[a], n = off[a + 1] - off[a];
             const uint8_t *q = q2 + e * q2_e;
@@ -696,16 +688,13 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                     for (int i = 0; i < R; i++)
                         for (int t = 0; t < T; t++) {
                             float y = d[i * T + t] + (b2 ? b2[(size_t)e * H + h + i] : 0.0f);
-                            osum[(size_t)tok[p + t] * H + h + i] += weights[(size_t)tok[p + t] * topk + slot[p + t]] * y;
+                            out[(size_t)tok[p + t] * H + h + i] += weights[(size_t)tok[p + t] * topk + slot[p + t]] * y;
                         }
                     p += T;
                 }
                 h += R;
             }
         }
-        if (xbf16)
-            for (int t = 0; t < M; t++)
-                for (int h = h0; h < h1; h++) ((uint16_t *)out)[(size_t)t * H + h] = to_bf16(osum[(size_t)t * H + h]);
     }
     return 0;
 }

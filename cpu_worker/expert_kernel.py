@@ -2,7 +2,8 @@
 
     out[t] = sum_j w[t, j] * W2_e (silu(W_gate,e x_t) * W_up,e x_t),   e = ids[t, j] in this block
 
-moe_layer runs the C kernel (expert_kernel.c, built for this CPU at first use by native.py), which
+layer_kernel binds a layer's block of experts to the C kernel (expert_kernel.c, built for this CPU at
+first use by native.py; moe_layer is the same work in one call for tests and benchmarks), which
 also covers gpt-oss's clamped activation and expert biases; for INT4 experts and bf16 x (decode on
 the GPU workers' dtype) it quantizes the activations to int8 per group and takes integer dot
 products (shared/moe.py:moe_reference_q8 is that arithmetic's reference), float32 x keeping the
@@ -198,6 +199,47 @@ def c_kernel() -> native.CKernel | None:
     return _c_kernel or None
 
 
+def layer_kernel(t: dict[str, torch.Tensor], fmt: ExpertFormat, first: int, count: int, act: str = "silu",
+                 kernel: str = "auto"):
+    """The routed-expert work of one block of a layer, bound once (the pool binds each layer's at
+    start): run(x, ids, weights, out) writes the float32 partial sum [M, H] of x [M, H] over experts
+    [first, first + count), whose tensors are `t`, into out. `kernel`: "c", "numba", or "auto" (C if
+    it could be built, else numba). What neither covers (dense stores, INT4 with odd groups; for
+    numba also gptoss and biases) runs moe_reference."""
+    reference = lambda x, ids, w: moe_reference(x, ids, w, t, fmt, first, count, act)  # noqa: E731
+    if fmt.kind == "dense":
+        return _into(reference)
+    bits = {"int4": 4, "int8": 8}[fmt.kind]
+    c = c_kernel() if kernel in ("auto", "c") else None
+    if kernel == "c" and c is None:
+        raise RuntimeError("the C expert kernel could not be built (see the warning above)")
+    if c is not None:
+        return c.bind(t, bits, first, count, act, _threads) or _into(reference)
+    if act != "silu" or "b13" in t or not _even_int4_groups(fmt, t):
+        return _into(reference)
+
+    def numba_layer(x, ids, weights):
+        local = (ids.long() - first).numpy()
+        active, off, tok, slot = _route(local, count)
+        out = np.zeros(x.shape, np.float32)
+        if active.shape[0]:
+            _layer(
+                x.float().contiguous().numpy(), weights.float().contiguous().numpy(), active, off, tok, slot,
+                t["w13.q"].numpy(), _u16(t["w13.s"]), t["w2.q"].numpy(), _u16(t["w2.s"]), bits, out,
+            )
+        return torch.from_numpy(out)
+
+    return _into(numba_layer)
+
+
+def _into(fn):
+    """layer_kernel's call for a path that returns its result as a new tensor."""
+    def run(x, ids, weights, out):
+        out.copy_(fn(x, ids, weights))
+
+    return run
+
+
 def moe_layer(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -210,29 +252,11 @@ def moe_layer(
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Same contract as shared/moe.py:moe_reference: x [M, H], ids [M, k], weights [M, k] -> the
-    partial sum [M, H] in x's dtype over experts [first, first + count) whose tensors are `t`.
-    `kernel`: "c", "numba", or "auto" (C if it could be built, else numba). What neither covers
-    (dense stores, INT4 with odd groups; for numba also gptoss and biases) runs moe_reference."""
-    if fmt.kind == "dense":
-        return moe_reference(x, ids, weights, t, fmt, first, count, act)
-    bits = {"int4": 4, "int8": 8}[fmt.kind]
-    c = c_kernel() if kernel in ("auto", "c") else None
-    if kernel == "c" and c is None:
-        raise RuntimeError("the C expert kernel could not be built (see the warning above)")
-    if c is not None:
-        out = c(x, ids, weights, t, bits, first, count, act, _threads)
-        return moe_reference(x, ids, weights, t, fmt, first, count, act) if out is None else out
-    if act != "silu" or "b13" in t or not _even_int4_groups(fmt, t):
-        return moe_reference(x, ids, weights, t, fmt, first, count, act)
-    local = (ids.long() - first).numpy()
-    active, off, tok, slot = _route(local, count)
-    out = np.zeros(x.shape, np.float32)
-    if active.shape[0]:
-        _layer(
-            x.float().contiguous().numpy(), weights.float().contiguous().numpy(), active, off, tok, slot,
-            t["w13.q"].numpy(), _u16(t["w13.s"]), t["w2.q"].numpy(), _u16(t["w2.s"]), bits, out,
-        )
-    return torch.from_numpy(out).to(x.dtype)
+    partial sum [M, H] in x's dtype (rounded once, from float32) over experts [first, first + count)
+    whose tensors are `t`; layer_kernel's work in one call."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    layer_kernel(t, fmt, first, count, act, kernel)(x.contiguous(), ids, weights, out)
+    return out.to(x.dtype)
 
 
 def _even_int4_groups(fmt: ExpertFormat, t: dict[str, torch.Tensor]) -> bool:
@@ -250,8 +274,9 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
-def warm_up(t: dict[str, torch.Tensor], fmt: ExpertFormat, first: int, count: int, act: str = "silu") -> None:
-    """Build or load the kernel (C, or numba's compiled code) before the first decode step waits on
-    it: one token through the block's first expert."""
-    hidden = t["w2.q" if "w2.q" in t else "w2"].shape[1]
-    moe_layer(torch.zeros(1, hidden), torch.tensor([[first]]), torch.ones(1, 1), t, fmt, first, count, act)
+def warm_up(run, hidden: int, first: int) -> None:
+    """Compile what runs at first call (numba's kernel; the C kernel is built when bound) and fault
+    in the scratch buffers before the first decode step waits on them: one token through a layer
+    kernel's first expert."""
+    run(torch.zeros(1, hidden), torch.tensor([[first]], dtype=torch.int32), torch.ones(1, 1),
+        torch.empty(1, hidden))

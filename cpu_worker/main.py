@@ -21,7 +21,7 @@ from ..shared import protocol as P
 from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
-from .expert_kernel import moe_layer, set_threads, warm_up
+from .expert_kernel import layer_kernel, set_threads, warm_up
 from ..shared.weight_cache import store_writer
 from ..shared.weights import load_family
 
@@ -70,9 +70,13 @@ def main() -> None:
     # What this process has done, for the coordinator's stats (tests read batching and dispatch here).
     work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "max_m": 0,
             "kernel_s": 0.0}
-    blocks = {layer: (*_first_count(layout, layer, node), store.tensors(layer, node)) for layer in layout.moe_layers}
-    for first, count, t in list(blocks.values())[:1]:
-        warm_up(t, layout.fmt, first, count, act)
+    kernels = {}
+    for layer in layout.moe_layers:
+        first, count = _first_count(layout, layer, node)
+        kernels[layer] = layer_kernel(store.tensors(layer, node), layout.fmt, first, count, act)
+    if kernels:
+        layer = layout.moe_layers[0]
+        warm_up(kernels[layer], family.hidden_size, _first_count(layout, layer, node)[0])
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(), info={"bytes": layout.sizes[node], "experts": layout.fmt.describe()}))
     )
@@ -80,19 +84,20 @@ def main() -> None:
     slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
 
     def serve(slot: Slot, number: int) -> None:
-        layer, x, ids, weights = slot.take()
-        if layer not in blocks:
+        """Run the slot's request; the kernel writes its reply into the slot in place."""
+        layer, x, ids, weights, out = slot.take()
+        run = kernels.get(layer)
+        if run is None:
             slot.answer(number, error=f"layer {layer} has no routed experts here")
             return
-        first, count, t = blocks[layer]
         try:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = moe_layer(x, ids, weights, t, layout.fmt, first, count, act)
+                run(x, ids, weights, out)
             m = x.shape[0]
             work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m),
                         kernel_s=work["kernel_s"] + time.perf_counter() - t0)
-            slot.answer(number, out)
+            slot.answer(number)
         except Exception as e:
             traceback.print_exc()
             slot.answer(number, error=f"{type(e).__name__}: {e}")

@@ -70,8 +70,9 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> Path:
 
 
 class CKernel:
-    """The loaded library's krasis_moe_layer, called with the tensors of moe_layer's contract.
-    Per-call Python work is kept to a few microseconds: a layer's weights take ~0.2 ms to read."""
+    """The loaded library's krasis_moe_layer. `bind` checks a block of experts once and returns the
+    call for it, whose per-call Python work is a few microseconds: a layer's weights take ~0.2 ms
+    to read, and the pool calls it once per layer of every decode step."""
 
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
@@ -84,8 +85,11 @@ class CKernel:
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
         self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
 
-    def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
-        """None where the kernel does not apply: an INT4 group that ends inside a byte."""
+    def bind(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int):
+        """run(x, ids, weights, out) for experts [first, first + count) whose tensors are `t`: writes
+        the float32 partial sum of x [M, H] (bf16 or float32) into out (float32 [M, H], contiguous),
+        ids int32 and weights float32 [M, k] as the mailbox slot holds them. None where the kernel
+        does not apply: an INT4 group that ends inside a byte."""
         q13, s13, q2, s2 = t["w13.q"], t["w13.s"], t["w2.q"], t["w2.s"]
         n, rows13, row13 = q13.shape
         _, hidden, row2 = q2.shape
@@ -93,30 +97,45 @@ class CKernel:
         if row13 % g13 or row2 % g2:
             return None
         inter, per_byte = rows13 // 2, 8 // bits
-        m, k = ids.shape
         if not (
-            x.shape[1] == hidden == row13 * per_byte and row2 * per_byte == inter and s13.shape[:2] == (n, rows13)
-            and s2.shape[:2] == (n, hidden) and 0 <= count <= n and weights.shape == ids.shape and x.shape[0] == m
+            hidden == row13 * per_byte and row2 * per_byte == inter and s13.shape[:2] == (n, rows13)
+            and s2.shape[:2] == (n, hidden) and 0 <= count <= n
             and q13.is_contiguous() and s13.is_contiguous() and q2.is_contiguous() and s2.is_contiguous()
         ):
-            raise ValueError(f"expert tensors {[list(v.shape) for v in (q13, s13, q2, s2)]} do not fit x {list(x.shape)}")
+            raise ValueError(f"expert tensors {[list(v.shape) for v in (q13, s13, q2, s2)]} do not fit together")
         b13, b2 = t.get("b13"), t.get("b2")
         if b13 is not None and (b13.shape != (n, rows13) or b2.shape != (n, hidden)):
             raise ValueError(f"expert biases {list(b13.shape)}, {list(b2.shape)} do not fit the weights")
-        xbf16 = x.dtype == torch.bfloat16
-        xc = x.contiguous() if xbf16 else x.float().contiguous()
-        ids, weights = ids.long().contiguous(), weights.float().contiguous()
-        out = torch.empty(m, hidden, dtype=xc.dtype)
-        rc = self.fn(
-            bits, ACTS[act], threads, m, k, hidden, inter, g13, g2, xbf16,
-            xc.data_ptr(), ids.data_ptr(), weights.data_ptr(), first, count,
-            q13.data_ptr(), s13.data_ptr(), q2.data_ptr(), s2.data_ptr(),
-            None if b13 is None else b13.contiguous().data_ptr(), None if b2 is None else b2.contiguous().data_ptr(),
-            out.data_ptr(),
-        )
-        if rc:
-            raise MemoryError("the C expert kernel could not allocate its scratch buffers")
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        fn, head, dims = self.fn, (bits, ACTS[act], threads), (hidden, inter, g13, g2)
+        held = [q13, s13, q2, s2, *(None if b is None else b.contiguous() for b in (b13, b2))]
+
+        def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+            m, k = ids.shape
+            if x.dtype not in (torch.bfloat16, torch.float32):
+                x = x.float()
+            # what a wrong pointer would corrupt memory with is checked on every call
+            if x.shape != (m, hidden) or weights.shape != (m, k) or out.shape != (m, hidden) or out.dtype != torch.float32 \
+                    or not (x.is_contiguous() and out.is_contiguous()):
+                raise ValueError(f"x {list(x.shape)}, ids {list(ids.shape)}, weights {list(weights.shape)}, "
+                                 f"out {list(out.shape)} {out.dtype} do not fit experts of hidden size {hidden}")
+            ids = ids if ids.dtype == torch.int32 and ids.is_contiguous() else ids.to(torch.int32).contiguous()
+            weights = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+            rc = fn(*head, m, k, *dims, x.dtype == torch.bfloat16, x.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+                    first, count, *(None if h is None else h.data_ptr() for h in held), out.data_ptr())
+            if rc:
+                raise MemoryError("the C expert kernel could not allocate its scratch buffers")
+
+        return run
+
+    def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
+        """moe_layer's contract in one call: the partial sum in x's dtype (rounded once, from
+        float32), or None where `bind` does not apply."""
+        run = self.bind(t, bits, first, count, act, threads)
+        if run is None:
+            return None
+        out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+        run(x.contiguous(), ids, weights, out)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def load(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> CKernel:

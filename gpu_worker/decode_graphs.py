@@ -152,7 +152,7 @@ class DecodeGraphs:
         caller, on its own tensors: it compiles Triton kernels and creates cuBLAS handles, which
         must not happen in a capture, and it leaves no cache keyed on the input buffers (the rotary
         tables) that a capture would then take for already computed."""
-        if not all(s.n == 1 and s.logits == "last" for s in slices):
+        if not all(s.n == 1 and s.logits in ("last", "sample") for s in slices):
             return False
         m = len(slices)
         if m in self.programs or (m in self.seen and m not in self.eager_only):

@@ -19,7 +19,7 @@ import zmq
 
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
-from ..shared.lifecycle import die_with_parent, limit_threads
+from ..shared.lifecycle import die_with_parent, fine_timers, limit_threads
 from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
 from ..shared.weights import load_family, open_source
@@ -37,6 +37,7 @@ def main() -> None:
     if spec.get("cores"):
         os.sched_setaffinity(0, spec["cores"])
     limit_threads(spec["threads"])
+    fine_timers()
     ctx = zmq.Context()
     coord = ctx.socket(zmq.PUSH)
     coord.setsockopt(zmq.LINGER, 2000)
@@ -147,10 +148,8 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
             coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=msg.step, message=_one_line(e))))
             continue
         if stage.last:
-            reply = P.Logits(step=msg.step, elapsed_s=time.perf_counter() - t0)
-            reply.tensors = {"logits": out}
+            reply = P.Logits(step=msg.step, elapsed_s=time.perf_counter() - t0, tensors=out)
             coord.send_multipart(P.encode(reply), copy=False)
         else:
-            fwd = P.Step(step=msg.step, slices=msg.slices, decode=msg.decode)
-            fwd.tensors = {"hidden": out}
+            fwd = P.Step(step=msg.step, slices=msg.slices, decode=msg.decode, tensors=out)
             nxt.send_multipart(P.encode(fwd), copy=False)

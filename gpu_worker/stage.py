@@ -8,6 +8,7 @@ the first stage and the final norm and LM head on the last.
         MoE layer:   h = h + (routed(x) + shared(x))        routed: the prefill or decode strategy
         dense layer: h = h + dense(x)
     logits = lm_head(norm(h)) for the rows the slices ask for   (last stage)
+    tokens = sample(logits of "sample" slices)                   (last stage, on its device)
 
 On CUDA a plain decode step runs as CUDA graphs (decode_graphs.py) when every layer and the decode
 strategy allow it; KRASIS_CUDA_GRAPHS=0 turns them off (to compare, or to debug).
@@ -23,7 +24,8 @@ from torch.profiler import record_function
 
 from ..shared.models.family import ModelFamily
 from ..shared.models.layers import linear, rows_for_slices, slice_positions
-from ..shared.protocol import SeqSlice
+from ..shared.protocol import Draw, SeqSlice
+from ..shared.sampling import sample
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 
@@ -57,9 +59,10 @@ class Stage:
             self.graphs = DecodeGraphs(device, self._graph_body, self._graph_inputs)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, slices: list[SeqSlice], decode: bool) -> torch.Tensor:
-        """The stage's output for a step: hidden states, or on the last stage the logits the slices
-        ask for. Valid until the next step (a decode graph's output is overwritten by its replay)."""
+    def forward(self, x: torch.Tensor, slices: list[SeqSlice], decode: bool) -> dict[str, torch.Tensor]:
+        """The stage's output tensors for a step: `hidden`, or on the last stage `tokens` and
+        `logits` (shared/protocol.py: Logits). Valid until the next step (a decode graph's output is
+        overwritten by its replay)."""
         if decode and self.graphs is not None and self.graphs.ready(slices):
             inputs = self.graphs.buffers(len(slices))
             inputs["x"].copy_(x)
@@ -68,7 +71,22 @@ class Stage:
         else:
             out = self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
         (self.experts.decode if decode else self.experts.prefill).end()
-        return out
+        return self._reply(out, slices) if self.last else {"hidden": out}
+
+    def _reply(self, logits: torch.Tensor, slices: list[SeqSlice]) -> dict[str, torch.Tensor]:
+        """The logits rows split by what their slices asked for: sampled here, or sent as they are."""
+        keep, drawn, draws, r = [], [], [], 0
+        for s in slices:
+            n = s.n if s.logits == "all" else 1 if s.logits in ("last", "sample") else 0
+            if s.logits == "sample":
+                drawn.append(r)
+                draws.append(s.draw or Draw())
+            else:
+                keep.extend(range(r, r + n))
+            r += n
+        tokens = sample(logits[drawn], draws) if drawn else torch.empty(0, dtype=torch.int64)
+        rows = logits if len(keep) == r else logits[keep]
+        return {"tokens": tokens, "logits": rows}
 
     def _graph_inputs(self, m: int) -> dict[str, torch.Tensor]:
         if self.first:
@@ -108,7 +126,7 @@ class Stage:
         for (a, b), s in zip(rows_for_slices(slices), slices):
             if s.logits == "all":
                 rows.append(h[a:b])
-            elif s.logits == "last":
+            elif s.logits in ("last", "sample"):
                 rows.append(h[b - 1 : b])
         if not rows:
             return torch.empty(0, self.f.vocab_size, dtype=torch.float32)

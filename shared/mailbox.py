@@ -125,6 +125,7 @@ class Slot:
         self.weights = part["weights"].view(torch.float32).view(shape.max_m, shape.top_k)
         self.out = part["out"].view(torch.float32).view(shape.max_m, shape.hidden)
         self._error = part["error"].numpy()
+        self._views: dict[tuple[int, int], tuple] = {}  # (M, dtype code) -> take()'s views
 
     def _x_as(self, dtype: torch.dtype, m: int) -> torch.Tensor:
         n = m * self.shape.hidden
@@ -172,15 +173,19 @@ class Slot:
     def request(self) -> int:
         return int(self.hdr[REQUEST])
 
-    def take(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(layer, x, ids, weights) of the published request, as views of the slot."""
-        m = int(self.hdr[M])
-        x = self._x_as(_DTYPES[int(self.hdr[DTYPE])], m)
-        return int(self.hdr[LAYER]), x, self.ids[:m], self.weights[:m]
+    def take(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(layer, x, ids, weights, out) of the published request, as views of the slot: the pool
+        writes its float32 reply into `out` and then calls answer(). The views are made once per
+        (M, dtype): slicing tensors anew costs microseconds on every layer of every step."""
+        m, code = int(self.hdr[M]), int(self.hdr[DTYPE])
+        views = self._views.get((m, code))
+        if views is None:
+            views = self._views[(m, code)] = (self._x_as(_DTYPES[code], m), self.ids[:m], self.weights[:m], self.out[:m])
+        return (int(self.hdr[LAYER]), *views)
 
-    def answer(self, number: int, out: torch.Tensor | None = None, error: str | None = None) -> None:
+    def answer(self, number: int, error: str | None = None) -> None:
+        """Reply to request `number`: the `out` that take() gave has been written, or `error` says why not."""
         if error is None:
-            self.out[: out.shape[0]].copy_(out)
             self.hdr[ERROR] = 0
         else:
             data = error.encode()[:ERROR_BYTES]

@@ -329,13 +329,27 @@ class StatsReply(Message):
 
 
 @dataclass
+class Draw:
+    """How the last stage picks a slice's next token (shared/sampling.py): the request's settings and
+    u, a uniform number in [0, 1) the coordinator drew from the request's seeded generator."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    u: float = 0.0
+
+
+@dataclass
 class SeqSlice:
     """One sequence's share of a step: tokens [start, start + n) of sequence `seq`."""
 
     seq: int
     start: int
     n: int
-    logits: str = "last"  # "last" | "all" | "none" (a non-final chunk of a chunked prefill)
+    # what the last stage returns for the slice: "sample" its next token, drawn as `draw` says;
+    # "last" or "all" its logits rows; "none" nothing (a non-final chunk of a chunked prefill)
+    logits: str = "last"
+    draw: Draw | None = None
 
 
 @dataclass
@@ -351,8 +365,9 @@ class Step(Message):
 
 @dataclass
 class Logits(Message):
-    """Last rank -> coordinator: tensor `logits` float32 [R, vocab], the rows asked for by the
-    step's slices in order."""
+    """Last rank -> coordinator: tensor `tokens` int64 [S], the tokens drawn for the step's "sample"
+    slices in order, and tensor `logits` float32 [R, vocab], the rows its "last" and "all" slices
+    asked for in order. `elapsed_s`: the last rank's time from receiving the step to this reply."""
 
     TYPE: ClassVar[str] = "logits"
     step: int

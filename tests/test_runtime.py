@@ -46,6 +46,24 @@ def test_exact_against_transformers(models, config, topology):
             assert rel_err(got.prompt_logits, ref_logits) < 1e-4
 
 
+def test_sampling_on_the_last_stage_follows_the_seed(models):
+    """Sampled requests draw each token on the last stage (shared/sampling.py) with u from the
+    request's seeded generator on the coordinator: the tokens are those a Sampler with the same seed
+    picks, token by token, from transformers' logits of the same sequence."""
+    from krasis.shared import protocol as P
+    from krasis.shared.sampling import Sampler
+
+    path = models["qwen3-base"]
+    ref = tm.reference_model(path)
+    params = dict(temperature=1.3, top_k=40, top_p=0.95, seed=1234)
+    with tm.Service(path, "--dtype", "float32", "--devices", "cpu,cpu") as svc:
+        got = svc.client.complete(prompt_ids=PROMPTS[1], max_new_tokens=16, ignore_eos=True, **params).token_ids
+    sampler, want = Sampler(P.SamplingParams(**params)), []
+    for _ in range(16):
+        want.append(sampler(tm.reference_logits(ref, PROMPTS[1] + want)[-1]))
+    assert got == want and len(set(want)) > 4  # a draw, not greedy
+
+
 def test_uneven_pp_split_and_generate_cli(models):
     """--pp-layers overrides the balanced split; `generate --json` reports ids, text and timings."""
     path = models["qwen3-norm-tied-dense"]  # 4 layers

@@ -10,7 +10,7 @@ import torch
 
 import tiny_models as tm
 from krasis.coordinator.plan import PlanError, split_layers
-from krasis.coordinator.sampling import Sampler
+from krasis.shared.sampling import Sampler
 from krasis.shared import protocol as P
 from krasis.shared.models.family import family_for
 
@@ -43,6 +43,23 @@ def test_sampler_greedy_topk_topp_and_seed():
     top3 = set(torch.topk(logits, 3).indices.tolist())
     s = Sampler(P.SamplingParams(temperature=2.0, top_k=3, seed=3))
     assert {s(logits) for _ in range(200)} <= top3
+
+
+def test_sample_treats_each_row_of_a_batch_as_its_own_draw():
+    """The last stage samples a decode batch in one call: greedy rows are argmax, top_k=1 rows too,
+    and a sampled row gets the token it would alone with the same u (rows never mix)."""
+    from krasis.shared.sampling import sample
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    draws = [P.Draw(), P.Draw(temperature=0.8, u=0.3), P.Draw(temperature=5.0, top_k=1, u=0.9),
+             P.Draw(temperature=1.0, top_p=0.5, u=0.99), P.Draw(temperature=2.0, top_k=7, u=0.0)]
+    got = sample(logits, draws)
+    alone = torch.cat([sample(logits[i : i + 1], [d]) for i, d in enumerate(draws)])
+    assert torch.equal(got, alone)
+    assert got[0] == logits[0].argmax() and got[2] == logits[2].argmax()
+    assert got[4] == logits[4].argmax()  # u = 0 takes the most likely token
+    # u walks the distribution from the most likely token down
+    assert sample(logits[1:2], [P.Draw(temperature=0.8, u=0.999)]) != logits[1].argmax()
 
 
 def test_sampler_matches_the_softmax_distribution():
@@ -121,9 +138,11 @@ def test_mailbox_round_trip_errors_and_dead_pool():
     gpu.write(x, ids, w)
     n = gpu.publish(7, 3, x.dtype)
     assert pool.request() == n
-    layer, px, pids, pw = pool.take()
+    layer, px, pids, pw, out = pool.take()
     assert layer == 7 and torch.equal(px, x) and torch.equal(pids, ids.int()) and torch.equal(pw, w)
-    pool.answer(n, px.float() * 2)
+    assert out.shape == (3, 16) and out.dtype == torch.float32
+    out.copy_(px.float() * 2)
+    pool.answer(n)
     assert torch.equal(gpu.wait(n, lambda: True), x.float() * 2)
     gpu.write(x, ids, w)
     n = gpu.publish(7, 3, x.dtype)
