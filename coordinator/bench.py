@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..shared import protocol as P
+from .engine import DECODE_PARTS, Engine, run as _run
 from .processes import RuntimeOptions
 
 
@@ -113,8 +114,6 @@ def _rss_gb(pids: list[int]) -> float:
 
 
 async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int) -> dict:
-    from .engine import Engine
-
     engine = Engine(model, opts)
     try:
         await engine.start()
@@ -149,8 +148,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_to
             # the pool's own share of the measured runs: kernel seconds per call, against the step time
             "pool": [{"calls": b["calls"] - a["calls"], "kernel_s": b["kernel_s"] - a["kernel_s"]}
                      for a, b in zip(before["cpu_pool"], after["cpu_pool"])],
-            # a decode step's time: the last stage's own, and from sending it to its reply
-            "step_ms": {k: 1000 * (after[f"decode_{k}_s"] - before[f"decode_{k}_s"]) / max(steps, 1) for k in ("step", "worker")},
+            # a decode step's time, by part (engine.DECODE_PARTS)
+            "step_ms": {k: 1000 * (after[f"decode_{k}_s"] - before[f"decode_{k}_s"]) / max(steps, 1) for k in DECODE_PARTS},
         }
     finally:
         await engine.close()
@@ -162,7 +161,10 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
 
     need = prompt_tokens + decode_tokens + 1
     opts = RuntimeOptions(**{**vars(opts), "max_context": max(opts.max_context, need)})
-    out = asyncio.run(_bench(model, opts, prompt_tokens, decode_tokens, runs))
+    # before the workers start: the DRAM read is then this process's threads alone, on every core,
+    # not sharing the machine with a pool process
+    ceil = ceilings(opts) if measure_floor else None
+    out = _run(_bench(model, opts, prompt_tokens, decode_tokens, runs))
     mean = lambda k: sum(r[k] for r in out["runs"]) / len(out["runs"])  # noqa: E731
     res = {
         "model": os.path.basename(os.path.normpath(model)), "gpus": len(opts.devices), "devices": opts.devices,
@@ -175,13 +177,12 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
     }
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
     if res["ms_per_tok"]:
-        # where a decode token's time goes: in the worker, between the processes (the messages both
-        # ways), and on the coordinator between a reply and the next step
+        # where a decode token's time goes: the step's parts, and the coordinator's own time between
+        # resuming after one step and sending the next
         st = out["step_ms"]
-        res["decode_split_ms"] = {"worker": st["worker"], "messages": st["step"] - st["worker"],
-                                  "coordinator": res["ms_per_tok"] - st["step"]}
+        res["decode_split_ms"] = {**st, "coordinator": res["ms_per_tok"] - sum(st.values())}
     if measure_floor:
-        res.update(floors(load_family(model), out["caches"], opts, prompt_tokens, res))
+        res.update(floors(load_family(model), out["caches"], opts, prompt_tokens, res, ceil))
     return res
 
 
@@ -189,10 +190,18 @@ def _bits(b: int) -> str:
     return "BF16" if b == 16 else f"INT{b}"
 
 
-def floors(family, caches, opts: RuntimeOptions, prompt_tokens: int, res: dict) -> dict:
+def ceilings(opts: RuntimeOptions) -> tuple[float | None, float, float]:
+    """(pinned H2D bytes/s, matrix FLOP/s, DRAM read bytes/s) of this machine for the run."""
     dev = opts.devices[0]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[opts.dtype]
-    h2d, mm, dram = measure_h2d(dev), measure_matmul(dev, dtype), measure_dram()
+    out = measure_h2d(dev), measure_matmul(dev, dtype), measure_dram()
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()  # the coordinator keeps no GPU memory from the measurement
+    return out
+
+
+def floors(family, caches, opts: RuntimeOptions, prompt_tokens: int, res: dict, ceil: tuple) -> dict:
+    h2d, mm, dram = ceil
     c = model_costs(family, caches.gpu_fmt, caches.cpu_fmt, prompt_tokens)
     chunks = math.ceil(prompt_tokens / opts.prefill_chunk)
     streamed = 0 if res["prefill_strategy"] == "persistent" or h2d is None else c["expert_bytes"] * chunks
@@ -226,3 +235,11 @@ def table(rows: list[dict]) -> str:
             f"| {r['decode_tok_s']:.2f} | {r['ms_per_tok'] or 0:.1f} | {r['vram_mb']} | {r['ram_gb']:.1f} | - | - | - | - |"
         )
     return "\n".join(lines)
+
+
+def decode_split(r: dict) -> str:
+    """One line: where a decode token's time went (engine.DECODE_PARTS, then the coordinator)."""
+    split = r.get("decode_split_ms")
+    if not split:
+        return ""
+    return "decode ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())

@@ -9,7 +9,6 @@ The next start builds its hot set from them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from ..shared import protocol as P
@@ -43,7 +42,9 @@ def calibrate(model: str, opts: RuntimeOptions, text: str, progress=lambda n: No
     ids = TextCodec(model).encode(text)
     if not ids:
         raise ValueError("the calibration text encodes to no tokens")
-    n = asyncio.run(_calibrate(model, opts, ids, progress))
+    from .engine import run
+
+    n = run(_calibrate(model, opts, ids, progress))
     path = state_path(model, "hcs_counts.json")
     layers = json.loads(path.read_text())["layers"] if path.exists() else {}
     return {"tokens": n, "counts": str(path), "layers": len(layers)}

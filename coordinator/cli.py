@@ -20,7 +20,7 @@ from ..shared.models.family import ConfigError
 from ..shared.quant import QuantError
 from ..shared.weight_cache import CacheError
 from ..shared.weights import WeightError
-from .engine import Engine, RequestError
+from .engine import Engine, RequestError, run as _run
 from .plan import PlanError
 from .processes import RuntimeOptions, WorkerDied
 from .synth import SHAPES
@@ -129,15 +129,6 @@ async def _with_engine(model: str, opts: RuntimeOptions, body, max_restarts: int
         return await body(engine)
     finally:
         await engine.close()
-
-
-def _run(coro):
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -338,7 +329,7 @@ def chat(endpoint, max_new_tokens, temperature, system):
 @runtime_options
 def bench(model, prompt_tokens, decode_tokens, runs, json_file, opts):
     """Prefill and decode speed in the reference's table, with this machine's floor and the fraction reached."""
-    from .bench import run_bench, table
+    from .bench import decode_split, run_bench, table
 
     try:
         res = run_bench(model, opts, prompt_tokens, decode_tokens, runs)
@@ -348,6 +339,7 @@ def bench(model, prompt_tokens, decode_tokens, runs, json_file, opts):
         with open(json_file, "w") as f:
             json.dump(res, f, indent=1, default=str)
     click.echo(table([res]))
+    click.echo(decode_split(res))
 
 
 @main.command()

@@ -35,6 +35,21 @@ from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESTART_WINDOW_S = 600.0  # --max-restarts counts the restarts within this many seconds
+# Where the decode steps' time went, summed in the stats as decode_{part}_s: from sending a step to
+# its arrival at the last stage (to_worker), there (worker), from its reply leaving to its arrival
+# here (from_worker), and from that arrival to the schedule resuming (wake).
+DECODE_PARTS = ("to_worker", "worker", "from_worker", "wake")
+
+
+def run(coro):
+    """Run the coordinator's event loop to the end of `coro`: uvloop where installed (its loop wakes
+    on a socket sooner than asyncio's own), else asyncio's."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
 
 
 class RequestError(ValueError):
@@ -121,11 +136,10 @@ class Engine:
         self._restart_times: list[float] = []
         self.workers: list[dict] = []
         self.head, self.pool_ctl, self._reader_task = None, [], None
-        # decode_step_s: decode steps from sending to the reply; decode_worker_s: the last stage's own
-        # share of them (Logits.elapsed_s); the rest of a token's time is the coordinator's
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "restarts": 0, "decode_steps": 0, "decode_step_s": 0.0, "decode_worker_s": 0.0}
+                      "restarts": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
         self.closed = False
+        self._own_cores: set[int] | None = None  # this thread's cores before start() moved it
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
     # --- start-up ----------------------------------------------------------------------------
@@ -140,10 +154,17 @@ class Engine:
         opts = self.opts
         self.group, self.workers = WorkerGroup(), []
         ep = Endpoints()
+        nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
+        if front_cores and self._own_cores is None:
+            # This thread (the event loop), and the ZeroMQ I/O thread its first socket starts, run on
+            # the cores kept off the pool: anywhere else, a message of decode can wake up on a core
+            # the pool's spinning threads hold and wait for it. Children inherit the mask and set
+            # their own.
+            self._own_cores = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, front_cores)
         self.results = self.ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
         self.results.bind(ep("results"))
-        nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
         n_pool = opts.cpu_workers or len(nodes)
         caches = self.caches
         fds = ExpertStore.create_segments(StoreLayout(self.family, n_pool, caches.cpu_fmt))
@@ -240,7 +261,7 @@ class Engine:
             if isinstance(msg, P.Logits):
                 fut = self._futures.pop(msg.step, None)
                 if fut and not fut.done():
-                    fut.set_result(msg)
+                    fut.set_result((msg, time.monotonic()))
             elif isinstance(msg, P.WorkerError):
                 fut = self._futures.pop(msg.step, None)
                 if fut and not fut.done():
@@ -389,14 +410,15 @@ class Engine:
         self._futures[sid] = fut
         msg = P.Step(step=sid, slices=slices, decode=decode)
         msg.tensors = {"tokens": torch.tensor(tokens, dtype=torch.int64)}
-        t0 = time.perf_counter()
+        t_send = time.monotonic()
         await self.head.send_multipart(P.encode(msg), copy=False)
-        out = await fut
+        out, t_arrived = await fut
         if decode:
             st = self.stats
             st["decode_steps"] += 1
-            st["decode_step_s"] += time.perf_counter() - t0
-            st["decode_worker_s"] += out.elapsed_s
+            for part, t in zip(DECODE_PARTS, (out.t_in - t_send, out.t_out - out.t_in, t_arrived - out.t_out,
+                                              time.monotonic() - t_arrived)):
+                st[f"decode_{part}_s"] += t
         return out
 
     async def _prefill(self, req: Request) -> None:
@@ -547,3 +569,5 @@ class Engine:
         finally:
             self.group.kill_all()
             self.ctx.destroy(linger=0) if hasattr(self, "ctx") else None
+            if self._own_cores is not None:
+                os.sched_setaffinity(0, self._own_cores)

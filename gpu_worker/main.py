@@ -122,7 +122,9 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
 def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
     profiler = StepProfiler(rank)
     while True:
-        msg = P.decode(inbound.recv_multipart(copy=False))
+        frames = inbound.recv_multipart(copy=False)
+        t_in = time.monotonic()
+        msg = P.decode(frames)
         if isinstance(msg, P.Shutdown):
             if not stage.last:
                 nxt.send_multipart(P.encode(msg))
@@ -135,7 +137,6 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
         if not isinstance(msg, P.Step):
             coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=-1, message=f"unexpected {msg.TYPE}")))
             continue
-        t0 = time.perf_counter()
         try:
             x = msg.tensors["tokens" if stage.first else "hidden"]
             with profiler.step(msg.decode):
@@ -148,7 +149,8 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
             coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=msg.step, message=_one_line(e))))
             continue
         if stage.last:
-            reply = P.Logits(step=msg.step, elapsed_s=time.perf_counter() - t0, tensors=out)
+            out = {k: v.cpu() for k, v in out.items()}
+            reply = P.Logits(step=msg.step, t_in=t_in, t_out=time.monotonic(), tensors=out)
             coord.send_multipart(P.encode(reply), copy=False)
         else:
             fwd = P.Step(step=msg.step, slices=msg.slices, decode=msg.decode, tensors=out)

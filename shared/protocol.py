@@ -367,11 +367,14 @@ class Step(Message):
 class Logits(Message):
     """Last rank -> coordinator: tensor `tokens` int64 [S], the tokens drawn for the step's "sample"
     slices in order, and tensor `logits` float32 [R, vocab], the rows its "last" and "all" slices
-    asked for in order. `elapsed_s`: the last rank's time from receiving the step to this reply."""
+    asked for in order. `t_in`, `t_out`: the last rank's time.monotonic() (a clock every process of
+    one host shares) when the step arrived and when this reply left, for the coordinator's account
+    of where a step's time goes."""
 
     TYPE: ClassVar[str] = "logits"
     step: int
-    elapsed_s: float
+    t_in: float
+    t_out: float
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_tensor_frames_round_trip(dtype):
 
 
 def test_frame_size_mismatch_is_refused():
-    frames = P.encode(P.Logits(step=1, elapsed_s=0.0, tensors={"logits": torch.zeros(2, 2)}))
+    frames = P.encode(P.Logits(step=1, t_in=0.0, t_out=0.0, tensors={"logits": torch.zeros(2, 2)}))
     with pytest.raises(P.ProtocolError, match="needs 16"):
         P.decode([frames[0], b"123"])
 
