@@ -177,10 +177,7 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
     }
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
     if res["ms_per_tok"]:
-        # where a decode token's time goes: the step's parts, and the coordinator's own time between
-        # resuming after one step and sending the next
-        st = out["step_ms"]
-        res["decode_split_ms"] = {**st, "coordinator": res["ms_per_tok"] - sum(st.values())}
+        res["decode_split_ms"] = out["step_ms"]  # where a decode token's time goes
     if measure_floor:
         res.update(floors(load_family(model), out["caches"], opts, prompt_tokens, res, ceil))
     return res
@@ -238,7 +235,7 @@ def table(rows: list[dict]) -> str:
 
 
 def decode_split(r: dict) -> str:
-    """One line: where a decode token's time went (engine.DECODE_PARTS, then the coordinator)."""
+    """One line: where a decode token's time went (engine.DECODE_PARTS)."""
     split = r.get("decode_split_ms")
     if not split:
         return ""

@@ -35,10 +35,10 @@ from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESTART_WINDOW_S = 600.0  # --max-restarts counts the restarts within this many seconds
-# Where the decode steps' time went, summed in the stats as decode_{part}_s: from sending a step to
-# its arrival at the last stage (to_worker), there (worker), from its reply leaving to its arrival
-# here (from_worker), and from that arrival to the schedule resuming (wake).
-DECODE_PARTS = ("to_worker", "worker", "from_worker", "wake")
+# Where decode's time goes, summed in the stats as decode_{part}_s over consecutive decode steps: in
+# the last stage from a step's arrival to its reply (worker), and before that since the previous
+# step's reply left (between: what the messages and the coordinator cost that the stage waited for).
+DECODE_PARTS = ("worker", "between")
 
 
 def run(coro):
@@ -72,6 +72,7 @@ class Request:
     max_new: int
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
+    pending: int = 0  # decode steps sent for it whose tokens have not come back
     text: str = ""  # generated text so far (stop strings are searched here)
     sent: int = 0  # characters of `text` already streamed
     cancelled: bool = False
@@ -128,6 +129,8 @@ class Engine:
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self._futures: dict[int, asyncio.Future] = {}
+        self._inflight: deque[tuple[list[Request], asyncio.Future]] = deque()  # decode steps sent, oldest first
+        self._last_out: float | None = None  # when the last decode step's reply left the last stage
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._fatal: BaseException | None = None
@@ -305,6 +308,8 @@ class Engine:
               f"{self.max_restarts} within {RESTART_WINDOW_S / 60:g} min)", file=sys.stderr, flush=True)
         for req in [r for r in self.requests.values() if r not in self.waiting]:
             self._fail(req, f"lost to a worker failure ({cause}); the service is restarting its workers")
+        self._inflight.clear()  # their futures failed with the group
+        self._last_out = None
         self._reader_task.cancel()
         async with self._pool_lock:  # closing a socket under a stats query would cancel the front end's task
             for s in [self.head, *self.pool_ctl, self.results]:
@@ -395,27 +400,25 @@ class Engine:
                 self._finish(req, "cancelled")
             if self.waiting and len(self.running) < self.opts.max_batch:
                 await self._prefill(self.waiting.popleft())
-            elif self.running:
+            elif self.running or self._inflight:
                 await self._decode()
             else:
                 self._wake.clear()
                 await self._wake.wait()
 
-    async def _step(self, slices: list[P.SeqSlice], tokens: list[int], decode: bool) -> P.Logits:
+    def _send(self, slices: list[P.SeqSlice], tokens: list[int], decode: bool) -> asyncio.Future:
+        """Send a step; the future gets (its Logits reply, when that arrived here)."""
         sid = next(self._step_ids)
         fut = asyncio.get_running_loop().create_future()
         self._futures[sid] = fut
         msg = P.Step(step=sid, slices=slices, decode=decode)
         msg.tensors = {"tokens": torch.tensor(tokens, dtype=torch.int64)}
-        t_send = time.monotonic()
-        await self.head.send_multipart(P.encode(msg), copy=False)
-        out, t_arrived = await fut
-        if decode:
-            st = self.stats
-            st["decode_steps"] += 1
-            for part, t in zip(DECODE_PARTS, (out.t_in - t_send, out.t_out - out.t_in, t_arrived - out.t_out,
-                                              time.monotonic() - t_arrived)):
-                st[f"decode_{part}_s"] += t
+        # zmq.asyncio sends at once when it can (a PUSH to a connected peer): the steps leave in order
+        self.head.send_multipart(P.encode(msg), copy=False)
+        return fut
+
+    async def _step(self, slices: list[P.SeqSlice], tokens: list[int], decode: bool) -> P.Logits:
+        out, _ = await self._send(slices, tokens, decode)
         return out
 
     async def _prefill(self, req: Request) -> None:
@@ -438,6 +441,7 @@ class Engine:
             self._fail(req, f"prefill failed: {e}")
             return
         self.running[req.seq] = req
+        self._last_out = None  # the next decode step follows a prefill, not a decode step
         self.stats["prompt_tokens"] += len(ids)
         if req.prompt_logits:
             logits = torch.cat(rows)
@@ -446,17 +450,48 @@ class Engine:
             self._emit(req, int(out.tensors["tokens"][0]), None)
 
     async def _decode(self) -> None:
-        batch = list(self.running.values())[: self.opts.max_batch]
-        slices = [P.SeqSlice(seq=r.seq, start=r.pos, n=1, logits="sample", draw=r.sampler.draw()) for r in batch]
+        """Take one decode step's tokens, for every running request together. With a single stage
+        the next step leaves before this one's reply is awaited, its tokens left to the stage's own
+        samples (-1, shared/protocol.py: Step), so the messages' latency and this loop's work overlap
+        the stage's step rather than add to it. A request that ends on a sampled EOS or stop has one
+        such step in flight: its token is dropped, as is its cache with the Free that follows."""
+        if not self._inflight:
+            self._send_decode()
+        if len(self.opts.devices) == 1 and not self.waiting:
+            self._send_decode()
+        if not self._inflight:
+            return
+        batch, fut = self._inflight.popleft()
         try:
-            out = await self._step(slices, [r.generated[-1] for r in batch], True)
+            out, t_arrived = await fut
         except StepFailed as e:
             for r in batch:
+                r.pending -= 1
                 self._fail(r, f"decode failed: {e}")
             return
+        st = self.stats
+        if self._last_out is not None:
+            st["decode_steps"] += 1
+            st["decode_worker_s"] += out.t_out - out.t_in
+            st["decode_between_s"] += max(0.0, out.t_in - self._last_out)
+        self._last_out = out.t_out
         for r, tok in zip(batch, out.tensors["tokens"].tolist()):
+            r.pending -= 1
             if not r.finished:
                 self._emit(r, tok, None)
+
+    def _send_decode(self) -> None:
+        """Send a decode step for the running requests that may still grow; each feeds the token
+        it generated last, or -1 when a step in flight will sample that one."""
+        batch = [r for r in self.running.values() if len(r.generated) + r.pending < r.max_new][: self.opts.max_batch]
+        if not batch:
+            return
+        slices = [P.SeqSlice(seq=r.seq, start=r.pos + r.pending, n=1, logits="sample", draw=r.sampler.draw())
+                  for r in batch]
+        fut = self._send(slices, [-1 if r.pending else r.generated[-1] for r in batch], True)
+        for r in batch:
+            r.pending += 1
+        self._inflight.append((batch, fut))
 
     def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None) -> None:
         now = time.perf_counter()

@@ -21,7 +21,16 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 def fp8_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """t [n, ..., d] -> (e4m3 values, float32 scales [n, ..., 1]): one scale per cached row (token
-    and head), amax / 448, so every row uses the format's whole range."""
+    and head), amax / 448, so every row uses the format's whole range. One Triton kernel on CUDA
+    (fp8_kernel.py, the same bits), else fp8_quantize_reference."""
+    if t.is_cuda:
+        from .fp8_kernel import fp8_quantize_triton
+
+        return fp8_quantize_triton(t)
+    return fp8_quantize_reference(t)
+
+
+def fp8_quantize_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tf = t.float()
     scale = (tf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
     return (tf / scale).to(torch.float8_e4m3fn), scale

@@ -53,6 +53,7 @@ class Stage:
             self.lm_head = get(family.lm_head_name())
         self.kv = KVCache(device, dtype, max_context, kv_dtype)
         self.experts = experts  # the prefill and decode strategies (gpu_worker/experts.py)
+        self.sampled: dict[int, tuple[torch.Tensor, int]] = {}  # seq -> (tokens, row): its last sampled token
         self.graphs = None
         if (device.type == "cuda" and os.environ.get("KRASIS_CUDA_GRAPHS", "1") != "0"
                 and experts.decode.graphable and all(layer.graphable for layer in self.layers)):
@@ -63,6 +64,8 @@ class Stage:
         """The stage's output tensors for a step: `hidden`, or on the last stage `tokens` and
         `logits` (shared/protocol.py: Logits). Valid until the next step (a decode graph's output is
         overwritten by its replay)."""
+        if self.first:
+            x = self._feed(x, slices)
         if decode and self.graphs is not None and self.graphs.ready(slices):
             inputs = self.graphs.buffers(len(slices))
             inputs["x"].copy_(x)
@@ -72,6 +75,25 @@ class Stage:
             out = self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
         (self.experts.decode if decode else self.experts.prefill).end()
         return self._reply(out, slices) if self.last else {"hidden": out}
+
+    def _feed(self, tokens: torch.Tensor, slices: list[SeqSlice]) -> torch.Tensor:
+        """The step's input tokens, a -1 (shared/protocol.py: Step) replaced by the token this stage
+        last sampled for that slice's sequence, still on the device: the coordinator sent the step
+        before that token reached it, so the messages' latency overlaps the previous step."""
+        neg = tokens < 0
+        if not bool(neg.any()):
+            return tokens
+        fed = neg.nonzero().flatten().tolist()
+        if not self.last:
+            raise ValueError("a step without its tokens needs a single-stage pipeline (the sampler's)")
+        x = tokens.to(self.device)
+        for i in fed:
+            s = slices[i]
+            if s.n != 1 or s.seq not in self.sampled:
+                raise ValueError(f"sequence {s.seq}: no sampled token to continue from")
+            tok, j = self.sampled[s.seq]
+            x[i : i + 1].copy_(tok[j : j + 1])  # after the kernel that sampled it, in stream order
+        return x
 
     def _reply(self, logits: torch.Tensor, slices: list[SeqSlice]) -> dict[str, torch.Tensor]:
         """The logits rows split by what their slices asked for: sampled here, or sent as they are."""
@@ -85,6 +107,8 @@ class Stage:
                 keep.extend(range(r, r + n))
             r += n
         tokens = sample(logits[drawn], draws) if drawn else torch.empty(0, dtype=torch.int64)
+        for i, s in enumerate(s for s in slices if s.logits == "sample"):
+            self.sampled[s.seq] = (tokens, i)
         rows = logits if len(keep) == r else logits[keep]
         return {"tokens": tokens, "logits": rows}
 
@@ -136,3 +160,4 @@ class Stage:
     def free(self, seqs: list[int]) -> None:
         for s in seqs:
             self.kv.free(s)
+            self.sampled.pop(s, None)

@@ -355,7 +355,9 @@ class SeqSlice:
 @dataclass
 class Step(Message):
     """A forward pass over the listed slices, concatenated in order. Rank 0 receives tensor
-    `tokens` (int64 [T]); later ranks receive `hidden` ([T, hidden_size])."""
+    `tokens` (int64 [T]); later ranks receive `hidden` ([T, hidden_size]). With a single stage, a
+    one-token slice's token may be -1: the token that stage sampled last for the sequence, which
+    the coordinator has not seen yet (it sends a decode step before the previous one's reply)."""
 
     TYPE: ClassVar[str] = "step"
     step: int

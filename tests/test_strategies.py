@@ -201,8 +201,7 @@ def test_optimize_ranks_every_strategy_and_bench_uses_the_winner(models, tmp_pat
     assert r["prefill_fraction"] == pytest.approx(r["prefill_tok_s"] / r["prefill_floor_tok_s"])
     assert r["decode_fraction"] == pytest.approx(r["decode_tok_s"] / r["decode_floor_tok_s"])
     assert "| Prefill (tok/s) | TTFT (s) | Decode (tok/s) |" in p.stdout and "| of floor |" in p.stdout
-    # a token's time by part: the intervals between processes are read off one shared clock
+    # a token's time by part: a decode step's time in the worker, and the worker's wait between steps
     split = r["decode_split_ms"]
-    assert list(split) == ["to_worker", "worker", "from_worker", "wake", "coordinator"]
-    assert split["worker"] > 0 and all(v >= 0 for k, v in split.items() if k != "coordinator")
-    assert "decode ms per token: to_worker" in p.stdout
+    assert list(split) == ["worker", "between"] and split["worker"] > 0 and split["between"] >= 0
+    assert "decode ms per token: worker" in p.stdout

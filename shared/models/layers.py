@@ -47,6 +47,24 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
+def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's choice: (ids int64 [M, k], weights float32 [M, k]), the k largest of
+    p = softmax(logits) in float32, renormalised to sum 1 when `renorm`. One Triton kernel on CUDA
+    (gpu_worker/router_kernel.py), else softmax_topk_reference."""
+    if logits.is_cuda and logits.shape[-1] <= 1024 and not torch.is_grad_enabled():
+        from ...gpu_worker.router_kernel import softmax_topk_triton
+
+        return softmax_topk_triton(logits, k, renorm)
+    return softmax_topk_reference(logits, k, renorm)
+
+
+def softmax_topk_reference(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    if renorm:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t)."""
     if isinstance(w, torch.Tensor):

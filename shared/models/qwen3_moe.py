@@ -12,10 +12,8 @@ Layers in `mlp_only_layers`, or not a multiple of `decoder_sparse_step`, use one
 
 from __future__ import annotations
 
-import torch
-
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
-from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, swiglu
+from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, softmax_topk, swiglu
 
 
 @register
@@ -115,11 +113,7 @@ class Qwen3MoeLayer(DecoderLayer):
         return linear(out.reshape(T, -1), self.wo, self.bo)
 
     def route(self, x):
-        probs = torch.softmax(linear(x, self.router).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.f.top_k, dim=-1)
-        if self.f.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights
+        return softmax_topk(linear(x, self.router), self.f.top_k, self.f.norm_topk_prob)
 
     def dense(self, x):
         return swiglu(x, *self.mlp)
