@@ -5,10 +5,10 @@ Why: in torch the encoding is six kernels per tensor (a float32 cast, abs, amax,
 448 and its clamp, the division of the row and the cast to e4m3), twelve per decode layer for K and
 V, ~15 us of a decode layer's ~120 us of GPU work outside the CPU pool's turn on the lent H100.
 
-Arithmetic is kv_cache.fp8_quantize_reference's: scale = max(amax(|x|) / 448, 1e-12) and
-q = e4m3(x / scale), x in float32, both divisions IEEE round-to-nearest (libdevice's div_rn, as
-torch's division is), the cast rounding to nearest even: the same bits. Under Triton's interpreter
-(tests) plain division stands in.
+Arithmetic is kv_cache.fp8_quantize_reference's: scale = max(amax(|x|) * float32(1 / 448), 1e-12)
+and q = e4m3(x / scale), x in float32, the division IEEE round-to-nearest (libdevice's div_rn, as
+torch's tensor division is), the cast rounding to nearest even: the same bits. Under Triton's
+interpreter (tests) plain division stands in.
 
 CUDA graphs: no host syncs; the outputs are allocated from the input's shape.
 """
@@ -22,7 +22,7 @@ from triton.language.extra import libdevice
 
 from .kv_cache import FP8_MAX
 
-_FP8_MAX = tl.constexpr(FP8_MAX)
+_INV_FP8_MAX = tl.constexpr(1.0 / FP8_MAX)
 _LIBDEVICE = tl.constexpr(not triton.knobs.runtime.interpret)
 
 
@@ -39,7 +39,7 @@ def _fp8_rows(x_ptr, q_ptr, s_ptr, D, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    scale = tl.maximum(_div(tl.max(tl.abs(x), 0), _FP8_MAX), 1e-12)
+    scale = tl.maximum(tl.max(tl.abs(x), 0) * _INV_FP8_MAX, 1e-12)
     tl.store(q_ptr + row * D + cols, _div(x, scale).to(tl.float8e4nv), mask=cols < D)
     tl.store(s_ptr + row, scale)
 
