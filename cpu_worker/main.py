@@ -74,9 +74,8 @@ def main() -> None:
     for layer in layout.moe_layers:
         first, count = _first_count(layout, layer, node)
         kernels[layer] = layer_kernel(store.tensors(layer, node), layout.fmt, first, count, act)
-    if kernels:
-        layer = layout.moe_layers[0]
-        warm_up(kernels[layer], family.hidden_size, _first_count(layout, layer, node)[0])
+        if len(kernels) == 1:
+            warm_up(kernels[layer], family.hidden_size, first)
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(), info={"bytes": layout.sizes[node], "experts": layout.fmt.describe()}))
     )

@@ -97,18 +97,19 @@ class Stage:
 
     def _reply(self, logits: torch.Tensor, slices: list[SeqSlice]) -> dict[str, torch.Tensor]:
         """The logits rows split by what their slices asked for: sampled here, or sent as they are."""
-        keep, drawn, draws, r = [], [], [], 0
+        keep, drawn, draws, seqs, r = [], [], [], [], 0
         for s in slices:
             n = s.n if s.logits == "all" else 1 if s.logits in ("last", "sample") else 0
             if s.logits == "sample":
                 drawn.append(r)
                 draws.append(s.draw or Draw())
+                seqs.append(s.seq)
             else:
                 keep.extend(range(r, r + n))
             r += n
         tokens = sample(logits[drawn], draws) if drawn else torch.empty(0, dtype=torch.int64)
-        for i, s in enumerate(s for s in slices if s.logits == "sample"):
-            self.sampled[s.seq] = (tokens, i)
+        for i, seq in enumerate(seqs):
+            self.sampled[seq] = (tokens, i)
         rows = logits if len(keep) == r else logits[keep]
         return {"tokens": tokens, "logits": rows}
 

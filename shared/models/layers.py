@@ -18,9 +18,9 @@ from ..protocol import SeqSlice
 
 
 def _use_kernel(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether rms_norm and rotate_half run the Triton kernels (gpu_worker/norm_rope_kernel.py, the
-    same roundings as the torch code): half-precision CUDA tensors outside autograd (the kernels
-    have no backward). The module is imported only then: CPU workers never load Triton."""
+    """Whether rms_norm, rotate_half and softmax_topk run their Triton kernels (gpu_worker/
+    norm_rope_kernel.py, router_kernel.py): half-precision CUDA tensors outside autograd (the kernels
+    have no backward). The modules are imported only then: CPU workers never load Triton."""
     return (
         x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
@@ -50,8 +50,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A router's choice: (ids int64 [M, k], weights float32 [M, k]), the k largest of
     p = softmax(logits) in float32, renormalised to sum 1 when `renorm`. One Triton kernel on CUDA
-    (gpu_worker/router_kernel.py), else softmax_topk_reference."""
-    if logits.is_cuda and logits.shape[-1] <= 1024 and not torch.is_grad_enabled():
+    (gpu_worker/router_kernel.py; see _use_kernel) for up to 1024 experts, else softmax_topk_reference."""
+    if _use_kernel(logits) and logits.shape[-1] <= 1024:
         from ...gpu_worker.router_kernel import softmax_topk_triton
 
         return softmax_topk_triton(logits, k, renorm)
