@@ -351,6 +351,7 @@ def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b
 
     os.environ["KRASIS_PROFILE"] = str(OUT / "profile")
     os.environ["KRASIS_PROFILE_STEPS"] = "1,8-23"  # decode steps of one request, clear of the next prefill
+    os.environ["KRASIS_PROFILE_TRACE"] = "1"
     try:
         from krasis.coordinator.bench import run_bench
         from krasis.coordinator.processes import RuntimeOptions
@@ -368,10 +369,43 @@ def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b
         log("profiled bench", json.dumps(r, default=str))
         with open(OUT / "profile" / "coordinator.txt", "w") as f:
             pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(45)
+        trace = OUT / "profile" / "stage0-decode.json"
+        if trace.exists():
+            from krasis.shared.weights import load_family
+
+            timeline = decode_timeline(json.loads(trace.read_text()), load_family(str(path)).num_layers)
+            log("decode timeline", json.dumps(timeline))
     except Exception:
         traceback.print_exc(file=LOG)
     finally:
-        del os.environ["KRASIS_PROFILE"]
+        del os.environ["KRASIS_PROFILE"], os.environ["KRASIS_PROFILE_TRACE"]
+
+
+def decode_timeline(trace: dict, layers: int) -> dict:
+    """A profiled decode's GPU timeline by layer, us: each `_wait` kernel (the GPU waiting on the CPU
+    pool) ends one layer's hop; between two waits of a step lie the next layer's GPU work, whose
+    kernels' busy time is summed apart from the wall time (the difference is the GPU idle between
+    kernels: launches, graph and eager boundaries); between the last wait of a step and the first of
+    the next lie the LM head, sampling and the host's turn between steps."""
+    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    waits = [i for i, e in enumerate(kernels) if e["name"] == "_wait"]
+    inner, between, wait_us = [], [], []
+    for n, (i, j) in enumerate(zip(waits, waits[1:])):
+        wall = kernels[j]["ts"] - (kernels[i]["ts"] + kernels[i]["dur"])
+        (between if (n + 1) % layers == 0 else inner).append((wall, sum(e["dur"] for e in kernels[i + 1 : j])))
+        wait_us.append(kernels[i]["dur"])
+    mean = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
+    # each kernel's time per hop (per layer, the step's LM head and sampling spread over its layers)
+    per_layer: dict[str, float] = {}
+    for e in kernels[waits[0] + 1 : waits[-1]] if waits else ():
+        if e["name"] != "_wait":
+            per_layer[e["name"][:60]] = per_layer.get(e["name"][:60], 0.0) + e["dur"] / max(len(inner) + len(between), 1)
+    return {
+        "waits": len(waits), "wait_us": mean(wait_us),
+        "layer_wall_us": mean([g[0] for g in inner]), "layer_busy_us": mean([g[1] for g in inner]),
+        "step_wall_us": mean([g[0] for g in between]), "step_busy_us": mean([g[1] for g in between]),
+        "kernel_us_per_hop": dict(sorted(per_layer.items(), key=lambda kv: -kv[1])[:30]),
+    }
 
 
 def main():
@@ -384,6 +418,7 @@ def main():
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-checks", action="store_true", help="no ceilings, attention, dequant or kernel checks")
     ap.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite", help="synthetic shapes to bench")
+    ap.add_argument("--decode-strategies", default="pure_cpu,hcs_hybrid", help="decode strategies benched on the first shape")
     ap.add_argument("--profile", action="store_true", help="also one profiled bench run (gpu_worker/profiling.py)")
     ap.add_argument("--eager-too", action="store_true", help="also bench the first shape's pure_cpu decode without CUDA graphs")
     a = ap.parse_args()
@@ -398,7 +433,8 @@ def main():
         exactness(Path("/tmp/krasis-exact"))
     log(f"checks done at {time.time() - t0:.0f} s")
     shapes = a.shapes.split(",")
-    configs = [(s, "layer_grouped_2", d) for s in shapes for d in (("pure_cpu", "hcs_hybrid") if s == shapes[0] else ("pure_cpu",))]
+    first = a.decode_strategies.split(",")
+    configs = [(s, "layer_grouped_2", d) for s in shapes for d in (first if s == shapes[0] else ("pure_cpu",))]
     if a.eager_too:
         configs.insert(1, (shapes[0], "layer_grouped_2", "pure_cpu", {"KRASIS_CUDA_GRAPHS": "0"}))
     tab = bench(a.layers or None, a.prompt, a.decode, a.runs, configs) if not a.skip_bench else ""

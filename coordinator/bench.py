@@ -113,6 +113,9 @@ def _rss_gb(pids: list[int]) -> float:
     return total / 1e9
 
 
+POOL_COUNTERS = ("calls", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps")
+
+
 async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int) -> dict:
     engine = Engine(model, opts)
     try:
@@ -145,9 +148,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_to
             "runs": [{"ttft_s": d.ttft_s, "prefill_tok_s": d.prefill_tok_s, "decode_tok_s": d.decode_tok_s} for d in dones],
             "vram_mb": vram, "ram_gb": _rss_gb(pids) + store / 1e9, "workers": engine.workers,
             "caches": engine.caches,
-            # the pool's own share of the measured runs: kernel seconds per call, against the step time
-            "pool": [{"calls": b["calls"] - a["calls"], "kernel_s": b["kernel_s"] - a["kernel_s"]}
-                     for a, b in zip(before["cpu_pool"], after["cpu_pool"])],
+            # each pool process's share of the measured runs (cpu_worker/main.py: its counters)
+            "pool": [{k: b[k] - a[k] for k in POOL_COUNTERS} for a, b in zip(before["cpu_pool"], after["cpu_pool"])],
             # a decode step's time, by part (engine.DECODE_PARTS)
             "step_ms": {k: 1000 * (after[f"decode_{k}_s"] - before[f"decode_{k}_s"]) / max(steps, 1) for k in DECODE_PARTS},
         }
@@ -235,8 +237,17 @@ def table(rows: list[dict]) -> str:
 
 
 def decode_split(r: dict) -> str:
-    """One line: where a decode token's time went (engine.DECODE_PARTS)."""
+    """Where a decode token's time went (engine.DECODE_PARTS), and a layer's hop as the first pool
+    process saw it: its kernel, its own work around the kernel, and its wait for the GPU worker's
+    next layer (that layer's GPU work and both crossings of the hop)."""
     split = r.get("decode_split_ms")
     if not split:
         return ""
-    return "decode ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())
+    line = "decode ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())
+    pool = (r.get("pool") or [{}])[0]
+    if pool.get("calls") and pool.get("gaps"):
+        us = lambda s, n: 1e6 * s / n  # noqa: E731
+        line += (f"\npool us per layer: kernel {us(pool['kernel_s'], pool['calls']):.1f}, "
+                 f"around it {us(pool['serve_s'] - pool['kernel_s'], pool['calls']):.1f}, "
+                 f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}")
+    return line

@@ -68,8 +68,13 @@ def main() -> None:
     set_threads(spec["threads"])
     limit_threads(1)
     # What this process has done, for the coordinator's stats (tests read batching and dispatch here).
+    # Per call, on this process's clock: kernel_s the kernel; serve_s from seeing the request to
+    # answering it (kernel_s plus this loop's own work); gap_s the wait since the previous answer when
+    # the request is a later layer of the same step (the GPU worker's part of the hop: its layer's
+    # work and both crossings), step_gap_s when it starts a new step.
     work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "max_m": 0,
-            "kernel_s": 0.0}
+            "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0}
+    last = {"answered": None, "layer": -1}
     kernels = {}
     for layer in layout.moe_layers:
         first, count = _first_count(layout, layer, node)
@@ -82,7 +87,7 @@ def main() -> None:
     boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
     slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
 
-    def serve(slot: Slot, number: int) -> None:
+    def serve(slot: Slot, number: int, seen: float) -> None:
         """Run the slot's request; the kernel writes its reply into the slot in place."""
         layer, x, ids, weights, out = slot.take()
         run = kernels.get(layer)
@@ -93,13 +98,21 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 run(x, ids, weights, out)
-            m = x.shape[0]
-            work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m),
-                        kernel_s=work["kernel_s"] + time.perf_counter() - t0)
+            t1 = time.perf_counter()
             slot.answer(number)
+            t2 = time.perf_counter()
         except Exception as e:
             traceback.print_exc()
             slot.answer(number, error=f"{type(e).__name__}: {e}")
+            return
+        m = x.shape[0]
+        work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m),
+                    kernel_s=work["kernel_s"] + t1 - t0, serve_s=work["serve_s"] + t2 - seen)
+        if last["answered"] is not None:
+            kind = "gap" if layer > last["layer"] else "step_gap"
+            work[f"{kind}_s"] += seen - last["answered"]
+            work[f"{kind}s"] += 1
+        last.update(answered=t2, layer=layer)
 
     def control() -> bool:
         """One control message (stats, shutdown) from the coordinator; False on shutdown."""
@@ -127,7 +140,7 @@ def main() -> None:
             n = slot.request()
             if n != seen[i]:
                 seen[i] = n
-                serve(slot, n)
+                serve(slot, n, time.perf_counter())
                 last_work, spins = time.monotonic(), 0
         spins += 1
         if spins % 4096 == 0:

@@ -2,7 +2,10 @@
 (KRASIS_PROFILE_STEPS, default "2,16": 2 prefill and 16 decode steps after the first of each, which
 compiles and warms; "1,8-23" profiles decode steps 8 to 23) run under torch.profiler, and each
 worker writes DIR/stage{rank}-{prefill,decode}.txt: the operator table, with the stage's own
-regions (attention, route, routed_experts, shared_expert, dense_mlp) as rows. Off by default: a serving process pays nothing but a dictionary lookup."""
+regions (attention, route, routed_experts, shared_expert, dense_mlp) as rows, and with
+KRASIS_PROFILE_TRACE=1 also DIR/stage{rank}-{prefill,decode}.json, the timeline (Chrome trace
+format: the gaps between kernels are in it, not in the table). Off by default: a serving process
+pays nothing but a dictionary lookup."""
 
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ class StepProfiler:
         out = Path(self.dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"stage{self.rank}-{kind}.txt").write_text(text)
+        if os.environ.get("KRASIS_PROFILE_TRACE") == "1":
+            p.export_chrome_trace(str(out / f"stage{self.rank}-{kind}.json"))
 
 
 def _window(spec: str) -> tuple[int, int]:

@@ -205,3 +205,10 @@ def test_optimize_ranks_every_strategy_and_bench_uses_the_winner(models, tmp_pat
     split = r["decode_split_ms"]
     assert list(split) == ["worker", "between"] and split["worker"] > 0 and split["between"] >= 0
     assert "decode ms per token: worker" in p.stdout
+    # the pool's own account of its calls: each measured call is one hop, after the previous one in
+    # its step or starting a step, and its serve time holds its kernel time
+    for pool in r["pool"]:
+        assert pool["gaps"] + pool["step_gaps"] == pool["calls"]
+        assert pool["serve_s"] >= pool["kernel_s"] >= 0 and pool["gap_s"] >= 0
+    if r["pool"][0]["gaps"]:
+        assert "pool us per layer: kernel" in p.stdout
