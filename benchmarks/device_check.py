@@ -375,6 +375,9 @@ def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b
 
             timeline = decode_timeline(json.loads(trace.read_text()), load_family(str(path)).num_layers)
             log("decode timeline", json.dumps(timeline))
+        phases = OUT / "profile" / "stage0-phases.txt"
+        if phases.exists():
+            log(phases.read_text())
     except Exception:
         traceback.print_exc(file=LOG)
     finally:

@@ -24,7 +24,7 @@ from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
 from ..shared.weights import load_family, open_source
 from .pool_client import PoolClient
-from .profiling import StepProfiler
+from .profiling import PHASES, StepProfiler
 from .experts import StageExperts
 from .stage import Stage
 
@@ -124,10 +124,12 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
     while True:
         frames = inbound.recv_multipart(copy=False)
         t_in = time.monotonic()
+        PHASES.mark("idle")
         msg = P.decode(frames)
         if isinstance(msg, P.Shutdown):
             if not stage.last:
                 nxt.send_multipart(P.encode(msg))
+            profiler.close()
             return
         if isinstance(msg, P.Free):
             stage.free(msg.seqs)
@@ -155,3 +157,5 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
         else:
             fwd = P.Step(step=msg.step, slices=msg.slices, decode=msg.decode, tensors=out)
             nxt.send_multipart(P.encode(fwd), copy=False)
+        PHASES.mark("reply")
+        profiler.end_step()

@@ -4,16 +4,52 @@ compiles and warms; "1,8-23" profiles decode steps 8 to 23) run under torch.prof
 worker writes DIR/stage{rank}-{prefill,decode}.txt: the operator table, with the stage's own
 regions (attention, route, routed_experts, shared_expert, dense_mlp) as rows, and with
 KRASIS_PROFILE_TRACE=1 also DIR/stage{rank}-{prefill,decode}.json, the timeline (Chrome trace
-format: the gaps between kernels are in it, not in the table). Off by default: a serving process
-pays nothing but a dictionary lookup."""
+format: the gaps between kernels are in it, not in the table). The host's own time in decode steps
+outside that window goes by phase (PHASES) to DIR/stage{rank}-phases.txt when the worker shuts down.
+Off by default: a serving process pays nothing but a dictionary lookup and a few empty calls."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import torch
+
+
+class Phases:
+    """The host's time in a worker's step loop by phase: mark(name) charges the time since the
+    previous mark to `name`; commit() ends a step, kept in the totals or not (a step under
+    torch.profiler, whose overhead would distort it, or a prefill step)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.t = time.perf_counter()
+        self.step: dict[str, float] = {}
+        self.total: dict[str, float] = {}
+        self.steps = 0
+
+    def mark(self, name: str) -> None:
+        if self.on:
+            now = time.perf_counter()
+            self.step[name] = self.step.get(name, 0.0) + now - self.t
+            self.t = now
+
+    def commit(self, keep: bool) -> None:
+        if keep:
+            for k, v in self.step.items():
+                self.total[k] = self.total.get(k, 0.0) + v
+            self.steps += 1
+        self.step = {}
+
+    def table(self) -> str:
+        n = max(self.steps, 1)
+        return f"host time per decode step by phase, us ({self.steps} steps)\n" + "\n".join(
+            f"{k:>12} {1e6 * v / n:10.1f}" for k, v in self.total.items())
+
+
+PHASES = Phases(bool(os.environ.get("KRASIS_PROFILE")))
 
 
 class StepProfiler:
@@ -24,11 +60,13 @@ class StepProfiler:
         self.want = {False: _window(steps[0]), True: _window(steps[1])}
         self.seen = {False: 0, True: 0}
         self.prof = {False: None, True: None}
+        self.timed = False  # whether the step under way counts in PHASES
 
     def step(self, decode: bool):
         """A context manager around one step: a no-op unless this step is one to profile."""
         if not self.dir:
             return contextlib.nullcontext()
+        self.timed = decode and self.prof[True] is None and not self.want[True][0] <= self.seen[True] <= self.want[True][1]
         if self.prof[not decode] is not None:
             return contextlib.nullcontext()  # one profiler at a time: the other kind is being profiled
         n = self.seen[decode]  # 0 is the warm-up step
@@ -43,6 +81,17 @@ class StepProfiler:
             self.prof[decode] = torch.profiler.profile(activities=acts)
             self.prof[decode].__enter__()
         return _Finish(self, decode) if n == last else contextlib.nullcontext()
+
+    def end_step(self) -> None:
+        """After a step's reply: its phases kept if it was a decode step outside the window."""
+        PHASES.commit(self.timed)
+        self.timed = False
+
+    def close(self) -> None:
+        if self.dir and PHASES.steps:
+            out = Path(self.dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"stage{self.rank}-phases.txt").write_text(PHASES.table() + "\n")
 
     def _write(self, decode: bool) -> None:
         p = self.prof[decode]

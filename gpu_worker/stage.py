@@ -28,6 +28,7 @@ from ..shared.protocol import Draw, SeqSlice
 from ..shared.sampling import sample
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
+from .profiling import PHASES
 
 
 class Stage:
@@ -64,17 +65,24 @@ class Stage:
         """The stage's output tensors for a step: `hidden`, or on the last stage `tokens` and
         `logits` (shared/protocol.py: Logits). Valid until the next step (a decode graph's output is
         overwritten by its replay)."""
+        PHASES.mark("decode msg")
         if self.first:
             x = self._feed(x, slices)
         if decode and self.graphs is not None and self.graphs.ready(slices):
             inputs = self.graphs.buffers(len(slices))
             inputs["x"].copy_(x)
             inputs["positions"].copy_(torch.tensor([s.start for s in slices]))
+            PHASES.mark("prep")
             out = self.graphs.run(slices)
         else:
+            PHASES.mark("prep")
             out = self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
+        PHASES.mark("enqueue")
         (self.experts.decode if decode else self.experts.prefill).end()
-        return self._reply(out, slices) if self.last else {"hidden": out}
+        PHASES.mark("gpu wait")
+        out = self._reply(out, slices) if self.last else {"hidden": out}
+        PHASES.mark("sample")
+        return out
 
     def _feed(self, tokens: torch.Tensor, slices: list[SeqSlice]) -> torch.Tensor:
         """The step's input tokens, a -1 (shared/protocol.py: Step) replaced by the token this stage
