@@ -220,6 +220,21 @@ def attention_check(T: int = 10000):
         row[f"decode_{name}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
         row[f"decode_{name}_ms"] = ms(lambda: decode_attention_triton(q1, [kk], vv, T - 1, 0.088), 50)
         row[f"decode_{name}_reference_ms"] = ms(lambda: decode_attention_reference(q1, [kk], vv, T - 1, 0.088), 5)
+    # device time per call by number of key splits (None: the kernel's own choice), as a decode
+    # graph runs it: 20 calls captured in a graph, so the host's launch cost is not counted
+    kk, vv = cases["fp8"]
+    want = decode_attention_reference(q1, [kk], vv, T - 1, 0.088)
+    for splits in (None, 40, 53, 80, 106, 157, 210):
+        call = lambda: decode_attention_triton(q1, [kk], vv, T - 1, 0.088, splits=splits)  # noqa: E731
+        call()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                got = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        row[f"decode_fp8_splits_{splits}_us"] = 1000 * ms(graph.replay, 20) / 20
+        row[f"decode_fp8_splits_{splits}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
     got = decode_attention_triton(qm1, [cq, krq], cq, T - 1, 0.07)
     want = decode_attention_reference(qm1, [cq, krq], cq, T - 1, 0.07)
     row["decode_mla_fp8_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())

@@ -472,7 +472,9 @@ class Engine:
         st = self.stats
         if self._last_out is not None:
             st["decode_steps"] += 1
-            st["decode_worker_s"] += out.t_out - out.t_in
+            # the worker's time on this step from when it had both the step and its previous
+            # reply out (a step it took while the previous one ran waited behind it)
+            st["decode_worker_s"] += out.t_out - max(out.t_in, self._last_out)
             st["decode_between_s"] += max(0.0, out.t_in - self._last_out)
         self._last_out = out.t_out
         for r, tok in zip(batch, out.tensors["tokens"].tolist()):

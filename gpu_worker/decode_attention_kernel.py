@@ -104,25 +104,32 @@ def _split_kernel(
 
 @triton.jit(do_not_specialize=["splits"])
 def _combine_kernel(M, L, ACC, SINKS, O, splits, R, Hq, sink_scale,
-                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr):
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr):
+    # CHUNK splits per load, not one split at a time: a row has ~50-150 splits, and a loop of
+    # dependent single loads would wait on memory once per split
     row = tl.program_id(0)
     d = tl.arange(0, BLOCK_DV)
-    top = tl.load(M + row)
-    for s in range(1, splits):
-        top = tl.maximum(top, tl.load(M + s * R + row))
+    c = tl.arange(0, CHUNK)
+    top = tl.full([CHUNK], float("-inf"), tl.float32)
+    for s0 in range(0, splits, CHUNK):
+        top = tl.maximum(top, tl.load(M + (s0 + c) * R + row, mask=s0 + c < splits, other=float("-inf")))
+    top = tl.max(top, 0)
     if HAS_SINKS:
         sink = tl.load(SINKS + row % Hq).to(tl.float32) * sink_scale
         top = tl.maximum(top, sink)
-    w = tl.exp2(tl.load(M + row) - top)
-    den = w * tl.load(L + row)
-    acc = w * tl.load(ACC + row * DV + d, mask=d < DV, other=0.0)
-    for s in range(1, splits):
-        w = tl.exp2(tl.load(M + s * R + row) - top)
-        den += w * tl.load(L + s * R + row)
-        acc += w * tl.load(ACC + (s * R + row) * DV + d, mask=d < DV, other=0.0)
+    den = tl.zeros([CHUNK], tl.float32)
+    acc = tl.zeros([CHUNK, BLOCK_DV], tl.float32)
+    for s0 in range(0, splits, CHUNK):
+        s = s0 + c
+        ok = s < splits
+        # a split that saw no key of this row has m = -inf: weight 0
+        w = tl.exp2(tl.load(M + s * R + row, mask=ok, other=float("-inf")) - top)
+        den += w * tl.load(L + s * R + row, mask=ok, other=0.0)
+        acc += w[:, None] * tl.load(ACC + (s[:, None] * R + row) * DV + d[None, :], mask=ok[:, None] & (d[None, :] < DV), other=0.0)
+    total = tl.sum(den, 0)
     if HAS_SINKS:
-        den += tl.exp2(sink - top)
-    tl.store(O + row * DV + d, (acc / den).to(O.dtype.element_ty), mask=d < DV)
+        total += tl.exp2(sink - top)
+    tl.store(O + row * DV + d, (tl.sum(acc, 0) / total).to(O.dtype.element_ty), mask=d < DV)
 
 
 @functools.cache
@@ -198,5 +205,5 @@ def decode_attention_triton(
     if out is None:
         out = torch.empty(t, Hq, DV, dtype=q.dtype, device=q.device)
     _combine_kernel[(R,)](m, l, acc, m if sinks is None else sinks, out, splits, R, Hq, LOG2E,
-                          DV=DV, BLOCK_DV=_pow2(DV), HAS_SINKS=sinks is not None)
+                          DV=DV, BLOCK_DV=_pow2(DV), CHUNK=max(1, 4096 // _pow2(DV)), HAS_SINKS=sinks is not None)
     return out

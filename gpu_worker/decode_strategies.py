@@ -26,9 +26,10 @@ class DecodeStrategy(RoutedExperts):
     def nbytes(self) -> int:
         return 0
 
-    def end(self) -> None:
+    def end(self, done=None, interrupt=None) -> bool:
         if self.pool is not None:
-            self.pool.finish()  # the step's requests answered, or PoolError
+            return self.pool.finish(done, interrupt)  # the step's requests answered, or PoolError
+        return super().end(done, interrupt)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -10,7 +10,8 @@ and q = e4m3(x / scale), x in float32, the division IEEE round-to-nearest (libde
 torch's tensor division is), the cast rounding to nearest even: the same bits. Under Triton's
 interpreter (tests) plain division stands in.
 
-CUDA graphs: no host syncs; the outputs are allocated from the input's shape.
+CUDA graphs: no host syncs; the outputs are allocated from the input's shape, or are the cache's
+rows (KVCache.append writes a decode step's K and V straight into them: no copy after).
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ def _fp8_rows(x_ptr, q_ptr, s_ptr, D, BLOCK: tl.constexpr):
     tl.store(s_ptr + row, scale)
 
 
-def fp8_quantize_triton(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """t [..., d] -> (float8_e4m3fn values [..., d], float32 scales [..., 1])."""
+def fp8_quantize_triton(t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [..., d] -> (float8_e4m3fn values [..., d], float32 scales [..., 1]), written into `out`
+    (contiguous, those shapes) when given."""
     t = t.contiguous()
     d = t.shape[-1]
-    q = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
-    s = torch.empty(*t.shape[:-1], 1, dtype=torch.float32, device=t.device)
+    if out is None:
+        q = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
+        s = torch.empty(*t.shape[:-1], 1, dtype=torch.float32, device=t.device)
+    else:
+        q, s = out
+        if q.shape != t.shape or s.shape != (*t.shape[:-1], 1) or not (q.is_contiguous() and s.is_contiguous()):
+            raise ValueError(f"fp8 rows of {list(t.shape)} into {list(q.shape)} and {list(s.shape)}")
     rows = t.numel() // d if d else 0
     if rows:
         _fp8_rows[(rows,)](t, q, s, d, BLOCK=triton.next_power_of_2(d))

@@ -19,15 +19,20 @@ class ContextOverflow(ValueError):
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def fp8_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize(t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """t [n, ..., d] -> (e4m3 values, float32 scales [n, ..., 1]): one scale per cached row (token
-    and head), amax / 448, so every row uses the format's whole range. One Triton kernel on CUDA
+    and head), amax / 448, so every row uses the format's whole range; written into `out` (contiguous
+    tensors of those shapes: the cache's own rows) when given. One Triton kernel on CUDA
     (fp8_kernel.py, the same bits), else fp8_quantize_reference."""
     if t.is_cuda:
         from .fp8_kernel import fp8_quantize_triton
 
-        return fp8_quantize_triton(t)
-    return fp8_quantize_reference(t)
+        return fp8_quantize_triton(t, out)
+    q, s = fp8_quantize_reference(t)
+    if out is None:
+        return q, s
+    out[0].copy_(q), out[1].copy_(s)
+    return out
 
 
 def fp8_quantize_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,15 +56,16 @@ class KVCache:
         # seq -> layer -> (length, [buffers])
         self._seqs: dict[int, dict[int, tuple[int, list[torch.Tensor]]]] = {}
 
-    def _stored(self, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """New entries as the cache keeps them: e4m3 values and their scales, part by part, or as they are."""
-        return tuple(part for t in new for part in fp8_quantize(t)) if self.fp8 else new
+    def _layout(self, t: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(row shape, dtype) of the buffers that keep entries like t: e4m3 values and their scales,
+        or t's own."""
+        if self.fp8:
+            return [(tuple(t.shape[1:]), torch.float8_e4m3fn), ((*t.shape[1:-1], 1), torch.float32)]
+        return [(tuple(t.shape[1:]), t.dtype)]
 
     def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
-        """Append the slice's new entries and return everything cached, [start + n, ...], as stored."""
-        return self._append(layer, s, self._stored(new))
-
-    def _append(self, layer: int, s: SeqSlice, new: tuple[torch.Tensor, ...]) -> tuple[Rows, ...]:
+        """Append the slice's new entries and return everything cached, [start + n, ...], as stored:
+        fp8 entries are encoded straight into the cache's rows."""
         layers = self._seqs.setdefault(s.seq, {})
         length, bufs = layers.get(layer, (0, []))
         if s.start != length:
@@ -69,12 +75,16 @@ class KVCache:
             raise ContextOverflow(f"sequence {s.seq} would reach {end} tokens, max context is {self.max_context}")
         if not bufs or bufs[0].shape[0] < end:
             cap = min(self.max_context, max(end, 2 * (bufs[0].shape[0] if bufs else 0), 64))
-            grown = [torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in new]
+            grown = [torch.empty((cap, *shape), dtype=dtype, device=self.device) for t in new for shape, dtype in self._layout(t)]
             for g, old in zip(grown, bufs):
                 g[:length] = old[:length]
             bufs = grown
-        for b, t in zip(bufs, new):
-            b[length:end] = t
+        if self.fp8:
+            for q, sc, t in zip(bufs[0::2], bufs[1::2], new):
+                fp8_quantize(t, out=(q[length:end], sc[length:end]))
+        else:
+            for b, t in zip(bufs, new):
+                b[length:end] = t
         layers[layer] = (end, bufs)
         if self.fp8:
             return tuple(Rows(q[:end], sc[:end]) for q, sc in zip(bufs[0::2], bufs[1::2]))
@@ -107,18 +117,16 @@ class KVCache:
         after another. The keys are the cached parts `keys` concatenated along the head dim, the values
         part `values`: (k, v) for GQA, [c ; k_r] and c for MLA.
 
-        With the decode kernel, the new entries are encoded for storage here, and the appends and the
-        kernel (whose grid follows the cache's length) run as one `eager` part of a decode graph,
-        which writes into the same output at every replay."""
+        With the decode kernel, the appends (fp8 encoded into the cache's rows) and the kernel (whose
+        grid follows the cache's length) run as one `eager` part of a decode graph, which writes into
+        the same output at every replay."""
         rows = rows_for_slices(slices)
         if self.decode_kernel(slices):
-            stored = self._stored(new)
-            dv = stored[2 * values if self.fp8 else values].shape[-1]
-            out = torch.empty(q.shape[0], q.shape[1], dv, dtype=q.dtype, device=q.device)
+            out = torch.empty(q.shape[0], q.shape[1], new[values].shape[-1], dtype=q.dtype, device=q.device)
 
             def run(slices):
                 for (a, b), s in zip(rows, slices):
-                    cached = self._append(layer, s, tuple(t[a:b] for t in stored))
+                    cached = self.append(layer, s, *(t[a:b] for t in new))
                     decode_attention(q[a:b], [cached[i] for i in keys], cached[values], s.start, scale, window, sinks, out=out[a:b])
                 return out
 

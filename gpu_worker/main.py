@@ -120,12 +120,53 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
 
 
 def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
+    """The worker's loop. A decode step that arrives while the previous one is still on the device
+    is launched behind it before the worker waits for that one, so the device goes from step to
+    step without waiting for this loop (the coordinator sends a single stage's decode steps ahead:
+    engine._decode); anything else waits for the step in flight first."""
     profiler = StepProfiler(rank)
+    pending = None  # (message, t_in, Launched): on the device, not yet answered
+
+    def fail(msg, e: Exception) -> None:
+        traceback.print_exc()
+        # The sequences of a failed step are in an unknown state: drop them here; the
+        # coordinator fails their requests and frees them on the other stages.
+        stage.free([s.seq for s in msg.slices])
+        coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=msg.step, message=_one_line(e))))
+
+    def answer(interrupt=None) -> bool:
+        """Wait for the pending step and pass its results on; False, with the step still pending,
+        as soon as `interrupt()` says a message is waiting."""
+        nonlocal pending
+        msg, t_in, step = pending
+        try:
+            if not stage.wait(step, interrupt):
+                return False
+        except Exception as e:
+            pending = None
+            fail(msg, e)
+            return True
+        pending = None
+        PHASES.mark("gpu wait")
+        if stage.last:
+            reply = P.Logits(step=msg.step, t_in=t_in, t_out=time.monotonic(), tensors=step.out)
+            coord.send_multipart(P.encode(reply), copy=False)
+        else:
+            fwd = P.Step(step=msg.step, slices=msg.slices, decode=msg.decode, tensors=step.out)
+            nxt.send_multipart(P.encode(fwd), copy=False)
+        PHASES.mark("reply")
+        profiler.end_step()
+        return True
+
     while True:
+        if pending is not None and answer(interrupt=lambda: bool(inbound.poll(0))):
+            continue
         frames = inbound.recv_multipart(copy=False)
         t_in = time.monotonic()
         PHASES.mark("idle")
         msg = P.decode(frames)
+        if pending is not None and not (isinstance(msg, P.Step) and msg.decode):
+            answer()
         if isinstance(msg, P.Shutdown):
             if not stage.last:
                 nxt.send_multipart(P.encode(msg))
@@ -142,20 +183,12 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
         try:
             x = msg.tensors["tokens" if stage.first else "hidden"]
             with profiler.step(msg.decode):
-                out = stage.forward(x, msg.slices, msg.decode)
+                step = stage.launch(x, msg.slices, msg.decode)
         except Exception as e:
-            traceback.print_exc()
-            # The sequences of a failed step are in an unknown state: drop them here; the
-            # coordinator fails their requests and frees them on the other stages.
-            stage.free([s.seq for s in msg.slices])
-            coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=msg.step, message=_one_line(e))))
+            if pending is not None:
+                answer()
+            fail(msg, e)
             continue
-        if stage.last:
-            out = {k: v.cpu() for k, v in out.items()}
-            reply = P.Logits(step=msg.step, t_in=t_in, t_out=time.monotonic(), tensors=out)
-            coord.send_multipart(P.encode(reply), copy=False)
-        else:
-            fwd = P.Step(step=msg.step, slices=msg.slices, decode=msg.decode, tensors=out)
-            nxt.send_multipart(P.encode(fwd), copy=False)
-        PHASES.mark("reply")
-        profiler.end_step()
+        if pending is not None:
+            answer()
+        pending = (msg, t_in, step)

@@ -37,8 +37,8 @@ from .dequant import dequant_rows
 class RoutedExperts:
     """What a stage calls for a MoE layer's routed experts, prefill and decode strategies alike:
     `begin()` once per step, then per layer `submit(layer, x, ids, weights)` and, after whatever the
-    stage overlaps with it (the shared expert), `collect(pending)` -> x's dtype [T, H], and `end()`
-    once the step is enqueued (graphed or not). A strategy whose work runs elsewhere (the CPU pool)
+    stage overlaps with it (the shared expert), `collect(pending)` -> x's dtype [T, H], and `end(done)`
+    once the step is enqueued (graphed or not) to wait for it. A strategy whose work runs elsewhere (the CPU pool)
     splits the two; the others do it all in `run`.
     `graphable`: submit and collect may be captured in a decode graph (decode_graphs.py)."""
 
@@ -47,8 +47,12 @@ class RoutedExperts:
     def begin(self) -> None:
         pass
 
-    def end(self) -> None:
-        pass
+    def end(self, done=None, interrupt=None) -> bool:
+        """Wait for a step enqueued before the CUDA event `done` (None: nothing to wait for); False
+        if `interrupt()` came first (pool_client.wait_for)."""
+        from .pool_client import wait_for
+
+        return wait_for(done, interrupt)
 
     def run(self, layer: int, x, ids, weights) -> torch.Tensor:
         raise NotImplementedError

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,21 @@ from ..shared.mailbox import Mailboxes, PoolError, SlotShape, dtype_code
 __all__ = ["PoolClient", "PoolError"]
 
 WAIT_TIMEOUT_S = 600.0  # a pool that answers nothing for this long is taken for hung
+
+
+def wait_for(done, interrupt: Callable[[], bool] | None = None, watch: Callable[[], None] | None = None) -> bool:
+    """Wait for the CUDA event `done` (None: nothing to wait for) with short naps; False as soon as
+    `interrupt()` is true (the worker takes the next step's message and launches it behind this one
+    before waiting on). `watch()` is called every 256 polls (it raises to give up)."""
+    polls = 0
+    while done is not None and not done.query():
+        if interrupt is not None and interrupt():
+            return False
+        polls += 1
+        if watch is not None and polls % 256 == 0:
+            watch()
+        time.sleep(20e-6)  # a step's end is ~0.1-20 ms away; leave the core (and the GIL)
+    return True
 
 
 class PoolClient:
@@ -88,32 +104,34 @@ class PoolClient:
             total = total + part
         return total
 
-    def finish(self) -> None:
-        """After a step's work is enqueued: on CUDA, wait for it while watching the pool. A dead pool,
-        or one silent for WAIT_TIMEOUT_S, releases the waiting kernels (`abort`) and raises PoolError,
-        as does an error reply to any request of the step."""
-        if not self.gpu:
-            return
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
-        t0, polls = time.monotonic(), 0
-        while not done.query():
-            polls += 1
-            if polls % 256 == 0:
-                why = None if self._alive() else "the CPU pool process exited"
-                if why is None and time.monotonic() - t0 > WAIT_TIMEOUT_S:
-                    why = f"the CPU pool did not answer in {WAIT_TIMEOUT_S:.0f} s"
-                if why is not None:
-                    self._abort[0] = 1
-                    done.synchronize()
-                    self._abort[0] = 0
-                    raise PoolError(why)
-            time.sleep(20e-6)  # the pool's reply is ~0.1-1 ms away; leave the core (and the GIL)
+    def finish(self, done=None, interrupt: Callable[[], bool] | None = None) -> bool:
+        """After a step's work is enqueued: on CUDA, wait for it (the CUDA event `done`, recorded
+        after it) while watching the pool; False, at once, when `interrupt()` says the host has
+        something else to do first (wait_for). A dead pool, or one silent for WAIT_TIMEOUT_S,
+        releases the waiting kernels (`abort`) and raises PoolError, as does an error reply to any
+        request of the step."""
+        if not self.gpu or done is None:
+            return True
+        t0 = time.monotonic()
+
+        def watch():
+            why = None if self._alive() else "the CPU pool process exited"
+            if why is None and time.monotonic() - t0 > WAIT_TIMEOUT_S:
+                why = f"the CPU pool did not answer in {WAIT_TIMEOUT_S:.0f} s"
+            if why is not None:
+                self._abort[0] = 1
+                done.synchronize()
+                self._abort[0] = 0
+                raise PoolError(why)
+
+        if not wait_for(done, interrupt, watch):
+            return False
         errors = [(slot, int(n)) for slot, n in zip(self.slots, self._failed.tolist()) if n]
         if errors:
             self._failed.zero_()
             slot, n = errors[0]
             raise PoolError(slot.error_text(n))
+        return True
 
     def close(self) -> None:
         if self.gpu:

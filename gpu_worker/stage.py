@@ -17,6 +17,7 @@ strategy allow it; KRASIS_CUDA_GRAPHS=0 turns them off (to compare, or to debug)
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,16 @@ from ..shared.sampling import sample
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .profiling import PHASES
+
+
+@dataclass
+class Launched:
+    """A step enqueued on the device: its routed-expert runner (which waits for it), its outputs on
+    the host once `done` (a CUDA event; None on a CPU device, where launching ran the step)."""
+
+    runner: object
+    out: dict[str, torch.Tensor]
+    done: object
 
 
 class Stage:
@@ -61,10 +72,11 @@ class Stage:
             self.graphs = DecodeGraphs(device, self._graph_body, self._graph_inputs)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, slices: list[SeqSlice], decode: bool) -> dict[str, torch.Tensor]:
-        """The stage's output tensors for a step: `hidden`, or on the last stage `tokens` and
-        `logits` (shared/protocol.py: Logits). Valid until the next step (a decode graph's output is
-        overwritten by its replay)."""
+    def launch(self, x: torch.Tensor, slices: list[SeqSlice], decode: bool) -> "Launched":
+        """Enqueue a step; on CUDA return without waiting for the device, so that the worker can
+        launch the next step behind it before it waits (wait()). Its outputs, `hidden` or on the last
+        stage `tokens` and `logits` (shared/protocol.py: Logits), are copied to the host in stream
+        order (a decode graph's output is overwritten by the next replay)."""
         PHASES.mark("decode msg")
         if self.first:
             x = self._feed(x, slices)
@@ -78,11 +90,20 @@ class Stage:
             PHASES.mark("prep")
             out = self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
         PHASES.mark("enqueue")
-        (self.experts.decode if decode else self.experts.prefill).end()
-        PHASES.mark("gpu wait")
         out = self._reply(out, slices) if self.last else {"hidden": out}
+        done = None
+        if self.device.type == "cuda":
+            out = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) for k, v in out.items()}
+            done = torch.cuda.Event()
+            done.record()
         PHASES.mark("sample")
-        return out
+        return Launched(self.experts.decode if decode else self.experts.prefill, out, done)
+
+    def wait(self, step: "Launched", interrupt=None) -> bool:
+        """Wait for a launched step (its outputs are then on the host); False, without waiting, as
+        soon as `interrupt()` says the worker has the next step to launch first. Raises what the step
+        failed with (the CPU pool's PoolError)."""
+        return step.runner.end(step.done, interrupt)
 
     def _feed(self, tokens: torch.Tensor, slices: list[SeqSlice]) -> torch.Tensor:
         """The step's input tokens, a -1 (shared/protocol.py: Step) replaced by the token this stage

@@ -59,6 +59,13 @@ for dtype in (torch.bfloat16, torch.float32):
             sinks = torch.randn(Hkv * rep, generator=g).to(dtype) if sink else None
             check((dtype, fp8, rep, t, window, sink, splits), q, [k], v, T - t, window, sinks, splits)
 
+# more splits than the combine takes per load (32 for dv = 128), the last one partly past the end
+for dtype in (torch.bfloat16, torch.float32):
+    T, d = 2200, 128
+    q = torch.randn(1, 2, d, generator=g).to(dtype)
+    k, v = (rows(torch.randn(T, 1, d, generator=g), True, dtype) for _ in range(2))
+    check(("many splits", dtype), q, [k], v, T - 1, None, torch.randn(2, generator=g).to(dtype), splits=35)
+
 # MLA: K = [latent (40) ; rope key (8)], V the latent itself, one key head; 3 queries of 8 heads
 # are 24 rows, two head blocks. Each part has its own fp8 scales.
 for dtype in (torch.bfloat16, torch.float32):

@@ -49,6 +49,12 @@ for t in cases:
     assert q.dtype == wq.dtype and q.shape == wq.shape and s.shape == ws.shape, (q.shape, wq.shape, s.shape, ws.shape)
     assert torch.equal(s, ws), (t.shape, (s - ws).abs().max())
     assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8)), (t.shape, (q.float() - wq.float()).abs().max())
+    # into rows of a larger buffer (a cache's), its other rows untouched
+    bq = torch.zeros(t.shape[0] + 3, *t.shape[1:], dtype=torch.float8_e4m3fn, device=dev)
+    bs = torch.full((t.shape[0] + 3, *t.shape[1:-1], 1), -1.0, device=dev)
+    assert fp8_quantize_triton(t, out=(bq[2:-1], bs[2:-1]))[0].data_ptr() == bq[2:-1].data_ptr()
+    assert torch.equal(bq[2:-1].view(torch.uint8), wq.view(torch.uint8)) and torch.equal(bs[2:-1], ws)
+    assert not bq[:2].view(torch.uint8).any() and not bq[-1:].view(torch.uint8).any() and bool((bs[:2] == -1).all() and (bs[-1:] == -1).all())
 print("ok")
 """
 

@@ -212,5 +212,5 @@ def test_profiling_writes_tables_and_host_phases(models, tmp_path, monkeypatch):
     # 7 decode steps follow the prompt's: the first (warm-up, 0) and 1, 4, 5, 6 are timed, 2-3 profiled
     assert "(5 steps)" in text
     rows = {name.strip(): float(us) for name, us in (line.rsplit(None, 1) for line in text.splitlines()[1:])}
-    assert list(rows) == ["idle", "decode msg", "prep", "enqueue", "gpu wait", "sample", "reply"]
+    assert list(rows) == ["idle", "decode msg", "prep", "enqueue", "sample", "gpu wait", "reply"]
     assert all(us >= 0 for us in rows.values()) and rows["enqueue"] > 0

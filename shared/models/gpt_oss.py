@@ -23,7 +23,7 @@ import torch
 
 from ..moe import GPTOSS_ALPHA, GPTOSS_LIMIT
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
-from .layers import Rotary, linear, rope_inv_freq, rope_parameters
+from .layers import Rotary, linear, rope_inv_freq, rope_parameters, stack_rows
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_BLOCK = 32
@@ -142,20 +142,22 @@ class GptOssLayer(DecoderLayer):
         p, a = f"model.layers.{index}.", f"model.layers.{index}.self_attn."
         self.f, self.index, self.is_moe = fam, index, True
         self.ln1, self.ln2 = get(p + "input_layernorm.weight"), get(p + "post_attention_layernorm.weight")
-        self.wq, self.wk, self.wv, self.wo = (get(a + n + "_proj.weight") for n in "qkvo")
-        self.bq, self.bk, self.bv, self.bo = (
-            (get(a + n + "_proj.bias") for n in "qkvo") if fam.attention_bias else (None,) * 4
-        )
+        # q, k and v in one product: W_qkv = [W_q ; W_k ; W_v] (layers.stack_rows)
+        self.wqkv = stack_rows(*(get(a + n + "_proj.weight") for n in "qkv"))
+        self.bqkv = stack_rows(*(get(a + n + "_proj.bias") for n in "qkv")) if fam.attention_bias else None
+        self.wo = get(a + "o_proj.weight")
+        self.bo = get(a + "o_proj.bias") if fam.attention_bias else None
         self.sinks = get(a + "sinks")
         self.window = fam.sliding_window if fam.layer_types[index] == "sliding_attention" else None
         self.router, self.router_bias = get(p + "mlp.router.weight"), get(p + "mlp.router.bias")
-        self.rotary = fam.rotary.to(self.wq.device)
+        self.rotary = fam.rotary.to(self.wqkv.device)
 
     def attention(self, x, slices, positions, kv):
         f, T = self.f, x.shape[0]
-        q = self.rotary.rotate_half(linear(x, self.wq, self.bq).view(T, f.num_heads, f.head_dim), positions)
-        k = self.rotary.rotate_half(linear(x, self.wk, self.bk).view(T, f.num_kv_heads, f.head_dim), positions)
-        v = linear(x, self.wv, self.bv).view(T, f.num_kv_heads, f.head_dim)
+        q, k, v = linear(x, self.wqkv, self.bqkv).split([f.num_heads * f.head_dim, *(2 * [f.num_kv_heads * f.head_dim])], -1)
+        q = self.rotary.rotate_half(q.view(T, f.num_heads, f.head_dim), positions)
+        k = self.rotary.rotate_half(k.view(T, f.num_kv_heads, f.head_dim), positions)
+        v = v.view(T, f.num_kv_heads, f.head_dim)
         out = kv.attend(self.index, slices, q, k, v, scale=f.head_dim**-0.5, window=self.window, sinks=self.sinks)
         return linear(out.reshape(T, -1), self.wo, self.bo)
 

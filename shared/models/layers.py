@@ -73,6 +73,18 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return y if b is None else y + b
 
 
+def stack_rows(*ws):
+    """Weights [O_i, K] (or biases [O_i]) as one [sum O_i, K], for one product where the model reads
+    several from the same input (q, k and v): in decode each product is a GEMV that reads its weight
+    once and costs a launch, and small ones (k and v) run far below the device's bandwidth. None
+    when there are none (no biases). Quantized weights stack their rows and scales."""
+    if ws[0] is None:
+        return None
+    if isinstance(ws[0], torch.Tensor):
+        return torch.cat(ws)
+    return type(ws[0])(torch.cat([w.q for w in ws]), torch.cat([w.scale for w in ws]))
+
+
 def swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     """down( silu(gate x) * up x )."""
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)

@@ -13,7 +13,7 @@ Layers in `mlp_only_layers`, or not a multiple of `decoder_sparse_step`, use one
 from __future__ import annotations
 
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
-from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, softmax_topk, swiglu
+from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, softmax_topk, stack_rows, swiglu
 
 
 @register
@@ -92,12 +92,13 @@ class Qwen3MoeLayer(DecoderLayer):
         self.ln1 = get(p + "input_layernorm.weight")
         self.ln2 = get(p + "post_attention_layernorm.weight")
         a = p + "self_attn."
-        self.wq, self.wk, self.wv, self.wo = (get(a + n + "_proj.weight") for n in "qkvo")
-        self.bq, self.bk, self.bv, self.bo = (
-            (get(a + n + "_proj.bias") for n in "qkvo") if fam.attention_bias else (None,) * 4
-        )
+        # q, k and v in one product: W_qkv = [W_q ; W_k ; W_v] (layers.stack_rows)
+        self.wqkv = stack_rows(*(get(a + n + "_proj.weight") for n in "qkv"))
+        self.bqkv = stack_rows(*(get(a + n + "_proj.bias") for n in "qkv")) if fam.attention_bias else None
+        self.wo = get(a + "o_proj.weight")
+        self.bo = get(a + "o_proj.bias") if fam.attention_bias else None
         self.q_norm, self.k_norm = get(a + "q_norm.weight"), get(a + "k_norm.weight")
-        self.rotary = fam.rotary.to(self.wq.device)
+        self.rotary = fam.rotary.to(self.wqkv.device)
         if self.is_moe:
             self.router = get(p + "mlp.gate.weight")
         else:
@@ -105,9 +106,10 @@ class Qwen3MoeLayer(DecoderLayer):
 
     def attention(self, x, slices, positions, kv):
         f, T = self.f, x.shape[0]
-        q = rms_norm(linear(x, self.wq, self.bq).view(T, f.num_heads, f.head_dim), self.q_norm, f.rms_norm_eps)
-        k = rms_norm(linear(x, self.wk, self.bk).view(T, f.num_kv_heads, f.head_dim), self.k_norm, f.rms_norm_eps)
-        v = linear(x, self.wv, self.bv).view(T, f.num_kv_heads, f.head_dim)
+        q, k, v = linear(x, self.wqkv, self.bqkv).split([f.num_heads * f.head_dim, *(2 * [f.num_kv_heads * f.head_dim])], -1)
+        q = rms_norm(q.view(T, f.num_heads, f.head_dim), self.q_norm, f.rms_norm_eps)
+        k = rms_norm(k.view(T, f.num_kv_heads, f.head_dim), self.k_norm, f.rms_norm_eps)
+        v = v.view(T, f.num_kv_heads, f.head_dim)
         q, k = self.rotary.rotate_half(q, positions), self.rotary.rotate_half(k, positions)
         out = kv.attend(self.index, slices, q, k, v, scale=f.head_dim**-0.5)
         return linear(out.reshape(T, -1), self.wo, self.bo)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .family import ConfigError, DecoderLayer, Getter, ModelFamily, register
-from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, swiglu
+from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, stack_rows, swiglu
 from .qwen3_moe import Qwen3Moe, Qwen3MoeLayer
 
 
@@ -180,12 +180,13 @@ class Qwen3NextLayer(DecoderLayer):
             self.norm_w, self.w_out = get(a + "norm.weight"), get(a + "out_proj.weight")
         else:
             a = p + "self_attn."
-            self.wq, self.wk, self.wv, self.wo = (get(a + n + "_proj.weight") for n in "qkvo")
-            self.bq, self.bk, self.bv, self.bo = (
-                (get(a + n + "_proj.bias") for n in "qkvo") if fam.attention_bias else (None,) * 4
-            )
+            # q (with its gate), k and v in one product: W_qkv = [W_q ; W_k ; W_v] (layers.stack_rows)
+            self.wqkv = stack_rows(*(get(a + n + "_proj.weight") for n in "qkv"))
+            self.bqkv = stack_rows(*(get(a + n + "_proj.bias") for n in "qkv")) if fam.attention_bias else None
+            self.wo = get(a + "o_proj.weight")
+            self.bo = get(a + "o_proj.bias") if fam.attention_bias else None
             self.q_norm, self.k_norm = get(a + "q_norm.weight"), get(a + "k_norm.weight")
-            self.rotary = fam.rotary.to(self.wq.device)
+            self.rotary = fam.rotary.to(self.wqkv.device)
         if self.is_moe:
             self.router = get(p + "mlp.gate.weight")
             self.shared_mlp = tuple(get(p + f"mlp.shared_expert.{n}_proj.weight") for n in ("gate", "up", "down"))
@@ -208,10 +209,11 @@ class Qwen3NextLayer(DecoderLayer):
 
     def _gated_attention(self, x, slices, positions, kv):
         f, T, d = self.f, x.shape[0], self.f.head_dim
-        q, gate = linear(x, self.wq, self.bq).view(T, f.num_heads, 2 * d).chunk(2, dim=-1)
+        qg, k, v = linear(x, self.wqkv, self.bqkv).split([f.num_heads * 2 * d, *(2 * [f.num_kv_heads * d])], -1)
+        q, gate = qg.reshape(T, f.num_heads, 2 * d).chunk(2, dim=-1)
         q = self._rope(rms_norm_1p(q, self.q_norm, f.rms_norm_eps), positions)
-        k = self._rope(rms_norm_1p(linear(x, self.wk, self.bk).view(T, f.num_kv_heads, d), self.k_norm, f.rms_norm_eps), positions)
-        v = linear(x, self.wv, self.bv).view(T, f.num_kv_heads, d)
+        k = self._rope(rms_norm_1p(k.reshape(T, f.num_kv_heads, d), self.k_norm, f.rms_norm_eps), positions)
+        v = v.reshape(T, f.num_kv_heads, d)
         o = kv.attend(self.index, slices, q, k, v, scale=d**-0.5).reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
         return linear(o, self.wo, self.bo)
 
