@@ -52,6 +52,9 @@ class PureCpu(DecodeStrategy):
     def collect(self, dtype):
         return self.pool.collect().to(dtype)
 
+    def collect_add(self, dtype, h):
+        return self.pool.collect(residual=h)
+
 
 class HcsHybrid(DecodeStrategy):
     """Hot experts on the device, the rest on the CPU pool, at the same time: the pool's share is

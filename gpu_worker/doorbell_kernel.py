@@ -17,7 +17,7 @@ reference of these two kernels, and what CPU devices run):
     wait:  spin on the reply number with volatile loads (sysmem, never a stale cached line) until it
            is the counter's, or until the GPU worker's host sets `abort` (the pool died or hung:
            PoolClient.finish); note an error reply's length in `failed`; then sum the slots' float32
-           replies into `out`.
+           replies into `out` (or add the sum to the layer's residual stream there).
 
 Slots and `abort`, `failed` are page-locked host memory mapped into the device's address space
 (cudaHostRegisterMapped, or torch's pinned allocator), passed as pointers.
@@ -71,8 +71,8 @@ def _ring(base, offsets, counters, x_ptr, ids_ptr, w_ptr, layer, dtype_code,
 
 
 @triton.jit
-def _wait(base, offsets, counters, abort, failed, out_ptr,
-          OUT_OFF: tl.constexpr, SLOTS: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
+def _wait(base, offsets, counters, abort, failed, out_ptr, res_ptr,
+          OUT_OFF: tl.constexpr, SLOTS: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     for s in tl.static_range(SLOTS):
@@ -89,7 +89,13 @@ def _wait(base, offsets, counters, abort, failed, out_ptr,
             tl.store(failed + s, err)
         rep = (slot + OUT_OFF).to(tl.pointer_type(tl.float32))
         acc += tl.load(rep + o, mask=o < N, other=0.0, volatile=True)
-    tl.store(out_ptr + o, acc, mask=o < N)
+    if RESIDUAL:
+        # res + acc as torch adds them: the sum rounded to res's dtype, then added in float32 and rounded
+        dt = res_ptr.dtype.element_ty
+        res = tl.load(res_ptr + o, mask=o < N, other=0.0)
+        tl.store(out_ptr + o, (res.to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt), mask=o < N)
+    else:
+        tl.store(out_ptr + o, acc, mask=o < N)
 
 
 class _Mapped:
@@ -116,12 +122,18 @@ def ring(base: int, offsets: torch.Tensor, counters: torch.Tensor, parts: dict[s
 
 
 def wait(base: int, offsets: torch.Tensor, counters: torch.Tensor, abort: torch.Tensor, failed: torch.Tensor,
-         parts: dict[str, int], m: int, hidden: int) -> torch.Tensor:
-    """The float32 [m, hidden] sum of every slot's reply to its last ring."""
-    out = torch.empty(m, hidden, dtype=torch.float32, device=counters.device)
+         parts: dict[str, int], m: int, hidden: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 [m, hidden] sum of every slot's reply to its last ring; with `residual` [m, hidden],
+    residual + that sum in residual's dtype (the decode layer's h + routed experts, one kernel
+    instead of a wait, a cast and an add)."""
     n = m * hidden
+    if residual is not None:
+        residual = residual.contiguous()
+        out = torch.empty_like(residual)
+    else:
+        out = torch.empty(m, hidden, dtype=torch.float32, device=counters.device)
     _wait[(triton.cdiv(n, _BLOCK),)](
-        _Mapped(base, torch.uint8), offsets, counters, abort, failed, out, OUT_OFF=parts["out"],
-        SLOTS=offsets.numel(), N=n, BLOCK=_BLOCK,
+        _Mapped(base, torch.uint8), offsets, counters, abort, failed, out, out if residual is None else residual,
+        OUT_OFF=parts["out"], SLOTS=offsets.numel(), N=n, BLOCK=_BLOCK, RESIDUAL=residual is not None,
     )
     return out

@@ -63,6 +63,11 @@ class RoutedExperts:
     def collect(self, pending) -> torch.Tensor:
         return pending
 
+    def collect_add(self, pending, h: torch.Tensor) -> torch.Tensor:
+        """h + collect(pending): the layer's residual stream with the routed experts added (a
+        strategy whose wait can add them itself saves a kernel or two a layer)."""
+        return h + self.collect(pending)
+
 
 def _grouped_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")

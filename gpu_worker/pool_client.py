@@ -90,28 +90,32 @@ class PoolClient:
             slot.write(x, ids, weights)
         self._numbers = [slot.publish(layer, self._m, x.dtype) for slot in self.slots]
 
-    def collect(self) -> torch.Tensor:
-        """The summed float32 [M, hidden] partials of the work `submit` posted, on the device."""
+    def collect(self, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed float32 [M, hidden] partials of the work `submit` posted, on the device; with
+        `residual`, residual + that sum rounded to residual's dtype (as `residual + sum.to(dtype)`)."""
         if self.gpu:
             from .doorbell_kernel import wait
 
             return wait(self.boxes.bytes.data_ptr(), self._offsets, self._counters, self._abort, self._failed,
-                        self._parts, self._m, self.shape.hidden)
+                        self._parts, self._m, self.shape.hidden, residual)
         # copied: a slot's reply is overwritten by its next request
         parts = [slot.wait(n, self._alive).clone() for slot, n in zip(self.slots, self._numbers)]
         total = parts[0]
         for part in parts[1:]:
             total = total + part
-        return total
+        return total if residual is None else residual + total.to(residual.dtype)
 
     def finish(self, done=None, interrupt: Callable[[], bool] | None = None) -> bool:
         """After a step's work is enqueued: on CUDA, wait for it (the CUDA event `done`, recorded
-        after it) while watching the pool; False, at once, when `interrupt()` says the host has
+        after it; None: all the work queued so far) while watching the pool; False, at once, when `interrupt()` says the host has
         something else to do first (wait_for). A dead pool, or one silent for WAIT_TIMEOUT_S,
         releases the waiting kernels (`abort`) and raises PoolError, as does an error reply to any
         request of the step."""
-        if not self.gpu or done is None:
+        if not self.gpu:
             return True
+        if done is None:  # everything queued so far
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
         t0 = time.monotonic()
 
         def watch():

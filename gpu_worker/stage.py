@@ -24,12 +24,21 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..shared.models.family import ModelFamily
-from ..shared.models.layers import linear, rows_for_slices, slice_positions
+from ..shared.models.layers import linear, rows_for_slices, slice_positions, to_device
 from ..shared.protocol import Draw, SeqSlice
 from ..shared.sampling import sample
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .profiling import PHASES
+
+
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows], a view when the rows are all of t or none (a list index is a host-to-device copy)."""
+    if len(rows) == t.shape[0]:
+        return t
+    if not rows:
+        return t[:0]
+    return t[to_device(torch.tensor(rows), t.device)]
 
 
 @dataclass
@@ -82,13 +91,13 @@ class Stage:
             x = self._feed(x, slices)
         if decode and self.graphs is not None and self.graphs.ready(slices):
             inputs = self.graphs.buffers(len(slices))
-            inputs["x"].copy_(x)
-            inputs["positions"].copy_(torch.tensor([s.start for s in slices]))
+            inputs["x"].copy_(to_device(x, self.device))
+            inputs["positions"].copy_(to_device(torch.tensor([s.start for s in slices]), self.device))
             PHASES.mark("prep")
             out = self.graphs.run(slices)
         else:
             PHASES.mark("prep")
-            out = self._forward(x.to(self.device), slice_positions(slices, self.device), slices, decode)
+            out = self._forward(to_device(x, self.device), slice_positions(slices, self.device), slices, decode)
         PHASES.mark("enqueue")
         out = self._reply(out, slices) if self.last else {"hidden": out}
         done = None
@@ -115,7 +124,7 @@ class Stage:
         fed = neg.nonzero().flatten().tolist()
         if not self.last:
             raise ValueError("a step without its tokens needs a single-stage pipeline (the sampler's)")
-        x = tokens.to(self.device)
+        x = to_device(tokens, self.device)
         for i in fed:
             s = slices[i]
             if s.n != 1 or s.seq not in self.sampled:
@@ -136,11 +145,10 @@ class Stage:
             else:
                 keep.extend(range(r, r + n))
             r += n
-        tokens = sample(logits[drawn], draws) if drawn else torch.empty(0, dtype=torch.int64)
+        tokens = sample(_rows(logits, drawn), draws) if drawn else torch.empty(0, dtype=torch.int64)
         for i, seq in enumerate(seqs):
             self.sampled[seq] = (tokens, i)
-        rows = logits if len(keep) == r else logits[keep]
-        return {"tokens": tokens, "logits": rows}
+        return {"tokens": tokens, "logits": _rows(logits, keep)}
 
     def _graph_inputs(self, m: int) -> dict[str, torch.Tensor]:
         if self.first:
@@ -169,8 +177,7 @@ class Stage:
                 with record_function("shared_expert"):
                     shared = layer.shared(x)  # on the device while the routed experts run elsewhere
                 with record_function("routed_experts"):
-                    mlp = runner.collect(pending)
-                h = h + (mlp if shared is None else mlp + shared)
+                    h = runner.collect_add(pending, h) if shared is None else h + (runner.collect(pending) + shared)
             else:
                 with record_function("dense_mlp"):
                     h = h + layer.dense(x)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .models.layers import to_device
 from .protocol import Draw, SamplingParams
 
 
@@ -24,7 +25,13 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
         return out
     dev, v = logits.device, logits.shape[-1]
     d = [draws[i] for i in hot]
-    col = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev)[:, None]  # noqa: E731
+    # the draws' numbers reach the device queued behind the step (layers.to_device), not by a copy
+    # that would make the host wait for it
+    col = lambda vals: to_device(torch.tensor(vals, dtype=torch.float32), dev)[:, None]  # noqa: E731
+    if len(hot) < len(draws):
+        hot = to_device(torch.tensor(hot), dev)
+    else:
+        hot = slice(None)
     l = logits[hot].float() / col([x.temperature for x in d])
     # stable: ties keep vocabulary order, so a draw does not depend on the sort's whims
     l, order = torch.sort(l, dim=-1, descending=True, stable=True)

@@ -115,6 +115,26 @@ def test_eager_and_graphed_steps_reach_every_slot(m):
         os.close(fd)
 
 
+def test_wait_adds_the_residual_as_torch_does():
+    """collect(residual=h) is h + collect().to(h.dtype), bit for bit (the decode layer's residual
+    add, fused into the wait kernel)."""
+    fd = create(SHAPE, SLOTS)
+    pool, client = FakePool(fd), _client(fd, [os.getpid()])
+    try:
+        x, ids, w = _inputs(3, 5)
+        h = torch.randn(3, SHAPE.hidden, generator=torch.Generator().manual_seed(9)).bfloat16().cuda() * 7
+        client.submit(2, x, ids, w)
+        fused = client.collect(residual=h)
+        client.submit(2, x, ids, w)
+        plain = h + client.collect().to(h.dtype)
+        client.finish()
+        assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
+    finally:
+        client.close()
+        pool.close()
+        os.close(fd)
+
+
 def test_error_reply_raises_and_the_next_step_works():
     fd = create(SHAPE, SLOTS)
     pool, client = FakePool(fd, fail_layer=3), _client(fd, [os.getpid()])

@@ -206,6 +206,16 @@ class Rotary:
         return torch.view_as_real(xc * cis[:, None, :]).flatten(-2).to(x.dtype)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting: a copy from pageable memory to a CUDA
+    device first waits for all the work queued on the stream, which would stall a worker that
+    launches its next decode step while the device still runs the last one. Pinned, it is queued."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def slice_positions(slices: list[SeqSlice], device) -> torch.Tensor:
     return torch.cat([torch.arange(s.start, s.start + s.n, device=device) for s in slices])
 
