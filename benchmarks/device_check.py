@@ -334,15 +334,18 @@ def bench(layers: int | None, prompt: int, decode: int, runs: int, configs=None)
 
 
 def dequant_check():
-    """tests/test_dequant.py's comparison on CUDA, where bfloat16 must be identical too."""
+    """The Triton kernels' checks that CI runs under Triton's interpreter (tests/test_dequant.py:
+    identical, bfloat16 too; tests/test_expert_gemv.py: to float32 rounding), here on CUDA."""
     import subprocess
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_dequant import CHECK
+    import test_dequant
+    import test_expert_gemv
 
-    p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
-    RESULTS["dequant_exact"] = p.returncode == 0 and p.stdout.strip() == "ok"
-    log("dequant kernel identical to its reference on CUDA:", RESULTS["dequant_exact"], p.stderr[-800:])
+    for name, mod in (("dequant_exact", test_dequant), ("expert_gemv_exact", test_expert_gemv)):
+        p = subprocess.run([sys.executable, "-c", mod.CHECK], capture_output=True, text=True)
+        RESULTS[name] = p.returncode == 0 and p.stdout.strip() == "ok"
+        log(f"{name} on CUDA:", RESULTS[name], p.stderr[-800:])
     save()
 
 
@@ -435,6 +438,8 @@ def main():
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-checks", action="store_true", help="no ceilings, attention, dequant or kernel checks")
+    ap.add_argument("--checks", default="ceilings,norm_rope,attention,dequant,kernel,graphs",
+                    help="which checks run (comma-separated), unless --skip-checks")
     ap.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite", help="synthetic shapes to bench")
     ap.add_argument("--decode-strategies", default="pure_cpu,hcs_hybrid", help="decode strategies benched on the first shape")
     ap.add_argument("--profile", action="store_true", help="also one profiled bench run (gpu_worker/profiling.py)")
@@ -442,7 +447,9 @@ def main():
     a = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
-    for step in () if a.skip_checks else (ceilings, norm_rope_check, attention_check, dequant_check, kernel_check, graphs_check):
+    checks = {"ceilings": ceilings, "norm_rope": norm_rope_check, "attention": attention_check,
+              "dequant": dequant_check, "kernel": kernel_check, "graphs": graphs_check}
+    for step in () if a.skip_checks else [checks[c] for c in a.checks.split(",")]:
         try:
             step()
         except Exception:
@@ -461,6 +468,7 @@ def main():
     print("\n=== summary ===")
     print("attention:", {k: float(f"{v:.3g}") for k, v in RESULTS.get("attention", {}).items()})
     print("decode graphs identical to eager:", RESULTS.get("graphs_exact"))
+    print("dequant / expert gemv kernels match their references:", RESULTS.get("dequant_exact"), RESULTS.get("expert_gemv_exact"))
     print("norm/rope kernels:", RESULTS.get("norm_rope"))
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
     for r in RESULTS["kernel"]:

@@ -569,8 +569,9 @@ class Engine:
         return P.HealthReply(status=status, model=self.model_dir, workers=self.workers)
 
     async def stats_reply(self) -> P.StatsReply:
-        """The engine's counters, and under "cpu_pool" each pool process's own (its pinned cores,
-        calls, tokens and the largest batch M it ran: the evidence of decode batching)."""
+        """The engine's counters, under "workers" what each worker reported at start (its strategies,
+        VRAM plan and hot experts), and under "cpu_pool" each pool process's own counters (its pinned
+        cores, calls, tokens and the largest batch M it ran: the evidence of decode batching)."""
         pools = []
         async with self._pool_lock:
             for s in self.pool_ctl:
@@ -583,7 +584,7 @@ class Engine:
                 if isinstance(reply, P.StatsReply):
                     pools.append(reply.stats)
         return P.StatsReply(stats={**self.stats, "running": len(self.running), "waiting": len(self.waiting),
-                                   "cpu_pool": pools})
+                                   "workers": self.workers, "cpu_pool": pools})
 
     async def close(self) -> None:
         if self.closed:

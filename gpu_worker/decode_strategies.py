@@ -11,7 +11,7 @@ import torch
 
 from .dma import CopyEngine, ExpertSlots, HostExperts
 from .hcs import HotSet
-from .moe_gpu import RoutedExperts, moe_blocks
+from .moe_gpu import RoutedExperts, moe_blocks, moe_pairs
 from .pool_client import PoolClient
 
 DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
@@ -58,10 +58,12 @@ class PureCpu(DecodeStrategy):
 
 class HcsHybrid(DecodeStrategy):
     """Hot experts on the device, the rest on the CPU pool, at the same time: the pool's share is
-    sent first (the hot ids masked to -1, which no pool process holds), the device computes its
-    share while the pool works, then the two partial sums are added in float32."""
+    posted first (the hot ids masked to -1, which no pool process holds), the device computes its
+    share while the pool works (moe_pairs: nothing waits for the host, so the step is a CUDA graph),
+    and the pool's wait adds the two in float32."""
 
     name = "hcs_hybrid"
+    graphable = True
 
     def __init__(self, pool, host, engine, act, hot: HotSet):
         super().__init__(pool, host, engine, act)
@@ -71,15 +73,21 @@ class HcsHybrid(DecodeStrategy):
         self.hot.ensure()
 
     def run(self, layer, x, ids, weights):
-        hot = self.hot.is_hot(layer, ids)
-        cold_ids = ids.masked_fill(hot.to(ids.device), -1)
-        cold = bool((cold_ids >= 0).any())
-        if cold:
-            self.pool.submit(layer, x, cold_ids, weights)
-        out = moe_blocks(x, ids, weights, self.hot.blocks(layer), self.host.fmt, self.act)
-        if cold:
-            out += self.pool.collect()
-        return out.to(x.dtype)
+        return self.collect(self.submit(layer, x, ids, weights))
+
+    def submit(self, layer, x, ids, weights):
+        local = self.hot.local(layer, ids)
+        self.pool.submit(layer, x, ids.masked_fill(local >= 0, -1), weights)
+        if self.hot.slots is None:
+            return x.dtype, None
+        return x.dtype, moe_pairs(x, local, weights, self.hot.slots.t, self.host.fmt, self.act)
+
+    def collect(self, pending):
+        dtype, mine = pending
+        return self.pool.collect(extra=mine).to(dtype)
+
+    def collect_add(self, pending, h):
+        return self.pool.collect(residual=h, extra=pending[1])
 
     def nbytes(self):
         return self.hot.nbytes()

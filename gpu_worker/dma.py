@@ -190,8 +190,10 @@ class ExpertSlots:
     def __init__(self, host: HostExperts, capacity: int, engine: CopyEngine):
         self.host, self.engine, self.capacity = host, engine, capacity
         es = host.shape(host.layers[0])
+        # zeroed: a choice no slot holds reads slot 0 with weight 0 (moe_pairs), and an unfilled
+        # slot's leftover bytes may be NaN, which a zero weight does not cancel
         self.t = {
-            name: torch.empty(shape, dtype=dtype, device=host.device)
+            name: torch.zeros(shape, dtype=dtype, device=host.device)
             for name, (dtype, shape) in host.fmt.tensors(es, capacity).items()
         }
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -17,7 +17,8 @@ reference of these two kernels, and what CPU devices run):
     wait:  spin on the reply number with volatile loads (sysmem, never a stale cached line) until it
            is the counter's, or until the GPU worker's host sets `abort` (the pool died or hung:
            PoolClient.finish); note an error reply's length in `failed`; then sum the slots' float32
-           replies into `out` (or add the sum to the layer's residual stream there).
+           replies (and the device's own share of the experts, hcs_hybrid) into `out`, or add the
+           sum to the layer's residual stream there.
 
 Slots and `abort`, `failed` are page-locked host memory mapped into the device's address space
 (cudaHostRegisterMapped, or torch's pinned allocator), passed as pointers.
@@ -71,8 +72,9 @@ def _ring(base, offsets, counters, x_ptr, ids_ptr, w_ptr, layer, dtype_code,
 
 
 @triton.jit
-def _wait(base, offsets, counters, abort, failed, out_ptr, res_ptr,
-          OUT_OFF: tl.constexpr, SLOTS: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+def _wait(base, offsets, counters, abort, failed, out_ptr, res_ptr, extra_ptr,
+          OUT_OFF: tl.constexpr, SLOTS: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr,
+          EXTRA: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     for s in tl.static_range(SLOTS):
@@ -89,6 +91,8 @@ def _wait(base, offsets, counters, abort, failed, out_ptr, res_ptr,
             tl.store(failed + s, err)
         rep = (slot + OUT_OFF).to(tl.pointer_type(tl.float32))
         acc += tl.load(rep + o, mask=o < N, other=0.0, volatile=True)
+    if EXTRA:
+        acc = tl.load(extra_ptr + o, mask=o < N, other=0.0) + acc
     if RESIDUAL:
         # res + acc as torch adds them: the sum rounded to res's dtype, then added in float32 and rounded
         dt = res_ptr.dtype.element_ty
@@ -122,10 +126,12 @@ def ring(base: int, offsets: torch.Tensor, counters: torch.Tensor, parts: dict[s
 
 
 def wait(base: int, offsets: torch.Tensor, counters: torch.Tensor, abort: torch.Tensor, failed: torch.Tensor,
-         parts: dict[str, int], m: int, hidden: int, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 [m, hidden] sum of every slot's reply to its last ring; with `residual` [m, hidden],
+         parts: dict[str, int], m: int, hidden: int, residual: torch.Tensor | None = None,
+         extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 [m, hidden] sum of every slot's reply to its last ring, plus `extra` (float32
+    [m, hidden]: the experts the device ran meanwhile) when given; with `residual` [m, hidden],
     residual + that sum in residual's dtype (the decode layer's h + routed experts, one kernel
-    instead of a wait, a cast and an add)."""
+    instead of a wait, an add, a cast and an add)."""
     n = m * hidden
     if residual is not None:
         residual = residual.contiguous()
@@ -134,6 +140,8 @@ def wait(base: int, offsets: torch.Tensor, counters: torch.Tensor, abort: torch.
         out = torch.empty(m, hidden, dtype=torch.float32, device=counters.device)
     _wait[(triton.cdiv(n, _BLOCK),)](
         _Mapped(base, torch.uint8), offsets, counters, abort, failed, out, out if residual is None else residual,
+        out if extra is None else extra.contiguous(),
         OUT_OFF=parts["out"], SLOTS=offsets.numel(), N=n, BLOCK=_BLOCK, RESIDUAL=residual is not None,
+        EXTRA=extra is not None,
     )
     return out

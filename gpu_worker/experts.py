@@ -40,6 +40,8 @@ class StageExperts:
         self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot)
         self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
         self.hot = hot
+        if hot is not None:
+            hot.ensure()  # from the counts an earlier run saved, if any: the last run's hot set
 
     def info(self) -> dict:
         out = {

@@ -93,8 +93,9 @@ class HotSet:
     def blocks(self, layer: int) -> list[Block]:
         return [(self.slots.t, self.lookup[layer])] if self.members else []
 
-    def is_hot(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        return self.lookup[layer][ids.to(self.host.device).long()] >= 0
+    def local(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert's slot, -1 for a cold one (on the device: no host synchronisation)."""
+        return self.lookup[layer][ids.to(self.host.device).long()]
 
     def nbytes(self) -> int:
         return self.slots.nbytes() if self.slots is not None else 0

@@ -20,8 +20,10 @@ maps a layer's expert id to its row in the tensors, or -1 where the block does n
 strategy hands its experts to `moe_blocks` in that one form.
 
 `torch._grouped_mm` (bf16, sm90) is used on CUDA; elsewhere, and in float32, the same sorted rows go
-through one F.linear per active expert. `shared/moe.py:moe_reference` is the plain reference; the
-two agree to rounding (tests/test_strategies.py).
+through one F.linear per active expert. `moe_pairs` (hcs_hybrid decode) makes every (token, choice)
+pair its own group, so nothing waits for the host; each is then one matrix-vector product, which
+on CUDA dequantizes in the kernel (expert_gemv_kernel.py). `shared/moe.py:moe_reference` is the
+plain reference; they agree to rounding (tests/test_strategies.py).
 """
 
 from __future__ import annotations
@@ -73,9 +75,18 @@ def _grouped_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
-def _project(xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int] | None, grouped: bool) -> torch.Tensor:
-    """Rows xs [R, K] sorted into groups (ending at `offs`, of sizes `counts`), times W_g^T for
-    w [G, O, K] -> [R, O]."""
+def _project(xs: torch.Tensor, fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, experts: torch.Tensor,
+             offs: torch.Tensor | None, counts: list[int] | None, grouped: bool) -> torch.Tensor:
+    """Rows xs [R, K] sorted into groups (ending at `offs`, of sizes `counts`), times W_g^T for the
+    weights `name` of the groups' `experts` -> [R, O] in xs's dtype. `offs` None: one row per group,
+    a matrix-vector product each, dequantized inside the kernel on CUDA (expert_gemv_kernel.py)."""
+    if offs is None and xs.is_cuda and fmt.kind != "dense":
+        from .expert_gemv_kernel import expert_gemv
+
+        return expert_gemv(fmt, t, name, experts, xs).to(xs.dtype)
+    w = dequant_rows(fmt, t, name, experts, xs.dtype)
+    if offs is None:
+        return torch.bmm(w, xs.unsqueeze(-1)).squeeze(-1)
     if grouped:
         return torch._grouped_mm(xs, w.transpose(-2, -1), offs=offs)
     out, a = [], 0
@@ -112,6 +123,22 @@ def moe_blocks(
     return out
 
 
+def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: dict[str, torch.Tensor],
+              fmt: ExpertFormat, act: str = "silu") -> torch.Tensor:
+    """x [M, H], local [M, k] (each choice's row in `t`, -1 where `t` does not hold it), weights
+    [M, k] -> float32 [M, H]: the weighted sum over the held choices, with each (token, choice) pair
+    its own group, so that nothing waits for the host and the step can be a CUDA graph (hcs_hybrid
+    decode). A pair not held reads row 0 with weight 0. It dequantizes M * k experts, which only a
+    decode step's few rows make cheaper than finding the active ones (moe_blocks)."""
+    m, k = local.shape
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    rows = local.clamp(min=0).reshape(-1)
+    wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
+    tok = torch.arange(m * k, device=x.device) // k
+    _block(x, t, fmt, act, False, out, tok, wt, rows, rows, None, torch.arange(m * k, device=x.device))
+    return out
+
+
 def _all_rows(local, weights, held: int):
     """Every (token, slot) pair, sorted by expert; pairs the block does not hold join group 0 with
     weight 0. Every held expert is a group (empty ones included), so nothing here waits for the
@@ -140,23 +167,20 @@ def _active_rows(local, weights):
 
 def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, order) -> None:
     """out[tok] += wt * expert(x[tok]) for sorted pairs: `erow` is each pair's expert row in `t`,
-    `experts` the rows dequantized as the groups, `counts` the pairs per group; `order` (when the
-    pairs are every (token, slot) of x, flattened) is where each sorted pair came from."""
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    sizes = None if grouped else counts.tolist()
-    xs = x.index_select(0, tok)
-    w13 = dequant_rows(fmt, t, "w13", experts, x.dtype)
-    gu = _project(xs, w13, offs, sizes, grouped)
-    del w13, xs
+    `experts` the rows dequantized as the groups, `counts` the pairs per group (None: one each);
+    `order` (when the pairs are every (token, slot) of x, flattened) is where each sorted pair came
+    from."""
+    offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
+    sizes = None if grouped or counts is None else counts.tolist()
+    gu = _project(x.index_select(0, tok), fmt, t, "w13", experts, offs, sizes, grouped)
     if "b13" in t:
         gu = gu + t["b13"].index_select(0, erow).to(x.dtype)
     a = gated_act(gu, act)
     del gu
     # a pair outside the block (weight 0) gets a zero activation: its rows may have overflowed to inf
     a = torch.where(wt[:, None] != 0, a, 0)
-    w2 = dequant_rows(fmt, t, "w2", experts, x.dtype)
-    y = _project(a, w2, offs, sizes, grouped)
-    del w2, a
+    y = _project(a, fmt, t, "w2", experts, offs, sizes, grouped)
+    del a
     if "b2" in t:
         y = y + t["b2"].index_select(0, erow).to(x.dtype)
     if order is None:

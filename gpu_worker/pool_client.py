@@ -90,19 +90,22 @@ class PoolClient:
             slot.write(x, ids, weights)
         self._numbers = [slot.publish(layer, self._m, x.dtype) for slot in self.slots]
 
-    def collect(self, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The summed float32 [M, hidden] partials of the work `submit` posted, on the device; with
-        `residual`, residual + that sum rounded to residual's dtype (as `residual + sum.to(dtype)`)."""
+    def collect(self, residual: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed float32 [M, hidden] partials of the work `submit` posted, on the device, plus
+        `extra` (float32, the share the device computed meanwhile) when given; with `residual`,
+        residual + that sum rounded to residual's dtype (as `residual + sum.to(dtype)`)."""
         if self.gpu:
             from .doorbell_kernel import wait
 
             return wait(self.boxes.bytes.data_ptr(), self._offsets, self._counters, self._abort, self._failed,
-                        self._parts, self._m, self.shape.hidden, residual)
+                        self._parts, self._m, self.shape.hidden, residual, extra)
         # copied: a slot's reply is overwritten by its next request
         parts = [slot.wait(n, self._alive).clone() for slot, n in zip(self.slots, self._numbers)]
         total = parts[0]
         for part in parts[1:]:
             total = total + part
+        if extra is not None:
+            total = extra + total
         return total if residual is None else residual + total.to(residual.dtype)
 
     def finish(self, done=None, interrupt: Callable[[], bool] | None = None) -> bool:

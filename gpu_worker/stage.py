@@ -87,6 +87,8 @@ class Stage:
         stage `tokens` and `logits` (shared/protocol.py: Logits), are copied to the host in stream
         order (a decode graph's output is overwritten by the next replay)."""
         PHASES.mark("decode msg")
+        runner = self.experts.decode if decode else self.experts.prefill
+        runner.begin()  # here, not in _forward: a graph's replay would skip it
         if self.first:
             x = self._feed(x, slices)
         if decode and self.graphs is not None and self.graphs.ready(slices):
@@ -106,7 +108,7 @@ class Stage:
             done = torch.cuda.Event()
             done.record()
         PHASES.mark("sample")
-        return Launched(self.experts.decode if decode else self.experts.prefill, out, done)
+        return Launched(runner, out, done)
 
     def wait(self, step: "Launched", interrupt=None) -> bool:
         """Wait for a launched step (its outputs are then on the host); False, without waiting, as
@@ -164,7 +166,6 @@ class Stage:
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, slices: list[SeqSlice], decode: bool) -> torch.Tensor:
         h = F.embedding(x, self.embed) if self.first else x.to(self.dtype)
         runner = self.experts.decode if decode else self.experts.prefill
-        runner.begin()
         for layer in self.layers:
             with record_function("attention"):
                 h = h + layer.attention(layer.input_norm(h), slices, positions, self.kv)

@@ -41,19 +41,50 @@ def _serve(model, graphs: bool, extra):
                     return [r.token_ids for r in await asyncio.gather(*(c.complete(prompt_ids=p, **sampling) for p in ps))]
 
             batched = [asyncio.run(together(prompts[:n])) for n in (2, 4)]
+            hot = [w["hot_experts"] for w in svc.client.stats().stats["workers"] if w["role"] == "gpu"]
     finally:
         del os.environ["KRASIS_CUDA_GRAPHS"]
-    return solo, batched, svc.stderr
+    return solo, batched, svc.stderr, hot
+
+
+def _half_hot_budget(model) -> str:
+    """A --vram-budget (GB) that leaves room for about half the experts in the hot set: what the
+    plan gives the stage beside its fixed parts when it has no limit and no device size."""
+    from krasis.gpu_worker.vram_budget import plan
+    from krasis.shared.expert_store import ExpertFormat, StoreLayout
+    from krasis.shared.weights import load_family
+
+    fam = load_family(model)
+    layout = StoreLayout(fam, 1, ExpertFormat("dense", torch.float32))  # _serve's float32, --gpu-bits 16
+    p = plan(fam, layout, (0, fam.num_layers), True, True, 4, "fp8", 4096, 4096, "layer_grouped_1", "hcs_hybrid", None, None)
+    return repr(p.total() / 1e9)
 
 
 @pytest.mark.parametrize("extra", [
     ("--devices", "cuda:0", "--kv-dtype", "fp8"),
     ("--devices", "cuda:0,cuda:0", "--kv-dtype", "bf16"),
-], ids=["pp1-fp8", "pp2-bf16"])
-def test_graphs_replay_the_eager_steps(model, extra):
-    solo, batched, log = _serve(model, True, extra)
-    eager_solo, eager_batched, eager_log = _serve(model, False, extra)
+    ("--devices", "cuda:0", "--kv-dtype", "fp8", "--prefill-strategy", "layer_grouped_1", "--decode-strategy", "hcs_hybrid"),
+], ids=["pp1-fp8", "pp2-bf16", "pp1-hcs_hybrid"])
+def test_graphs_replay_the_eager_steps(model, extra, tmp_path):
+    import shutil
+
+    from krasis.shared.weights import load_family
+
+    hcs = "hcs_hybrid" in extra
+    base = shutil.copytree(model, tmp_path / "base")
+    if hcs:
+        # hot and cold experts in every step: the GPU's share and the pool's, in one graph. The
+        # counts of a first run make the hot set, which the workers then build as they start.
+        extra = (*extra, "--vram-budget", _half_hot_budget(model))
+        tm.generate_json(base, [5, 9, 2, 7, 11, 3, 8], 2, "--devices", "cuda:0")
+    # both runs from the same state (the counts one run saves would change the next one's hot set)
+    solo, batched, log, hot = _serve(shutil.copytree(base, tmp_path / "graphs"), True, extra)
+    eager_solo, eager_batched, eager_log, eager_hot = _serve(shutil.copytree(base, tmp_path / "eager"), False, extra)
     assert solo == eager_solo and batched == eager_batched
+    if hcs:
+        fam = load_family(model)
+        experts = sum(fam.experts(i).num for i in range(fam.num_layers) if fam.is_moe(i))
+        assert hot == eager_hot and 0 < hot[0] < experts, (hot, experts)
     assert all(len(t) == NEW_TOKENS for t in solo)
     # the graphs were used: every stage captured batch size 1 once (and nothing failed), none without them
     stages = 2 if "cuda:0,cuda:0" in extra else 1

@@ -116,19 +116,28 @@ def test_eager_and_graphed_steps_reach_every_slot(m):
 
 
 def test_wait_adds_the_residual_as_torch_does():
-    """collect(residual=h) is h + collect().to(h.dtype), bit for bit (the decode layer's residual
-    add, fused into the wait kernel)."""
+    """collect(residual=h) is h + collect().to(h.dtype), and collect(residual=h, extra=e) is
+    h + (e + collect()).to(h.dtype), bit for bit (the decode layer's residual add and hcs_hybrid's
+    GPU share, fused into the wait kernel)."""
     fd = create(SHAPE, SLOTS)
     pool, client = FakePool(fd), _client(fd, [os.getpid()])
     try:
         x, ids, w = _inputs(3, 5)
-        h = torch.randn(3, SHAPE.hidden, generator=torch.Generator().manual_seed(9)).bfloat16().cuda() * 7
-        client.submit(2, x, ids, w)
-        fused = client.collect(residual=h)
-        client.submit(2, x, ids, w)
-        plain = h + client.collect().to(h.dtype)
+        g = torch.Generator().manual_seed(9)
+        h = torch.randn(3, SHAPE.hidden, generator=g).bfloat16().cuda() * 7
+        e = torch.randn(3, SHAPE.hidden, generator=g).cuda() * 3
+
+        def step(**kw):
+            client.submit(2, x, ids, w)
+            return client.collect(**kw)
+
+        fused, plain = step(residual=h), h + step().to(h.dtype)
+        fused_e, plain_e = step(residual=h, extra=e), h + (e + step()).to(h.dtype)
+        summed, plain_sum = step(extra=e), e + step()
         client.finish()
         assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
+        assert torch.equal(fused_e, plain_e) and not torch.equal(fused_e, fused)
+        assert summed.dtype == torch.float32 and torch.equal(summed, plain_sum)
     finally:
         client.close()
         pool.close()

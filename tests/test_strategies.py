@@ -11,7 +11,7 @@ import torch
 
 import tiny_models as tm
 from krasis.gpu_worker.kv_cache import KVCache, fp8_quantize
-from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks
+from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks, moe_pairs
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.layers import attend
 from krasis.shared.moe import moe_reference
@@ -116,6 +116,13 @@ def test_grouped_moe_matches_reference(kind):
     for m in (M, 1):
         got = moe_blocks(x[:m], ids[:m], w[:m], blocks, fmt)
         want = moe_reference(x[:m], ids[:m], w[:m], t, fmt, 0, E)
+        assert got.dtype == torch.float32
+        assert float((got - want).norm() / want.norm()) < 1e-5
+    # one group per (token, choice), as hcs_hybrid decode runs its hot share: only the reversed
+    # block's experts count; the others read row 0 with weight 0
+    for m in (M, 1):
+        got = moe_pairs(x[:m], lk_rev[ids[:m]], w[:m], rev, fmt)
+        want = moe_reference(x[:m], ids[:m], w[:m], {n: v[2:] for n, v in t.items()}, fmt, 2, E - 2)
         assert got.dtype == torch.float32
         assert float((got - want).norm() / want.norm()) < 1e-5
 
