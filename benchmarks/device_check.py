@@ -361,7 +361,7 @@ def graphs_check():
     save()
 
 
-def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b-a3b"):
+def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b-a3b", strategy: str = "pure_cpu"):
     """One more bench run of the first shape with every GPU worker under torch.profiler
     (gpu_worker/profiling.py) and the coordinator under cProfile, tables in $OUT/profile."""
     import cProfile
@@ -375,7 +375,7 @@ def profile_bench(layers: int, prompt: int, decode: int, shape: str = "qwen3-30b
         from krasis.coordinator.processes import RuntimeOptions
 
         opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
-                              prefill_strategy="layer_grouped_2", decode_strategy="pure_cpu", prefill_chunk=prompt,
+                              prefill_strategy="layer_grouped_2", decode_strategy=strategy, prefill_chunk=prompt,
                               max_context=prompt + decode + 8, max_batch=1)
         path = Path("/tmp/krasis-synth") / f"{shape}-{layers or 'all'}"
         if not (path / "config.json").exists():
@@ -442,7 +442,8 @@ def main():
                     help="which checks run (comma-separated), unless --skip-checks")
     ap.add_argument("--shapes", default="qwen3-30b-a3b,deepseek-v2-lite", help="synthetic shapes to bench")
     ap.add_argument("--decode-strategies", default="pure_cpu,hcs_hybrid", help="decode strategies benched on the first shape")
-    ap.add_argument("--profile", action="store_true", help="also one profiled bench run (gpu_worker/profiling.py)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one profiled bench run of the first shape and decode strategy (gpu_worker/profiling.py)")
     ap.add_argument("--eager-too", action="store_true", help="also bench the first shape's pure_cpu decode without CUDA graphs")
     a = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
@@ -464,7 +465,7 @@ def main():
         configs.insert(1, (shapes[0], "layer_grouped_2", "pure_cpu", {"KRASIS_CUDA_GRAPHS": "0"}))
     tab = bench(a.layers or None, a.prompt, a.decode, a.runs, configs) if not a.skip_bench else ""
     if a.profile and not a.skip_bench:
-        profile_bench(a.layers or None, a.prompt, a.decode)
+        profile_bench(a.layers or None, a.prompt, a.decode, shapes[0], first[0])
     print("\n=== summary ===")
     print("attention:", {k: float(f"{v:.3g}") for k, v in RESULTS.get("attention", {}).items()})
     print("decode graphs identical to eager:", RESULTS.get("graphs_exact"))

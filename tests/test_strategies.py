@@ -27,6 +27,8 @@ CASES = [
     ("qwen3-norm-tied-dense", "chunked", "compact", ("--devices", "cpu,cpu", "--cpu-workers", "2")),
     ("dsv2-qlora-group-yarn", "active_only", "lru", ("--devices", "cpu", "--cpu-workers", "2")),
     ("dsv2-qlora-group-yarn", "hcs_prefill", "hcs_hybrid", ("--devices", "cpu,cpu", "--cpu-workers", "1")),
+    # a middle stage holding only the dense layer 1: no routed experts, so no hot set
+    ("qwen3-norm-tied-dense", "hcs_prefill", "hcs_hybrid", ("--devices", "cpu,cpu,cpu", "--pp-layers", "1,1,2", "--cpu-workers", "1")),
 ]
 CONFIGS = {**{k: ("qwen3", v) for k, v in tm.QWEN3_CONFIGS.items()}, **{k: ("deepseek", v) for k, v in tm.DEEPSEEK_CONFIGS.items()}}
 
@@ -38,7 +40,7 @@ def models(tmp_path_factory):
     return {n: tm.build(root / n, CONFIGS[n][0], **CONFIGS[n][1]) for n in names}
 
 
-@pytest.mark.parametrize("model,prefill,decode,topology", CASES, ids=[f"{c[1]}+{c[2]}" for c in CASES])
+@pytest.mark.parametrize("model,prefill,decode,topology", CASES, ids=[f"{c[1]}+{c[2]}-pp{c[3][1].count(',') + 1}" for c in CASES])
 def test_strategy_exact_against_transformers(models, model, prefill, decode, topology, tmp_path):
     import shutil
 
@@ -89,8 +91,14 @@ def test_vram_plan_gives_the_rest_to_hot_experts():
     assert plan(*args[:6], "bf16", *args[7:], "chunked", "pure_cpu", None, None).kv > 1.5 * base.kv
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
-def test_grouped_moe_matches_reference(kind):
+def test_grouped_moe_matches_reference(kind, device):
+    """moe_blocks and moe_pairs against moe_reference (on CUDA, moe_pairs' quantized projections
+    are the fused kernel of expert_gemv_kernel.py)."""
     torch.manual_seed(0)
     E, H, I, M, k = 6, 64, 32, 40, 3
     fmt = ExpertFormat(kind, torch.float32, 16)
@@ -112,17 +120,21 @@ def test_grouped_moe_matches_reference(kind):
     lk_rev = torch.full((E + 2,), -1, dtype=torch.long)
     lk_rev[2:E] = torch.arange(E - 3, -1, -1)
     blocks = [(first, block_lookup(E + 2, 0, 2, "cpu")), (rev, lk_rev)]
+    if device == "cuda":
+        x, ids, w, lk_rev = x.cuda(), ids.cuda(), w.cuda(), lk_rev.cuda()
+        first, rev = ({n: v.cuda() for n, v in d.items()} for d in (first, rev))
+        blocks = [(first, block_lookup(E + 2, 0, 2, "cuda")), (rev, lk_rev)]
     # 40 tokens: every held expert is a group (the sync-free path); 1 token: only the active ones
     for m in (M, 1):
         got = moe_blocks(x[:m], ids[:m], w[:m], blocks, fmt)
-        want = moe_reference(x[:m], ids[:m], w[:m], t, fmt, 0, E)
+        want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), t, fmt, 0, E).to(device)
         assert got.dtype == torch.float32
         assert float((got - want).norm() / want.norm()) < 1e-5
     # one group per (token, choice), as hcs_hybrid decode runs its hot share: only the reversed
     # block's experts count; the others read row 0 with weight 0
     for m in (M, 1):
         got = moe_pairs(x[:m], lk_rev[ids[:m]], w[:m], rev, fmt)
-        want = moe_reference(x[:m], ids[:m], w[:m], {n: v[2:] for n, v in t.items()}, fmt, 2, E - 2)
+        want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), {n: v[2:] for n, v in t.items()}, fmt, 2, E - 2).to(device)
         assert got.dtype == torch.float32
         assert float((got - want).norm() / want.norm()) < 1e-5
 
