@@ -5,7 +5,7 @@ worker writes DIR/stage{rank}-{prefill,decode}.txt: the operator table, with the
 regions (attention, route, routed_experts, shared_expert, dense_mlp) as rows, and with
 KRASIS_PROFILE_TRACE=1 also DIR/stage{rank}-{prefill,decode}.json, the timeline (Chrome trace
 format: the gaps between kernels are in it, not in the table). The host's own time in decode steps
-outside that window goes by phase (PHASES) to DIR/stage{rank}-phases.txt when the worker shuts down.
+after that window goes by phase (PHASES) to DIR/stage{rank}-phases.txt when the worker shuts down.
 Off by default: a serving process pays nothing but a dictionary lookup and a few empty calls."""
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ class StepProfiler:
         """A context manager around one step: a no-op unless this step is one to profile."""
         if not self.dir:
             return contextlib.nullcontext()
-        self.timed = decode and self.prof[True] is None and not self.want[True][0] <= self.seen[True] <= self.want[True][1]
+        # only decode steps after the window count: before it lie the warm-up step, the CUDA graphs'
+        # capture and the bench's warm-up request, whose host time is not a served step's
+        self.timed = decode and self.prof[False] is None and self.seen[True] > self.want[True][1]
         if self.prof[not decode] is not None:
             return contextlib.nullcontext()  # one profiler at a time: the other kind is being profiled
         n = self.seen[decode]  # 0 is the warm-up step
@@ -83,7 +85,7 @@ class StepProfiler:
         return _Finish(self, decode) if n == last else contextlib.nullcontext()
 
     def end_step(self) -> None:
-        """After a step's reply: its phases kept if it was a decode step outside the window."""
+        """After a step's reply: its phases kept if it was a decode step after the window."""
         PHASES.commit(self.timed)
         self.timed = False
 
