@@ -113,7 +113,7 @@ def _rss_gb(pids: list[int]) -> float:
     return total / 1e9
 
 
-POOL_COUNTERS = ("calls", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps")
+POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps")
 
 
 async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int) -> dict:
@@ -178,11 +178,21 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
         "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": out["runs"], "pool": out["pool"],
     }
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
+    res["cpu_share"] = cpu_share(load_family(model), out["pool"])
     if res["ms_per_tok"]:
         res["decode_split_ms"] = out["step_ms"]  # where a decode token's time goes
     if measure_floor:
         res.update(floors(load_family(model), out["caches"], opts, prompt_tokens, res, ceil))
     return res
+
+
+def cpu_share(family, pool: list[dict]) -> float | None:
+    """The fraction of the measured decode's routed choices that the CPU pool ran: 1 for pure_cpu,
+    1 - the hot set's hit rate for hcs_hybrid. Every pool process is offered each call's tokens x
+    top-k choices and runs those of its block."""
+    moe = [i for i in range(family.num_layers) if family.is_moe(i)]
+    offered = pool[0]["tokens"] * family.experts(moe[0]).top_k if pool and moe else 0
+    return sum(p["pairs"] for p in pool) / offered if offered else None
 
 
 def _bits(b: int) -> str:
@@ -250,4 +260,6 @@ def decode_split(r: dict) -> str:
         line += (f"\npool us per layer: kernel {us(pool['kernel_s'], pool['calls']):.1f}, "
                  f"around it {us(pool['serve_s'] - pool['kernel_s'], pool['calls']):.1f}, "
                  f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}")
+    if r.get("cpu_share") is not None:
+        line += f"\nrouted choices run by the CPU pool: {r['cpu_share']:.1%} (the rest by the GPU's hot experts)"
     return line

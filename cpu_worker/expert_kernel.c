@@ -559,7 +559,9 @@ static void *scratch_get(size_t n) {
  * [0, count): weights * (W2_e act(W13_e x + b13_e) + b2_e); x is bf16 when xbf16, else float32 (INT4
  * with bf16 x runs the Q8 path). ids are int32 and out float32 whatever x is, because those are the
  * mailbox slot's own types (shared/mailbox.py): the pool process calls this on a slot's bytes as
- * they lie, with no conversion or copy around the call. Returns 0, or -1 when out of memory.
+ * they lie, with no conversion or copy around the call. Returns the number of (token, expert) pairs
+ * it ran, those whose expert lies in the block (the pool's share of the choices: its counters), or -1
+ * when out of memory.
  * Layout per expert (contiguous): q13 [2I, H/2 or H] u8/i8, s13 [2I, G13] bf16, q2 [H, I/2 or I],
  * s2 [H, G2], b13 [2I] and b2 [H] float32 or NULL. INT4 needs even group sizes. */
 int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16,
@@ -696,5 +698,5 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             }
         }
     }
-    return 0;
+    return P;
 }

@@ -203,20 +203,21 @@ def layer_kernel(t: dict[str, torch.Tensor], fmt: ExpertFormat, first: int, coun
                  kernel: str = "auto"):
     """The routed-expert work of one block of a layer, bound once (the pool binds each layer's at
     start): run(x, ids, weights, out) writes the float32 partial sum [M, H] of x [M, H] over experts
-    [first, first + count), whose tensors are `t`, into out. `kernel`: "c", "numba", or "auto" (C if
+    [first, first + count), whose tensors are `t`, into out, and returns how many (token, choice)
+    pairs were the block's (the pool's share of the routing). `kernel`: "c", "numba", or "auto" (C if
     it could be built, else numba). What neither covers (dense stores, INT4 with odd groups; for
     numba also gptoss and biases) runs moe_reference."""
     reference = lambda x, ids, w: moe_reference(x, ids, w, t, fmt, first, count, act)  # noqa: E731
     if fmt.kind == "dense":
-        return _into(reference)
+        return _into(reference, first, count)
     bits = {"int4": 4, "int8": 8}[fmt.kind]
     c = c_kernel() if kernel in ("auto", "c") else None
     if kernel == "c" and c is None:
         raise RuntimeError("the C expert kernel could not be built (see the warning above)")
     if c is not None:
-        return c.bind(t, bits, first, count, act, _threads) or _into(reference)
+        return c.bind(t, bits, first, count, act, _threads) or _into(reference, first, count)
     if act != "silu" or "b13" in t or not _even_int4_groups(fmt, t):
-        return _into(reference)
+        return _into(reference, first, count)
 
     def numba_layer(x, ids, weights):
         local = (ids.long() - first).numpy()
@@ -229,13 +230,14 @@ def layer_kernel(t: dict[str, torch.Tensor], fmt: ExpertFormat, first: int, coun
             )
         return torch.from_numpy(out)
 
-    return _into(numba_layer)
+    return _into(numba_layer, first, count)
 
 
-def _into(fn):
+def _into(fn, first: int, count: int):
     """layer_kernel's call for a path that returns its result as a new tensor."""
     def run(x, ids, weights, out):
         out.copy_(fn(x, ids, weights))
+        return int(((ids >= first) & (ids < first + count)).sum())
 
     return run
 

@@ -67,12 +67,13 @@ def main() -> None:
     # The kernel's own threads do the work from here; torch's idle OpenMP pool would spin against them.
     set_threads(spec["threads"])
     limit_threads(1)
-    # What this process has done, for the coordinator's stats (tests read batching and dispatch here).
+    # What this process has done, for the coordinator's stats (tests read batching and dispatch here);
+    # pairs: the (token, choice) pairs of its block it ran (of calls' tokens x top-k offered to it).
     # Per call, on this process's clock: kernel_s the kernel; serve_s from seeing the request to
     # answering it (kernel_s plus this loop's own work); gap_s the wait since the previous answer when
     # the request is a later layer of the same step (the GPU worker's part of the hop: its layer's
     # work and both crossings), step_gap_s when it starts a new step.
-    work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "max_m": 0,
+    work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "pairs": 0, "max_m": 0,
             "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0}
     last = {"answered": None, "layer": -1}
     kernels = {}
@@ -97,7 +98,7 @@ def main() -> None:
         try:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                run(x, ids, weights, out)
+                pairs = run(x, ids, weights, out)
             t1 = time.perf_counter()
             slot.answer(number)
             t2 = time.perf_counter()
@@ -106,7 +107,7 @@ def main() -> None:
             slot.answer(number, error=f"{type(e).__name__}: {e}")
             return
         m = x.shape[0]
-        work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, max_m=max(work["max_m"], m),
+        work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, pairs=work["pairs"] + pairs, max_m=max(work["max_m"], m),
                     kernel_s=work["kernel_s"] + t1 - t0, serve_s=work["serve_s"] + t2 - seen)
         if last["answered"] is not None:
             kind = "gap" if layer > last["layer"] else "step_gap"

@@ -88,8 +88,9 @@ class CKernel:
     def bind(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int):
         """run(x, ids, weights, out) for experts [first, first + count) whose tensors are `t`: writes
         the float32 partial sum of x [M, H] (bf16 or float32) into out (float32 [M, H], contiguous),
-        ids int32 and weights float32 [M, k] as the mailbox slot holds them. None where the kernel
-        does not apply: an INT4 group that ends inside a byte."""
+        ids int32 and weights float32 [M, k] as the mailbox slot holds them, and returns how many
+        (token, choice) pairs were the block's. None where the kernel does not apply: an INT4 group
+        that ends inside a byte."""
         q13, s13, q2, s2 = t["w13.q"], t["w13.s"], t["w2.q"], t["w2.s"]
         n, rows13, row13 = q13.shape
         _, hidden, row2 = q2.shape
@@ -109,7 +110,7 @@ class CKernel:
         fn, head, dims = self.fn, (bits, ACTS[act], threads), (hidden, inter, g13, g2)
         held = [q13, s13, q2, s2, *(None if b is None else b.contiguous() for b in (b13, b2))]
 
-        def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> int:
             m, k = ids.shape
             if x.dtype not in (torch.bfloat16, torch.float32):
                 x = x.float()
@@ -122,8 +123,9 @@ class CKernel:
             weights = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
             rc = fn(*head, m, k, *dims, x.dtype == torch.bfloat16, x.data_ptr(), ids.data_ptr(), weights.data_ptr(),
                     first, count, *(None if h is None else h.data_ptr() for h in held), out.data_ptr())
-            if rc:
+            if rc < 0:
                 raise MemoryError("the C expert kernel could not allocate its scratch buffers")
+            return rc
 
         return run
 

@@ -235,6 +235,23 @@ def test_tokens_outside_the_block_get_zero_and_rows_are_independent(fmt_name, ke
         torch.testing.assert_close(out[i : i + 1], alone, rtol=0, atol=2e-5 * float(alone.abs().max()))
 
 
+@pytest.mark.parametrize("fmt_name", ["int4-g128", "int8-g64", "int4-g9"])
+def test_the_call_counts_the_pairs_of_its_block(fmt_name, kernel):
+    """layer_kernel's call returns how many (token, choice) pairs were its block's, an expert chosen
+    twice by one token counted twice (the pool's share of the routing, in its counters), on every
+    path (int4-g9: the reference's)."""
+    fmt = FORMATS.get(fmt_name) or ExpertFormat("int4", group_size=9)
+    gen = torch.Generator().manual_seed(11)
+    h, inter = (18, 18) if fmt.group_size == 9 else (HIDDEN, INTER)
+    t = node_block(fmt, gen, h, inter)
+    x = torch.randn(6, h, generator=gen)
+    ids, weights = routing(6, gen)
+    ids[1] = torch.tensor([-1] * TOP_K)  # hcs_hybrid's masked choices: nobody's
+    out = torch.empty(6, h)
+    n = expert_kernel.layer_kernel(t, fmt, FIRST, COUNT, kernel=kernel)(x, ids, weights, out)
+    assert n == int(((ids >= FIRST) & (ids < FIRST + COUNT)).sum()) > 0
+
+
 def test_no_token_in_the_block(kernel):
     fmt = FORMATS["int4-g128"]
     t = node_block(fmt, torch.Generator().manual_seed(1))
