@@ -167,6 +167,11 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
         msg = P.decode(frames)
         if pending is not None and not (isinstance(msg, P.Step) and msg.decode):
             answer()
+        elif pending is not None:
+            # a decode step goes behind the one in flight, unless that one is already done: its reply
+            # first, then, or it would wait for this launch's host time (milliseconds where the host,
+            # not the device, bounds a step), and the coordinator's next step with it
+            answer(interrupt=lambda: True)
         if isinstance(msg, P.Shutdown):
             if not stage.last:
                 nxt.send_multipart(P.encode(msg))
