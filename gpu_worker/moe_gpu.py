@@ -128,8 +128,10 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     """x [M, H], local [M, k] (each choice's row in `t`, -1 where `t` does not hold it), weights
     [M, k] -> float32 [M, H]: the weighted sum over the held choices, with each (token, choice) pair
     its own group, so that nothing waits for the host and the step can be a CUDA graph (hcs_hybrid
-    decode). A pair not held reads row 0 with weight 0. It dequantizes M * k experts, which only a
-    decode step's few rows make cheaper than finding the active ones (moe_blocks)."""
+    decode). A pair not held reads row 0 with weight 0. It reads M * k experts' weights, which only a
+    decode step's few rows make cheaper than finding the active ones (moe_blocks). The pairs are
+    summed in their own order, not by a scatter's atomics, so a graph's replay and an eager step
+    agree bit for bit."""
     m, k = local.shape
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     rows = local.clamp(min=0).reshape(-1)
