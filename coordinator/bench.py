@@ -178,11 +178,12 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
         "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": out["runs"], "pool": out["pool"],
     }
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
-    res["cpu_share"] = cpu_share(load_family(model), out["pool"])
+    family = load_family(model)
+    res["cpu_share"] = cpu_share(family, out["pool"])
     if res["ms_per_tok"]:
         res["decode_split_ms"] = out["step_ms"]  # where a decode token's time goes
     if measure_floor:
-        res.update(floors(load_family(model), out["caches"], opts, prompt_tokens, res, ceil))
+        res.update(floors(family, out["caches"], opts, prompt_tokens, res, ceil))
     return res
 
 

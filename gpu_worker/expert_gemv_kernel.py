@@ -9,7 +9,7 @@ once: dequantizing to bf16 first (dequant_kernel.py) writes and reads them again
 size, and a layer's 8 experts took ~160 us that way on the lent H200 against the pool's turn.
 
 The reference is dequant.py's dequant_reference followed by a float32 matrix-vector product
-(tests/test_expert_gemv.py).
+(tests/test_dequant.py).
 """
 
 from __future__ import annotations

@@ -33,11 +33,11 @@ class StageExperts:
         act = getattr(family, "expert_act", "silu")
         self.counts = Counts({i: store.layout.shapes[i].num for i in self.host.layers}, spec.get("hcs_path"), device)
         hot = None
+        per_expert = self.host.expert_nbytes(self.host.layers[0]) if self.host.layers else 0
         if prefill == "hcs_prefill" or decode == "hcs_hybrid":
             # a stage without MoE layers gets an empty set: the strategies need no special case
-            per_expert = self.host.expert_nbytes(self.host.layers[0]) if self.host.layers else 0
             hot = HotSet(self.host, self.counts, self.plan.hot // per_expert if per_expert else 0, self.engine)
-        lru_slots = self.plan.lru // self.host.expert_nbytes(self.host.layers[0]) if self.host.layers else 0
+        lru_slots = self.plan.lru // per_expert if per_expert else 0
         self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot)
         self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
         self.hot = hot

@@ -136,8 +136,8 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     rows = local.clamp(min=0).reshape(-1)
     wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
-    tok = torch.arange(m * k, device=x.device) // k
-    _block(x, t, fmt, act, False, out, tok, wt, rows, rows, None, torch.arange(m * k, device=x.device))
+    pairs = torch.arange(m * k, device=x.device)
+    _block(x, t, fmt, act, False, out, pairs // k, wt, rows, rows, None, pairs)
     return out
 
 

@@ -1,7 +1,9 @@
-"""The GPU dequantization kernel (gpu_worker/dequant.py) against its torch reference, bit for bit.
-Without a GPU, Triton's interpreter runs the same kernel on the CPU (TRITON_INTERPRET, set before
-triton is first imported: this test runs the check in a fresh interpreter). benchmarks/device_check.py
-runs the same check on CUDA, where bfloat16 results must be identical too."""
+"""The GPU dequantization kernel (gpu_worker/dequant.py) against its torch reference, bit for bit,
+and the fused dequantize-and-multiply kernel of hcs_hybrid decode (gpu_worker/expert_gemv_kernel.py)
+against that reference followed by a float32 matrix-vector product, to float32 rounding. Without a
+GPU, Triton's interpreter runs the same kernels on the CPU (TRITON_INTERPRET, set before triton is
+first imported: this test runs the check in a fresh interpreter). benchmarks/device_check.py runs
+the same check on CUDA, where bfloat16 results must be identical too."""
 
 from __future__ import annotations
 
@@ -15,14 +17,16 @@ CHECK = r"""
 import torch
 from krasis.gpu_worker.dequant import dequant_reference
 from krasis.gpu_worker.dequant_kernel import dequant_triton
+from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.quant import quantized
 
 torch.manual_seed(0)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 for kind in ("int4", "int8"):
-    # odd sizes: O not a power of two, K / 2 not a multiple of the kernel's block, 3 groups per row
-    for O, K, group, n in ((5, 96, 32, 4), (3, 1536, 512, 3)):
+    # odd sizes: O not a power of two, K / 2 not a multiple of the kernel's block, 3 groups per row;
+    # O beyond one and two of the gemv kernel's 32-row blocks, a group of 96 (not a power of two)
+    for O, K, group, n in ((5, 96, 32, 4), (3, 1536, 512, 3), (45, 288, 96, 4), (70, 512, 128, 3)):
         fmt = ExpertFormat(kind, torch.bfloat16, group)
         parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
         t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
@@ -35,9 +39,15 @@ for kind in ("int4", "int8"):
                 assert torch.equal(got, want), (kind, O, K, dtype, (got.float() - want.float()).abs().max())
             else:  # the interpreter's float32 -> bfloat16 cast truncates where CUDA's rounds to nearest
                 assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0), (kind, O, K, dtype)
+        x = torch.randn(3, K, device=dev).bfloat16()
+        want = torch.bmm(dequant_reference(fmt, t, "w", rows, torch.float32), x.float().unsqueeze(-1)).squeeze(-1)
+        got = expert_gemv(fmt, t, "w", rows, x)
+        assert got.dtype == torch.float32 and got.shape == (3, O), got.shape
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-5, (kind, O, K, err)
 print("ok")
 """
 
 
-def test_triton_dequant_matches_reference():
+def test_triton_dequant_and_expert_gemv_match_their_references():
     tm.run_interpreted(CHECK)
