@@ -16,6 +16,7 @@ import sys
 import click
 
 from ..shared import protocol as P
+from ..shared.keys import KeysError, require_keys
 from ..shared.models.family import ConfigError
 from ..shared.quant import QuantError
 from ..shared.weight_cache import CacheError
@@ -72,6 +73,33 @@ def quant_options(f):
     return wrapper
 
 
+def _endpoints(ctx, param, value):
+    return [e.strip() for e in value.split(",") if e.strip()] if value else None
+
+
+def host_options(f):
+    """Across machines (docs/deployment.md), handed on as `hosts`, a dict of RuntimeOptions fields.
+    A tcp endpoint beyond loopback without --keys is refused unless --insecure."""
+
+    @click.option("--hosts", callback=_endpoints,
+                  help="Host agents (krasis-coord host) to run the stages on, comma-separated: tcp://A:7000,tcp://B:7000. "
+                       "Stages go in this order, then each host's --devices order; --devices is then unused.")
+    @click.option("--keys", type=click.Path(file_okay=False, exists=True),
+                  help="CURVE keys folder (krasis-coord keygen DIR): every tcp socket is encrypted and authenticated.")
+    @click.option("--heartbeat-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+                  help="Heartbeat period with the host agents; one silent for 3 periods counts as lost.")
+    @click.option("--insecure", is_flag=True, help="Allow tcp beyond loopback without --keys (a network you trust).")
+    @functools.wraps(f)
+    def wrapper(*args, hosts, keys, heartbeat_s, insecure, **kw):
+        try:  # the agents' endpoints, and serve's client endpoint (its --zmq)
+            require_keys([*(hosts or []), *filter(None, [kw.get("endpoint")])], keys, insecure)
+        except KeysError as e:
+            _fail(e)
+        return f(*args, hosts=dict(hosts=hosts, keys=keys, heartbeat_s=heartbeat_s), **kw)
+
+    return wrapper
+
+
 def runtime_options(f):
     """Options shared by every command that runs the model."""
 
@@ -97,10 +125,11 @@ def runtime_options(f):
     @click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
                   help="KV cache: FP8 e4m3 with per-row scales, or the compute dtype; auto is fp8 except with --dtype float32.")
     @quant_options
+    @host_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                prefill_strategy, decode_strategy, vram_budget, kv_dtype, **kw):
-        opts = RuntimeOptions(
+                prefill_strategy, decode_strategy, vram_budget, kv_dtype, hosts, **kw):
+        opts = RuntimeOptions(**hosts,
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
             max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
@@ -405,3 +434,46 @@ def synth(shape, layers, experts, vocab, seed, expert_bits, group_size, out):
     except (SynthError, *USER_ERRORS) as e:
         _fail(e)
     click.echo(str(path))
+
+
+@main.command()
+@click.option("--listen", required=True, help="This agent's tcp://ADDR:PORT; it also uses PORT+1 (reports) and "
+                                              "PORT+2 (activations into its first stage).")
+@click.option("--devices", default="cpu", show_default=True,
+              help="Comma-separated devices of this machine, one pipeline stage each: cuda:0,cuda:1 or cpu,cpu.")
+@click.option("--cpu-workers", type=click.IntRange(min=1), help="CPU expert pool processes (default: one per NUMA node).")
+@click.option("--numa-nodes", type=click.IntRange(min=1), help="Simulate this many NUMA nodes (splits the cores).")
+@click.option("--keys", type=click.Path(file_okay=False, exists=True), help="CURVE keys folder (krasis-coord keygen DIR).")
+@click.option("--insecure", is_flag=True, help="Allow a --listen beyond loopback without --keys (a network you trust).")
+@click.option("--model-path", type=click.Path(), help="The model folder on this machine (default: the coordinator's MODEL path).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where this machine keeps its weight caches "
+                                                                     "(default: as for serve).")
+def host(listen, devices, cpu_workers, numa_nodes, keys, insecure, model_path, cache_dir):
+    """Run a host agent: it starts the stages a coordinator (serve/generate/bench --hosts) assigns it."""
+    from .host_agent import serve_host
+
+    try:
+        require_keys([listen], keys, insecure)
+        serve_host(listen, [d.strip() for d in devices.split(",") if d.strip()], cpu_workers, numa_nodes, keys,
+                   model_path, cache_dir)
+    except (KeysError, ValueError, *USER_ERRORS) as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--client", "client", help="Add a client NAME to an existing folder: its keys go to DIRECTORY/clients/NAME "
+                                         "(hand that folder to it) and its public key to DIRECTORY/authorized.")
+def keygen(directory, client):
+    """Write CURVE keys (docs/deployment.md): the cluster's pair, a client's pair, and authorized/."""
+    from ..shared.keys import add_client
+    from ..shared.keys import keygen as run_keygen
+
+    try:
+        if client:
+            click.echo(f"keygen: client {client} in {add_client(directory, client)}; restart the service to admit it")
+        else:
+            run_keygen(directory)
+            click.echo(f"keygen: keys in {directory}; copy it to every machine of the service")
+    except KeysError as e:
+        _fail(e)

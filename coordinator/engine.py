@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import sys
 import time
 from collections import deque
@@ -20,17 +19,17 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 import zmq.asyncio
-from tqdm import tqdm
 
-from ..shared import mailbox
 from ..shared import protocol as P
-from ..shared.expert_store import ExpertStore, StoreLayout
+from ..shared.keys import Curve
 from ..shared.models.family import ConfigError
 from ..shared.sampling import Sampler
 from ..shared.weights import load_family
 from .convert import prepare
+from .hosts import HostGroup, start_hosts
+from .local_group import LocalStages, start_local
 from .plan import split_layers
-from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus, reserve_cores
+from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup
 from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,10 +87,6 @@ class Request:
         return len(self.prompt_ids) + len(self.generated) - 1
 
 
-def _str(path) -> str | None:
-    return None if path is None else str(path)
-
-
 def validate_devices(devices: list[str]) -> None:
     if not devices:
         raise ConfigError("--devices is empty")
@@ -117,10 +112,11 @@ class Engine:
         if opts.max_context < 2:
             raise ConfigError("--max-context must be at least 2")
         self.family = load_family(model_dir)
-        self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
         self.codec = TextCodec(model_dir)
-        validate_devices(opts.devices)
-        self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
+        if not opts.hosts:  # with --hosts each agent checks its devices and prepares its caches (coordinator/hosts.py)
+            self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
+            validate_devices(opts.devices)
+            self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
         self.eos = set(self.family.eos_token_ids())
         self.group = WorkerGroup()
         self.waiting: deque[Request] = deque()
@@ -147,6 +143,7 @@ class Engine:
     # --- start-up ----------------------------------------------------------------------------
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
+        self.curve = Curve(self.ctx, self.opts.keys)
         await self._start_group()
         self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._watch())]
 
@@ -154,66 +151,25 @@ class Engine:
         """Start every worker and the sockets to them; a restart runs this again on fresh endpoints,
         so nothing a dead group sent can reach the new one."""
         opts = self.opts
-        self.group, self.workers = WorkerGroup(), []
+        self.workers = []
         ep = Endpoints()
-        # The coordinator itself stays on every core. Pinned to the two front cores, its pool
-        # processes' kernel ran 2.2x slower (0.64 against 0.29 ms per call on the lent H100 host): a
-        # child starts with its parent's CPU mask, and libgomp, loaded with torch before the child
-        # pins itself, takes more threads than that mask's cores for oversubscription and lets them
-        # sleep after ~100 spins instead of ~300,000, so every layer's call waits for them to wake.
-        nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
         self.results = self.ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
-        self.results.bind(ep("results"))
-        n_pool = opts.cpu_workers or len(nodes)
-        caches = self.caches
-        fds = ExpertStore.create_segments(StoreLayout(self.family, n_pool, caches.cpu_fmt))
-        store = {"nodes": n_pool, "fds": fds, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu), "gguf": opts.gguf}
-        if caches.gpu_fmt == caches.cpu_fmt:  # one store, one copy in RAM, serves both
-            gpu_fds, gpu_store = fds, dict(store, fill=False)
-        else:  # the GPU workers' own format: a single-node store each fills for its layers
-            gpu_fds = ExpertStore.create_segments(StoreLayout(self.family, 1, caches.gpu_fmt))
-            gpu_store = dict(store, nodes=1, fds=gpu_fds, format=caches.gpu_fmt.to_spec(), cache=_str(caches.gpu),
-                             fill=True)
-        pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
-        world = len(opts.devices)
-        # the decode hop: a shared-memory slot per (GPU worker, pool process), slot rank * n_pool + node
-        shape = mailbox.SlotShape(max_m=opts.max_batch, hidden=self.family.hidden_size,
-                                  top_k=max((self.family.experts(i).top_k for i in range(self.family.num_layers)
-                                           if self.family.is_moe(i)), default=1))
-        box_fd = mailbox.create(shape, world * n_pool)
-        boxes = {"fd": box_fd, "shape": shape.to_spec(), "count": world * n_pool}
-        ncores = len(os.sched_getaffinity(0))
-        try:
-            with tqdm(desc="loading experts", unit="layer", disable=None, leave=False) as bar:
-                for i in range(n_pool):
-                    node_cores = nodes[i % len(nodes)]
-                    peers = len(range(i % len(nodes), n_pool, len(nodes)))  # pool processes on this node
-                    share = [c for j, c in enumerate(node_cores) if j % peers == i // len(nodes)] or node_cores
-                    spec = dict(node=i, model=self.model_dir, bind=pool_eps[i], coord=ep("results"), cores=share,
-                                threads=len(share), store=store,
-                                mailbox=dict(boxes, slots=[r * n_pool + i for r in range(world)]))
-                    self.group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, [*fds, box_fd])
-                await self._await_ready("cpu", n_pool, bar)
-            pool_pids = self.group.pids()
-            with tqdm(desc="loading layers", unit="layer", disable=None, leave=False) as bar:
-                for r, dev in enumerate(opts.devices):
-                    spec = dict(
-                        rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
-                        max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
-                        coord=ep("results"), store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
-                        mailbox=dict(boxes, slots=[r * n_pool + i for i in range(n_pool)], pool_pids=pool_pids),
-                        **self.strategy_spec(),
-                        **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
-                    )
-                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
-                await self._await_ready("gpu", world, bar)
-        finally:
-            for fd in set(fds) | set(gpu_fds) | {box_fd}:  # the children hold their own copies
-                os.close(fd)
+        if opts.hosts:  # the agents start the workers, each on its machine
+            self.group, stage0 = await start_hosts(self)
+            pool_eps = []
+        else:
+            self.group = WorkerGroup()
+            self.results.bind(ep("results"))
+            world = len(opts.devices)
+            stages = LocalStages(list(range(world)), self.plan, opts.devices, {r: ep(f"stage{r}") for r in range(world)},
+                                 ep("results"), ep("results"))
+            pool_eps = await start_local(self.group, self.family, self.model_dir, opts, self.caches, stages,
+                                         self.strategy_spec(), ep, self._await_ready)
+            stage0 = ep("stage0")
         self.head = self.ctx.socket(zmq.PUSH)
         self.head.setsockopt(zmq.LINGER, 0)
-        self.head.connect(ep("stage0"))
+        self.curve.connect(self.head, stage0)
         self.pool_ctl = []
         for e in pool_eps:
             s = self.ctx.socket(zmq.DEALER)
@@ -566,7 +522,8 @@ class Engine:
     # --- status and shutdown -----------------------------------------------------------------
     def health(self) -> P.HealthReply:
         status = "down" if self._fatal else "restarting" if self.restarting else "ok"
-        return P.HealthReply(status=status, model=self.model_dir, workers=self.workers)
+        hosts = self.group.status() if isinstance(self.group, HostGroup) else []
+        return P.HealthReply(status=status, model=self.model_dir, workers=self.workers, hosts=hosts)
 
     async def stats_reply(self) -> P.StatsReply:
         """The engine's counters, under "workers" what each worker reported at start (its strategies,
@@ -603,4 +560,6 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self.group.stop)
         finally:
             self.group.kill_all()
-            self.ctx.destroy(linger=0) if hasattr(self, "ctx") else None
+            if hasattr(self, "ctx"):
+                self.curve.close()
+                self.ctx.destroy(linger=0)

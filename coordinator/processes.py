@@ -60,6 +60,11 @@ class RuntimeOptions:
     decode_strategy: str | None = None
     vram_budget: float | None = None  # GB per GPU; None: the device's memory
     kv_dtype: str = "auto"  # fp8 | bf16 | auto (fp8, except float32 runs keep float32)
+    # Across machines (coordinator/hosts.py): the host agents' endpoints (None: every stage here,
+    # on `devices`), the CURVE keys folder for tcp sockets, and the heartbeat period.
+    hosts: list[str] | None = None
+    keys: str | None = None
+    heartbeat_s: float = 2.0
 
 
 def numa_cpus(simulate: int | None) -> list[list[int]]:

@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: host agents (attach, host_info, assign, heartbeat, host_fault), health's hosts
 
 
 class ProtocolError(ValueError):
@@ -317,6 +317,7 @@ class HealthReply(Message):
     status: str  # ok | restarting | down (docs/protocol.md); anything but ok: not serving now
     model: str
     workers: list[dict]
+    hosts: list[dict] = field(default_factory=list)  # with --hosts: each agent's endpoint, name and state
 
 
 @dataclass
@@ -425,3 +426,60 @@ class Progress(Message):
     what: str
     done: int
     total: int
+
+
+# === coordinator <-> host agents (docs/protocol.md: Host agents) ==================================
+
+
+@dataclass
+class Attach(Message):
+    """Coordinator -> agent: serve me (whatever the agent ran before is stopped). The agent stops its
+    workers when it hears nothing from the coordinator for 3 x `heartbeat_s`."""
+
+    TYPE: ClassVar[str] = "attach"
+    heartbeat_s: float
+
+
+@dataclass
+class HostInfo(Message):
+    """Agent -> coordinator, the answer to attach: its machine's name, its devices (one stage each,
+    in order), how many CPU pool processes it will start, and its pid."""
+
+    TYPE: ClassVar[str] = "host_info"
+    host: str
+    devices: list[str]
+    pools: int
+    pid: int
+
+
+@dataclass
+class Assign(Message):
+    """Coordinator -> agent: run stages `ranks` (consecutive) of the plan `layers` ([a, b) per stage
+    of the whole pipeline) of `model`, with `options` (coordinator/processes.py RuntimeOptions, less
+    what the agent decides: devices, pool size, NUMA) and the GPU workers' `strategy` settings. The
+    agent's last stage sends to `next`, the next host's stage endpoint, or, for the pipeline's last
+    stage, the agent's results endpoint."""
+
+    TYPE: ClassVar[str] = "assign"
+    model: str
+    ranks: list[int]
+    layers: list[list[int]]
+    options: dict
+    strategy: dict
+    next: str
+
+
+@dataclass
+class Heartbeat(Message):
+    """Coordinator -> agent every heartbeat_s, answered with the same; either side counts the other
+    lost after 3 x heartbeat_s of silence."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+@dataclass
+class HostFault(Message):
+    """Agent -> coordinator: one of its workers died (the agent has stopped the rest)."""
+
+    TYPE: ClassVar[str] = "host_fault"
+    message: str

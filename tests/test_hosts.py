@@ -1,0 +1,250 @@
+"""A pipeline across hosts, as several host agents on one machine: each agent is its own process
+tree on its own 127.0.0.1 tcp ports (docs/deployment.md), with CURVE keys, against transformers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import tiny_models as tm
+from krasis.shared.client import Client
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+
+
+def free_base_port() -> int:
+    """A port P with P, P+1 and P+2 free (an agent's control, reports and stage ports)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + 2 > 65535:
+            continue
+        try:
+            for q in (p + 1, p + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no three consecutive free ports")
+
+
+class Agent:
+    """`krasis-coord host` in a subprocess; `restart()` brings it back on the same port, as systemd would."""
+
+    def __init__(self, devices: str, keys, port: int | None = None):
+        self.port = port or free_base_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.args = ["host", "--listen", self.endpoint, "--devices", devices, "--cpu-workers", "1",
+                     *(["--keys", str(keys)] if keys else [])]
+        self.proc = None
+
+    def start(self) -> "Agent":
+        self.proc = subprocess.Popen([sys.executable, "-m", "krasis.coordinator", *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not any("listening" in line for line in self.log):
+            assert self.proc.poll() is None, f"agent exited: {''.join(self.log)}"
+            assert time.monotonic() < deadline, "agent did not start"
+            time.sleep(0.1)
+        return self
+
+    def children(self) -> list[int]:
+        return children(self.proc.pid)
+
+    def stop(self) -> None:
+        kids = self.children() if self.proc.poll() is None else []
+        tm.terminate(self.proc, "agent")
+        tm.wait_gone(kids)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return out
+
+
+def memfds(pid: int) -> set[int]:
+    """Inodes of the memfd files (expert store segments, mailboxes) a process holds."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                out.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"qwen3": tm.build(root / "qwen3", "qwen3"), "deepseek": tm.build(root / "deepseek", "deepseek")}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys") / "k"
+    tm.krasis("keygen", d)
+    tm.krasis("keygen", d, "--client", "alice")
+    return d
+
+
+@pytest.fixture(scope="module")
+def agents(keys):
+    """Two agents: one stage on the first, two on the second."""
+    a, b = Agent("cpu", keys).start(), Agent("cpu,cpu", keys).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def hosts_arg(agents) -> str:
+    return ",".join(a.endpoint for a in agents)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "deepseek"])
+def test_generate_over_three_stages_on_two_hosts_matches_transformers(models, keys, agents, family):
+    want = tm.reference_greedy(tm.reference_model(models[family]), PROMPT, 16)
+    out = tm.generate_json(models[family], PROMPT, 16, "--hosts", hosts_arg(agents), "--keys", keys)
+    assert out["token_ids"] == want
+
+
+def test_serve_over_hosts_separate_trees_and_curve(models, keys, agents, tmp_path):
+    """serve --hosts on a CURVE tcp endpoint: exact prompt logits and tokens; every worker is a child of
+    its own agent and no memfd is shared between the agents' trees (nor held by the coordinator);
+    health names each host; a client without an authorized key gets no answer."""
+    path = models["qwen3"]
+    ref = tm.reference_model(path)
+    endpoint = f"tcp://127.0.0.1:{free_base_port()}"
+    with tm.Service(path, "--dtype", "float32", "--hosts", hosts_arg(agents), "--keys", keys,
+                    endpoint=endpoint, keys=keys / "clients" / "alice") as svc:
+        got = svc.client.complete(prompt_ids=PROMPT, max_new_tokens=16, prompt_logits=True, ignore_eos=True)
+        assert got.token_ids == tm.reference_greedy(ref, PROMPT, 16)
+        ref_logits = tm.reference_logits(ref, PROMPT)
+        assert float((got.prompt_logits - ref_logits).norm() / ref_logits.norm()) < 1e-4
+
+        health = svc.client.health()
+        assert [h["endpoint"] for h in health.hosts] == [a.endpoint for a in agents]
+        assert all(h["state"] == "ok" and h["host"] == socket.gethostname() for h in health.hosts)
+        by_host = {a.endpoint: [w for w in health.workers if w["host"].endswith(a.endpoint)] for a in agents}
+        assert [sorted(w["rank"] for w in ws if w["role"] == "gpu") for ws in by_host.values()] == [[0], [1, 2]]
+        assert [w["layers"] for w in sorted(health.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"] == \
+            [[0, 1], [1, 2], [2, 3]]
+        trees = []
+        for a in agents:
+            pids = {w["pid"] for w in by_host[a.endpoint]}
+            assert pids == set(a.children()), "every worker of a host is a child of its agent"
+            trees.append(set().union(*(memfds(p) for p in pids)))
+        assert trees[0] and trees[1] and not trees[0] & trees[1]
+        assert not memfds(svc.proc.pid) and not children(svc.proc.pid)
+
+        other = tmp_path / "other"
+        tm.krasis("keygen", other)
+        for wrong in (other, None):  # keys the service never authorized, and none at all
+            with Client(endpoint, timeout_s=2, keys=wrong) as c:
+                with pytest.raises(TimeoutError):
+                    c.health()
+
+
+def test_unauthorized_agent_is_refused(models, keys, tmp_path):
+    """An agent with keys of its own never hears the coordinator, which gives up at its deadline."""
+    other = tmp_path / "other"
+    tm.krasis("keygen", other)
+    rogue = Agent("cpu", other).start()
+    try:
+        t0 = time.monotonic()
+        p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+                      "--hosts", rogue.endpoint, "--keys", keys, "--heartbeat-s", "0.1", check=False)
+        assert p.returncode != 0 and "did not answer within 2 s" in p.stderr
+        assert time.monotonic() - t0 < 60
+        assert not any("attached" in line for line in rogue.log)
+    finally:
+        rogue.stop()
+
+
+def test_refuses_exposed_tcp_without_keys(models):
+    p = tm.krasis("serve", models["qwen3"], "--zmq", "tcp://0.0.0.0:5999", check=False)
+    assert p.returncode != 0 and "--keys" in p.stderr and "--insecure" in p.stderr
+    p = tm.krasis("host", "--listen", "tcp://0.0.0.0:5999", check=False)
+    assert p.returncode != 0 and "--keys" in p.stderr
+    p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1", "--hosts", "tcp://10.1.2.3:7000", check=False)
+    assert p.returncode != 0 and "--keys" in p.stderr
+
+
+def test_agent_killed_then_restarted(models, keys):
+    """kill -9 of an agent while a request runs: its workers die with it, the coordinator notices
+    within 3 heartbeats, the request ends clearly, the other host's workers are replaced, and once
+    the agent is back (as systemd would bring it) the service serves exact tokens again."""
+    path = models["qwen3"]
+    want = tm.reference_greedy(tm.reference_model(path), PROMPT, 8)
+    a, b = Agent("cpu", keys).start(), Agent("cpu,cpu", keys).start()
+    try:
+        with tm.Service(path, "--dtype", "float32", "--hosts", hosts_arg([a, b]), "--keys", keys,
+                        "--heartbeat-s", "0.5", "--max-restarts", "3") as svc:
+            first = set(a.children())
+            result = {}
+
+            def long_request():
+                with Client(svc.endpoint, timeout_s=120) as c:
+                    try:
+                        result["done"] = c.complete(prompt_ids=PROMPT, max_new_tokens=400, ignore_eos=True).done
+                    except Exception as e:  # noqa: BLE001 - the request may fail; how is what is checked
+                        result["error"] = e
+
+            t = threading.Thread(target=long_request)
+            t.start()
+            time.sleep(3)
+            victims = b.children()
+            t_kill = time.monotonic()
+            b.proc.kill()
+            tm.wait_gone(victims)
+            lost = None
+            while lost is None and time.monotonic() - t_kill < 10:
+                h = svc.client.health()
+                lost = next((x for x in h.hosts if x["state"] == "lost"), None) if h.status != "ok" else None
+                time.sleep(0.1)
+            assert lost is not None and lost["endpoint"] == b.endpoint
+            t.join(60)
+            assert not t.is_alive()
+            assert "error" in result and b.endpoint in str(result["error"]) or result.get("done") is not None
+            b.start()  # systemd's Restart=
+            deadline = time.monotonic() + 60
+            while svc.client.health().status != "ok":
+                assert time.monotonic() < deadline, "the coordinator did not reattach"
+                time.sleep(0.2)
+            assert not first & set(a.children()), "the surviving host's workers were replaced"
+            got = svc.client.complete(prompt_ids=PROMPT, max_new_tokens=8, ignore_eos=True)
+            assert got.token_ids == want
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_units_verify(tmp_path):
+    """deploy/'s units load cleanly (systemd-analyze verify checks them against this system; the
+    ExecStart binary must exist, so a stand-in krasis-coord on PATH takes its place)."""
+    from pathlib import Path
+
+    deploy = Path(__file__).parent.parent / "deploy"
+    for unit in ("krasis.service", "krasis-host.service"):
+        p = subprocess.run(["systemd-analyze", "verify", str(deploy / unit)], capture_output=True, text=True)
+        assert p.returncode == 0 and not p.stderr.strip(), f"{unit}:\n{p.stderr}"
