@@ -65,28 +65,21 @@ class HostGroup:
         self._thread: threading.Thread | None = None
 
     def attach(self) -> list[P.HostInfo]:
-        """Ask every agent to serve this coordinator; their HostInfo, in --hosts order."""
+        """Ask every agent to serve this coordinator; their HostInfo, in --hosts order. Those that
+        have answered get heartbeats while the others are awaited."""
+        for i in range(len(self.socks)):
+            self.send(i, P.Attach(heartbeat_s=self.heartbeat_s))
+        self._thread = threading.Thread(target=self._run, name="krasis-heartbeats", daemon=True)
+        self._thread.start()
         timeout_s = ATTACH_BEATS * self.heartbeat_s
-        for s in self.socks:
-            s.send_multipart(P.encode(P.Attach(heartbeat_s=self.heartbeat_s)), zmq.NOBLOCK)
         deadline = time.monotonic() + timeout_s
-        poller = zmq.Poller()
-        for s in self.socks:
-            poller.register(s, zmq.POLLIN)
         while None in self.infos:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() > deadline:
                 missing = [h for h, i in zip(self.hosts, self.infos) if i is None]
                 self.close()
                 raise WorkerDied(f"host agent {missing[0]} did not answer within {timeout_s:g} s ({ATTACH_BEATS} x "
                                  "--heartbeat-s): not running, unreachable, or its keys are not ours")
-            for s, _ in poller.poll(min(left, 0.5) * 1000):
-                i = self.socks.index(s)
-                msg = P.decode(s.recv_multipart())
-                if isinstance(msg, P.HostInfo):
-                    self.infos[i], self.last[i] = msg, time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="krasis-heartbeats", daemon=True)
-        self._thread.start()
+            time.sleep(0.05)
         return list(self.infos)
 
     def send(self, i: int, msg: P.Message) -> None:
@@ -105,8 +98,9 @@ class HostGroup:
                 self._send(*item)
             now = time.monotonic()
             if now >= next_beat:
-                for i in range(len(self.socks)):
-                    self._send(i, P.Heartbeat())
+                for i, info in enumerate(self.infos):
+                    if info is not None:
+                        self._send(i, P.Heartbeat())
                 next_beat = now + self.heartbeat_s
             for s, _ in poller.poll(50):  # short: the outbox is looked at between polls
                 i = self.socks.index(s)
@@ -116,7 +110,9 @@ class HostGroup:
                     self.fault = f"host {self.hosts[i]}: {e}"
                     continue
                 self.last[i] = time.monotonic()
-                if isinstance(msg, P.HostFault):
+                if isinstance(msg, P.HostInfo):
+                    self.infos[i] = msg
+                elif isinstance(msg, P.HostFault):
                     self.fault = f"host {self._name(i)}: {msg.message}"
 
     def _send(self, i: int, msg: P.Message) -> None:

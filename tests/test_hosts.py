@@ -198,7 +198,7 @@ def test_agent_killed_then_restarted(models, keys):
     a, b = Agent("cpu", keys).start(), Agent("cpu,cpu", keys).start()
     try:
         with tm.Service(path, "--dtype", "float32", "--hosts", hosts_arg([a, b]), "--keys", keys,
-                        "--heartbeat-s", "0.5", "--max-restarts", "3") as svc:
+                        "--heartbeat-s", "1", "--max-restarts", "3") as svc:
             first = set(a.children())
             result = {}
 
@@ -224,9 +224,12 @@ def test_agent_killed_then_restarted(models, keys):
             assert lost is not None and lost["endpoint"] == b.endpoint
             t.join(60)
             assert not t.is_alive()
-            assert "error" in result and b.endpoint in str(result["error"]) or result.get("done") is not None
+            if "error" in result:  # failed, naming the lost host (or replayed and completed: issue 15)
+                assert b.endpoint in str(result["error"]), result["error"]
+            else:
+                assert result["done"].completion_tokens == 400
             b.start()  # systemd's Restart=
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 180  # the whole pipeline loads again (minutes on a busy 2-core CI box)
             while svc.client.health().status != "ok":
                 assert time.monotonic() < deadline, "the coordinator did not reattach"
                 time.sleep(0.2)
