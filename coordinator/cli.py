@@ -311,12 +311,14 @@ async def _until_fatal(engine: Engine):
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--system", help="System prompt.")
-def chat(endpoint, max_new_tokens, temperature, system):
+@click.option("--keys", type=click.Path(file_okay=False, exists=True),
+              help="Client keys folder for a service run with --keys (docs/deployment.md).")
+def chat(endpoint, max_new_tokens, temperature, system, keys):
     """Interactive chat with a running service; replies stream as they are generated."""
     from ..shared.client import Client, ServiceError
 
     history = [{"role": "system", "content": system}] if system else []
-    with Client(endpoint) as c:
+    with Client(endpoint, keys=keys) as c:
         try:
             c.sock.setsockopt(__import__("zmq").RCVTIMEO, 5000)
             c.health()
