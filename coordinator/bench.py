@@ -138,7 +138,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_to
         dones = [await one(prompt_tokens, decode_tokens, f"run{i}") for i in range(runs)]
         after = (await engine.stats_reply()).stats
         steps = after["decode_steps"] - before["decode_steps"]
-        pids = [engine.workers[i]["pid"] for i in range(len(engine.workers))] + [os.getpid()]
+        # this machine's processes (with --hosts, the workers that report a host run elsewhere)
+        pids = [w["pid"] for w in engine.workers if "host" not in w] + [os.getpid()]
         store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
         gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
         vram = "+".join(
@@ -165,6 +166,7 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
     opts = RuntimeOptions(**{**vars(opts), "max_context": max(opts.max_context, need)})
     # before the workers start: the DRAM read is then this process's threads alone, on every core,
     # not sharing the machine with a pool process
+    measure_floor = measure_floor and not opts.hosts  # the floors are this machine's; --hosts runs the stages elsewhere
     ceil = ceilings(opts) if measure_floor else None
     out = _run(_bench(model, opts, prompt_tokens, decode_tokens, runs))
     mean = lambda k: sum(r[k] for r in out["runs"]) / len(out["runs"])  # noqa: E731

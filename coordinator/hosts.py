@@ -157,6 +157,8 @@ class HostGroup:
         self.close()
 
     def close(self) -> None:
+        if self.ctx.closed:
+            return
         self.stopping = True
         if self._thread is not None:
             self._out.put(None)
