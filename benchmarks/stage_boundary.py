@@ -1,7 +1,11 @@
 """What a pipeline stage boundary over tcp costs against ipc (issue 16), per decode token and for a
 10K-token prefill.
 
-    python benchmarks/stage_boundary.py [--hidden 4096] [--model DIR] [--device cuda:0] [--prompt-tokens 10000]
+    python benchmarks/stage_boundary.py [--hidden 4096] [--model DIR | --synth SHAPE --layers N]
+                                        [--device cuda:0] [--prompt-tokens 10000]
+
+On the GPU machine, two agents on its one GPU:
+    python benchmarks/stage_boundary.py --synth qwen3-30b-a3b --layers 8 --device cuda:0
 
 1. The boundary alone: the message one stage sends the next (shared/protocol.py Step with its
    `hidden` tensor, bf16) for one decode token ([1, hidden]) and for a prefill ([prompt, hidden]),
@@ -12,6 +16,8 @@
    as two host agents on 127.0.0.1 (`krasis-coord host --devices D` each: tcp between the stages,
    and into stage 0 and back through the agent's relay). The difference is what the hosts' wiring
    costs per decode token and for the prefill. Two agents can share one GPU (--device cuda:0).
+   --synth writes a random-weight model of a real shape (coordinator/synth.py) with INT4 experts
+   into /tmp/krasis-synth and runs it with --gpu-bits 4 --cpu-bits 4.
 """
 
 from __future__ import annotations
@@ -93,15 +99,16 @@ def generate(model: str, prompt: int, extra: list[str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def end_to_end(model: str, device: str, prompt: int, dtype: str) -> dict:
-    out = {"ipc": generate(model, prompt, ["--devices", f"{device},{device}", "--cpu-workers", "1", "--dtype", dtype])}
+def over_hosts(model: str, device: str, prompt: int, run_args: list[str], keys: str | None) -> dict:
+    """generate on two host agents on 127.0.0.1, one stage each."""
+    key_args = ["--keys", keys] if keys else []
     agents = []
     try:
         for _ in range(2):
             port = free_port_base()
             agents.append((port, subprocess.Popen(
                 [sys.executable, "-m", "krasis.coordinator", "host", "--listen", f"tcp://127.0.0.1:{port}",
-                 "--devices", device, "--cpu-workers", "1"], stderr=subprocess.DEVNULL)))
+                 "--devices", device, "--cpu-workers", "1", *key_args], stderr=subprocess.DEVNULL)))
         deadline = time.monotonic() + 120
         for port, proc in agents:  # an agent is up once its control port takes connections
             while True:
@@ -112,12 +119,17 @@ def end_to_end(model: str, device: str, prompt: int, dtype: str) -> dict:
                     raise SystemExit("a host agent did not start")
                 time.sleep(0.2)
         hosts = ",".join(f"tcp://127.0.0.1:{p}" for p, _ in agents)
-        out["tcp"] = generate(model, prompt, ["--hosts", hosts, "--dtype", dtype])
+        return generate(model, prompt, ["--hosts", hosts, *key_args, *run_args])
     finally:
         for _, proc in agents:
             proc.terminate()
             proc.wait(30)
-    return out
+
+
+def end_to_end(model: str, device: str, prompt: int, run_args: list[str], keys: str) -> dict:
+    return {"ipc": generate(model, prompt, ["--devices", f"{device},{device}", "--cpu-workers", "1", *run_args]),
+            "tcp": over_hosts(model, device, prompt, run_args, None),
+            "tcp + CURVE": over_hosts(model, device, prompt, run_args, keys)}
 
 
 def main() -> None:
@@ -126,6 +138,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=10000)
     ap.add_argument("--repeats", type=int, default=2000, help="Decode-size messages timed.")
     ap.add_argument("--model", help="Also run the end-to-end comparison on this model.")
+    ap.add_argument("--synth", help="Instead of --model: a synthetic model of this shape (krasis-coord synth --shape).")
+    ap.add_argument("--layers", type=int, default=8, help="Layers of the --synth model.")
     ap.add_argument("--device", default="cpu", help="Each stage's device in the end-to-end run.")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
@@ -143,8 +157,18 @@ def main() -> None:
         pre = boundary(ends, k, args.prompt_tokens, args.hidden, 5)
         gb = args.prompt_tokens * args.hidden * 2 / pre / 1e9
         print(f"| {name} | {dec * 1e6:.1f} | {pre * 1e3:.1f} | {gb:.2f} |")
+    run_args = ["--dtype", args.dtype]
+    if args.synth:
+        from pathlib import Path
+
+        from krasis.coordinator.synth import synth
+
+        args.model = str(Path("/tmp/krasis-synth") / f"{args.synth}-{args.layers}")
+        if not Path(args.model).exists():
+            synth(args.synth, args.model, layers=args.layers, expert_bits=4)
+        run_args += ["--gpu-bits", "4", "--cpu-bits", "4"]
     if args.model:
-        res = end_to_end(args.model, args.device, args.prompt_tokens, args.dtype)
+        res = end_to_end(args.model, args.device, args.prompt_tokens, run_args, keys)
         print(f"\nend to end: {args.model}, two stages on {args.device}, {args.prompt_tokens}-token prompt, 32 tokens")
         print("| stages | prefill s | decode ms/token |")
         print("|---|---|---|")
