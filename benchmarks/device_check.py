@@ -205,6 +205,9 @@ def attention_check(T: int = 10000):
     qm, km, vm = (torch.randn(T, 16, d, device="cuda").bfloat16() for d in (192, 192, 128))
     row["mla_attend_ms"] = ms(lambda: attend(qm, km, vm, 0, 0.07))
     row["gqa_second_chunk_ms"] = ms(lambda: attend(q[: T // 2], k, v, T // 2, 0.088))
+    # a later chunk (bottom-right causal) against the same rows of the whole prompt's attention
+    want = attend(q, k, v, 0, 0.088)[T // 2 :].float()
+    row["gqa_second_chunk_rel_err"] = float((attend(q[T // 2 :], k, v, T // 2, 0.088).float() - want).norm() / want.norm())
     # decode: one new token over the whole cache, the Triton kernel against its reference
     from krasis.gpu_worker.decode_attention import Rows, decode_attention_reference
     from krasis.gpu_worker.decode_attention_kernel import decode_attention_triton
