@@ -175,7 +175,8 @@ class HostAgent:
         """Stop the current workers: asked to (kill False: the pool gets a shutdown, the stages had
         theirs through the pipeline, then stop() waits for them), or at once."""
         if self.assigning is not None:
-            self.assigning.cancel()
+            if self.assigning is not asyncio.current_task():  # not when an assignment that failed stops itself
+                self.assigning.cancel()
             self.assigning = None
         group, self.group = self.group, None
         if group is not None:
