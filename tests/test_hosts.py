@@ -225,6 +225,21 @@ def test_unauthorized_agent_is_refused(models, keys, tmp_path):
         rogue.stop()
 
 
+def test_agent_that_cannot_start_its_stages_fails_the_run_clearly(models, tmp_path):
+    """An agent whose model folder is missing reports the fault; the coordinator stops with an error
+    naming the host and the cause rather than waiting."""
+    bad = Agent("cpu", None)
+    bad.args += ["--model-path", str(tmp_path / "missing")]
+    bad.start()
+    try:
+        p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+                      "--hosts", bad.endpoint, check=False)
+        assert p.returncode != 0 and bad.endpoint in p.stderr and "missing" in p.stderr, p.stderr[-2000:]
+        assert not bad.children(), "the agent stopped what it had started"
+    finally:
+        bad.stop()
+
+
 def test_refuses_exposed_tcp_without_keys(models):
     p = tm.krasis("serve", models["qwen3"], "--zmq", "tcp://0.0.0.0:5999", check=False)
     assert p.returncode != 0 and "--keys" in p.stderr and "--insecure" in p.stderr
