@@ -13,8 +13,9 @@ On the GPU machine, two agents on its one GPU:
    the same message, halved; the median of many for decode).
 2. End to end (with --model): `krasis-coord generate` of a --prompt-tokens prompt and 32 decode
    tokens on two stages, once as one process tree (`--devices D,D`: ipc between the stages) and once
-   as two host agents on 127.0.0.1 (`krasis-coord host --devices D` each: tcp between the stages,
-   and into stage 0 and back through the agent's relay). The difference is what the hosts' wiring
+   as two host agents on 127.0.0.1, each pinned to half of the cores (`krasis-coord host --devices D`
+   each: tcp between the stages, and into stage 0 and back through the agent's relay), without and
+   with CURVE. The difference is what the hosts' wiring
    costs per decode token and for the prefill. Two agents can share one GPU (--device cuda:0).
    --synth writes a random-weight model of a real shape (coordinator/synth.py) with INT4 experts
    into /tmp/krasis-synth and runs it with --gpu-bits 4 --cpu-bits 4.
@@ -103,13 +104,18 @@ def generate(model: str, prompt: int, extra: list[str]) -> dict:
 def over_hosts(model: str, device: str, prompt: int, run_args: list[str], keys: str | None) -> dict:
     """generate on two host agents on 127.0.0.1, one stage each."""
     key_args = ["--keys", keys] if keys else []
+    cores = sorted(os.sched_getaffinity(0))
+    # each agent on its own half of the cores, as on a machine of its own: two agents that each
+    # sized their threads for the whole machine would measure oversubscription, not the wiring
+    halves = [cores[: len(cores) // 2] or cores, cores[len(cores) // 2:]]
     agents = []
     try:
-        for _ in range(2):
+        for half in halves:
             port = free_port_base()
             agents.append((port, subprocess.Popen(
                 [sys.executable, "-m", "krasis.coordinator", "host", "--listen", f"tcp://127.0.0.1:{port}",
-                 "--devices", device, "--cpu-workers", "1", *key_args], stderr=subprocess.DEVNULL)))
+                 "--devices", device, "--cpu-workers", "1", *key_args], stderr=subprocess.DEVNULL,
+                preexec_fn=lambda half=half: os.sched_setaffinity(0, half))))
         deadline = time.monotonic() + 120
         for port, proc in agents:  # an agent is up once its control port takes connections
             while True:
