@@ -5,7 +5,7 @@
                                         [--device cuda:0] [--prompt-tokens 10000]
 
 On the GPU machine, two agents on its one GPU:
-    python benchmarks/stage_boundary.py --synth qwen3-30b-a3b --layers 8 --device cuda:0
+    python benchmarks/stage_boundary.py --synth qwen3-30b-a3b --layers 8 --device cuda:0 --vram-budget 60
 
 1. The boundary alone: the message one stage sends the next (shared/protocol.py Step with its
    `hidden` tensor, bf16) for one decode token ([1, hidden]) and for a prefill ([prompt, hidden]),
@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="Layers of the --synth model.")
     ap.add_argument("--device", default="cpu", help="Each stage's device in the end-to-end run.")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--vram-budget", help="GB per stage: two stages share one GPU here, so give each under half.")
     args = ap.parse_args()
 
     keys = os.path.join(tempfile.mkdtemp(), "keys")
@@ -164,7 +165,7 @@ def main() -> None:
         pre = boundary(ends, k, args.prompt_tokens, args.hidden, 5)
         gb = args.prompt_tokens * args.hidden * 2 / pre[0] / 1e9
         print(f"| {name} | {dec[0] * 1e6:.0f} / {dec[1] * 1e6:.0f} | {pre[0] * 1e3:.1f} / {pre[1] * 1e3:.1f} | {gb:.2f} |")
-    run_args = ["--dtype", args.dtype]
+    run_args = ["--dtype", args.dtype, *(["--vram-budget", args.vram_budget] if args.vram_budget else [])]
     if args.synth:
         from pathlib import Path
 
