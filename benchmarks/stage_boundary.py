@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -41,36 +41,43 @@ from krasis.shared import protocol as P
 from krasis.shared.keys import Curve, keygen
 
 
-def boundary(ends: tuple[str, str], keys: str | None, rows: int, hidden: int, repeats: int) -> tuple[float, float]:
-    """(Least, median) one-way seconds of a Step carrying [rows, hidden] bf16 from a PUSH to a PULL:
-    sent to ends[0], echoed back to ends[1]. The least is the path's own cost; the median adds what
-    the scheduler makes it wait on a busy machine."""
+def _echo(ends: tuple[str, str], keys: str | None, n: int) -> None:
+    """The next stage: receive each message on ends[0], decode it, send it back to ends[1]."""
     ctx = zmq.Context()
     curve = Curve(ctx, keys)
-    a_in, b_in = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
-    a_out, b_out = ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
-    curve.bind(b_in, ends[0])
-    curve.bind(a_in, ends[1])
-    curve.connect(a_out, ends[0])
-    curve.connect(b_out, ends[1])
+    inbound, back = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    curve.bind(inbound, ends[0])
+    curve.connect(back, ends[1])
+    for _ in range(n):
+        back.send_multipart(P.encode(P.decode(inbound.recv_multipart(copy=False))), copy=False)
+    back.close(linger=5000)
+    inbound.close(0)
+    curve.close()
+    ctx.term()
+
+
+def boundary(ends: tuple[str, str], keys: str | None, rows: int, hidden: int, repeats: int) -> tuple[float, float]:
+    """(Least, median) one-way seconds of a Step carrying [rows, hidden] bf16 from a PUSH to a PULL
+    in another process (sent to ends[0], echoed back to ends[1]), encoding and decoding included.
+    The least is the path's own cost; the median adds what the scheduler makes it wait on a busy
+    machine."""
+    echo = multiprocessing.get_context("fork").Process(target=_echo, args=(ends, keys, repeats + 1))
+    echo.start()  # before this process opens a context: a forked child must not inherit one
+    ctx = zmq.Context()
+    curve = Curve(ctx, keys)
+    inbound, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    curve.bind(inbound, ends[1])
+    curve.connect(out, ends[0])
     msg = P.Step(step=0, slices=[P.SeqSlice(seq=0, start=0, n=rows)], decode=rows == 1)
     msg.tensors = {"hidden": torch.randn(rows, hidden).to(torch.bfloat16)}
-
-    def echo():
-        for _ in range(repeats + 1):
-            out = P.decode(b_in.recv_multipart(copy=False))
-            b_out.send_multipart(P.encode(out), copy=False)
-
-    t = threading.Thread(target=echo)
-    t.start()
     times = []
     for _ in range(repeats + 1):  # the first warms the connection
         t0 = time.perf_counter()
-        a_out.send_multipart(P.encode(msg), copy=False)
-        P.decode(a_in.recv_multipart(copy=False))
+        out.send_multipart(P.encode(msg), copy=False)
+        P.decode(inbound.recv_multipart(copy=False))
         times.append((time.perf_counter() - t0) / 2)
-    t.join()
-    for s in (a_in, b_in, a_out, b_out):
+    echo.join(30)
+    for s in (inbound, out):
         s.close(0)
     curve.close()
     ctx.term()
