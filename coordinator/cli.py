@@ -395,7 +395,10 @@ def calibrate(model, text_file, opts):
             res = run_calibrate(model, opts, text, bar.update)
     except (*USER_ERRORS, ValueError, RuntimeError) as e:
         _fail(e)
+    from .calibrate import report_lines
+
     click.echo(f"calibrate: {res['tokens']} tokens; counts of {res['layers']} MoE layers in {res['counts']}")
+    click.echo("\n".join(report_lines(res["routing"])) + f"\n  (saved in {res['routing_path']})")
 
 
 @main.command()
