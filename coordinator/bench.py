@@ -1,7 +1,8 @@
 """`krasis-coord bench MODEL`: prefill and decode speed in the reference's table columns, beside this
 machine's floor measured in the same run (DESIGN.md, Ceilings):
 
-    prefill floor = max(expert bytes streamed / pinned host-to-device bandwidth, FLOPs / matrix rate)
+    prefill floor = max(expert bytes a step streams / pinned host-to-device bandwidth, FLOPs / matrix rate)
+                    (and the one-pass floor: every expert streamed once, the peer comparisons' yardstick)
     decode floor  = expert bytes one token reads from RAM / DRAM read bandwidth
 
 Each figure is also given as the fraction of its floor reached. The prompt is random token ids
@@ -259,7 +260,7 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
     if res["ms_per_tok"]:
         res["decode_split_ms"] = r["step_ms"]  # where a decode token's time goes
     if ceil is not None:
-        res.update(floors(family, out["caches"], prompt_tokens, res, ceil))
+        res.update(floors(family, out["caches"], prompt_tokens, res, ceil, out["workers"]))
     if r["concurrency"]:
         for e in r["concurrency"]:
             e["cpu_share"] = cpu_share(family, e["pool"])
@@ -290,17 +291,30 @@ def ceilings(opts: RuntimeOptions) -> tuple[float | None, float, float]:
     return out
 
 
-def floors(family, caches, prompt_tokens: int, res: dict, ceil: tuple) -> dict:
+def streamed_bytes(workers: list[dict], expert_bytes: int) -> int:
+    """Expert bytes a prefill step copies to the GPUs, as each stage reported it (gpu_worker/
+    experts.py: 0 for persistent, the non-resident layers for layer_grouped); every expert once
+    where a stage's copies depend on the routing (active_only, hcs_prefill)."""
+    per_stage = [w.get("prefill_streamed_bytes") for w in workers if w["role"] == "gpu"]
+    return expert_bytes if not per_stage or None in per_stage else sum(per_stage)
+
+
+def floors(family, caches, prompt_tokens: int, res: dict, ceil: tuple, workers: list[dict]) -> dict:
+    """The floors of this run: prefill from the bytes its steps stream (a step streams each expert
+    at most once, however the prompt is chunked), and, as the peer comparisons use it, the one-pass
+    floor of streaming every expert once; decode from the bytes a token reads from DRAM."""
     h2d, mm, dram = ceil
     c = model_costs(family, caches.gpu_fmt, caches.cpu_fmt, prompt_tokens)
-    # prefill streams each expert once per prompt, however the prompt is chunked
-    streamed = 0 if res["prefill_strategy"] == "persistent" or h2d is None else c["expert_bytes"]
+    streamed = streamed_bytes(workers, c["expert_bytes"]) if h2d else 0
     t_prefill = max(streamed / h2d if h2d else 0.0, c["flops"] / mm)
+    t_one_pass = max(c["expert_bytes"] / h2d if h2d else 0.0, c["flops"] / mm)
     t_decode = c["token_bytes"] / dram
     pf, df = prompt_tokens / t_prefill, 1 / t_decode
     return {
         "h2d_gb_s": h2d / 1e9 if h2d else None, "matmul_tflop_s": mm / 1e12, "dram_gb_s": dram / 1e9,
         "prefill_floor_tok_s": pf, "prefill_fraction": res["prefill_tok_s"] / pf,
+        "prefill_streamed_gb": streamed / 1e9, "prefill_one_pass_floor_tok_s": prompt_tokens / t_one_pass,
+        "prefill_one_pass_fraction": res["prefill_tok_s"] * t_one_pass / prompt_tokens,
         "decode_floor_tok_s": df, "decode_fraction": res["decode_tok_s"] / df,
         "expert_gb": c["expert_bytes"] / 1e9, "prompt_tflop": c["flops"] / 1e12, "token_expert_mb": c["token_bytes"] / 1e6,
     }
