@@ -161,9 +161,10 @@ def test_fp8_kv_cache():
     assert torch.equal(c, k)
 
 
-def test_attention_fast_path_matches_masked():
+@pytest.mark.parametrize("t", [1, 2, 33])  # a one-token prompt is GQA's broadcast on the causal path
+def test_attention_fast_path_matches_masked(t):
     torch.manual_seed(0)
-    q, k, v = torch.randn(33, 4, 16), torch.randn(33, 2, 16), torch.randn(33, 2, 16)
+    q, k, v = torch.randn(t, 4, 16), torch.randn(t, 2, 16), torch.randn(t, 2, 16)
     fast = attend(q, k, v, 0, 0.25)
     masked = attend(q, k, v, 0, 0.25, sliding_window=10**6)  # the mask path, same function
     assert torch.allclose(fast, masked, atol=1e-6)

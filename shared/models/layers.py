@@ -269,7 +269,8 @@ def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torc
         v = F.pad(v, (0, q.shape[-1] - dv))  # MLA: zero value columns add nothing to the output
     q4, k4, v4 = (a.transpose(0, 1).unsqueeze(0) for a in (q, k, v))
     if start == 0 and t == T and sliding_window is None:
-        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+        # a one-token prompt keeps the GQA broadcast too (t = 1 above), so both paths need enable_gqa
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=rep > 1)
     else:
         # a later chunk or a decode step: is_causal would align the triangle to the top left
         mask = _causal_mask(start, t, T, sliding_window, q.device)
