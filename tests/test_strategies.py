@@ -161,13 +161,19 @@ def test_fp8_kv_cache():
     assert torch.equal(c, k)
 
 
-@pytest.mark.parametrize("t", [1, 2, 33])  # a one-token prompt is GQA's broadcast on the causal path
-def test_attention_fast_path_matches_masked(t):
+def test_attention_fast_path_matches_masked():
     torch.manual_seed(0)
-    q, k, v = torch.randn(t, 4, 16), torch.randn(t, 2, 16), torch.randn(t, 2, 16)
+    q, k, v = torch.randn(33, 4, 16), torch.randn(33, 2, 16), torch.randn(33, 2, 16)
     fast = attend(q, k, v, 0, 0.25)
     masked = attend(q, k, v, 0, 0.25, sliding_window=10**6)  # the mask path, same function
     assert torch.allclose(fast, masked, atol=1e-6)
+    # a chunk's queries over every earlier key (bottom-right causal), one query alone, and a
+    # one-token prompt (GQA), each the rows of the whole prompt's attention
+    for start, t in [(20, 13), (32, 1), (0, 1), (5, 9)]:
+        T = start + t
+        part = attend(q[start:T], k[:T], v[:T], start, 0.25)
+        whole = attend(q[:T], k[:T], v[:T], 0, 0.25, sliding_window=10**6)
+        assert torch.allclose(part, whole[start:], atol=1e-6), (start, t)
 
 
 def test_calibrate_counts_every_token_of_the_text(tmp_path):
