@@ -272,6 +272,15 @@ class GGUFSource:
             return torch.stack(parts, dim=-1).flatten(-2)
         return torch.stack(parts, dim=2).flatten(1, 2).transpose(1, 2).contiguous()
 
+    def routed_experts(self, layer: int, part: str, kind: str = "weight") -> tuple[np.ndarray, str] | None:
+        """The raw data of `layer`'s stacked routed experts' `part` (gate, up or down) and its GGUF
+        type name, or None where the file holds no such tensor: [E, rows, cols] for a float type,
+        [E, rows, row bytes] of blocks for a quantized one, each expert's rows and columns as
+        load_expert gives them (the three architectures store them so). The converter reads these
+        a whole block at a time (coordinator/gguf_blocks.py) instead of expert by expert."""
+        t = self._tensors.get(f"blk.{layer}.{_EXPERT_PARTS[part]}.{kind}")
+        return None if t is None else (t.data, t.tensor_type.name)
+
     def source_files(self) -> list[Path]:
         return [self.path]
 
@@ -301,6 +310,9 @@ class CombinedSource:
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._src(name).get(name, dtype)
+
+    def routed_experts(self, layer: int, part: str, kind: str = "weight") -> tuple[np.ndarray, str] | None:
+        return self.experts.routed_experts(layer, part, kind)
 
     def source_files(self) -> list[Path]:
         return self.hf.source_files() + self.experts.source_files()
