@@ -37,7 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT / ".peer" / "llama.cpp"
-BENCH_BIN = PEER / "build" / "bin" / "llama-bench"
+# Beside the source, not in it: carrying .peer/llama.cpp to the GPU machine carries no local build.
+BUILD = {True: ROOT / ".peer" / "build-cuda", False: ROOT / ".peer" / "build-cpu"}
 PROMPTS = (512, 10000)
 DECODE = 64
 # llama-bench's hybrid runs: the issue's -ub 4096, then larger ubatches (16384 with -b 16384: the
@@ -100,18 +101,22 @@ def fetch_source(dest: Path, out: Path) -> None:
 # --- build ------------------------------------------------------------------------------------------
 
 
+def bench_bin(cuda: bool) -> Path:
+    return BUILD[cuda] / "bin" / "llama-bench"
+
+
 def build(out: Path, cuda: bool, jobs: int) -> None:
-    if BENCH_BIN.exists():
-        log(f"{BENCH_BIN} exists; not rebuilding")
+    if bench_bin(cuda).exists():
+        log(f"{bench_bin(cuda)} exists; not rebuilding")
         return
     if not (PEER / "CMakeLists.txt").exists():
         raise SystemExit(f"{PEER} is missing: run --fetch-source where PyPI works and carry .peer")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     backend = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90"] if cuda else ["-DGGML_CUDA=OFF"]
-    run(["cmake", "-S", PEER, "-B", PEER / "build", *gen, *backend, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+    run(["cmake", "-S", PEER, "-B", BUILD[cuda], *gen, *backend, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
          "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=ON"], out / "build.log")
-    run(["cmake", "--build", PEER / "build", "-j", str(jobs), "--target", "llama-bench"], out / "build.log")
+    run(["cmake", "--build", BUILD[cuda], "-j", str(jobs), "--target", "llama-bench"], out / "build.log")
 
 
 # --- gguf ---------------------------------------------------------------------------------------------
@@ -151,11 +156,14 @@ def llama_configs(threads: int) -> dict[str, list[str]]:
     return cfg
 
 
-def run_llama(gguf: Path, out: Path) -> None:
-    if not BENCH_BIN.exists():
-        raise SystemExit(f"{BENCH_BIN} is missing: run --build first")
+def run_llama(gguf: Path, out: Path, cuda: bool, only: list[str] | None) -> None:
+    exe = bench_bin(cuda)
+    if not exe.exists():
+        raise SystemExit(f"{exe} is missing: run --build first")
     for name, args in llama_configs(physical_cores()).items():
-        cmd = [BENCH_BIN, "-m", gguf, *args]
+        if only and name not in only:
+            continue
+        cmd = [exe, "-m", gguf, *args]
         p = run(cmd, out / f"llama_{name}.log")
         rows = json.loads(p.stdout)
         record(out / f"llama_{name}.json", cmd, rows)
@@ -167,9 +175,9 @@ OUR_OPTS = ["--devices", "cuda:0", "--vram-budget", "16", "--gpu-bits", "4", "--
             "--runs", "2", "--decode-tokens", str(DECODE)]
 
 
-def run_ours(gguf: Path, out: Path) -> None:
+def run_ours(gguf: Path, out: Path, prompts: list[int]) -> None:
     coord = shutil.which("krasis-coord") or "krasis-coord"
-    for n in PROMPTS:
+    for n in prompts:
         res = out / f"ours_p{n}.result.json"
         cmd = [coord, "bench", gguf, "--prompt-tokens", str(n), *OUR_OPTS, "--json", res]
         t0 = time.monotonic()
@@ -245,11 +253,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fetch-source", action="store_true", help="download and slim llama.cpp into .peer/llama.cpp")
     ap.add_argument("--build", action="store_true", help="build llama-bench (skipped when it exists)")
-    ap.add_argument("--cpu-only", action="store_true", help="build without CUDA (to check the slimmed tree here)")
+    ap.add_argument("--cpu-only", action="store_true", help="build and run llama-bench without CUDA "
+                    "(to check the slimmed tree and the GGUF where there is no GPU)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="build jobs (default: every core)")
     ap.add_argument("--gguf", action="store_true", help="write the GGUF (skipped when it exists)")
     ap.add_argument("--llama", action="store_true", help="run llama-bench")
+    ap.add_argument("--configs", type=lambda v: v.split(","), help="with --llama: only these of "
+                    f"{', '.join(llama_configs(1))} (each can take minutes: split them over calls)")
     ap.add_argument("--ours", action="store_true", help="run krasis-coord bench")
+    ap.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=list(PROMPTS),
+                    help="with --ours: these prompt lengths (default: 512,10000; one bench each)")
     ap.add_argument("--table", action="store_true", help="print the table from --out's records")
     ap.add_argument("--all", action="store_true", help="--build --gguf --llama --ours --table")
     ap.add_argument("--file", type=Path, default=Path("/tmp/peer/qwen3-30b-a3b-q4_0.gguf"),
@@ -271,9 +284,9 @@ def main(argv=None) -> None:
             a.file.parent.mkdir(parents=True, exist_ok=True)
             write_gguf(a.file, a.seed)
     if a.llama or a.all:
-        run_llama(a.file, a.out)
+        run_llama(a.file, a.out, cuda=not a.cpu_only, only=a.configs)
     if a.ours or a.all:
-        run_ours(a.file, a.out)
+        run_ours(a.file, a.out, a.prompts)
     if a.table or a.all:
         print(table(a.out))
 
