@@ -176,10 +176,9 @@ OUR_OPTS = ["--devices", "cuda:0", "--vram-budget", "16", "--gpu-bits", "4", "--
 
 
 def run_ours(gguf: Path, out: Path, prompts: list[int]) -> None:
-    coord = shutil.which("krasis-coord") or "krasis-coord"
     for n in prompts:
         res = out / f"ours_p{n}.result.json"
-        cmd = [coord, "bench", gguf, "--prompt-tokens", str(n), *OUR_OPTS, "--json", res]
+        cmd = [sys.executable, "-m", "krasis.coordinator", "bench", gguf, "--prompt-tokens", str(n), *OUR_OPTS, "--json", res]
         t0 = time.monotonic()
         run(cmd, out / f"ours_p{n}.log")
         record(out / f"ours_p{n}.json", cmd, json.loads(res.read_text()), wall_s=time.monotonic() - t0)

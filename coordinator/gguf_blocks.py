@@ -42,12 +42,13 @@ def _fp16_scale(blocks: np.ndarray) -> np.ndarray:
 
 def _q4_0_packed(qs: np.ndarray) -> np.ndarray:
     """Q4_0's nibbles (element j low in byte j, element j+16 high in byte j) in our INT4 order
-    (elements 2k, 2k+1 low and high in byte k). Both offset q by 8, so the nibbles move unchanged.
-    Two bytes of the block (elements a, a+1 and a+16, a+17) make one byte of each half."""
-    p = qs.view("<u2")
+    (elements 2k, 2k+1 low and high in byte k). Both offset q by 8, so the nibbles move unchanged:
+    bytes 2k and 2k+1 of the block give byte k of ours from their low nibbles and byte k+8 from
+    their high ones."""
+    even, odd = qs[..., 0::2], qs[..., 1::2]
     out = np.empty(qs.shape, np.uint8)
-    out[..., :8] = (p & 0x0F) | ((p >> 4) & 0xF0)
-    out[..., 8:] = ((p >> 4) & 0x0F) | ((p >> 8) & 0xF0)
+    np.bitwise_or(even & 0x0F, odd << 4, out=out[..., :8])
+    np.bitwise_or(even >> 4, odd & 0xF0, out=out[..., 8:])
     return out
 
 
