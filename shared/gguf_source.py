@@ -79,9 +79,11 @@ def _field(reader, key, default=None):
     return v
 
 
-def gguf_config(path: str | os.PathLike) -> dict:
-    """An HF-style config.json dict from the GGUF metadata (llama.cpp's key names)."""
-    reader, arch = _open(Path(path))
+def gguf_config(path: str | os.PathLike, opened=None) -> dict:
+    """An HF-style config.json dict from the GGUF metadata (llama.cpp's key names). `opened`: the
+    file's (reader, arch) where the caller has it open already (parsing a file's vocabulary takes
+    seconds)."""
+    reader, arch = opened or _open(Path(path))
 
     def get(key, default=None, required=False):
         v = _field(reader, f"{arch}.{key}", default)
@@ -171,7 +173,7 @@ class GGUFSource:
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise GGUFError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, "
                                 f"which is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        cfg = gguf_config(self.path)
+        cfg = gguf_config(self.path, (self._reader, self.arch))
         n_layers = cfg["num_hidden_layers"]
         arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
         tmap = get_tensor_name_map(arch_enum, n_layers)
