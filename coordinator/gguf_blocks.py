@@ -23,6 +23,7 @@ from ..shared.quant import pack_int4, quantize
 BLOCK = 32
 # (GGUF type, our bits) taken block by block at group 32
 NATIVE = {("Q4_0", 4), ("Q4_0", 8), ("Q8_0", 8), ("MXFP4", 8)}
+BYTES = {"Q4_0": 18, "Q8_0": 34, "MXFP4": 17}
 _MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
 
 
@@ -34,10 +35,6 @@ def _bf16_bits(f32: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns, rounding to nearest even as torch's conversion does."""
     u = f32.astype(np.float32).view(np.uint32)
     return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-
-
-def _fp16_scale(blocks: np.ndarray) -> np.ndarray:
-    return _bf16_bits(np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32))
 
 
 def _q4_0_packed(qs: np.ndarray) -> np.ndarray:
@@ -52,43 +49,50 @@ def _q4_0_packed(qs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _native(raw: np.ndarray, qtype: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """raw [..., O, K/32 * block bytes] -> (q in the stored layout, scale bf16 bits [..., O, K/32])."""
-    lead = raw.shape[:-1]
-    if qtype == "Q4_0":
-        blocks = raw.reshape(*lead, -1, 18)
-        scale, qs = _fp16_scale(blocks), blocks[..., 2:]
-        if bits == 4:
-            q = _q4_0_packed(qs)
-        else:
-            q = np.empty((*qs.shape[:-1], BLOCK), np.int8)
-            q[..., :16] = (qs & 0x0F).view(np.int8) - 8
-            q[..., 16:] = (qs >> 4).view(np.int8) - 8
-    elif qtype == "Q8_0":
-        blocks = raw.reshape(*lead, -1, 34)
-        scale, q = _fp16_scale(blocks), blocks[..., 2:].view(np.int8)
-    else:  # MXFP4: d = 2^(e-128), as gguf's e8m0_to_fp32_half; a power of two is exact in bf16
-        blocks = raw.reshape(*lead, -1, 17)
-        e = blocks[..., 0].astype(np.uint16)
-        scale = np.where(e < 2, np.uint16(0x20) << e, (e - 1) << 7).astype(np.uint16)
-        qs = blocks[..., 1:]
-        q = np.empty((*qs.shape[:-1], BLOCK), np.int8)
-        q[..., :16] = _MXFP4_VALUES[qs & 0x0F]
-        q[..., 16:] = _MXFP4_VALUES[qs >> 4]
-    return q.reshape(*lead, -1), scale
+def _blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
+    return raw.reshape(*raw.shape[:-1], -1, BYTES[qtype])
+
+
+def _scales(blocks: np.ndarray, qtype: str) -> np.ndarray:
+    """Each block's d as float32, as gguf.quants computes it."""
+    if qtype == "MXFP4":  # 2^(e-128), gguf's e8m0_to_fp32_half
+        e = blocks[..., 0].astype(np.uint32)
+        return np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).astype(np.uint32).view(np.float32)
+    return np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _values(blocks: np.ndarray, qtype: str) -> np.ndarray:
+    """Each block's 32 integers v (the weight is v * d), int8 [..., blocks, 32], in element order."""
+    if qtype == "Q8_0":
+        return blocks[..., 2:].view(np.int8)
+    qs = blocks[..., 1:] if qtype == "MXFP4" else blocks[..., 2:]
+    v = np.empty((*qs.shape[:-1], BLOCK), np.int8)
+    if qtype == "MXFP4":
+        v[..., :16], v[..., 16:] = _MXFP4_VALUES[qs & 0x0F], _MXFP4_VALUES[qs >> 4]
+    else:
+        v[..., :16], v[..., 16:] = (qs & 0x0F).view(np.int8) - 8, (qs >> 4).view(np.int8) - 8
+    return v
 
 
 def convert(data: np.ndarray, qtype: str, bits: int, group_size: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF tensor data of n experts' weights [n, rows, cols] (raw blocks [n, rows, bytes] for a
     quantized type) -> (q, scales bf16) of shared/quant.py's layout, [n, rows, ...] each."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     from ..shared.quant import group_for
 
-    if native(qtype, bits, group_for(cols, group_size)):
-        q, s = _native(np.asarray(data), qtype, bits)
-        return torch.from_numpy(q), torch.from_numpy(s).view(torch.bfloat16)
-    w = dequantize(np.asarray(data), GGMLQuantizationType[qtype]).reshape(-1, rows, cols)
-    q, s = quantize(torch.from_numpy(np.asarray(w, dtype=np.float32)), bits, group_size)
+    data = np.asarray(data)
+    if qtype in BYTES:
+        blocks = _blocks(data, qtype)
+        d = _scales(blocks, qtype)
+        if native(qtype, bits, group_for(cols, group_size)):
+            q = _q4_0_packed(blocks[..., 2:]) if (qtype, bits) == ("Q4_0", 4) else _values(blocks, qtype)
+            s = torch.from_numpy(_bf16_bits(d)).view(torch.bfloat16)
+            return torch.from_numpy(np.ascontiguousarray(q).reshape(*data.shape[:-1], -1)), s
+        # the same products as gguf.quants.dequantize, without its per-block copies
+        w = (_values(blocks, qtype).astype(np.float32) * d[..., None]).reshape(-1, rows, cols)
+    else:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        w = np.asarray(dequantize(data, GGMLQuantizationType[qtype]), dtype=np.float32).reshape(-1, rows, cols)
+    q, s = quantize(torch.from_numpy(w), bits, group_size)
     return (pack_int4(q) if bits == 4 else q), s
