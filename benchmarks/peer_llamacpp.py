@@ -16,7 +16,17 @@ with --all):
     --table            the markdown table of both, with the ratios (also printed after --all)
 
 Every phase writes its JSON and logs under --out; --table reads them back, so phases may run in
-separate calls. See README.md ("Benchmarks") for the device commands.
+separate calls. On the GPU machine (no registry; gguf and pyzmq travel as wheels, see
+../shared/device/README.md), after `--fetch-source` and `../shared/device/wheels.sh` here, with
+PRE = the device README's pip lines (`python3 -m pip install ... .whl/*.whl && export
+PYTHONPATH=/tmp/site && python3 -m pip install ... -e . &&`), and the records kept in /tmp/peer/out
+(which lives as long as the machine stays warm) and copied to $OUT after each call:
+
+    carry .peer/llama.cpp   python3 benchmarks/peer_llamacpp.py --build --out /tmp/peer/out; cp -r /tmp/peer/out $OUT/
+    carry .whl              PRE python3 benchmarks/peer_llamacpp.py --gguf --llama --out /tmp/peer/out; cp -r /tmp/peer/out $OUT/
+    carry .whl              PRE python3 benchmarks/peer_llamacpp.py --ours --table --out /tmp/peer/out; cp -r /tmp/peer/out $OUT/
+
+(--configs and --prompts split --llama and --ours further if a call would pass 10 minutes.)
 """
 
 from __future__ import annotations
