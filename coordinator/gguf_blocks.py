@@ -15,6 +15,9 @@ re-quantize 16 levels onto 15 and lose more than the scale's rounding. Every oth
 
 from __future__ import annotations
 
+import functools
+
+import numba
 import numpy as np
 import torch
 
@@ -37,16 +40,33 @@ def _bf16_bits(f32: np.ndarray) -> np.ndarray:
     return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
-def _q4_0_packed(qs: np.ndarray) -> np.ndarray:
-    """Q4_0's nibbles (element j low in byte j, element j+16 high in byte j) in our INT4 order
-    (elements 2k, 2k+1 low and high in byte k). Both offset q by 8, so the nibbles move unchanged:
-    bytes 2k and 2k+1 of the block give byte k of ours from their low nibbles and byte k+8 from
-    their high ones."""
-    even, odd = qs[..., 0::2], qs[..., 1::2]
-    out = np.empty(qs.shape, np.uint8)
-    np.bitwise_or(even & 0x0F, odd << 4, out=out[..., :8])
-    np.bitwise_or(even >> 4, odd & 0xF0, out=out[..., 8:])
-    return out
+@functools.cache
+def _fp16_to_bf16() -> np.ndarray:
+    """bf16 bits of every fp16 bit pattern (numpy converts fp16 in software, ~20 ns a value)."""
+    return _bf16_bits(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32))
+
+
+@numba.njit(nogil=True, cache=True)
+def _q4_0_split(blocks: np.ndarray, table: np.ndarray, q: np.ndarray, s: np.ndarray) -> None:
+    """Q4_0 blocks [n, 18] -> q [n, 16] in our INT4 order and s [n] (bf16 bits of the scale through
+    `table`, _fp16_to_bf16), in one pass. Q4_0 has element j low and element j+16 high in byte j;
+    ours has elements 2k and 2k+1 low and high in byte k. Both offset q by 8, so the nibbles move
+    unchanged: bytes 2k and 2k+1 of the block give byte k of ours from their low nibbles and byte
+    k+8 from their high ones. numpy does this at a tenth of the speed (strided byte slices);
+    `_q4_0_split_reference` is that version."""
+    for i in range(blocks.shape[0]):
+        s[i] = table[blocks[i, 0] | (np.uint16(blocks[i, 1]) << 8)]
+        for k in range(8):
+            a, b = blocks[i, 2 + 2 * k], blocks[i, 3 + 2 * k]
+            q[i, k] = (a & 0x0F) | ((b & 0x0F) << 4)
+            q[i, k + 8] = (a >> 4) | (b & 0xF0)
+
+
+def _q4_0_split_reference(blocks: np.ndarray, table: np.ndarray, q: np.ndarray, s: np.ndarray) -> None:
+    even, odd = blocks[:, 2::2], blocks[:, 3::2]
+    np.bitwise_or(even & 0x0F, odd << 4, out=q[:, :8])
+    np.bitwise_or(even >> 4, odd & 0xF0, out=q[:, 8:])
+    s[:] = _bf16_bits(np.ascontiguousarray(blocks[:, :2]).view(np.float16)[:, 0].astype(np.float32))
 
 
 def _blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
@@ -82,13 +102,19 @@ def convert(data: np.ndarray, qtype: str, bits: int, group_size: int, rows: int,
     data = np.asarray(data)
     if qtype in BYTES:
         blocks = _blocks(data, qtype)
-        d = _scales(blocks, qtype)
         if native(qtype, bits, group_for(cols, group_size)):
-            q = _q4_0_packed(blocks[..., 2:]) if (qtype, bits) == ("Q4_0", 4) else _values(blocks, qtype)
-            s = torch.from_numpy(_bf16_bits(d)).view(torch.bfloat16)
-            return torch.from_numpy(np.ascontiguousarray(q).reshape(*data.shape[:-1], -1)), s
+            if (qtype, bits) == ("Q4_0", 4):
+                n = blocks.size // 18
+                q, s = np.empty((n, 16), np.uint8), np.empty(n, np.uint16)
+                _q4_0_split(np.ascontiguousarray(blocks).reshape(n, 18), _fp16_to_bf16(), q, s)
+            elif qtype == "MXFP4":
+                q, s = _values(blocks, qtype), _bf16_bits(_scales(blocks, qtype))
+            else:
+                q, s = _values(blocks, qtype), _fp16_to_bf16()[np.ascontiguousarray(blocks[..., :2]).view(np.uint16)[..., 0]]
+            return (torch.from_numpy(np.ascontiguousarray(q).reshape(*data.shape[:-1], -1)),
+                    torch.from_numpy(s.reshape(blocks.shape[:-1])).view(torch.bfloat16))
         # the same products as gguf.quants.dequantize, without its per-block copies
-        w = (_values(blocks, qtype).astype(np.float32) * d[..., None]).reshape(-1, rows, cols)
+        w = (_values(blocks, qtype).astype(np.float32) * _scales(blocks, qtype)[..., None]).reshape(-1, rows, cols)
     else:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize

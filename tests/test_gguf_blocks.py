@@ -94,6 +94,17 @@ def test_q8_0_from_llama_cpp_quantizer_is_the_float_path():
     assert torch.equal(q, ref_q) and torch.equal(s.view(torch.int16), ref_s.view(torch.int16))
 
 
+def test_q4_0_kernel_matches_its_reference():
+    from krasis.coordinator.gguf_blocks import _fp16_to_bf16, _q4_0_split, _q4_0_split_reference
+
+    blocks = random_blocks("Q4_0", np.random.default_rng(5)).reshape(-1, 18)
+    got = np.empty((len(blocks), 16), np.uint8), np.empty(len(blocks), np.uint16)
+    ref = np.empty((len(blocks), 16), np.uint8), np.empty(len(blocks), np.uint16)
+    _q4_0_split(blocks, _fp16_to_bf16(), *got)
+    _q4_0_split_reference(blocks, _fp16_to_bf16(), *ref)
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+
+
 # --- the converter ---------------------------------------------------------------------------------
 
 MIXED = {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q8_0", "ffn_down_exps": "MXFP4", "ffn_gate_inp": "F32", "": "F16"}
