@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import torch
 
-from ..shared.quant import pack_int4, quantize
+from ..shared.quant import QMAX, pack_int4, quantize
 
 BLOCK = 32
 # (GGUF type, our bits) taken block by block at group 32
@@ -69,6 +69,30 @@ def _q4_0_split_reference(blocks: np.ndarray, table: np.ndarray, q: np.ndarray, 
     s[:] = _bf16_bits(np.ascontiguousarray(blocks[:, :2]).view(np.float16)[:, 0].astype(np.float32))
 
 
+@numba.njit(nogil=True, cache=True)
+def _requantize(v: np.ndarray, d: np.ndarray, g: int, qmax: int, q: np.ndarray, s: np.ndarray) -> None:
+    """shared/quant.py's quantize of the weights v * d (v int8 [R, K], d float32 [R, K/32], one per
+    block) into q int8 [R, K] and bf16 bits s [R, K/g], with the same float32 operations in the
+    same order, so the bytes are the float path's (tests/test_gguf_blocks.py compares them) without
+    its float32 copies of the weights."""
+    f = np.empty(1, np.float32)
+    u = f.view(np.uint32)
+    lo, hi = np.float32(-qmax - 1), np.float32(qmax)
+    for r in range(v.shape[0]):
+        for j in range(v.shape[1] // g):
+            amax = np.float32(0)
+            for k in range(j * g, (j + 1) * g):
+                amax = max(amax, abs(np.float32(v[r, k]) * d[r, k // 32]))
+            f[0] = amax / np.float32(qmax)
+            bits = (u[0] + np.uint32(0x7FFF) + ((u[0] >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            s[r, j] = bits
+            u[0] = bits << np.uint32(16)
+            scale = f[0]
+            for k in range(j * g, (j + 1) * g):
+                x = np.rint(np.float32(v[r, k]) * d[r, k // 32] / scale) if scale > 0 else np.float32(0)
+                q[r, k] = np.int8(min(max(x, lo), hi))
+
+
 def _blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
     return raw.reshape(*raw.shape[:-1], -1, BYTES[qtype])
 
@@ -113,12 +137,15 @@ def convert(data: np.ndarray, qtype: str, bits: int, group_size: int, rows: int,
                 q, s = _values(blocks, qtype), _fp16_to_bf16()[np.ascontiguousarray(blocks[..., :2]).view(np.uint16)[..., 0]]
             return (torch.from_numpy(np.ascontiguousarray(q).reshape(*data.shape[:-1], -1)),
                     torch.from_numpy(s.reshape(blocks.shape[:-1])).view(torch.bfloat16))
-        # the same products as gguf.quants.dequantize, without its per-block copies
-        w = (_values(blocks, qtype).astype(np.float32) * _scales(blocks, qtype)[..., None]).reshape(-1, rows, cols)
+        g = group_for(cols, group_size)
+        v = np.ascontiguousarray(_values(blocks, qtype)).reshape(-1, cols)
+        q, s = np.empty(v.shape, np.int8), np.empty((v.shape[0], cols // g), np.uint16)
+        _requantize(v, np.ascontiguousarray(_scales(blocks, qtype)).reshape(v.shape[0], -1), g, QMAX[bits], q, s)
+        q, s = torch.from_numpy(q).reshape(-1, rows, cols), torch.from_numpy(s).view(torch.bfloat16).reshape(-1, rows, cols // g)
     else:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         w = np.asarray(dequantize(data, GGMLQuantizationType[qtype]), dtype=np.float32).reshape(-1, rows, cols)
-    q, s = quantize(torch.from_numpy(w), bits, group_size)
+        q, s = quantize(torch.from_numpy(w), bits, group_size)
     return (pack_int4(q) if bits == 4 else q), s
