@@ -36,7 +36,6 @@ import datetime
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
