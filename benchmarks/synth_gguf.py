@@ -1,11 +1,14 @@
 """A seeded random GGUF of a Qwen3-MoE shape, as llama.cpp's converter lays one out (tensor names,
 shapes, metadata, a minimal byte-level BPE tokenizer that llama.cpp and krasis both load), written
-tensor by tensor so memory stays near one tensor whatever the model's size. Needs only gguf and
-numpy (the GPU machine has no package registry). Used by peer_llamacpp.py and convert_speed.py.
+tensor by tensor so memory stays near one tensor whatever the model's size. Needs gguf, numpy
+and krasis's synth (torch), all of which the GPU machine has or carries. Used by peer_llamacpp.py and convert_speed.py.
 
 Routed experts are random valid blocks (Q4_0, Q8_0 or MXFP4) with scales that give each weight a
 spread of about 1/sqrt(fan-in); F16/BF16/F32 tensors are normal with the same spread; norms are
-ones; routers are random (the peer's routing is then skewed as our synth's is: see issue 14).
+ones. Routing is made to behave like a trained model's as coordinator/synth.py does it (docs/
+routing.md): the routers are synth's router_weight (orthonormal rows) and the attention output
+projections are drawn synth's ATTN_OUT_STD / DENSE_STD times smaller, so that a token's own state,
+not the context's running mean, decides its experts and the load spreads over them.
 """
 
 from __future__ import annotations
@@ -101,12 +104,17 @@ def _plan(s: dict, expert_type: str, dense_type: str) -> list[tuple[str, tuple[i
     return t + [("output_norm.weight", (h,), "F32"), ("output.weight", (s["vocab"], h), dense_type)]
 
 
-def _data(rng, shape: tuple[int, ...], qtype: str) -> np.ndarray:
+def _data(rng, name: str, shape: tuple[int, ...], qtype: str) -> np.ndarray:
+    from krasis.coordinator.synth import ATTN_OUT_STD, DENSE_STD, router_weight
+
     if len(shape) == 1:
         return np.ones(shape, np.float32)
     if qtype in BLOCK_BYTES:
         return _blocks(rng, qtype, shape[0], shape[1], shape[2])
-    return _dense(rng, shape, qtype, 1 / math.sqrt(shape[-1]))
+    if name.endswith("ffn_gate_inp.weight"):
+        return router_weight(*shape, seed=int(rng.integers(1 << 62))).numpy()
+    std = 1 / math.sqrt(shape[-1])
+    return _dense(rng, shape, qtype, std * ATTN_OUT_STD / DENSE_STD if name.endswith("attn_output.weight") else std)
 
 
 # the metadata llama.cpp's converter writes for qwen3moe: GGUFWriter method, shape key
@@ -143,6 +151,6 @@ def write_qwen3moe_gguf(path, shape: dict, expert_type: str = "Q4_0", dense_type
     w.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
     for name, shp, qtype in plan:
-        w.write_tensor_data(_data(rng, shp, qtype))
+        w.write_tensor_data(_data(rng, name, shp, qtype))
     w.close()
     return Path(path).stat().st_size
