@@ -8,7 +8,8 @@
 16 bits means unquantized: that part is read from the checkpoint and needs no cache.
 
 Conversion streams one layer at a time: the checkpoint is reopened per layer, so the shards mapped
-for the previous layer are unmapped and the resident set stays near one layer's weights.
+for the previous layer are unmapped and the resident set stays near two layers' weights (the one
+being written and the next, converted meanwhile on every core).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from ..shared.expert_store import ExpertFormat, format_expert
 from ..shared.models.family import ModelFamily
 from ..shared.quant import QuantLinear
-from ..shared.weight_cache import CacheWriter, WeightCache, expert_key, fingerprint
+from ..shared.weight_cache import CacheWriter, WeightCache, checksum, expert_key, fingerprint
 from ..shared.weights import open_source
 from .processes import RuntimeOptions
 
@@ -154,10 +156,38 @@ def _per_layer(model_dir: Path, gguf: str | None, groups: list, desc: str):
 
 def _write_experts(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily, fmt: ExpertFormat,
                    layers: list[int]) -> None:
-    for src, layer in _per_layer(model_dir, gguf, layers, f"converting experts to {fmt.describe()}"):
-        for e in range(family.experts(layer).num):
-            for name, t in format_expert(fmt, family, src.get, layer, e).items():
-                w.add(expert_key(layer, e, name), t)
+    """Every core works: a layer's experts are converted in one compiled pass from GGUF blocks
+    (source.quantized_experts) or formatted expert by expert on a thread pool, their checksums are
+    computed on the pool, and the next layer is converted while this one is written."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+
+        def convert_layer(item) -> list[tuple[str, torch.Tensor]]:
+            src, layer = item
+            n = family.experts(layer).num
+            stacked = src.quantized_experts(layer, fmt) if hasattr(src, "quantized_experts") else None
+            if stacked is not None:
+                experts = [{name: t[e] for name, t in stacked.items()} for e in range(n)]
+            else:
+                experts = pool.map(lambda e: format_expert(fmt, family, src.get, layer, e), range(n))
+            return [(expert_key(layer, e, name), t) for e, ts in enumerate(experts) for name, t in ts.items()]
+
+        for tensors in _one_ahead(convert_layer, _per_layer(model_dir, gguf, layers, f"converting experts to {fmt.describe()}")):
+            for (key, t), crc in zip(tensors, pool.map(checksum, [t for _, t in tensors])):
+                w.add(key, t, crc)
+
+
+def _one_ahead(fn, items):
+    """fn(item) for each item, in order, with fn of the next item running while the caller uses the
+    current result (at most two results exist at once)."""
+    with ThreadPoolExecutor(1) as ahead:
+        pending = None
+        for item in items:
+            nxt = ahead.submit(fn, item)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
 
 
 def _write_dense(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily) -> None:

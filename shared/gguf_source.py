@@ -9,7 +9,9 @@ gpt-oss keep HF order), so nothing is undone there. Routed experts are stacked p
 presented per expert; gpt-oss as its fused HF tensors (gate and up columns interleaved again).
 DeepSeek-V2's kv_b_proj is one tensor (attn_kv_b) in older files; the converter now writes it split
 per head into attn_k_b (transposed) and attn_v_b for llama.cpp's absorbed MLA, which we join again.
-Weights are dequantized one expert (or one tensor) at a time with gguf.quants.dequantize.
+Weights are dequantized one expert (or one tensor) at a time with gguf.quants.dequantize; routed
+experts of Q4_0, Q8_0 and MXFP4 going into an INT4/INT8 cache skip that and are converted a layer
+at a time from their blocks (quantized_experts, shared/gguf_quant.py).
 
 The file's metadata also yields an HF-style config dict (gguf_config) and, in the coordinator, the
 tokenizer and chat template (coordinator/tokenizer.py).
@@ -17,6 +19,7 @@ tokenizer and chat template (coordinator/tokenizer.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -36,12 +39,22 @@ class GGUFError(WeightError):
 
 
 def _open(path: Path):
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise GGUFError(f"GGUF file {path} does not exist")
+    st = path.stat()
+    return _open_version(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_version(path: str, size: int, mtime_ns: int):
+    """The parsed header of one version of a file, kept: parsing a real model's metadata (150K
+    tokenizer strings) takes seconds, and conversion and config reading open the file many times.
+    Keeping it open costs no memory: tensor data is read with pread (GGUFSource._read), never
+    through the reader's mapping, whose pages would otherwise stay counted in the process's RSS."""
+    from gguf import GGUFReader
+
     try:
-        reader = GGUFReader(str(path))
+        reader = GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a truncated or corrupt file
         raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}".splitlines()[0]) from None
     arch = _field(reader, "general.architecture")
@@ -235,19 +248,33 @@ class GGUFSource:
         E, rows, cols = parts[0]
         return (E, cols, rows * len(parts))  # [E, rows, cols] -> HF's [E, in, out] (gate and up fused)
 
+    def _read(self, gname: str, index: int | None = None) -> np.ndarray:
+        """Tensor `gname` (or its slice `index` along the first dimension) as the reader's array
+        type, read from the file into private memory (see _open_version)."""
+        t = self._tensors[gname]
+        shape, dtype = t.data.shape, t.data.dtype  # the mapping's metadata: no page is touched
+        offset = t.data_offset
+        if index is not None:
+            shape = shape[1:]
+            offset += index * int(np.prod(shape)) * dtype.itemsize
+        count = int(np.prod(shape))
+        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
+        if arr.size != count:
+            raise GGUFError(f"{self.path}: tensor {gname} cannot be read (truncated file?)")
+        return arr.reshape(shape)
+
     def _dequant(self, gname: str, index: int | None = None) -> torch.Tensor:
         from gguf.quants import dequantize
 
         t = self._tensors[gname]
-        data = t.data if index is None else t.data[index]
         shape = tuple(int(s) for s in reversed(t.shape))
         if index is not None:
             shape = shape[1:]
         try:
-            arr = dequantize(np.asarray(data), t.tensor_type)
+            arr = dequantize(self._read(gname, index), t.tensor_type)
         except (ValueError, IndexError) as e:
             raise GGUFError(f"{self.path}: tensor {gname} cannot be read (truncated file?): {e}") from None
-        return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)  # a copy: the file is mapped read-only
+        return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(shape)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self:
@@ -263,6 +290,27 @@ class GGUFSource:
         else:
             t = self._fused(name)
         return t if dtype is None else t.to(dtype)
+
+    def quantized_experts(self, layer: int, fmt) -> dict[str, torch.Tensor] | None:
+        """Every routed expert of `layer` in the quantized ExpertFormat `fmt`, stacked [E, ...] under
+        the store's names: converted from the file's blocks without a float copy when every part
+        is of a type shared/gguf_quant.py takes (its bytes are those of format_expert, expert by
+        expert); None otherwise. ffn_{gate,up,down}_exps hold [E, rows, K] in every architecture,
+        so gate and up rows stack into w13 as format_expert stacks them."""
+        from .gguf_quant import FAST_TYPES, convert
+
+        parts = {p: self._tensors.get(f"blk.{layer}.{g}.weight") for p, g in _EXPERT_PARTS.items()}
+        if any(t is None or t.tensor_type.name not in FAST_TYPES for t in parts.values()):
+            return None
+        bits = int(fmt.kind.removeprefix("int"))
+        (gq, gs), (uq, us), (dq, ds) = (convert(self._read(t.name), t.tensor_type.name, bits, fmt.group_size)
+                                        for t in parts.values())
+        out = {"w13.q": torch.cat([gq, uq], dim=1), "w13.s": torch.cat([gs, us], dim=1), "w2.q": dq, "w2.s": ds}
+        biases = {p: f"blk.{layer}.{g}.bias" for p, g in _EXPERT_PARTS.items()}
+        if all(b in self._tensors for b in biases.values()):
+            out["b13"] = torch.cat([self._dequant(biases["gate"]), self._dequant(biases["up"])], dim=1)
+            out["b2"] = self._dequant(biases["down"])
+        return out
 
     def _fused(self, name: str) -> torch.Tensor:
         """gpt-oss's HF expert tensors from llama.cpp's split ones: gate and up interleaved again
@@ -304,6 +352,9 @@ class CombinedSource:
 
     def source_files(self) -> list[Path]:
         return self.hf.source_files() + self.experts.source_files()
+
+    def quantized_experts(self, layer: int, fmt) -> dict[str, torch.Tensor] | None:
+        return self.experts.quantized_experts(layer, fmt)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         # Expert tensors the model does not name would be ignored while the model's own are read instead.

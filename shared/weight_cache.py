@@ -49,6 +49,11 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def checksum(t: torch.Tensor) -> int:
+    """The crc32 a cache records for tensor `t` (zlib releases the GIL while it runs)."""
+    return zlib.crc32(_as_bytes(t.detach().cpu().contiguous()).numpy())
+
+
 def fingerprint(files: list[Path]) -> list[dict]:
     """What identifies the source weights: each file's name, size and modification time."""
     out = []
@@ -71,10 +76,12 @@ class CacheWriter:
         self.off = DATA_START
         self.header = {"version": VERSION, "kind": kind, "options": options, "sources": sources, "tensors": {}}
 
-    def add(self, name: str, t: torch.Tensor) -> None:
+    def add(self, name: str, t: torch.Tensor, crc: int | None = None) -> None:
+        """Append tensor `name`; `crc`, when given, is checksum(t) computed elsewhere (conversion
+        checksums a layer's tensors on several threads, then writes them in order)."""
         t = t.detach().cpu().contiguous()
         data = _as_bytes(t).numpy()
-        crc = zlib.crc32(data)
+        crc = zlib.crc32(data) if crc is None else crc
         self.f.write(data)
         self.header["tensors"][name] = [str(t.dtype).removeprefix("torch."), list(t.shape), self.off, data.nbytes, crc]
         self.off += data.nbytes
