@@ -479,3 +479,34 @@ def test_bad_gguf_files_get_clear_errors(hf_qwen3, dsv2, gpt_oss, tmp_path):
     for args in ((tmp_path / "cut.gguf",), (dsv2["hf"], "--gguf", tmp_path / "q2k.gguf")):
         p = tm.krasis("generate", *args, "--prompt-ids", "1,2", check=False)
         assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_cache_from_gguf_blocks_is_the_float_paths(hf_qwen3, gpt_oss, tmp_path):
+    """Experts of Q4_0, Q8_0 and MXFP4 (gpt-oss's, with biases) go into INT4 and INT8 caches from
+    their blocks (GGUFSource.quantized_experts), and each expert's bytes are those of the float
+    path: format_expert over the dequantized weights."""
+    from krasis.coordinator.convert import expert_format, prepare
+    from krasis.coordinator.processes import RuntimeOptions
+    from krasis.shared.expert_store import format_expert
+    from krasis.shared.weight_cache import WeightCache, expert_key
+    from krasis.shared.weights import load_family, open_source
+
+    def as_bytes(t):
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    model = tm.reference_model(hf_qwen3)
+    plan = {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q8_0", "ffn_down_exps": "Q4_0", "": "F32"}
+    write_qwen3(tmp_path / "q.gguf", model.config, numpy_state(model), plan)
+    for path in (tmp_path / "q.gguf", gpt_oss["alone"]):
+        fam, src = load_family(path), open_source(path)
+        for bits, group in ((4, 32), (8, 64)):
+            fmt = expert_format(bits, torch.float32, group)
+            assert src.quantized_experts(fam.num_layers - 1, fmt) is not None
+            opts = RuntimeOptions(cpu_bits=bits, group_size=group, cache_dir=str(tmp_path / f"{path.name}-{bits}"))
+            with WeightCache(prepare(path, fam, opts, log=lambda _: None).cpu) as cache:
+                for layer in range(fam.num_layers):
+                    for e in range(fam.experts(layer).num):
+                        want = format_expert(fmt, fam, src.get, layer, e)
+                        assert {f"{layer}.{e}.{n}" for n in want} <= set(cache.names())
+                        for name, t in want.items():
+                            assert torch.equal(as_bytes(cache.tensor(expert_key(layer, e, name))), as_bytes(t)), (path, name)
