@@ -108,8 +108,8 @@ def _convert(raw, kind, bits, group, q, s):
                         vals[kk - k0] = sign * codes[kk]
                 elif sf > 0:
                     for kk in range(k, end):
-                        v = np.rint(d * np.float32(codes[kk]) / sf)
-                        vals[kk - k0] = np.int32(min(max(v, np.float32(-qmax - 1)), np.float32(qmax)))
+                        v = np.int32(np.rint(d * np.float32(codes[kk]) / sf))  # sf >= ~max|w| / 2 qmax: fits
+                        vals[kk - k0] = min(max(v, -qmax - 1), qmax)
                 else:
                     vals[k - k0 : end - k0] = 0
                 k = end
