@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="convert_speed-"))
     root.mkdir(parents=True, exist_ok=True)
-    shape = qwen3_gguf.SHAPE | {"num_hidden_layers": a.layers, "num_experts": a.experts, "vocab_size": 1000}
+    shape = qwen3_gguf.SHAPE | {"num_hidden_layers": a.layers, "num_experts": a.experts, "vocab_size": 1000,
+                                "num_experts_per_tok": min(a.experts, qwen3_gguf.SHAPE["num_experts_per_tok"])}
     H, I = shape["hidden_size"], shape["moe_intermediate_size"]
     rows = []
     try:

@@ -177,7 +177,8 @@ def main(argv=None) -> None:
     p.add_argument("--expert-type", default="Q4_0", choices=["Q4_0", "Q8_0", "MXFP4"])
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    shape = SHAPE | {"num_hidden_layers": a.layers, "num_experts": a.experts, "vocab_size": a.vocab}
+    shape = SHAPE | {"num_hidden_layers": a.layers, "num_experts": a.experts, "vocab_size": a.vocab,
+                     "num_experts_per_tok": min(a.experts, SHAPE["num_experts_per_tok"])}
     r = write(a.out, shape, a.expert_type, a.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{a.out}: {r['bytes'] / 1e9:.2f} GB ({r['expert_bytes'] / 1e9:.2f} GB routed experts) in {r['seconds']:.0f} s")
 
