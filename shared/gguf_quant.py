@@ -1,16 +1,20 @@
 """GGUF expert blocks (Q4_0, Q8_0, MXFP4) straight into our INT4/INT8 layout (shared/quant.py), in
 one compiled pass over the file's bytes on every core.
 
-The result is byte for byte what the float path gives (`reference`: gguf.quants.dequantize, then
-quant.quantize), so a cache does not depend on how it was built: each row is decoded into float32
-exactly as gguf.quants.dequantize decodes it (the products of a small integer and an fp16 or
-power-of-two scale are exact), then quantized with the scheme's float32 arithmetic (scale =
-bf16(max|w| / qmax), q = round_half_even(w / scale), clamped). Where the scheme's result is known
-without that arithmetic, it is taken from the block's integers: at group size 32, a Q4_0 block
-(into INT4) or a Q8_0 block (into INT8) whose largest code is qmax keeps its codes (negated when d
-is negative) and gets scale bf16(|d|); the codes survive the scale's rounding because
-qmax * 2^-9 < 1/2. docs/quantization.md says which blocks keep their values and which are
-re-quantized, and why the scheme was not bent to keep them all.
+Where a block is one of our groups and its codes fit our codes (Q4_0 into INT4, Q8_0 into INT8, at
+group size 32), the block is kept: its codes are stored as they are and its fp16 scale d rounded to
+bf16, so the weights are the file's exactly when d has at most 8 significant bits, and within
+2^-8 of them (relative) otherwise. A negative d is taken as |d| with the codes negated, as the
+scheme does, except in a block that uses code -qmax-1 (Q4_0's -8, which llama.cpp's quantizer gives
+every block's largest weight), whose negation does not fit: there the stored scale is negative.
+Where the scheme's own result keeps the codes (the largest code is qmax), the kept block is byte
+for byte that result.
+
+Everything else is re-quantized, and byte for byte what the float path gives (`reference`:
+gguf.quants.dequantize, then quant.quantize): each row is decoded into float32 exactly as
+gguf.quants.dequantize decodes it (a small integer times an fp16 or power-of-two scale is exact),
+then quantized with the scheme's float32 arithmetic (scale = bf16(max|w| / qmax), q =
+round_half_even(w / scale), clamped). docs/quantization.md has the table and the reasons.
 
 Speed is what this is for: the float path runs numpy over each expert in turn (one core, several
 passes through memory per weight); this reads each source byte once and writes each output byte
@@ -70,13 +74,12 @@ def _block(row, kind, b, codes):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _convert(raw, kind, bits, group, q, s):
-    """raw uint8 [R, row bytes] -> q (uint8 [R, K/2] or int8 [R, K]), s (bf16 bits, uint16 [R, K/g])."""
+def _convert(raw, kind, bits, group, keeps, q, s):
+    """raw uint8 [R, row bytes] -> q (uint8 [R, K/2] or int8 [R, K]), s (bf16 bits, uint16 [R, K/g]);
+    `keeps`: blocks are groups whose codes fit ours (keeps_blocks)."""
     R, G = raw.shape[0], s.shape[1]
     K = G * group
     qmax = 7 if bits == 4 else 127
-    # a block whose largest code is qmax keeps its codes (module docstring)
-    keeps = group == QK and ((kind == 0 and bits == 4) or (kind == 1 and bits == 8))
     for r in prange(R):
         row = raw[r]
         codes = np.empty(K, np.int32)
@@ -86,33 +89,35 @@ def _convert(raw, kind, bits, group, q, s):
             ds[b] = _block(row, kind, b, codes)
         for g in range(G):
             k0, k1 = g * group, (g + 1) * group
-            # max|w| from the codes: |d * c| = |d| * |c| exactly, so per block it is |d| * max|c|
-            amax, m, k = np.float32(0.0), 0, k0
-            while k < k1:
-                end = min(k1, (k // QK + 1) * QK)
-                m = 0
-                for kk in range(k, end):
-                    m = max(m, abs(codes[kk]))
-                amax = max(amax, np.float32(m) * abs(ds[k // QK]))
-                k = end
-            sb = f32_to_bf16(amax / np.float32(qmax))
-            s[r, g] = sb
-            sf = bf16_to_f32(sb)
-            k = k0
-            while k < k1:
-                end = min(k1, (k // QK + 1) * QK)
-                d = ds[k // QK]
-                if keeps and m == qmax and d != 0 and np.isfinite(d):
-                    sign = 1 if d > 0 else -1
+            d = ds[g] if keeps else np.float32(0.0)
+            if keeps and d != 0 and np.isfinite(d):
+                # d > 0, or d < 0 with no code at -qmax-1 to negate: the scheme's own result (when
+                # its largest code is qmax); else the scale keeps d's sign
+                flip = d < 0
+                for k in range(k0, k1):
+                    flip = flip and codes[k] != -qmax - 1
+                sign = -1 if flip else 1
+                s[r, g] = f32_to_bf16(-d if flip else d)
+                for k in range(k0, k1):
+                    vals[k - k0] = sign * codes[k]
+            else:
+                # max|w| from the codes: |d * c| = |d| * |c| exactly, so per block it is |d| * max|c|
+                amax, k = np.float32(0.0), k0
+                while k < k1:
+                    end = min(k1, (k // QK + 1) * QK)
+                    m = 0
                     for kk in range(k, end):
-                        vals[kk - k0] = sign * codes[kk]
-                elif sf > 0:
-                    for kk in range(k, end):
-                        v = np.int32(np.rint(d * np.float32(codes[kk]) / sf))  # sf >= ~max|w| / 2 qmax: fits
-                        vals[kk - k0] = min(max(v, -qmax - 1), qmax)
-                else:
-                    vals[k - k0 : end - k0] = 0
-                k = end
+                        m = max(m, abs(codes[kk]))
+                    amax = max(amax, np.float32(m) * abs(ds[k // QK]))
+                    k = end
+                sb = f32_to_bf16(amax / np.float32(qmax))
+                s[r, g] = sb
+                sf = bf16_to_f32(sb)
+                for k in range(k0, k1):
+                    v = 0
+                    if sf > 0:  # int32 holds it: sf >= ~max|w| / (2 qmax)
+                        v = min(max(np.int32(np.rint(ds[k // QK] * np.float32(codes[k]) / sf)), -qmax - 1), qmax)
+                    vals[k - k0] = v
             if bits == 8:
                 for j in range(group):
                     q[r, k0 + j] = vals[j]
@@ -131,13 +136,19 @@ def convert(raw: np.ndarray, qtype: str, bits: int, group_size: int) -> tuple[to
     flat = np.ascontiguousarray(raw).reshape(-1, row_bytes)
     q = np.empty((flat.shape[0], k // 2 if bits == 4 else k), np.uint8 if bits == 4 else np.int8)
     s = np.empty((flat.shape[0], k // g), np.uint16)
-    _convert(flat, _KIND[qtype], bits, g, q, s)
+    _convert(flat, _KIND[qtype], bits, g, keeps_blocks(qtype, bits, g), q, s)
     return (torch.from_numpy(q.reshape(*lead, q.shape[-1])),
             torch.from_numpy(s.reshape(*lead, s.shape[-1])).view(torch.bfloat16))
 
 
+def keeps_blocks(qtype: str, bits: int, group_size: int) -> bool:
+    """Whether `convert` keeps blocks whose scale is finite and not zero (module docstring)."""
+    return group_size == QK and (qtype, bits) in (("Q4_0", 4), ("Q8_0", 8))
+
+
 def reference(raw: np.ndarray, qtype: str, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float path `convert` must match: gguf's dequantization, then the scheme's quantization."""
+    """The float path: gguf's dequantization, then the scheme's quantization (what `convert` gives
+    for every block it does not keep)."""
     import gguf
 
     w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype)), np.float32))

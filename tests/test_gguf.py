@@ -483,8 +483,9 @@ def test_bad_gguf_files_get_clear_errors(hf_qwen3, dsv2, gpt_oss, tmp_path):
 
 def test_cache_from_gguf_blocks_is_the_float_paths(hf_qwen3, gpt_oss, tmp_path):
     """Experts of Q4_0, Q8_0 and MXFP4 (gpt-oss's, with biases) go into INT4 and INT8 caches from
-    their blocks (GGUFSource.quantized_experts), and each expert's bytes are those of the float
-    path: format_expert over the dequantized weights."""
+    their blocks (GGUFSource.quantized_experts), and where blocks are re-quantized (groups other
+    than 32: tests/test_gguf_quant.py covers kept blocks) each expert's bytes are those of the
+    float path: format_expert over the dequantized weights."""
     from krasis.coordinator.convert import expert_format, prepare
     from krasis.coordinator.processes import RuntimeOptions
     from krasis.shared.expert_store import format_expert
@@ -499,7 +500,7 @@ def test_cache_from_gguf_blocks_is_the_float_paths(hf_qwen3, gpt_oss, tmp_path):
     write_qwen3(tmp_path / "q.gguf", model.config, numpy_state(model), plan)
     for path in (tmp_path / "q.gguf", gpt_oss["alone"]):
         fam, src = load_family(path), open_source(path)
-        for bits, group in ((4, 32), (8, 64)):
+        for bits, group in ((4, 64), (8, 128)):
             fmt = expert_format(bits, torch.float32, group)
             assert src.quantized_experts(fam.num_layers - 1, fmt) is not None
             opts = RuntimeOptions(cpu_bits=bits, group_size=group, cache_dir=str(tmp_path / f"{path.name}-{bits}"))

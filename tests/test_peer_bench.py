@@ -28,6 +28,7 @@ def test_written_file_is_served_from_its_blocks(tmp_path):
     from krasis.coordinator.convert import expert_format
     from krasis.shared.expert_store import format_expert
     from krasis.shared.gguf_source import gguf_tokenizer
+    from krasis.shared.quant import dequantize_q, unpack_int4
     from krasis.shared.weights import load_config, load_family, open_source
 
     shape = qwen3_gguf.SHAPE | dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, vocab_size=400, hidden_size=256,
@@ -44,10 +45,12 @@ def test_written_file_is_served_from_its_blocks(tmp_path):
     tok, special, template = gguf_tokenizer(path)
     assert tok.decode(tok.encode("the quick brown fox").ids) == "the quick brown fox"
     assert special["eos_token"] == "<|im_end|>" and "<|im_start|>" in template
-    fmt = expert_format(4, torch.bfloat16, 32)
-    fast = src.quantized_experts(1, fmt)
     w = src.get("model.layers.1.mlp.experts.3.down_proj.weight")
     assert 0.015 < w.std() < 0.025  # the scales aim at trained weights' spread
+    fast = src.quantized_experts(1, expert_format(4, torch.bfloat16, 32))  # Q4_0 blocks kept
+    assert torch.allclose(dequantize_q(unpack_int4(fast["w2.q"][3]), fast["w2.s"][3]), w, rtol=2**-8, atol=0)
+    fmt = expert_format(4, torch.bfloat16, 64)  # re-quantized: the float path's bytes
+    fast = src.quantized_experts(1, fmt)
     for name, t in format_expert(fmt, fam, src.get, 1, 3).items():
         assert torch.equal(fast[name][3].view(torch.uint8), t.view(torch.uint8))
 
