@@ -8,8 +8,8 @@
 16 bits means unquantized: that part is read from the checkpoint and needs no cache.
 
 Conversion streams one layer at a time: the checkpoint is reopened per layer, so the shards mapped
-for the previous layer are unmapped and the resident set stays near two layers' weights (the one
-being written and the next, converted meanwhile on every core).
+for the previous layer are unmapped and the resident set stays near one layer's weights (from a
+GGUF file, two layers' output: the one being written and the next, converted meanwhile).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..shared.expert_store import ExpertFormat, format_expert
 from ..shared.models.family import ModelFamily
 from ..shared.quant import QuantLinear
 from ..shared.weight_cache import CacheWriter, WeightCache, checksum, expert_key, fingerprint
-from ..shared.weights import open_source
+from ..shared.weights import is_gguf, open_source
 from .processes import RuntimeOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -156,22 +156,33 @@ def _per_layer(model_dir: Path, gguf: str | None, groups: list, desc: str):
 
 def _write_experts(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily, fmt: ExpertFormat,
                    layers: list[int]) -> None:
-    """Every core works: a layer's experts are converted in one compiled pass from GGUF blocks
-    (source.quantized_experts) or formatted expert by expert on a thread pool, their checksums are
-    computed on the pool, and the next layer is converted while this one is written."""
+    """From a GGUF file every core works: a layer's experts are converted in one compiled pass from
+    their blocks (source.quantized_experts) or formatted expert by expert on a thread pool, their
+    checksums are computed on the pool, and the next layer is converted while this one is written.
+    Safetensors experts are formatted one at a time in this thread (torch spreads each over the
+    cores), so the resident set stays at one layer of the checkpoint (tests/test_memory.py)."""
+    from_gguf = bool(gguf) or is_gguf(model_dir)
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
 
-        def convert_layer(item) -> list[tuple[str, torch.Tensor]]:
-            src, layer = item
+        def layer_tensors(src, layer):
+            """(cache name, tensor) of every expert of the layer, as they are made."""
             n = family.experts(layer).num
-            stacked = src.quantized_experts(layer, fmt) if hasattr(src, "quantized_experts") else None
+            stacked = src.quantized_experts(layer, fmt) if from_gguf else None
             if stacked is not None:
-                experts = [{name: t[e] for name, t in stacked.items()} for e in range(n)]
+                experts = ({name: t[e] for name, t in stacked.items()} for e in range(n))
             else:
-                experts = pool.map(lambda e: format_expert(fmt, family, src.get, layer, e), range(n))
-            return [(expert_key(layer, e, name), t) for e, ts in enumerate(experts) for name, t in ts.items()]
+                experts = (pool.map if from_gguf else map)(lambda e: format_expert(fmt, family, src.get, layer, e), range(n))
+            for e, ts in enumerate(experts):
+                for name, t in ts.items():
+                    yield expert_key(layer, e, name), t
 
-        for tensors in _one_ahead(convert_layer, _per_layer(model_dir, gguf, layers, f"converting experts to {fmt.describe()}")):
+        sources = _per_layer(model_dir, gguf, layers, f"converting experts to {fmt.describe()}")
+        if not from_gguf:
+            for src, layer in sources:
+                for key, t in layer_tensors(src, layer):
+                    w.add(key, t)
+            return
+        for tensors in _one_ahead(lambda item: list(layer_tensors(*item)), sources):
             for (key, t), crc in zip(tensors, pool.map(checksum, [t for _, t in tensors])):
                 w.add(key, t, crc)
 
