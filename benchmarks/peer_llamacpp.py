@@ -1,42 +1,41 @@
-"""llama.cpp and us on one GGUF file in one run (issue 14, item 2), phase by phase so that each
-phase fits one 10-minute call on the GPU machine.
+"""Same file, same run: llama.cpp's llama-bench and our `krasis-coord bench` on ONE GGUF of the
+Qwen3-30B-A3B shape (Q4_0 routed experts, F16 attention; seeded random weights), on one GPU machine.
 
-    python benchmarks/peer_llamacpp.py --fetch-source            # here, where PyPI works
-    python benchmarks/peer_llamacpp.py --build                    # GPU machine: llama-bench, sm_90
-    python benchmarks/peer_llamacpp.py --gguf                     # the Qwen3-30B-A3B-shaped Q4_0 file
-    python benchmarks/peer_llamacpp.py --llama                    # llama-bench on it
-    python benchmarks/peer_llamacpp.py --ours                     # krasis-coord bench on it
-    python benchmarks/peer_llamacpp.py --report                   # the table again, from --out
-    (--all: build, gguf, llama, ours, in order)
+Phases, each small enough for one 10-minute call on the GPU machine, selected by flags (in this order
+with --all):
 
---fetch-source downloads llama-cpp-python's sdist (`pip download --no-binary :all: --no-deps`),
-takes the llama.cpp it vendors, and keeps what a CPU + CUDA build of llama-bench needs (CMake files,
-include/, src/, common/, vendor/, ggml/ with its CPU and CUDA backends only, tools/llama-bench) in
-.peer/llama.cpp (git-ignored; ~25 MB, small enough to travel to the GPU machine as a `carry` path).
-tools/CMakeLists.txt is rewritten to add llama-bench alone.
---build configures with CUDA for sm_90 (or --cpu-only) into .peer/build, outside the carried source
-so that later calls, which replace .peer/llama.cpp, keep it; it does nothing when the binary exists.
---gguf writes ONE file with benchmarks/qwen3_gguf.py (numpy + gguf only): the Qwen3-30B-A3B shape,
-Q4_0 routed experts, F16 attention, seeded random weights; skipped when it exists.
---llama runs llama-bench (-o json, threads = physical cores, -p 512,10000 -n 64):
-    hybrid at -ub 4096 (the issue's setting), a sweep of -ub for pp10000 to find its best, hybrid
-    at that best, and everything in VRAM. Hybrid = -ngl 99 --n-cpu-moe LAYERS -fa 1. -b = -ub
-    (llama.cpp clamps -ub to -b).
---ours runs `krasis-coord bench FILE --devices cuda:0 --vram-budget 16` plus --ours-args (default:
-    the same bytes per weight as Q4_0, INT4 with groups of 32 on both sides), once per prompt
-    length; the first call converts the file's experts into the cache beside it.
-Every phase writes its JSON and logs into --out, and each call ends by printing the table of what
---out holds: both sides, the ratios (ours / llama.cpp), with date, device and command lines.
+    --fetch-source     (where PyPI works, not on the GPU machine) pip-downloads llama-cpp-python's
+                       sdist, unpacks the llama.cpp it vendors and slims it into .peer/llama.cpp
+                       (git-ignored): only what llama-bench with the CPU and CUDA backends needs
+    --build            configures and builds llama-bench (CUDA for sm_90) in .peer/llama.cpp/build;
+                       skipped when the binary is already there
+    --gguf             writes the GGUF (gguf + numpy only), tensor by tensor
+    --llama            llama-bench: hybrid (experts on the CPU) at -ub 4096 and larger ubatches, and
+                       everything in VRAM; pp512, pp10000 and tg64
+    --ours             krasis-coord bench on the same file, prompts of 512 and 10000 tokens
+    --table            the markdown table of both, with the ratios (also printed after --all)
+
+Every phase writes its JSON and logs under --out; --table reads them back, so phases may run in
+separate calls. On the GPU machine (no registry; gguf and pyzmq travel as wheels, see
+../shared/device/README.md), after `--fetch-source` and `../shared/device/wheels.sh` here, with
+PRE = the device README's pip lines (`python3 -m pip install ... .whl/*.whl && export
+PYTHONPATH=/tmp/site && python3 -m pip install ... -e . &&`), and the records kept in /tmp/peer/out
+(which lives as long as the machine stays warm) and copied to $OUT after each call:
+
+    carry .peer/llama.cpp   python3 benchmarks/peer_llamacpp.py --build --out /tmp/peer/out; cp -r /tmp/peer/out $OUT/
+    carry .whl              PRE python3 benchmarks/peer_llamacpp.py --gguf --llama --out /tmp/peer/out; cp -r /tmp/peer/out $OUT/
+    carry .whl              PRE python3 benchmarks/peer_llamacpp.py --ours --table --out /tmp/peer/out; cp -r /tmp/peer/out $OUT/
+
+(--configs and --prompts split --llama and --ours further if a call would pass 10 minutes.)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
-import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -46,267 +45,258 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PEER = ROOT / ".peer"
-KEEP = ["CMakeLists.txt", "LICENSE", "licenses", "cmake", "include", "src", "common", "vendor", "ggml", "tools/llama-bench"]
-GGML_BACKENDS_KEPT = ("ggml-cpu", "ggml-cuda")
+PEER = ROOT / ".peer" / "llama.cpp"
+# Beside the source, not in it: carrying .peer/llama.cpp to the GPU machine carries no local build.
+BUILD = {True: ROOT / ".peer" / "build-cuda", False: ROOT / ".peer" / "build-cpu"}
 PROMPTS = (512, 10000)
 DECODE = 64
-UB_SWEEP = (1024, 2048, 4096, 8192, 16384)
-OURS_ARGS = "--gpu-bits 4 --cpu-bits 4 --group-size 32"
+# llama-bench's hybrid runs: the issue's -ub 4096, then larger ubatches (16384 with -b 16384: the
+# whole 10K prompt in one ubatch, llama.cpp's best there); the best of them is "hybrid, best -ub".
+HYBRID_UB = ((4096, 4096), (8192, 8192), (16384, 16384))
+# What llama-bench needs from the vendored tree; everything else (docs, models, tests, examples,
+# the other ggml backends, the server's web UI) stays behind.
+KEEP = ["CMakeLists.txt", "cmake", "common", "ggml", "include", "src", "vendor", "tools/llama-bench", "LICENSE",
+        "licenses"]
+GGML_BACKENDS_KEPT = {"ggml-cpu", "ggml-cuda"}
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[peer {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], logfile: Path, capture: bool = False) -> subprocess.CompletedProcess:
-    """Run cmd with its output appended to logfile (stdout returned instead when `capture`);
-    exits with the log's tail when it fails."""
-    log("$ " + shlex.join(cmd))
+def run(cmd: list[str], logfile: Path, **kw) -> subprocess.CompletedProcess:
+    """Run `cmd`, its stdout and stderr into `logfile` too; fail with the log's tail."""
+    log(" ".join(map(str, cmd)))
     with open(logfile, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
+        f.write(f"$ {' '.join(map(str, cmd))}\n")
         f.flush()
-        p = subprocess.run(cmd, stdout=subprocess.PIPE if capture else f, stderr=f if capture else subprocess.STDOUT, text=True)
+        p = subprocess.run(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=f, text=True, **kw)
+        f.write(p.stdout)
     if p.returncode:
-        tail = logfile.read_text().splitlines()[-30:]
-        raise SystemExit(f"failed ({p.returncode}): {shlex.join(cmd)}\n" + "\n".join(tail))
+        tail = "".join(open(logfile).readlines()[-30:])
+        raise SystemExit(f"{cmd[0]} failed ({p.returncode}); the end of {logfile}:\n{tail}")
     return p
 
 
-# --- --fetch-source -----------------------------------------------------------------------------
+# --- fetch-source ---------------------------------------------------------------------------------
 
 
-def fetch_source(dest: Path) -> None:
+def fetch_source(dest: Path, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-                        "llama-cpp-python", "-d", tmp], check=True)
+        run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+             "-d", tmp, "llama-cpp-python"], out / "fetch.log")
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
-        vendored = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        src = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
         if dest.exists():
             shutil.rmtree(dest)
         for rel in KEEP:
-            src, dst = vendored / rel, dest / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-        for backend in (dest / "ggml" / "src").glob("ggml-*"):
-            if backend.is_dir() and backend.name not in GGML_BACKENDS_KEPT:
-                shutil.rmtree(backend)
-        (dest / "tools" / "CMakeLists.txt").write_text(
-            "# slimmed by benchmarks/peer_llamacpp.py --fetch-source: llama-bench only\n"
-            "llama_add_compile_flags()\nadd_subdirectory(llama-bench)\n")
+            if (src / rel).is_dir():
+                shutil.copytree(src / rel, dest / rel, symlinks=True)
+            elif (src / rel).exists():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / rel, dest / rel)
+        for d in (dest / "ggml" / "src").iterdir():
+            if d.is_dir() and d.name.startswith("ggml-") and d.name not in GGML_BACKENDS_KEPT:
+                shutil.rmtree(d)
+        # The tools folder lists every tool; only llama-bench travels.
+        (dest / "tools" / "CMakeLists.txt").write_text("llama_add_compile_flags()\nadd_subdirectory(llama-bench)\n")
         (dest / "SOURCE").write_text(f"{sdist.name}\n")
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    print(f"{dest}: llama.cpp from {sdist.name}, {size / 2**20:.1f} MiB")
+    log(f"{dest}: {size / 2**20:.1f} MiB from {sdist.name}")
 
 
-# --- --build ------------------------------------------------------------------------------------
+# --- build ------------------------------------------------------------------------------------------
 
 
-def bench_binary(build: Path) -> Path:
-    return build / "bin" / "llama-bench"
+def bench_bin(cuda: bool) -> Path:
+    return BUILD[cuda] / "bin" / "llama-bench"
 
 
-def build_llama(source: Path, build: Path, cpu_only: bool, out: Path) -> None:
-    binary = bench_binary(build)
-    if binary.exists():
-        log(f"{binary} exists: not rebuilding (remove {build} to rebuild)")
+def build(out: Path, cuda: bool, jobs: int) -> None:
+    if bench_bin(cuda).exists():
+        log(f"{bench_bin(cuda)} exists; not rebuilding")
         return
-    if not (source / "CMakeLists.txt").exists():
-        raise SystemExit(f"{source} holds no llama.cpp source: run --fetch-source where PyPI works and carry it")
-    cuda = ["-DGGML_CUDA=OFF"] if cpu_only else ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90"]
-    t = time.perf_counter()
-    run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON",
-         "-DLLAMA_BUILD_APP=OFF",
-         "-DGGML_NATIVE=ON", *cuda], out / "build.log")
-    run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", "llama-bench"], out / "build.log")
-    log(f"built {binary} in {time.perf_counter() - t:.0f} s")
+    if not (PEER / "CMakeLists.txt").exists():
+        raise SystemExit(f"{PEER} is missing: run --fetch-source where PyPI works and carry .peer")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    backend = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90"] if cuda else ["-DGGML_CUDA=OFF"]
+    run(["cmake", "-S", PEER, "-B", BUILD[cuda], *gen, *backend, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+         "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=ON"], out / "build.log")
+    run(["cmake", "--build", BUILD[cuda], "-j", str(jobs), "--target", "llama-bench"], out / "build.log")
 
 
-# --- --gguf -------------------------------------------------------------------------------------
+# --- gguf ---------------------------------------------------------------------------------------------
 
 
-def write_gguf(path: Path, layers: int | None, out: Path) -> None:
-    if path.exists():
-        log(f"{path} exists: not rewriting")
-        return
+def write_gguf(path: Path, seed: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import qwen3_gguf
+    from synth_gguf import QWEN3_30B_A3B, write_qwen3moe_gguf
 
-    shape = qwen3_gguf.SHAPE | ({"num_hidden_layers": layers} if layers else {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    r = qwen3_gguf.write(tmp, shape, "Q4_0", seed=0, log=log)
-    tmp.rename(path)
-    (out / "gguf.json").write_text(json.dumps({"file": str(path), "shape": shape} | r, indent=1))
-    log(f"{path}: {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.0f} s")
+    t0 = time.monotonic()
+    size = write_qwen3moe_gguf(path, QWEN3_30B_A3B, expert_type="Q4_0", dense_type="F16", seed=seed)
+    log(f"{path}: {size / 1e9:.1f} GB in {time.monotonic() - t0:.0f} s")
 
 
-# --- --llama ------------------------------------------------------------------------------------
+# --- llama ----------------------------------------------------------------------------------------------
 
 
 def physical_cores() -> int:
-    """Cores, not hardware threads, among those this process may use."""
-    cores = set()
-    for cpu in os.sched_getaffinity(0):
-        sib = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        cores.add(sib.read_text().strip() if sib.exists() else str(cpu))
-    return len(cores)
-
-
-def gguf_layers(path: Path) -> int:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
-    return int(reader.fields[f"{arch}.block_count"].contents())
-
-
-def llama_bench(build: Path, model: Path, out: Path, label: str, args: list[str], prompts, decode: int, reps: int) -> list[dict]:
-    cmd = [str(bench_binary(build)), "-m", str(model), "-t", str(physical_cores()), "-r", str(reps), "-o", "json",
-           "-p", ",".join(map(str, prompts)), "-n", str(decode), *args]
-    p = run(cmd, out / f"llama_{label}.log", capture=True)
-    rows = json.loads(p.stdout)
-    (out / f"llama_{label}.json").write_text(json.dumps({"command": shlex.join(cmd), "results": rows}, indent=1))
-    return rows
-
-
-def pp_rate(rows: list[dict], n: int) -> float | None:
-    return next((r["avg_ts"] for r in rows if r["n_prompt"] == n and r["n_gen"] == 0), None)
-
-
-def run_llama(build: Path, model: Path, out: Path, reps: int) -> None:
-    if not bench_binary(build).exists():
-        raise SystemExit(f"{bench_binary(build)} does not exist: run --build first")
-    hybrid = ["-ngl", "99", "--n-cpu-moe", str(gguf_layers(model)), "-fa", "1"]
-    llama_bench(build, model, out, "hybrid_ub4096", hybrid + ["-ub", "4096", "-b", "4096"], PROMPTS, DECODE, reps)
-    sweep = {}
-    for ub in UB_SWEEP:
-        rows = llama_bench(build, model, out, f"sweep_ub{ub}", hybrid + ["-ub", str(ub), "-b", str(ub)], (PROMPTS[-1],), 0, 1)
-        sweep[ub] = pp_rate(rows, PROMPTS[-1])
-    best = max(sweep, key=lambda ub: sweep[ub] or 0)
-    (out / "llama_sweep.json").write_text(json.dumps({"pp": PROMPTS[-1], "tok_s_by_ub": sweep, "best_ub": best}, indent=1))
-    llama_bench(build, model, out, "hybrid_best", hybrid + ["-ub", str(best), "-b", str(best)], PROMPTS, DECODE, reps)
-    llama_bench(build, model, out, "vram", ["-ngl", "99", "-fa", "1", "-ub", "4096", "-b", "4096"], PROMPTS, DECODE, reps)
-
-
-# --- --ours -------------------------------------------------------------------------------------
-
-
-def run_ours(model: Path, out: Path, extra: str, runs: int) -> None:
-    coord = shutil.which("krasis-coord")
-    base = [coord] if coord else [sys.executable, "-m", "krasis.coordinator"]
-    for prompt in PROMPTS:
-        js = out / f"ours_p{prompt}.json"
-        cmd = [*base, "bench", str(model), "--devices", "cuda:0", "--vram-budget", "16", "--prompt-tokens", str(prompt),
-               "--decode-tokens", str(DECODE), "--runs", str(runs), "--json", str(js), *shlex.split(extra)]
-        t = time.perf_counter()
-        run(cmd, out / f"ours_p{prompt}.log")
-        res = json.loads(js.read_text())
-        js.write_text(json.dumps({"command": shlex.join(cmd), "wall_s": time.perf_counter() - t, "result": res}, indent=1))
-
-
-# --- the table ----------------------------------------------------------------------------------
-
-
-def device_name() -> str:
+    """Cores, not hardware threads: what llama.cpp's decode runs best with."""
     try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20).stdout.strip().splitlines()
-    except (OSError, subprocess.TimeoutExpired):
-        gpu = []
-    return f"{gpu[0] if gpu else 'no GPU'}, {physical_cores()} cores ({platform.processor() or platform.machine()})"
+        pairs = set()
+        for cpu in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/topology"):
+            pkg = open(f"{cpu}/physical_package_id").read().strip()
+            core = open(f"{cpu}/core_id").read().strip()
+            pairs.add((pkg, core))
+        return len(pairs) or os.cpu_count() or 1
+    except OSError:
+        return os.cpu_count() or 1
 
 
-def report(out: Path) -> str:
-    def load(name):
-        f = out / name
-        return json.loads(f.read_text()) if f.exists() else None
+def llama_configs(threads: int) -> dict[str, list[str]]:
+    base = ["-p", ",".join(map(str, PROMPTS)), "-n", str(DECODE), "-t", str(threads), "-fa", "1", "-r", "2",
+            "-o", "json"]
+    cfg = {f"hybrid_ub{ub}": ["-ngl", "99", "--n-cpu-moe", "48", "-b", str(b), "-ub", str(ub), *base]
+           for b, ub in HYBRID_UB}
+    cfg["vram"] = ["-ngl", "99", "-b", "4096", "-ub", "4096", *base]
+    return cfg
 
-    llama = {k: load(f"llama_{k}.json") for k in ("hybrid_ub4096", "hybrid_best", "vram")}
-    ours = {p: load(f"ours_p{p}.json") for p in PROMPTS}
-    sweep = load("llama_sweep.json")
-    meta = load("meta.json") or {}
 
-    def ll(kind, n_prompt, n_gen):
-        d = llama[kind]
-        if d is None:
-            return None
-        return next((r["avg_ts"] for r in d["results"] if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen), None)
+def run_llama(gguf: Path, out: Path, cuda: bool, only: list[str] | None) -> None:
+    exe = bench_bin(cuda)
+    if not exe.exists():
+        raise SystemExit(f"{exe} is missing: run --build first")
+    for name, args in llama_configs(physical_cores()).items():
+        if only and name not in only:
+            continue
+        cmd = [exe, "-m", gguf, *args]
+        p = run(cmd, out / f"llama_{name}.log")
+        rows = json.loads(p.stdout)
+        record(out / f"llama_{name}.json", cmd, rows)
 
-    def our(prompt, key):
-        d = ours[prompt]
-        return None if d is None else d["result"].get(key)
 
-    rows = [(f"prefill, {p:,} tokens (tok/s)", {k: ll(k, p, 0) for k in llama}, our(p, "prefill_tok_s")) for p in PROMPTS]
-    rows.append((f"decode, {DECODE} tokens (tok/s; ours after a {PROMPTS[0]}-token prompt)",
-                 {k: ll(k, 0, DECODE) for k in llama}, our(PROMPTS[0], "decode_tok_s")))
-    best = f" (-ub {sweep['best_ub']})" if sweep else ""
+# --- ours -----------------------------------------------------------------------------------------------
 
-    def f(v):
-        return "—" if v is None else f"{v:,.1f}"
+OUR_OPTS = ["--devices", "cuda:0", "--vram-budget", "16", "--gpu-bits", "4", "--cpu-bits", "4", "--group-size", "32",
+            "--runs", "2", "--decode-tokens", str(DECODE)]
 
-    def ratio(a, b):
-        return "—" if a is None or not b else f"{a / b:.2f}x"
 
-    lines = [f"Date: {meta.get('date', '?')}. Device: {meta.get('device', '?')}.", "",
-             f"| | llama.cpp hybrid -ub 4096 | llama.cpp hybrid best{best} | llama.cpp all in VRAM | ours "
-             "| ours / hybrid 4096 | ours / hybrid best |", "|---|---|---|---|---|---|---|"]
-    for name, l, o in rows:
-        lines.append(f"| {name} | {f(l['hybrid_ub4096'])} | {f(l['hybrid_best'])} | {f(l['vram'])} | {f(o)} "
-                     f"| {ratio(o, l['hybrid_ub4096'])} | {ratio(o, l['hybrid_best'])} |")
-    if sweep:
-        lines += ["", f"llama.cpp hybrid pp{sweep['pp']} by -ub: "
-                  + ", ".join(f"{ub}: {f(v)}" for ub, v in sweep["tok_s_by_ub"].items())]
-    if ours[PROMPTS[0]] is not None:
-        r = ours[PROMPTS[0]]["result"]
-        lines.append(f"ours: prefill {r.get('prefill_strategy', '?')}, decode {r.get('decode_strategy', '?')}; the first "
-                     f"--ours call includes converting the experts (wall {ours[PROMPTS[0]]['wall_s']:.0f} s)")
-    lines += ["", "Commands:"]
-    for d in [*llama.values(), *ours.values()]:
-        if d is not None:
-            lines.append(f"    {d['command']}")
+def run_ours(gguf: Path, out: Path, prompts: list[int]) -> None:
+    for n in prompts:
+        res = out / f"ours_p{n}.result.json"
+        cmd = [sys.executable, "-m", "krasis.coordinator", "bench", gguf, "--prompt-tokens", str(n), *OUR_OPTS, "--json", res]
+        t0 = time.monotonic()
+        run(cmd, out / f"ours_p{n}.log")
+        record(out / f"ours_p{n}.json", cmd, json.loads(res.read_text()), wall_s=time.monotonic() - t0)
+
+
+# --- records and the table --------------------------------------------------------------------------------
+
+
+def device() -> str:
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        gpu = "no GPU"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return f"{gpu}; {cpu}, {physical_cores()} cores"
+
+
+def record(path: Path, cmd: list, result, **extra) -> None:
+    path.write_text(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                "device": device(), "command": " ".join(map(str, cmd)), "result": result, **extra},
+                               indent=1))
+
+
+def _llama_rate(rows: list[dict], n_prompt: int, n_gen: int) -> float | None:
+    for r in rows:
+        if r.get("n_prompt") == n_prompt and r.get("n_gen") == n_gen:
+            return float(r["avg_ts"])
+    return None
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.1f}"
+
+
+def table(out: Path) -> str:
+    recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.stem.endswith(".result")}
+    llama = {k.removeprefix("llama_"): v for k, v in recs.items() if k.startswith("llama_")}
+    ours = {k: v for k, v in recs.items() if k.startswith("ours_")}
+    rows = []  # (measure, llama.cpp name, llama.cpp value, ours value)
+
+    def best_hybrid(n_prompt, n_gen):
+        vals = [(_llama_rate(v["result"], n_prompt, n_gen), k) for k, v in llama.items() if k.startswith("hybrid")]
+        vals = [v for v in vals if v[0] is not None]
+        return max(vals) if vals else (None, None)
+
+    for n in PROMPTS:
+        o = ours.get(f"ours_p{n}", {}).get("result", {})
+        h4096 = _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), n, 0)
+        best, which = best_hybrid(n, 0)
+        rows.append((f"prefill {n} tokens (tok/s)", "hybrid -ub 4096", h4096, o.get("prefill_tok_s")))
+        rows.append((f"prefill {n} tokens (tok/s)", f"hybrid best ({which or '—'})", best, o.get("prefill_tok_s")))
+        rows.append((f"prefill {n} tokens (tok/s)", "all in VRAM", _llama_rate(llama.get("vram", {}).get("result", []), n, 0),
+                     o.get("prefill_tok_s")))
+    o = ours.get(f"ours_p{PROMPTS[0]}", {}).get("result", {})
+    rows.append((f"decode {DECODE} tokens (tok/s)", "hybrid -ub 4096",
+                 _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), 0, DECODE), o.get("decode_tok_s")))
+    rows.append((f"decode {DECODE} tokens (tok/s)", "all in VRAM",
+                 _llama_rate(llama.get("vram", {}).get("result", []), 0, DECODE), o.get("decode_tok_s")))
+    lines = ["| measure | llama.cpp | llama.cpp tok/s | ours tok/s | ours / llama.cpp |", "|---|---|---|---|---|"]
+    for what, name, theirs, mine in rows:
+        ratio = f"{mine / theirs:.2f}x" if theirs and mine else "—"
+        lines.append(f"| {what} | {name} | {_fmt(theirs)} | {_fmt(mine)} | {ratio} |")
+    lines.append("")
+    for k, v in recs.items():
+        lines.append(f"- `{k}`: {v['date']}, {v['device']}: `{v['command']}`")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    for phase in ("fetch-source", "build", "gguf", "llama", "ours", "all", "report"):
-        p.add_argument(f"--{phase}", action="store_true")
-    p.add_argument("--source", type=Path, default=PEER / "llama.cpp", help="slimmed llama.cpp source (default: .peer/llama.cpp)")
-    p.add_argument("--build-dir", type=Path, default=PEER / "build", help="llama.cpp build (default: .peer/build)")
-    p.add_argument("--cpu-only", action="store_true", help="build llama-bench without CUDA (to check the source)")
-    p.add_argument("--model", type=Path, default=PEER / "model" / "qwen3-30b-a3b-q4_0.gguf")
-    p.add_argument("--layers", type=int, help="decoder layers of the --gguf file (default: the model's 48)")
-    p.add_argument("--out", type=Path, default=PEER / "results", help="JSON and logs (default: .peer/results)")
-    p.add_argument("--reps", type=int, default=2, help="llama-bench repetitions per test")
-    p.add_argument("--runs", type=int, default=2, help="our bench's timed runs")
-    p.add_argument("--ours-args", default=OURS_ARGS, help=f"extra `bench` options (default: {OURS_ARGS!r})")
-    a = p.parse_args(argv)
-    if a.fetch_source:
-        fetch_source(a.source)
-        return
-    phases = [x for x in ("build", "gguf", "llama", "ours") if getattr(a, x) or a.all]
-    if not phases and not a.report:
-        p.error("name a phase: --fetch-source, --build, --gguf, --llama, --ours, --all or --report")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fetch-source", action="store_true", help="download and slim llama.cpp into .peer/llama.cpp")
+    ap.add_argument("--build", action="store_true", help="build llama-bench (skipped when it exists)")
+    ap.add_argument("--cpu-only", action="store_true", help="build and run llama-bench without CUDA "
+                    "(to check the slimmed tree and the GGUF where there is no GPU)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="build jobs (default: every core)")
+    ap.add_argument("--gguf", action="store_true", help="write the GGUF (skipped when it exists)")
+    ap.add_argument("--llama", action="store_true", help="run llama-bench")
+    ap.add_argument("--configs", type=lambda v: v.split(","), help="with --llama: only these of "
+                    f"{', '.join(llama_configs(1))} (each can take minutes: split them over calls)")
+    ap.add_argument("--ours", action="store_true", help="run krasis-coord bench")
+    ap.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=list(PROMPTS),
+                    help="with --ours: these prompt lengths (default: 512,10000; one bench each)")
+    ap.add_argument("--table", action="store_true", help="print the table from --out's records")
+    ap.add_argument("--all", action="store_true", help="--build --gguf --llama --ours --table")
+    ap.add_argument("--file", type=Path, default=Path("/tmp/peer/qwen3-30b-a3b-q4_0.gguf"),
+                    help="the GGUF both run (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=Path("peer_out"), help="records and logs (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if not any((a.fetch_source, a.build, a.gguf, a.llama, a.ours, a.table, a.all)):
+        ap.error("choose a phase: --fetch-source, --build, --gguf, --llama, --ours, --table or --all")
     a.out.mkdir(parents=True, exist_ok=True)
-    meta_file = a.out / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    if phases and phases != ["build"]:
-        meta |= {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name()}
-        meta_file.write_text(json.dumps(meta, indent=1))
-    if "build" in phases:
-        build_llama(a.source, a.build_dir, a.cpu_only, a.out)
-    if "gguf" in phases:
-        write_gguf(a.model, a.layers, a.out)
-    if "llama" in phases:
-        run_llama(a.build_dir, a.model, a.out, a.reps)
-    if "ours" in phases:
-        run_ours(a.model, a.out, a.ours_args, a.runs)
-    print(report(a.out))
+    if a.fetch_source:
+        fetch_source(PEER, a.out)
+    if a.build or a.all:
+        build(a.out, cuda=not a.cpu_only, jobs=a.jobs)
+    if a.gguf or a.all:
+        if a.file.exists():
+            log(f"{a.file} exists; not rewriting it")
+        else:
+            a.file.parent.mkdir(parents=True, exist_ok=True)
+            write_gguf(a.file, a.seed)
+    if a.llama or a.all:
+        run_llama(a.file, a.out, cuda=not a.cpu_only, only=a.configs)
+    if a.ours or a.all:
+        run_ours(a.file, a.out, a.prompts)
+    if a.table or a.all:
+        print(table(a.out))
 
 
 if __name__ == "__main__":

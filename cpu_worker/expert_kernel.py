@@ -41,14 +41,29 @@ import subprocess
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ..shared.expert_store import ExpertFormat
-from ..shared.float_bits import bf16_to_f32 as _bf16
 from ..shared.moe import moe_reference
 from . import native
 
 ROWS = 16  # rows per work item: enough work to amortise scheduling, enough items for 16+ threads
+
+
+@intrinsic
+def _u32_as_f32(typingctx, u):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _bf16(s):
+    return _u32_as_f32(np.uint32(s) << np.uint32(16))
 
 
 @njit(fastmath=True, inline="always")

@@ -9,9 +9,7 @@ gpt-oss keep HF order), so nothing is undone there. Routed experts are stacked p
 presented per expert; gpt-oss as its fused HF tensors (gate and up columns interleaved again).
 DeepSeek-V2's kv_b_proj is one tensor (attn_kv_b) in older files; the converter now writes it split
 per head into attn_k_b (transposed) and attn_v_b for llama.cpp's absorbed MLA, which we join again.
-Weights are dequantized one expert (or one tensor) at a time with gguf.quants.dequantize; routed
-experts of Q4_0, Q8_0 and MXFP4 going into an INT4/INT8 cache skip that and are converted a layer
-at a time from their blocks (quantized_experts, shared/gguf_quant.py).
+Weights are dequantized one expert (or one tensor) at a time with gguf.quants.dequantize.
 
 The file's metadata also yields an HF-style config dict (gguf_config) and, in the coordinator, the
 tokenizer and chat template (coordinator/tokenizer.py).
@@ -38,41 +36,33 @@ class GGUFError(WeightError):
     """The GGUF file cannot be served; the text says why."""
 
 
-def _open(path: Path):
-    if not path.is_file():
-        raise GGUFError(f"GGUF file {path} does not exist")
-    st = path.stat()
-    return _open_version(str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
 @functools.cache
 def _reader_class():
     from gguf import GGUFReader
 
     class Reader(GGUFReader):
-        """GGUFReader over a plain ndarray view of its mapping: the reader slices its data once per
-        metadata item (a million times for a 150K-token vocabulary), and numpy.memmap's per-slice
-        bookkeeping made that 3x slower."""
+        """GGUFReader slicing a plain ndarray view of the mapped file instead of its np.memmap:
+        memmap's slicing runs Python code (about 10 us a slice), and the reader slices about ten
+        times per token of the vocabulary, which for a 150K-token one took most of a minute per
+        open. Tensor data are then plain read-only views of the same mapping."""
 
-        @property
-        def data(self):
-            return self._data
+        def __init__(self, path: str):
+            self._plain = np.memmap(path, mode="r").view(np.ndarray)
+            super().__init__(path)
 
-        @data.setter
-        def data(self, mapped):
-            self._data = mapped.view(np.ndarray)  # the view keeps the mapping alive
+        def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
+            count = int(count)
+            arr = self._plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
     return Reader
 
 
-@functools.lru_cache(maxsize=4)
-def _open_version(path: str, size: int, mtime_ns: int):
-    """The parsed header of one version of a file, kept: parsing a real model's metadata (150K
-    tokenizer strings) takes seconds, and conversion and config reading open the file many times.
-    Keeping it open costs no memory: tensor data is read with pread (GGUFSource._read), never
-    through the reader's mapping, whose pages would otherwise stay counted in the process's RSS."""
+def _open(path: Path):
+    if not path.is_file():
+        raise GGUFError(f"GGUF file {path} does not exist")
     try:
-        reader = _reader_class()(path)
+        reader = _reader_class()(str(path))
     except Exception as e:  # the reader raises assorted errors on a truncated or corrupt file
         raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}".splitlines()[0]) from None
     arch = _field(reader, "general.architecture")
@@ -89,9 +79,11 @@ def _field(reader, key, default=None):
     return v
 
 
-def gguf_config(path: str | os.PathLike) -> dict:
-    """An HF-style config.json dict from the GGUF metadata (llama.cpp's key names)."""
-    reader, arch = _open(Path(path))
+def gguf_config(path: str | os.PathLike, opened=None) -> dict:
+    """An HF-style config.json dict from the GGUF metadata (llama.cpp's key names). `opened`: the
+    file's (reader, arch) where the caller has it open already (parsing a file's vocabulary takes
+    seconds)."""
+    reader, arch = opened or _open(Path(path))
 
     def get(key, default=None, required=False):
         v = _field(reader, f"{arch}.{key}", default)
@@ -181,7 +173,7 @@ class GGUFSource:
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise GGUFError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, "
                                 f"which is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        cfg = gguf_config(self.path)
+        cfg = gguf_config(self.path, (self._reader, self.arch))
         n_layers = cfg["num_hidden_layers"]
         arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
         tmap = get_tensor_name_map(arch_enum, n_layers)
@@ -266,33 +258,19 @@ class GGUFSource:
         E, rows, cols = parts[0]
         return (E, cols, rows * len(parts))  # [E, rows, cols] -> HF's [E, in, out] (gate and up fused)
 
-    def _read(self, gname: str, index: int | None = None) -> np.ndarray:
-        """Tensor `gname` (or its slice `index` along the first dimension) as the reader's array
-        type, read from the file into private memory (see _open_version)."""
-        t = self._tensors[gname]
-        shape, dtype = t.data.shape, t.data.dtype  # the mapping's metadata: no page is touched
-        offset = t.data_offset
-        if index is not None:
-            shape = shape[1:]
-            offset += index * int(np.prod(shape)) * dtype.itemsize
-        count = int(np.prod(shape))
-        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
-        if arr.size != count:
-            raise GGUFError(f"{self.path}: tensor {gname} cannot be read (truncated file?)")
-        return arr.reshape(shape)
-
     def _dequant(self, gname: str, index: int | None = None) -> torch.Tensor:
         from gguf.quants import dequantize
 
         t = self._tensors[gname]
+        data = t.data if index is None else t.data[index]
         shape = tuple(int(s) for s in reversed(t.shape))
         if index is not None:
             shape = shape[1:]
         try:
-            arr = dequantize(self._read(gname, index), t.tensor_type)
+            arr = dequantize(np.asarray(data), t.tensor_type)
         except (ValueError, IndexError) as e:
             raise GGUFError(f"{self.path}: tensor {gname} cannot be read (truncated file?): {e}") from None
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(shape)
+        return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(shape)  # a copy: the file is mapped read-only
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self:
@@ -309,27 +287,6 @@ class GGUFSource:
             t = self._fused(name)
         return t if dtype is None else t.to(dtype)
 
-    def quantized_experts(self, layer: int, fmt) -> dict[str, torch.Tensor] | None:
-        """Every routed expert of `layer` in the quantized ExpertFormat `fmt`, stacked [E, ...] under
-        the store's names: converted from the file's blocks without a float copy when every part
-        is of a type shared/gguf_quant.py takes (its bytes are those of format_expert, expert by
-        expert); None otherwise. ffn_{gate,up,down}_exps hold [E, rows, K] in every architecture,
-        so gate and up rows stack into w13 as format_expert stacks them."""
-        from .gguf_quant import FAST_TYPES, convert
-
-        parts = {p: self._tensors.get(f"blk.{layer}.{g}.weight") for p, g in _EXPERT_PARTS.items()}
-        if any(t is None or t.tensor_type.name not in FAST_TYPES for t in parts.values()):
-            return None
-        bits = int(fmt.kind.removeprefix("int"))
-        (gq, gs), (uq, us), (dq, ds) = (convert(self._read(t.name), t.tensor_type.name, bits, fmt.group_size)
-                                        for t in parts.values())
-        out = {"w13.q": torch.cat([gq, uq], dim=1), "w13.s": torch.cat([gs, us], dim=1), "w2.q": dq, "w2.s": ds}
-        biases = {p: f"blk.{layer}.{g}.bias" for p, g in _EXPERT_PARTS.items()}
-        if all(b in self._tensors for b in biases.values()):
-            out["b13"] = torch.cat([self._dequant(biases["gate"]), self._dequant(biases["up"])], dim=1)
-            out["b2"] = self._dequant(biases["down"])
-        return out
-
     def _fused(self, name: str) -> torch.Tensor:
         """gpt-oss's HF expert tensors from llama.cpp's split ones: gate and up interleaved again
         (gate in the even, up in the odd positions), weights as [E, in, out]."""
@@ -337,6 +294,15 @@ class GGUFSource:
         if name.endswith("_bias"):
             return torch.stack(parts, dim=-1).flatten(-2)
         return torch.stack(parts, dim=2).flatten(1, 2).transpose(1, 2).contiguous()
+
+    def routed_experts(self, layer: int, part: str, kind: str = "weight") -> tuple[np.ndarray, str] | None:
+        """The raw data of `layer`'s stacked routed experts' `part` (gate, up or down) and its GGUF
+        type name, or None where the file holds no such tensor: [E, rows, cols] for a float type,
+        [E, rows, row bytes] of blocks for a quantized one, each expert's rows and columns as
+        load_expert gives them (the three architectures store them so). The converter reads these
+        a whole block at a time (coordinator/gguf_blocks.py) instead of expert by expert."""
+        t = self._tensors.get(f"blk.{layer}.{_EXPERT_PARTS[part]}.{kind}")
+        return None if t is None else (t.data, t.tensor_type.name)
 
     def source_files(self) -> list[Path]:
         return [self.path]
@@ -368,11 +334,11 @@ class CombinedSource:
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._src(name).get(name, dtype)
 
+    def routed_experts(self, layer: int, part: str, kind: str = "weight") -> tuple[np.ndarray, str] | None:
+        return self.experts.routed_experts(layer, part, kind)
+
     def source_files(self) -> list[Path]:
         return self.hf.source_files() + self.experts.source_files()
-
-    def quantized_experts(self, layer: int, fmt) -> dict[str, torch.Tensor] | None:
-        return self.experts.quantized_experts(layer, fmt)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         # Expert tensors the model does not name would be ignored while the model's own are read instead.

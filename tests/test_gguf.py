@@ -481,42 +481,11 @@ def test_bad_gguf_files_get_clear_errors(hf_qwen3, dsv2, gpt_oss, tmp_path):
         assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_cache_from_gguf_blocks_is_the_float_paths(hf_qwen3, gpt_oss, tmp_path):
-    """Experts of Q4_0, Q8_0 and MXFP4 (gpt-oss's, with biases) go into INT4 and INT8 caches from
-    their blocks (GGUFSource.quantized_experts), and where blocks are re-quantized (groups other
-    than 32: tests/test_gguf_quant.py covers kept blocks) each expert's bytes are those of the
-    float path: format_expert over the dequantized weights."""
-    from krasis.coordinator.convert import expert_format, prepare
-    from krasis.coordinator.processes import RuntimeOptions
-    from krasis.shared.expert_store import format_expert
-    from krasis.shared.weight_cache import WeightCache, expert_key
-    from krasis.shared.weights import load_family, open_source
-
-    def as_bytes(t):
-        return t.contiguous().reshape(-1).view(torch.uint8)
-
-    model = tm.reference_model(hf_qwen3)
-    plan = {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q8_0", "ffn_down_exps": "Q4_0", "": "F32"}
-    write_qwen3(tmp_path / "q.gguf", model.config, numpy_state(model), plan)
-    for path in (tmp_path / "q.gguf", gpt_oss["alone"]):
-        fam, src = load_family(path), open_source(path)
-        for bits, group in ((4, 64), (8, 128)):
-            fmt = expert_format(bits, torch.float32, group)
-            assert src.quantized_experts(fam.num_layers - 1, fmt) is not None
-            opts = RuntimeOptions(cpu_bits=bits, group_size=group, cache_dir=str(tmp_path / f"{path.name}-{bits}"))
-            with WeightCache(prepare(path, fam, opts, log=lambda _: None).cpu) as cache:
-                for layer in range(fam.num_layers):
-                    for e in range(fam.experts(layer).num):
-                        want = format_expert(fmt, fam, src.get, layer, e)
-                        assert {f"{layer}.{e}.{n}" for n in want} <= set(cache.names())
-                        for name, t in want.items():
-                            assert torch.equal(as_bytes(cache.tensor(expert_key(layer, e, name))), as_bytes(t)), (path, name)
-
-
 def test_q4_0_experts_kept_decode_as_the_files(hf_qwen3, tmp_path):
     """Q4_0 experts into --cpu-bits 4 --group-size 32: decode computes with the file's weights up to
-    bf16's rounding of each block's d (kept blocks; llama.cpp's quantizer makes about half of their
-    scales negative), through the real CLI and the pool's kernel. The reference is transformers with
+    bf16's rounding of each block's d (blocks taken as they are, coordinator/gguf_blocks.py; the
+    quantizer's d is negative in about half of them, so are those scales), through the real CLI
+    and the pool's kernel. The reference is transformers with
     the cache's weights for decode and the file's for the prompt; the cache's weights are checked
     against the file's first."""
     from krasis.shared.quant import dequantize_q, unpack_int4
