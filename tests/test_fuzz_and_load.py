@@ -32,7 +32,7 @@ def bad_sampling(m: dict, **kw) -> None:
 
 # Each of these alone makes VALID unservable, so any combination of them does too.
 ZMQ_FAULTS = [
-    lambda m: m.update(v=rnd.choice([0, 2, "1", None])),
+    lambda m: m.update(v=rnd.choice([0, P.PROTOCOL_VERSION + 1, str(P.PROTOCOL_VERSION), None])),
     lambda m: m.pop("v"),
     lambda m: m.update(type=rnd.choice(["generat", "", 3, "step", "logits", "ready", None])),
     lambda m: m.pop("id"),
