@@ -145,7 +145,8 @@ class Engine:
             raise ConfigError("--max-context must be at least 2")
         self.family = load_family(model_dir)
         self.codec = TextCodec(model_dir)
-        if not opts.hosts:  # with --hosts each agent checks its devices and prepares its caches (coordinator/hosts.py)
+        self.caches = None  # with --hosts each agent checks its devices and prepares its caches (coordinator/hosts.py)
+        if not opts.hosts:
             self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
             validate_devices(opts.devices)
             self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
