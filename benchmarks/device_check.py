@@ -161,7 +161,7 @@ def ms(fn, reps=5):
 
 
 def norm_rope_check(T: int = 10000):
-    """The Triton RMSNorm and rotary kernels (gpu_worker/norm_rope_kernel.py) against their torch
+    """The Triton RMSNorm and rotary kernels (shared/kernels/norm_rope_kernel.py) against their torch
     references on a prompt's activations: identical in bf16, and their times."""
     from krasis.shared.models.layers import Rotary, rms_norm, rms_norm_reference, rope_inv_freq
 
