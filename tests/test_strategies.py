@@ -11,7 +11,8 @@ import torch
 
 import tiny_models as tm
 from krasis.gpu_worker.kv_cache import KVCache, fp8_quantize
-from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks, moe_pairs
+from krasis.gpu_worker.dma import block_lookup
+from krasis.gpu_worker.moe_gpu import moe_blocks, moe_pairs
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.layers import attend
 from krasis.shared.moe import moe_reference
