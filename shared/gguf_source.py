@@ -154,7 +154,7 @@ class GGUFSource:
         n_layers = cfg["num_hidden_layers"]
         arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
         tmap = get_tensor_name_map(arch_enum, n_layers)
-        from .models.family import family_for
+        from .models.registry import family_for
 
         try:
             family = family_for(cfg)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .models.family import ConfigError, ModelFamily, family_for
+from .models.family import ConfigError, ModelFamily
+from .models.registry import family_for
 
 
 class WeightError(ValueError):

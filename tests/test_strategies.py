@@ -75,7 +75,7 @@ def test_unknown_strategy_and_budget_refusal(models):
 def test_vram_plan_gives_the_rest_to_hot_experts():
     from krasis.gpu_worker.vram_budget import VramBudgetError, plan
     from krasis.shared.expert_store import StoreLayout
-    from krasis.shared.models.family import family_for
+    from krasis.shared.models.registry import family_for
 
     fam = family_for(tm.qwen3_config().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
     layout = StoreLayout(fam, 1, ExpertFormat("int4", torch.bfloat16, 32))
