@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.family import ConfigError
-from .weights import WeightError
+from .models.family import ConfigError, WeightError
 
 ARCHS = {"qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")

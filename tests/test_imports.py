@@ -11,21 +11,12 @@ from __future__ import annotations
 
 import ast
 import importlib
-import warnings
 from pathlib import Path
 
 import pytest
 
 PACKAGES = ("coordinator", "gpu_worker", "cpu_worker", "shared")
 PROCESS_PACKAGES = ("coordinator", "gpu_worker", "cpu_worker")
-
-# Cycles not broken yet (their files were being changed elsewhere when the others were): each an
-# exact set of modules that import one another. One that disappears must leave this list too, so
-# the list only shrinks.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    frozenset({"coordinator.bench", "coordinator.engine", "coordinator.optimize"}),
-    frozenset({"shared.weights", "shared.gguf_source"}),
-]
 
 
 def modules(roots: dict[str, Path]) -> dict[str, Path]:
@@ -120,15 +111,7 @@ def package():
 def test_no_import_cycles(package):
     mods, graph = package
     found = cycles(graph)
-    new = [c for c in found if c not in KNOWN_CYCLES]
-    gone = [c for c in KNOWN_CYCLES if c not in found]
-    remaining = [describe(c, graph, mods) for c in found if c in KNOWN_CYCLES]
-    if remaining:
-        text = "known import cycles still to break (KNOWN_CYCLES):\n" + "\n".join(remaining)
-        print(text)
-        warnings.warn(text)
-    assert not new, "import cycles:\n" + "\n".join(describe(c, graph, mods) for c in new)
-    assert not gone, f"no longer cycles, remove them from KNOWN_CYCLES: {[sorted(c) for c in gone]}"
+    assert not found, "import cycles:\n" + "\n".join(describe(c, graph, mods) for c in found)
 
 
 def test_shared_imports_no_process_package(package):

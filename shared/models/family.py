@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """The model's config.json cannot be served; the text says why."""
 
 
+class WeightError(ValueError):
+    """The checkpoint does not match the config; the text names the tensor and file. Here beside
+    ConfigError, not in weights.py, which raises it too: gguf_source.py's errors derive from it, and
+    weights.py imports gguf_source.py."""
+
+
 @dataclass(frozen=True)
 class ExpertShape:
     """Routed experts of one MoE layer: `num` experts of SwiGLU type with hidden size `hidden`
