@@ -12,7 +12,7 @@ import uuid
 from aiohttp import web
 
 from ..shared import protocol as P
-from .engine import Engine, RequestError
+from .engine import Draining, Engine, QueueFull, RequestError
 
 log = logging.getLogger("krasis.openai_api")
 
@@ -23,20 +23,24 @@ NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprob
            "top_logprobs": (None, 0), "echo": (False,), "best_of": (None, 1), "logit_bias": (None, {}),
            "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
            "response_format": (None, {"type": "text"})}
-FINISH = {"length": "length"}  # eos, a stop string, a cancel (client gone, server stopping): "stop"
+FINISH = {"length": "length"}  # eos, a stop string, a cancel (the client is gone): "stop"
+# Refused for now, not for what they ask: (status, seconds after which to try again)
+BUSY = {QueueFull: (429, 1), Draining: (503, 5)}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+        self.status, self.param, self.code, self.retry_after_s = status, param, code, retry_after_s
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return web.json_response(self.body(), status=self.status, headers=headers)
 
 
 def _get(body: dict, name: str, kind: type, default):
@@ -50,7 +54,7 @@ def _get(body: dict, name: str, kind: type, default):
     return float(v) if kind is float else v
 
 
-def _sampling(body: dict, max_name: str, default_max: int) -> P.SamplingParams:
+def _sampling(body: dict, max_name: str, default_max: int | None) -> P.SamplingParams:
     if _get(body, "n", int, 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
     for name, neutral in NEUTRAL.items():
@@ -104,7 +108,6 @@ class OpenAIServer:
     def __init__(self, engine: Engine, model_name: str):
         self.engine, self.model = engine, model_name
         self.created = int(time.time())
-        self._active: set[str] = set()
         # a prompt at a long --max-context, sent as token ids, is larger than aiohttp's 1 MiB default
         app = web.Application(middlewares=[_errors], client_max_size=64 << 20)
         app.router.add_get("/health", self.health)
@@ -123,9 +126,8 @@ class OpenAIServer:
         await web.TCPSite(self.runner, host, port).start()
 
     async def stop(self) -> None:
-        # Open streams end (finish_reason "stop") instead of holding the shutdown for the runner's timeout.
-        for rid in list(self._active):
-            self.engine.cancel(rid)
+        """Close the server; the engine has ended every request by now (a drain, or errors saying
+        they were cut), so open streams write their last event and [DONE] and close."""
         await self.runner.cleanup()
 
     # --- endpoints ---------------------------------------------------------------------------
@@ -182,9 +184,9 @@ class OpenAIServer:
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
             raise ApiError(400, "'messages' must be a non-empty list of objects", "messages")
         max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        # no max_tokens: to the end of the context (the engine caps it there)
+        # no max_tokens: to the end of the context (max_new_tokens null)
         gen = P.Generate(id=f"chatcmpl-{uuid.uuid4().hex}", messages=[_text_content(m) for m in msgs],
-                         sampling=_sampling(body, max_name, self.engine.opts.max_context))
+                         sampling=_sampling(body, max_name, None))
         return await self._serve(request, body, gen, chat=True)
 
     # --- running a request -------------------------------------------------------------------
@@ -196,9 +198,12 @@ class OpenAIServer:
             raise ApiError(503, "the service is down (a worker failed); see the server's log", code="service_unavailable")
         try:
             req = self.engine.submit(gen)
+        except (QueueFull, Draining) as e:
+            status, retry = BUSY[type(e)]
+            raise ApiError(status, str(e), code="service_unavailable" if status == 503 else "rate_limit_exceeded",
+                           retry_after_s=retry) from None
         except (RequestError, P.ProtocolError) as e:
             raise ApiError(400, str(e)) from None
-        self._active.add(req.id)
         head = {"id": req.id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model}
         try:
@@ -206,7 +211,6 @@ class OpenAIServer:
                 return await self._stream(request, req, head, chat, usage_chunk)
             return await self._whole(req, head, chat)
         finally:
-            self._active.discard(req.id)
             if not req.finished:  # the client went away (handler cancelled, or a write failed)
                 self.engine.cancel(req.id)
 

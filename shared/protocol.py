@@ -216,7 +216,7 @@ def decode(frames: list) -> Message:
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = 256  # None: up to --max-context
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
@@ -226,7 +226,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ProtocolError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ProtocolError(f"temperature must be >= 0, got {self.temperature}")
@@ -314,7 +314,7 @@ class Error(Message):
 @dataclass
 class HealthReply(Message):
     TYPE: ClassVar[str] = "health_reply"
-    status: str  # ok | restarting | down (docs/protocol.md); anything but ok: not serving now
+    status: str  # ok | restarting | draining | down (docs/protocol.md); anything but ok: not serving now
     model: str
     workers: list[dict]
 
@@ -347,7 +347,7 @@ class SeqSlice:
     start: int
     n: int
     # what the last stage returns for the slice: "sample" its next token, drawn as `draw` says;
-    # "last" or "all" its logits rows; "none" nothing (a non-final chunk of a chunked prefill)
+    # "last" or "all" its logits rows; "none" nothing (a stage's own non-final chunk of a prompt)
     logits: str = "last"
     draw: Draw | None = None
 
