@@ -1,6 +1,6 @@
-"""Small per-model files beside the weight caches: the strategies `optimize` stored (strategy.json)
-and the hot-expert counts `calibrate` wrote. A module of its own because the engine reads them, and
-optimize.py, which writes the first, runs the engine through bench.py."""
+"""Small per-model files beside the weight caches: the strategies `optimize` stored (strategy.json),
+the hot-expert counts and routing statistics `calibrate` wrote. A module of its own because the
+engine reads them, and optimize.py, which writes the first, runs the engine through bench.py."""
 
 from __future__ import annotations
 
