@@ -216,7 +216,7 @@ class Engine:
         """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
         for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
         chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
-        from .optimize import stored_winner, state_path
+        from .state import stored_winner, state_path
 
         o, won = self.opts, stored_winner(self.model_dir)
         kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")

@@ -8,7 +8,8 @@ import torch
 
 from ..shared.models.layers import attend, rows_for_slices
 from ..shared.protocol import SeqSlice
-from .decode_attention import Rows, decode_attention
+from .cache_rows import Rows
+from .decode_attention import decode_attention
 from .decode_graphs import eager
 
 
@@ -16,7 +17,7 @@ class ContextOverflow(ValueError):
     pass
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 
 
 def fp8_quantize(t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
