@@ -10,6 +10,7 @@ generator (shared/sampling.py) and sends back token ids; stop conditions and det
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import sys
@@ -26,9 +27,10 @@ from ..shared import mailbox
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout
 from ..shared.models.family import ConfigError
-from ..shared.sampling import Sampler
+from ..shared.sampling import Sampler, pick
 from ..shared.weights import load_family
 from .convert import prepare
+from .metrics import Metrics
 from .plan import split_layers
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus, reserve_cores
 from .tokenizer import Detokenizer, TextCodec
@@ -77,6 +79,9 @@ class Request:
     sent: int = 0  # characters of `text` already streamed
     cancelled: bool = False
     finished: bool = False
+    frontend: str = "zmq"  # for the metrics: zmq or http
+    # the other choices of its prompt (n > 1), until its prefill forks its cache into them
+    forks: list["Request"] = field(default_factory=list)
     t_arrive: float = field(default_factory=time.perf_counter)
     t_prefill: float = 0.0
     t_first: float = 0.0
@@ -86,6 +91,15 @@ class Request:
     def pos(self) -> int:
         """Position of the token to feed next (the last generated one)."""
         return len(self.prompt_ids) + len(self.generated) - 1
+
+
+def _logprobs(req: Request, out: dict[str, torch.Tensor], row: int) -> P.TokenLogprobs | None:
+    """Row `row` of a pick's logprobs (shared/sampling.py), cut to what the request asked for."""
+    k = req.params.logprobs
+    if k is None:
+        return None
+    return P.TokenLogprobs(logprob=float(out["logprobs"][row]), top_ids=out["top_ids"][row, :k].tolist(),
+                           top_logprobs=out["top_logprobs"][row, :k].tolist())
 
 
 def _str(path) -> str | None:
@@ -142,6 +156,7 @@ class Engine:
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
                       "restarts": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
         self.closed = False
+        self.metrics = Metrics(self)
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
     # --- start-up ----------------------------------------------------------------------------
@@ -320,12 +335,19 @@ class Engine:
         self._broken, self.restarting = None, False
 
     # --- requests ----------------------------------------------------------------------------
-    def submit(self, gen: P.Generate) -> Request:
+    def submit(self, gen: P.Generate, frontend: str = "zmq") -> Request:
         """Validate and queue a request; RequestError (or ProtocolError) if it cannot be served."""
+        return self.submit_choices(gen, 1, frontend)[0]
+
+    def submit_choices(self, gen: P.Generate, n: int, frontend: str, events: asyncio.Queue | None = None) -> list[Request]:
+        """`n` requests for one prompt (ids `ID/0` .. when n > 1; choice i seeded with seed + i) that
+        share its prefill: the first is queued, and its prefill's cache is copied to the others
+        (docs/openai_api.md: n). Their events go to `events` when given (one queue for several)."""
         if self._fatal is not None:
             raise RequestError(f"service is down: {self._fatal}")
         gen.validate()
-        if gen.id in self.requests:
+        ids_of = [gen.id] if n == 1 else [f"{gen.id}/{i}" for i in range(n)]
+        if any(i in self.requests for i in ids_of):
             raise RequestError(f"request id {gen.id!r} is already in use")
         try:
             if gen.prompt_ids is not None:
@@ -343,16 +365,21 @@ class Engine:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.family.vocab_size - 1})")
         if len(ids) >= self.opts.max_context:
             raise RequestError(f"prompt has {len(ids)} tokens; --max-context is {self.opts.max_context}")
-        req = Request(
-            id=gen.id, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
-            seq=next(self._seq_ids), sampler=Sampler(gen.sampling), detok=Detokenizer(self.codec),
+        seed = gen.sampling.seed
+        reqs = [Request(
+            id=rid, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
+            seq=next(self._seq_ids), detok=Detokenizer(self.codec), frontend=frontend,
+            sampler=Sampler(dataclasses.replace(gen.sampling, seed=None if seed is None else seed + i)),
             max_new=min(gen.sampling.max_new_tokens, self.opts.max_context - len(ids)),
-        )
-        self.requests[req.id] = req
-        self.waiting.append(req)
-        self.stats["requests"] += 1
+            **({"events": events} if events is not None else {}),
+        ) for i, rid in enumerate(ids_of)]
+        reqs[0].forks = reqs[1:]
+        for req in reqs:
+            self.requests[req.id] = req
+        self.waiting.append(reqs[0])
+        self.stats["requests"] += n
         self._wake.set()
-        return req
+        return reqs
 
     def cancel(self, rid: str) -> bool:
         req = self.requests.get(rid)
@@ -431,6 +458,8 @@ class Engine:
                 b = min(a + chunk, len(ids))
                 if req.prompt_logits:
                     s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="all")
+                elif b == len(ids) and req.forks:  # each choice's first token is drawn here from the one row
+                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="last")
                 elif b == len(ids):
                     s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="sample", draw=req.sampler.draw())
                 else:
@@ -443,11 +472,24 @@ class Engine:
         self.running[req.seq] = req
         self._last_out = None  # the next decode step follows a prefill, not a decode step
         self.stats["prompt_tokens"] += len(ids)
-        if req.prompt_logits:
+        choices = [req, *self._fork(req)]
+        if req.prompt_logits or len(choices) > 1:
             logits = torch.cat(rows)
-            self._emit(req, req.sampler(logits[-1]), logits)
+            for r in choices:
+                picked = pick(logits[-1:], [r.sampler.draw()])
+                self._emit(r, int(picked["tokens"][0]), logits if r.prompt_logits else None, _logprobs(r, picked, 0))
         else:
-            self._emit(req, int(out.tensors["tokens"][0]), None)
+            self._emit(req, int(out.tensors["tokens"][0]), None, _logprobs(req, out.tensors, 0))
+
+    def _fork(self, req: Request) -> list[Request]:
+        """Copy the prefilled request's cache to its other choices, which then run beside it."""
+        forks, req.forks = [r for r in req.forks if not r.finished], []
+        if forks:
+            self.head.send_multipart(P.encode(P.Fork(seq=req.seq, into=[r.seq for r in forks])))
+            for r in forks:
+                r.t_prefill = req.t_prefill
+                self.running[r.seq] = r
+        return forks
 
     async def _decode(self) -> None:
         """Take one decode step's tokens, for every running request together. With a single stage
@@ -477,10 +519,10 @@ class Engine:
             st["decode_worker_s"] += out.t_out - max(out.t_in, self._last_out)
             st["decode_between_s"] += max(0.0, out.t_in - self._last_out)
         self._last_out = out.t_out
-        for r, tok in zip(batch, out.tensors["tokens"].tolist()):
+        for i, (r, tok) in enumerate(zip(batch, out.tensors["tokens"].tolist())):
             r.pending -= 1
             if not r.finished:
-                self._emit(r, tok, None)
+                self._emit(r, tok, None, _logprobs(r, out.tensors, i))
 
     def _send_decode(self) -> None:
         """Send a decode step for the running requests that may still grow; each feeds the token
@@ -495,10 +537,13 @@ class Engine:
             r.pending += 1
         self._inflight.append((batch, fut))
 
-    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None) -> None:
+    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None, lp: P.TokenLogprobs | None) -> None:
         now = time.perf_counter()
         if not req.generated:
             req.t_first = now
+            self.metrics.ttft.observe(now - req.t_arrive)
+        else:
+            self.metrics.itl.observe(now - req.t_last)
         req.t_last = now
         req.generated.append(tok)
         self.stats["generated_tokens"] += 1
@@ -522,7 +567,7 @@ class Engine:
         # Hold back text that could still become the start of a stop string.
         hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
         upto = max(req.sent, len(req.text) - hold)
-        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto])
+        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto], logprobs=None if lp is None else [lp])
         req.sent = upto
         if prompt_logits is not None:
             msg.tensors = {"prompt_logits": prompt_logits}
@@ -543,7 +588,10 @@ class Engine:
             decode_tok_s=(n - 1) / (req.t_last - req.t_first) if n > 1 and req.t_last > req.t_first else 0.0,
         ))
         self.stats["completed"] += 1
+        self.metrics.finished(req.frontend, reason)
         self._release(req)
+        for r in req.forks:  # choices that never had their prefill end with it
+            self._finish(r, reason)
 
     def _fail(self, req: Request, message: str) -> None:
         if req.finished:
@@ -551,7 +599,10 @@ class Engine:
         req.finished = True
         req.events.put_nowait(P.Error(id=req.id, message=message))
         self.stats["errors"] += 1
+        self.metrics.finished(req.frontend, "error")
         self._release(req)
+        for r in req.forks:
+            self._fail(r, message)
 
     def _release(self, req: Request) -> None:
         self.requests.pop(req.id, None)
