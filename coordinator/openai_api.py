@@ -235,11 +235,11 @@ class OpenAIServer:
         stream = _get(body, "stream", bool, False)
         usage_chunk = stream and isinstance(body.get("stream_options"), dict) and \
             body["stream_options"].get("include_usage") is True
+        if self.engine.health().status == "down":  # while restarting, requests queue
+            raise ApiError(503, "the service is down (a worker failed); see the server's log", code="service_unavailable")
         n = _get(body, "n", int, 1)
         if not 1 <= n <= self.engine.opts.max_batch:
             raise ApiError(400, f"'n' must be in 1..{self.engine.opts.max_batch} (--max-batch)", "n")
-        if self.engine.health().status == "down":  # while restarting, requests queue
-            raise ApiError(503, "the service is down (a worker failed); see the server's log", code="service_unavailable")
         events, reqs = asyncio.Queue(), []
         try:
             try:
