@@ -9,6 +9,7 @@ import socket
 import tomllib
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -65,6 +66,10 @@ def test_config_file_and_flags(svc, text_model):  # noqa: F811
     cfg = tomllib.loads(out)
     assert cfg["max-batch"] == 3 and cfg["dtype"] == "float32" and cfg["served-model-name"] == MODEL
     assert cfg["model"] == str(text_model) and "api-key" not in cfg
+    # the systemd unit's example config is one serve takes
+    deploy = Path(__file__).parents[1] / "deploy" / "krasis.toml"
+    code, out, _ = cli("serve", "--config", deploy, "--print-config")
+    assert code == 0 and tomllib.loads(out)["cpu-bits"] == "4"
     bad = svc.config.with_name("bad.toml")
     bad.write_text("cpu-wrokers = 2\n")
     code, _, err = cli("serve", text_model, "--config", bad)
