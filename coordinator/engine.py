@@ -425,7 +425,8 @@ class Engine:
                 self._finish(req, "cancelled")
             for req in [r for r in self.running.values() if r.cancelled]:
                 self._finish(req, "cancelled")
-            if self.waiting and len(self.running) < self.opts.max_batch:
+            # a prompt's choices (n > 1) all join the batch at its prefill
+            if self.waiting and len(self.running) + len(self.waiting[0].forks) < self.opts.max_batch:
                 await self._prefill(self.waiting.popleft())
             elif self.running or self._inflight:
                 await self._decode()

@@ -29,15 +29,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def svc(text_model, tmp_path_factory):  # noqa: F811
+# On a GPU machine the same tests run on CUDA too (the logprobs from the device's sampler, the fork of
+# a CUDA cache, decode as CUDA graphs): python -m pytest -q tests/test_operating.py -k cuda
+CUDA = pytest.param("cuda:0", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.fixture(scope="module", params=["cpu", CUDA])
+def svc(request, text_model, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("operating")
     http, metrics = _free_port(), _free_port()
     (d / "keys").write_text(f"# the service's keys\n\nsk-other\n{KEY}\n")
     # the file sets --max-batch 2 and the command line 8: n = 3 must be accepted (flags win)
     (d / "krasis.toml").write_text(f'dtype = "float32"\nserved_model_name = "{MODEL}"\nhttp = "127.0.0.1:{http}"\n'
                                    f'max-batch = 2\nmetrics = "127.0.0.1:{metrics}"\n')
-    with tm.Service(text_model, "--config", d / "krasis.toml", "--max-batch", 8, "--api-key-file", d / "keys") as service:
+    with tm.Service(text_model, "--config", d / "krasis.toml", "--max-batch", 8, "--api-key-file", d / "keys",
+                    "--devices", request.param) as service:
         service.url, service.metrics_url = f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics"
         service.oai = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
         service.config = d / "krasis.toml"
