@@ -205,6 +205,9 @@ def attention_check(T: int = 10000):
     qm, km, vm = (torch.randn(T, 16, d, device="cuda").bfloat16() for d in (192, 192, 128))
     row["mla_attend_ms"] = ms(lambda: attend(qm, km, vm, 0, 0.07))
     row["gqa_second_chunk_ms"] = ms(lambda: attend(q[: T // 2], k, v, T // 2, 0.088))
+    # a later chunk (bottom-right causal) against the same rows of the whole prompt's attention
+    want = attend(q, k, v, 0, 0.088)[T // 2 :].float()
+    row["gqa_second_chunk_rel_err"] = float((attend(q[T // 2 :], k, v, T // 2, 0.088).float() - want).norm() / want.norm())
     # decode: one new token over the whole cache, the Triton kernel against its reference
     from krasis.gpu_worker.decode_attention import Rows, decode_attention_reference
     from krasis.gpu_worker.decode_attention_kernel import decode_attention_triton
@@ -291,7 +294,11 @@ def ceilings():
 # --- bench on synthetic real shapes -------------------------------------------------------------
 
 
-def bench(layers: int | None, prompt: int, decode: int, runs: int, configs=None):
+def bench(layers: int | None, prompts: list[int], decode: int, runs: int, configs=None, group_size: int = 128,
+          chunk: int | None = None):
+    """`bench` of each (shape, prefill, decode) config at each prompt length. prefill "default": no
+    strategy named and the default --prefill-chunk (what a user gets); else that strategy with one
+    chunk per prompt (`chunk`: that many tokens a chunk)."""
     from krasis.coordinator.bench import run_bench, table
     from krasis.coordinator.processes import RuntimeOptions
     from krasis.coordinator.synth import synth
@@ -302,22 +309,25 @@ def bench(layers: int | None, prompt: int, decode: int, runs: int, configs=None)
         ("deepseek-v2-lite", "layer_grouped_2", "pure_cpu"),
     ]
     rows = []
-    for shape, prefill, dec, *env in configs:
+    for (shape, prefill, dec, *env), prompt in ((c, p) for c in configs for p in prompts):
         env = env[0] if env else {}
-        path = Path("/tmp/krasis-synth") / f"{shape}-{layers or 'all'}"
+        path = Path("/tmp/krasis-synth") / f"{shape}-{layers or 'all'}-g{group_size}"
         if not (path / "config.json").exists():
             t0 = time.time()
             # experts straight into the INT4 cache: the whole Qwen3-30B-A3B in BF16 would not fit the disk
-            synth(shape, path, layers=layers, expert_bits=4)
+            synth(shape, path, layers=layers, expert_bits=4, group_size=group_size)
             log(f"synth {shape} {layers or 'all'} layers: {time.time() - t0:.0f} s")
+        default = prefill == "default"
         opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
-                              prefill_strategy=prefill, decode_strategy=dec, prefill_chunk=prompt,
-                              max_context=prompt + decode + 8, max_batch=1)
+                              group_size=group_size, prefill_strategy=None if default else prefill,
+                              decode_strategy=dec, max_context=prompt + decode + 8, max_batch=1,
+                              **({} if default else {"prefill_chunk": chunk or prompt}))
         t0 = time.time()
         os.environ.update(env)
         try:
             r = run_bench(str(path), opts, prompt, decode, runs)
-            r["model"] = f"{shape} ({f'{layers}L ' if layers else ''}synth)" + "".join(f" {k}={v}" for k, v in env.items())
+            r["model"] = (f"{shape} ({f'{layers}L ' if layers else ''}synth, {prompt} tok{', defaults' if default else ''})"
+                          + "".join(f" {k}={v}" for k, v in env.items()))
             r["wall_s"] = round(time.time() - t0, 1)
             log("bench", json.dumps(r, default=str))
             rows.append(r)
@@ -430,7 +440,11 @@ def decode_timeline(trace: dict, layers: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8, help="layers of each synthetic shape; 0: all (the real model's)")
-    ap.add_argument("--prompt", type=int, default=10000)
+    ap.add_argument("--prompts", default="10000", help="prompt lengths to bench, comma-separated")
+    ap.add_argument("--prefill", default="layer_grouped_2",
+                    help="prefill strategy benched; 'default': none named, the default --prefill-chunk")
+    ap.add_argument("--chunk", type=int, help="--prefill-chunk with a named --prefill (default: the whole prompt)")
+    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--skip-exact", action="store_true")
@@ -458,12 +472,13 @@ def main():
     log(f"checks done at {time.time() - t0:.0f} s")
     shapes = a.shapes.split(",")
     first = a.decode_strategies.split(",")
-    configs = [(s, "layer_grouped_2", d) for s in shapes for d in (first if s == shapes[0] else ("pure_cpu",))]
+    configs = [(s, a.prefill, d) for s in shapes for d in (first if s == shapes[0] else ("pure_cpu",))]
     if a.eager_too:
-        configs.insert(1, (shapes[0], "layer_grouped_2", "pure_cpu", {"KRASIS_CUDA_GRAPHS": "0"}))
-    tab = bench(a.layers or None, a.prompt, a.decode, a.runs, configs) if not a.skip_bench else ""
+        configs.insert(1, (shapes[0], a.prefill, "pure_cpu", {"KRASIS_CUDA_GRAPHS": "0"}))
+    prompts = [int(p) for p in a.prompts.split(",")]
+    tab = bench(a.layers or None, prompts, a.decode, a.runs, configs, a.group_size, a.chunk) if not a.skip_bench else ""
     if a.profile and not a.skip_bench:
-        profile_bench(a.layers or None, a.prompt, a.decode, shapes[0], first[0])
+        profile_bench(a.layers or None, prompts[0], a.decode, shapes[0], first[0])
     print("\n=== summary ===")
     print("attention:", {k: float(f"{v:.3g}") for k, v in RESULTS.get("attention", {}).items()})
     print("decode graphs identical to eager:", RESULTS.get("graphs_exact"))

@@ -89,9 +89,11 @@ def runtime_options(f):
     @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
                   help="Most sequences decoded together.")
     @click.option("--prefill-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
-                  help="Prompt tokens per prefill step.")
+                  help="Prompt tokens the GPU runs through a layer at a time: bounds activation and attention "
+                  "memory only (a prefill step holds whole prompts, and streamed experts cross PCIe once per step).")
     @click.option("--prefill-strategy", help="persistent | layer_grouped_N | chunked | active_only | hcs_prefill "
-                  "(docs/strategies.md; default: the winner of `optimize`, else persistent).")
+                  "(docs/strategies.md; default: the winner of `optimize`, else persistent if every expert "
+                  "fits --vram-budget, else layer_grouped_4, 2, 1, then chunked: the first that fits).")
     @click.option("--decode-strategy", type=click.Choice(["pure_cpu", "hcs_hybrid", "compact", "lru"]),
                   help="Who runs decode's routed experts (default: the winner of `optimize`, else pure_cpu).")
     @click.option("--vram-budget", type=click.FloatRange(min=0, min_open=True),

@@ -1,7 +1,8 @@
 """The coordinator's engine: it owns the worker processes, the requests and the schedule.
 
-Loop: admit waiting requests by prefilling their prompts (in chunks of `prefill_chunk` tokens, the
-routed experts on the GPU workers), then run one decode step for every running request together (the
+Loop: admit waiting requests by prefilling their whole prompts in one step (the GPU stages run it
+layer by layer in chunks of `prefill_chunk` tokens, the routed experts on the GPU workers, each
+streamed expert crossing PCIe once per step), then run one decode step for every running request together (the
 routed experts on the CPU pool, so one read of an expert serves every token that chose it). The last
 stage samples each next token on its device with a draw made here from the request's seeded
 generator (shared/sampling.py) and sends back token ids; stop conditions and detokenisation happen here.
@@ -239,13 +240,14 @@ class Engine:
 
     def strategy_spec(self) -> dict:
         """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
-        for this model, else persistent prefill and pure_cpu decode."""
+        for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
+        chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
         from .optimize import stored_winner, state_path
 
         o, won = self.opts, stored_winner(self.model_dir)
         kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
         return dict(
-            prefill_strategy=o.prefill_strategy or won.get("prefill", "persistent"),
+            prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
             decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
             vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
             hcs_path=str(state_path(self.model_dir, "hcs_counts.json")),
@@ -427,7 +429,7 @@ class Engine:
                 self._finish(req, "cancelled")
             # a prompt's choices (n > 1) all join the batch at its prefill
             if self.waiting and len(self.running) + len(self.waiting[0].forks) < self.opts.max_batch:
-                await self._prefill(self.waiting.popleft())
+                await self._prefill(self._prefill_batch())
             elif self.running or self._inflight:
                 await self._decode()
             else:
@@ -449,38 +451,54 @@ class Engine:
         out, _ = await self._send(slices, tokens, decode)
         return out
 
-    async def _prefill(self, req: Request) -> None:
-        """The prompt in chunks; the last one's reply is the first token (or, for prompt_logits, the
-        logits of every position, sampled here)."""
-        req.t_prefill = time.perf_counter()
-        ids, chunk, rows = req.prompt_ids, self.opts.prefill_chunk, []
+    def _prefill_batch(self) -> list[Request]:
+        """The waiting requests to prefill together, oldest first: as many as the decode batch has
+        room for (a prompt with n choices takes n places), up to --max-context prompt tokens in all (at least one request). One step runs
+        them through each layer together, so a streamed layer's experts cross PCIe once for all."""
+        room, budget, batch = self.opts.max_batch - len(self.running), self.opts.max_context, []
+        while self.waiting:
+            n, choices = len(self.waiting[0].prompt_ids), 1 + len(self.waiting[0].forks)
+            if batch and (n > budget or choices > room):
+                break
+            budget, room = budget - n, room - choices
+            batch.append(self.waiting.popleft())
+        return batch
+
+    async def _prefill(self, reqs: list[Request]) -> None:
+        """Whole prompts in one step (the GPU stages chunk them: gpu_worker/stage.py); its reply holds
+        each request's first token (or, for prompt_logits, the logits of every position, sampled here)."""
+        now, slices = time.perf_counter(), []
+        for r in reqs:
+            r.t_prefill = now
+            if r.prompt_logits:
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="all"))
+            elif r.forks:  # each choice's first token is drawn here, from the prompt's last row
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="last"))
+            else:
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="sample", draw=r.sampler.draw()))
         try:
-            for a in range(0, len(ids), chunk):
-                b = min(a + chunk, len(ids))
-                if req.prompt_logits:
-                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="all")
-                elif b == len(ids) and req.forks:  # each choice's first token is drawn here from the one row
-                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="last")
-                elif b == len(ids):
-                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="sample", draw=req.sampler.draw())
-                else:
-                    s = P.SeqSlice(seq=req.seq, start=a, n=b - a, logits="none")
-                out = await self._step([s], ids[a:b], False)
-                rows.append(out.tensors["logits"])
+            out = await self._step(slices, [t for r in reqs for t in r.prompt_ids], False)
         except StepFailed as e:
-            self._fail(req, f"prefill failed: {e}")
+            for r in reqs:
+                self._fail(r, f"prefill failed: {e}")
             return
-        self.running[req.seq] = req
         self._last_out = None  # the next decode step follows a prefill, not a decode step
-        self.stats["prompt_tokens"] += len(ids)
-        choices = [req, *self._fork(req)]
-        if req.prompt_logits or len(choices) > 1:
-            logits = torch.cat(rows)
-            for r in choices:
-                picked = pick(logits[-1:], [r.sampler.draw()])
-                self._emit(r, int(picked["tokens"][0]), logits if r.prompt_logits else None, _logprobs(r, picked, 0))
-        else:
-            self._emit(req, int(out.tensors["tokens"][0]), None, _logprobs(req, out.tensors, 0))
+        # the reply's rows: `tokens` (and their logprobs) one per "sample" slice, `logits` those of
+        # the "all" and "last" slices, both in slice order
+        sampled, logits, row = 0, out.tensors["logits"], 0
+        for r in reqs:
+            self.running[r.seq] = r
+            self.stats["prompt_tokens"] += len(r.prompt_ids)
+            choices = [r, *self._fork(r)]
+            if r.prompt_logits or len(choices) > 1:
+                n = len(r.prompt_ids) if r.prompt_logits else 1
+                rows, row = logits[row : row + n], row + n
+                for c in choices:
+                    picked = pick(rows[-1:], [c.sampler.draw()])
+                    self._emit(c, int(picked["tokens"][0]), rows if c.prompt_logits else None, _logprobs(c, picked, 0))
+            else:
+                self._emit(r, int(out.tensors["tokens"][sampled]), None, _logprobs(r, out.tensors, sampled))
+                sampled += 1
 
     def _fork(self, req: Request) -> list[Request]:
         """Copy the prefilled request's cache to its other choices, which then run beside it."""

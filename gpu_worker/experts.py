@@ -1,6 +1,7 @@
 """Which routed-expert strategies a GPU worker runs, sized by its VRAM plan.
 
-Spec keys read (coordinator/processes.py documents the spec): prefill_strategy, decode_strategy,
+Spec keys read (coordinator/processes.py documents the spec): prefill_strategy (null: the first
+of vram_budget.AUTO_PREFILL that fits), decode_strategy,
 vram_budget (GB or null), kv_dtype, prefill_chunk, max_context, hcs_path.
 """
 
@@ -14,20 +15,27 @@ from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
 from .prefill_strategies import make_prefill
-from .vram_budget import VramPlan, plan
+from .vram_budget import VramPlan, auto_prefill, plan
 
 
 class StageExperts:
     def __init__(self, spec: dict, family: ModelFamily, store: ExpertStore, device: torch.device, dtype: torch.dtype, pool):
         a, b = spec["layers"]
-        prefill = spec.get("prefill_strategy") or "persistent"
         decode = spec.get("decode_strategy") or "pure_cpu"
         total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
-        self.plan: VramPlan = plan(
-            family, store.layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1,
-            torch.empty((), dtype=dtype).element_size(), spec.get("kv_dtype") or "bf16", spec["max_context"],
-            spec.get("prefill_chunk") or 4096, prefill, decode, spec.get("vram_budget"), total,
-        )
+
+        def plan_for(prefill: str) -> VramPlan:
+            return plan(
+                family, store.layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1,
+                torch.empty((), dtype=dtype).element_size(), spec.get("kv_dtype") or "bf16", spec["max_context"],
+                spec.get("prefill_chunk") or 4096, prefill, decode, spec.get("vram_budget"), total,
+            )
+
+        prefill = spec.get("prefill_strategy")
+        if prefill:
+            self.plan: VramPlan = plan_for(prefill)
+        else:
+            prefill, self.plan = auto_prefill(plan_for)
         self.host = HostExperts(store, range(a, b), device)
         self.engine = CopyEngine(device)
         act = getattr(family, "expert_act", "silu")

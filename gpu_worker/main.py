@@ -92,7 +92,7 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
     done += 1
     progress()
     stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"], experts,
-                  spec.get("kv_dtype"))
+                  spec.get("kv_dtype"), spec.get("prefill_chunk") or 4096)
     if dense is not None:
         dense.close()
     done = total

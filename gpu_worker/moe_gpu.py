@@ -38,10 +38,11 @@ from .dequant import dequant_rows
 
 class RoutedExperts:
     """What a stage calls for a MoE layer's routed experts, prefill and decode strategies alike:
-    `begin()` once per step, then per layer `submit(layer, x, ids, weights)` and, after whatever the
-    stage overlaps with it (the shared expert), `collect(pending)` -> x's dtype [T, H], and `end(done)`
-    once the step is enqueued (graphed or not) to wait for it. A strategy whose work runs elsewhere (the CPU pool)
-    splits the two; the others do it all in `run`.
+    `begin()` once per step; per layer `layer_begin(layer, ids)` with every chunk's choices, then
+    per chunk `submit(layer, x, ids, weights)` and, after whatever the stage overlaps with it (the
+    shared expert), `collect(pending)` -> x's dtype [T, H], then `layer_end(layer)`; and `end(done)`
+    once the step is enqueued (graphed or not) to wait for it. A strategy whose work runs elsewhere
+    (the CPU pool) splits submit and collect; the others do it all in `run`.
     `graphable`: submit and collect may be captured in a decode graph (decode_graphs.py)."""
 
     graphable = False
@@ -55,6 +56,12 @@ class RoutedExperts:
         from .pool_client import wait_for
 
         return wait_for(done, interrupt)
+
+    def layer_begin(self, layer: int, ids: list[torch.Tensor]) -> None:
+        """Before the layer's chunks run: `ids`, each chunk's choices [T_c, k]."""
+
+    def layer_end(self, layer: int) -> None:
+        """After the layer's last chunk was enqueued."""
 
     def run(self, layer: int, x, ids, weights) -> torch.Tensor:
         raise NotImplementedError

@@ -1,9 +1,11 @@
 """Prefill strategies: where a stage's routed experts come from while the whole prompt runs on the
 device (docs/strategies.md describes each; the names are the reference system's).
 
-Every strategy is called by the stage as `begin()` at the start of a prefill step and
-`run(layer, x, ids, weights)` per MoE layer in order (moe_gpu.RoutedExperts), and returns x's dtype
-[T, H]. Each counts the router's choices for the hot-expert cache.
+Every strategy is called by the stage as `begin()` at the start of a prefill step, and per MoE layer
+in order `layer_begin(layer, ids)` with every chunk's choices, `run(layer, x, ids, weights)` per
+chunk (returning x's dtype [T, H]) and `layer_end(layer)` (moe_gpu.RoutedExperts). A step holds
+whole prompts, so what a strategy copies for a layer crosses PCIe once per step, not once per chunk.
+Each counts the router's choices for the hot-expert cache.
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ class PrefillStrategy(RoutedExperts):
     def __init__(self, host: HostExperts, engine: CopyEngine, act: str, counts: Counts):
         self.host, self.engine, self.act, self.counts = host, engine, act, counts
 
+    def layer_begin(self, layer: int, ids: list[torch.Tensor]) -> None:
+        self._layer_blocks = self.blocks(layer, ids)
+
     def run(self, layer: int, x, ids, weights):
         self.counts.add(layer, ids)
-        return moe_blocks(x, ids, weights, self.blocks(layer, ids), self.host.fmt, self.act).to(x.dtype)
+        return moe_blocks(x, ids, weights, self._layer_blocks, self.host.fmt, self.act).to(x.dtype)
 
-    def blocks(self, layer: int, ids) -> list[Block]:
+    def blocks(self, layer: int, ids: list[torch.Tensor]) -> list[Block]:
+        """The layer's experts for a step whose chunks chose `ids`."""
         raise NotImplementedError
 
     def nbytes(self) -> int:
@@ -103,20 +109,18 @@ class LayerGrouped(PrefillStrategy):
                 self.stager.fetch(g + 1)
         return self._cur[1][layer]
 
-    def run(self, layer, x, ids, weights):
-        out = super().run(layer, x, ids, weights)
+    def layer_end(self, layer):
         g = self.group_of[layer]
         if layer == self.groups[g][-1]:
             self.stager.release(g)
             self._cur = None
-        return out
 
     def nbytes(self):
         return self.stager.nbytes() if self.stager is not None else 0
 
 
 class ActiveOnly(PrefillStrategy):
-    """Per layer, only the experts this chunk's tokens chose are copied (one copy per expert and
+    """Per layer, only the experts the step's tokens chose are copied (one copy per expert and
     tensor), into slots sized for a whole layer."""
 
     name = "active_only"
@@ -132,7 +136,7 @@ class ActiveOnly(PrefillStrategy):
 
     def blocks(self, layer, ids):
         out = self.hot.blocks(layer) if self.hot is not None else []
-        chosen = torch.unique(ids.reshape(-1).to(self.host.device))
+        chosen = torch.unique(torch.cat([i.reshape(-1) for i in ids]).to(self.host.device))
         if self.hot is not None:
             chosen = chosen[self.hot.lookup[layer][chosen] < 0]
         if chosen.numel() == 0:
@@ -146,10 +150,8 @@ class ActiveOnly(PrefillStrategy):
         self.scratch.flush(after=self._released)
         return out + [(self.scratch.t, lk)]
 
-    def run(self, layer, x, ids, weights):
-        out = super().run(layer, x, ids, weights)
+    def layer_end(self, layer):
         self._released = self.engine.event_after_compute()
-        return out
 
     def nbytes(self):
         return self.scratch.nbytes() if self.scratch is not None else 0

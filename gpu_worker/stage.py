@@ -3,12 +3,19 @@ the first stage and the final norm and LM head on the last.
 
     h = embed(tokens)                                       (first stage)
     for each layer in the slice:
-        h = h + attention(input_norm(h))
-        x = post_norm(h)
-        MoE layer:   h = h + (routed(x) + shared(x))        routed: the prefill or decode strategy
-        dense layer: h = h + dense(x)
+        for each chunk:  h = h + attention(input_norm(h));  x = post_norm(h)
+        MoE layer:   the strategy takes the layer's experts (layer_begin: a DMA'd group, the chosen
+                     experts of every chunk, ...), then for each chunk h = h + (routed(x) + shared(x))
+        dense layer: for each chunk h = h + dense(x)
     logits = lm_head(norm(h)) for the rows the slices ask for   (last stage)
     tokens = sample(logits of "sample" slices)                   (last stage, on its device)
+
+A prefill step holds whole prompts (one or several) and runs layer by layer: every chunk of
+`prefill_chunk` tokens goes through a layer before the next layer starts, so a streamed layer's
+experts cross PCIe once per step, whatever the prompt's length (DESIGN.md: layer_grouped streams
+"ONCE per prompt"). Chunks bound only the activations and the attention's working memory; a
+chunk's attention sees the earlier chunks' keys and values of that layer, already cached. A decode
+step is one chunk.
 
 On CUDA a plain decode step runs as CUDA graphs (decode_graphs.py) when every layer and the decode
 strategy allow it; KRASIS_CUDA_GRAPHS=0 turns them off (to compare, or to debug).
@@ -24,7 +31,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..shared.models.family import ModelFamily
-from ..shared.models.layers import linear, rows_for_slices, slice_positions, to_device
+from ..shared.models.layers import linear, rows_for_slices, slice_positions, split_slices, to_device
 from ..shared.protocol import Draw, SeqSlice
 from ..shared.sampling import pick
 from .decode_graphs import DecodeGraphs
@@ -64,6 +71,7 @@ class Stage:
         max_context: int,
         experts,
         kv_dtype: str | None = None,
+        prefill_chunk: int = 4096,
     ):
         self.f, self.device, self.dtype = family, device, dtype
         self.first, self.last = first, last
@@ -73,6 +81,7 @@ class Stage:
             self.norm = get("model.norm.weight")
             self.lm_head = get(family.lm_head_name())
         self.kv = KVCache(device, dtype, max_context, kv_dtype)
+        self.prefill_chunk = prefill_chunk
         self.experts = experts  # the prefill and decode strategies (gpu_worker/experts.py)
         self.sampled: dict[int, tuple[torch.Tensor, int]] = {}  # seq -> (tokens, row): its last sampled token
         self.graphs = None
@@ -167,22 +176,13 @@ class Stage:
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, slices: list[SeqSlice], decode: bool) -> torch.Tensor:
         h = F.embedding(x, self.embed) if self.first else x.to(self.dtype)
         runner = self.experts.decode if decode else self.experts.prefill
+        if decode:
+            chunks = [(slices, h, positions)]
+        else:
+            chunks = [(sub, h[a:b], positions[a:b]) for sub, (a, b) in split_slices(slices, self.prefill_chunk)]
         for layer in self.layers:
-            with record_function("attention"):
-                h = h + layer.attention(layer.input_norm(h), slices, positions, self.kv)
-            x = layer.post_norm(h)
-            if layer.is_moe:
-                with record_function("route"):
-                    ids, weights = layer.route(x)
-                with record_function("routed_experts"):
-                    pending = runner.submit(layer.index, x, ids, weights)
-                with record_function("shared_expert"):
-                    shared = layer.shared(x)  # on the device while the routed experts run elsewhere
-                with record_function("routed_experts"):
-                    h = runner.collect_add(pending, h) if shared is None else h + (runner.collect(pending) + shared)
-            else:
-                with record_function("dense_mlp"):
-                    h = h + layer.dense(x)
+            chunks = self._layer(layer, chunks, runner)
+        h = chunks[0][1] if len(chunks) == 1 else torch.cat([c[1] for c in chunks])
         if not self.last:
             return h
         rows = []
@@ -195,6 +195,35 @@ class Stage:
             return torch.empty(0, self.f.vocab_size, dtype=torch.float32)
         hn = self.f.final_norm(torch.cat(rows), self.norm)
         return linear(hn, self.lm_head).float()  # lm_head may be INT8 (--attn-bits 8)
+
+    def _layer(self, layer, chunks: list, runner) -> list:
+        """One layer over every chunk, in order: attention first for all of them (a chunk attends over
+        the earlier ones' cached keys), then the routed experts, which the strategy takes once for
+        the whole step (`layer_begin`) before every chunk runs through them."""
+        hs, xs = [], []
+        for sub, h, pos in chunks:
+            with record_function("attention"):
+                h = h + layer.attention(layer.input_norm(h), sub, pos, self.kv)
+            hs.append(h)
+            xs.append(layer.post_norm(h))
+        if not layer.is_moe:
+            with record_function("dense_mlp"):
+                return [(sub, h + layer.dense(x), pos) for (sub, _, pos), h, x in zip(chunks, hs, xs)]
+        with record_function("route"):
+            routes = [layer.route(x) for x in xs]
+        with record_function("routed_experts"):
+            runner.layer_begin(layer.index, [ids for ids, _ in routes])
+        out = []
+        for (sub, _, pos), h, x, (ids, weights) in zip(chunks, hs, xs, routes):
+            with record_function("routed_experts"):
+                pending = runner.submit(layer.index, x, ids, weights)
+            with record_function("shared_expert"):
+                shared = layer.shared(x)  # on the device while the routed experts run elsewhere
+            with record_function("routed_experts"):
+                h = runner.collect_add(pending, h) if shared is None else h + (runner.collect(pending) + shared)
+            out.append((sub, h, pos))
+        runner.layer_end(layer.index)
+        return out
 
     def fork(self, seq: int, into: list[int]) -> None:
         self.kv.fork(seq, into)

@@ -102,7 +102,10 @@ def plan(
         staging += biggest
 
     H, T = family.hidden_size, prefill_chunk
-    act = 8 * T * H * dtype_bytes + 4 * T * H  # hidden, residual, norms, float32 expert sum
+    # a prefill step holds whole prompts, up to max_context tokens: its hidden states, each layer's
+    # residual and normed input, live for the whole step (stage.py: _layer)
+    act = 3 * max(max_context, T) * H * dtype_bytes
+    act += 8 * T * H * dtype_bytes + 4 * T * H  # one chunk's norms, projections, float32 expert sum
     act += 4 * T * max((_numel(s) for i in range(a, b) for s in family.layer_tensors(i).values() if len(s) == 2), default=0) // H * dtype_bytes
     if moe:
         es = layout.shapes[moe[0]]
@@ -142,3 +145,22 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+# What a GPU worker prefills with when no strategy is named (and `optimize` stored none): every
+# expert resident if they fit, else whole layer groups streamed once per step, double-buffered
+# (larger groups first: fewer waits between copy and compute), else one layer at a time.
+AUTO_PREFILL = ("persistent", "layer_grouped_4", "layer_grouped_2", "layer_grouped_1", "chunked")
+
+
+def auto_prefill(plan_for) -> tuple[str, VramPlan]:
+    """The first of AUTO_PREFILL whose plan fits (`plan_for(name)` -> VramPlan, or VramBudgetError);
+    the last one's error when none does."""
+    for name in AUTO_PREFILL:
+        try:
+            return name, plan_for(name)
+        except VramBudgetError:
+            if name == AUTO_PREFILL[-1]:
+                raise
+    raise AssertionError("unreachable")
+

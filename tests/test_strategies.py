@@ -167,6 +167,13 @@ def test_attention_fast_path_matches_masked():
     fast = attend(q, k, v, 0, 0.25)
     masked = attend(q, k, v, 0, 0.25, sliding_window=10**6)  # the mask path, same function
     assert torch.allclose(fast, masked, atol=1e-6)
+    # a chunk's queries over every earlier key (bottom-right causal), one query alone, and a
+    # one-token prompt (GQA), each the rows of the whole prompt's attention
+    for start, t in [(20, 13), (32, 1), (0, 1), (5, 9)]:
+        T = start + t
+        part = attend(q[start:T], k[:T], v[:T], start, 0.25)
+        whole = attend(q[:T], k[:T], v[:T], 0, 0.25, sliding_window=10**6)
+        assert torch.allclose(part, whole[start:], atol=1e-6), (start, t)
 
 
 def test_calibrate_counts_every_token_of_the_text(tmp_path):

@@ -8,11 +8,13 @@ rows belong to which sequence and at what position they start.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from ..protocol import SeqSlice
 
@@ -268,16 +270,24 @@ def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torc
     if dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))  # MLA: zero value columns add nothing to the output
     q4, k4, v4 = (a.transpose(0, 1).unsqueeze(0) for a in (q, k, v))
-    if start == 0 and t == T and sliding_window is None:
-        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+    if sliding_window is None and T == start + t and t > 1:
+        # a prompt chunk over everything before it: causal from the bottom right (is_causal aligns
+        # the triangle to the top left). CausalBias keeps flash attention's own causal masking, where
+        # a boolean mask would force the slower masked kernels on every chunk past the first.
+        if start == 0:
+            out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(t, T), scale=scale)
+    elif sliding_window is None and T == start + t:
+        # one query that sees every key: no mask (a one-token prompt, or a decode step off the kernel)
+        out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=rep > 1)
     else:
-        # a later chunk or a decode step: is_causal would align the triangle to the top left
+        # a sliding window
         mask = _causal_mask(start, t, T, sliding_window, q.device)
         # not cuDNN: it builds an execution plan per shape, and every decode step has a new length
         with sdpa_kernel(_MASKED_BACKENDS):
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
     return out[0, ..., :dv].transpose(0, 1)
-
 
 
 def _causal_mask(start: int, t: int, T: int, window: int | None, device) -> torch.Tensor:
@@ -288,6 +298,28 @@ def _causal_mask(start: int, t: int, T: int, window: int | None, device) -> torc
     if window is not None:
         mask = mask & (kpos > qpos - window)
     return mask
+
+
+def split_slices(slices: list[SeqSlice], chunk: int) -> list[tuple[list[SeqSlice], tuple[int, int]]]:
+    """The step's tokens cut every `chunk` rows: each chunk's slices (a slice that crosses a cut
+    continues in the next chunk at a later start) and its row range [a, b). Only a slice's last
+    piece keeps its logits request ("sample", "last"); "all" stays on every piece."""
+    out, cur, a, r = [], [], 0, 0
+    for s in slices:
+        done = 0
+        while done < s.n:
+            n = min(s.n - done, a + chunk - r)
+            end = done + n == s.n
+            logits = s.logits if s.logits == "all" or end else "none"
+            cur.append(dataclasses.replace(s, start=s.start + done, n=n, logits=logits,
+                                           draw=s.draw if end else None))
+            done, r = done + n, r + n
+            if r == a + chunk:
+                out.append((cur, (a, r)))
+                cur, a = [], r
+    if cur:
+        out.append((cur, (a, r)))
+    return out
 
 
 def rows_for_slices(slices: list[SeqSlice]) -> list[tuple[int, int]]:
