@@ -75,9 +75,16 @@ def fits_in_ram(model: str, opts: RuntimeOptions) -> None:
         raise ConfigError(f"not enough RAM: the run {line.found}; {line.fix} (`krasis-coord check` lists every check)")
 
 
-def check_vram(opts: RuntimeOptions) -> list[Line]:
+def check_vram(model: str | None, family, opts: RuntimeOptions) -> list[Line]:
+    """Per GPU: the budget against the device's free memory, and with MODEL, each stage's VRAM plan
+    (what its worker computes at start: gpu_worker/vram_budget.py) against the budget."""
+    from ..gpu_worker.vram_budget import VramBudgetError, stage_plan
+    from .engine import strategy_spec
+    from .plan import split_layers
+
     lines = []
-    for d in opts.devices:
+    stages = split_layers(family, len(opts.devices), opts.pp_layers) if family is not None else None
+    for rank, d in enumerate(opts.devices):
         dev = torch.device(d)
         if dev.type != "cuda":
             continue
@@ -89,9 +96,27 @@ def check_vram(opts: RuntimeOptions) -> list[Line]:
         found = f"budget {budget / 1e9:.1f} GB, {free / 1e9:.1f} GB free of {total / 1e9:.1f} GB"
         if budget > total:
             lines.append(Line(f"VRAM {d}", "fail", found, f"--vram-budget at most {total / 1e9:.1f}"))
-        elif budget > free:
+            continue
+        need = 0.0
+        if stages is not None:
+            spec = dict(rank=rank, world=len(opts.devices), layers=list(stages[rank]), max_context=opts.max_context,
+                        **strategy_spec(model, opts))
+            layout = StoreLayout(family, 1, expert_format(opts.gpu_bits, _dtype(opts), opts.group_size))
+            try:
+                prefill, plan = stage_plan(family, layout, spec, _dtype(opts).itemsize, total)
+            except VramBudgetError as e:
+                lines.append(Line(f"VRAM {d}", "fail", f"{found}; {e}", "more GPUs, --gpu-bits 4, --attn-bits 8, a "
+                                  "smaller --max-context or --prefill-chunk"))
+                continue
+            need = plan.total() - plan.hot - plan.lru  # the hot set and lru cache take what the budget leaves
+            found += f"; the plan's fixed part {need / 1e9:.1f} GB ({prefill} prefill)"
+        if need > free:
             lines.append(Line(f"VRAM {d}", "fail", found, f"stop the processes holding {(total - free) / 1e9:.1f} GB "
-                              f"(nvidia-smi), or --vram-budget {free / 1e9 * 0.95:.1f}"))
+                              "(nvidia-smi)"))
+        elif budget > free + GB:  # a CUDA context (this one's, each worker's) takes a few hundred MB
+            lines.append(Line(f"VRAM {d}", "warn", found + ": the budget counts memory others hold",
+                              f"--vram-budget {free / 1e9 * 0.95:.1f}, or stop the processes holding "
+                              f"{(total - free) / 1e9:.1f} GB (nvidia-smi)"))
         else:
             lines.append(Line(f"VRAM {d}", "ok", found))
     return lines
@@ -249,7 +274,7 @@ def run_checks(model: str | None, opts: RuntimeOptions, ports: dict) -> list[Lin
 
         family = load_family(model)
         lines.append(check_ram(family, opts))
-    lines += check_vram(opts)
+    lines += check_vram(model, family, opts)
     if family is not None:
         lines.append(check_disk(model, family, opts))
     lines += [check_memlock(family, opts), check_hugepages(), check_governor(), check_numa(opts), check_kernel(),

@@ -103,6 +103,22 @@ def _logprobs(req: Request, out: dict[str, torch.Tensor], row: int) -> P.TokenLo
                            top_logprobs=out["top_logprobs"][row, :k].tolist())
 
 
+def strategy_spec(model_dir: str, o: RuntimeOptions) -> dict:
+    """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
+    for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
+    chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
+    from .optimize import stored_winner, state_path
+
+    won = stored_winner(model_dir)
+    kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
+    return dict(
+        prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
+        decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
+        vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
+        hcs_path=str(state_path(model_dir, "hcs_counts.json")),
+    )
+
+
 def _str(path) -> str | None:
     return None if path is None else str(path)
 
@@ -219,7 +235,7 @@ class Engine:
                         max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
                         coord=ep("results"), store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
                         mailbox=dict(boxes, slots=[r * n_pool + i for i in range(n_pool)], pool_pids=pool_pids),
-                        **self.strategy_spec(),
+                        **strategy_spec(self.model_dir, self.opts),
                         **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
                     )
                     self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
@@ -237,21 +253,6 @@ class Engine:
             s.connect(e)
             self.pool_ctl.append(s)
         self._reader_task = asyncio.create_task(self._reader())
-
-    def strategy_spec(self) -> dict:
-        """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
-        for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
-        chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
-        from .optimize import stored_winner, state_path
-
-        o, won = self.opts, stored_winner(self.model_dir)
-        kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
-        return dict(
-            prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
-            decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
-            vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
-            hcs_path=str(state_path(self.model_dir, "hcs_counts.json")),
-        )
 
     async def _await_ready(self, role: str, count: int, bar) -> None:
         ready, progress = 0, {}

@@ -231,3 +231,26 @@ def test_serve_refuses_what_will_not_fit_in_ram(tmp_path):
     assert code == 1 and "not enough RAM" in err and "--cpu-bits 4" in err
     code, out, _ = cli("check", tmp_path)
     assert code == 1 and " fail " in next(line for line in out.splitlines() if line.startswith("RAM"))
+
+
+def test_check_vram_against_the_budget_and_the_plan(text_model, monkeypatch):  # noqa: F811
+    from krasis.coordinator.check import check_vram
+    from krasis.coordinator.processes import RuntimeOptions
+    from krasis.shared.weights import load_family
+
+    # a GPU of 80 GB with 70 GB free, as torch would report it (this machine need not have one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70e9, 80e9))
+    family = load_family(text_model)
+
+    def line(budget=None, model=text_model):
+        [got] = check_vram(model, family if model else None, RuntimeOptions(devices=["cuda:0"], vram_budget=budget))
+        return got
+
+    assert line(60).status == "ok" and "persistent prefill" in line(60).found
+    assert line(90).status == "fail" and "--vram-budget at most 80.0" in line(90).fix
+    assert line(None).status == "warn" and "--vram-budget 66.5" in line(None).fix  # others hold 10 GB
+    tiny = line(0.001)  # less than the stage's activations: the worker's own refusal, before loading
+    assert tiny.status == "fail" and "short for layers 0-" in tiny.found
+    assert line(0.001, model=None).status == "ok"  # without MODEL only the budget is checked
