@@ -235,7 +235,7 @@ class Engine:
                         max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
                         coord=ep("results"), store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
                         mailbox=dict(boxes, slots=[r * n_pool + i for i in range(n_pool)], pool_pids=pool_pids),
-                        **strategy_spec(self.model_dir, self.opts),
+                        **self.strategy_spec(),
                         **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
                     )
                     self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
@@ -253,6 +253,9 @@ class Engine:
             s.connect(e)
             self.pool_ctl.append(s)
         self._reader_task = asyncio.create_task(self._reader())
+
+    def strategy_spec(self) -> dict:
+        return strategy_spec(self.model_dir, self.opts)
 
     async def _await_ready(self, role: str, count: int, bar) -> None:
         ready, progress = 0, {}
