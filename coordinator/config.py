@@ -14,8 +14,8 @@ import tomllib
 import click
 import tomli_w
 
-# Options about the config itself, and secrets, which --print-config leaves out.
-NOT_PRINTED = {"config", "print_config", "api_key"}
+NOT_IN_FILE = {"config", "print_config"}  # options about the config itself
+NOT_PRINTED = NOT_IN_FILE | {"api_key"}  # and secrets, which --print-config leaves out
 
 
 def _key(p: click.Parameter) -> str:
@@ -53,7 +53,7 @@ def _load(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{path} is not valid TOML: {e}") from None
     keys = _keys(ctx.command)
-    unknown = sorted(k for k in data if k not in keys or keys[k] in NOT_PRINTED - {"api_key"})
+    unknown = sorted(k for k in data if k not in keys or keys[k] in NOT_IN_FILE)
     if unknown:
         raise click.BadParameter(f"{path}: {', '.join(unknown)} is no option of `{ctx.command.name}` "
                                  f"(see `krasis-coord {ctx.command.name} --help`)")

@@ -28,7 +28,8 @@ def cpu_share(family, pool: list[dict]) -> float | None:
 
 
 class Metrics:
-    """One engine's registry; the engine calls `finished`, `first_token` and `next_token`."""
+    """One engine's registry; the engine calls `finished` as a request ends and observes `ttft` and
+    `itl` as its tokens arrive."""
 
     def __init__(self, engine):
         self.engine = engine
