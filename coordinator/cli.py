@@ -41,6 +41,14 @@ def _int_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
 
+def _count_list(ctx, param, value):
+    """A comma-separated list of counts (each at least 1), or None when not given."""
+    counts = _int_list(ctx, param, value)
+    if counts is not None and (not counts or min(counts) < 1):
+        raise click.BadParameter(f"{value!r}: give one or more counts of at least 1, comma-separated")
+    return counts
+
+
 BITS = click.Choice(["4", "8", "16"])
 
 
@@ -120,16 +128,26 @@ def _fail(e: BaseException) -> None:
     sys.exit(1)
 
 
-async def _with_engine(model: str, opts: RuntimeOptions, body, max_restarts: int = 0):
+async def _with_engine(model: str, opts: RuntimeOptions, body, drain: asyncio.Event | None = None, **engine_kw):
     """Run `body(engine)` with every process started, stopping them all whatever happens
-    (SIGINT and SIGTERM included)."""
-    engine = Engine(model, opts, max_restarts)
+    (SIGINT and SIGTERM included). With `drain` (serve), the first signal once the workers are up
+    sets it, for `body` to drain; a second one, or one during start-up, stops at once."""
+    engine = Engine(model, opts, **engine_kw)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
+    up = False
+
+    def on_signal():
+        if drain is not None and up and not drain.is_set():
+            drain.set()
+        else:
+            main.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await engine.start()
+        up = True
         return await body(engine)
     finally:
         await engine.close()
@@ -257,12 +275,21 @@ def _api_keys(key: str | None, key_file: str | None) -> list[str]:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (with --http they are also on its "
                    "port; docs/metrics.md).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
-              help="When a worker dies, fail its running requests and restart all workers, at most this many "
-                   "times in 10 minutes; past that (or with 0) exit non-zero, for systemd's Restart= to take over.")
+              help="When a worker dies, restart all workers and replay their requests, at most this many "
+                   "times in 10 minutes (a failed start is retried with backoff and counts too); past that "
+                   "(or with 0) exit non-zero, for systemd's Restart= to take over.")
+@click.option("--max-replays", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Times a request is prefilled again from its prompt and tokens so far after its workers died; "
+                   "one lost more often fails with an error that says so.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most requests waiting to start; beyond it new ones are refused (HTTP 429 with Retry-After).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Seconds that SIGTERM or Ctrl-C lets taken requests finish (new ones get 503 / 'draining') "
+                   "before the rest are cut with an error; keep it below systemd's TimeoutStopSec.")
 @runtime_options
 def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, api_key_file, metrics_addr,
-          max_restarts, opts):
-    """Run the service until SIGTERM or Ctrl-C."""
+          max_restarts, max_replays, max_queue, drain_timeout, opts):
+    """Run the service until SIGTERM or Ctrl-C, which drain it (a second one stops at once)."""
     from .server import Server
 
     if print_config:
@@ -277,6 +304,7 @@ def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, 
         fits_in_ram(model, opts)
     except USER_ERRORS as e:
         _fail(e)
+    drain = asyncio.Event()
 
     async def body(engine: Engine):
         server = Server(engine, endpoint)
@@ -299,11 +327,22 @@ def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, 
             click.echo(f"krasis: metrics on http://{metrics_addr[0]}:{metrics_addr[1]}/metrics", err=True)
         serving = asyncio.create_task(server.serve())
         fatal = asyncio.create_task(_until_fatal(engine))
+        draining = asyncio.create_task(drain.wait())
+        cut = 0
         try:
-            done, _ = await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({serving, fatal, draining}, return_when=asyncio.FIRST_COMPLETED)
+            if draining in done:
+                click.echo(f"krasis: draining (up to {drain_timeout:g} s; a second signal stops at once)", err=True)
+                cut = await engine.drain(drain_timeout)
+                await server.flush()
         finally:
+            # what is still open ends with an error that says it was cut, written before the front
+            # ends close (never a finish_reason that calls a cut answer complete)
+            engine.fail_all("cut: the service is stopping")
+            await server.flush()
             serving.cancel()
-            if http:  # before the engine closes, so its open streams end with their requests
+            draining.cancel()
+            if http:
                 await http.stop()
             if metrics_addr:
                 await http_metrics.stop()
@@ -311,13 +350,20 @@ def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, 
             raise WorkerDied(str(engine._fatal))
         if serving in done:
             serving.result()  # the front end only ends by an error: surface it (exit non-zero)
+        return cut
 
     try:
-        _run(_with_engine(model, opts, body, max_restarts))
+        cut = _run(_with_engine(model, opts, body, drain, max_restarts=max_restarts, max_replays=max_replays,
+                                max_queue=max_queue))
     except USER_ERRORS as e:
         _fail(e)
     except asyncio.CancelledError:
         click.echo("krasis: stopped", err=True)
+        return
+    if cut:
+        click.echo(f"krasis: stopped; {cut} request(s) cut at --drain-timeout", err=True)
+        sys.exit(1)
+    click.echo("krasis: stopped", err=True)
 
 
 async def _listen(site, option: str, addr: tuple[str, int]) -> None:
@@ -400,25 +446,34 @@ def chat(endpoint, max_new_tokens, temperature, system):
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=10000, show_default=True,
-              help="Prompt length (random token ids, seeded).")
+@click.option("--prompt-tokens", "--prompt-lens", "prompt_lens", callback=_count_list, default="10000", show_default=True,
+              help="Prompt length (random token ids, seeded); several, comma-separated, give one row each "
+                   "from one start of the processes.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens decoded per run.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs (after one warm-up).")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the figures to this JSON file.")
+@click.option("--concurrency", callback=_count_list,
+              help="Also decode this many sequences together (comma-separated counts, e.g. 1,4,16,32; each sequence "
+                   "with the row's prompt length): the aggregate and per-sequence decode tok/s, one line per count.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False),
+              help="Also write the figures to this JSON file (a list of rows when there are several prompt lengths).")
 @runtime_options
-def bench(model, prompt_tokens, decode_tokens, runs, json_file, opts):
+def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, opts):
     """Prefill and decode speed in the reference's table, with this machine's floor and the fraction reached."""
-    from .bench import decode_split, run_bench, table
+    from .bench import concurrency_table, decode_split, run_benches, table
 
     try:
-        res = run_bench(model, opts, prompt_tokens, decode_tokens, runs)
+        rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [])
     except USER_ERRORS as e:
         _fail(e)
     if json_file:
         with open(json_file, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-    click.echo(table([res]))
-    click.echo(decode_split(res))
+            json.dump(rows[0] if len(rows) == 1 else rows, f, indent=1, default=str)
+    click.echo(table(rows))
+    for r in rows:
+        split = decode_split(r)
+        click.echo(split if len(rows) == 1 else f"prompt {r['prompt_tokens']} tokens: " + split)
+    if concurrency:
+        click.echo(concurrency_table(rows))
 
 
 @main.command()
@@ -457,7 +512,10 @@ def calibrate(model, text_file, opts):
             res = run_calibrate(model, opts, text, bar.update)
     except (*USER_ERRORS, ValueError, RuntimeError) as e:
         _fail(e)
+    from .calibrate import report_lines
+
     click.echo(f"calibrate: {res['tokens']} tokens; counts of {res['layers']} MoE layers in {res['counts']}")
+    click.echo("\n".join(report_lines(res["routing"])) + f"\n  (saved in {res['routing_path']})")
 
 
 @main.command()

@@ -38,6 +38,10 @@ from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESTART_WINDOW_S = 600.0  # --max-restarts counts the restarts within this many seconds
+# A group that fails to start is tried again after this, doubling up to RESTART_BACKOFF_MAX_S: a
+# fault that lasts (a device gone, memory short) should not spin, one that passes should cost little.
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
 # Where decode's time goes, summed in the stats as decode_{part}_s over consecutive decode steps: in
 # the last stage from a step's arrival to its reply (worker), and before that since the previous
 # step's reply left (between: what the messages and the coordinator cost that the stage waited for).
@@ -59,6 +63,14 @@ class RequestError(ValueError):
     """A request that cannot be served; the text is sent to the client."""
 
 
+class QueueFull(RequestError):
+    """--max-queue requests already wait: refused now, worth sending again soon (HTTP 429)."""
+
+
+class Draining(RequestError):
+    """The service is stopping (SIGTERM, Ctrl-C) and takes no new requests (HTTP 503)."""
+
+
 class StepFailed(RuntimeError):
     pass
 
@@ -76,13 +88,17 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
     pending: int = 0  # decode steps sent for it whose tokens have not come back
+    ahead: deque = field(default_factory=deque)  # draws of tokens asked for that have not come back, in order
+    replays: int = 0  # times its workers died under it and it was prefilled again
     text: str = ""  # generated text so far (stop strings are searched here)
     sent: int = 0  # characters of `text` already streamed
     cancelled: bool = False
     finished: bool = False
     frontend: str = "zmq"  # for the metrics: zmq or http
-    # the other choices of its prompt (n > 1), until its prefill forks its cache into them
+    # the other choices of its prompt (n > 1), until its prefill forks its cache into them; they
+    # know it as their leader till then
     forks: list["Request"] = field(default_factory=list)
+    leader: "Request | None" = None
     t_arrive: float = field(default_factory=time.perf_counter)
     t_prefill: float = 0.0
     t_first: float = 0.0
@@ -92,6 +108,21 @@ class Request:
     def pos(self) -> int:
         """Position of the token to feed next (the last generated one)."""
         return len(self.prompt_ids) + len(self.generated) - 1
+
+    def context_ids(self) -> list[int]:
+        """What a prefill must run: the prompt and, for a request replayed after a worker fault,
+        every token it has generated. The prefill then samples the next new token, so the client
+        sees none twice and none skipped, and the cache ends as an undisturbed run's would."""
+        return self.prompt_ids + self.generated
+
+    def draw(self, i: int) -> P.Draw:
+        """The draw of generated token i. Draws are made in token order and kept until their
+        token comes back: a step lost with its workers is asked again with the same numbers, so a
+        seeded request continues after a replay exactly as it would have without the fault."""
+        j = i - len(self.generated)
+        if j == len(self.ahead):
+            self.ahead.append(self.sampler.draw())
+        return self.ahead[j]
 
 
 def _logprobs(req: Request, out: dict[str, torch.Tensor], row: int) -> P.TokenLogprobs | None:
@@ -141,8 +172,10 @@ def validate_devices(devices: list[str]) -> None:
 
 
 class Engine:
-    def __init__(self, model_dir: str, opts: RuntimeOptions, max_restarts: int = 0):
+    def __init__(self, model_dir: str, opts: RuntimeOptions, max_restarts: int = 0, max_replays: int = 2,
+                 max_queue: int = 256):
         self.model_dir, self.opts, self.max_restarts = str(model_dir), opts, max_restarts
+        self.max_replays, self.max_queue = max_replays, max_queue
         if opts.dtype not in DTYPES:
             raise ConfigError(f"--dtype {opts.dtype} is not one of {', '.join(DTYPES)}")
         if opts.max_context < 2:
@@ -167,11 +200,13 @@ class Engine:
         self._fatal: BaseException | None = None
         self._broken: WorkerDied | None = None  # the group's workers are unusable; the schedule restarts them
         self.restarting = False
+        self.draining = False
+        self._drained = asyncio.Event()  # set when draining and no request is left
         self._restart_times: list[float] = []
         self.workers: list[dict] = []
         self.head, self.pool_ctl, self._reader_task = None, [], None
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "restarts": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
+                      "restarts": 0, "replays": 0, "replayed_tokens": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
         self.closed = False
         self.metrics = Metrics(self)
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
@@ -310,8 +345,12 @@ class Engine:
     def _die(self, e: BaseException) -> None:
         self._fatal = e
         self._break(e)
+        self.fail_all(str(e))
+
+    def fail_all(self, message: str) -> None:
+        """End every request, running or waiting, with an error saying `message`."""
         for req in list(self.requests.values()):
-            self._fail(req, str(e))
+            self._fail(req, message)
 
     def _may_restart(self) -> bool:
         now = time.monotonic()
@@ -320,25 +359,58 @@ class Engine:
 
     async def _restart(self, cause: BaseException) -> None:
         """Replace the whole group: a GPU worker's KV cache and mailboxes pair with the pool processes,
-        so no worker can be restarted alone. Requests that had reached the workers lose their state
-        and fail; the waiting ones stay queued."""
-        self._restart_times.append(time.monotonic())
-        self.stats["restarts"] += 1
+        so no worker can be restarted alone. Requests that had reached the workers go back to the
+        front of the queue to be prefilled again (_requeue); the waiting ones stay queued. A group
+        that fails to start is replaced again after a backoff, within --max-restarts."""
         self.restarting = True
-        print(f"krasis: {cause}; restarting the workers (restart {len(self._restart_times)} of "
-              f"{self.max_restarts} within {RESTART_WINDOW_S / 60:g} min)", file=sys.stderr, flush=True)
-        for req in [r for r in self.requests.values() if r not in self.waiting]:
-            self._fail(req, f"lost to a worker failure ({cause}); the service is restarting its workers")
+        self._requeue(cause)
         self._inflight.clear()  # their futures failed with the group
         self._last_out = None
-        self._reader_task.cancel()
+        backoff = RESTART_BACKOFF_S
+        while True:
+            if not self._may_restart():
+                raise cause
+            self._restart_times.append(time.monotonic())
+            self.stats["restarts"] += 1
+            print(f"krasis: {cause}; restarting the workers (restart {len(self._restart_times)} of "
+                  f"{self.max_restarts} within {RESTART_WINDOW_S / 60:g} min)", file=sys.stderr, flush=True)
+            await self._stop_group()
+            try:
+                await self._start_group()
+                break
+            except Exception as e:  # a fault inside the restart (a worker killed while loading, ...)
+                cause = e
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RESTART_BACKOFF_MAX_S)
+        self._broken, self.restarting = None, False
+        self._wake.set()
+
+    def _requeue(self, cause: BaseException) -> None:
+        """Put the requests the dead group held back at the front of the queue, in their order, to
+        be prefilled again from their prompt and tokens so far; one replayed more than
+        --max-replays times fails instead."""
+        # a choice not forked yet goes with its leader
+        for req in sorted((r for r in self.requests.values() if r not in self.waiting and r.leader is None),
+                          key=lambda r: -r.seq):
+            req.pending, req.replays = 0, req.replays + 1
+            if req.replays > self.max_replays:
+                self._fail(req, f"lost to worker failures {req.replays} times, more than --max-replays "
+                                f"{self.max_replays} (last: {cause})")
+            else:
+                self.running.pop(req.seq, None)
+                self.waiting.appendleft(req)
+                self.stats["replays"] += 1
+
+    async def _stop_group(self) -> None:
+        """Close the sockets to the group and kill its workers (what a failed start left included)."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
         async with self._pool_lock:  # closing a socket under a stats query would cancel the front end's task
             for s in [self.head, *self.pool_ctl, self.results]:
-                s.close(0)
-            self.head, self.pool_ctl = None, []
+                if s is not None:
+                    s.close(0)
+            self.head, self.pool_ctl, self.results = None, [], None
         await asyncio.get_running_loop().run_in_executor(None, self.group.kill_all)
-        await self._start_group()
-        self._broken, self.restarting = None, False
 
     # --- requests ----------------------------------------------------------------------------
     def submit(self, gen: P.Generate, frontend: str = "zmq") -> Request:
@@ -351,6 +423,8 @@ class Engine:
         (docs/openai_api.md: n). Their events go to `events` when given (one queue for several)."""
         if self._fatal is not None:
             raise RequestError(f"service is down: {self._fatal}")
+        if self.draining:
+            raise Draining("draining: the service is stopping and takes no new requests")
         gen.validate()
         ids_of = [gen.id] if n == 1 else [f"{gen.id}/{i}" for i in range(n)]
         if any(i in self.requests for i in ids_of):
@@ -371,16 +445,25 @@ class Engine:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.family.vocab_size - 1})")
         if len(ids) >= self.opts.max_context:
             raise RequestError(f"prompt has {len(ids)} tokens; --max-context is {self.opts.max_context}")
+        # Refused now, not cut mid-stream: a sequence's KV cache holds at most --max-context tokens
+        # (the VRAM plan reserves one such sequence: gpu_worker/vram_budget.py).
+        room, want = self.opts.max_context - len(ids), gen.sampling.max_new_tokens
+        if want is not None and want > room:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({want}) = {len(ids) + want} tokens "
+                               f"exceeds --max-context {self.opts.max_context}; at most {room} new tokens fit")
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"queue full: {len(self.waiting)} requests wait (--max-queue {self.max_queue}); "
+                            "try again shortly")
         seed = gen.sampling.seed
         reqs = [Request(
             id=rid, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
             seq=next(self._seq_ids), detok=Detokenizer(self.codec), frontend=frontend,
             sampler=Sampler(dataclasses.replace(gen.sampling, seed=None if seed is None else seed + i)),
-            max_new=min(gen.sampling.max_new_tokens, self.opts.max_context - len(ids)),
-            **({"events": events} if events is not None else {}),
+            max_new=room if want is None else want, **({"events": events} if events is not None else {}),
         ) for i, rid in enumerate(ids_of)]
         reqs[0].forks = reqs[1:]
         for req in reqs:
+            req.leader = reqs[0] if req is not reqs[0] else None
             self.requests[req.id] = req
         self.waiting.append(reqs[0])
         self.stats["requests"] += n
@@ -412,12 +495,10 @@ class Engine:
             except Exception as e:  # a dead worker, or a step the workers did not survive
                 if self._fatal is not None:
                     return
-                if not self._may_restart():
-                    return self._die(e)
                 cause = e
             try:
                 await self._restart(cause)
-            except Exception as e:  # the new group did not start: nothing left to try here
+            except Exception as e:  # past --max-restarts: nothing left to try here
                 return self._die(e)
 
     async def _schedule_loop(self) -> None:
@@ -461,7 +542,7 @@ class Engine:
         them through each layer together, so a streamed layer's experts cross PCIe once for all."""
         room, budget, batch = self.opts.max_batch - len(self.running), self.opts.max_context, []
         while self.waiting:
-            n, choices = len(self.waiting[0].prompt_ids), 1 + len(self.waiting[0].forks)
+            n, choices = len(self.waiting[0].context_ids()), 1 + len(self.waiting[0].forks)
             if batch and (n > budget or choices > room):
                 break
             budget, room = budget - n, room - choices
@@ -469,19 +550,23 @@ class Engine:
         return batch
 
     async def _prefill(self, reqs: list[Request]) -> None:
-        """Whole prompts in one step (the GPU stages chunk them: gpu_worker/stage.py); its reply holds
-        each request's first token (or, for prompt_logits, the logits of every position, sampled here)."""
-        now, slices = time.perf_counter(), []
+        """Whole prompts in one step (the GPU stages chunk them: gpu_worker/stage.py), a replayed
+        request's with the tokens it has generated (Request.context_ids); its reply holds each
+        request's next token (or, for prompt_logits, the logits of every position, sampled here)."""
+        now, slices, ids = time.perf_counter(), [], []
         for r in reqs:
-            r.t_prefill = now
-            if r.prompt_logits:
-                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="all"))
+            ctx = r.context_ids()
+            if not r.generated:
+                r.t_prefill = now
+            if r.prompt_logits and not r.generated:
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="all"))
             elif r.forks:  # each choice's first token is drawn here, from the prompt's last row
-                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="last"))
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="last"))
             else:
-                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="sample", draw=r.sampler.draw()))
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="sample", draw=r.draw(len(r.generated))))
+            ids += ctx
         try:
-            out = await self._step(slices, [t for r in reqs for t in r.prompt_ids], False)
+            out = await self._step(slices, ids, False)
         except StepFailed as e:
             for r in reqs:
                 self._fail(r, f"prefill failed: {e}")
@@ -490,15 +575,15 @@ class Engine:
         # the reply's rows: `tokens` (and their logprobs) one per "sample" slice, `logits` those of
         # the "all" and "last" slices, both in slice order
         sampled, logits, row = 0, out.tensors["logits"], 0
-        for r in reqs:
+        for r, s in zip(reqs, slices):
             self.running[r.seq] = r
-            self.stats["prompt_tokens"] += len(r.prompt_ids)
-            choices = [r, *self._fork(r)]
-            if r.prompt_logits or len(choices) > 1:
-                n = len(r.prompt_ids) if r.prompt_logits else 1
+            replay = bool(r.generated)
+            self.stats["replayed_tokens" if replay else "prompt_tokens"] += len(r.prompt_ids) + len(r.generated)
+            if s.logits in ("all", "last"):
+                n = s.n if s.logits == "all" else 1
                 rows, row = logits[row : row + n], row + n
-                for c in choices:
-                    picked = pick(rows[-1:], [c.sampler.draw()])
+                for c in [r, *self._fork(r)]:
+                    picked = pick(rows[-1:], [c.draw(0)])
                     self._emit(c, int(picked["tokens"][0]), rows if c.prompt_logits else None, _logprobs(c, picked, 0))
             else:
                 self._emit(r, int(out.tensors["tokens"][sampled]), None, _logprobs(r, out.tensors, sampled))
@@ -510,7 +595,7 @@ class Engine:
         if forks:
             self.head.send_multipart(P.encode(P.Fork(seq=req.seq, into=[r.seq for r in forks])))
             for r in forks:
-                r.t_prefill = req.t_prefill
+                r.t_prefill, r.leader = req.t_prefill, None
                 self.running[r.seq] = r
         return forks
 
@@ -553,8 +638,8 @@ class Engine:
         batch = [r for r in self.running.values() if len(r.generated) + r.pending < r.max_new][: self.opts.max_batch]
         if not batch:
             return
-        slices = [P.SeqSlice(seq=r.seq, start=r.pos + r.pending, n=1, logits="sample", draw=r.sampler.draw())
-                  for r in batch]
+        slices = [P.SeqSlice(seq=r.seq, start=r.pos + r.pending, n=1, logits="sample",
+                             draw=r.draw(len(r.generated) + r.pending)) for r in batch]
         fut = self._send(slices, [-1 if r.pending else r.generated[-1] for r in batch], True)
         for r in batch:
             r.pending += 1
@@ -569,6 +654,7 @@ class Engine:
             self.metrics.itl.observe(now - req.t_last)
         req.t_last = now
         req.generated.append(tok)
+        req.ahead.popleft()
         self.stats["generated_tokens"] += 1
         p = req.params
         reason = None
@@ -629,6 +715,8 @@ class Engine:
 
     def _release(self, req: Request) -> None:
         self.requests.pop(req.id, None)
+        if self.draining and not self.requests:
+            self._drained.set()
         if req in self.waiting:
             self.waiting.remove(req)
         was_running = self.running.pop(req.seq, None) is not None
@@ -639,7 +727,7 @@ class Engine:
 
     # --- status and shutdown -----------------------------------------------------------------
     def health(self) -> P.HealthReply:
-        status = "down" if self._fatal else "restarting" if self.restarting else "ok"
+        status = "down" if self._fatal else "draining" if self.draining else "restarting" if self.restarting else "ok"
         return P.HealthReply(status=status, model=self.model_dir, workers=self.workers)
 
     async def stats_reply(self) -> P.StatsReply:
@@ -660,6 +748,19 @@ class Engine:
         return P.StatsReply(stats={**self.stats, "running": len(self.running), "waiting": len(self.waiting),
                                    "workers": self.workers, "cpu_pool": pools})
 
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new requests, let those taken (running or queued) finish for at most `timeout_s`,
+        then end the rest with an error that says they were cut. Returns how many were cut."""
+        self.draining = True
+        if self.requests:
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        cut = len(self.requests)
+        self.fail_all(f"cut: the service stopped before this request finished (--drain-timeout {timeout_s:g} s)")
+        return cut
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -667,8 +768,7 @@ class Engine:
         for t in [*self._tasks, self._reader_task]:
             if t is not None:
                 t.cancel()
-        for req in list(self.requests.values()):
-            self._fail(req, "service is shutting down")
+        self.fail_all("service is shutting down")
         try:
             if self.head is not None:
                 await self.head.send_multipart(P.encode(P.Shutdown()))

@@ -14,7 +14,7 @@ import uuid
 from aiohttp import web
 
 from ..shared import protocol as P
-from .engine import Engine, RequestError
+from .engine import Draining, Engine, QueueFull, RequestError
 
 log = logging.getLogger("krasis.openai_api")
 
@@ -24,20 +24,24 @@ log = logging.getLogger("krasis.openai_api")
 NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "echo": (False,), "best_of": (None, 1), "logit_bias": (None, {}),
            "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
            "response_format": (None, {"type": "text"})}
-FINISH = {"length": "length"}  # eos, a stop string, a cancel (client gone, server stopping): "stop"
+FINISH = {"length": "length"}  # eos, a stop string, a cancel (the client is gone): "stop"
+# Refused for now, not for what they ask: (status, seconds after which to try again)
+BUSY = {QueueFull: (429, 1), Draining: (503, 5)}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+        self.status, self.param, self.code, self.retry_after_s = status, param, code, retry_after_s
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return web.json_response(self.body(), status=self.status, headers=headers)
 
 
 def _get(body: dict, name: str, kind: type, default):
@@ -70,7 +74,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return want
 
 
-def _sampling(body: dict, max_name: str, default_max: int, chat: bool) -> P.SamplingParams:
+def _sampling(body: dict, max_name: str, default_max: int | None, chat: bool) -> P.SamplingParams:
     for name, neutral in NEUTRAL.items():
         if name in body and body[name] not in neutral:
             raise ApiError(400, f"'{name}' is not supported by this server", name)
@@ -141,7 +145,6 @@ class OpenAIServer:
     def __init__(self, engine: Engine, model_name: str, api_keys: list[str] = ()):
         self.engine, self.model = engine, model_name
         self.created = int(time.time())
-        self._active: set[str] = set()
         # a prompt at a long --max-context, sent as token ids, is larger than aiohttp's 1 MiB default
         app = web.Application(middlewares=[_errors, *([_auth(list(api_keys))] if api_keys else [])],
                               client_max_size=64 << 20)
@@ -162,9 +165,8 @@ class OpenAIServer:
         await web.TCPSite(self.runner, host, port).start()
 
     async def stop(self) -> None:
-        # Open streams end (finish_reason "stop") instead of holding the shutdown for the runner's timeout.
-        for rid in list(self._active):
-            self.engine.cancel(rid)
+        """Close the server; the engine has ended every request by now (a drain, or errors saying
+        they were cut), so open streams write their last event and [DONE] and close."""
         await self.runner.cleanup()
 
     # --- endpoints ---------------------------------------------------------------------------
@@ -221,10 +223,9 @@ class OpenAIServer:
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
             raise ApiError(400, "'messages' must be a non-empty list of objects", "messages")
         max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        # no max_tokens: to the end of the context (the engine caps it there)
+        # no max_tokens: to the end of the context (max_new_tokens null)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = P.Generate(id=rid, messages=[_text_content(m) for m in msgs],
-                         sampling=_sampling(body, max_name, self.engine.opts.max_context, chat=True))
+        gen = P.Generate(id=rid, messages=[_text_content(m) for m in msgs], sampling=_sampling(body, max_name, None, chat=True))
         return await self._serve(request, body, rid, [gen], chat=True)
 
     # --- running a request -------------------------------------------------------------------
@@ -245,9 +246,12 @@ class OpenAIServer:
             try:
                 for gen in gens:
                     reqs += self.engine.submit_choices(gen, n, "http", events)
+            except (QueueFull, Draining) as e:
+                status, retry = BUSY[type(e)]
+                raise ApiError(status, str(e), code="service_unavailable" if status == 503 else "rate_limit_exceeded",
+                               retry_after_s=retry) from None
             except (RequestError, P.ProtocolError) as e:
                 raise ApiError(400, str(e)) from None
-            self._active.update(r.id for r in reqs)
             head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                     "model": self.model}
             run = _Choices(self.engine.codec, reqs, n, events, chat)
@@ -256,7 +260,6 @@ class OpenAIServer:
             return await self._whole(run, head)
         finally:
             for r in reqs:
-                self._active.discard(r.id)
                 if not r.finished:  # the client went away (handler cancelled, or a write failed), or a choice failed
                     self.engine.cancel(r.id)
 

@@ -44,6 +44,12 @@ class Server:
                 t.cancel()
             self.sock.close(0)
 
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (a while at most) for the streams to send their last events: after a drain every
+        request has ended, but its Done or Error may still sit in its queue."""
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=timeout_s)
+
     async def _handle(self, ident: bytes, frames: list) -> None:
         try:
             msg = P.decode(frames)

@@ -219,7 +219,7 @@ MAX_LOGPROBS = 20  # most alternatives per token, as OpenAI's top_logprobs
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = 256  # None: up to --max-context
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
@@ -232,7 +232,7 @@ class SamplingParams:
     logprobs: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ProtocolError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ProtocolError(f"temperature must be >= 0, got {self.temperature}")
@@ -333,7 +333,7 @@ class Error(Message):
 @dataclass
 class HealthReply(Message):
     TYPE: ClassVar[str] = "health_reply"
-    status: str  # ok | restarting | down (docs/protocol.md); anything but ok: not serving now
+    status: str  # ok | restarting | draining | down (docs/protocol.md); anything but ok: not serving now
     model: str
     workers: list[dict]
 

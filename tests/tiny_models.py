@@ -153,6 +153,42 @@ def build(path: Path, family: str, seed: int = 0, **over) -> Path:
     return path
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Mixture of experts models route tokens to experts.",
+    "Prefill runs on the GPU while decode runs the routed experts on the CPU, übergrößen ✓ café.",
+    "def main():\n    print('hello world')\n",
+] * 20
+
+
+def text_tokenizer():
+    """A byte-level BPE tokenizer trained on a small corpus (multi-byte characters included), with
+    ChatML special tokens and chat template, as transformers' PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tmodels.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_with_tokenizer(path: Path, family: str, **over) -> Path:
+    """build() with a vocabulary of text_tokenizer()'s size, and that tokenizer saved beside it."""
+    fast = text_tokenizer()
+    build(path, family, vocab_size=len(fast), eos_token_id=None, **over)
+    fast.save_pretrained(path)
+    return path
+
+
 def reference_model(path: Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
