@@ -55,8 +55,8 @@ class Metrics:
         for name, key, text in [("krasis_prompt_tokens", "prompt_tokens", "Prompt tokens prefilled."),
                                 ("krasis_generated_tokens", "generated_tokens", "Tokens generated."),
                                 ("krasis_worker_restarts", "restarts", "Restarts of the worker group after a worker died."),
-                                ("krasis_replays", "replays", "Requests run again from their prompt after a restart.")]:
-            yield CounterMetricFamily(name, text, value=s.get(key, 0))
+                                ("krasis_replays", "replays", "Requests prefilled again (prompt and tokens so far) after a worker fault.")]:
+            yield CounterMetricFamily(name, text, value=s[key])
         yield GaugeMetricFamily("krasis_queue_length", "Requests waiting to be prefilled.", value=s["waiting"])
         yield GaugeMetricFamily("krasis_running_requests", "Requests prefilled and decoding.", value=s["running"])
         held = sum(len(r.prompt_ids) + len(r.generated) for r in list(e.running.values()))
