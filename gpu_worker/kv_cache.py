@@ -154,6 +154,14 @@ class KVCache:
         layers[layer] = (length + s.n, bufs)
         return bufs
 
+    def fork(self, seq: int, into: list[int]) -> None:
+        """Give each sequence of `into` a copy of everything `seq` holds (choices of one prompt
+        continue from its prefill; each appends to its own rows from there)."""
+        if seq not in self._seqs:
+            raise ValueError(f"sequence {seq}: nothing cached to fork")
+        for s in into:
+            self._seqs[s] = {layer: (length, [b.clone() for b in bufs]) for layer, (length, bufs) in self._seqs[seq].items()}
+
     def free(self, seq: int) -> None:
         self._seqs.pop(seq, None)
 
