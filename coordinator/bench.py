@@ -21,6 +21,7 @@ import torch
 
 from ..shared import protocol as P
 from .engine import DECODE_PARTS, Engine, run as _run
+from .metrics import cpu_share
 from .processes import RuntimeOptions
 
 
@@ -268,15 +269,6 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
             e["cpu_share"] = cpu_share(family, e["pool"])
         res["concurrency"] = r["concurrency"]
     return res
-
-
-def cpu_share(family, pool: list[dict]) -> float | None:
-    """The fraction of the measured decode's routed choices that the CPU pool ran: 1 for pure_cpu,
-    1 - the hot set's hit rate for hcs_hybrid. Every pool process is offered each call's tokens x
-    top-k choices and runs those of its block."""
-    moe = [i for i in range(family.num_layers) if family.is_moe(i)]
-    offered = pool[0]["tokens"] * family.experts(moe[0]).top_k if pool and moe else 0
-    return sum(p["pairs"] for p in pool) / offered if offered else None
 
 
 def _bits(b: int) -> str:

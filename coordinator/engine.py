@@ -11,6 +11,7 @@ generator (shared/sampling.py) and sends back token ids; stop conditions and det
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import sys
 import time
@@ -24,11 +25,12 @@ import zmq.asyncio
 from ..shared import protocol as P
 from ..shared.keys import Curve
 from ..shared.models.family import ConfigError
-from ..shared.sampling import Sampler, sample
+from ..shared.sampling import Sampler, pick
 from ..shared.weights import load_family
 from .convert import prepare
 from .hosts import HostGroup, start_hosts
 from .local_group import LocalStages, start_local
+from .metrics import Metrics
 from .plan import split_layers
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup
 from .tokenizer import Detokenizer, TextCodec
@@ -91,6 +93,11 @@ class Request:
     sent: int = 0  # characters of `text` already streamed
     cancelled: bool = False
     finished: bool = False
+    frontend: str = "zmq"  # for the metrics: zmq or http
+    # the other choices of its prompt (n > 1), until its prefill forks its cache into them; they
+    # know it as their leader till then
+    forks: list["Request"] = field(default_factory=list)
+    leader: "Request | None" = None
     t_arrive: float = field(default_factory=time.perf_counter)
     t_prefill: float = 0.0
     t_first: float = 0.0
@@ -115,6 +122,31 @@ class Request:
         if j == len(self.ahead):
             self.ahead.append(self.sampler.draw())
         return self.ahead[j]
+
+
+def _logprobs(req: Request, out: dict[str, torch.Tensor], row: int) -> P.TokenLogprobs | None:
+    """Row `row` of a pick's logprobs (shared/sampling.py), cut to what the request asked for."""
+    k = req.params.logprobs
+    if k is None:
+        return None
+    return P.TokenLogprobs(logprob=float(out["logprobs"][row]), top_ids=out["top_ids"][row, :k].tolist(),
+                           top_logprobs=out["top_logprobs"][row, :k].tolist())
+
+
+def strategy_spec(model_dir: str, o: RuntimeOptions) -> dict:
+    """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
+    for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
+    chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
+    from .state import stored_winner, state_path
+
+    won = stored_winner(model_dir)
+    kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
+    return dict(
+        prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
+        decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
+        vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
+        hcs_path=str(state_path(model_dir, "hcs_counts.json")),
+    )
 
 
 def validate_devices(devices: list[str]) -> None:
@@ -173,6 +205,7 @@ class Engine:
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
                       "restarts": 0, "replays": 0, "replayed_tokens": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
         self.closed = False
+        self.metrics = Metrics(self)
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
     # --- start-up ----------------------------------------------------------------------------
@@ -214,19 +247,7 @@ class Engine:
         self._reader_task = asyncio.create_task(self._reader())
 
     def strategy_spec(self) -> dict:
-        """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
-        for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
-        chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
-        from .optimize import stored_winner, state_path
-
-        o, won = self.opts, stored_winner(self.model_dir)
-        kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
-        return dict(
-            prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
-            decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
-            vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
-            hcs_path=str(state_path(self.model_dir, "hcs_counts.json")),
-        )
+        return strategy_spec(self.model_dir, self.opts)
 
     async def _await_ready(self, role: str, count: int, bar) -> None:
         ready, progress = 0, {}
@@ -325,7 +346,9 @@ class Engine:
         """Put the requests the dead group held back at the front of the queue, in their order, to
         be prefilled again from their prompt and tokens so far; one replayed more than
         --max-replays times fails instead."""
-        for req in sorted((r for r in self.requests.values() if r not in self.waiting), key=lambda r: -r.seq):
+        # a choice not forked yet goes with its leader
+        for req in sorted((r for r in self.requests.values() if r not in self.waiting and r.leader is None),
+                          key=lambda r: -r.seq):
             req.pending, req.replays = 0, req.replays + 1
             if req.replays > self.max_replays:
                 self._fail(req, f"lost to worker failures {req.replays} times, more than --max-replays "
@@ -347,14 +370,21 @@ class Engine:
         await asyncio.get_running_loop().run_in_executor(None, self.group.kill_all)
 
     # --- requests ----------------------------------------------------------------------------
-    def submit(self, gen: P.Generate) -> Request:
+    def submit(self, gen: P.Generate, frontend: str = "zmq") -> Request:
         """Validate and queue a request; RequestError (or ProtocolError) if it cannot be served."""
+        return self.submit_choices(gen, 1, frontend)[0]
+
+    def submit_choices(self, gen: P.Generate, n: int, frontend: str, events: asyncio.Queue | None = None) -> list[Request]:
+        """`n` requests for one prompt (ids `ID/0` .. when n > 1; choice i seeded with seed + i) that
+        share its prefill: the first is queued, and its prefill's cache is copied to the others
+        (docs/openai_api.md: n). Their events go to `events` when given (one queue for several)."""
         if self._fatal is not None:
             raise RequestError(f"service is down: {self._fatal}")
         if self.draining:
             raise Draining("draining: the service is stopping and takes no new requests")
         gen.validate()
-        if gen.id in self.requests:
+        ids_of = [gen.id] if n == 1 else [f"{gen.id}/{i}" for i in range(n)]
+        if any(i in self.requests for i in ids_of):
             raise RequestError(f"request id {gen.id!r} is already in use")
         try:
             if gen.prompt_ids is not None:
@@ -381,16 +411,21 @@ class Engine:
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue full: {len(self.waiting)} requests wait (--max-queue {self.max_queue}); "
                             "try again shortly")
-        req = Request(
-            id=gen.id, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
-            seq=next(self._seq_ids), sampler=Sampler(gen.sampling), detok=Detokenizer(self.codec),
-            max_new=room if want is None else want,
-        )
-        self.requests[req.id] = req
-        self.waiting.append(req)
-        self.stats["requests"] += 1
+        seed = gen.sampling.seed
+        reqs = [Request(
+            id=rid, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
+            seq=next(self._seq_ids), detok=Detokenizer(self.codec), frontend=frontend,
+            sampler=Sampler(dataclasses.replace(gen.sampling, seed=None if seed is None else seed + i)),
+            max_new=room if want is None else want, **({"events": events} if events is not None else {}),
+        ) for i, rid in enumerate(ids_of)]
+        reqs[0].forks = reqs[1:]
+        for req in reqs:
+            req.leader = reqs[0] if req is not reqs[0] else None
+            self.requests[req.id] = req
+        self.waiting.append(reqs[0])
+        self.stats["requests"] += n
         self._wake.set()
-        return req
+        return reqs
 
     def cancel(self, rid: str) -> bool:
         req = self.requests.get(rid)
@@ -434,7 +469,8 @@ class Engine:
                 self._finish(req, "cancelled")
             for req in [r for r in self.running.values() if r.cancelled]:
                 self._finish(req, "cancelled")
-            if self.waiting and len(self.running) < self.opts.max_batch:
+            # a prompt's choices (n > 1) all join the batch at its prefill
+            if self.waiting and len(self.running) + len(self.waiting[0].forks) < self.opts.max_batch:
                 await self._prefill(self._prefill_batch())
             elif self.running or self._inflight:
                 await self._decode()
@@ -459,14 +495,14 @@ class Engine:
 
     def _prefill_batch(self) -> list[Request]:
         """The waiting requests to prefill together, oldest first: as many as the decode batch has
-        room for, up to --max-context prompt tokens in all (at least one request). One step runs
+        room for (a prompt with n choices takes n places), up to --max-context prompt tokens in all (at least one request). One step runs
         them through each layer together, so a streamed layer's experts cross PCIe once for all."""
         room, budget, batch = self.opts.max_batch - len(self.running), self.opts.max_context, []
-        while self.waiting and len(batch) < room:
-            n = len(self.waiting[0].context_ids())
-            if batch and n > budget:
+        while self.waiting:
+            n, choices = len(self.waiting[0].context_ids()), 1 + len(self.waiting[0].forks)
+            if batch and (n > budget or choices > room):
                 break
-            budget -= n
+            budget, room = budget - n, room - choices
             batch.append(self.waiting.popleft())
         return batch
 
@@ -481,6 +517,8 @@ class Engine:
                 r.t_prefill = now
             if r.prompt_logits and not r.generated:
                 slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="all"))
+            elif r.forks:  # each choice's first token is drawn here, from the prompt's last row
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="last"))
             else:
                 slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="sample", draw=r.draw(len(r.generated))))
             ids += ctx
@@ -491,16 +529,32 @@ class Engine:
                 self._fail(r, f"prefill failed: {e}")
             return
         self._last_out = None  # the next decode step follows a prefill, not a decode step
-        tokens, logits, row = iter(out.tensors["tokens"].tolist()), out.tensors["logits"], 0
-        for r in reqs:
+        # the reply's rows: `tokens` (and their logprobs) one per "sample" slice, `logits` those of
+        # the "all" and "last" slices, both in slice order
+        sampled, logits, row = 0, out.tensors["logits"], 0
+        for r, s in zip(reqs, slices):
             self.running[r.seq] = r
             replay = bool(r.generated)
             self.stats["replayed_tokens" if replay else "prompt_tokens"] += len(r.prompt_ids) + len(r.generated)
-            if r.prompt_logits and not replay:
-                rows, row = logits[row : row + len(r.prompt_ids)], row + len(r.prompt_ids)
-                self._emit(r, int(sample(rows[-1:], [r.draw(0)])[0]), rows)
+            if s.logits in ("all", "last"):
+                n = s.n if s.logits == "all" else 1
+                rows, row = logits[row : row + n], row + n
+                for c in [r, *self._fork(r)]:
+                    picked = pick(rows[-1:], [c.draw(0)])
+                    self._emit(c, int(picked["tokens"][0]), rows if c.prompt_logits else None, _logprobs(c, picked, 0))
             else:
-                self._emit(r, next(tokens), None)
+                self._emit(r, int(out.tensors["tokens"][sampled]), None, _logprobs(r, out.tensors, sampled))
+                sampled += 1
+
+    def _fork(self, req: Request) -> list[Request]:
+        """Copy the prefilled request's cache to its other choices, which then run beside it."""
+        forks, req.forks = [r for r in req.forks if not r.finished], []
+        if forks:
+            self.head.send_multipart(P.encode(P.Fork(seq=req.seq, into=[r.seq for r in forks])))
+            for r in forks:
+                r.t_prefill, r.leader = req.t_prefill, None
+                self.running[r.seq] = r
+        return forks
 
     async def _decode(self) -> None:
         """Take one decode step's tokens, for every running request together. With a single stage
@@ -530,10 +584,10 @@ class Engine:
             st["decode_worker_s"] += out.t_out - max(out.t_in, self._last_out)
             st["decode_between_s"] += max(0.0, out.t_in - self._last_out)
         self._last_out = out.t_out
-        for r, tok in zip(batch, out.tensors["tokens"].tolist()):
+        for i, (r, tok) in enumerate(zip(batch, out.tensors["tokens"].tolist())):
             r.pending -= 1
             if not r.finished:
-                self._emit(r, tok, None)
+                self._emit(r, tok, None, _logprobs(r, out.tensors, i))
 
     def _send_decode(self) -> None:
         """Send a decode step for the running requests that may still grow; each feeds the token
@@ -548,10 +602,13 @@ class Engine:
             r.pending += 1
         self._inflight.append((batch, fut))
 
-    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None) -> None:
+    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None, lp: P.TokenLogprobs | None) -> None:
         now = time.perf_counter()
         if not req.generated:
             req.t_first = now
+            self.metrics.ttft.observe(now - req.t_arrive)
+        else:
+            self.metrics.itl.observe(now - req.t_last)
         req.t_last = now
         req.generated.append(tok)
         req.ahead.popleft()
@@ -576,7 +633,7 @@ class Engine:
         # Hold back text that could still become the start of a stop string.
         hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
         upto = max(req.sent, len(req.text) - hold)
-        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto])
+        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto], logprobs=None if lp is None else [lp])
         req.sent = upto
         if prompt_logits is not None:
             msg.tensors = {"prompt_logits": prompt_logits}
@@ -597,7 +654,10 @@ class Engine:
             decode_tok_s=(n - 1) / (req.t_last - req.t_first) if n > 1 and req.t_last > req.t_first else 0.0,
         ))
         self.stats["completed"] += 1
+        self.metrics.finished(req.frontend, reason)
         self._release(req)
+        for r in req.forks:  # choices that never had their prefill end with it
+            self._finish(r, reason)
 
     def _fail(self, req: Request, message: str) -> None:
         if req.finished:
@@ -605,7 +665,10 @@ class Engine:
         req.finished = True
         req.events.put_nowait(P.Error(id=req.id, message=message))
         self.stats["errors"] += 1
+        self.metrics.finished(req.frontend, "error")
         self._release(req)
+        for r in req.forks:
+            self._fail(r, message)
 
     def _release(self, req: Request) -> None:
         self.requests.pop(req.id, None)

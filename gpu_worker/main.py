@@ -185,6 +185,14 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
             if not stage.last:
                 nxt.send_multipart(P.encode(msg))
             continue
+        if isinstance(msg, P.Fork):
+            try:
+                stage.fork(msg.seq, msg.into)
+            except ValueError:  # logged; the choices' first decode step then fails, and with it their requests
+                traceback.print_exc()
+            if not stage.last:
+                nxt.send_multipart(P.encode(msg))
+            continue
         if not isinstance(msg, P.Step):
             coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=-1, message=f"unexpected {msg.TYPE}")))
             continue
