@@ -1,7 +1,8 @@
 """`krasis-coord bench MODEL`: prefill and decode speed in the reference's table columns, beside this
 machine's floor measured in the same run (DESIGN.md, Ceilings):
 
-    prefill floor = max(expert bytes streamed / pinned host-to-device bandwidth, FLOPs / matrix rate)
+    prefill floor = max(expert bytes a step streams / pinned host-to-device bandwidth, FLOPs / matrix rate)
+                    (and the one-pass floor: every expert streamed once, the peer comparisons' yardstick)
     decode floor  = expert bytes one token reads from RAM / DRAM read bandwidth
 
 Each figure is also given as the fraction of its floor reached. The prompt is random token ids
@@ -14,6 +15,7 @@ import asyncio
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -116,58 +118,134 @@ def _rss_gb(pids: list[int]) -> float:
 POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps")
 
 
-async def _bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int) -> dict:
+@dataclass
+class Trace:
+    """One request followed to its end: its tokens and when each reached the bench."""
+
+    done: P.Done
+    tokens: list[int]
+    times: list[float]
+
+
+async def generate_together(engine: Engine, prompts: list[list[int]], new_tokens: int, tag: str) -> list[Trace]:
+    """Submit every prompt at once (greedy, EOS ignored) and follow each to its end. The engine
+    prefills them one after another, then decodes them in shared steps."""
+
+    async def follow(i, ids):
+        gen = P.Generate(id=f"{tag}.{i}", prompt_ids=ids,
+                         sampling=P.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        tokens, times = [], []
+        async for ev in engine.generate(gen):
+            if isinstance(ev, P.Error):
+                raise RuntimeError(ev.message)
+            if isinstance(ev, P.Tokens):
+                tokens += ev.token_ids
+                times += [time.perf_counter()] * len(ev.token_ids)
+            elif isinstance(ev, P.Done):
+                return Trace(ev, tokens, times)
+
+    return list(await asyncio.gather(*(follow(i, ids) for i, ids in enumerate(prompts))))
+
+
+def decode_rates(traces: list[Trace]) -> tuple[float, list[float]]:
+    """(aggregate tok/s, each sequence's tok/s) of the decode the sequences ran together: from the
+    moment the last of them had its first token (every prompt prefilled) to each one's last token."""
+    t0 = max(t.times[0] for t in traces)
+    counts = [sum(x > t0 for x in t.times) for t in traces]
+    end = max(t.times[-1] for t in traces)
+    per_seq = [c / (t.times[-1] - t0) if t.times[-1] > t0 else 0.0 for c, t in zip(counts, traces)]
+    return (sum(counts) / (end - t0) if end > t0 else 0.0), per_seq
+
+
+def _step_ms(before: dict, after: dict) -> dict:
+    """A decode step's time, by part (engine.DECODE_PARTS), over the steps between two stats."""
+    steps = max(after["decode_steps"] - before["decode_steps"], 1)
+    return {k: 1000 * (after[f"decode_{k}_s"] - before[f"decode_{k}_s"]) / steps for k in DECODE_PARTS}
+
+
+def _pool_delta(before: dict, after: dict) -> list[dict]:
+    """Each pool process's share of what ran between two stats (cpu_worker/main.py: its counters)."""
+    return [{k: b[k] - a[k] for k in POOL_COUNTERS} for a, b in zip(before["cpu_pool"], after["cpu_pool"])]
+
+
+async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
+                 concurrency: list[int]) -> dict:
     engine = Engine(model, opts)
     try:
         await engine.start()
         vocab = engine.family.vocab_size
         g = torch.Generator().manual_seed(1234)
 
-        async def one(n_prompt, n_new, rid):
-            ids = torch.randint(0, vocab, (n_prompt,), generator=g).tolist()
-            gen = P.Generate(id=rid, prompt_ids=ids, sampling=P.SamplingParams(max_new_tokens=n_new, ignore_eos=True))
-            async for ev in engine.generate(gen):
-                if isinstance(ev, P.Error):
-                    raise RuntimeError(ev.message)
-                if isinstance(ev, P.Done):
-                    return ev
+        def prompts(n, length):
+            return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+        async def measured(n, length, tag):
+            """`runs` groups of n sequences, with the engine's and the pool's counters around them."""
+            before = (await engine.stats_reply()).stats
+            groups = [await generate_together(engine, prompts(n, length), decode_tokens, f"{tag}{i}") for i in range(runs)]
+            after = (await engine.stats_reply()).stats
+            return groups, _step_ms(before, after), _pool_delta(before, after)
 
         # warm-up: kernels compiled, hot-expert counts gathered, allocator settled
-        await one(min(prompt_tokens, opts.prefill_chunk), min(decode_tokens, 4), "warmup")
-        before = (await engine.stats_reply()).stats
-        dones = [await one(prompt_tokens, decode_tokens, f"run{i}") for i in range(runs)]
-        after = (await engine.stats_reply()).stats
-        steps = after["decode_steps"] - before["decode_steps"]
+        await generate_together(engine, prompts(1, min(min(prompt_lens), opts.prefill_chunk)), min(decode_tokens, 4), "warmup")
+        rows = []
+        for length in prompt_lens:
+            groups, step_ms, pool = await measured(1, length, f"run{length}.")
+            row = {"runs": [{"ttft_s": d.ttft_s, "prefill_tok_s": d.prefill_tok_s, "decode_tok_s": d.decode_tok_s}
+                            for d in (grp[0].done for grp in groups)],
+                   "pool": pool, "step_ms": step_ms, "concurrency": []}
+            for n in concurrency:
+                if n == 1:
+                    entry_groups = groups
+                else:
+                    # a first group of this size with short prompts: decode graphs for n sequences captured
+                    await generate_together(engine, prompts(n, min(length, 16)), min(decode_tokens, 4), f"warmup{n}.")
+                    entry_groups, step_ms, pool = await measured(n, length, f"c{n}.{length}.")
+                rates = [decode_rates(grp) for grp in entry_groups]
+                row["concurrency"].append({
+                    "concurrency": n, "prompt_tokens": length,
+                    "decode_aggregate_tok_s": sum(a for a, _ in rates) / len(rates),
+                    "decode_per_seq_tok_s": sum(sum(p) / len(p) for _, p in rates) / len(rates),
+                    "step_ms": step_ms, "pool": pool,
+                })
+            rows.append(row)
         pids = [engine.workers[i]["pid"] for i in range(len(engine.workers))] + [os.getpid()]
         store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
         gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
         vram = "+".join(
             f"{w.get('vram_mb', w.get('vram_plan_mb', {}).get('total', 0)):,.0f}" for w in gpus
         )
-        return {
-            "runs": [{"ttft_s": d.ttft_s, "prefill_tok_s": d.prefill_tok_s, "decode_tok_s": d.decode_tok_s} for d in dones],
-            "vram_mb": vram, "ram_gb": _rss_gb(pids) + store / 1e9, "workers": engine.workers,
-            "caches": engine.caches,
-            # each pool process's share of the measured runs (cpu_worker/main.py: its counters)
-            "pool": [{k: b[k] - a[k] for k in POOL_COUNTERS} for a, b in zip(before["cpu_pool"], after["cpu_pool"])],
-            # a decode step's time, by part (engine.DECODE_PARTS)
-            "step_ms": {k: 1000 * (after[f"decode_{k}_s"] - before[f"decode_{k}_s"]) / max(steps, 1) for k in DECODE_PARTS},
-        }
+        return {"rows": rows, "vram_mb": vram, "ram_gb": _rss_gb(pids) + store / 1e9, "workers": engine.workers,
+                "caches": engine.caches}
     finally:
         await engine.close()
 
 
 def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int,
               measure_floor: bool = True) -> dict:
+    """One prompt length, one sequence at a time: run_benches' row."""
+    return run_benches(model, opts, [prompt_tokens], decode_tokens, runs, measure_floor=measure_floor)[0]
+
+
+def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
+                concurrency: list[int] = (), measure_floor: bool = True) -> list[dict]:
+    """One row per prompt length, all from one start of the processes. With `concurrency`, each row
+    also holds an entry per count of sequences decoded together (each with that prompt length)."""
     from ..shared.weights import load_family
 
-    need = prompt_tokens + decode_tokens + 1
-    opts = RuntimeOptions(**{**vars(opts), "max_context": max(opts.max_context, need)})
+    need = max(prompt_lens) + decode_tokens + 1
+    opts = RuntimeOptions(**{**vars(opts), "max_context": max(opts.max_context, need),
+                             "max_batch": max(opts.max_batch, *concurrency, 1)})
     # before the workers start: the DRAM read is then this process's threads alone, on every core,
     # not sharing the machine with a pool process
     ceil = ceilings(opts) if measure_floor else None
-    out = _run(_bench(model, opts, prompt_tokens, decode_tokens, runs))
-    mean = lambda k: sum(r[k] for r in out["runs"]) / len(out["runs"])  # noqa: E731
+    out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency)))
+    family = load_family(model)
+    return [_row(model, opts, family, out, r, length, decode_tokens, ceil) for r, length in zip(out["rows"], prompt_lens)]
+
+
+def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dict:
+    mean = lambda k: sum(x[k] for x in r["runs"]) / len(r["runs"])  # noqa: E731
     res = {
         "model": os.path.basename(os.path.normpath(model)), "gpus": len(opts.devices), "devices": opts.devices,
         "bits": f"{_bits(opts.gpu_bits)}/{_bits(opts.cpu_bits)}",
@@ -175,15 +253,18 @@ def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_token
         "decode_strategy": out["workers"][-1].get("decode_strategy", ""),
         "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "prefill_tok_s": mean("prefill_tok_s"), "ttft_s": mean("ttft_s"), "decode_tok_s": mean("decode_tok_s"),
-        "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": out["runs"], "pool": out["pool"],
+        "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": r["runs"], "pool": r["pool"],
     }
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
-    family = load_family(model)
-    res["cpu_share"] = cpu_share(family, out["pool"])
+    res["cpu_share"] = cpu_share(family, r["pool"])
     if res["ms_per_tok"]:
-        res["decode_split_ms"] = out["step_ms"]  # where a decode token's time goes
-    if measure_floor:
-        res.update(floors(family, out["caches"], opts, prompt_tokens, res, ceil))
+        res["decode_split_ms"] = r["step_ms"]  # where a decode token's time goes
+    if ceil is not None:
+        res.update(floors(family, out["caches"], prompt_tokens, res, ceil, out["workers"]))
+    if r["concurrency"]:
+        for e in r["concurrency"]:
+            e["cpu_share"] = cpu_share(family, e["pool"])
+        res["concurrency"] = r["concurrency"]
     return res
 
 
@@ -210,17 +291,30 @@ def ceilings(opts: RuntimeOptions) -> tuple[float | None, float, float]:
     return out
 
 
-def floors(family, caches, opts: RuntimeOptions, prompt_tokens: int, res: dict, ceil: tuple) -> dict:
+def streamed_bytes(workers: list[dict], expert_bytes: int) -> int:
+    """Expert bytes a prefill step copies to the GPUs, as each stage reported it (gpu_worker/
+    experts.py: 0 for persistent, the non-resident layers for layer_grouped); every expert once
+    where a stage's copies depend on the routing (active_only, hcs_prefill)."""
+    per_stage = [w.get("prefill_streamed_bytes") for w in workers if w["role"] == "gpu"]
+    return expert_bytes if not per_stage or None in per_stage else sum(per_stage)
+
+
+def floors(family, caches, prompt_tokens: int, res: dict, ceil: tuple, workers: list[dict]) -> dict:
+    """The floors of this run: prefill from the bytes its steps stream (a step streams each expert
+    at most once, however the prompt is chunked), and, as the peer comparisons use it, the one-pass
+    floor of streaming every expert once; decode from the bytes a token reads from DRAM."""
     h2d, mm, dram = ceil
     c = model_costs(family, caches.gpu_fmt, caches.cpu_fmt, prompt_tokens)
-    chunks = math.ceil(prompt_tokens / opts.prefill_chunk)
-    streamed = 0 if res["prefill_strategy"] == "persistent" or h2d is None else c["expert_bytes"] * chunks
+    streamed = streamed_bytes(workers, c["expert_bytes"]) if h2d else 0
     t_prefill = max(streamed / h2d if h2d else 0.0, c["flops"] / mm)
+    t_one_pass = max(c["expert_bytes"] / h2d if h2d else 0.0, c["flops"] / mm)
     t_decode = c["token_bytes"] / dram
     pf, df = prompt_tokens / t_prefill, 1 / t_decode
     return {
         "h2d_gb_s": h2d / 1e9 if h2d else None, "matmul_tflop_s": mm / 1e12, "dram_gb_s": dram / 1e9,
         "prefill_floor_tok_s": pf, "prefill_fraction": res["prefill_tok_s"] / pf,
+        "prefill_streamed_gb": streamed / 1e9, "prefill_one_pass_floor_tok_s": prompt_tokens / t_one_pass,
+        "prefill_one_pass_fraction": res["prefill_tok_s"] * t_one_pass / prompt_tokens,
         "decode_floor_tok_s": df, "decode_fraction": res["decode_tok_s"] / df,
         "expert_gb": c["expert_bytes"] / 1e9, "prompt_tflop": c["flops"] / 1e12, "token_expert_mb": c["token_bytes"] / 1e6,
     }
@@ -244,6 +338,24 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['gpus']} | {r['bits']} | {lgs} | {hcs} | {r['prefill_tok_s']:,.1f} | {r['ttft_s']:.2f} "
             f"| {r['decode_tok_s']:.2f} | {r['ms_per_tok'] or 0:.1f} | {r['vram_mb']} | {r['ram_gb']:.1f} | - | - | - | - |"
         )
+    return "\n".join(lines)
+
+
+def concurrency_table(rows: list[dict]) -> str:
+    """One line per prompt length and count of sequences decoded together; the last column is the
+    aggregate against one sequence's (the row's own one-sequence runs)."""
+    head = ("| Model | Prompt tokens | Sequences | Decode aggregate (tok/s) | per sequence (tok/s) | x one sequence "
+            "| step ms: worker | between | CPU share |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        one = r["decode_tok_s"]
+        for e in r.get("concurrency", []):
+            share = "-" if e["cpu_share"] is None else f"{e['cpu_share']:.1%}"
+            lines.append(
+                f"| {r['model']} | {e['prompt_tokens']} | {e['concurrency']} | {e['decode_aggregate_tok_s']:.2f} "
+                f"| {e['decode_per_seq_tok_s']:.2f} | {e['decode_aggregate_tok_s'] / one if one else 0:.2f} "
+                f"| {e['step_ms']['worker']:.2f} | {e['step_ms']['between']:.2f} | {share} |"
+            )
     return "\n".join(lines)
 
 

@@ -39,6 +39,14 @@ def _int_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
 
+def _count_list(ctx, param, value):
+    """A comma-separated list of counts (each at least 1), or None when not given."""
+    counts = _int_list(ctx, param, value)
+    if counts is not None and (not counts or min(counts) < 1):
+        raise click.BadParameter(f"{value!r}: give one or more counts of at least 1, comma-separated")
+    return counts
+
+
 BITS = click.Choice(["4", "8", "16"])
 
 
@@ -362,25 +370,34 @@ def chat(endpoint, max_new_tokens, temperature, system):
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=10000, show_default=True,
-              help="Prompt length (random token ids, seeded).")
+@click.option("--prompt-tokens", "--prompt-lens", "prompt_lens", callback=_count_list, default="10000", show_default=True,
+              help="Prompt length (random token ids, seeded); several, comma-separated, give one row each "
+                   "from one start of the processes.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens decoded per run.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs (after one warm-up).")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the figures to this JSON file.")
+@click.option("--concurrency", callback=_count_list,
+              help="Also decode this many sequences together (comma-separated counts, e.g. 1,4,16,32; each sequence "
+                   "with the row's prompt length): the aggregate and per-sequence decode tok/s, one line per count.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False),
+              help="Also write the figures to this JSON file (a list of rows when there are several prompt lengths).")
 @runtime_options
-def bench(model, prompt_tokens, decode_tokens, runs, json_file, opts):
+def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, opts):
     """Prefill and decode speed in the reference's table, with this machine's floor and the fraction reached."""
-    from .bench import decode_split, run_bench, table
+    from .bench import concurrency_table, decode_split, run_benches, table
 
     try:
-        res = run_bench(model, opts, prompt_tokens, decode_tokens, runs)
+        rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [])
     except USER_ERRORS as e:
         _fail(e)
     if json_file:
         with open(json_file, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-    click.echo(table([res]))
-    click.echo(decode_split(res))
+            json.dump(rows[0] if len(rows) == 1 else rows, f, indent=1, default=str)
+    click.echo(table(rows))
+    for r in rows:
+        split = decode_split(r)
+        click.echo(split if len(rows) == 1 else f"prompt {r['prompt_tokens']} tokens: " + split)
+    if concurrency:
+        click.echo(concurrency_table(rows))
 
 
 @main.command()
@@ -419,7 +436,10 @@ def calibrate(model, text_file, opts):
             res = run_calibrate(model, opts, text, bar.update)
     except (*USER_ERRORS, ValueError, RuntimeError) as e:
         _fail(e)
+    from .calibrate import report_lines
+
     click.echo(f"calibrate: {res['tokens']} tokens; counts of {res['layers']} MoE layers in {res['counts']}")
+    click.echo("\n".join(report_lines(res["routing"])) + f"\n  (saved in {res['routing_path']})")
 
 
 @main.command()

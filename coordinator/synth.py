@@ -6,11 +6,20 @@ Weights are written one layer at a time (bounded RAM). Dense tensors are drawn f
 (norms are 1). Routed experts, which are almost all of the bytes, are windows of one shared random
 block at pseudo-random offsets: their values are as random as the rest to the kernels and the
 routing, and writing them runs at memory speed rather than at random-number speed.
+
+Two kinds of tensor are not drawn like the rest, so that routing behaves like a trained model's
+(docs/routing.md has the measurements). With every weight from N(0, 0.02), attention is near uniform,
+so its output is the running mean of the context's values, which is much larger than a token's own
+embedding: every token's hidden state is then mostly the same vector, and the routers send nearly
+every token to the same few experts. The attention output projections are therefore drawn 40x
+smaller (ATTN_OUT_STD), which leaves each token's own state in charge of its routing; and the
+routers are orthonormal directions (router_weight), so that no expert is favoured by construction.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -72,16 +81,22 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 POOL = 1 << 24  # elements of the shared random block the experts are windows of
+DENSE_STD = 0.02
+ATTN_OUT_STD = 0.0005  # the attention output projections (see above)
+ATTN_OUT = re.compile(r"\.(self_attn\.o_proj|linear_attn\.out_proj)\.weight$")
+ROUTER = re.compile(r"\.mlp\.(gate|router)\.weight$")
 
 
 class SynthError(ValueError):
     pass
 
 
-def synth_config(shape: str, layers: int | None = None, experts: int | None = None, vocab: int | None = None) -> dict:
+def synth_config(shape: str, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
+                 config: dict | None = None) -> dict:
+    """The shape's config.json; `config` overrides any of its values (tests shrink the dimensions)."""
     if shape not in SHAPES:
         raise SynthError(f"unknown shape {shape!r} (one of {', '.join(SHAPES)})")
-    cfg = dict(SHAPES[shape], torch_dtype="bfloat16", eos_token_id=None, bos_token_id=None)
+    cfg = dict(SHAPES[shape], torch_dtype="bfloat16", eos_token_id=None, bos_token_id=None, **(config or {}))
     if layers is not None:
         if layers < 1:
             raise SynthError("--layers must be at least 1")
@@ -112,8 +127,20 @@ def write_tokenizer(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE, "model_max_length": 1 << 20}))
 
 
+def router_weight(num_experts: int, hidden: int, seed: int, logit_std: float = 1.0) -> torch.Tensor:
+    """A router weight [num_experts, hidden] (float32): orthonormal random directions (normalized
+    Gaussian rows where there are more experts than dimensions), scaled so that over unit-RMS
+    inputs each expert's logit has standard deviation `logit_std`. Unlike Gaussian rows, no expert
+    has a longer row than another, which would favour it for every input."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(num_experts, hidden, generator=g)
+    rows = torch.linalg.qr(rows.T).Q.T if num_experts <= hidden else rows / rows.norm(dim=1, keepdim=True)
+    return rows * logit_std
+
+
 def synth(shape: str, out, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
-          seed: int = 0, expert_std: float = 0.02, expert_bits: int | None = None, group_size: int = 128) -> Path:
+          seed: int = 0, expert_std: float = 0.02, expert_bits: int | None = None, group_size: int = 128,
+          config: dict | None = None) -> Path:
     """With `expert_bits` (4 or 8) the routed experts are not written to the safetensors shards but
     straight into the expert cache of that precision (coordinator/convert.py), current for the
     shards written: runs with --cpu-bits/--gpu-bits of that precision and that group size use it
@@ -123,7 +150,7 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
 
     from ..shared.models.family import family_for
 
-    cfg = synth_config(shape, layers, experts, vocab)
+    cfg = synth_config(shape, layers, experts, vocab, config)
     fam = family_for(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,10 +159,13 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
     g_experts = torch.Generator().manual_seed(seed + 1)
     pool = (torch.randn(POOL, generator=g) * expert_std).to(torch.bfloat16)
 
-    def dense(shape_):
+    def dense(name, shape_):
         if len(shape_) == 1:
             return torch.ones(shape_, dtype=torch.bfloat16)
-        return (torch.randn(shape_, generator=g) * 0.02).to(torch.bfloat16)
+        if ROUTER.search(name):
+            return router_weight(*shape_, seed=int(torch.randint(0, 1 << 62, (1,), generator=g))).to(torch.bfloat16)
+        std = ATTN_OUT_STD if ATTN_OUT.search(name) else DENSE_STD
+        return (torch.randn(shape_, generator=g) * std).to(torch.bfloat16)
 
     def window(shape_):
         n = 1
@@ -153,7 +183,7 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
     if expert_bits not in (None, 4, 8):
         raise SynthError("--expert-bits must be 4 or 8")
     for name, plain, routed in tqdm(shards, desc="synth", unit="shard", disable=None):
-        tensors = {k: dense(s) for k, s in plain.items()}
+        tensors = {k: dense(k, s) for k, s in plain.items()}
         if expert_bits is None:
             tensors.update({k: window(s) for k, s in routed.items()})
         fname = f"model-{name}.safetensors"

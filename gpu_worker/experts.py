@@ -46,7 +46,7 @@ class StageExperts:
             # a stage without MoE layers gets an empty set: the strategies need no special case
             hot = HotSet(self.host, self.counts, self.plan.hot // per_expert if per_expert else 0, self.engine)
         lru_slots = self.plan.lru // per_expert if per_expert else 0
-        self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot)
+        self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot, self.plan.resident)
         self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
         self.hot = hot
         if hot is not None:
@@ -57,6 +57,8 @@ class StageExperts:
             "prefill_strategy": self.prefill.name, "decode_strategy": self.decode.name,
             "vram_plan_mb": self.plan.report(),
             "hot_experts": len(self.hot.members) if self.hot is not None else 0,
+            "prefill_resident_layers": len(getattr(self.prefill, "kept", ())),
+            "prefill_streamed_bytes": self.prefill.streamed_bytes(),
         }
         if self.host.device.type == "cuda":
             out["vram_mb"] = round(torch.cuda.memory_reserved(self.host.device) / 2**20, 1)

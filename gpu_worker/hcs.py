@@ -4,7 +4,9 @@ device memory.
 Counts are gathered from the router's choices in every prefill step (and by `--calibrate`, which
 is a prefill). They are remembered per model in a small JSON (`hcs_counts.json` in the model's
 state folder, coordinator/state.py) that every worker of the model merges its layers into, so a
-restart starts with the hot set of the last run. The hot set is the most-chosen (layer, expert)
+restart starts with the hot set of the last run. Beside each layer's counts the file keeps the
+choices consecutive tokens shared and the count of such pairs (shared/routing_stats.py), from which
+`calibrate` reports how the routing repeats between nearby tokens. The hot set is the most-chosen (layer, expert)
 pairs of this stage that fit in the bytes the VRAM plan leaves for it; each layer gets a lookup
 from expert id to its slot, -1 for the cold ones.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..shared.routing_stats import consecutive_overlap
 from .dma import Block, CopyEngine, ExpertSlots, HostExperts
 
 
@@ -27,18 +30,27 @@ class Counts:
         choices are: counting then costs no host synchronisation in the prefill loop."""
         self.path = Path(path) if path else None
         self.c = {layer: torch.zeros(n, dtype=torch.int64, device=device) for layer, n in layers.items()}
+        # per layer: [choices shared by consecutive tokens, consecutive pairs]
+        self.pairs = {layer: torch.zeros(2, dtype=torch.int64, device=device) for layer in layers}
         if self.path and self.path.exists():
             try:
-                saved = json.loads(self.path.read_text()).get("layers", {})
+                saved = json.loads(self.path.read_text())
             except (OSError, json.JSONDecodeError):
                 saved = {}
-            for layer, counts in saved.items():
+            for layer, counts in saved.get("layers", {}).items():
                 if int(layer) in self.c and len(counts) == len(self.c[int(layer)]):
                     self.c[int(layer)] += torch.tensor(counts, dtype=torch.int64, device=device)
+                    self.pairs[int(layer)] += torch.tensor(saved.get("pairs", {}).get(layer, [0, 0]), device=device)
 
     def add(self, layer: int, ids: torch.Tensor) -> None:
+        """The choices ids [T, k] of a prefill step's tokens, in order (one sequence's run of tokens:
+        a step boundary inside it only loses that one pair)."""
         c = self.c[layer]
-        c += torch.bincount(ids.reshape(-1).to(c.device), minlength=len(c))
+        ids = ids.to(c.device)
+        c += torch.bincount(ids.reshape(-1), minlength=len(c))
+        if ids.shape[0] > 1:
+            self.pairs[layer][0] += consecutive_overlap(ids)
+            self.pairs[layer][1] += ids.shape[0] - 1
 
     def total(self) -> int:
         return int(sum(int(v.sum()) for v in self.c.values()))
@@ -57,6 +69,7 @@ class Counts:
                 except (OSError, json.JSONDecodeError):
                     pass
             data.setdefault("layers", {}).update({str(k): v.tolist() for k, v in self.c.items()})
+            data.setdefault("pairs", {}).update({str(k): v.tolist() for k, v in self.pairs.items()})
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(data))
             os.replace(tmp, self.path)

@@ -347,7 +347,7 @@ class SeqSlice:
     start: int
     n: int
     # what the last stage returns for the slice: "sample" its next token, drawn as `draw` says;
-    # "last" or "all" its logits rows; "none" nothing (a non-final chunk of a chunked prefill)
+    # "last" or "all" its logits rows; "none" nothing (a stage's own non-final chunk of a prompt)
     logits: str = "last"
     draw: Draw | None = None
 

@@ -1,0 +1,69 @@
+"""`bench --concurrency` and `--prompt-lens` on a tiny model on CPU: one JSON row per prompt length,
+one entry per count of sequences decoded together, and the sequences decoded together give the
+tokens each gives alone (greedy, float32), so the aggregate is a rate of the same work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tiny_models as tm
+from krasis.coordinator.bench import generate_together
+from krasis.coordinator.engine import Engine, run
+from krasis.coordinator.processes import RuntimeOptions
+
+OPTS = ("--devices", "cpu", "--cpu-workers", "1", "--dtype", "float32", "--runs", "1", "--decode-tokens", "6")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tm.build(tmp_path_factory.mktemp("bench") / "qwen3", "qwen3", seed=5)
+
+
+def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_path):
+    out = tmp_path / "bench.json"
+    p = tm.krasis("bench", model, *OPTS, "--prompt-lens", "8,20", "--concurrency", "1,3", "--json", out)
+    rows = json.loads(out.read_text())
+    assert [r["prompt_tokens"] for r in rows] == [8, 20]
+    for r in rows:
+        # the prefill floor is the row's own: a longer prompt has more FLOPs
+        assert r["prefill_floor_tok_s"] > 0 and r["prefill_fraction"] == pytest.approx(r["prefill_tok_s"] / r["prefill_floor_tok_s"])
+        entries = r["concurrency"]
+        assert [e["concurrency"] for e in entries] == [1, 3] and all(e["prompt_tokens"] == r["prompt_tokens"] for e in entries)
+        for e in entries:
+            assert e["decode_aggregate_tok_s"] >= e["decode_per_seq_tok_s"] > 0
+            assert set(e["step_ms"]) == {"worker", "between"} and e["step_ms"]["worker"] > 0
+            assert e["cpu_share"] == 1.0  # pure_cpu: the pool ran every choice
+        # three sequences share each step: the pool ran 3 tokens per call, against 1 for one sequence
+        one, three = (e["pool"][0] for e in entries)
+        assert one["tokens"] == one["calls"] and three["tokens"] == 3 * three["calls"]
+    assert rows[0]["prefill_floor_tok_s"] != rows[1]["prefill_floor_tok_s"]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("| qwen3 |")]
+    assert len(lines) == 2 + 4  # the main table's two rows, then a line per prompt length and count
+    assert "| Sequences | Decode aggregate (tok/s) |" in p.stdout
+
+
+def test_bench_refuses_a_count_below_one(model):
+    bad = tm.krasis("bench", model, *OPTS, "--concurrency", "0,4", check=False)
+    assert bad.returncode == 2 and "--concurrency" in bad.stderr
+
+
+def test_sequences_decoded_together_match_each_alone(model):
+    prompts = [[(7 * i + 3 * j) % 150 + 1 for j in range(4 + 3 * i)] for i in range(4)]
+    opts = RuntimeOptions(devices=["cpu"], cpu_workers=1, dtype="float32", max_batch=4)
+
+    async def go():
+        engine = Engine(str(model), opts)
+        try:
+            await engine.start()
+            alone = [(await generate_together(engine, [p], 8, f"alone{i}"))[0] for i, p in enumerate(prompts)]
+            together = await generate_together(engine, prompts, 8, "together")
+            return alone, together, (await engine.stats_reply()).stats
+        finally:
+            await engine.close()
+
+    alone, together, stats = run(go())
+    assert [t.tokens for t in together] == [t.tokens for t in alone]
+    assert all(len(t.tokens) == 8 and len(t.times) == 8 for t in together)
+    assert stats["cpu_pool"][0]["max_m"] == len(prompts)  # they did share decode steps

@@ -1,0 +1,94 @@
+"""Routing like a trained model's (docs/routing.md): synth's routers spread a long input's choices
+near-evenly where the old recipe's did not, the figures themselves, and `calibrate`'s report of
+them, which must equal the figures of transformers' own router choices on the same prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny_models as tm
+from krasis.coordinator.synth import ATTN_OUT, DENSE_STD, synth
+from krasis.shared.routing_stats import TARGETS, choice_stats, failures, layer_stats
+
+# Qwen3-30B-A3B's structure, small: 32 experts, 8 per token, 8 layers
+TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64)
+EXPERTS, LAYERS, TOKENS = 32, 8, 1024
+
+
+def router_choices(model, ids: list[int]) -> list[torch.Tensor]:
+    """Per MoE layer, transformers' top-k choices [T, k] for one prompt."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    return [lg.reshape(len(ids), -1).topk(k, -1).indices for lg in out.router_logits]
+
+
+def load_failures(stats: dict) -> list[str]:
+    return [f for f in failures(stats) if not f.startswith("locality")]
+
+
+def test_figures_of_balanced_and_skewed_choices():
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.stack([torch.randperm(64, generator=g)[:4] for _ in range(4000)])
+    st = choice_stats(uniform, 64)
+    assert st["entropy"] > 0.99 and st["max_mean"] < 1.3 and st["chance"] == pytest.approx(16 / 64, rel=0.05)
+    # balanced, but consecutive tokens no more alike than any two
+    assert st["locality"] == pytest.approx(1.0, abs=0.1) and [f.split()[0] for f in failures(st)] == ["locality"]
+    # each token keeps the 2 newest of the last one's 4 choices: every choice lives two tokens
+    rep = [uniform[0]]
+    for u in uniform[1:]:
+        keep = rep[-1][2:].tolist()
+        rep.append(torch.tensor(keep + [e for e in u.tolist() if e not in keep][:2]))
+    st = choice_stats(torch.stack(rep), 64)
+    assert st["locality"] > 2 and not failures(st), st
+    skewed = torch.stack([torch.cat([torch.tensor([0, 1]), torch.randperm(62, generator=g)[:2] + 2]) for _ in range(4000)])
+    st = choice_stats(skewed, 64)
+    assert st["max_mean"] > 8 and st["entropy"] < TARGETS["entropy"] and len(load_failures(st)) == 2
+    assert layer_stats([3, 1], 1)["max_mean"] == pytest.approx(1.5) and "locality" not in layer_stats([3, 1], 1)
+
+
+def test_synth_routers_are_near_balanced_and_the_old_recipe_is_not(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = synth("qwen3-30b-a3b", tmp_path / "m", layers=LAYERS, experts=EXPERTS, vocab=512, config=TINY)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(0, 512, (TOKENS,), generator=torch.Generator().manual_seed(99)).tolist()
+    stats = [choice_stats(c, EXPERTS) for c in router_choices(model, ids)]
+    assert len(stats) == LAYERS and not [load_failures(s) for s in stats if load_failures(s)], stats
+    # the old recipe: attention output projections as large as every other weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ATTN_OUT.search(name):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * DENSE_STD)
+    old = [choice_stats(c, EXPERTS) for c in router_choices(model, ids)]
+    assert sum(bool(load_failures(s)) for s in old) >= LAYERS // 2, old
+
+
+def test_calibrate_reports_the_routing_of_its_text(tmp_path):
+    from krasis.coordinator.synth import write_tokenizer
+    from krasis.coordinator.tokenizer import TextCodec
+
+    model = tm.build(tmp_path / "qwen3", "qwen3", seed=4, vocab_size=256)
+    write_tokenizer(model)  # byte-level: every byte one token
+    text = tmp_path / "text.txt"
+    text.write_text("for (int i = 0; i < n; i++) { sum += a[i] * b[i]; }  // the calibration text\n")
+    ids = TextCodec(str(model)).encode(text.read_text())
+    p = tm.krasis("calibrate", model, "--text", text, "--devices", "cpu", "--dtype", "float32", "--prefill-chunk", "16")
+    assert "consecutive tokens share" in p.stdout and "entropy" in p.stdout
+    saved = json.loads((model / ".krasis_cache" / "routing_stats.json").read_text())
+    ref = tm.reference_model(model)
+    per_layer = None
+    for a in range(0, len(ids), 16):  # calibrate's prompts
+        choices = router_choices(ref, ids[a : a + 16])
+        per_layer = per_layer or [[torch.zeros(8, dtype=torch.int64), 0, 0] for _ in choices]
+        for acc, c in zip(per_layer, choices):
+            acc[0] += torch.bincount(c.reshape(-1), minlength=8)
+            acc[1] += int((c[1:, :, None] == c[:-1, None, :]).sum())
+            acc[2] += len(c) - 1
+    assert sorted(saved["layers"], key=int) == [str(i) for i in range(len(per_layer))]
+    for i, (counts, ov, n) in enumerate(per_layer):
+        assert saved["layers"][str(i)] == pytest.approx(layer_stats(counts, 2, ov, n))
