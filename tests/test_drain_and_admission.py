@@ -109,7 +109,7 @@ def test_the_drain_timeout_cuts_with_an_error(model):
 
         async def go():
             async with aiohttp.ClientSession() as s:
-                a = await s.post(svc.url + "/v1/completions", json=body(200, stream=True))  # long enough to outlast the checks below
+                a = await s.post(svc.url + "/v1/completions", json=body(200, stream=True))  # far longer than the drain timeout
                 await a.content.readuntil(b"\n\n")
                 svc.proc.send_signal(signal.SIGTERM)
                 return await read_stream(a)
