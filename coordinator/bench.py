@@ -21,6 +21,7 @@ import torch
 
 from ..shared import protocol as P
 from .engine import DECODE_PARTS, Engine, run as _run
+from .metrics import cpu_share
 from .processes import RuntimeOptions
 
 
@@ -209,7 +210,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
                     "step_ms": step_ms, "pool": pool,
                 })
             rows.append(row)
-        pids = [engine.workers[i]["pid"] for i in range(len(engine.workers))] + [os.getpid()]
+        # this machine's processes (with --hosts, the workers that report a host run elsewhere)
+        pids = [w["pid"] for w in engine.workers if "host" not in w] + [os.getpid()]
         store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
         gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
         vram = "+".join(
@@ -236,6 +238,7 @@ def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode
     need = max(prompt_lens) + decode_tokens + 1
     opts = RuntimeOptions(**{**vars(opts), "max_context": max(opts.max_context, need),
                              "max_batch": max(opts.max_batch, *concurrency, 1)})
+    measure_floor = measure_floor and not opts.hosts  # the floors are this machine's; --hosts runs the stages elsewhere
     # before the workers start: the DRAM read is then this process's threads alone, on every core,
     # not sharing the machine with a pool process
     ceil = ceilings(opts) if measure_floor else None
@@ -266,15 +269,6 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
             e["cpu_share"] = cpu_share(family, e["pool"])
         res["concurrency"] = r["concurrency"]
     return res
-
-
-def cpu_share(family, pool: list[dict]) -> float | None:
-    """The fraction of the measured decode's routed choices that the CPU pool ran: 1 for pure_cpu,
-    1 - the hot set's hit rate for hcs_hybrid. Every pool process is offered each call's tokens x
-    top-k choices and runs those of its block."""
-    moe = [i for i in range(family.num_layers) if family.is_moe(i)]
-    offered = pool[0]["tokens"] * family.experts(moe[0]).top_k if pool and moe else 0
-    return sum(p["pairs"] for p in pool) / offered if offered else None
 
 
 def _bits(b: int) -> str:

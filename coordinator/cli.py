@@ -16,10 +16,13 @@ import sys
 import click
 
 from ..shared import protocol as P
+from ..shared.keys import KeysError, require_keys
 from ..shared.models.family import ConfigError
 from ..shared.quant import QuantError
 from ..shared.weight_cache import CacheError
 from ..shared.weights import WeightError
+from .check import fits_in_ram
+from .config import config_option
 from .engine import Engine, RequestError, run as _run
 from .plan import PlanError
 from .processes import RuntimeOptions, WorkerDied
@@ -80,6 +83,33 @@ def quant_options(f):
     return wrapper
 
 
+def _endpoints(ctx, param, value):
+    return [e.strip() for e in value.split(",") if e.strip()] if value else None
+
+
+def host_options(f):
+    """Across machines (docs/deployment.md), handed on as `hosts`, a dict of RuntimeOptions fields.
+    A tcp endpoint beyond loopback without --keys is refused unless --insecure."""
+
+    @click.option("--hosts", callback=_endpoints,
+                  help="Host agents (krasis-coord host) to run the stages on, comma-separated: tcp://A:7000,tcp://B:7000. "
+                       "Stages go in this order, then each host's --devices order; --devices is then unused.")
+    @click.option("--keys", type=click.Path(file_okay=False, exists=True),
+                  help="CURVE keys folder (krasis-coord keygen DIR): every tcp socket is encrypted and authenticated.")
+    @click.option("--heartbeat-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+                  help="Heartbeat period with the host agents; one silent for 3 periods counts as lost.")
+    @click.option("--insecure", is_flag=True, help="Allow tcp beyond loopback without --keys (a network you trust).")
+    @functools.wraps(f)
+    def wrapper(*args, hosts, keys, heartbeat_s, insecure, **kw):
+        try:  # the agents' endpoints, and serve's client endpoint (its --zmq)
+            require_keys([*(hosts or []), *filter(None, [kw.get("endpoint")])], keys, insecure)
+        except KeysError as e:
+            _fail(e)
+        return f(*args, hosts=dict(hosts=hosts, keys=keys, heartbeat_s=heartbeat_s), **kw)
+
+    return wrapper
+
+
 def runtime_options(f):
     """Options shared by every command that runs the model."""
 
@@ -107,10 +137,11 @@ def runtime_options(f):
     @click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
                   help="KV cache: FP8 e4m3 with per-row scales, or the compute dtype; auto is fp8 except with --dtype float32.")
     @quant_options
+    @host_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                prefill_strategy, decode_strategy, vram_budget, kv_dtype, **kw):
-        opts = RuntimeOptions(
+                prefill_strategy, decode_strategy, vram_budget, kv_dtype, hosts, **kw):
+        opts = RuntimeOptions(**hosts,
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
             max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
@@ -241,13 +272,37 @@ def _host_port(ctx, param, value):
     return host.strip("[]"), int(port)
 
 
+def _api_keys(key: str | None, key_file: str | None) -> list[str]:
+    """--api-key and the keys of --api-key-file (one per line; blank lines and # comments skipped)."""
+    keys = [key] if key else []
+    if key_file:
+        try:
+            with open(key_file) as f:
+                keys += [k for k in (line.strip() for line in f) if k and not k.startswith("#")]
+        except OSError as e:
+            raise ConfigError(f"--api-key-file {key_file}: {e.strerror or e}") from None
+        if not keys:
+            raise ConfigError(f"--api-key-file {key_file} holds no key")
+    return keys
+
+
 @main.command()
 @click.argument("model", type=click.Path())
+@config_option
+@click.option("--print-config", is_flag=True, help="Print the options in effect, as a --config file, and exit.")
 @click.option("--zmq", "endpoint", default="tcp://127.0.0.1:5555", show_default=True,
               help="Client endpoint (tcp://host:port or ipc://path).")
 @click.option("--http", "http_addr", callback=_host_port,
               help="Also serve the OpenAI-compatible HTTP API on HOST:PORT (docs/openai_api.md); off by default.")
 @click.option("--served-model-name", help="The model name the HTTP API answers to (default: MODEL's basename).")
+@click.option("--api-key", envvar="KRASIS_API_KEY", show_envvar=True,
+              help="Require this key on the HTTP API's /v1/ paths, sent as 'Authorization: Bearer KEY' "
+                   "(/health and /metrics stay open).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False),
+              help="Require one of the keys in this file (one per line), as --api-key.")
+@click.option("--metrics", "metrics_addr", callback=_host_port,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (with --http they are also on its "
+                   "port; docs/metrics.md).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
               help="When a worker dies, restart all workers and replay their requests, at most this many "
                    "times in 10 minutes (a failed start is retried with backoff and counts too); past that "
@@ -261,10 +316,23 @@ def _host_port(ctx, param, value):
               help="Seconds that SIGTERM or Ctrl-C lets taken requests finish (new ones get 503 / 'draining') "
                    "before the rest are cut with an error; keep it below systemd's TimeoutStopSec.")
 @runtime_options
-def serve(model, endpoint, http_addr, served_model_name, max_restarts, max_replays, max_queue, drain_timeout, opts):
+def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, api_key_file, metrics_addr,
+          max_restarts, max_replays, max_queue, drain_timeout, opts):
     """Run the service until SIGTERM or Ctrl-C, which drain it (a second one stops at once)."""
     from .server import Server
 
+    if print_config:
+        from .config import effective
+
+        click.echo(effective(click.get_current_context()), nl=False)
+        return
+    try:
+        keys = _api_keys(api_key, api_key_file)
+        if keys and not http_addr:
+            raise ConfigError("--api-key protects the HTTP API: add --http HOST:PORT (the ZeroMQ front end has no keys)")
+        fits_in_ram(model, opts)
+    except USER_ERRORS as e:
+        _fail(e)
     drain = asyncio.Event()
 
     async def body(engine: Engine):
@@ -276,12 +344,16 @@ def serve(model, endpoint, http_addr, served_model_name, max_restarts, max_repla
 
             from .openai_api import OpenAIServer
 
-            http = OpenAIServer(engine, served_model_name or Path(model).name)
-            try:
-                await http.start(*http_addr)
-            except OSError as e:
-                raise ConfigError(f"--http {http_addr[0]}:{http_addr[1]}: {e.strerror or e}") from None
-            click.echo(f"krasis: OpenAI API for '{http.model}' on http://{http_addr[0]}:{http_addr[1]}/v1", err=True)
+            http = OpenAIServer(engine, served_model_name or Path(model).name, keys)
+            await _listen(http, "--http", http_addr)
+            click.echo(f"krasis: OpenAI API for '{http.model}' on http://{http_addr[0]}:{http_addr[1]}/v1"
+                       f"{' (API keys required)' if keys else ''}", err=True)
+        if metrics_addr:
+            from .metrics import MetricsServer
+
+            http_metrics = MetricsServer(engine.metrics)
+            await _listen(http_metrics, "--metrics", metrics_addr)
+            click.echo(f"krasis: metrics on http://{metrics_addr[0]}:{metrics_addr[1]}/metrics", err=True)
         serving = asyncio.create_task(server.serve())
         fatal = asyncio.create_task(_until_fatal(engine))
         draining = asyncio.create_task(drain.wait())
@@ -301,6 +373,8 @@ def serve(model, endpoint, http_addr, served_model_name, max_restarts, max_repla
             draining.cancel()
             if http:
                 await http.stop()
+            if metrics_addr:
+                await http_metrics.stop()
         if fatal in done and engine._fatal is not None:
             raise WorkerDied(str(engine._fatal))
         if serving in done:
@@ -321,9 +395,40 @@ def serve(model, endpoint, http_addr, served_model_name, max_restarts, max_repla
     click.echo("krasis: stopped", err=True)
 
 
+async def _listen(site, option: str, addr: tuple[str, int]) -> None:
+    try:
+        await site.start(*addr)
+    except OSError as e:
+        raise ConfigError(f"{option} {addr[0]}:{addr[1]}: {e.strerror or e}") from None
+
+
 async def _until_fatal(engine: Engine):
     while engine._fatal is None:
         await asyncio.sleep(0.25)
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path())
+@config_option
+@runtime_options
+def check(model, opts, **serve_options):
+    """Check this machine, and MODEL with the options serve would get (any serve option is taken),
+    before a run: RAM, VRAM, disk for the caches, the memlock limit, hugepages, the CPU governor, NUMA,
+    the pool's kernel, PCIe links and the ports. Prints a table with a fix for each failing line; exits
+    1 if something would fail."""
+    from .check import run_checks, table
+
+    ports = {"--http": serve_options.get("http_addr"), "--metrics": serve_options.get("metrics_addr")}
+    try:
+        lines = run_checks(model, opts, ports)
+    except USER_ERRORS as e:
+        _fail(e)
+    click.echo(table(lines))
+    sys.exit(1 if any(line.status == "fail" for line in lines) else 0)
+
+
+# check takes serve's own options too, so that a serve command line with `check` for `serve` checks that run
+check.params += [p for p in serve.params if p.name not in {q.name for q in check.params} | {"print_config"}]
 
 
 @main.command()
@@ -331,12 +436,14 @@ async def _until_fatal(engine: Engine):
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--system", help="System prompt.")
-def chat(endpoint, max_new_tokens, temperature, system):
+@click.option("--keys", type=click.Path(file_okay=False, exists=True),
+              help="Client keys folder for a service run with --keys (docs/deployment.md).")
+def chat(endpoint, max_new_tokens, temperature, system, keys):
     """Interactive chat with a running service; replies stream as they are generated."""
     from ..shared.client import Client, ServiceError
 
     history = [{"role": "system", "content": system}] if system else []
-    with Client(endpoint) as c:
+    with Client(endpoint, keys=keys) as c:
         try:
             c.sock.setsockopt(__import__("zmq").RCVTIMEO, 5000)
             c.health()
@@ -466,3 +573,46 @@ def synth(shape, layers, experts, vocab, seed, expert_bits, group_size, out):
     except (SynthError, *USER_ERRORS) as e:
         _fail(e)
     click.echo(str(path))
+
+
+@main.command()
+@click.option("--listen", required=True, help="This agent's tcp://ADDR:PORT; it also uses PORT+1 (reports) and "
+                                              "PORT+2 (activations into its first stage).")
+@click.option("--devices", default="cpu", show_default=True,
+              help="Comma-separated devices of this machine, one pipeline stage each: cuda:0,cuda:1 or cpu,cpu.")
+@click.option("--cpu-workers", type=click.IntRange(min=1), help="CPU expert pool processes (default: one per NUMA node).")
+@click.option("--numa-nodes", type=click.IntRange(min=1), help="Simulate this many NUMA nodes (splits the cores).")
+@click.option("--keys", type=click.Path(file_okay=False, exists=True), help="CURVE keys folder (krasis-coord keygen DIR).")
+@click.option("--insecure", is_flag=True, help="Allow a --listen beyond loopback without --keys (a network you trust).")
+@click.option("--model-path", type=click.Path(), help="The model folder on this machine (default: the coordinator's MODEL path).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where this machine keeps its weight caches "
+                                                                     "(default: as for serve).")
+def host(listen, devices, cpu_workers, numa_nodes, keys, insecure, model_path, cache_dir):
+    """Run a host agent: it starts the stages a coordinator (serve/generate/bench --hosts) assigns it."""
+    from .host_agent import serve_host
+
+    try:
+        require_keys([listen], keys, insecure)
+        serve_host(listen, [d.strip() for d in devices.split(",") if d.strip()], cpu_workers, numa_nodes, keys,
+                   model_path, cache_dir)
+    except (KeysError, ValueError, *USER_ERRORS) as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--client", "client", help="Add a client NAME to an existing folder: its keys go to DIRECTORY/clients/NAME "
+                                         "(hand that folder to it) and its public key to DIRECTORY/authorized.")
+def keygen(directory, client):
+    """Write CURVE keys (docs/deployment.md): the cluster's pair, a client's pair, and authorized/."""
+    from ..shared.keys import add_client
+    from ..shared.keys import keygen as run_keygen
+
+    try:
+        if client:
+            click.echo(f"keygen: client {client} in {add_client(directory, client)}; restart the service to admit it")
+        else:
+            run_keygen(directory)
+            click.echo(f"keygen: keys in {directory}; copy it to every machine of the service")
+    except KeysError as e:
+        _fail(e)

@@ -11,8 +11,8 @@ generator (shared/sampling.py) and sends back token ids; stop conditions and det
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
-import os
 import sys
 import time
 from collections import deque
@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 import zmq.asyncio
-from tqdm import tqdm
 
-from ..shared import mailbox
 from ..shared import protocol as P
-from ..shared.expert_store import ExpertStore, StoreLayout
+from ..shared.keys import Curve
 from ..shared.models.family import ConfigError
-from ..shared.sampling import Sampler, sample
+from ..shared.sampling import Sampler, pick
 from ..shared.weights import load_family
 from .convert import prepare
+from .hosts import HostGroup, start_hosts
+from .local_group import LocalStages, start_local
+from .metrics import Metrics
 from .plan import split_layers
-from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus, reserve_cores
+from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup
 from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,6 +93,11 @@ class Request:
     sent: int = 0  # characters of `text` already streamed
     cancelled: bool = False
     finished: bool = False
+    frontend: str = "zmq"  # for the metrics: zmq or http
+    # the other choices of its prompt (n > 1), until its prefill forks its cache into them; they
+    # know it as their leader till then
+    forks: list["Request"] = field(default_factory=list)
+    leader: "Request | None" = None
     t_arrive: float = field(default_factory=time.perf_counter)
     t_prefill: float = 0.0
     t_first: float = 0.0
@@ -118,8 +124,29 @@ class Request:
         return self.ahead[j]
 
 
-def _str(path) -> str | None:
-    return None if path is None else str(path)
+def _logprobs(req: Request, out: dict[str, torch.Tensor], row: int) -> P.TokenLogprobs | None:
+    """Row `row` of a pick's logprobs (shared/sampling.py), cut to what the request asked for."""
+    k = req.params.logprobs
+    if k is None:
+        return None
+    return P.TokenLogprobs(logprob=float(out["logprobs"][row]), top_ids=out["top_ids"][row, :k].tolist(),
+                           top_logprobs=out["top_logprobs"][row, :k].tolist())
+
+
+def strategy_spec(model_dir: str, o: RuntimeOptions) -> dict:
+    """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
+    for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
+    chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
+    from .state import stored_winner, state_path
+
+    won = stored_winner(model_dir)
+    kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
+    return dict(
+        prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
+        decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
+        vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
+        hcs_path=str(state_path(model_dir, "hcs_counts.json")),
+    )
 
 
 def validate_devices(devices: list[str]) -> None:
@@ -149,10 +176,11 @@ class Engine:
         if opts.max_context < 2:
             raise ConfigError("--max-context must be at least 2")
         self.family = load_family(model_dir)
-        self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
         self.codec = TextCodec(model_dir)
-        validate_devices(opts.devices)
-        self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
+        if not opts.hosts:  # with --hosts each agent checks its devices and prepares its caches (coordinator/hosts.py)
+            self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
+            validate_devices(opts.devices)
+            self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
         self.eos = set(self.family.eos_token_ids())
         self.group = WorkerGroup()
         self.waiting: deque[Request] = deque()
@@ -176,11 +204,13 @@ class Engine:
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
                       "restarts": 0, "replays": 0, "replayed_tokens": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
         self.closed = False
+        self.metrics = Metrics(self)
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
     # --- start-up ----------------------------------------------------------------------------
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
+        self.curve = Curve(self.ctx, self.opts.keys)
         await self._start_group()
         self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._watch())]
 
@@ -188,66 +218,25 @@ class Engine:
         """Start every worker and the sockets to them; a restart runs this again on fresh endpoints,
         so nothing a dead group sent can reach the new one."""
         opts = self.opts
-        self.group, self.workers = WorkerGroup(), []
+        self.workers = []
         ep = Endpoints()
-        # The coordinator itself stays on every core. Pinned to the two front cores, its pool
-        # processes' kernel ran 2.2x slower (0.64 against 0.29 ms per call on the lent H100 host): a
-        # child starts with its parent's CPU mask, and libgomp, loaded with torch before the child
-        # pins itself, takes more threads than that mask's cores for oversubscription and lets them
-        # sleep after ~100 spins instead of ~300,000, so every layer's call waits for them to wake.
-        nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
         self.results = self.ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
-        self.results.bind(ep("results"))
-        n_pool = opts.cpu_workers or len(nodes)
-        caches = self.caches
-        fds = ExpertStore.create_segments(StoreLayout(self.family, n_pool, caches.cpu_fmt))
-        store = {"nodes": n_pool, "fds": fds, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu), "gguf": opts.gguf}
-        if caches.gpu_fmt == caches.cpu_fmt:  # one store, one copy in RAM, serves both
-            gpu_fds, gpu_store = fds, dict(store, fill=False)
-        else:  # the GPU workers' own format: a single-node store each fills for its layers
-            gpu_fds = ExpertStore.create_segments(StoreLayout(self.family, 1, caches.gpu_fmt))
-            gpu_store = dict(store, nodes=1, fds=gpu_fds, format=caches.gpu_fmt.to_spec(), cache=_str(caches.gpu),
-                             fill=True)
-        pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
-        world = len(opts.devices)
-        # the decode hop: a shared-memory slot per (GPU worker, pool process), slot rank * n_pool + node
-        shape = mailbox.SlotShape(max_m=opts.max_batch, hidden=self.family.hidden_size,
-                                  top_k=max((self.family.experts(i).top_k for i in range(self.family.num_layers)
-                                           if self.family.is_moe(i)), default=1))
-        box_fd = mailbox.create(shape, world * n_pool)
-        boxes = {"fd": box_fd, "shape": shape.to_spec(), "count": world * n_pool}
-        ncores = len(os.sched_getaffinity(0))
-        try:
-            with tqdm(desc="loading experts", unit="layer", disable=None, leave=False) as bar:
-                for i in range(n_pool):
-                    node_cores = nodes[i % len(nodes)]
-                    peers = len(range(i % len(nodes), n_pool, len(nodes)))  # pool processes on this node
-                    share = [c for j, c in enumerate(node_cores) if j % peers == i // len(nodes)] or node_cores
-                    spec = dict(node=i, model=self.model_dir, bind=pool_eps[i], coord=ep("results"), cores=share,
-                                threads=len(share), store=store,
-                                mailbox=dict(boxes, slots=[r * n_pool + i for r in range(world)]))
-                    self.group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, [*fds, box_fd])
-                await self._await_ready("cpu", n_pool, bar)
-            pool_pids = self.group.pids()
-            with tqdm(desc="loading layers", unit="layer", disable=None, leave=False) as bar:
-                for r, dev in enumerate(opts.devices):
-                    spec = dict(
-                        rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
-                        max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
-                        coord=ep("results"), store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
-                        mailbox=dict(boxes, slots=[r * n_pool + i for i in range(n_pool)], pool_pids=pool_pids),
-                        **self.strategy_spec(),
-                        **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
-                    )
-                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
-                await self._await_ready("gpu", world, bar)
-        finally:
-            for fd in set(fds) | set(gpu_fds) | {box_fd}:  # the children hold their own copies
-                os.close(fd)
+        if opts.hosts:  # the agents start the workers, each on its machine
+            self.group, stage0 = await start_hosts(self)
+            pool_eps = []
+        else:
+            self.group = WorkerGroup()
+            self.results.bind(ep("results"))
+            world = len(opts.devices)
+            stages = LocalStages(list(range(world)), self.plan, opts.devices, {r: ep(f"stage{r}") for r in range(world)},
+                                 ep("results"), ep("results"))
+            pool_eps = await start_local(self.group, self.family, self.model_dir, opts, self.caches, stages,
+                                         self.strategy_spec(), ep, self._await_ready)
+            stage0 = ep("stage0")
         self.head = self.ctx.socket(zmq.PUSH)
         self.head.setsockopt(zmq.LINGER, 0)
-        self.head.connect(ep("stage0"))
+        self.curve.connect(self.head, stage0)
         self.pool_ctl = []
         for e in pool_eps:
             s = self.ctx.socket(zmq.DEALER)
@@ -257,19 +246,7 @@ class Engine:
         self._reader_task = asyncio.create_task(self._reader())
 
     def strategy_spec(self) -> dict:
-        """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
-        for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
-        chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
-        from .optimize import stored_winner, state_path
-
-        o, won = self.opts, stored_winner(self.model_dir)
-        kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
-        return dict(
-            prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
-            decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
-            vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
-            hcs_path=str(state_path(self.model_dir, "hcs_counts.json")),
-        )
+        return strategy_spec(self.model_dir, self.opts)
 
     async def _await_ready(self, role: str, count: int, bar) -> None:
         ready, progress = 0, {}
@@ -371,7 +348,9 @@ class Engine:
         """Put the requests the dead group held back at the front of the queue, in their order, to
         be prefilled again from their prompt and tokens so far; one replayed more than
         --max-replays times fails instead."""
-        for req in sorted((r for r in self.requests.values() if r not in self.waiting), key=lambda r: -r.seq):
+        # a choice not forked yet goes with its leader
+        for req in sorted((r for r in self.requests.values() if r not in self.waiting and r.leader is None),
+                          key=lambda r: -r.seq):
             req.pending, req.replays = 0, req.replays + 1
             if req.replays > self.max_replays:
                 self._fail(req, f"lost to worker failures {req.replays} times, more than --max-replays "
@@ -393,14 +372,21 @@ class Engine:
         await asyncio.get_running_loop().run_in_executor(None, self.group.kill_all)
 
     # --- requests ----------------------------------------------------------------------------
-    def submit(self, gen: P.Generate) -> Request:
+    def submit(self, gen: P.Generate, frontend: str = "zmq") -> Request:
         """Validate and queue a request; RequestError (or ProtocolError) if it cannot be served."""
+        return self.submit_choices(gen, 1, frontend)[0]
+
+    def submit_choices(self, gen: P.Generate, n: int, frontend: str, events: asyncio.Queue | None = None) -> list[Request]:
+        """`n` requests for one prompt (ids `ID/0` .. when n > 1; choice i seeded with seed + i) that
+        share its prefill: the first is queued, and its prefill's cache is copied to the others
+        (docs/openai_api.md: n). Their events go to `events` when given (one queue for several)."""
         if self._fatal is not None:
             raise RequestError(f"service is down: {self._fatal}")
         if self.draining:
             raise Draining("draining: the service is stopping and takes no new requests")
         gen.validate()
-        if gen.id in self.requests:
+        ids_of = [gen.id] if n == 1 else [f"{gen.id}/{i}" for i in range(n)]
+        if any(i in self.requests for i in ids_of):
             raise RequestError(f"request id {gen.id!r} is already in use")
         try:
             if gen.prompt_ids is not None:
@@ -427,16 +413,21 @@ class Engine:
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"queue full: {len(self.waiting)} requests wait (--max-queue {self.max_queue}); "
                             "try again shortly")
-        req = Request(
-            id=gen.id, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
-            seq=next(self._seq_ids), sampler=Sampler(gen.sampling), detok=Detokenizer(self.codec),
-            max_new=room if want is None else want,
-        )
-        self.requests[req.id] = req
-        self.waiting.append(req)
-        self.stats["requests"] += 1
+        seed = gen.sampling.seed
+        reqs = [Request(
+            id=rid, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
+            seq=next(self._seq_ids), detok=Detokenizer(self.codec), frontend=frontend,
+            sampler=Sampler(dataclasses.replace(gen.sampling, seed=None if seed is None else seed + i)),
+            max_new=room if want is None else want, **({"events": events} if events is not None else {}),
+        ) for i, rid in enumerate(ids_of)]
+        reqs[0].forks = reqs[1:]
+        for req in reqs:
+            req.leader = reqs[0] if req is not reqs[0] else None
+            self.requests[req.id] = req
+        self.waiting.append(reqs[0])
+        self.stats["requests"] += n
         self._wake.set()
-        return req
+        return reqs
 
     def cancel(self, rid: str) -> bool:
         req = self.requests.get(rid)
@@ -480,7 +471,8 @@ class Engine:
                 self._finish(req, "cancelled")
             for req in [r for r in self.running.values() if r.cancelled]:
                 self._finish(req, "cancelled")
-            if self.waiting and len(self.running) < self.opts.max_batch:
+            # a prompt's choices (n > 1) all join the batch at its prefill
+            if self.waiting and len(self.running) + len(self.waiting[0].forks) < self.opts.max_batch:
                 await self._prefill(self._prefill_batch())
             elif self.running or self._inflight:
                 await self._decode()
@@ -505,14 +497,14 @@ class Engine:
 
     def _prefill_batch(self) -> list[Request]:
         """The waiting requests to prefill together, oldest first: as many as the decode batch has
-        room for, up to --max-context prompt tokens in all (at least one request). One step runs
+        room for (a prompt with n choices takes n places), up to --max-context prompt tokens in all (at least one request). One step runs
         them through each layer together, so a streamed layer's experts cross PCIe once for all."""
         room, budget, batch = self.opts.max_batch - len(self.running), self.opts.max_context, []
-        while self.waiting and len(batch) < room:
-            n = len(self.waiting[0].context_ids())
-            if batch and n > budget:
+        while self.waiting:
+            n, choices = len(self.waiting[0].context_ids()), 1 + len(self.waiting[0].forks)
+            if batch and (n > budget or choices > room):
                 break
-            budget -= n
+            budget, room = budget - n, room - choices
             batch.append(self.waiting.popleft())
         return batch
 
@@ -527,6 +519,8 @@ class Engine:
                 r.t_prefill = now
             if r.prompt_logits and not r.generated:
                 slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="all"))
+            elif r.forks:  # each choice's first token is drawn here, from the prompt's last row
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="last"))
             else:
                 slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="sample", draw=r.draw(len(r.generated))))
             ids += ctx
@@ -537,16 +531,32 @@ class Engine:
                 self._fail(r, f"prefill failed: {e}")
             return
         self._last_out = None  # the next decode step follows a prefill, not a decode step
-        tokens, logits, row = iter(out.tensors["tokens"].tolist()), out.tensors["logits"], 0
-        for r in reqs:
+        # the reply's rows: `tokens` (and their logprobs) one per "sample" slice, `logits` those of
+        # the "all" and "last" slices, both in slice order
+        sampled, logits, row = 0, out.tensors["logits"], 0
+        for r, s in zip(reqs, slices):
             self.running[r.seq] = r
             replay = bool(r.generated)
             self.stats["replayed_tokens" if replay else "prompt_tokens"] += len(r.prompt_ids) + len(r.generated)
-            if r.prompt_logits and not replay:
-                rows, row = logits[row : row + len(r.prompt_ids)], row + len(r.prompt_ids)
-                self._emit(r, int(sample(rows[-1:], [r.draw(0)])[0]), rows)
+            if s.logits in ("all", "last"):
+                n = s.n if s.logits == "all" else 1
+                rows, row = logits[row : row + n], row + n
+                for c in [r, *self._fork(r)]:
+                    picked = pick(rows[-1:], [c.draw(0)])
+                    self._emit(c, int(picked["tokens"][0]), rows if c.prompt_logits else None, _logprobs(c, picked, 0))
             else:
-                self._emit(r, next(tokens), None)
+                self._emit(r, int(out.tensors["tokens"][sampled]), None, _logprobs(r, out.tensors, sampled))
+                sampled += 1
+
+    def _fork(self, req: Request) -> list[Request]:
+        """Copy the prefilled request's cache to its other choices, which then run beside it."""
+        forks, req.forks = [r for r in req.forks if not r.finished], []
+        if forks:
+            self.head.send_multipart(P.encode(P.Fork(seq=req.seq, into=[r.seq for r in forks])))
+            for r in forks:
+                r.t_prefill, r.leader = req.t_prefill, None
+                self.running[r.seq] = r
+        return forks
 
     async def _decode(self) -> None:
         """Take one decode step's tokens, for every running request together. With a single stage
@@ -576,10 +586,10 @@ class Engine:
             st["decode_worker_s"] += out.t_out - max(out.t_in, self._last_out)
             st["decode_between_s"] += max(0.0, out.t_in - self._last_out)
         self._last_out = out.t_out
-        for r, tok in zip(batch, out.tensors["tokens"].tolist()):
+        for i, (r, tok) in enumerate(zip(batch, out.tensors["tokens"].tolist())):
             r.pending -= 1
             if not r.finished:
-                self._emit(r, tok, None)
+                self._emit(r, tok, None, _logprobs(r, out.tensors, i))
 
     def _send_decode(self) -> None:
         """Send a decode step for the running requests that may still grow; each feeds the token
@@ -594,10 +604,13 @@ class Engine:
             r.pending += 1
         self._inflight.append((batch, fut))
 
-    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None) -> None:
+    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None, lp: P.TokenLogprobs | None) -> None:
         now = time.perf_counter()
         if not req.generated:
             req.t_first = now
+            self.metrics.ttft.observe(now - req.t_arrive)
+        else:
+            self.metrics.itl.observe(now - req.t_last)
         req.t_last = now
         req.generated.append(tok)
         req.ahead.popleft()
@@ -622,7 +635,7 @@ class Engine:
         # Hold back text that could still become the start of a stop string.
         hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
         upto = max(req.sent, len(req.text) - hold)
-        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto])
+        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto], logprobs=None if lp is None else [lp])
         req.sent = upto
         if prompt_logits is not None:
             msg.tensors = {"prompt_logits": prompt_logits}
@@ -643,7 +656,10 @@ class Engine:
             decode_tok_s=(n - 1) / (req.t_last - req.t_first) if n > 1 and req.t_last > req.t_first else 0.0,
         ))
         self.stats["completed"] += 1
+        self.metrics.finished(req.frontend, reason)
         self._release(req)
+        for r in req.forks:  # choices that never had their prefill end with it
+            self._finish(r, reason)
 
     def _fail(self, req: Request, message: str) -> None:
         if req.finished:
@@ -651,7 +667,10 @@ class Engine:
         req.finished = True
         req.events.put_nowait(P.Error(id=req.id, message=message))
         self.stats["errors"] += 1
+        self.metrics.finished(req.frontend, "error")
         self._release(req)
+        for r in req.forks:
+            self._fail(r, message)
 
     def _release(self, req: Request) -> None:
         self.requests.pop(req.id, None)
@@ -668,7 +687,8 @@ class Engine:
     # --- status and shutdown -----------------------------------------------------------------
     def health(self) -> P.HealthReply:
         status = "down" if self._fatal else "draining" if self.draining else "restarting" if self.restarting else "ok"
-        return P.HealthReply(status=status, model=self.model_dir, workers=self.workers)
+        hosts = self.group.status() if isinstance(self.group, HostGroup) else []
+        return P.HealthReply(status=status, model=self.model_dir, workers=self.workers, hosts=hosts)
 
     async def stats_reply(self) -> P.StatsReply:
         """The engine's counters, under "workers" what each worker reported at start (its strategies,
@@ -717,4 +737,6 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self.group.stop)
         finally:
             self.group.kill_all()
-            self.ctx.destroy(linger=0) if hasattr(self, "ctx") else None
+            if hasattr(self, "ctx"):
+                self.curve.close()
+                self.ctx.destroy(linger=0)

@@ -22,7 +22,7 @@ class Server:
         self.sock = engine.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client's replies are dropped
-        self.sock.bind(endpoint)
+        engine.curve.bind(self.sock, endpoint)  # CURVE on tcp with --keys
         self.endpoint = endpoint
         self._streams: set[asyncio.Task] = set()
 

@@ -15,7 +15,7 @@ from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
 from .prefill_strategies import make_prefill
-from .vram_budget import VramPlan, auto_prefill, plan
+from .vram_budget import stage_plan
 
 
 class StageExperts:
@@ -23,19 +23,7 @@ class StageExperts:
         a, b = spec["layers"]
         decode = spec.get("decode_strategy") or "pure_cpu"
         total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
-
-        def plan_for(prefill: str) -> VramPlan:
-            return plan(
-                family, store.layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1,
-                torch.empty((), dtype=dtype).element_size(), spec.get("kv_dtype") or "bf16", spec["max_context"],
-                spec.get("prefill_chunk") or 4096, prefill, decode, spec.get("vram_budget"), total,
-            )
-
-        prefill = spec.get("prefill_strategy")
-        if prefill:
-            self.plan: VramPlan = plan_for(prefill)
-        else:
-            prefill, self.plan = auto_prefill(plan_for)
+        prefill, self.plan = stage_plan(family, store.layout, spec, torch.empty((), dtype=dtype).element_size(), total)
         self.host = HostExperts(store, range(a, b), device)
         self.engine = CopyEngine(device)
         act = getattr(family, "expert_act", "silu")

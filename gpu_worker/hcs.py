@@ -43,8 +43,9 @@ class Counts:
                     self.pairs[int(layer)] += torch.tensor(saved.get("pairs", {}).get(layer, [0, 0]), device=device)
 
     def add(self, layer: int, ids: torch.Tensor) -> None:
-        """The choices ids [T, k] of a prefill step's tokens, in order (one sequence's run of tokens:
-        a step boundary inside it only loses that one pair)."""
+        """The choices ids [T, k] of a prefill chunk's tokens, in order. Pairs are counted within the
+        chunk: a prompt split over chunks loses one pair per split, and prompts sharing a chunk add one
+        pair of unrelated tokens per boundary, both negligible against a chunk's thousands of tokens."""
         c = self.c[layer]
         ids = ids.to(c.device)
         c += torch.bincount(ids.reshape(-1), minlength=len(c))

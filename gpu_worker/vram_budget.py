@@ -162,6 +162,23 @@ def _numel(shape) -> int:
 AUTO_PREFILL = ("persistent", "layer_grouped_4", "layer_grouped_2", "layer_grouped_1", "chunked")
 
 
+def stage_plan(family: ModelFamily, layout: StoreLayout, spec: dict, dtype_bytes: int,
+               device_total: int | None) -> tuple[str, VramPlan]:
+    """A GPU worker's prefill strategy and VRAM plan from its spec (coordinator/processes.py):
+    the strategy named there, or the first of AUTO_PREFILL that fits; VramBudgetError if it does not."""
+    a, b = spec["layers"]
+
+    def plan_for(prefill: str) -> VramPlan:
+        return plan(
+            family, layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1, dtype_bytes,
+            spec.get("kv_dtype") or "bf16", spec["max_context"], spec.get("prefill_chunk") or 4096, prefill,
+            spec.get("decode_strategy") or "pure_cpu", spec.get("vram_budget"), device_total,
+        )
+
+    prefill = spec.get("prefill_strategy")
+    return (prefill, plan_for(prefill)) if prefill else auto_prefill(plan_for)
+
+
 def auto_prefill(plan_for) -> tuple[str, VramPlan]:
     """The first of AUTO_PREFILL whose plan fits (`plan_for(name)` -> VramPlan, or VramBudgetError);
     the last one's error when none does."""

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models.family import ConfigError
-from .weights import WeightError
+from .models.family import ConfigError, WeightError
 
 ARCHS = {"qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
@@ -177,7 +176,7 @@ class GGUFSource:
         n_layers = cfg["num_hidden_layers"]
         arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
         tmap = get_tensor_name_map(arch_enum, n_layers)
-        from .models.family import family_for
+        from .models.registry import family_for
 
         try:
             family = family_for(cfg)

@@ -20,7 +20,7 @@ from krasis.shared import protocol as P
 
 MODEL = "tiny"
 SEED = 15  # the fuzz cases are drawn from a fixed seed: CI sees the same ones every run
-VALID = {"v": 1, "type": "generate", "id": "x", "prompt_ids": [1, 2, 3],
+VALID = {"v": P.PROTOCOL_VERSION, "type": "generate", "id": "x", "prompt_ids": [1, 2, 3],
          "sampling": {"max_new_tokens": 2, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "stop": []}}
 
 
@@ -89,7 +89,7 @@ def zmq_case() -> list[bytes]:
     if kind == 0:  # bytes that are not a message header
         return [rnd.randbytes(rnd.randrange(0, 40))]
     if kind == 1:  # a valid header with a tensor frame no descriptor names
-        return [msgpack.packb({"v": 1, "type": "health"}), rnd.randbytes(8)]
+        return [msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "health"}), rnd.randbytes(8)]
     m = copy.deepcopy(VALID)
     for fault in rnd.sample(ZMQ_FAULTS, rnd.randint(1, 3)):
         fault(m)

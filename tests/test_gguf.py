@@ -302,7 +302,7 @@ def hf_qwen3(tmp_path_factory):
 
 def test_qwen3_gguf_matches_transformers(hf_qwen3, tmp_path):
     """Every type through GGUFSource: under HF names, in HF shapes, exactly the test's own dequantization."""
-    from krasis.shared.models.family import family_for
+    from krasis.shared.models.registry import family_for
     from krasis.shared.weights import load_config, open_source
 
     model = tm.reference_model(hf_qwen3)

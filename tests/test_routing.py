@@ -13,10 +13,10 @@ import tiny_models as tm
 from krasis.coordinator.synth import ATTN_OUT, DENSE_STD, synth
 from krasis.shared.routing_stats import TARGETS, choice_stats, failures, layer_stats
 
-# Qwen3-30B-A3B's structure, small: 32 experts, 8 per token, 8 layers
+# Qwen3-30B-A3B's structure, small: 32 experts, 8 per token, 6 layers
 TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64)
-EXPERTS, LAYERS, TOKENS = 32, 8, 1024
+EXPERTS, LAYERS, TOKENS = 32, 6, 1024
 
 
 def router_choices(model, ids: list[int]) -> list[torch.Tensor]:

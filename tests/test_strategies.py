@@ -11,7 +11,8 @@ import torch
 
 import tiny_models as tm
 from krasis.gpu_worker.kv_cache import KVCache, fp8_quantize
-from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks, moe_pairs
+from krasis.gpu_worker.dma import block_lookup
+from krasis.gpu_worker.moe_gpu import moe_blocks, moe_pairs
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.layers import attend
 from krasis.shared.moe import moe_reference
@@ -74,7 +75,7 @@ def test_unknown_strategy_and_budget_refusal(models):
 def test_vram_plan_gives_the_rest_to_hot_experts():
     from krasis.gpu_worker.vram_budget import VramBudgetError, layer_expert_bytes, plan
     from krasis.shared.expert_store import StoreLayout
-    from krasis.shared.models.family import family_for
+    from krasis.shared.models.registry import family_for
 
     fam = family_for(tm.qwen3_config().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
     layout = StoreLayout(fam, 1, ExpertFormat("int4", torch.bfloat16, 32))
