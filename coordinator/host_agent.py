@@ -26,8 +26,8 @@ from .convert import prepare
 from .engine import validate_devices
 from .hosts import CONTROL, MISSED, RESULTS, STAGE, agent_endpoint
 from .local_group import LocalStages, start_local
-from .optimize import state_path
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
+from .state import state_path
 
 
 def log(msg: str) -> None:
