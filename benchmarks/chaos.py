@@ -70,16 +70,15 @@ async def load(endpoint: str, reqs: list[dict], clients: int, until: float | Non
 
 async def killer(endpoint: str, every: float, until: float, rng: random.Random) -> int:
     kills = 0
-    async with AsyncClient(endpoint) as c:
-        while time.monotonic() + every < until:
-            await asyncio.sleep(every)
-            h = await c.request(P.Health())
-            if h.status != "ok":  # its workers are being replaced; the next round kills one of the new ones
-                continue
-            w = rng.choice(h.workers)
-            os.kill(w["pid"], signal.SIGKILL)
-            kills += 1
-            print(f"chaos: killed {w['role']} worker {w['rank']} (pid {w['pid']})", file=sys.stderr, flush=True)
+    while time.monotonic() + every < until:
+        await asyncio.sleep(every)
+        h = await ask(endpoint, P.Health())
+        if h.status != "ok":  # its workers are being replaced; the next round kills one of the new ones
+            continue
+        w = rng.choice(h.workers)
+        os.kill(w["pid"], signal.SIGKILL)
+        kills += 1
+        print(f"chaos: killed {w['role']} worker {w['rank']} (pid {w['pid']})", file=sys.stderr, flush=True)
     return kills
 
 
@@ -108,18 +107,22 @@ def main(model, minutes, kill_every, clients, n_requests, new_tokens, seed, serv
         proc.wait(60)
 
 
-async def run(endpoint, proc, minutes, kill_every, clients, reqs, seed):
+async def ask(endpoint: str, msg: P.Message, timeout_s: float = 30.0) -> P.Message:
+    """One single-reply request on a socket of its own, so a reply that comes late reaches no one."""
     async with AsyncClient(endpoint) as c:
-        while proc.poll() is None:  # the first health reply comes once every worker is up
-            try:
-                h = await asyncio.wait_for(c.request(P.Health()), 2.0)
-                if h.status == "ok":
-                    break
-            except asyncio.TimeoutError:
-                pass
-        else:
+        return await asyncio.wait_for(c.request(msg), timeout_s)
+
+
+async def run(endpoint, proc, minutes, kill_every, clients, reqs, seed):
+    while True:  # the first health reply comes once every worker is up
+        if proc.poll() is not None:
             raise click.ClickException("serve exited during start-up")
-        before = (await c.request(P.Stats())).stats
+        try:
+            if (await ask(endpoint, P.Health(), 2.0)).status == "ok":
+                break
+        except asyncio.TimeoutError:
+            pass
+    before = (await ask(endpoint, P.Stats())).stats
 
     calm = await load(endpoint, reqs, clients, None)
     want = {i: ids for i, ids, _, err in calm if err is None}
@@ -128,8 +131,7 @@ async def run(endpoint, proc, minutes, kill_every, clients, reqs, seed):
     until = time.monotonic() + 60 * minutes
     stormy, kills = await asyncio.gather(load(endpoint, reqs, clients, until),
                                          killer(endpoint, kill_every, until, random.Random(seed)))
-    async with AsyncClient(endpoint) as c:
-        after = (await c.request(P.Stats())).stats
+    after = (await ask(endpoint, P.Stats())).stats
 
     done = [(i, ids) for i, ids, _, err in stormy if err is None]
     failed = [err for *_, err in stormy if err is not None]

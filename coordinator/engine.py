@@ -321,7 +321,10 @@ class Engine:
         that fails to start is replaced again after a backoff, within --max-restarts."""
         self.restarting = True
         self._requeue(cause)
-        self._inflight.clear()  # their futures failed with the group
+        for _, fut in self._inflight:  # failed with the group; read here, or asyncio logs each as unhandled
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+        self._inflight.clear()
         self._last_out = None
         backoff = RESTART_BACKOFF_S
         while True:

@@ -65,7 +65,7 @@ def test_admission_then_a_clean_drain(model):
 
         async def go():
             async with aiohttp.ClientSession() as s:
-                a = await s.post(svc.url + "/v1/completions", json=body(80, stream=True))
+                a = await s.post(svc.url + "/v1/completions", json=body(200, stream=True))  # long enough to outlast the checks below
                 await a.content.readuntil(b"\n\n")
                 # with --max-batch 1 these two wait behind a and fill the queue; the front end takes
                 # one client's messages in order, so the third finds it full
@@ -109,7 +109,7 @@ def test_the_drain_timeout_cuts_with_an_error(model):
 
         async def go():
             async with aiohttp.ClientSession() as s:
-                a = await s.post(svc.url + "/v1/completions", json=body(80, stream=True))
+                a = await s.post(svc.url + "/v1/completions", json=body(200, stream=True))  # far longer than the drain timeout
                 await a.content.readuntil(b"\n\n")
                 svc.proc.send_signal(signal.SIGTERM)
                 return await read_stream(a)
