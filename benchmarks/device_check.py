@@ -93,7 +93,8 @@ def exactness(root: Path):
 
 
 def kernel_check():
-    from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks
+    from krasis.gpu_worker.dma import block_lookup
+    from krasis.gpu_worker.moe_gpu import moe_blocks
     from krasis.shared.expert_store import ExpertFormat
     from krasis.shared.moe import moe_reference
     from krasis.shared.quant import quantized
@@ -161,7 +162,7 @@ def ms(fn, reps=5):
 
 
 def norm_rope_check(T: int = 10000):
-    """The Triton RMSNorm and rotary kernels (gpu_worker/norm_rope_kernel.py) against their torch
+    """The Triton RMSNorm and rotary kernels (shared/kernels/norm_rope_kernel.py) against their torch
     references on a prompt's activations: identical in bf16, and their times."""
     from krasis.shared.models.layers import Rotary, rms_norm, rms_norm_reference, rope_inv_freq
 
@@ -209,7 +210,8 @@ def attention_check(T: int = 10000):
     want = attend(q, k, v, 0, 0.088)[T // 2 :].float()
     row["gqa_second_chunk_rel_err"] = float((attend(q[T // 2 :], k, v, T // 2, 0.088).float() - want).norm() / want.norm())
     # decode: one new token over the whole cache, the Triton kernel against its reference
-    from krasis.gpu_worker.decode_attention import Rows, decode_attention_reference
+    from krasis.gpu_worker.cache_rows import Rows
+    from krasis.gpu_worker.decode_attention import decode_attention_reference
     from krasis.gpu_worker.decode_attention_kernel import decode_attention_triton
     from krasis.gpu_worker.kv_cache import fp8_quantize
 

@@ -1,7 +1,8 @@
 """`krasis-coord bench MODEL`: prefill and decode speed in the reference's table columns, beside this
 machine's floor measured in the same run (DESIGN.md, Ceilings):
 
-    prefill floor = max(expert bytes streamed / pinned host-to-device bandwidth, FLOPs / matrix rate)
+    prefill floor = max(expert bytes a step streams / pinned host-to-device bandwidth, FLOPs / matrix rate)
+                    (and the one-pass floor: every expert streamed once, the peer comparisons' yardstick)
     decode floor  = expert bytes one token reads from RAM / DRAM read bandwidth
 
 Each figure is also given as the fraction of its floor reached. The prompt is random token ids
@@ -20,6 +21,7 @@ import torch
 
 from ..shared import protocol as P
 from .engine import DECODE_PARTS, Engine, run as _run
+from .metrics import cpu_share
 from .processes import RuntimeOptions
 
 
@@ -208,7 +210,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
                     "step_ms": step_ms, "pool": pool,
                 })
             rows.append(row)
-        pids = [engine.workers[i]["pid"] for i in range(len(engine.workers))] + [os.getpid()]
+        # this machine's processes (with --hosts, the workers that report a host run elsewhere)
+        pids = [w["pid"] for w in engine.workers if "host" not in w] + [os.getpid()]
         store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
         gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
         vram = "+".join(
@@ -235,6 +238,7 @@ def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode
     need = max(prompt_lens) + decode_tokens + 1
     opts = RuntimeOptions(**{**vars(opts), "max_context": max(opts.max_context, need),
                              "max_batch": max(opts.max_batch, *concurrency, 1)})
+    measure_floor = measure_floor and not opts.hosts  # the floors are this machine's; --hosts runs the stages elsewhere
     # before the workers start: the DRAM read is then this process's threads alone, on every core,
     # not sharing the machine with a pool process
     ceil = ceilings(opts) if measure_floor else None
@@ -259,21 +263,12 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
     if res["ms_per_tok"]:
         res["decode_split_ms"] = r["step_ms"]  # where a decode token's time goes
     if ceil is not None:
-        res.update(floors(family, out["caches"], prompt_tokens, res, ceil))
+        res.update(floors(family, out["caches"], prompt_tokens, res, ceil, out["workers"]))
     if r["concurrency"]:
         for e in r["concurrency"]:
             e["cpu_share"] = cpu_share(family, e["pool"])
         res["concurrency"] = r["concurrency"]
     return res
-
-
-def cpu_share(family, pool: list[dict]) -> float | None:
-    """The fraction of the measured decode's routed choices that the CPU pool ran: 1 for pure_cpu,
-    1 - the hot set's hit rate for hcs_hybrid. Every pool process is offered each call's tokens x
-    top-k choices and runs those of its block."""
-    moe = [i for i in range(family.num_layers) if family.is_moe(i)]
-    offered = pool[0]["tokens"] * family.experts(moe[0]).top_k if pool and moe else 0
-    return sum(p["pairs"] for p in pool) / offered if offered else None
 
 
 def _bits(b: int) -> str:
@@ -290,17 +285,30 @@ def ceilings(opts: RuntimeOptions) -> tuple[float | None, float, float]:
     return out
 
 
-def floors(family, caches, prompt_tokens: int, res: dict, ceil: tuple) -> dict:
+def streamed_bytes(workers: list[dict], expert_bytes: int) -> int:
+    """Expert bytes a prefill step copies to the GPUs, as each stage reported it (gpu_worker/
+    experts.py: 0 for persistent, the non-resident layers for layer_grouped); every expert once
+    where a stage's copies depend on the routing (active_only, hcs_prefill)."""
+    per_stage = [w.get("prefill_streamed_bytes") for w in workers if w["role"] == "gpu"]
+    return expert_bytes if not per_stage or None in per_stage else sum(per_stage)
+
+
+def floors(family, caches, prompt_tokens: int, res: dict, ceil: tuple, workers: list[dict]) -> dict:
+    """The floors of this run: prefill from the bytes its steps stream (a step streams each expert
+    at most once, however the prompt is chunked), and, as the peer comparisons use it, the one-pass
+    floor of streaming every expert once; decode from the bytes a token reads from DRAM."""
     h2d, mm, dram = ceil
     c = model_costs(family, caches.gpu_fmt, caches.cpu_fmt, prompt_tokens)
-    # prefill streams each expert once per prompt, however the prompt is chunked
-    streamed = 0 if res["prefill_strategy"] == "persistent" or h2d is None else c["expert_bytes"]
+    streamed = streamed_bytes(workers, c["expert_bytes"]) if h2d else 0
     t_prefill = max(streamed / h2d if h2d else 0.0, c["flops"] / mm)
+    t_one_pass = max(c["expert_bytes"] / h2d if h2d else 0.0, c["flops"] / mm)
     t_decode = c["token_bytes"] / dram
     pf, df = prompt_tokens / t_prefill, 1 / t_decode
     return {
         "h2d_gb_s": h2d / 1e9 if h2d else None, "matmul_tflop_s": mm / 1e12, "dram_gb_s": dram / 1e9,
         "prefill_floor_tok_s": pf, "prefill_fraction": res["prefill_tok_s"] / pf,
+        "prefill_streamed_gb": streamed / 1e9, "prefill_one_pass_floor_tok_s": prompt_tokens / t_one_pass,
+        "prefill_one_pass_fraction": res["prefill_tok_s"] * t_one_pass / prompt_tokens,
         "decode_floor_tok_s": df, "decode_fraction": res["decode_tok_s"] / df,
         "expert_gb": c["expert_bytes"] / 1e9, "prompt_tflop": c["flops"] / 1e12, "token_expert_mb": c["token_bytes"] / 1e6,
     }

@@ -88,7 +88,7 @@ def calibrate(model: str, opts: RuntimeOptions, text: str, progress=lambda n: No
     """Prefill `text` through the model; returns the tokens sent, where the counts are kept and the
     routing figures of the text (saved beside the counts)."""
     from ..shared.weights import load_family
-    from .optimize import state_path
+    from .state import state_path
     from .tokenizer import TextCodec
 
     ids = TextCodec(model).encode(text)

@@ -16,10 +16,13 @@ import sys
 import click
 
 from ..shared import protocol as P
+from ..shared.keys import KeysError, require_keys
 from ..shared.models.family import ConfigError
 from ..shared.quant import QuantError
 from ..shared.weight_cache import CacheError
 from ..shared.weights import WeightError
+from .check import fits_in_ram
+from .config import config_option
 from .engine import Engine, RequestError, run as _run
 from .plan import PlanError
 from .processes import RuntimeOptions, WorkerDied
@@ -80,6 +83,33 @@ def quant_options(f):
     return wrapper
 
 
+def _endpoints(ctx, param, value):
+    return [e.strip() for e in value.split(",") if e.strip()] if value else None
+
+
+def host_options(f):
+    """Across machines (docs/deployment.md), handed on as `hosts`, a dict of RuntimeOptions fields.
+    A tcp endpoint beyond loopback without --keys is refused unless --insecure."""
+
+    @click.option("--hosts", callback=_endpoints,
+                  help="Host agents (krasis-coord host) to run the stages on, comma-separated: tcp://A:7000,tcp://B:7000. "
+                       "Stages go in this order, then each host's --devices order; --devices is then unused.")
+    @click.option("--keys", type=click.Path(file_okay=False, exists=True),
+                  help="CURVE keys folder (krasis-coord keygen DIR): every tcp socket is encrypted and authenticated.")
+    @click.option("--heartbeat-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+                  help="Heartbeat period with the host agents; one silent for 3 periods counts as lost.")
+    @click.option("--insecure", is_flag=True, help="Allow tcp beyond loopback without --keys (a network you trust).")
+    @functools.wraps(f)
+    def wrapper(*args, hosts, keys, heartbeat_s, insecure, **kw):
+        try:  # the agents' endpoints, and serve's client endpoint (its --zmq)
+            require_keys([*(hosts or []), *filter(None, [kw.get("endpoint")])], keys, insecure)
+        except KeysError as e:
+            _fail(e)
+        return f(*args, hosts=dict(hosts=hosts, keys=keys, heartbeat_s=heartbeat_s), **kw)
+
+    return wrapper
+
+
 def runtime_options(f):
     """Options shared by every command that runs the model."""
 
@@ -107,10 +137,11 @@ def runtime_options(f):
     @click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
                   help="KV cache: FP8 e4m3 with per-row scales, or the compute dtype; auto is fp8 except with --dtype float32.")
     @quant_options
+    @host_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                prefill_strategy, decode_strategy, vram_budget, kv_dtype, **kw):
-        opts = RuntimeOptions(
+                prefill_strategy, decode_strategy, vram_budget, kv_dtype, hosts, **kw):
+        opts = RuntimeOptions(**hosts,
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
             max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
@@ -126,16 +157,26 @@ def _fail(e: BaseException) -> None:
     sys.exit(1)
 
 
-async def _with_engine(model: str, opts: RuntimeOptions, body, max_restarts: int = 0):
+async def _with_engine(model: str, opts: RuntimeOptions, body, drain: asyncio.Event | None = None, **engine_kw):
     """Run `body(engine)` with every process started, stopping them all whatever happens
-    (SIGINT and SIGTERM included)."""
-    engine = Engine(model, opts, max_restarts)
+    (SIGINT and SIGTERM included). With `drain` (serve), the first signal once the workers are up
+    sets it, for `body` to drain; a second one, or one during start-up, stops at once."""
+    engine = Engine(model, opts, **engine_kw)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
+    up = False
+
+    def on_signal():
+        if drain is not None and up and not drain.is_set():
+            drain.set()
+        else:
+            main.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, main.cancel)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await engine.start()
+        up = True
         return await body(engine)
     finally:
         await engine.close()
@@ -231,20 +272,68 @@ def _host_port(ctx, param, value):
     return host.strip("[]"), int(port)
 
 
+def _api_keys(key: str | None, key_file: str | None) -> list[str]:
+    """--api-key and the keys of --api-key-file (one per line; blank lines and # comments skipped)."""
+    keys = [key] if key else []
+    if key_file:
+        try:
+            with open(key_file) as f:
+                keys += [k for k in (line.strip() for line in f) if k and not k.startswith("#")]
+        except OSError as e:
+            raise ConfigError(f"--api-key-file {key_file}: {e.strerror or e}") from None
+        if not keys:
+            raise ConfigError(f"--api-key-file {key_file} holds no key")
+    return keys
+
+
 @main.command()
 @click.argument("model", type=click.Path())
+@config_option
+@click.option("--print-config", is_flag=True, help="Print the options in effect, as a --config file, and exit.")
 @click.option("--zmq", "endpoint", default="tcp://127.0.0.1:5555", show_default=True,
               help="Client endpoint (tcp://host:port or ipc://path).")
 @click.option("--http", "http_addr", callback=_host_port,
               help="Also serve the OpenAI-compatible HTTP API on HOST:PORT (docs/openai_api.md); off by default.")
 @click.option("--served-model-name", help="The model name the HTTP API answers to (default: MODEL's basename).")
+@click.option("--api-key", envvar="KRASIS_API_KEY", show_envvar=True,
+              help="Require this key on the HTTP API's /v1/ paths, sent as 'Authorization: Bearer KEY' "
+                   "(/health and /metrics stay open).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False),
+              help="Require one of the keys in this file (one per line), as --api-key.")
+@click.option("--metrics", "metrics_addr", callback=_host_port,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (with --http they are also on its "
+                   "port; docs/metrics.md).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
-              help="When a worker dies, fail its running requests and restart all workers, at most this many "
-                   "times in 10 minutes; past that (or with 0) exit non-zero, for systemd's Restart= to take over.")
+              help="When a worker dies, restart all workers and replay their requests, at most this many "
+                   "times in 10 minutes (a failed start is retried with backoff and counts too); past that "
+                   "(or with 0) exit non-zero, for systemd's Restart= to take over.")
+@click.option("--max-replays", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Times a request is prefilled again from its prompt and tokens so far after its workers died; "
+                   "one lost more often fails with an error that says so.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most requests waiting to start; beyond it new ones are refused (HTTP 429 with Retry-After).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Seconds that SIGTERM or Ctrl-C lets taken requests finish (new ones get 503 / 'draining') "
+                   "before the rest are cut with an error; keep it below systemd's TimeoutStopSec.")
 @runtime_options
-def serve(model, endpoint, http_addr, served_model_name, max_restarts, opts):
-    """Run the service until SIGTERM or Ctrl-C."""
+def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, api_key_file, metrics_addr,
+          max_restarts, max_replays, max_queue, drain_timeout, opts):
+    """Run the service until SIGTERM or Ctrl-C, which drain it (a second one stops at once)."""
     from .server import Server
+
+    if print_config:
+        from .config import effective
+
+        click.echo(effective(click.get_current_context()), nl=False)
+        return
+    try:
+        keys = _api_keys(api_key, api_key_file)
+        if keys and not http_addr:
+            raise ConfigError("--api-key protects the HTTP API: add --http HOST:PORT (the ZeroMQ front end has no keys)")
+        fits_in_ram(model, opts)
+    except USER_ERRORS as e:
+        _fail(e)
+    drain = asyncio.Event()
 
     async def body(engine: Engine):
         server = Server(engine, endpoint)
@@ -255,31 +344,62 @@ def serve(model, endpoint, http_addr, served_model_name, max_restarts, opts):
 
             from .openai_api import OpenAIServer
 
-            http = OpenAIServer(engine, served_model_name or Path(model).name)
-            try:
-                await http.start(*http_addr)
-            except OSError as e:
-                raise ConfigError(f"--http {http_addr[0]}:{http_addr[1]}: {e.strerror or e}") from None
-            click.echo(f"krasis: OpenAI API for '{http.model}' on http://{http_addr[0]}:{http_addr[1]}/v1", err=True)
+            http = OpenAIServer(engine, served_model_name or Path(model).name, keys)
+            await _listen(http, "--http", http_addr)
+            click.echo(f"krasis: OpenAI API for '{http.model}' on http://{http_addr[0]}:{http_addr[1]}/v1"
+                       f"{' (API keys required)' if keys else ''}", err=True)
+        if metrics_addr:
+            from .metrics import MetricsServer
+
+            http_metrics = MetricsServer(engine.metrics)
+            await _listen(http_metrics, "--metrics", metrics_addr)
+            click.echo(f"krasis: metrics on http://{metrics_addr[0]}:{metrics_addr[1]}/metrics", err=True)
         serving = asyncio.create_task(server.serve())
         fatal = asyncio.create_task(_until_fatal(engine))
+        draining = asyncio.create_task(drain.wait())
+        cut = 0
         try:
-            done, _ = await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({serving, fatal, draining}, return_when=asyncio.FIRST_COMPLETED)
+            if draining in done:
+                click.echo(f"krasis: draining (up to {drain_timeout:g} s; a second signal stops at once)", err=True)
+                cut = await engine.drain(drain_timeout)
+                await server.flush()
         finally:
+            # what is still open ends with an error that says it was cut, written before the front
+            # ends close (never a finish_reason that calls a cut answer complete)
+            engine.fail_all("cut: the service is stopping")
+            await server.flush()
             serving.cancel()
-            if http:  # before the engine closes, so its open streams end with their requests
+            draining.cancel()
+            if http:
                 await http.stop()
+            if metrics_addr:
+                await http_metrics.stop()
         if fatal in done and engine._fatal is not None:
             raise WorkerDied(str(engine._fatal))
         if serving in done:
             serving.result()  # the front end only ends by an error: surface it (exit non-zero)
+        return cut
 
     try:
-        _run(_with_engine(model, opts, body, max_restarts))
+        cut = _run(_with_engine(model, opts, body, drain, max_restarts=max_restarts, max_replays=max_replays,
+                                max_queue=max_queue))
     except USER_ERRORS as e:
         _fail(e)
     except asyncio.CancelledError:
         click.echo("krasis: stopped", err=True)
+        return
+    if cut:
+        click.echo(f"krasis: stopped; {cut} request(s) cut at --drain-timeout", err=True)
+        sys.exit(1)
+    click.echo("krasis: stopped", err=True)
+
+
+async def _listen(site, option: str, addr: tuple[str, int]) -> None:
+    try:
+        await site.start(*addr)
+    except OSError as e:
+        raise ConfigError(f"{option} {addr[0]}:{addr[1]}: {e.strerror or e}") from None
 
 
 async def _until_fatal(engine: Engine):
@@ -288,16 +408,42 @@ async def _until_fatal(engine: Engine):
 
 
 @main.command()
+@click.argument("model", required=False, type=click.Path())
+@config_option
+@runtime_options
+def check(model, opts, **serve_options):
+    """Check this machine, and MODEL with the options serve would get (any serve option is taken),
+    before a run: RAM, VRAM, disk for the caches, the memlock limit, hugepages, the CPU governor, NUMA,
+    the pool's kernel, PCIe links and the ports. Prints a table with a fix for each failing line; exits
+    1 if something would fail."""
+    from .check import run_checks, table
+
+    ports = {"--http": serve_options.get("http_addr"), "--metrics": serve_options.get("metrics_addr")}
+    try:
+        lines = run_checks(model, opts, ports)
+    except USER_ERRORS as e:
+        _fail(e)
+    click.echo(table(lines))
+    sys.exit(1 if any(line.status == "fail" for line in lines) else 0)
+
+
+# check takes serve's own options too, so that a serve command line with `check` for `serve` checks that run
+check.params += [p for p in serve.params if p.name not in {q.name for q in check.params} | {"print_config"}]
+
+
+@main.command()
 @click.option("--connect", "endpoint", default="tcp://127.0.0.1:5555", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--system", help="System prompt.")
-def chat(endpoint, max_new_tokens, temperature, system):
+@click.option("--keys", type=click.Path(file_okay=False, exists=True),
+              help="Client keys folder for a service run with --keys (docs/deployment.md).")
+def chat(endpoint, max_new_tokens, temperature, system, keys):
     """Interactive chat with a running service; replies stream as they are generated."""
     from ..shared.client import Client, ServiceError
 
     history = [{"role": "system", "content": system}] if system else []
-    with Client(endpoint) as c:
+    with Client(endpoint, keys=keys) as c:
         try:
             c.sock.setsockopt(__import__("zmq").RCVTIMEO, 5000)
             c.health()
@@ -427,3 +573,46 @@ def synth(shape, layers, experts, vocab, seed, expert_bits, group_size, out):
     except (SynthError, *USER_ERRORS) as e:
         _fail(e)
     click.echo(str(path))
+
+
+@main.command()
+@click.option("--listen", required=True, help="This agent's tcp://ADDR:PORT; it also uses PORT+1 (reports) and "
+                                              "PORT+2 (activations into its first stage).")
+@click.option("--devices", default="cpu", show_default=True,
+              help="Comma-separated devices of this machine, one pipeline stage each: cuda:0,cuda:1 or cpu,cpu.")
+@click.option("--cpu-workers", type=click.IntRange(min=1), help="CPU expert pool processes (default: one per NUMA node).")
+@click.option("--numa-nodes", type=click.IntRange(min=1), help="Simulate this many NUMA nodes (splits the cores).")
+@click.option("--keys", type=click.Path(file_okay=False, exists=True), help="CURVE keys folder (krasis-coord keygen DIR).")
+@click.option("--insecure", is_flag=True, help="Allow a --listen beyond loopback without --keys (a network you trust).")
+@click.option("--model-path", type=click.Path(), help="The model folder on this machine (default: the coordinator's MODEL path).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where this machine keeps its weight caches "
+                                                                     "(default: as for serve).")
+def host(listen, devices, cpu_workers, numa_nodes, keys, insecure, model_path, cache_dir):
+    """Run a host agent: it starts the stages a coordinator (serve/generate/bench --hosts) assigns it."""
+    from .host_agent import serve_host
+
+    try:
+        require_keys([listen], keys, insecure)
+        serve_host(listen, [d.strip() for d in devices.split(",") if d.strip()], cpu_workers, numa_nodes, keys,
+                   model_path, cache_dir)
+    except (KeysError, ValueError, *USER_ERRORS) as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--client", "client", help="Add a client NAME to an existing folder: its keys go to DIRECTORY/clients/NAME "
+                                         "(hand that folder to it) and its public key to DIRECTORY/authorized.")
+def keygen(directory, client):
+    """Write CURVE keys (docs/deployment.md): the cluster's pair, a client's pair, and authorized/."""
+    from ..shared.keys import add_client
+    from ..shared.keys import keygen as run_keygen
+
+    try:
+        if client:
+            click.echo(f"keygen: client {client} in {add_client(directory, client)}; restart the service to admit it")
+        else:
+            run_keygen(directory)
+            click.echo(f"keygen: keys in {directory}; copy it to every machine of the service")
+    except KeysError as e:
+        _fail(e)

@@ -7,18 +7,25 @@
                     an untied lm_head, INT8 per output channel
 16 bits means unquantized: that part is read from the checkpoint and needs no cache.
 
-Conversion streams one layer at a time: the checkpoint is reopened per layer, so the shards mapped
-for the previous layer are unmapped and the resident set stays near one layer's weights.
+Routed experts are converted on every core (threads; numpy, torch, zlib and pwrite release the GIL),
+a few experts per task, layer by layer: a safetensors checkpoint is reopened per layer, so the shards
+mapped for the previous layers are unmapped and the resident set stays near a layer's weights; a GGUF
+hands over its blocks, taken as they are where their grid is ours (coordinator/gguf_blocks.py).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import os
 import sys
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -152,12 +159,109 @@ def _per_layer(model_dir: Path, gguf: str | None, groups: list, desc: str):
         yield src, g
 
 
+# Weights per conversion task: one expert of Qwen3-30B-A3B (4.7 M), a few of a small model; small
+# enough that the threads' float temporaries stay a few hundred MB, large enough that numpy's and
+# torch's per-call costs vanish.
+TASK_WEIGHTS = 1 << 23
+
+
+def conversion_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Each conversion thread runs its torch ops on one core: the threads are the parallelism, and
+    torch's own pool under every one of them would oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _write_experts(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily, fmt: ExpertFormat,
-                   layers: list[int]) -> None:
-    for src, layer in _per_layer(model_dir, gguf, layers, f"converting experts to {fmt.describe()}"):
-        for e in range(family.experts(layer).num):
-            for name, t in format_expert(fmt, family, src.get, layer, e).items():
-                w.add(expert_key(layer, e, name), t)
+                   layers: list[int], threads: int | None = None) -> None:
+    """Every routed expert of `layers`, converted on `threads` threads (default: every core this
+    process may run on) into tensors reserved up front, so the file does not depend on the order
+    they finish in. At most two tasks per thread are in flight, which bounds the memory."""
+    threads = threads or conversion_threads()
+    for layer in layers:
+        es = family.experts(layer)
+        for e in range(es.num):
+            for name, (dtype, shape) in fmt.tensors(es, 1).items():
+                w.reserve(expert_key(layer, e, name), dtype, shape[1:])
+    total = sum(family.experts(layer).num for layer in layers)
+    with (tqdm(total=total, unit="expert", desc=f"converting experts to {fmt.describe()}", disable=None,
+               leave=False) as bar, _torch_threads(1), ThreadPoolExecutor(threads) as pool):
+        pending: set = set()
+        try:
+            for task in _expert_tasks(w, model_dir, gguf, family, fmt, layers):
+                pending.add(pool.submit(task))
+                if len(pending) >= 2 * threads:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    bar.update(sum(f.result() for f in done))
+            for f in as_completed(pending):
+                bar.update(f.result())
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _expert_tasks(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily, fmt: ExpertFormat,
+                  layers: list[int]):
+    """The conversion as tasks, layer by layer. A GGUF (one mapped file, parsed once) hands over its
+    stacked experts' blocks, many experts per task (coordinator/gguf_blocks.py); a safetensors
+    checkpoint is read one expert per task, reopened per layer (see the module docstring)."""
+    src = open_source(model_dir, gguf)
+    stacked = getattr(src, "routed_experts", None)
+    for layer in layers:
+        es = family.experts(layer)
+        if stacked is not None and all(stacked(layer, p) is not None for p in ("gate", "up", "down")):
+            n = max(1, TASK_WEIGHTS // (3 * es.hidden * es.inter))
+            for e0 in range(0, es.num, n):
+                yield functools.partial(_stacked_task, w, stacked, es, fmt, layer, e0, min(e0 + n, es.num))
+            continue
+        if stacked is None and layer != layers[0]:
+            src = open_source(model_dir, gguf)
+        fam = copy.copy(family)  # load_expert may keep a layer's tensors on the family (gpt-oss): one per layer
+        for e in range(es.num):
+            yield functools.partial(_expert_task, w, fam, src.get, fmt, layer, e)
+
+
+def _expert_task(w: CacheWriter, family: ModelFamily, get, fmt: ExpertFormat, layer: int, e: int) -> int:
+    for name, t in format_expert(fmt, family, get, layer, e).items():
+        w.write_at(expert_key(layer, e, name), t)
+    return 1
+
+
+def _stacked_task(w: CacheWriter, stacked, es, fmt: ExpertFormat, layer: int, e0: int, e1: int) -> int:
+    """Experts [e0, e1) of a layer from a GGUF's stacked tensors: gate and up rows make w13, as in
+    format_expert (quantization is per row, so quantizing them apart changes nothing)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from .gguf_blocks import convert
+
+    bits = int(fmt.kind.removeprefix("int"))
+    part = {}
+    for p, (rows, cols) in (("gate", (es.inter, es.hidden)), ("up", (es.inter, es.hidden)), ("down", (es.hidden, es.inter))):
+        data, qtype = stacked(layer, p)
+        part[p] = convert(data[e0:e1], qtype, bits, fmt.group_size, rows, cols)
+    out = {"w13.q": torch.cat([part["gate"][0], part["up"][0]], dim=1), "w13.s": torch.cat([part["gate"][1], part["up"][1]], dim=1),
+           "w2.q": part["down"][0], "w2.s": part["down"][1]}
+    if es.bias:
+        bias = {}
+        for p in ("gate", "up", "down"):
+            data, qtype = stacked(layer, p, "bias")
+            bias[p] = torch.from_numpy(np.array(dequantize(np.asarray(data[e0:e1]), GGMLQuantizationType[qtype]),
+                                                dtype=np.float32)).reshape(e1 - e0, -1)
+        out["b13"], out["b2"] = torch.cat([bias["gate"], bias["up"]], dim=1), bias["down"]
+    for i, e in enumerate(range(e0, e1)):
+        for name, t in out.items():
+            w.write_at(expert_key(layer, e, name), t[i])
+    return e1 - e0
 
 
 def _write_dense(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily) -> None:

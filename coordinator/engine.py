@@ -11,8 +11,8 @@ generator (shared/sampling.py) and sends back token ids; stop conditions and det
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
-import os
 import sys
 import time
 from collections import deque
@@ -21,21 +21,26 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 import zmq.asyncio
-from tqdm import tqdm
 
-from ..shared import mailbox
 from ..shared import protocol as P
-from ..shared.expert_store import ExpertStore, StoreLayout
+from ..shared.keys import Curve
 from ..shared.models.family import ConfigError
-from ..shared.sampling import Sampler
+from ..shared.sampling import Sampler, pick
 from ..shared.weights import load_family
 from .convert import prepare
+from .hosts import HostGroup, start_hosts
+from .local_group import LocalStages, start_local
+from .metrics import Metrics
 from .plan import split_layers
-from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus, reserve_cores
+from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup
 from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESTART_WINDOW_S = 600.0  # --max-restarts counts the restarts within this many seconds
+# A group that fails to start is tried again after this, doubling up to RESTART_BACKOFF_MAX_S: a
+# fault that lasts (a device gone, memory short) should not spin, one that passes should cost little.
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 10.0
 # Where decode's time goes, summed in the stats as decode_{part}_s over consecutive decode steps: in
 # the last stage from a step's arrival to its reply (worker), and before that since the previous
 # step's reply left (between: what the messages and the coordinator cost that the stage waited for).
@@ -57,6 +62,14 @@ class RequestError(ValueError):
     """A request that cannot be served; the text is sent to the client."""
 
 
+class QueueFull(RequestError):
+    """--max-queue requests already wait: refused now, worth sending again soon (HTTP 429)."""
+
+
+class Draining(RequestError):
+    """The service is stopping (SIGTERM, Ctrl-C) and takes no new requests (HTTP 503)."""
+
+
 class StepFailed(RuntimeError):
     pass
 
@@ -74,10 +87,17 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
     pending: int = 0  # decode steps sent for it whose tokens have not come back
+    ahead: deque = field(default_factory=deque)  # draws of tokens asked for that have not come back, in order
+    replays: int = 0  # times its workers died under it and it was prefilled again
     text: str = ""  # generated text so far (stop strings are searched here)
     sent: int = 0  # characters of `text` already streamed
     cancelled: bool = False
     finished: bool = False
+    frontend: str = "zmq"  # for the metrics: zmq or http
+    # the other choices of its prompt (n > 1), until its prefill forks its cache into them; they
+    # know it as their leader till then
+    forks: list["Request"] = field(default_factory=list)
+    leader: "Request | None" = None
     t_arrive: float = field(default_factory=time.perf_counter)
     t_prefill: float = 0.0
     t_first: float = 0.0
@@ -88,9 +108,45 @@ class Request:
         """Position of the token to feed next (the last generated one)."""
         return len(self.prompt_ids) + len(self.generated) - 1
 
+    def context_ids(self) -> list[int]:
+        """What a prefill must run: the prompt and, for a request replayed after a worker fault,
+        every token it has generated. The prefill then samples the next new token, so the client
+        sees none twice and none skipped, and the cache ends as an undisturbed run's would."""
+        return self.prompt_ids + self.generated
 
-def _str(path) -> str | None:
-    return None if path is None else str(path)
+    def draw(self, i: int) -> P.Draw:
+        """The draw of generated token i. Draws are made in token order and kept until their
+        token comes back: a step lost with its workers is asked again with the same numbers, so a
+        seeded request continues after a replay exactly as it would have without the fault."""
+        j = i - len(self.generated)
+        if j == len(self.ahead):
+            self.ahead.append(self.sampler.draw())
+        return self.ahead[j]
+
+
+def _logprobs(req: Request, out: dict[str, torch.Tensor], row: int) -> P.TokenLogprobs | None:
+    """Row `row` of a pick's logprobs (shared/sampling.py), cut to what the request asked for."""
+    k = req.params.logprobs
+    if k is None:
+        return None
+    return P.TokenLogprobs(logprob=float(out["logprobs"][row]), top_ids=out["top_ids"][row, :k].tolist(),
+                           top_logprobs=out["top_logprobs"][row, :k].tolist())
+
+
+def strategy_spec(model_dir: str, o: RuntimeOptions) -> dict:
+    """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
+    for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
+    chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
+    from .state import stored_winner, state_path
+
+    won = stored_winner(model_dir)
+    kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
+    return dict(
+        prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
+        decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
+        vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
+        hcs_path=str(state_path(model_dir, "hcs_counts.json")),
+    )
 
 
 def validate_devices(devices: list[str]) -> None:
@@ -111,17 +167,20 @@ def validate_devices(devices: list[str]) -> None:
 
 
 class Engine:
-    def __init__(self, model_dir: str, opts: RuntimeOptions, max_restarts: int = 0):
+    def __init__(self, model_dir: str, opts: RuntimeOptions, max_restarts: int = 0, max_replays: int = 2,
+                 max_queue: int = 256):
         self.model_dir, self.opts, self.max_restarts = str(model_dir), opts, max_restarts
+        self.max_replays, self.max_queue = max_replays, max_queue
         if opts.dtype not in DTYPES:
             raise ConfigError(f"--dtype {opts.dtype} is not one of {', '.join(DTYPES)}")
         if opts.max_context < 2:
             raise ConfigError("--max-context must be at least 2")
         self.family = load_family(model_dir)
-        self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
         self.codec = TextCodec(model_dir)
-        validate_devices(opts.devices)
-        self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
+        if not opts.hosts:  # with --hosts each agent checks its devices and prepares its caches (coordinator/hosts.py)
+            self.caches = prepare(model_dir, self.family, opts)  # checks the checkpoint's tensors too
+            validate_devices(opts.devices)
+            self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
         self.eos = set(self.family.eos_token_ids())
         self.group = WorkerGroup()
         self.waiting: deque[Request] = deque()
@@ -137,17 +196,21 @@ class Engine:
         self._fatal: BaseException | None = None
         self._broken: WorkerDied | None = None  # the group's workers are unusable; the schedule restarts them
         self.restarting = False
+        self.draining = False
+        self._drained = asyncio.Event()  # set when draining and no request is left
         self._restart_times: list[float] = []
         self.workers: list[dict] = []
         self.head, self.pool_ctl, self._reader_task = None, [], None
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "restarts": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
+                      "restarts": 0, "replays": 0, "replayed_tokens": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
         self.closed = False
+        self.metrics = Metrics(self)
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
 
     # --- start-up ----------------------------------------------------------------------------
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
+        self.curve = Curve(self.ctx, self.opts.keys)
         await self._start_group()
         self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._watch())]
 
@@ -155,66 +218,25 @@ class Engine:
         """Start every worker and the sockets to them; a restart runs this again on fresh endpoints,
         so nothing a dead group sent can reach the new one."""
         opts = self.opts
-        self.group, self.workers = WorkerGroup(), []
+        self.workers = []
         ep = Endpoints()
-        # The coordinator itself stays on every core. Pinned to the two front cores, its pool
-        # processes' kernel ran 2.2x slower (0.64 against 0.29 ms per call on the lent H100 host): a
-        # child starts with its parent's CPU mask, and libgomp, loaded with torch before the child
-        # pins itself, takes more threads than that mask's cores for oversubscription and lets them
-        # sleep after ~100 spins instead of ~300,000, so every layer's call waits for them to wake.
-        nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
         self.results = self.ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
-        self.results.bind(ep("results"))
-        n_pool = opts.cpu_workers or len(nodes)
-        caches = self.caches
-        fds = ExpertStore.create_segments(StoreLayout(self.family, n_pool, caches.cpu_fmt))
-        store = {"nodes": n_pool, "fds": fds, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu), "gguf": opts.gguf}
-        if caches.gpu_fmt == caches.cpu_fmt:  # one store, one copy in RAM, serves both
-            gpu_fds, gpu_store = fds, dict(store, fill=False)
-        else:  # the GPU workers' own format: a single-node store each fills for its layers
-            gpu_fds = ExpertStore.create_segments(StoreLayout(self.family, 1, caches.gpu_fmt))
-            gpu_store = dict(store, nodes=1, fds=gpu_fds, format=caches.gpu_fmt.to_spec(), cache=_str(caches.gpu),
-                             fill=True)
-        pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
-        world = len(opts.devices)
-        # the decode hop: a shared-memory slot per (GPU worker, pool process), slot rank * n_pool + node
-        shape = mailbox.SlotShape(max_m=opts.max_batch, hidden=self.family.hidden_size,
-                                  top_k=max((self.family.experts(i).top_k for i in range(self.family.num_layers)
-                                           if self.family.is_moe(i)), default=1))
-        box_fd = mailbox.create(shape, world * n_pool)
-        boxes = {"fd": box_fd, "shape": shape.to_spec(), "count": world * n_pool}
-        ncores = len(os.sched_getaffinity(0))
-        try:
-            with tqdm(desc="loading experts", unit="layer", disable=None, leave=False) as bar:
-                for i in range(n_pool):
-                    node_cores = nodes[i % len(nodes)]
-                    peers = len(range(i % len(nodes), n_pool, len(nodes)))  # pool processes on this node
-                    share = [c for j, c in enumerate(node_cores) if j % peers == i // len(nodes)] or node_cores
-                    spec = dict(node=i, model=self.model_dir, bind=pool_eps[i], coord=ep("results"), cores=share,
-                                threads=len(share), store=store,
-                                mailbox=dict(boxes, slots=[r * n_pool + i for r in range(world)]))
-                    self.group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, [*fds, box_fd])
-                await self._await_ready("cpu", n_pool, bar)
-            pool_pids = self.group.pids()
-            with tqdm(desc="loading layers", unit="layer", disable=None, leave=False) as bar:
-                for r, dev in enumerate(opts.devices):
-                    spec = dict(
-                        rank=r, world=world, device=dev, dtype=opts.dtype, model=self.model_dir, layers=list(self.plan[r]),
-                        max_context=opts.max_context, threads=max(1, ncores // world) if dev == "cpu" else 2,
-                        coord=ep("results"), store=gpu_store, dense_cache=_str(caches.dense), cores=front_cores,
-                        mailbox=dict(boxes, slots=[r * n_pool + i for i in range(n_pool)], pool_pids=pool_pids),
-                        **self.strategy_spec(),
-                        **{"in": ep(f"stage{r}")}, next=ep(f"stage{r + 1}") if r + 1 < world else ep("results"),
-                    )
-                    self.group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
-                await self._await_ready("gpu", world, bar)
-        finally:
-            for fd in set(fds) | set(gpu_fds) | {box_fd}:  # the children hold their own copies
-                os.close(fd)
+        if opts.hosts:  # the agents start the workers, each on its machine
+            self.group, stage0 = await start_hosts(self)
+            pool_eps = []
+        else:
+            self.group = WorkerGroup()
+            self.results.bind(ep("results"))
+            world = len(opts.devices)
+            stages = LocalStages(list(range(world)), self.plan, opts.devices, {r: ep(f"stage{r}") for r in range(world)},
+                                 ep("results"), ep("results"))
+            pool_eps = await start_local(self.group, self.family, self.model_dir, opts, self.caches, stages,
+                                         self.strategy_spec(), ep, self._await_ready)
+            stage0 = ep("stage0")
         self.head = self.ctx.socket(zmq.PUSH)
         self.head.setsockopt(zmq.LINGER, 0)
-        self.head.connect(ep("stage0"))
+        self.curve.connect(self.head, stage0)
         self.pool_ctl = []
         for e in pool_eps:
             s = self.ctx.socket(zmq.DEALER)
@@ -224,19 +246,7 @@ class Engine:
         self._reader_task = asyncio.create_task(self._reader())
 
     def strategy_spec(self) -> dict:
-        """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
-        for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
-        chooses (gpu_worker/vram_budget.py: AUTO_PREFILL)."""
-        from .optimize import stored_winner, state_path
-
-        o, won = self.opts, stored_winner(self.model_dir)
-        kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
-        return dict(
-            prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
-            decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"),
-            vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
-            hcs_path=str(state_path(self.model_dir, "hcs_counts.json")),
-        )
+        return strategy_spec(self.model_dir, self.opts)
 
     async def _await_ready(self, role: str, count: int, bar) -> None:
         ready, progress = 0, {}
@@ -291,8 +301,12 @@ class Engine:
     def _die(self, e: BaseException) -> None:
         self._fatal = e
         self._break(e)
+        self.fail_all(str(e))
+
+    def fail_all(self, message: str) -> None:
+        """End every request, running or waiting, with an error saying `message`."""
         for req in list(self.requests.values()):
-            self._fail(req, str(e))
+            self._fail(req, message)
 
     def _may_restart(self) -> bool:
         now = time.monotonic()
@@ -301,33 +315,78 @@ class Engine:
 
     async def _restart(self, cause: BaseException) -> None:
         """Replace the whole group: a GPU worker's KV cache and mailboxes pair with the pool processes,
-        so no worker can be restarted alone. Requests that had reached the workers lose their state
-        and fail; the waiting ones stay queued."""
-        self._restart_times.append(time.monotonic())
-        self.stats["restarts"] += 1
+        so no worker can be restarted alone. Requests that had reached the workers go back to the
+        front of the queue to be prefilled again (_requeue); the waiting ones stay queued. A group
+        that fails to start is replaced again after a backoff, within --max-restarts."""
         self.restarting = True
-        print(f"krasis: {cause}; restarting the workers (restart {len(self._restart_times)} of "
-              f"{self.max_restarts} within {RESTART_WINDOW_S / 60:g} min)", file=sys.stderr, flush=True)
-        for req in [r for r in self.requests.values() if r not in self.waiting]:
-            self._fail(req, f"lost to a worker failure ({cause}); the service is restarting its workers")
-        self._inflight.clear()  # their futures failed with the group
+        self._requeue(cause)
+        for _, fut in self._inflight:  # failed with the group; read here, or asyncio logs each as unhandled
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+        self._inflight.clear()
         self._last_out = None
-        self._reader_task.cancel()
+        backoff = RESTART_BACKOFF_S
+        while True:
+            if not self._may_restart():
+                raise cause
+            self._restart_times.append(time.monotonic())
+            self.stats["restarts"] += 1
+            print(f"krasis: {cause}; restarting the workers (restart {len(self._restart_times)} of "
+                  f"{self.max_restarts} within {RESTART_WINDOW_S / 60:g} min)", file=sys.stderr, flush=True)
+            await self._stop_group()
+            try:
+                await self._start_group()
+                break
+            except Exception as e:  # a fault inside the restart (a worker killed while loading, ...)
+                cause = e
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RESTART_BACKOFF_MAX_S)
+        self._broken, self.restarting = None, False
+        self._wake.set()
+
+    def _requeue(self, cause: BaseException) -> None:
+        """Put the requests the dead group held back at the front of the queue, in their order, to
+        be prefilled again from their prompt and tokens so far; one replayed more than
+        --max-replays times fails instead."""
+        # a choice not forked yet goes with its leader
+        for req in sorted((r for r in self.requests.values() if r not in self.waiting and r.leader is None),
+                          key=lambda r: -r.seq):
+            req.pending, req.replays = 0, req.replays + 1
+            if req.replays > self.max_replays:
+                self._fail(req, f"lost to worker failures {req.replays} times, more than --max-replays "
+                                f"{self.max_replays} (last: {cause})")
+            else:
+                self.running.pop(req.seq, None)
+                self.waiting.appendleft(req)
+                self.stats["replays"] += 1
+
+    async def _stop_group(self) -> None:
+        """Close the sockets to the group and kill its workers (what a failed start left included)."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
         async with self._pool_lock:  # closing a socket under a stats query would cancel the front end's task
             for s in [self.head, *self.pool_ctl, self.results]:
-                s.close(0)
-            self.head, self.pool_ctl = None, []
+                if s is not None:
+                    s.close(0)
+            self.head, self.pool_ctl, self.results = None, [], None
         await asyncio.get_running_loop().run_in_executor(None, self.group.kill_all)
-        await self._start_group()
-        self._broken, self.restarting = None, False
 
     # --- requests ----------------------------------------------------------------------------
-    def submit(self, gen: P.Generate) -> Request:
+    def submit(self, gen: P.Generate, frontend: str = "zmq") -> Request:
         """Validate and queue a request; RequestError (or ProtocolError) if it cannot be served."""
+        return self.submit_choices(gen, 1, frontend)[0]
+
+    def submit_choices(self, gen: P.Generate, n: int, frontend: str, events: asyncio.Queue | None = None) -> list[Request]:
+        """`n` requests for one prompt (ids `ID/0` .. when n > 1; choice i seeded with seed + i) that
+        share its prefill: the first is queued, and its prefill's cache is copied to the others
+        (docs/openai_api.md: n). Their events go to `events` when given (one queue for several)."""
         if self._fatal is not None:
             raise RequestError(f"service is down: {self._fatal}")
+        if self.draining:
+            raise Draining("draining: the service is stopping and takes no new requests")
         gen.validate()
-        if gen.id in self.requests:
+        ids_of = [gen.id] if n == 1 else [f"{gen.id}/{i}" for i in range(n)]
+        if any(i in self.requests for i in ids_of):
             raise RequestError(f"request id {gen.id!r} is already in use")
         try:
             if gen.prompt_ids is not None:
@@ -345,16 +404,30 @@ class Engine:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.family.vocab_size - 1})")
         if len(ids) >= self.opts.max_context:
             raise RequestError(f"prompt has {len(ids)} tokens; --max-context is {self.opts.max_context}")
-        req = Request(
-            id=gen.id, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
-            seq=next(self._seq_ids), sampler=Sampler(gen.sampling), detok=Detokenizer(self.codec),
-            max_new=min(gen.sampling.max_new_tokens, self.opts.max_context - len(ids)),
-        )
-        self.requests[req.id] = req
-        self.waiting.append(req)
-        self.stats["requests"] += 1
+        # Refused now, not cut mid-stream: a sequence's KV cache holds at most --max-context tokens
+        # (the VRAM plan reserves one such sequence: gpu_worker/vram_budget.py).
+        room, want = self.opts.max_context - len(ids), gen.sampling.max_new_tokens
+        if want is not None and want > room:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({want}) = {len(ids) + want} tokens "
+                               f"exceeds --max-context {self.opts.max_context}; at most {room} new tokens fit")
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"queue full: {len(self.waiting)} requests wait (--max-queue {self.max_queue}); "
+                            "try again shortly")
+        seed = gen.sampling.seed
+        reqs = [Request(
+            id=rid, prompt_ids=list(ids), params=gen.sampling, prompt_logits=gen.prompt_logits,
+            seq=next(self._seq_ids), detok=Detokenizer(self.codec), frontend=frontend,
+            sampler=Sampler(dataclasses.replace(gen.sampling, seed=None if seed is None else seed + i)),
+            max_new=room if want is None else want, **({"events": events} if events is not None else {}),
+        ) for i, rid in enumerate(ids_of)]
+        reqs[0].forks = reqs[1:]
+        for req in reqs:
+            req.leader = reqs[0] if req is not reqs[0] else None
+            self.requests[req.id] = req
+        self.waiting.append(reqs[0])
+        self.stats["requests"] += n
         self._wake.set()
-        return req
+        return reqs
 
     def cancel(self, rid: str) -> bool:
         req = self.requests.get(rid)
@@ -381,12 +454,10 @@ class Engine:
             except Exception as e:  # a dead worker, or a step the workers did not survive
                 if self._fatal is not None:
                     return
-                if not self._may_restart():
-                    return self._die(e)
                 cause = e
             try:
                 await self._restart(cause)
-            except Exception as e:  # the new group did not start: nothing left to try here
+            except Exception as e:  # past --max-restarts: nothing left to try here
                 return self._die(e)
 
     async def _schedule_loop(self) -> None:
@@ -400,7 +471,8 @@ class Engine:
                 self._finish(req, "cancelled")
             for req in [r for r in self.running.values() if r.cancelled]:
                 self._finish(req, "cancelled")
-            if self.waiting and len(self.running) < self.opts.max_batch:
+            # a prompt's choices (n > 1) all join the batch at its prefill
+            if self.waiting and len(self.running) + len(self.waiting[0].forks) < self.opts.max_batch:
                 await self._prefill(self._prefill_batch())
             elif self.running or self._inflight:
                 await self._decode()
@@ -425,43 +497,66 @@ class Engine:
 
     def _prefill_batch(self) -> list[Request]:
         """The waiting requests to prefill together, oldest first: as many as the decode batch has
-        room for, up to --max-context prompt tokens in all (at least one request). One step runs
+        room for (a prompt with n choices takes n places), up to --max-context prompt tokens in all (at least one request). One step runs
         them through each layer together, so a streamed layer's experts cross PCIe once for all."""
         room, budget, batch = self.opts.max_batch - len(self.running), self.opts.max_context, []
-        while self.waiting and len(batch) < room:
-            n = len(self.waiting[0].prompt_ids)
-            if batch and n > budget:
+        while self.waiting:
+            n, choices = len(self.waiting[0].context_ids()), 1 + len(self.waiting[0].forks)
+            if batch and (n > budget or choices > room):
                 break
-            budget -= n
+            budget, room = budget - n, room - choices
             batch.append(self.waiting.popleft())
         return batch
 
     async def _prefill(self, reqs: list[Request]) -> None:
-        """Whole prompts in one step (the GPU stages chunk them: gpu_worker/stage.py); its reply holds
-        each request's first token (or, for prompt_logits, the logits of every position, sampled here)."""
-        now, slices = time.perf_counter(), []
+        """Whole prompts in one step (the GPU stages chunk them: gpu_worker/stage.py), a replayed
+        request's with the tokens it has generated (Request.context_ids); its reply holds each
+        request's next token (or, for prompt_logits, the logits of every position, sampled here)."""
+        now, slices, ids = time.perf_counter(), [], []
         for r in reqs:
-            r.t_prefill = now
-            if r.prompt_logits:
-                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="all"))
+            ctx = r.context_ids()
+            if not r.generated:
+                r.t_prefill = now
+            if r.prompt_logits and not r.generated:
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="all"))
+            elif r.forks:  # each choice's first token is drawn here, from the prompt's last row
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="last"))
             else:
-                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(r.prompt_ids), logits="sample", draw=r.sampler.draw()))
+                slices.append(P.SeqSlice(seq=r.seq, start=0, n=len(ctx), logits="sample", draw=r.draw(len(r.generated))))
+            ids += ctx
         try:
-            out = await self._step(slices, [t for r in reqs for t in r.prompt_ids], False)
+            out = await self._step(slices, ids, False)
         except StepFailed as e:
             for r in reqs:
                 self._fail(r, f"prefill failed: {e}")
             return
         self._last_out = None  # the next decode step follows a prefill, not a decode step
-        tokens, logits, row = iter(out.tensors["tokens"].tolist()), out.tensors["logits"], 0
-        for r in reqs:
+        # the reply's rows: `tokens` (and their logprobs) one per "sample" slice, `logits` those of
+        # the "all" and "last" slices, both in slice order
+        sampled, logits, row = 0, out.tensors["logits"], 0
+        for r, s in zip(reqs, slices):
             self.running[r.seq] = r
-            self.stats["prompt_tokens"] += len(r.prompt_ids)
-            if r.prompt_logits:
-                rows, row = logits[row : row + len(r.prompt_ids)], row + len(r.prompt_ids)
-                self._emit(r, r.sampler(rows[-1]), rows)
+            replay = bool(r.generated)
+            self.stats["replayed_tokens" if replay else "prompt_tokens"] += len(r.prompt_ids) + len(r.generated)
+            if s.logits in ("all", "last"):
+                n = s.n if s.logits == "all" else 1
+                rows, row = logits[row : row + n], row + n
+                for c in [r, *self._fork(r)]:
+                    picked = pick(rows[-1:], [c.draw(0)])
+                    self._emit(c, int(picked["tokens"][0]), rows if c.prompt_logits else None, _logprobs(c, picked, 0))
             else:
-                self._emit(r, next(tokens), None)
+                self._emit(r, int(out.tensors["tokens"][sampled]), None, _logprobs(r, out.tensors, sampled))
+                sampled += 1
+
+    def _fork(self, req: Request) -> list[Request]:
+        """Copy the prefilled request's cache to its other choices, which then run beside it."""
+        forks, req.forks = [r for r in req.forks if not r.finished], []
+        if forks:
+            self.head.send_multipart(P.encode(P.Fork(seq=req.seq, into=[r.seq for r in forks])))
+            for r in forks:
+                r.t_prefill, r.leader = req.t_prefill, None
+                self.running[r.seq] = r
+        return forks
 
     async def _decode(self) -> None:
         """Take one decode step's tokens, for every running request together. With a single stage
@@ -491,10 +586,10 @@ class Engine:
             st["decode_worker_s"] += out.t_out - max(out.t_in, self._last_out)
             st["decode_between_s"] += max(0.0, out.t_in - self._last_out)
         self._last_out = out.t_out
-        for r, tok in zip(batch, out.tensors["tokens"].tolist()):
+        for i, (r, tok) in enumerate(zip(batch, out.tensors["tokens"].tolist())):
             r.pending -= 1
             if not r.finished:
-                self._emit(r, tok, None)
+                self._emit(r, tok, None, _logprobs(r, out.tensors, i))
 
     def _send_decode(self) -> None:
         """Send a decode step for the running requests that may still grow; each feeds the token
@@ -502,19 +597,23 @@ class Engine:
         batch = [r for r in self.running.values() if len(r.generated) + r.pending < r.max_new][: self.opts.max_batch]
         if not batch:
             return
-        slices = [P.SeqSlice(seq=r.seq, start=r.pos + r.pending, n=1, logits="sample", draw=r.sampler.draw())
-                  for r in batch]
+        slices = [P.SeqSlice(seq=r.seq, start=r.pos + r.pending, n=1, logits="sample",
+                             draw=r.draw(len(r.generated) + r.pending)) for r in batch]
         fut = self._send(slices, [-1 if r.pending else r.generated[-1] for r in batch], True)
         for r in batch:
             r.pending += 1
         self._inflight.append((batch, fut))
 
-    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None) -> None:
+    def _emit(self, req: Request, tok: int, prompt_logits: torch.Tensor | None, lp: P.TokenLogprobs | None) -> None:
         now = time.perf_counter()
         if not req.generated:
             req.t_first = now
+            self.metrics.ttft.observe(now - req.t_arrive)
+        else:
+            self.metrics.itl.observe(now - req.t_last)
         req.t_last = now
         req.generated.append(tok)
+        req.ahead.popleft()
         self.stats["generated_tokens"] += 1
         p = req.params
         reason = None
@@ -536,7 +635,7 @@ class Engine:
         # Hold back text that could still become the start of a stop string.
         hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
         upto = max(req.sent, len(req.text) - hold)
-        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto])
+        msg = P.Tokens(id=req.id, token_ids=[tok], text=req.text[req.sent : upto], logprobs=None if lp is None else [lp])
         req.sent = upto
         if prompt_logits is not None:
             msg.tensors = {"prompt_logits": prompt_logits}
@@ -557,7 +656,10 @@ class Engine:
             decode_tok_s=(n - 1) / (req.t_last - req.t_first) if n > 1 and req.t_last > req.t_first else 0.0,
         ))
         self.stats["completed"] += 1
+        self.metrics.finished(req.frontend, reason)
         self._release(req)
+        for r in req.forks:  # choices that never had their prefill end with it
+            self._finish(r, reason)
 
     def _fail(self, req: Request, message: str) -> None:
         if req.finished:
@@ -565,10 +667,15 @@ class Engine:
         req.finished = True
         req.events.put_nowait(P.Error(id=req.id, message=message))
         self.stats["errors"] += 1
+        self.metrics.finished(req.frontend, "error")
         self._release(req)
+        for r in req.forks:
+            self._fail(r, message)
 
     def _release(self, req: Request) -> None:
         self.requests.pop(req.id, None)
+        if self.draining and not self.requests:
+            self._drained.set()
         if req in self.waiting:
             self.waiting.remove(req)
         was_running = self.running.pop(req.seq, None) is not None
@@ -579,8 +686,9 @@ class Engine:
 
     # --- status and shutdown -----------------------------------------------------------------
     def health(self) -> P.HealthReply:
-        status = "down" if self._fatal else "restarting" if self.restarting else "ok"
-        return P.HealthReply(status=status, model=self.model_dir, workers=self.workers)
+        status = "down" if self._fatal else "draining" if self.draining else "restarting" if self.restarting else "ok"
+        hosts = self.group.status() if isinstance(self.group, HostGroup) else []
+        return P.HealthReply(status=status, model=self.model_dir, workers=self.workers, hosts=hosts)
 
     async def stats_reply(self) -> P.StatsReply:
         """The engine's counters, under "workers" what each worker reported at start (its strategies,
@@ -600,6 +708,19 @@ class Engine:
         return P.StatsReply(stats={**self.stats, "running": len(self.running), "waiting": len(self.waiting),
                                    "workers": self.workers, "cpu_pool": pools})
 
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new requests, let those taken (running or queued) finish for at most `timeout_s`,
+        then end the rest with an error that says they were cut. Returns how many were cut."""
+        self.draining = True
+        if self.requests:
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        cut = len(self.requests)
+        self.fail_all(f"cut: the service stopped before this request finished (--drain-timeout {timeout_s:g} s)")
+        return cut
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -607,8 +728,7 @@ class Engine:
         for t in [*self._tasks, self._reader_task]:
             if t is not None:
                 t.cancel()
-        for req in list(self.requests.values()):
-            self._fail(req, "service is shutting down")
+        self.fail_all("service is shutting down")
         try:
             if self.head is not None:
                 await self.head.send_multipart(P.encode(P.Shutdown()))
@@ -617,4 +737,6 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self.group.stop)
         finally:
             self.group.kill_all()
-            self.ctx.destroy(linger=0) if hasattr(self, "ctx") else None
+            if hasattr(self, "ctx"):
+                self.curve.close()
+                self.ctx.destroy(linger=0)

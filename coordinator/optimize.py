@@ -7,25 +7,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from .convert import cache_dir
 from .processes import RuntimeOptions
-
-WINNER_FILE = "strategy.json"
-
-
-def state_path(model_dir, name: str) -> Path:
-    """A small per-model file beside the weight caches."""
-    return cache_dir(model_dir) / name
-
-
-def stored_winner(model_dir) -> dict:
-    p = state_path(model_dir, WINNER_FILE)
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+from .state import WINNER_FILE, state_path
 
 
 def prefill_candidates(moe_layers: int) -> list[str]:

@@ -1,7 +1,8 @@
 """Starting, watching and stopping the worker processes.
 
-Every worker is a child of the coordinator, started with a JSON spec (below) and the expert-store
-memfds as inherited descriptors. Children set PDEATHSIG so they die with the coordinator however it
+Every worker is a child of the coordinator (or, with --hosts, of its machine's host agent:
+coordinator/host_agent.py), started with a JSON spec (below, written by coordinator/local_group.py)
+and the expert-store memfds as inherited descriptors. Children set PDEATHSIG so they die with the coordinator however it
 ends; the coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
 child exit raises WorkerDied; the engine then restarts the whole group, or goes down past --max-restarts.
 
@@ -10,11 +11,13 @@ GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, 
     mailbox {fd, shape, count, slots (its slot per pool process), pool_pids} (shared/mailbox.py),
     store {nodes, fds, format, cache, gguf, fill}, dense_cache, parent_pid,
     cores (empty: any; else the cores kept off the pool, coordinator/processes.py:reserve_cores),
-    prefill_strategy, decode_strategy, vram_budget, kv_dtype, prefill_chunk, hcs_path (gpu_worker/experts.py).
+    prefill_strategy, decode_strategy, vram_budget, kv_dtype, prefill_chunk, hcs_path (gpu_worker/experts.py),
+    keys (CURVE keys folder for its tcp endpoints, or null: shared/keys.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
     otherwise a store of its own format (fill: each GPU worker fills its own layers).
 CPU worker spec: node, model, bind (its control endpoint: stats, shutdown), coord, cores, threads,
-    store {nodes, fds, format, cache, gguf}, mailbox {fd, shape, count, slots (one per GPU worker)}, parent_pid.
+    store {nodes, fds, format, cache, gguf, layers ([a, b): the layers whose experts the store holds,
+    those of this machine's stages)}, mailbox {fd, shape, count, slots (one per GPU worker)}, parent_pid.
     format: ExpertFormat.to_spec(); cache: the expert cache file to copy from, or null to format the
     experts from the checkpoint (16-bit): MODEL, or the GGUF file `gguf` when not null;
     dense_cache: the INT8 dense cache file or null.
@@ -60,6 +63,11 @@ class RuntimeOptions:
     decode_strategy: str | None = None
     vram_budget: float | None = None  # GB per GPU; None: the device's memory
     kv_dtype: str = "auto"  # fp8 | bf16 | auto (fp8, except float32 runs keep float32)
+    # Across machines (coordinator/hosts.py): the host agents' endpoints (None: every stage here,
+    # on `devices`), the CURVE keys folder for tcp sockets, and the heartbeat period.
+    hosts: list[str] | None = None
+    keys: str | None = None
+    heartbeat_s: float = 2.0
 
 
 def numa_cpus(simulate: int | None) -> list[list[int]]:

@@ -22,7 +22,7 @@ class Server:
         self.sock = engine.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished client's replies are dropped
-        self.sock.bind(endpoint)
+        engine.curve.bind(self.sock, endpoint)  # CURVE on tcp with --keys
         self.endpoint = endpoint
         self._streams: set[asyncio.Task] = set()
 
@@ -43,6 +43,12 @@ class Server:
             for t in self._streams:
                 t.cancel()
             self.sock.close(0)
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (a while at most) for the streams to send their last events: after a drain every
+        request has ended, but its Done or Error may still sit in its queue."""
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=timeout_s)
 
     async def _handle(self, ident: bytes, frames: list) -> None:
         try:

@@ -148,7 +148,7 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
     which is what decides whether a benchmark machine's disk can hold the model."""
     from safetensors.torch import save_file
 
-    from ..shared.models.family import family_for
+    from ..shared.models.registry import family_for
 
     cfg = synth_config(shape, layers, experts, vocab, config)
     fam = family_for(cfg)

@@ -18,7 +18,7 @@ import torch
 import zmq
 
 from ..shared import protocol as P
-from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
+from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
 from .expert_kernel import layer_kernel, set_threads, warm_up
@@ -44,7 +44,7 @@ def main() -> None:
     coord.connect(spec["coord"])
     try:
         family = load_family(spec["model"])
-        layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat.from_spec(spec["store"]["format"]))
+        layout = StoreLayout.from_spec(family, spec["store"])
         store = ExpertStore(layout, spec["store"]["fds"])
         total = len(layout.moe_layers)
 

@@ -5,7 +5,7 @@
 
 Query i sits at position start + i and sees keys j <= start + i (and j > start + i - window when
 windowed); rep = Hq / Hkv query heads share a key head (GQA). K may come in parts concatenated along
-the head dim (MLA: [latent c ; rope key]), each part a `Rows` of plain or fp8 values.
+the head dim (MLA: [latent c ; rope key]), each part a `Rows` (cache_rows.py) of plain or fp8 values.
 
 `decode_attention_reference` dequantizes the rows to float32 and runs layers.attend; on CUDA
 `decode_attention_triton` (decode_attention_kernel.py) is one flash-decoding pass over the stored
@@ -15,24 +15,12 @@ whole cache every step and attending through SDPA's math backend cost ~0.9 ms pe
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
 from ..shared.models.layers import attend
-
-
-class Rows(NamedTuple):
-    """Cached rows [T, H, d] as stored: `values` in the compute dtype (scales None), or
-    float8_e4m3fn with float32 `scales` [T, H, 1], row = values * scales."""
-
-    values: torch.Tensor
-    scales: torch.Tensor | None = None
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.scales is None:
-            return self.values.to(dtype)
-        return (self.values.float() * self.scales).to(dtype)
+from .cache_rows import Rows
 
 
 def decode_attention_reference(

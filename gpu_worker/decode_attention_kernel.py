@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import Rows
+from .cache_rows import Rows
 
 LOG2E = 1.4426950408889634
 BLOCK_H = 16  # query rows per program: tl.dot's smallest M

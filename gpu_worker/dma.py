@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ..shared.expert_store import ExpertStore
-from .moe_gpu import block_lookup
 
 Block = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -31,6 +30,13 @@ def pin_segment(seg: torch.Tensor, mapped: bool = False) -> None:
     code = getattr(rc, "value", rc)
     if int(code) != 0:
         raise DmaError(f"cudaHostRegister of {seg.numel() / 2**30:.1f} GiB of host memory failed (cudaError {int(code)})")
+
+
+def block_lookup(num_experts: int, first: int, count: int, device) -> torch.Tensor:
+    """The lookup of a contiguous block [first, first + count) stored in order."""
+    lk = torch.full((num_experts,), -1, dtype=torch.long)
+    lk[first : first + count] = torch.arange(count)
+    return lk.to(device)
 
 
 class CopyEngine:

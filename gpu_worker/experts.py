@@ -15,7 +15,7 @@ from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
 from .prefill_strategies import make_prefill
-from .vram_budget import VramPlan, auto_prefill, plan
+from .vram_budget import stage_plan
 
 
 class StageExperts:
@@ -23,19 +23,7 @@ class StageExperts:
         a, b = spec["layers"]
         decode = spec.get("decode_strategy") or "pure_cpu"
         total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
-
-        def plan_for(prefill: str) -> VramPlan:
-            return plan(
-                family, store.layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1,
-                torch.empty((), dtype=dtype).element_size(), spec.get("kv_dtype") or "bf16", spec["max_context"],
-                spec.get("prefill_chunk") or 4096, prefill, decode, spec.get("vram_budget"), total,
-            )
-
-        prefill = spec.get("prefill_strategy")
-        if prefill:
-            self.plan: VramPlan = plan_for(prefill)
-        else:
-            prefill, self.plan = auto_prefill(plan_for)
+        prefill, self.plan = stage_plan(family, store.layout, spec, torch.empty((), dtype=dtype).element_size(), total)
         self.host = HostExperts(store, range(a, b), device)
         self.engine = CopyEngine(device)
         act = getattr(family, "expert_act", "silu")
@@ -46,7 +34,7 @@ class StageExperts:
             # a stage without MoE layers gets an empty set: the strategies need no special case
             hot = HotSet(self.host, self.counts, self.plan.hot // per_expert if per_expert else 0, self.engine)
         lru_slots = self.plan.lru // per_expert if per_expert else 0
-        self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot)
+        self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot, self.plan.resident)
         self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
         self.hot = hot
         if hot is not None:
@@ -57,6 +45,8 @@ class StageExperts:
             "prefill_strategy": self.prefill.name, "decode_strategy": self.decode.name,
             "vram_plan_mb": self.plan.report(),
             "hot_experts": len(self.hot.members) if self.hot is not None else 0,
+            "prefill_resident_layers": len(getattr(self.prefill, "kept", ())),
+            "prefill_streamed_bytes": self.prefill.streamed_bytes(),
         }
         if self.host.device.type == "cuda":
             out["vram_mb"] = round(torch.cuda.memory_reserved(self.host.device) / 2**20, 1)

@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .kv_cache import FP8_MAX
-
-_INV_FP8_MAX = tl.constexpr(1.0 / FP8_MAX)
+# kv_cache.FP8_MAX, from the same source: kv_cache imports this module, so it cannot import back.
+_INV_FP8_MAX = tl.constexpr(1.0 / torch.finfo(torch.float8_e4m3fn).max)
 _LIBDEVICE = tl.constexpr(not triton.knobs.runtime.interpret)
 
 

@@ -8,7 +8,8 @@ import torch
 
 from ..shared.models.layers import attend, rows_for_slices
 from ..shared.protocol import SeqSlice
-from .decode_attention import Rows, decode_attention
+from .cache_rows import Rows
+from .decode_attention import decode_attention
 from .decode_graphs import eager
 
 
@@ -16,7 +17,7 @@ class ContextOverflow(ValueError):
     pass
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0
 
 
 def fp8_quantize(t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +153,14 @@ class KVCache:
             bufs = init()
         layers[layer] = (length + s.n, bufs)
         return bufs
+
+    def fork(self, seq: int, into: list[int]) -> None:
+        """Give each sequence of `into` a copy of everything `seq` holds (choices of one prompt
+        continue from its prefill; each appends to its own rows from there)."""
+        if seq not in self._seqs:
+            raise ValueError(f"sequence {seq}: nothing cached to fork")
+        for s in into:
+            self._seqs[s] = {layer: (length, [b.clone() for b in bufs]) for layer, (length, bufs) in self._seqs[seq].items()}
 
     def free(self, seq: int) -> None:
         self._seqs.pop(seq, None)

@@ -18,7 +18,8 @@ import torch
 import zmq
 
 from ..shared import protocol as P
-from ..shared.expert_store import ExpertFormat, ExpertStore, StoreLayout, fill_node
+from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
+from ..shared.keys import Curve
 from ..shared.lifecycle import die_with_parent, fine_timers, limit_threads
 from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
@@ -44,7 +45,7 @@ def main() -> None:
     coord.connect(spec["coord"])
     rank = spec["rank"]
     try:
-        stage, inbound, nxt = _start(spec, ctx, coord)
+        stage, inbound, nxt, curve = _start(spec, ctx, coord)
     except Exception as e:
         coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=-1, message=_one_line(e))))
         traceback.print_exc()
@@ -54,6 +55,7 @@ def main() -> None:
     _serve(stage, rank, inbound, nxt, coord)
     for s in (inbound, nxt, coord):
         s.close()
+    curve.close()
     stage.experts.close()
     ctx.term()
 
@@ -62,7 +64,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
-def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.Socket]:
+def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.Socket, Curve]:
     rank, (a, b) = spec["rank"], spec["layers"]
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -70,7 +72,7 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
     dtype = DTYPES[spec["dtype"]]
     family = load_family(spec["model"])
     source = open_source(spec["model"])  # what this stage reads itself; the routed experts come through the store
-    layout = StoreLayout(family, spec["store"]["nodes"], ExpertFormat.from_spec(spec["store"]["format"]))
+    layout = StoreLayout.from_spec(family, spec["store"])
     store = ExpertStore(layout, spec["store"]["fds"])
     if spec["store"].get("fill"):  # a store of the GPU's own format: this stage's layers are ours to fill
         with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
@@ -98,12 +100,13 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
     done = total
     progress()
 
+    curve = Curve(ctx, spec.get("keys"))  # a stage next to another host's talks to it over tcp
     inbound = ctx.socket(zmq.PULL)
     inbound.setsockopt(zmq.LINGER, 0)
-    inbound.bind(spec["in"])
+    curve.bind(inbound, spec["in"])
     nxt = ctx.socket(zmq.PUSH)
     nxt.setsockopt(zmq.LINGER, 2000)
-    nxt.connect(spec["next"])
+    curve.connect(nxt, spec["next"])
     info = {
         "layers": [a, b],
         "device": str(device),
@@ -116,7 +119,7 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
         **experts.info(),
     }
     coord.send_multipart(P.encode(P.Ready(role="gpu", rank=rank, pid=os.getpid(), info=info)))
-    return stage, inbound, nxt
+    return stage, inbound, nxt, curve
 
 
 def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
@@ -179,6 +182,14 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
             return
         if isinstance(msg, P.Free):
             stage.free(msg.seqs)
+            if not stage.last:
+                nxt.send_multipart(P.encode(msg))
+            continue
+        if isinstance(msg, P.Fork):
+            try:
+                stage.fork(msg.seq, msg.into)
+            except ValueError:  # logged; the choices' first decode step then fails, and with it their requests
+                traceback.print_exc()
             if not stage.last:
                 nxt.send_multipart(P.encode(msg))
             continue

@@ -199,10 +199,3 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
     pairs, w = torch.empty_like(y), torch.empty_like(wt)
     pairs[order], w[order] = y, wt
     out += (pairs.view(x.shape[0], k, -1).float() * w.view(-1, k, 1)).sum(1)
-
-
-def block_lookup(num_experts: int, first: int, count: int, device) -> torch.Tensor:
-    """The lookup of a contiguous block [first, first + count) stored in order."""
-    lk = torch.full((num_experts,), -1, dtype=torch.long)
-    lk[first : first + count] = torch.arange(count)
-    return lk.to(device)

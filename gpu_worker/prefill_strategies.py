@@ -10,6 +10,7 @@ Each counts the router's choices for the hot-expert cache.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
@@ -58,6 +59,10 @@ class PrefillStrategy(RoutedExperts):
         """Device bytes this strategy holds for experts."""
         return 0
 
+    def streamed_bytes(self) -> int | None:
+        """Expert bytes a prefill step copies to the device (None: it depends on the routing)."""
+        return None
+
 
 class Persistent(PrefillStrategy):
     """Every expert of the stage copied to the device once, at start. On a CPU device the store's
@@ -79,21 +84,41 @@ class Persistent(PrefillStrategy):
     def blocks(self, layer, ids):
         return self._blocks[layer]
 
+    def streamed_bytes(self):
+        return 0
+
     def nbytes(self):
         return self._bytes
 
 
+def spread(layers: list[int], k: int) -> list[int]:
+    """k of the layers, evenly spaced (all of them when k >= len(layers))."""
+    n = len(layers)
+    k = min(k, n)
+    return [layers[(2 * i + 1) * n // (2 * k)] for i in range(k)] if k else []
+
+
 class LayerGrouped(PrefillStrategy):
     """N MoE layers per DMA group, two staging slots: group g+1 is copied while group g computes.
-    `chunked` is the one-slot, one-layer case: each layer's experts are copied, then used."""
+    `chunked` is the one-slot, one-layer case: each layer's experts are copied, then used.
 
-    def __init__(self, host, engine, act, counts, n: int, slots: int = 2):
+    Layers that `resident` bytes hold (whole layers, spread evenly over the stage so that the copy
+    stream keeps streaming the next group while a resident layer computes) are copied once, at
+    start, and never streamed: a step streams only the other layers' experts."""
+
+    def __init__(self, host, engine, act, counts, n: int, slots: int = 2, resident: int = 0):
         super().__init__(host, engine, act, counts)
         self.name = f"layer_grouped_{n}" if slots == 2 else "chunked"
         L = self.host.layers
-        self.groups = [L[i : i + n] for i in range(0, len(L), n)]
+        biggest = max((self.host.layer_bytes(layer) for layer in L), default=0)
+        kept = spread(L, resident // biggest) if biggest else []
+        self._resident = GroupStager(self.host, [[layer] for layer in kept], len(kept), self.engine) if kept else None
+        self.kept = {layer: b for g in range(len(kept)) for layer, b in self._resident.acquire(g).items()}
+        # streamed groups: runs of layers that are not resident, cut every n (a group is one span)
+        runs = [list(r) for kept_run, r in itertools.groupby(L, key=lambda layer: layer in self.kept) if not kept_run]
+        self.groups = [r[i : i + n] for r in runs for i in range(0, len(r), n)]
         self.group_of = {layer: g for g, grp in enumerate(self.groups) for layer in grp}
-        self.stager = GroupStager(self.host, self.groups, slots, self.engine) if L else None
+        self.stager = GroupStager(self.host, self.groups, slots, self.engine) if self.groups else None
         self.slots = slots
         self._cur: tuple[int, dict] | None = None
 
@@ -102,6 +127,8 @@ class LayerGrouped(PrefillStrategy):
             self.stager.fetch(0)  # overlaps the first layers' attention
 
     def blocks(self, layer, ids):
+        if layer in self.kept:
+            return self.kept[layer]
         g = self.group_of[layer]
         if self._cur is None or self._cur[0] != g:
             self._cur = (g, self.stager.acquire(g))
@@ -110,13 +137,16 @@ class LayerGrouped(PrefillStrategy):
         return self._cur[1][layer]
 
     def layer_end(self, layer):
-        g = self.group_of[layer]
-        if layer == self.groups[g][-1]:
+        g = self.group_of.get(layer)
+        if g is not None and layer == self.groups[g][-1]:
             self.stager.release(g)
             self._cur = None
 
+    def streamed_bytes(self) -> int:
+        return sum(self.host.layer_bytes(layer) for grp in self.groups for layer in grp)
+
     def nbytes(self):
-        return self.stager.nbytes() if self.stager is not None else 0
+        return sum(s.nbytes() for s in (self.stager, self._resident) if s is not None)
 
 
 class ActiveOnly(PrefillStrategy):
@@ -167,12 +197,14 @@ class HcsPrefill(ActiveOnly):
         self.hot.ensure()
 
 
-def make_prefill(name: str, host: HostExperts, engine: CopyEngine, act: str, counts: Counts, hot: HotSet | None) -> PrefillStrategy:
+def make_prefill(name: str, host: HostExperts, engine: CopyEngine, act: str, counts: Counts, hot: HotSet | None,
+                 resident: int = 0) -> PrefillStrategy:
+    """`resident`: bytes for layers layer_grouped keeps on the device (the VRAM plan's)."""
     kind, n = parse_prefill(name)
     if kind == "persistent":
         return Persistent(host, engine, act, counts)
     if kind == "layer_grouped":
-        return LayerGrouped(host, engine, act, counts, n)
+        return LayerGrouped(host, engine, act, counts, n, resident=resident)
     if kind == "chunked":
         return LayerGrouped(host, engine, act, counts, 1, slots=1)
     if kind == "active_only":

@@ -33,7 +33,7 @@ from torch.profiler import record_function
 from ..shared.models.family import ModelFamily
 from ..shared.models.layers import linear, rows_for_slices, slice_positions, split_slices, to_device
 from ..shared.protocol import Draw, SeqSlice
-from ..shared.sampling import sample
+from ..shared.sampling import pick
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .profiling import PHASES
@@ -145,7 +145,8 @@ class Stage:
         return x
 
     def _reply(self, logits: torch.Tensor, slices: list[SeqSlice]) -> dict[str, torch.Tensor]:
-        """The logits rows split by what their slices asked for: sampled here, or sent as they are."""
+        """The logits rows split by what their slices asked for: sampled here (with their logprobs
+        when asked), or sent as they are."""
         keep, drawn, draws, seqs, r = [], [], [], [], 0
         for s in slices:
             n = s.n if s.logits == "all" else 1 if s.logits in ("last", "sample") else 0
@@ -156,10 +157,10 @@ class Stage:
             else:
                 keep.extend(range(r, r + n))
             r += n
-        tokens = sample(_rows(logits, drawn), draws) if drawn else torch.empty(0, dtype=torch.int64)
+        out = pick(_rows(logits, drawn), draws) if drawn else {"tokens": torch.empty(0, dtype=torch.int64)}
         for i, seq in enumerate(seqs):
-            self.sampled[seq] = (tokens, i)
-        return {"tokens": tokens, "logits": _rows(logits, keep)}
+            self.sampled[seq] = (out["tokens"], i)
+        return {**out, "logits": _rows(logits, keep)}
 
     def _graph_inputs(self, m: int) -> dict[str, torch.Tensor]:
         if self.first:
@@ -223,6 +224,9 @@ class Stage:
             out.append((sub, h, pos))
         runner.layer_end(layer.index)
         return out
+
+    def fork(self, seq: int, into: list[int]) -> None:
+        self.kv.fork(seq, into)
 
     def free(self, seqs: list[int]) -> None:
         for s in seqs:

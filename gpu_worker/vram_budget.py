@@ -4,7 +4,8 @@ shapes before anything is allocated, and refused with the shortfall when it cann
     fixed  = weights (this stage's non-routed tensors) + KV cache (one sequence of --max-context)
            + staging (what the prefill and decode strategies keep for experts)
            + activations (one --prefill-chunk through the largest layer, routed experts included)
-    hot    = budget - fixed, for the hot-expert cache (hcs_prefill, hcs_hybrid) and the lru cache
+    spare  = budget - fixed, for the hot-expert cache (hcs_prefill, hcs_hybrid) and the lru cache;
+             else, with layer_grouped prefill, for whole layers kept resident (streamed never)
 
 Activations count the step's hidden states, attention projections, the MoE rows sorted by expert and
 the bf16 dequantization of the active experts of one layer (all of them, the worst case of a long
@@ -35,9 +36,10 @@ class VramPlan:
     activations: int
     hot: int  # bytes for hot experts
     lru: int  # bytes for lru decode slots
+    resident: int = 0  # bytes for layer_grouped's resident layers (copied once, never streamed)
 
     def total(self) -> int:
-        return self.weights + self.kv + self.staging + self.activations + self.hot + self.lru
+        return self.weights + self.kv + self.staging + self.activations + self.hot + self.lru + self.resident
 
     def report(self) -> dict:
         return {k: (round(v / 2**20, 1) if v is not None else None) for k, v in asdict(self).items()} | {
@@ -127,17 +129,24 @@ def plan(
             f"+ activations {act / GB:.2f} = {fixed / GB:.2f} GB"
         )
     spare = (budget - fixed) if budget is not None else None
+    # layer_grouped keeps whole layers resident in what no decode cache wants, so a prefill step
+    # streams only the others (gpu_worker/prefill_strategies.py: LayerGrouped)
+    keeps = kind == "layer_grouped" and not wants_hot and decode != "lru" and biggest > 0
     if spare is None:
         # No limit and no device size (a CPU device): half the experts hot, a quarter in the lru
-        # cache, so both the device and the pool share of every strategy are exercised.
+        # cache, half the layers resident, so both the device and the pool share of every strategy,
+        # and both the resident and the streamed layers, are exercised.
         hot = experts // 2 if wants_hot else 0
         lru = experts // 4 if decode == "lru" else 0
+        resident = len(moe) // 2 * biggest if keeps else 0
     else:
         if wants_hot:
             hot = min(experts, int(spare if decode != "lru" else spare / 2))
         if decode == "lru":
             lru = min(experts, int(spare - hot))
-    return VramPlan(budget=budget, weights=weights, kv=kv, staging=staging, activations=act, hot=hot, lru=lru)
+        resident = min(len(moe), int(spare // biggest)) * biggest if keeps else 0
+    return VramPlan(budget=budget, weights=weights, kv=kv, staging=staging, activations=act, hot=hot, lru=lru,
+                    resident=resident)
 
 
 def _numel(shape) -> int:
@@ -151,6 +160,23 @@ def _numel(shape) -> int:
 # expert resident if they fit, else whole layer groups streamed once per step, double-buffered
 # (larger groups first: fewer waits between copy and compute), else one layer at a time.
 AUTO_PREFILL = ("persistent", "layer_grouped_4", "layer_grouped_2", "layer_grouped_1", "chunked")
+
+
+def stage_plan(family: ModelFamily, layout: StoreLayout, spec: dict, dtype_bytes: int,
+               device_total: int | None) -> tuple[str, VramPlan]:
+    """A GPU worker's prefill strategy and VRAM plan from its spec (coordinator/processes.py):
+    the strategy named there, or the first of AUTO_PREFILL that fits; VramBudgetError if it does not."""
+    a, b = spec["layers"]
+
+    def plan_for(prefill: str) -> VramPlan:
+        return plan(
+            family, layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1, dtype_bytes,
+            spec.get("kv_dtype") or "bf16", spec["max_context"], spec.get("prefill_chunk") or 4096, prefill,
+            spec.get("decode_strategy") or "pure_cpu", spec.get("vram_budget"), device_total,
+        )
+
+    prefill = spec.get("prefill_strategy")
+    return (prefill, plan_for(prefill)) if prefill else auto_prefill(plan_for)
 
 
 def auto_prefill(plan_for) -> tuple[str, VramPlan]:

@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from . import protocol as P
+from .keys import Curve
 
 
 class ServiceError(RuntimeError):
@@ -54,12 +55,15 @@ def _accumulate(c: Completion, ev: P.Message) -> None:
 
 
 class Client:
-    def __init__(self, endpoint: str, timeout_s: float = 600.0):
+    """`keys`: a keys folder holding krasis.key and client.key_secret (krasis-coord keygen; docs/deployment.md),
+    for a service started with --keys; the connection is then CURVE-encrypted and authenticated."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 600.0, keys: str | None = None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-        self.sock.connect(endpoint)
+        Curve(self.ctx, keys, "client").connect(self.sock, endpoint)
 
     def __enter__(self):
         return self
@@ -107,13 +111,14 @@ class Client:
 
 
 class AsyncClient:
-    """Many requests at once over one socket; replies are routed to their request by id."""
+    """Many requests at once over one socket; replies are routed to their request by id. `keys` as
+    for Client."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, keys: str | None = None):
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        Curve(self.ctx, keys, "client").connect(self.sock, endpoint)
         self._queues: dict[str | None, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
 

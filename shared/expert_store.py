@@ -5,7 +5,7 @@ holds a contiguous block of each MoE layer's experts; its pool process fills the
 first touch, and with it the physical pages, land on that node) and runs those experts in decode.
 GPU workers map every segment read-only, as the source of their host-to-device copies in prefill.
 
-Segments are memfd files created by the coordinator and handed to children as inherited file
+Segments are memfd files created by the coordinator (or a host agent, for its stages) and handed to children as inherited file
 descriptors: they have no name in /dev/shm, so no exit path, not even SIGKILL of the coordinator,
 leaves one behind; the memory is freed when the last process holding it exits.
 
@@ -84,9 +84,13 @@ class Entry:
 
 
 class StoreLayout:
-    def __init__(self, family: ModelFamily, nodes: int, fmt: ExpertFormat):
+    """`layers` [a, b): only those layers' experts (a host of a multi-host pipeline holds its own
+    stages' layers); None: every layer."""
+
+    def __init__(self, family: ModelFamily, nodes: int, fmt: ExpertFormat, layers: tuple[int, int] | None = None):
         self.nodes, self.fmt = nodes, fmt
-        self.moe_layers = [i for i in range(family.num_layers) if family.is_moe(i)]
+        a, b = layers or (0, family.num_layers)
+        self.moe_layers = [i for i in range(a, b) if family.is_moe(i)]
         self.shapes = {i: family.experts(i) for i in self.moe_layers}
         # entries[node][(layer, name)]
         self.entries: list[dict[tuple[int, str], Entry]] = []
@@ -101,6 +105,11 @@ class StoreLayout:
                     off = _align(off + e.nbytes)
             self.entries.append(ent)
             self.sizes.append(max(off, ALIGN))
+
+    @classmethod
+    def from_spec(cls, family: ModelFamily, store: dict) -> "StoreLayout":
+        """The layout of a worker spec's store (coordinator/processes.py)."""
+        return cls(family, store["nodes"], ExpertFormat.from_spec(store["format"]), store.get("layers"))
 
     def range(self, layer: int, node: int) -> tuple[int, int]:
         return node_range(self.shapes[layer].num, self.nodes, node)

@@ -17,14 +17,14 @@ tokenizer and chat template (coordinator/tokenizer.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .models.family import ConfigError
-from .weights import WeightError
+from .models.family import ConfigError, WeightError
 
 ARCHS = {"qwen3moe": "Qwen3MoeForCausalLM", "deepseek2": "DeepseekV2ForCausalLM", "gpt-oss": "GptOssForCausalLM"}
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
@@ -35,13 +35,33 @@ class GGUFError(WeightError):
     """The GGUF file cannot be served; the text says why."""
 
 
-def _open(path: Path):
+@functools.cache
+def _reader_class():
     from gguf import GGUFReader
 
+    class Reader(GGUFReader):
+        """GGUFReader slicing a plain ndarray view of the mapped file instead of its np.memmap:
+        memmap's slicing runs Python code (about 10 us a slice), and the reader slices about ten
+        times per token of the vocabulary, which for a 150K-token one took most of a minute per
+        open. Tensor data are then plain read-only views of the same mapping."""
+
+        def __init__(self, path: str):
+            self._plain = np.memmap(path, mode="r").view(np.ndarray)
+            super().__init__(path)
+
+        def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
+            count = int(count)
+            arr = self._plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return Reader
+
+
+def _open(path: Path):
     if not path.is_file():
         raise GGUFError(f"GGUF file {path} does not exist")
     try:
-        reader = GGUFReader(str(path))
+        reader = _reader_class()(str(path))
     except Exception as e:  # the reader raises assorted errors on a truncated or corrupt file
         raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}".splitlines()[0]) from None
     arch = _field(reader, "general.architecture")
@@ -58,9 +78,11 @@ def _field(reader, key, default=None):
     return v
 
 
-def gguf_config(path: str | os.PathLike) -> dict:
-    """An HF-style config.json dict from the GGUF metadata (llama.cpp's key names)."""
-    reader, arch = _open(Path(path))
+def gguf_config(path: str | os.PathLike, opened=None) -> dict:
+    """An HF-style config.json dict from the GGUF metadata (llama.cpp's key names). `opened`: the
+    file's (reader, arch) where the caller has it open already (parsing a file's vocabulary takes
+    seconds)."""
+    reader, arch = opened or _open(Path(path))
 
     def get(key, default=None, required=False):
         v = _field(reader, f"{arch}.{key}", default)
@@ -150,11 +172,11 @@ class GGUFSource:
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise GGUFError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, "
                                 f"which is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        cfg = gguf_config(self.path)
+        cfg = gguf_config(self.path, (self._reader, self.arch))
         n_layers = cfg["num_hidden_layers"]
         arch_enum = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
         tmap = get_tensor_name_map(arch_enum, n_layers)
-        from .models.family import family_for
+        from .models.registry import family_for
 
         try:
             family = family_for(cfg)
@@ -272,6 +294,15 @@ class GGUFSource:
             return torch.stack(parts, dim=-1).flatten(-2)
         return torch.stack(parts, dim=2).flatten(1, 2).transpose(1, 2).contiguous()
 
+    def routed_experts(self, layer: int, part: str, kind: str = "weight") -> tuple[np.ndarray, str] | None:
+        """The raw data of `layer`'s stacked routed experts' `part` (gate, up or down) and its GGUF
+        type name, or None where the file holds no such tensor: [E, rows, cols] for a float type,
+        [E, rows, row bytes] of blocks for a quantized one, each expert's rows and columns as
+        load_expert gives them (the three architectures store them so). The converter reads these
+        a whole block at a time (coordinator/gguf_blocks.py) instead of expert by expert."""
+        t = self._tensors.get(f"blk.{layer}.{_EXPERT_PARTS[part]}.{kind}")
+        return None if t is None else (t.data, t.tensor_type.name)
+
     def source_files(self) -> list[Path]:
         return [self.path]
 
@@ -301,6 +332,9 @@ class CombinedSource:
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._src(name).get(name, dtype)
+
+    def routed_experts(self, layer: int, part: str, kind: str = "weight") -> tuple[np.ndarray, str] | None:
+        return self.experts.routed_experts(layer, part, kind)
 
     def source_files(self) -> list[Path]:
         return self.hf.source_files() + self.experts.source_files()

@@ -22,7 +22,8 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: host agents (attach, host_info, assign, heartbeat, host_fault), health's hosts;
+# logprobs (SamplingParams, Tokens, Draw, Logits), Fork
 
 
 class ProtocolError(ValueError):
@@ -214,9 +215,12 @@ def decode(frames: list) -> Message:
 # === client <-> coordinator (documented in docs/protocol.md) =====================================
 
 
+MAX_LOGPROBS = 20  # most alternatives per token, as OpenAI's top_logprobs
+
+
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = 256  # None: up to --max-context
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
@@ -224,9 +228,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Return each generated token's log-probability and those of the `logprobs` likeliest tokens at
+    # its position (0: the chosen token's alone; None: nothing); shared/sampling.py: logprobs.
+    logprobs: int | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ProtocolError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ProtocolError(f"temperature must be >= 0, got {self.temperature}")
@@ -236,6 +243,8 @@ class SamplingParams:
             raise ProtocolError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ProtocolError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ProtocolError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
 
 
 @dataclass
@@ -290,6 +299,17 @@ class Tokens(Message):
     id: str
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry, when sampling.logprobs is set
+
+
+@dataclass
+class TokenLogprobs:
+    """A generated token's log-probability under the model (the log-softmax of its float32 logits,
+    before temperature, top-k and top-p), and the likeliest tokens at its position, best first."""
+
+    logprob: float
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -314,9 +334,10 @@ class Error(Message):
 @dataclass
 class HealthReply(Message):
     TYPE: ClassVar[str] = "health_reply"
-    status: str  # ok | restarting | down (docs/protocol.md); anything but ok: not serving now
+    status: str  # ok | restarting | draining | down (docs/protocol.md); anything but ok: not serving now
     model: str
     workers: list[dict]
+    hosts: list[dict] = field(default_factory=list)  # with --hosts: each agent's endpoint, name and state
 
 
 @dataclass
@@ -337,6 +358,7 @@ class Draw:
     top_k: int = 0
     top_p: float = 1.0
     u: float = 0.0
+    logprobs: int | None = None  # SamplingParams.logprobs: reply with the token's log-probability and the top N
 
 
 @dataclass
@@ -347,7 +369,7 @@ class SeqSlice:
     start: int
     n: int
     # what the last stage returns for the slice: "sample" its next token, drawn as `draw` says;
-    # "last" or "all" its logits rows; "none" nothing (a non-final chunk of a chunked prefill)
+    # "last" or "all" its logits rows; "none" nothing (a stage's own non-final chunk of a prompt)
     logits: str = "last"
     draw: Draw | None = None
 
@@ -388,6 +410,16 @@ class Free(Message):
 
 
 @dataclass
+class Fork(Message):
+    """Copy sequence `seq`'s KV cache (and recurrent state) into each of `into`: choices of one
+    prompt (n > 1) share its prefill; travels the pipeline like a step."""
+
+    TYPE: ClassVar[str] = "fork"
+    seq: int
+    into: list[int]
+
+
+@dataclass
 class Shutdown(Message):
     TYPE: ClassVar[str] = "shutdown"
 
@@ -425,3 +457,60 @@ class Progress(Message):
     what: str
     done: int
     total: int
+
+
+# === coordinator <-> host agents (docs/protocol.md: Host agents) ==================================
+
+
+@dataclass
+class Attach(Message):
+    """Coordinator -> agent: serve me (whatever the agent ran before is stopped). The agent stops its
+    workers when it hears nothing from the coordinator for 3 x `heartbeat_s`."""
+
+    TYPE: ClassVar[str] = "attach"
+    heartbeat_s: float
+
+
+@dataclass
+class HostInfo(Message):
+    """Agent -> coordinator, the answer to attach: its machine's name, its devices (one stage each,
+    in order), how many CPU pool processes it will start, and its pid."""
+
+    TYPE: ClassVar[str] = "host_info"
+    host: str
+    devices: list[str]
+    pools: int
+    pid: int
+
+
+@dataclass
+class Assign(Message):
+    """Coordinator -> agent: run stages `ranks` (consecutive) of the plan `layers` ([a, b) per stage
+    of the whole pipeline) of `model`, with `options` (coordinator/processes.py RuntimeOptions, less
+    what the agent decides: devices, pool size, NUMA) and the GPU workers' `strategy` settings. The
+    agent's last stage sends to `next`, the next host's stage endpoint, or, for the pipeline's last
+    stage, the agent's results endpoint."""
+
+    TYPE: ClassVar[str] = "assign"
+    model: str
+    ranks: list[int]
+    layers: list[list[int]]
+    options: dict
+    strategy: dict
+    next: str
+
+
+@dataclass
+class Heartbeat(Message):
+    """Coordinator -> agent every heartbeat_s, answered with the same; either side counts the other
+    lost after 3 x heartbeat_s of silence."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+@dataclass
+class HostFault(Message):
+    """Agent -> coordinator: one of its workers died (the agent has stopped the rest)."""
+
+    TYPE: ClassVar[str] = "host_fault"
+    message: str

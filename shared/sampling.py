@@ -47,6 +47,27 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     return out
 
 
+def logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The log-probabilities that OpenAI's `logprobs` return, as vLLM does by default: the model's
+    own distribution, log_softmax of the float32 logits [R, V], whatever temperature, top-k and
+    top-p the token was then drawn with. -> `logprobs` [R] of the chosen `tokens` [R], and the k
+    likeliest tokens per row, best first: `top_ids` [R, k], `top_logprobs` [R, k]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top_lp, top_ids = lp.topk(k, dim=-1)
+    return {"logprobs": lp.gather(1, tokens[:, None])[:, 0], "top_ids": top_ids, "top_logprobs": top_lp}
+
+
+def pick(logits: torch.Tensor, draws: list[Draw]) -> dict[str, torch.Tensor]:
+    """Row i of logits [R, V] drawn as draws[i] says: `tokens` [R], and when a draw asks for them,
+    the logprobs (shared/protocol.py: Logits) of every row, with as many alternatives as the most
+    any draw asked for."""
+    out = {"tokens": sample(logits, draws)}
+    k = max((d.logprobs for d in draws if d.logprobs is not None), default=None)
+    if k is not None:
+        out.update(logprobs(logits, out["tokens"], k))
+    return out
+
+
 class Sampler:
     """A request's sampling settings and its seeded generator."""
 
@@ -61,7 +82,7 @@ class Sampler:
         """The next token's draw (one number from the generator; greedy requests use none)."""
         p = self.p
         u = float(torch.rand(1, generator=self.gen)) if self.gen is not None else 0.0
-        return Draw(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, u=u)
+        return Draw(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, u=u, logprobs=p.logprobs)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token from one row of logits [V], here."""

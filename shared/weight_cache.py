@@ -20,8 +20,10 @@ crc32 as it is read, streaming: nothing holds a second copy of the weights to ch
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import threading
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,39 +62,60 @@ def fingerprint(files: list[Path]) -> list[dict]:
 
 class CacheWriter:
     """Streams tensors into a new cache file; `close()` writes the header and renames it into place.
-    Used as a context manager: on an exception the partial file is removed."""
+    Used as a context manager: on an exception the partial file is removed.
+
+    `add` appends a tensor. A converter running on many threads instead `reserve`s every tensor
+    first (so the layout, and with it the file, is the same whatever order the threads finish in)
+    and then fills each with `write_at` from any thread: the writes are positioned (pwrite), so
+    they neither share a file position nor hold the GIL."""
 
     def __init__(self, path: Path, kind: str, options: dict, sources: list[dict]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        self.f = open(self.tmp, "wb")
-        self.f.write(b"\0" * DATA_START)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.off = DATA_START
         self.header = {"version": VERSION, "kind": kind, "options": options, "sources": sources, "tensors": {}}
+        self._unwritten: set[str] = set()
+        self._lock = threading.Lock()
+
+    def reserve(self, name: str, dtype: torch.dtype, shape) -> None:
+        nbytes = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+        self.header["tensors"][name] = [str(dtype).removeprefix("torch."), list(shape), self.off, nbytes, None]
+        self._unwritten.add(name)
+        self.off += nbytes + (-(self.off + nbytes) % ALIGN)
+
+    def write_at(self, name: str, t: torch.Tensor) -> None:
+        """Fill reserved tensor `name` (thread-safe)."""
+        entry = self.header["tensors"][name]
+        t = t.detach().cpu().contiguous()
+        if [str(t.dtype).removeprefix("torch."), list(t.shape)] != entry[:2]:
+            raise ValueError(f"cache tensor {name}: got {t.dtype} {list(t.shape)}, reserved {entry[:2]}")
+        data = memoryview(_as_bytes(t).numpy())
+        crc = zlib.crc32(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], entry[2] + done)
+        with self._lock:
+            entry[4] = crc
+            self._unwritten.discard(name)
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().cpu().contiguous()
-        data = _as_bytes(t).numpy()
-        crc = zlib.crc32(data)
-        self.f.write(data)
-        self.header["tensors"][name] = [str(t.dtype).removeprefix("torch."), list(t.shape), self.off, data.nbytes, crc]
-        self.off += data.nbytes
-        pad = -self.off % ALIGN
-        self.f.write(b"\0" * pad)
-        self.off += pad
+        self.reserve(name, t.dtype, t.shape)
+        self.write_at(name, t)
 
     def close(self) -> None:
+        if self._unwritten:
+            raise ValueError(f"cache {self.path}: {len(self._unwritten)} reserved tensors were never written, "
+                             f"e.g. {next(iter(self._unwritten))}")
         header = json.dumps(self.header, separators=(",", ":")).encode()
-        self.f.write(header)
+        os.pwrite(self.fd, header, self.off)
         size = self.off + len(header)
         head = PREFIX.pack(MAGIC, VERSION, 0, self.off, len(header), size, zlib.crc32(header), 0)
         head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-        self.f.seek(0)
-        self.f.write(head)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        os.pwrite(self.fd, head, 0)
+        os.fsync(self.fd)
+        os.close(self.fd)
         os.replace(self.tmp, self.path)
 
     def __enter__(self) -> "CacheWriter":
@@ -102,7 +125,7 @@ class CacheWriter:
         if exc_type is None:
             self.close()
         else:
-            self.f.close()
+            os.close(self.fd)
             self.tmp.unlink(missing_ok=True)
 
 

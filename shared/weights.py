@@ -13,11 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .models.family import ConfigError, ModelFamily, family_for
-
-
-class WeightError(ValueError):
-    """The checkpoint does not match the config; the text names the tensor and file."""
+from .models.family import ConfigError, ModelFamily, WeightError
+from .models.registry import family_for
 
 
 def load_config(model_dir: str | os.PathLike) -> dict:

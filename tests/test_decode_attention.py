@@ -11,7 +11,8 @@ import torch
 
 import tiny_models as tm
 
-from krasis.gpu_worker.decode_attention import Rows, decode_attention_reference
+from krasis.gpu_worker.cache_rows import Rows
+from krasis.gpu_worker.decode_attention import decode_attention_reference
 from krasis.gpu_worker.kv_cache import DECODE_MAX_T, KVCache, fp8_quantize
 from krasis.shared.models.layers import attend
 from krasis.shared.protocol import SeqSlice
@@ -29,7 +30,8 @@ def _create_dot(self, a, b, *rest):
     return _dot(self, a, b, *rest)
 interpreter.InterpreterBuilder.create_dot = _create_dot
 
-from krasis.gpu_worker.decode_attention import Rows, decode_attention_reference
+from krasis.gpu_worker.cache_rows import Rows
+from krasis.gpu_worker.decode_attention import decode_attention_reference
 from krasis.gpu_worker.decode_attention_kernel import decode_attention_triton
 from krasis.gpu_worker.kv_cache import fp8_quantize
 

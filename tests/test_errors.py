@@ -96,20 +96,21 @@ def raw(svc, frames: list[bytes]) -> P.Message:
 def test_malformed_client_messages_get_errors_and_service_keeps_serving(model):
     with tm.Service(model, "--dtype", "float32", "--max-context", "64") as svc:
         baseline = svc.client.complete(prompt_ids=[4, 5, 6], max_new_tokens=6).token_ids
+        V = P.PROTOCOL_VERSION
         cases = [
             ([b"\xc1\xff garbage"], "not valid msgpack"),
             ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
             ([msgpack.packb({"v": 99, "type": "health"})], "protocol version 99"),
             ([msgpack.packb({"type": "health"})], "protocol version None"),
-            ([msgpack.packb({"v": 1, "type": "launch_missiles"})], "unknown message type 'launch_missiles'"),
-            ([msgpack.packb({"v": 1, "type": "generate", "prompt_ids": [1]})], "missing field 'id'"),
-            ([msgpack.packb({"v": 1, "type": "generate", "id": 7, "prompt_ids": [1]})], "generate.id"),
-            ([msgpack.packb({"v": 1, "type": "generate", "id": "a", "prompt_ids": ["x"]})], "generate.prompt_ids[0]"),
-            ([msgpack.packb({"v": 1, "type": "generate", "id": "a", "prompt_ids": [1],
+            ([msgpack.packb({"v": V, "type": "launch_missiles"})], "unknown message type 'launch_missiles'"),
+            ([msgpack.packb({"v": V, "type": "generate", "prompt_ids": [1]})], "missing field 'id'"),
+            ([msgpack.packb({"v": V, "type": "generate", "id": 7, "prompt_ids": [1]})], "generate.id"),
+            ([msgpack.packb({"v": V, "type": "generate", "id": "a", "prompt_ids": ["x"]})], "generate.prompt_ids[0]"),
+            ([msgpack.packb({"v": V, "type": "generate", "id": "a", "prompt_ids": [1],
                              "sampling": {"max_new_tokens": "ten"}})], "generate.sampling.max_new_tokens"),
-            ([msgpack.packb({"v": 1, "type": "generate", "id": "a", "prompt_ids": [1], "colour": 1})], "unknown field"),
-            ([msgpack.packb({"v": 1, "type": "health"}), b"extra"], "tensor frame"),
-            ([msgpack.packb({"v": 1, "type": "step", "step": 1, "slices": [], "decode": True})], "not a client request"),
+            ([msgpack.packb({"v": V, "type": "generate", "id": "a", "prompt_ids": [1], "colour": 1})], "unknown field"),
+            ([msgpack.packb({"v": V, "type": "health"}), b"extra"], "tensor frame"),
+            ([msgpack.packb({"v": V, "type": "step", "step": 1, "slices": [], "decode": True})], "not a client request"),
         ]
         for frames, expect in cases:
             reply = raw(svc, frames)

@@ -302,7 +302,7 @@ def hf_qwen3(tmp_path_factory):
 
 def test_qwen3_gguf_matches_transformers(hf_qwen3, tmp_path):
     """Every type through GGUFSource: under HF names, in HF shapes, exactly the test's own dequantization."""
-    from krasis.shared.models.family import family_for
+    from krasis.shared.models.registry import family_for
     from krasis.shared.weights import load_config, open_source
 
     model = tm.reference_model(hf_qwen3)
@@ -479,3 +479,34 @@ def test_bad_gguf_files_get_clear_errors(hf_qwen3, dsv2, gpt_oss, tmp_path):
     for args in ((tmp_path / "cut.gguf",), (dsv2["hf"], "--gguf", tmp_path / "q2k.gguf")):
         p = tm.krasis("generate", *args, "--prompt-ids", "1,2", check=False)
         assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_q4_0_experts_kept_decode_as_the_files(hf_qwen3, tmp_path):
+    """Q4_0 experts into --cpu-bits 4 --group-size 32: decode computes with the file's weights up to
+    bf16's rounding of each block's d (blocks taken as they are, coordinator/gguf_blocks.py; the
+    quantizer's d is negative in about half of them, so are those scales), through the real CLI
+    and the pool's kernel. The reference is transformers with
+    the cache's weights for decode and the file's for the prompt; the cache's weights are checked
+    against the file's first."""
+    from krasis.shared.quant import dequantize_q, unpack_int4
+    from krasis.shared.weight_cache import WeightCache, expert_key
+
+    model = tm.reference_model(hf_qwen3)
+    out = write_qwen3(tmp_path / "q.gguf", model.config, numpy_state(model), {"_exps": "Q4_0", "": "F32"})
+    got = tm.generate_json(tmp_path / "q.gguf", PROMPT, 24, "--cpu-bits", "4", "--group-size", "32", "--devices", "cpu")
+    decode_state = dict(out.meant)
+    negative = False
+    with WeightCache(tmp_path / ".krasis_cache" / "q.gguf" / "experts-int4-g32.kc") as cache:
+        for layer in range(model.config.num_hidden_layers):
+            p = f"model.layers.{layer}.mlp.experts."
+            w = {n: torch.stack([dequantize_q(unpack_int4(cache.tensor(expert_key(layer, e, n + ".q"))),
+                                              cache.tensor(expert_key(layer, e, n + ".s")))
+                                 for e in range(model.config.num_experts)]) for n in ("w13", "w2")}
+            negative |= any(bool((cache.tensor(expert_key(layer, e, "w13.s")).float() < 0).any())
+                            for e in range(model.config.num_experts))
+            for n, hf in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+                assert torch.allclose(w[n], out.meant[p + hf], rtol=2**-8, atol=0)
+                decode_state[p + hf] = w[n]
+    assert negative
+    prefill_ref, decode_ref = reference("qwen3", QWEN3, out.meant), reference("qwen3", QWEN3, decode_state)
+    assert got["token_ids"] == tm.greedy_two_phase(prefill_ref, decode_ref, PROMPT, 24)

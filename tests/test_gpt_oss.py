@@ -70,7 +70,7 @@ def test_experts_match_transformers():
     through the store layout and moe_reference, against GptOssExperts; weights large enough that
     both clamps bite."""
     from krasis.shared.expert_store import ExpertFormat
-    from krasis.shared.models.family import family_for
+    from krasis.shared.models.registry import family_for
     from krasis.shared.moe import moe_reference
 
     model = tm.random_model("gpt_oss")

@@ -1,4 +1,4 @@
-"""RMSNorm and rotary Triton kernels (gpu_worker/norm_rope_kernel.py) against the torch code they
+"""RMSNorm and rotary Triton kernels (shared/kernels/norm_rope_kernel.py) against the torch code they
 replace on CUDA (layers.rms_norm_reference, Rotary.rotate_half_reference), roundings included, under
 Triton's interpreter (TRITON_INTERPRET, set before triton is first imported: the check runs in a
 fresh interpreter, as tests/test_dequant.py does); and the dispatch of layers.rms_norm and
@@ -30,7 +30,7 @@ def _cast_rne(self, src, dst_type):
     return _cast(self, src, dst_type)
 interpreter.InterpreterBuilder.cast_impl = _cast_rne
 
-from krasis.gpu_worker.norm_rope_kernel import rms_norm_triton, rotate_half_triton
+from krasis.shared.kernels.norm_rope_kernel import rms_norm_triton, rotate_half_triton
 from krasis.shared.models.layers import Rotary, rms_norm_reference, rope_inv_freq
 
 g = torch.Generator().manual_seed(0)
@@ -115,7 +115,7 @@ def test_triton_norm_rope_match_reference():
 def test_cpu_dispatch_is_the_reference(monkeypatch):
     """Off CUDA (and for float32 anywhere) the torch code runs, and the kernel module (which imports
     triton) is never imported: CPU workers must not load Triton."""
-    monkeypatch.setitem(sys.modules, "krasis.gpu_worker.norm_rope_kernel", None)  # importing it would raise
+    monkeypatch.setitem(sys.modules, "krasis.shared.kernels.norm_rope_kernel", None)  # importing it would raise
     from krasis.shared.models.layers import Rotary, rms_norm, rms_norm_reference, rope_inv_freq
 
     g = torch.Generator().manual_seed(5)

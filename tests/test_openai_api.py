@@ -100,7 +100,7 @@ def test_chat_completion(svc):
 
 def test_bad_requests_get_openai_errors(svc):
     base = {"model": MODEL, "prompt": "hi"}
-    assert_error(*http(svc, "POST", "/v1/completions", {**base, "n": 2}), 400, "n")
+    assert_error(*http(svc, "POST", "/v1/completions", {**base, "n": 0}), 400, "n")
     assert_error(*http(svc, "POST", "/v1/completions", raw=b"{not json"), 400)
     assert_error(*http(svc, "POST", "/v1/completions", {"model": MODEL}), 400, "prompt")
     assert_error(*http(svc, "POST", "/v1/chat/completions", {"model": MODEL, "messages": []}), 400, "messages")

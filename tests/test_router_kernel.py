@@ -1,4 +1,4 @@
-"""The router's Triton kernel (gpu_worker/router_kernel.py) against layers.softmax_topk_reference,
+"""The router's Triton kernel (shared/kernels/router_kernel.py) against layers.softmax_topk_reference,
 under Triton's interpreter in a fresh process (as tests/test_norm_rope.py does); on CPU the
 dispatch runs the reference without importing the kernel."""
 
@@ -13,7 +13,7 @@ import tiny_models as tm
 
 CHECK = r"""
 import torch
-from krasis.gpu_worker.router_kernel import softmax_topk_triton
+from krasis.shared.kernels.router_kernel import softmax_topk_triton
 from krasis.shared.models.layers import softmax_topk_reference
 
 g = torch.Generator().manual_seed(0)
@@ -48,7 +48,7 @@ def test_triton_router_matches_reference():
 
 
 def test_cpu_dispatch_is_the_reference(monkeypatch):
-    monkeypatch.setitem(sys.modules, "krasis.gpu_worker.router_kernel", None)  # importing it would raise
+    monkeypatch.setitem(sys.modules, "krasis.shared.kernels.router_kernel", None)  # importing it would raise
     from krasis.shared.models.layers import softmax_topk, softmax_topk_reference
 
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).bfloat16()

@@ -77,35 +77,9 @@ def test_uneven_pp_split_and_generate_cli(models):
 
 # --- text in and out ---------------------------------------------------------------------------
 
-TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. Mixture of experts models route tokens to experts.",
-    "Prefill runs on the GPU while decode runs the routed experts on the CPU, übergrößen ✓ café.",
-    "def main():\n    print('hello world')\n",
-] * 20
-
-
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("textmodel")
-    tok = Tokenizer(tmodels.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    vocab = tok.get_vocab_size()
-    tm.build(path, "qwen3", vocab_size=vocab, eos_token_id=None)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(path)
-    return path
+    return tm.build_with_tokenizer(tmp_path_factory.mktemp("textmodel"), "qwen3")
 
 
 def test_text_prompt_and_chat_template(text_model):

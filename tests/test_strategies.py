@@ -11,7 +11,8 @@ import torch
 
 import tiny_models as tm
 from krasis.gpu_worker.kv_cache import KVCache, fp8_quantize
-from krasis.gpu_worker.moe_gpu import block_lookup, moe_blocks, moe_pairs
+from krasis.gpu_worker.dma import block_lookup
+from krasis.gpu_worker.moe_gpu import moe_blocks, moe_pairs
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.layers import attend
 from krasis.shared.moe import moe_reference
@@ -72,15 +73,24 @@ def test_unknown_strategy_and_budget_refusal(models):
 
 
 def test_vram_plan_gives_the_rest_to_hot_experts():
-    from krasis.gpu_worker.vram_budget import VramBudgetError, plan
+    from krasis.gpu_worker.vram_budget import VramBudgetError, layer_expert_bytes, plan
     from krasis.shared.expert_store import StoreLayout
-    from krasis.shared.models.family import family_for
+    from krasis.shared.models.registry import family_for
 
     fam = family_for(tm.qwen3_config().to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
     layout = StoreLayout(fam, 1, ExpertFormat("int4", torch.bfloat16, 32))
     args = (fam, layout, (0, 3), True, True, 2, "fp8", 256, 64)
-    base = plan(*args, "layer_grouped_1", "pure_cpu", None, 10**12)
-    assert base.hot == 0 and base.total() == base.weights + base.kv + base.staging + base.activations
+    base = plan(*args, "chunked", "pure_cpu", None, 10**12)
+    assert base.hot == base.resident == 0
+    assert base.total() == base.weights + base.kv + base.staging + base.activations
+    # layer_grouped keeps as many whole layers resident as the rest holds (none where decode wants it)
+    grouped = plan(*args, "layer_grouped_1", "pure_cpu", None, 10**12)
+    layer = layer_expert_bytes(layout, 0)
+    fixed = grouped.total() - grouped.resident
+    assert grouped.resident == 3 * layer  # all three fit in a terabyte
+    assert plan(*args, "layer_grouped_1", "pure_cpu", (fixed + 2.5 * layer) / 1e9, None).resident == 2 * layer
+    assert plan(*args, "layer_grouped_1", "pure_cpu", (fixed + 0.5 * layer) / 1e9, None).resident == 0
+    assert plan(*args, "layer_grouped_1", "hcs_hybrid", None, 10**12).resident == 0
     fixed = plan(*args, "hcs_prefill", "hcs_hybrid", None, 10**12)
     spare = 12345
     p = plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot + spare) / 1e9, None)

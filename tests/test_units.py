@@ -12,7 +12,7 @@ import tiny_models as tm
 from krasis.coordinator.plan import PlanError, split_layers
 from krasis.shared.sampling import Sampler
 from krasis.shared import protocol as P
-from krasis.shared.models.family import family_for
+from krasis.shared.models.registry import family_for
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.float16])

@@ -153,6 +153,42 @@ def build(path: Path, family: str, seed: int = 0, **over) -> Path:
     return path
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Mixture of experts models route tokens to experts.",
+    "Prefill runs on the GPU while decode runs the routed experts on the CPU, übergrößen ✓ café.",
+    "def main():\n    print('hello world')\n",
+] * 20
+
+
+def text_tokenizer():
+    """A byte-level BPE tokenizer trained on a small corpus (multi-byte characters included), with
+    ChatML special tokens and chat template, as transformers' PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tmodels.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_with_tokenizer(path: Path, family: str, **over) -> Path:
+    """build() with a vocabulary of text_tokenizer()'s size, and that tokenizer saved beside it."""
+    fast = text_tokenizer()
+    build(path, family, vocab_size=len(fast), eos_token_id=None, **over)
+    fast.save_pretrained(path)
+    return path
+
+
 def reference_model(path: Path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -259,10 +295,12 @@ class Service:
     """`krasis-coord serve` in a subprocess on a private ipc endpoint, for the duration of a with-block.
     Stops it with SIGTERM on exit and checks that every process it started is gone."""
 
-    def __init__(self, model_dir: Path, *extra: str, startup_timeout: float = 180):
+    def __init__(self, model_dir: Path, *extra: str, startup_timeout: float = 180, endpoint: str | None = None,
+                 keys: Path | None = None):
         import uuid
 
-        self.endpoint = f"ipc://@krasis-test-{uuid.uuid4().hex[:10]}"
+        self.endpoint = endpoint or f"ipc://@krasis-test-{uuid.uuid4().hex[:10]}"
+        self.keys = keys  # the client's keys folder, for a tcp endpoint served with --keys
         self.args = ["serve", str(model_dir), "--zmq", self.endpoint, *map(str, extra)]
         self.startup_timeout = startup_timeout
 
@@ -273,7 +311,7 @@ class Service:
 
         self.proc = subprocess.Popen([sys.executable, "-m", "krasis.coordinator", *self.args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.client = Client(self.endpoint, timeout_s=120)
+        self.client = Client(self.endpoint, timeout_s=120, keys=self.keys)
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
@@ -288,7 +326,7 @@ class Service:
                 self.client.close()
                 from krasis.shared.client import Client as C
 
-                self.client = C(self.endpoint, timeout_s=120)
+                self.client = C(self.endpoint, timeout_s=120, keys=self.keys)
             if time.monotonic() > deadline:
                 self.proc.kill()
                 raise AssertionError("serve did not become healthy in time")
@@ -297,18 +335,23 @@ class Service:
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("serve did not stop within 30 s of SIGTERM")
+        terminate(self.proc, "serve")
         self.stderr = self.proc.stderr.read()
         wait_gone(self.worker_pids)
+
+
+def terminate(proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    """SIGTERM, and fail (after a kill) if it has not exited within `timeout`."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{what} did not stop within {timeout:g} s of SIGTERM") from None
 
 
 def alive(pid: int) -> bool:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
+from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily
 from .layers import Rotary, _yarn_mscale, attend, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, swiglu
 
 # DeepSeek's own code builds the latent norms with the RMSNorm default, not config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
 
 
-@register
 class DeepseekV2(ModelFamily):
     architectures = ("DeepseekV2ForCausalLM",)
 

@@ -1,4 +1,4 @@
-"""What every model family provides to the workers, and the registry from `architectures` names.
+"""What every model family provides to the workers (the families by `architectures` name: registry.py).
 
 A family knows its config switches, the names and shapes of its tensors (so a checkpoint is checked
 before anything runs), how to build one decoder layer's GPU-resident part (attention, norms, router,
@@ -22,6 +22,12 @@ Getter = Callable[[str], torch.Tensor]
 
 class ConfigError(ValueError):
     """The model's config.json cannot be served; the text says why."""
+
+
+class WeightError(ValueError):
+    """The checkpoint does not match the config; the text names the tensor and file. Here beside
+    ConfigError, not in weights.py, which raises it too: gguf_source.py's errors derive from it, and
+    weights.py imports gguf_source.py."""
 
 
 @dataclass(frozen=True)
@@ -177,24 +183,3 @@ def _numel(shape) -> int:
         n *= s
     return n
 
-
-_FAMILIES: dict[str, type[ModelFamily]] = {}
-
-
-def register(cls: type[ModelFamily]) -> type[ModelFamily]:
-    for a in cls.architectures:
-        _FAMILIES[a] = cls
-    return cls
-
-
-def family_for(cfg: dict) -> ModelFamily:
-    from . import deepseek_v2, gpt_oss, qwen3_moe, qwen3_next  # noqa: F401  (registration)
-
-    archs = cfg.get("architectures") or []
-    for a in archs:
-        if a in _FAMILIES:
-            return _FAMILIES[a](cfg)
-    raise ConfigError(
-        f"unsupported architecture {archs or cfg.get('model_type')!r} "
-        f"(supported: {', '.join(sorted(_FAMILIES))})"
-    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..moe import GPTOSS_ALPHA, GPTOSS_LIMIT
-from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
+from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily
 from .layers import Rotary, linear, rope_inv_freq, rope_parameters, stack_rows
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -39,7 +39,6 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return out.flatten(-2)
 
 
-@register
 class GptOss(ModelFamily):
     architectures = ("GptOssForCausalLM",)
     expert_act = "gptoss"

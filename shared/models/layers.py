@@ -20,7 +20,7 @@ from ..protocol import SeqSlice
 
 
 def _use_kernel(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether rms_norm, rotate_half and softmax_topk run their Triton kernels (gpu_worker/
+    """Whether rms_norm, rotate_half and softmax_topk run their Triton kernels (shared/kernels/
     norm_rope_kernel.py, router_kernel.py): half-precision CUDA tensors outside autograd (the kernels
     have no backward). The modules are imported only then: CPU workers never load Triton."""
     return (
@@ -34,7 +34,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = w * x / sqrt(mean(x^2) + eps), the statistics in float32 whatever x's dtype: one Triton
     kernel on CUDA (see _use_kernel), else rms_norm_reference."""
     if _use_kernel(x, weight) and weight.shape == x.shape[-1:]:
-        from ...gpu_worker.norm_rope_kernel import RMS_MAX_D, rms_norm_triton
+        from ..kernels.norm_rope_kernel import RMS_MAX_D, rms_norm_triton
 
         if x.shape[-1] <= RMS_MAX_D:
             return rms_norm_triton(x, weight, eps)
@@ -52,9 +52,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A router's choice: (ids int64 [M, k], weights float32 [M, k]), the k largest of
     p = softmax(logits) in float32, renormalised to sum 1 when `renorm`. One Triton kernel on CUDA
-    (gpu_worker/router_kernel.py; see _use_kernel) for up to 1024 experts, else softmax_topk_reference."""
+    (shared/kernels/router_kernel.py; see _use_kernel) for up to 1024 experts, else softmax_topk_reference."""
     if _use_kernel(logits) and logits.shape[-1] <= 1024:
-        from ...gpu_worker.router_kernel import softmax_topk_triton
+        from ..kernels.router_kernel import softmax_topk_triton
 
         return softmax_topk_triton(logits, k, renorm)
     return softmax_topk_reference(logits, k, renorm)
@@ -183,7 +183,7 @@ class Rotary:
         x: [T, heads, dim]. One Triton kernel on CUDA (see _use_kernel), cos/sin computed in it from
         the positions (no tables, nothing kept between calls), else rotate_half_reference."""
         if _use_kernel(x):
-            from ...gpu_worker.norm_rope_kernel import rotate_half_triton
+            from ..kernels.norm_rope_kernel import rotate_half_triton
 
             return rotate_half_triton(x, positions, self.inv_freq.to(x.device), self.attention_factor)
         return self.rotate_half_reference(x, positions)

@@ -12,11 +12,10 @@ Layers in `mlp_only_layers`, or not a multiple of `decoder_sparse_step`, use one
 
 from __future__ import annotations
 
-from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily, register
+from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily
 from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, softmax_topk, stack_rows, swiglu
 
 
-@register
 class Qwen3Moe(ModelFamily):
     architectures = ("Qwen3MoeForCausalLM",)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .family import ConfigError, DecoderLayer, Getter, ModelFamily, register
+from .family import ConfigError, DecoderLayer, Getter, ModelFamily
 from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, stack_rows, swiglu
 from .qwen3_moe import Qwen3Moe, Qwen3MoeLayer
 
@@ -84,7 +84,6 @@ def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = 64):
     return out.reshape(H, -1, out.shape[-1])[:, :T].transpose(0, 1), S
 
 
-@register
 class Qwen3Next(Qwen3Moe):
     architectures = ("Qwen3NextForCausalLM",)
 

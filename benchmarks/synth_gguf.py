@@ -1,0 +1,156 @@
+"""A seeded random GGUF of a Qwen3-MoE shape, as llama.cpp's converter lays one out (tensor names,
+shapes, metadata, a minimal byte-level BPE tokenizer that llama.cpp and krasis both load), written
+tensor by tensor so memory stays near one tensor whatever the model's size. Needs gguf, numpy
+and krasis's synth (torch), all of which the GPU machine has or carries. Used by peer_llamacpp.py and convert_speed.py.
+
+Routed experts are random valid blocks (Q4_0, Q8_0 or MXFP4) with scales that give each weight a
+spread of about 1/sqrt(fan-in); F16/BF16/F32 tensors are normal with the same spread; norms are
+ones. Routing is made to behave like a trained model's as coordinator/synth.py does it (docs/
+routing.md): the routers are synth's router_weight (orthonormal rows) and the attention output
+projections are drawn synth's ATTN_OUT_STD / DENSE_STD times smaller, so that a token's own state,
+not the context's running mean, decides its experts and the load spreads over them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+# coordinator/synth.py's "qwen3-30b-a3b" (tests/test_synth_gguf.py keeps the two equal)
+QWEN3_30B_A3B = dict(layers=48, hidden=2048, ffn=6144, moe_inter=768, experts=128, top_k=8, heads=32, kv_heads=4,
+                     head_dim=128, vocab=151936, rope_theta=1e6, context=40960, rms_eps=1e-6)
+BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34, "MXFP4": 17}
+# a value's spread in units of its block scale, for uniformly random block contents
+_SPREAD = {"Q4_0": 4.64, "Q8_0": 73.9, "MXFP4": 5.85}
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-level alphabet: each byte as one printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def add_tokenizer(w, vocab: int) -> None:
+    """A valid byte-level BPE of `vocab` tokens: the 256 bytes, two merges, Qwen's control tokens,
+    then unused padding, as the converter pads a vocabulary to the embedding's rows."""
+    import gguf
+
+    tokens = _byte_tokens() + ["Ġt", "he"] + SPECIALS
+    types = [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIALS)) + [gguf.TokenType.CONTROL] * len(SPECIALS)
+    if vocab < len(tokens):
+        raise ValueError(f"vocabulary {vocab} is smaller than the tokenizer's {len(tokens)} tokens")
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab)]
+    types += [gguf.TokenType.UNUSED] * (vocab - len(types))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["Ġ t", "h e"])
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_pad_token_id(tokens.index("<|endoftext|>"))
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_add_bos_token(False)
+
+
+def _blocks(rng, qtype: str, n: int, rows: int, cols: int) -> np.ndarray:
+    """n x rows x cols weights as random valid blocks, raw bytes [n, rows, cols / 32 * block bytes]."""
+    nb = cols // 32
+    raw = np.frombuffer(rng.bytes(n * rows * nb * BLOCK_BYTES[qtype]), np.uint8).reshape(n, rows, nb, -1).copy()
+    d = 1 / (_SPREAD[qtype] * math.sqrt(cols))
+    if qtype == "MXFP4":  # E8M0: 2^(e - 128) per unit of the doubled E2M1 values
+        raw[..., 0] = int(round(math.log2(d))) + 128
+    else:
+        scale = (d * rng.uniform(0.8, 1.2, (n, rows, nb))).astype(np.float16)
+        raw[..., :2] = scale[..., None].view(np.uint8)
+    return raw.reshape(n, rows, nb * BLOCK_BYTES[qtype])
+
+
+def _dense(rng, shape: tuple[int, ...], qtype: str, std: float) -> np.ndarray:
+    dtype = {"F16": np.float16, "F32": np.float32, "BF16": np.float32}[qtype]
+    out = np.empty(shape, dtype)
+    flat = out.reshape(-1, shape[-1])
+    step = max(1, (1 << 24) // shape[-1])
+    for r in range(0, flat.shape[0], step):
+        flat[r:r + step] = rng.standard_normal((min(step, flat.shape[0] - r), shape[-1]), np.float32) * std
+    if qtype == "BF16":
+        import gguf
+
+        return gguf.quants.quantize(out, gguf.GGMLQuantizationType.BF16)
+    return out
+
+
+def _plan(s: dict, expert_type: str, dense_type: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, numpy shape [.., rows, cols], type) of every tensor, in file order."""
+    h, q, kv, hd, E, I = s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["experts"], s["moe_inter"]
+    t = [("token_embd.weight", (s["vocab"], h), dense_type)]
+    for i in range(s["layers"]):
+        b = f"blk.{i}."
+        t += [(b + "attn_norm.weight", (h,), "F32"), (b + "ffn_norm.weight", (h,), "F32"),
+              (b + "attn_q.weight", (q * hd, h), dense_type), (b + "attn_k.weight", (kv * hd, h), dense_type),
+              (b + "attn_v.weight", (kv * hd, h), dense_type), (b + "attn_output.weight", (h, q * hd), dense_type),
+              (b + "attn_q_norm.weight", (hd,), "F32"), (b + "attn_k_norm.weight", (hd,), "F32"),
+              (b + "ffn_gate_inp.weight", (E, h), "F32"),
+              (b + "ffn_gate_exps.weight", (E, I, h), expert_type), (b + "ffn_up_exps.weight", (E, I, h), expert_type),
+              (b + "ffn_down_exps.weight", (E, h, I), expert_type)]
+    return t + [("output_norm.weight", (h,), "F32"), ("output.weight", (s["vocab"], h), dense_type)]
+
+
+def _data(rng, name: str, shape: tuple[int, ...], qtype: str) -> np.ndarray:
+    from krasis.coordinator.synth import ATTN_OUT_STD, DENSE_STD, router_weight
+
+    if len(shape) == 1:
+        return np.ones(shape, np.float32)
+    if qtype in BLOCK_BYTES:
+        return _blocks(rng, qtype, shape[0], shape[1], shape[2])
+    if name.endswith("ffn_gate_inp.weight"):
+        return router_weight(*shape, seed=int(rng.integers(1 << 62))).numpy()
+    std = 1 / math.sqrt(shape[-1])
+    return _dense(rng, shape, qtype, std * ATTN_OUT_STD / DENSE_STD if name.endswith("attn_output.weight") else std)
+
+
+# the metadata llama.cpp's converter writes for qwen3moe: GGUFWriter method, shape key
+_METADATA = (("add_block_count", "layers"), ("add_context_length", "context"), ("add_embedding_length", "hidden"),
+             ("add_feed_forward_length", "ffn"), ("add_head_count", "heads"), ("add_head_count_kv", "kv_heads"),
+             ("add_rope_freq_base", "rope_theta"), ("add_layer_norm_rms_eps", "rms_eps"), ("add_expert_count", "experts"),
+             ("add_expert_used_count", "top_k"), ("add_expert_feed_forward_length", "moe_inter"),
+             ("add_key_length", "head_dim"), ("add_value_length", "head_dim"))
+
+
+def write_qwen3moe_gguf(path, shape: dict, expert_type: str = "Q4_0", dense_type: str = "F16", seed: int = 0) -> int:
+    """Write the GGUF; its size in bytes."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    s = shape
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_name("krasis synthetic qwen3moe")
+    for method, key in _METADATA:
+        getattr(w, method)(s[key])
+    add_tokenizer(w, s["vocab"])
+    plan = _plan(s, expert_type, dense_type)
+    for name, shp, qtype in plan:
+        if qtype in BLOCK_BYTES:
+            raw = (*shp[:-1], shp[-1] // 32 * BLOCK_BYTES[qtype])
+            w.add_tensor_info(name, raw, np.dtype(np.uint8), math.prod(raw), raw_dtype=T[qtype])
+        elif qtype == "BF16":
+            w.add_tensor_info(name, (*shp[:-1], shp[-1] * 2), np.dtype(np.uint8), math.prod(shp) * 2, raw_dtype=T.BF16)
+        else:
+            dt = np.dtype(np.float16 if qtype == "F16" else np.float32)
+            w.add_tensor_info(name, shp, dt, math.prod(shp) * dt.itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for name, shp, qtype in plan:
+        w.write_tensor_data(_data(rng, name, shp, qtype))
+    w.close()
+    return Path(path).stat().st_size

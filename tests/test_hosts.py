@@ -1,0 +1,277 @@
+"""A pipeline across hosts, as several host agents on one machine: each agent is its own process
+tree on its own 127.0.0.1 tcp ports (docs/deployment.md), with CURVE keys, against transformers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import tiny_models as tm
+from krasis.shared import protocol as P
+from krasis.shared.client import Client
+from krasis.shared.keys import KeysError, add_client, keygen, require_keys
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+
+
+def free_base_port() -> int:
+    """A port P with P, P+1 and P+2 free (an agent's control, reports and stage ports)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + 2 > 65535:
+            continue
+        try:
+            for q in (p + 1, p + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no three consecutive free ports")
+
+
+class Agent:
+    """`krasis-coord host` in a subprocess; `restart()` brings it back on the same port, as systemd would."""
+
+    def __init__(self, devices: str, keys, port: int | None = None):
+        self.port = port or free_base_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.args = ["host", "--listen", self.endpoint, "--devices", devices, "--cpu-workers", "1",
+                     *(["--keys", str(keys)] if keys else [])]
+        self.proc = None
+
+    def start(self) -> "Agent":
+        self.proc = subprocess.Popen([sys.executable, "-m", "krasis.coordinator", *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not any("listening" in line for line in self.log):
+            assert self.proc.poll() is None, f"agent exited: {''.join(self.log)}"
+            assert time.monotonic() < deadline, "agent did not start"
+            time.sleep(0.1)
+        return self
+
+    def children(self) -> list[int]:
+        return children(self.proc.pid)
+
+    def stop(self) -> None:
+        kids = self.children() if self.proc.poll() is None else []
+        tm.terminate(self.proc, "agent")
+        tm.wait_gone(kids)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return out
+
+
+def memfds(pid: int) -> set[int]:
+    """Inodes of the memfd files (expert store segments, mailboxes) a process holds."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                out.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"qwen3": tm.build(root / "qwen3", "qwen3"), "deepseek": tm.build(root / "deepseek", "deepseek")}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys") / "k"
+    tm.krasis("keygen", d)
+    add_client(d, "alice")
+    return d
+
+
+@pytest.fixture(scope="module")
+def agents(keys):
+    """Two agents: one stage on the first, two on the second."""
+    a, b = Agent("cpu", keys).start(), Agent("cpu,cpu", keys).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def hosts_arg(agents) -> str:
+    return ",".join(a.endpoint for a in agents)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "deepseek"])
+def test_generate_over_three_stages_on_two_hosts_matches_transformers(models, keys, agents, family):
+    want = tm.reference_greedy(tm.reference_model(models[family]), PROMPT, 16)
+    out = tm.generate_json(models[family], PROMPT, 16, "--hosts", hosts_arg(agents), "--keys", keys)
+    assert out["token_ids"] == want
+
+
+def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agents, tmp_path):
+    """serve --hosts on a CURVE tcp endpoint: exact prompt logits and tokens; every worker is a child of
+    its own agent, each pool holds only its stages' layers, no memfd is shared between the agents'
+    trees (nor held by the coordinator); health names each host; a client without an authorized key
+    gets no answer. Then kill -9 of an agent while a request runs: its workers die with it, the
+    coordinator notices within 3 heartbeats, the other host's workers are replaced, and once the agent
+    is back (as systemd would bring it) the request completes as if nothing happened (replayed) or
+    fails naming the host, and new requests are exact again."""
+    path = models["qwen3"]
+    ref = tm.reference_model(path)
+    want = tm.reference_greedy(ref, PROMPT, 16)
+    a, b = agents
+    endpoint = f"tcp://127.0.0.1:{free_base_port()}"
+    with tm.Service(path, "--dtype", "float32", "--hosts", hosts_arg(agents), "--keys", keys, "--heartbeat-s", "1",
+                    "--max-restarts", "3", endpoint=endpoint, keys=keys / "clients" / "alice") as svc:
+        got = svc.client.complete(prompt_ids=PROMPT, max_new_tokens=16, prompt_logits=True, ignore_eos=True)
+        assert got.token_ids == want
+        ref_logits = tm.reference_logits(ref, PROMPT)
+        assert float((got.prompt_logits - ref_logits).norm() / ref_logits.norm()) < 1e-4
+
+        health = svc.client.health()
+        assert [h["endpoint"] for h in health.hosts] == [a.endpoint, b.endpoint]
+        assert all(h["state"] == "ok" and h["host"] == socket.gethostname() for h in health.hosts)
+        by_host = [[w for w in health.workers if w["host"].endswith(x.endpoint)] for x in agents]
+        assert [sorted(w["rank"] for w in ws if w["role"] == "gpu") for ws in by_host] == [[0], [1, 2]]
+        assert [w["layers"] for w in sorted(health.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"] == \
+            [[0, 1], [1, 2], [2, 3]]
+        # three MoE layers of equal size: a pool holding every layer would be 3 units on each host
+        pool_bytes = [sum(w["bytes"] for w in ws if w["role"] == "cpu") for ws in by_host]
+        assert pool_bytes[1] == 2 * pool_bytes[0] > 0
+        trees = []
+        for x, ws in zip(agents, by_host):
+            pids = {w["pid"] for w in ws}
+            assert pids == set(x.children()), "every worker of a host is a child of its agent"
+            trees.append(set().union(*(memfds(p) for p in pids)))
+        assert trees[0] and trees[1] and not trees[0] & trees[1]
+        assert not memfds(svc.proc.pid) and not children(svc.proc.pid)
+
+        other = tmp_path / "other"
+        keygen(other)
+        for wrong in (other, None):  # keys the service never authorized, and none at all
+            with Client(endpoint, timeout_s=2, keys=wrong) as c:
+                with pytest.raises(TimeoutError):
+                    c.health()
+
+        first, streamed, result = set(a.children()), [], {}
+
+        def long_request():
+            with Client(endpoint, timeout_s=300, keys=keys) as c:
+                try:
+                    for ev in c.stream(prompt_ids=PROMPT, max_new_tokens=200, ignore_eos=True):
+                        if isinstance(ev, P.Tokens):
+                            streamed.extend(ev.token_ids)
+                        elif isinstance(ev, P.Done):
+                            result["done"] = ev
+                        elif isinstance(ev, P.Error):
+                            result["error"] = ev.message
+                except Exception as e:  # noqa: BLE001 - the request may fail; how is what is checked
+                    result["error"] = e
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.monotonic() + 120
+        while len(streamed) < 5:  # mid-generation
+            assert t.is_alive() and time.monotonic() < deadline, result
+            time.sleep(0.05)
+        victims = b.children()
+        t_kill = time.monotonic()
+        b.proc.kill()
+        tm.wait_gone(victims)
+        lost = None
+        while lost is None and time.monotonic() - t_kill < 10:
+            h = svc.client.health()
+            lost = next((x for x in h.hosts if x["state"] == "lost"), None) if h.status != "ok" else None
+            time.sleep(0.1)
+        assert lost is not None and lost["endpoint"] == b.endpoint
+        b.start()  # systemd's Restart=
+        t.join(300)  # the whole pipeline loads again (minutes on a busy 2-core CI box)
+        assert not t.is_alive()
+        if "error" in result:  # failed clearly, naming the lost host
+            assert b.endpoint in str(result["error"]), result["error"]
+        else:  # replayed on the new pipeline: every token once, as an undisturbed run's
+            assert result["done"].completion_tokens == 200
+            assert streamed == tm.reference_greedy(ref, PROMPT, 200)
+        deadline = time.monotonic() + 180
+        while svc.client.health().status != "ok":
+            assert time.monotonic() < deadline, "the coordinator did not reattach"
+            time.sleep(0.2)
+        assert not first & set(a.children()), "the surviving host's workers were replaced"
+        assert svc.client.complete(prompt_ids=PROMPT, max_new_tokens=16, ignore_eos=True).token_ids == want
+
+
+def test_unauthorized_agent_is_refused(models, keys, tmp_path):
+    """An agent with keys of its own never hears the coordinator, which gives up at its deadline."""
+    other = tmp_path / "other"
+    keygen(other)
+    rogue = Agent("cpu", other).start()
+    try:
+        t0 = time.monotonic()
+        p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+                      "--hosts", rogue.endpoint, "--keys", keys, "--heartbeat-s", "0.1", check=False)
+        assert p.returncode != 0 and "did not answer within 2 s" in p.stderr
+        assert time.monotonic() - t0 < 60
+        assert not any("attached" in line for line in rogue.log)
+    finally:
+        rogue.stop()
+
+
+def test_agent_that_cannot_start_its_stages_fails_the_run_clearly(models, tmp_path):
+    """An agent whose model folder is missing reports the fault; the coordinator stops with an error
+    naming the host and the cause rather than waiting."""
+    bad = Agent("cpu", None)
+    bad.args += ["--model-path", str(tmp_path / "missing")]
+    bad.start()
+    try:
+        p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+                      "--hosts", bad.endpoint, check=False)
+        assert p.returncode != 0 and bad.endpoint in p.stderr and "missing" in p.stderr, p.stderr[-2000:]
+        assert not bad.children(), "the agent stopped what it had started"
+    finally:
+        bad.stop()
+
+
+def test_refuses_exposed_tcp_without_keys(models):
+    p = tm.krasis("serve", models["qwen3"], "--zmq", "tcp://0.0.0.0:5999", check=False)
+    assert p.returncode != 0 and "--keys" in p.stderr and "--insecure" in p.stderr
+    p = tm.krasis("host", "--listen", "tcp://0.0.0.0:5999", check=False)
+    assert p.returncode != 0 and "--keys" in p.stderr
+    # what --hosts goes through (coordinator/cli.py host_options)
+    with pytest.raises(KeysError, match="--keys"):
+        require_keys(["tcp://127.0.0.1:7000", "tcp://10.1.2.3:7000"], None, False)
+    require_keys(["tcp://127.0.0.1:7000", "tcp://localhost:7000", "ipc://@x", "tcp://[::1]:7000"], None, False)
+    require_keys(["tcp://10.1.2.3:7000"], "keys", False)
+    require_keys(["tcp://10.1.2.3:7000"], None, True)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_units_verify(tmp_path):
+    """deploy/'s units load cleanly: systemd-analyze verify reports nothing (an unknown key, a bad
+    value, a missing ExecStart binary all print a line)."""
+    from pathlib import Path
+
+    deploy = Path(__file__).parent.parent / "deploy"
+    for unit in ("krasis.service", "krasis-host.service"):
+        p = subprocess.run(["systemd-analyze", "verify", str(deploy / unit)], capture_output=True, text=True)
+        assert p.returncode == 0 and not p.stderr.strip(), f"{unit}:\n{p.stderr}"
