@@ -37,6 +37,7 @@ import time
 import torch
 import zmq
 
+from krasis.coordinator.hosts import free_agent_port
 from krasis.shared import protocol as P
 from krasis.shared.keys import Curve, keygen
 
@@ -84,20 +85,6 @@ def boundary(ends: tuple[str, str], keys: str | None, rows: int, hidden: int, re
     return min(times[1:]), statistics.median(times[1:])
 
 
-def free_port_base() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        try:
-            for q in (p + 1, p + 2):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
-
-
 def generate(model: str, prompt: int, extra: list[str]) -> dict:
     ids = ",".join(str(3 + i % 100) for i in range(prompt))
     cmd = [sys.executable, "-m", "krasis.coordinator", "generate", model, "--prompt-ids", ids, "--max-new-tokens", "32",
@@ -118,7 +105,7 @@ def over_hosts(model: str, device: str, prompt: int, run_args: list[str], keys: 
     agents = []
     try:
         for half in halves:
-            port = free_port_base()
+            port = free_agent_port()
             agents.append((port, subprocess.Popen(
                 [sys.executable, "-m", "krasis.coordinator", "host", "--listen", f"tcp://127.0.0.1:{port}",
                  "--devices", device, "--cpu-workers", "1", *key_args], stderr=subprocess.DEVNULL,
@@ -164,7 +151,7 @@ def main() -> None:
     print(f"boundary alone: a Step with hidden [rows, {args.hidden}] bf16, one way, least / median")
     print("| path | decode: 1 row, us | prefill: %d rows, ms | prefill GB/s (least) |" % args.prompt_tokens)
     print("|---|---|---|---|")
-    tcp = [f"tcp://127.0.0.1:{free_port_base() + i}" for i in range(2)]
+    tcp = [f"tcp://127.0.0.1:{free_agent_port() + i}" for i in range(2)]
     paths = (("ipc", (f"ipc://@krasis-bench-{os.getpid()}-a", f"ipc://@krasis-bench-{os.getpid()}-b"), None),
              ("tcp", tuple(tcp), None), ("tcp + CURVE", tuple(tcp), keys))
     for name, ends, k in paths:

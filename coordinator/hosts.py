@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import queue
+import socket
 import threading
 import time
 from urllib.parse import urlsplit
@@ -31,6 +32,25 @@ from .processes import WorkerDied
 ATTACH_BEATS = 20
 MISSED = 3  # heartbeats missed before a peer counts as lost
 CONTROL, RESULTS, STAGE = 0, 1, 2  # port offsets from an agent's --listen port
+
+
+def free_agent_port(host: str = "127.0.0.1") -> int:
+    """A port P of `host` with P+CONTROL, P+RESULTS and P+STAGE free: where a test or a benchmark
+    can start an agent (`--listen tcp://HOST:P`)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            p = s.getsockname()[1]
+        if p + STAGE > 65535:
+            continue
+        try:
+            for q in (p + RESULTS, p + STAGE):
+                with socket.socket() as s:
+                    s.bind((host, q))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no three consecutive free ports")
 
 
 def agent_endpoint(listen: str, offset: int) -> str:

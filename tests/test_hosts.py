@@ -14,6 +14,7 @@ import time
 import pytest
 
 import tiny_models as tm
+from krasis.coordinator.hosts import free_agent_port
 from krasis.shared import protocol as P
 from krasis.shared.client import Client
 from krasis.shared.keys import KeysError, add_client, keygen, require_keys
@@ -21,29 +22,11 @@ from krasis.shared.keys import KeysError, add_client, keygen, require_keys
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 
-def free_base_port() -> int:
-    """A port P with P, P+1 and P+2 free (an agent's control, reports and stage ports)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p + 2 > 65535:
-            continue
-        try:
-            for q in (p + 1, p + 2):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no three consecutive free ports")
-
-
 class Agent:
     """`krasis-coord host` in a subprocess; `restart()` brings it back on the same port, as systemd would."""
 
     def __init__(self, devices: str, keys, port: int | None = None):
-        self.port = port or free_base_port()
+        self.port = port or free_agent_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.args = ["host", "--listen", self.endpoint, "--devices", devices, "--cpu-workers", "1",
                      *(["--keys", str(keys)] if keys else [])]
@@ -141,7 +124,7 @@ def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agent
     ref = tm.reference_model(path)
     want = tm.reference_greedy(ref, PROMPT, 16)
     a, b = agents
-    endpoint = f"tcp://127.0.0.1:{free_base_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_agent_port()}"
     with tm.Service(path, "--dtype", "float32", "--hosts", hosts_arg(agents), "--keys", keys, "--heartbeat-s", "1",
                     "--max-restarts", "3", endpoint=endpoint, keys=keys / "clients" / "alice") as svc:
         got = svc.client.complete(prompt_ids=PROMPT, max_new_tokens=16, prompt_logits=True, ignore_eos=True)
