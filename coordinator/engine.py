@@ -498,8 +498,9 @@ class Engine:
 
     def _prefill_batch(self) -> list[Request]:
         """The waiting requests to prefill together, oldest first: as many as the decode batch has
-        room for (a prompt with n choices takes n places), up to --max-context prompt tokens in all (at least one request). One step runs
-        them through each layer together, so a streamed layer's experts cross PCIe once for all."""
+        room for (a prompt with n choices takes n places), up to --max-context prompt tokens in all
+        (at least one request). One step runs them through each layer together, so a streamed
+        layer's experts cross PCIe once for all."""
         room, budget, batch = self.opts.max_batch - len(self.running), self.opts.max_context, []
         while self.waiting:
             n, choices = len(self.waiting[0].context_ids()), 1 + len(self.waiting[0].forks)

@@ -45,7 +45,7 @@ class StageExperts:
             "prefill_strategy": self.prefill.name, "decode_strategy": self.decode.name,
             "vram_plan_mb": self.plan.report(),
             "hot_experts": len(self.hot.members) if self.hot is not None else 0,
-            "prefill_resident_layers": len(getattr(self.prefill, "kept", ())),
+            "prefill_resident_layers": self.prefill.resident_layers(),
             "prefill_streamed_bytes": self.prefill.streamed_bytes(),
         }
         if self.host.device.type == "cuda":

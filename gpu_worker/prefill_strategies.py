@@ -63,6 +63,10 @@ class PrefillStrategy(RoutedExperts):
         """Expert bytes a prefill step copies to the device (None: it depends on the routing)."""
         return None
 
+    def resident_layers(self) -> int:
+        """MoE layers whose experts stay in device memory for every step."""
+        return 0
+
 
 class Persistent(PrefillStrategy):
     """Every expert of the stage copied to the device once, at start. On a CPU device the store's
@@ -86,6 +90,9 @@ class Persistent(PrefillStrategy):
 
     def streamed_bytes(self):
         return 0
+
+    def resident_layers(self):
+        return len(self.host.layers)
 
     def nbytes(self):
         return self._bytes
@@ -144,6 +151,9 @@ class LayerGrouped(PrefillStrategy):
 
     def streamed_bytes(self) -> int:
         return sum(self.host.layer_bytes(layer) for grp in self.groups for layer in grp)
+
+    def resident_layers(self) -> int:
+        return len(self.kept)
 
     def nbytes(self):
         return sum(s.nbytes() for s in (self.stager, self._resident) if s is not None)

@@ -182,11 +182,10 @@ def stage_plan(family: ModelFamily, layout: StoreLayout, spec: dict, dtype_bytes
 def auto_prefill(plan_for) -> tuple[str, VramPlan]:
     """The first of AUTO_PREFILL whose plan fits (`plan_for(name)` -> VramPlan, or VramBudgetError);
     the last one's error when none does."""
-    for name in AUTO_PREFILL:
+    for name in AUTO_PREFILL[:-1]:
         try:
             return name, plan_for(name)
         except VramBudgetError:
-            if name == AUTO_PREFILL[-1]:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return AUTO_PREFILL[-1], plan_for(AUTO_PREFILL[-1])
 

@@ -67,7 +67,7 @@ def test_each_expert_copied_once_per_step(model, prefill, monkeypatch):
     grouped = prefill.startswith("layer_grouped")
     resident = stage.experts.prefill.kept if grouped else {}
     # with no VRAM limit (a CPU device) layer_grouped keeps half the layers resident, copied at start
-    assert len(resident) == (len(moe) // 2 if grouped else 0)
+    assert len(resident) == (len(moe) // 2 if grouped else 0) == stage.experts.prefill.resident_layers()
     assert sum(copied) == sum(per_layer[i] for i in resident)
     ref = tm.reference_model(model)
     for step in range(2):
