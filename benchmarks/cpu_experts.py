@@ -9,7 +9,13 @@
    and INT8 with groups of 128, one call per layer, rotating over enough layers that the weights
    total >= --gb GB, so an expert's weights are never in cache when read. Each --c-flags adds a
    build of the C kernel with those extra compiler flags (e.g. -DPREFETCH=4096) as another row.
-3. Each kernel's arithmetic alone: one thread, M = 1, one expert whose weights stay in cache, in
+3. Decode's rhythm (--gap-us): the C kernel at M = 1, each call followed by a wait of the GPU
+   worker's turn (attention and router of the next layer: ~90 us on the H200 hosts), during which
+   the pool either idles or runs its lookahead (expert_kernel.c: krasis_lookahead) on the next
+   layer's experts, with a guess that names --right of its top-k correctly (the rest random
+   wrong experts). The figure is the layer's time (kernel plus turn) against the floor, the
+   layer's bytes at the DRAM ceiling, as a decode step's floor counts it.
+4. Each kernel's arithmetic alone: one thread, M = 1, one expert whose weights stay in cache, in
    G weights/s; times the threads, against the ceiling in weights/s, it tells whether a kernel that
    falls short of the ceiling is compute-bound.
 Weights read per call = the bytes (codes and scales) of the distinct experts its tokens chose.
@@ -28,10 +34,12 @@ import os
 import shlex
 import time
 
+import numpy as np
 import torch
 
 from krasis.cpu_worker import native
 from krasis.cpu_worker.expert_kernel import moe_layer, set_threads
+from krasis.cpu_worker.lookahead import l2_bytes
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
 from krasis.shared.moe import moe_reference, moe_reference_q8
@@ -147,6 +155,39 @@ def bench(layer, fmt: ExpertFormat, layers, m: int, seconds: float, gen: torch.G
     return nbytes / elapsed / 1e9, elapsed / n * 1e3
 
 
+def decode_rhythm(fmt: ExpertFormat, layers, gap_us: float, right: int | None, budget: int, seconds: float,
+                  gen: torch.Generator) -> tuple[float, float, float]:
+    """(kernel ms, layer ms with the turn, GB/s of weights over the kernel's time) at M = 1 with a
+    turn of gap_us after each call; `right` None: no lookahead, else the guess names that many of the
+    next call's experts."""
+    c = native.load()
+    bits = int(fmt.kind[3:])
+    runs = [c.bind(t, bits, 0, EXPERTS, "silu", Threads.n) for t in layers]
+    aheads = [c.bind_lookahead(t, bits, 0, EXPERTS, Threads.n) for t in layers]
+    x, w, out = torch.randn(1, HIDDEN, generator=gen).to(torch.bfloat16), torch.rand(1, TOP_K), torch.empty(1, HIDDEN)
+    words, seen = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    words[0] = seen.ctypes.data  # a word that never changes: the turn's time limit ends each lookahead
+    calls = [torch.randperm(EXPERTS, generator=gen)[:TOP_K].view(1, TOP_K).to(torch.int32) for _ in range(64)]
+    per_expert = expert_bytes(layers[0])
+    n, kernel_s, t_start = 0, 0.0, time.perf_counter()
+    while time.perf_counter() - t_start < seconds or n < 2 * len(layers):
+        ids = calls[n % len(calls)]
+        t0 = time.perf_counter()
+        runs[n % len(runs)](x, ids, w, out)
+        t1 = time.perf_counter()
+        kernel_s += t1 - t0
+        if right is not None:
+            nxt = calls[(n + 1) % len(calls)][0]
+            others = [e for e in torch.randperm(EXPERTS, generator=gen).tolist() if e not in nxt.tolist()]
+            guess = torch.tensor([nxt.tolist()[:right] + others[: TOP_K - right]], dtype=torch.int32)
+            aheads[(n + 1) % len(aheads)](x, guess, words, seen, budget, gap_us * 1e-6)
+        while time.perf_counter() - t1 < gap_us * 1e-6:
+            pass
+        n += 1
+    total = time.perf_counter() - t_start
+    return kernel_s / n * 1e3, total / n * 1e3, n * TOP_K * per_expert / kernel_s / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads (default: all cores)")
@@ -155,6 +196,9 @@ def main() -> None:
     ap.add_argument("--c-flags", action="append", default=[], metavar="FLAGS",
                     help="also time a C build with these extra compiler flags (repeatable)")
     ap.add_argument("--formats", default="int4,int8", help="formats to time, in order")
+    ap.add_argument("--gap-us", type=float, default=90.0, help="the GPU worker's turn between two layer calls (0: skip part 3)")
+    ap.add_argument("--right", default="8,6,4", help="part 3's guesses: how many of the next call's top-k each names")
+    ap.add_argument("--lookahead-kb", type=int, default=l2_bytes() >> 10, help="lookahead bytes per thread (default: one core's L2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     Threads.use(args.threads)
@@ -165,7 +209,7 @@ def main() -> None:
     layer_fns = kernels(args.c_flags)
     ceiling = dram_read_gbs(max(args.gb, 2.0))
     print(f"DRAM read (float32 sum over {max(args.gb, 2.0):.1f} GB): {ceiling:.1f} GB/s", flush=True)
-    rows, rates = [], []
+    rows, rates, turns = [], [], []
     for kind in args.formats.split(","):
         fmt = ExpertFormat(kind, group_size=128)
         layers = make_layers(fmt, args.gb, gen)
@@ -191,12 +235,28 @@ def main() -> None:
                 gbs, ms = bench(layer, fmt, layers, m, args.seconds, gen)
                 rows.append((kind, m, name, ms, gbs, gbs / ceiling))
                 print(f"  M={m} {name}: {ms:.3f} ms/layer, {gbs:.1f} GB/s, {gbs / ceiling:.0%} of DRAM read", flush=True)
+        if args.gap_us > 0:
+            floor_ms = TOP_K * expert_bytes(layers[0]) / ceiling / 1e6
+            for right in [None, *map(int, args.right.split(","))]:
+                k_ms, l_ms, gbs = decode_rhythm(fmt, layers, args.gap_us, right, (args.lookahead_kb << 10) * args.threads,
+                                                args.seconds, gen)
+                how = "no lookahead" if right is None else f"lookahead, guess {right}/{TOP_K} right"
+                turns.append((kind, how, k_ms, l_ms, gbs, floor_ms / l_ms))
+                print(f"  M=1 + {args.gap_us:.0f} us turn, {how}: kernel {k_ms:.3f} ms ({gbs:.1f} GB/s), layer {l_ms:.3f} ms, "
+                      f"{floor_ms / l_ms:.0%} of the floor", flush=True)
         del layers
         torch.set_num_threads(args.threads)
     print(f"\n| format | M | kernel | ms / layer | weights GB/s | fraction of {ceiling:.1f} GB/s |")
     print("|---|---|---|---|---|---|")
     for kind, m, name, ms, gbs, frac in rows:
         print(f"| {kind} | {m} | {name} | {ms:.3f} | {gbs:.1f} | {frac:.0%} |")
+    if turns:
+        print(f"\nDecode's rhythm: M = 1, each call followed by a {args.gap_us:.0f} us turn of the GPU worker; lookahead "
+              f"{args.lookahead_kb} KiB a thread; floor = a layer's bytes at {ceiling:.1f} GB/s")
+        print("| format | during the turn | kernel ms | kernel GB/s | layer ms (kernel + turn) | of the floor |")
+        print("|---|---|---|---|---|---|")
+        for kind, how, k_ms, l_ms, gbs, frac in turns:
+            print(f"| {kind} | {how} | {k_ms:.3f} | {gbs:.1f} | {l_ms:.3f} | {frac:.0%} |")
     print(f"\nArithmetic alone (1 thread, weights in cache), and {args.threads} threads' worth against the ceiling:")
     print(f"| format | kernel | G weights/s, 1 thread | x {args.threads} threads, as GB/s of weights | / {ceiling:.1f} GB/s |")
     print("|---|---|---|---|---|")

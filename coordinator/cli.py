@@ -136,16 +136,19 @@ def runtime_options(f):
                   help="GB of device memory per GPU for weights, KV cache, staging, activations and hot experts.")
     @click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
                   help="KV cache: FP8 e4m3 with per-row scales, or the compute dtype; auto is fp8 except with --dtype float32.")
+    @click.option("--lookahead-kb", type=click.IntRange(min=0),
+                  help="KiB of the next layer's likely experts each CPU pool thread reads into its caches while the "
+                  "GPU runs its part of a decode layer (default: one core's L2; 0: off).")
     @quant_options
     @host_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                prefill_strategy, decode_strategy, vram_budget, kv_dtype, hosts, **kw):
+                prefill_strategy, decode_strategy, vram_budget, kv_dtype, lookahead_kb, hosts, **kw):
         opts = RuntimeOptions(**hosts,
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
             max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
-            decode_strategy=decode_strategy, vram_budget=vram_budget, kv_dtype=kv_dtype,
+            decode_strategy=decode_strategy, vram_budget=vram_budget, kv_dtype=kv_dtype, lookahead_kb=lookahead_kb,
         )
         return f(*args, opts=opts, **kw)
 

@@ -78,7 +78,7 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
                 peers = len(range(i % len(nodes), n_pool, len(nodes)))  # pool processes on this node
                 share = [c for j, c in enumerate(node_cores) if j % peers == i // len(nodes)] or node_cores
                 spec = dict(node=i, model=model_dir, bind=pool_eps[i], coord=stages.coord, cores=share,
-                            threads=len(share), store=store,
+                            threads=len(share), store=store, lookahead_kb=opts.lookahead_kb,
                             mailbox=dict(boxes, slots=[k * n_pool + i for k in range(local)]))
                 group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, [*fds, box_fd])
             await await_ready("cpu", n_pool, bar)

@@ -55,6 +55,9 @@ class RuntimeOptions:
     cpu_bits: int = 16  # routed experts in the CPU pool's shared store (decode)
     attn_bits: int = 16  # dense GPU weights: attention, shared experts, dense MLPs, lm_head
     group_size: int = 128  # expert quantization group along the input dimension
+    # KiB of the next layer's likely experts each CPU pool thread reads ahead while the GPU works
+    # (cpu_worker/lookahead.py); None: one core's L2, 0: off
+    lookahead_kb: int | None = None
     cache_dir: str | None = None  # default: convert.cache_dir (MODEL/.krasis_cache, ...)
     rebuild: bool = False  # rebuild the caches even when they look current
     gguf: str | None = None  # a GGUF file the routed experts are read from instead of MODEL

@@ -555,6 +555,45 @@ static void *scratch_get(size_t n) {
     return scratch;
 }
 
+/* The assignments of ids [mk] (top-k slots of mk / topk tokens) whose expert e = id - first lies in
+ * [0, count), grouped by expert: the na active experts in increasing order, assignment p of active
+ * expert a in [off[a], off[a + 1]) with its token tok[p] and slot[p], in token order. fill [count] is
+ * scratch. Returns na. */
+static int group_by_expert(const int32_t *ids, size_t mk, int topk, int64_t first, int64_t count, int32_t *fill,
+                           int32_t *active, int32_t *off, int32_t *tok, int32_t *slot) {
+    memset(fill, 0, sizeof(int32_t) * count);
+    for (size_t i = 0; i < mk; i++) {
+        int64_t e = ids[i] - first;
+        if (e >= 0 && e < count) fill[e]++;
+    }
+    int na = 0, P = 0;
+    for (int64_t e = 0; e < count; e++)
+        if (fill[e]) {
+            active[na] = (int32_t)e;
+            off[na++] = P;
+            int c = fill[e];
+            fill[e] = P;
+            P += c;
+        }
+    off[na] = P;
+    for (size_t i = 0; i < mk; i++) {
+        int64_t e = ids[i] - first;
+        if (e >= 0 && e < count) {
+            tok[fill[e]] = (int32_t)(i / topk);
+            slot[fill[e]++] = (int32_t)(i % topk);
+        }
+    }
+    return na;
+}
+
+/* Thread tid's share [*a, *b) of n work items split evenly over nt threads: phase 1's rows of the
+ * active experts and phase 2's output rows (the lookahead reads each thread's share of a layer by
+ * the same split, so the bytes land in the caches of the core that will read them). */
+INLINE void share(long n, int tid, int nt, long *a, long *b) {
+    *a = n * tid / nt;
+    *b = n * (tid + 1) / nt;
+}
+
 /* out [M, H] float32 = sum over the top-k slots of each token whose expert e = ids - first lies in
  * [0, count): weights * (W2_e act(W13_e x + b13_e) + b2_e); x is bf16 when xbf16, else float32 (INT4
  * with bf16 x runs the Q8 path). ids are int32 and out float32 whatever x is, because those are the
@@ -583,29 +622,7 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
     int32_t *fill = (int32_t *)(ap + mk * p2.bytes), *active = fill + count, *off = active + count;
     int32_t *tok = off + mk + 1, *slot = tok + mk;
 
-    /* Assignments grouped by expert, in token order within each. */
-    memset(fill, 0, sizeof(int32_t) * count);
-    for (size_t i = 0; i < mk; i++) {
-        int64_t e = ids[i] - first;
-        if (e >= 0 && e < count) fill[e]++;
-    }
-    int na = 0, P = 0;
-    for (int64_t e = 0; e < count; e++)
-        if (fill[e]) {
-            active[na] = (int32_t)e;
-            off[na++] = P;
-            int c = fill[e];
-            fill[e] = P;
-            P += c;
-        }
-    off[na] = P;
-    for (size_t i = 0; i < mk; i++) {
-        int64_t e = ids[i] - first;
-        if (e >= 0 && e < count) {
-            tok[fill[e]] = (int32_t)(i / topk);
-            slot[fill[e]++] = (int32_t)(i % topk);
-        }
-    }
+    const int na = group_by_expert(ids, mk, topk, first, count, fill, active, off, tok, slot), P = off[na];
     if (!na) {
         memset(out, 0, sizeof(float) * M * H);
         return 0;
@@ -623,8 +640,9 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             prepare(bits, (const char *)x + (size_t)t * H * (xbf16 ? 2 : 4), xbf16, H, G13, p1, xp + (size_t)t * p1.bytes);
 
         /* Phase 1: unit u = row r of expert active[u / I], i.e. gate row r and up row I + r. */
-        const long n1 = (long)na * I;
-        for (long u = n1 * tid / nt, u1 = n1 * (tid + 1) / nt; u < u1;) {
+        long u, u1, h0, h1;
+        share((long)na * I, tid, nt, &u, &u1);
+        while (u < u1) {
             const int a = (int)(u / I), r = (int)(u % I), e = active[a];
             const int n = off[a + 1] - off[a];
             const int pairs = tile_rows(n) / 2 <= u1 - u && tile_rows(n) / 2 <= I - r ? tile_rows(n) / 2 : 1;
@@ -668,13 +686,13 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         }
 
         /* Phase 2: this thread's output rows [h0, h1) for every token. */
-        const int h0 = (int)((long)H * tid / nt), h1 = (int)((long)H * (tid + 1) / nt);
+        share(H, tid, nt, &h0, &h1);
         for (int t = 0; t < M; t++) memset(out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
         for (int a = 0; a < na; a++) {
             const int e = active[a], n = off[a + 1] - off[a];
             const uint8_t *q = q2 + e * q2_e;
             const uint16_t *s = s2 + e * s2_e;
-            for (int h = h0; h < h1;) {
+            for (int h = (int)h0; h < h1;) {
                 int R = tile_rows(n);
                 while (R > h1 - h) R /= 2;
                 const uint8_t *rows[4];
@@ -699,4 +717,133 @@ int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         }
     }
     return P;
+}
+
+/* Lookahead. In decode the pool's cores and DRAM idle while the GPU worker runs its part of the
+ * next layer (attention, router: ~90 us a layer on the H200 hosts, a quarter of a layer's time at
+ * M=1), and then the next call reads its experts from DRAM. The next layer's router applied to this
+ * layer's input names most of the experts the next layer will choose: the residual stream changes
+ * little from one layer to the next (the "pre-gated MoE" observation). krasis_lookahead reads those
+ * experts' bytes during the wait, each thread the rows that krasis_moe_layer will give it if the
+ * guess holds (the same grouping and split), in the order it will read them, so they wait in that
+ * core's L2 (and the L3). It stops when any of the mailbox request numbers `words` differs from
+ * `seen` (the next request is in: the kernel must not wait for the lookahead), at `max_s` seconds
+ * (> 0), or when each thread has read its share of `budget` bytes (what its caches keep). A wrong
+ * guess only costs DRAM time nobody was using.
+ *
+ * router [E, H] bf16 (plus bias [E] float32 or NULL) of the next layer: ids = top-k over experts of
+ * x . router + bias, per token of x [M, H] (bf16 when xbf16, else float32), written into
+ * predicted [M, topk]. router NULL: predicted holds the ids to read (given by the caller). Returns
+ * the bytes read, or -1 when out of memory. */
+static volatile uint64_t lookahead_sink; /* keeps the reads from being optimised away */
+
+typedef struct {
+    const int64_t *const *words;
+    const int64_t *seen;
+    int nwords;
+    double until;
+    volatile int stop;
+} halt_t;
+
+static int halted(halt_t *h) {
+    if (h->stop) return 1;
+    for (int i = 0; i < h->nwords; i++)
+        if (*(const volatile int64_t *)h->words[i] != h->seen[i]) return h->stop = 1;
+    if (h->until > 0 && omp_get_wtime() >= h->until) return h->stop = 1;
+    return 0;
+}
+
+/* Read n bytes from p, a cache line at a time, in pieces of 4 KiB between checks of `h`, no more
+ * than *left in all; returns 0 once halted or out of budget. */
+static int touch(const uint8_t *p, size_t n, int64_t *left, halt_t *h, uint64_t *acc) {
+    for (size_t done = 0; done < n;) {
+        if (*left <= 0 || halted(h)) return 0;
+        size_t c = n - done < 4096 ? n - done : 4096;
+        for (size_t o = 0; o < c; o += 64) *acc += p[done + o];
+        done += c;
+        *left -= (int64_t)c;
+    }
+    return 1;
+}
+
+int64_t krasis_lookahead(int bits, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16, const void *x,
+                         const uint16_t *router, const float *bias, int E, int64_t first, int64_t count,
+                         const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2,
+                         const int64_t *const *words, const int64_t *seen, int nwords, double max_s, int64_t budget,
+                         int32_t *predicted) {
+    const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I;
+    const size_t mk = (size_t)M * topk;
+    const size_t q13_e = (size_t)2 * I * nb13, s13_e = (size_t)2 * I * G13;
+    const size_t q2_e = (size_t)H * nb2, s2_e = (size_t)H * G2;
+    halt_t h = {words, seen, nwords, max_s > 0 ? omp_get_wtime() + max_s : 0.0, 0};
+    float *logits = malloc(sizeof(float) * (size_t)M * (router ? E : 1));
+    int32_t *idx = malloc(sizeof(int32_t) * (2 * (size_t)count + 1 + 3 * mk));
+    if (!logits || !idx) {
+        free(logits), free(idx);
+        return -1;
+    }
+    int32_t *fill = idx, *active = fill + count, *off = active + count, *tok = off + mk + 1, *slot = tok + mk;
+    int na = 0;
+    int64_t total = 0;
+
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (router) {
+#pragma omp for schedule(static)
+            for (int e = 0; e < E; e++)
+                for (int t = 0; t < M; t++) {
+                    const uint16_t *w = router + (size_t)e * H;
+                    float acc = 0.0f;
+                    if (xbf16) {
+                        const uint16_t *xt = (const uint16_t *)x + (size_t)t * H;
+#pragma omp simd reduction(+ : acc)
+                        for (int k = 0; k < H; k++) acc += bf16(xt[k]) * bf16(w[k]);
+                    } else {
+                        const float *xt = (const float *)x + (size_t)t * H;
+#pragma omp simd reduction(+ : acc)
+                        for (int k = 0; k < H; k++) acc += xt[k] * bf16(w[k]);
+                    }
+                    logits[(size_t)t * E + e] = acc + (bias ? bias[e] : 0.0f);
+                }
+#pragma omp single
+            for (int t = 0; t < M; t++) { /* top-k by selection: k and E are small */
+                float *l = logits + (size_t)t * E;
+                for (int j = 0; j < topk; j++) {
+                    int best = 0;
+                    for (int e = 1; e < E; e++)
+                        if (l[e] > l[best]) best = e;
+                    predicted[(size_t)t * topk + j] = best;
+                    l[best] = -INFINITY;
+                }
+            }
+        }
+#pragma omp single
+        na = group_by_expert(predicted, mk, topk, first, count, fill, active, off, tok, slot);
+
+        int64_t left = budget / nt;
+        uint64_t acc = 0;
+        long u, u1, h0, h1;
+        share((long)na * I, tid, nt, &u, &u1);
+        int go = 1;
+        for (; go && u < u1; u++) { /* phase 1: gate row r and up row I + r of expert active[u / I] */
+            const size_t e = active[u / I], r = u % I;
+            const uint8_t *q = q13 + e * q13_e;
+            const uint16_t *s = s13 + e * s13_e;
+            go = touch(q + r * nb13, nb13, &left, &h, &acc) && touch(q + (I + r) * nb13, nb13, &left, &h, &acc)
+                 && touch((const uint8_t *)(s + r * G13), 2 * G13, &left, &h, &acc)
+                 && touch((const uint8_t *)(s + (I + r) * G13), 2 * G13, &left, &h, &acc);
+        }
+        share(H, tid, nt, &h0, &h1);
+        for (int a = 0; go && a < na; a++) { /* phase 2: output rows [h0, h1) of every active expert */
+            const size_t e = active[a];
+            go = touch(q2 + e * q2_e + h0 * nb2, (h1 - h0) * nb2, &left, &h, &acc)
+                 && touch((const uint8_t *)(s2 + e * s2_e + h0 * G2), 2 * (h1 - h0) * G2, &left, &h, &acc);
+        }
+#pragma omp atomic
+        lookahead_sink += acc;
+        total += budget / nt - left;
+    }
+    free(logits), free(idx);
+    return total;
 }

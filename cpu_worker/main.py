@@ -22,8 +22,9 @@ from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
 from .expert_kernel import layer_kernel, set_threads, warm_up
+from .lookahead import Lookahead, bind as bind_lookahead, l2_bytes
 from ..shared.weight_cache import store_writer
-from ..shared.weights import load_family
+from ..shared.weights import load_family, open_source
 
 # While decode is under way the pool polls its mailbox slots without pause; after SPIN_S without work
 # it waits on its control socket in POLL_MS naps (main() says why).
@@ -72,7 +73,8 @@ def main() -> None:
     # Per call, on this process's clock: kernel_s the kernel; serve_s from seeing the request to
     # answering it (kernel_s plus this loop's own work); gap_s the wait since the previous answer when
     # the request is a later layer of the same step (the GPU worker's part of the hop: its layer's
-    # work and both crossings), step_gap_s when it starts a new step.
+    # work and both crossings, during which the lookahead runs), step_gap_s when it starts a new step.
+    # The lookahead's own counters (lookahead.py) join these in the stats.
     work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "pairs": 0, "max_m": 0,
             "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0}
     last = {"answered": None, "layer": -1}
@@ -87,6 +89,12 @@ def main() -> None:
     )
     boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
     slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
+    # each thread's share of what the lookahead reads: what one core's L2 holds, unless told
+    share = spec.get("lookahead_kb")
+    budget = (l2_bytes(min(os.sched_getaffinity(0))) if share is None else share << 10) * spec["threads"]
+    aheads = bind_lookahead(family, layout, store, node, open_source(spec["model"], spec["store"].get("gguf")).get,
+                            spec["threads"]) if budget else {}
+    ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers})
 
     def serve(slot: Slot, number: int, seen: float) -> None:
         """Run the slot's request; the kernel writes its reply into the slot in place."""
@@ -106,6 +114,9 @@ def main() -> None:
             traceback.print_exc()
             slot.answer(number, error=f"{type(e).__name__}: {e}")
             return
+        # the request's ids and x stay in the slot until the GPU worker's next request
+        ahead.score(layer, ids)
+        ahead.after(layer, x, ids.shape[1])
         m = x.shape[0]
         work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, pairs=work["pairs"] + pairs, max_m=max(work["max_m"], m),
                     kernel_s=work["kernel_s"] + t1 - t0, serve_s=work["serve_s"] + t2 - seen)
@@ -126,7 +137,7 @@ def main() -> None:
         if isinstance(msg, P.Shutdown):
             return False
         if isinstance(msg, P.Stats):
-            sock.send_multipart([ident, *P.encode(P.StatsReply(stats=work))])
+            sock.send_multipart([ident, *P.encode(P.StatsReply(stats={**work, **ahead.stats}))])
         else:
             sock.send_multipart([ident, *P.encode(P.WorkerError(role="cpu", rank=node, step=-1, message=f"unexpected {msg.TYPE}"))])
         return True

@@ -76,21 +76,22 @@ class CKernel:
 
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
-        fn = lib.krasis_moe_layer
         i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+        fn = lib.krasis_moe_layer
         fn.argtypes = [i] * 10 + [p] * 3 + [i64] * 2 + [p] * 7
         fn.restype = i
-        self.fn = fn
+        ahead = lib.krasis_lookahead
+        ahead.argtypes = [i] * 9 + [p] * 3 + [i, i64, i64] + [p] * 6 + [i, ctypes.c_double, i64, p]
+        ahead.restype = i64
+        self.fn, self.ahead = fn, ahead
         # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
         self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
 
-    def bind(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int):
-        """run(x, ids, weights, out) for experts [first, first + count) whose tensors are `t`: writes
-        the float32 partial sum of x [M, H] (bf16 or float32) into out (float32 [M, H], contiguous),
-        ids int32 and weights float32 [M, k] as the mailbox slot holds them, and returns how many
-        (token, choice) pairs were the block's. None where the kernel does not apply: an INT4 group
-        that ends inside a byte."""
+    @staticmethod
+    def _block(t: dict[str, torch.Tensor], bits: int, count: int):
+        """(hidden, inter, g13, g2, [q13, s13, q2, s2, b13, b2]) of a block of experts' tensors, checked
+        to fit together; None where the kernel does not apply: an INT4 group that ends inside a byte."""
         q13, s13, q2, s2 = t["w13.q"], t["w13.s"], t["w2.q"], t["w2.s"]
         n, rows13, row13 = q13.shape
         _, hidden, row2 = q2.shape
@@ -107,8 +108,19 @@ class CKernel:
         b13, b2 = t.get("b13"), t.get("b2")
         if b13 is not None and (b13.shape != (n, rows13) or b2.shape != (n, hidden)):
             raise ValueError(f"expert biases {list(b13.shape)}, {list(b2.shape)} do not fit the weights")
+        return hidden, inter, g13, g2, [q13, s13, q2, s2, *(None if b is None else b.contiguous() for b in (b13, b2))]
+
+    def bind(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int):
+        """run(x, ids, weights, out) for experts [first, first + count) whose tensors are `t`: writes
+        the float32 partial sum of x [M, H] (bf16 or float32) into out (float32 [M, H], contiguous),
+        ids int32 and weights float32 [M, k] as the mailbox slot holds them, and returns how many
+        (token, choice) pairs were the block's. None where the kernel does not apply: an INT4 group
+        that ends inside a byte."""
+        block = self._block(t, bits, count)
+        if block is None:
+            return None
+        hidden, inter, g13, g2, held = block
         fn, head, dims = self.fn, (bits, ACTS[act], threads), (hidden, inter, g13, g2)
-        held = [q13, s13, q2, s2, *(None if b is None else b.contiguous() for b in (b13, b2))]
 
         def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> int:
             m, k = ids.shape
@@ -128,6 +140,43 @@ class CKernel:
             return rc
 
         return run
+
+    def bind_lookahead(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, threads: int,
+                       router: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        """ahead(x, predicted, words, seen, budget, max_s) -> bytes read: krasis_lookahead
+        (expert_kernel.c) on the block `t` of the NEXT layer, with that layer's router [E, H] (made
+        bf16) and bias [E]: reads into this process's caches the experts that top-k(x . router + bias)
+        names, writing those ids into `predicted` (int32 [M, k]); without a router, the ids already in
+        `predicted`. It stops when a word at the addresses `words` (int64 numpy array) differs from
+        `seen` (same length), after max_s seconds (> 0), or at `budget` bytes. None where the kernel
+        does not apply."""
+        block = self._block(t, bits, count)
+        if block is None:
+            return None
+        hidden, inter, g13, g2, held = block
+        fn, dims, pointers = self.ahead, (hidden, inter, g13, g2), [h.data_ptr() for h in held[:4]]
+        if router is not None:
+            router = router.to(torch.bfloat16).contiguous()
+            bias = None if bias is None else bias.float().contiguous()
+            if router.shape[1] != hidden or (bias is not None and bias.shape != router.shape[:1]):
+                raise ValueError(f"router {list(router.shape)} does not fit experts of hidden size {hidden}")
+        experts = 0 if router is None else router.shape[0]
+        r_ptr, b_ptr = (None if v is None else v.data_ptr() for v in (router, bias))
+
+        def ahead(x: torch.Tensor, predicted: torch.Tensor, words, seen, budget: int, max_s: float = 0.0) -> int:
+            m, k = predicted.shape
+            if x.shape != (m, hidden) or x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous() \
+                    or predicted.dtype != torch.int32 or not predicted.is_contiguous() or len(words) != len(seen):
+                raise ValueError(f"x {list(x.shape)} {x.dtype}, predicted {list(predicted.shape)} {predicted.dtype} "
+                                 f"do not fit experts of hidden size {hidden}")
+            rc = fn(bits, threads, m, k, *dims, x.dtype == torch.bfloat16, x.data_ptr(), r_ptr, b_ptr, experts, first,
+                    count, *pointers, words.ctypes.data, seen.ctypes.data, len(words), max_s, budget, predicted.data_ptr())
+            if rc < 0:
+                raise MemoryError("the C lookahead could not allocate its buffers")
+            return rc
+
+        ahead.keep = (router, bias, held)  # the tensors whose addresses the call holds
+        return ahead
 
     def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
         """moe_layer's contract in one call: the partial sum in x's dtype (rounded once, from

@@ -151,7 +151,7 @@ class DeepseekV2Layer(DecoderLayer):
             return [(get(f"{prefix}{n}_proj.weight"), opt(f"{prefix}{n}_proj.bias")) for n in ("gate", "up", "down")]
 
         if self.is_moe:
-            self.router = get(p + "mlp.gate.weight")
+            self.router = get(fam.router_names(index)[0])
             self.shared_mlp = mlp(p + "mlp.shared_experts.") if fam.n_shared else None
         else:
             self.mlp = mlp(p + "mlp.")

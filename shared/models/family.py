@@ -122,6 +122,12 @@ class ModelFamily:
             out[p + "down_proj.weight"] = (es.hidden, es.inter)
         return out
 
+    def router_names(self, layer: int) -> tuple[str, str | None]:
+        """HF names of a MoE layer's router weight [E, H] and of the bias its logits get before the
+        top-k (None: no bias); the CPU pool guesses the next layer's experts with them
+        (cpu_worker/lookahead.py)."""
+        return f"model.layers.{layer}.mlp.gate.weight", None
+
     def load_expert(self, get: Getter, layer: int, e: int) -> dict[str, torch.Tensor]:
         """One routed expert as {'gate': [I, H], 'up': [I, H], 'down': [H, I]} (plus 'gate_bias',
         'up_bias', 'down_bias' when ExpertShape.bias), whatever the checkpoint's layout."""

@@ -77,6 +77,10 @@ class GptOss(ModelFamily):
         self.rotary = Rotary(inv_freq, attn_factor)
         self._fused: tuple[int, dict[str, torch.Tensor]] | None = None
 
+    def router_names(self, layer: int) -> tuple[str, str | None]:
+        p = f"model.layers.{layer}.mlp.router."
+        return p + "weight", p + "bias"
+
     def is_moe(self, layer: int) -> bool:
         return True
 
@@ -148,7 +152,7 @@ class GptOssLayer(DecoderLayer):
         self.bo = get(a + "o_proj.bias") if fam.attention_bias else None
         self.sinks = get(a + "sinks")
         self.window = fam.sliding_window if fam.layer_types[index] == "sliding_attention" else None
-        self.router, self.router_bias = get(p + "mlp.router.weight"), get(p + "mlp.router.bias")
+        self.router, self.router_bias = map(get, fam.router_names(index))
         self.rotary = fam.rotary.to(self.wqkv.device)
 
     def attention(self, x, slices, positions, kv):

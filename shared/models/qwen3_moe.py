@@ -99,7 +99,7 @@ class Qwen3MoeLayer(DecoderLayer):
         self.q_norm, self.k_norm = get(a + "q_norm.weight"), get(a + "k_norm.weight")
         self.rotary = fam.rotary.to(self.wqkv.device)
         if self.is_moe:
-            self.router = get(p + "mlp.gate.weight")
+            self.router = get(fam.router_names(index)[0])
         else:
             self.mlp = tuple(get(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
 

@@ -187,7 +187,7 @@ class Qwen3NextLayer(DecoderLayer):
             self.q_norm, self.k_norm = get(a + "q_norm.weight"), get(a + "k_norm.weight")
             self.rotary = fam.rotary.to(self.wqkv.device)
         if self.is_moe:
-            self.router = get(p + "mlp.gate.weight")
+            self.router = get(fam.router_names(index)[0])
             self.shared_mlp = tuple(get(p + f"mlp.shared_expert.{n}_proj.weight") for n in ("gate", "up", "down"))
             self.shared_gate = get(p + "mlp.shared_expert_gate.weight")
         else:

@@ -1,0 +1,95 @@
+"""The pool's lookahead: while the GPU worker runs its part of the next layer, read the experts that
+layer will probably choose into the pool cores' caches (expert_kernel.c: krasis_lookahead says why
+and how). After answering layer L, the pool applies layer L+1's router to layer L's input, still in
+the slot, and reads what its top-k names, each thread the rows the kernel will give it, until the
+next request arrives. When that request is for layer L+1, its ids score the guess (`stats`).
+
+The input is read from the slot after the reply, while the GPU worker cannot yet write the next one
+(it first runs attention and the router, tens of microseconds): a guess made from a torn input
+would only read the wrong experts, never change a result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..shared.mailbox import REQUEST, Slot
+from .expert_kernel import c_kernel
+
+
+def l2_bytes(cpu: int = 0) -> int:
+    """The L2 cache of one core (sysfs), 1 MiB where it cannot be read: the default share of each
+    pool thread, since what it reads must still be in its caches when the kernel wants it."""
+    for index in sorted(Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                text = (index / "size").read_text().strip()
+                return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
+        except (OSError, ValueError, KeyError):
+            break
+    return 1 << 20
+
+
+def bind(family, layout, store, node: int, get, threads: int) -> dict:
+    """layer -> (the next MoE layer of the store, krasis_lookahead bound to that layer's block of
+    experts on this node and its router); empty where the C kernel is not used (numba, or a dense
+    store)."""
+    c = c_kernel()
+    if c is None or layout.fmt.kind not in ("int4", "int8"):
+        return {}
+    bits = int(layout.fmt.kind[3:])
+    out = {}
+    for layer, nxt in zip(layout.moe_layers, layout.moe_layers[1:]):
+        a, b = layout.range(nxt, node)
+        weight, bias = family.router_names(nxt)
+        ahead = c.bind_lookahead(store.tensors(nxt, node), bits, a, b - a, threads, get(weight), bias and get(bias))
+        if ahead is not None:
+            out[layer] = (nxt, ahead)
+    return out
+
+
+class Lookahead:
+    """`after(layer, x)` runs the lookahead of the layer after `layer`; `score(layer, ids)` compares
+    a request's ids with the guess made for it. `aheads`: layer -> (the next MoE layer, its bound
+    krasis_lookahead: native.CKernel.bind_lookahead); `first, count` the pool's block of experts."""
+
+    def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]]):
+        self.aheads, self.budget, self.first_count = aheads, budget, first_count
+        # the request numbers of every slot: any new request ends the lookahead
+        self.words = np.array([slot.hdr.ctypes.data + REQUEST * slot.hdr.itemsize for slot in slots], dtype=np.int64)
+        self.seen = np.zeros(len(slots), dtype=np.int64)
+        self.slots = slots
+        self._guess: dict[int, torch.Tensor] = {}  # M -> the int32 [M, k] buffer the kernel writes its guess into
+        self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
+        self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
+
+    def after(self, layer: int, x: torch.Tensor, k: int) -> None:
+        nxt = self.aheads.get(layer)
+        if nxt is None:
+            self.pending = None
+            return
+        next_layer, ahead = nxt
+        if x.dtype == torch.float16:  # the kernel takes bf16 or float32; a guess needs no more precision
+            x = x.float()
+        for i, slot in enumerate(self.slots):
+            self.seen[i] = slot.request()
+        guess = self._guess.get(x.shape[0])
+        if guess is None or guess.shape[1] != k:
+            guess = self._guess[x.shape[0]] = torch.empty(x.shape[0], k, dtype=torch.int32)
+        self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget)
+        self.stats["lookahead_calls"] += 1
+        self.pending = (next_layer, guess)
+
+    def score(self, layer: int, ids: torch.Tensor) -> None:
+        """Of the experts of this block that the request for `layer` chose, how many the guess named."""
+        if self.pending is None or self.pending[0] != layer:
+            return
+        first, count = self.first_count[layer]
+        chosen = {e for e in ids.flatten().tolist() if first <= e < first + count}
+        guessed = set(self.pending[1].flatten().tolist())
+        self.stats["chosen"] += len(chosen)
+        self.stats["guessed"] += len(chosen & guessed)
+        self.pending = None

@@ -1,0 +1,119 @@
+"""The CPU pool's lookahead (cpu_worker/lookahead.py, expert_kernel.c: krasis_lookahead): its guess
+is the top-k of the next layer's router on this layer's input, it reads exactly the bytes of the
+guessed experts of its block (no more than its budget), it stops as soon as a request arrives, and
+a pool running it answers what it answers without it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from krasis.coordinator.engine import Engine
+from krasis.coordinator.bench import generate_together
+from krasis.coordinator.processes import RuntimeOptions
+from krasis.cpu_worker import native
+from krasis.cpu_worker.lookahead import l2_bytes
+from krasis.shared.expert_store import ExpertFormat
+from krasis.shared.models.family import ExpertShape
+
+HAVE_CC = any(shutil.which(n) for n in ([os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]))
+pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+
+HIDDEN, INTER, EXPERTS, TOP_K = 256, 128, 16, 4
+FIRST, COUNT = 4, 8  # this block holds experts [4, 12) of 16
+
+
+def block(fmt: ExpertFormat, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A block of experts in the store layout; the lookahead only reads bytes, so any bytes do."""
+    spec = fmt.tensors(ExpertShape(EXPERTS, TOP_K, HIDDEN, INTER), COUNT)
+    return {n: torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(dtype) if dtype != torch.uint8
+            else torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8) for n, (dtype, shape) in spec.items()}
+
+
+def expert_bytes(t: dict[str, torch.Tensor]) -> int:
+    return sum(v[0].numel() * v.element_size() for v in t.values())
+
+
+def never_stop():
+    """A request word that never changes, and its value."""
+    seen = np.zeros(1, np.int64)
+    words = np.array([seen.ctypes.data], np.int64)
+    return words, seen
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("m, threads, xdtype", [(1, 1, torch.bfloat16), (3, 2, torch.float32), (5, 3, torch.bfloat16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_guess_is_the_routers_top_k_and_reads_the_guessed_experts_bytes(kind, m, threads, xdtype, bias):
+    gen = torch.Generator().manual_seed(m * 7 + threads + bias)
+    t = block(ExpertFormat(kind, group_size=32), gen)
+    router = torch.randn(EXPERTS, HIDDEN, generator=gen).to(torch.bfloat16)
+    b = torch.randn(EXPERTS, generator=gen) if bias else None
+    x = torch.randn(m, HIDDEN, generator=gen).to(xdtype)
+    ahead = native.load().bind_lookahead(t, int(kind[3:]), FIRST, COUNT, threads, router, b)
+    guess = torch.full((m, TOP_K), -1, dtype=torch.int32)
+    words, seen = never_stop()
+    read = ahead(x, guess, words, seen, budget=1 << 30)
+
+    logits = x.float() @ router.float().T + (0 if b is None else b)
+    want = logits.topk(TOP_K, dim=-1).indices
+    assert [sorted(r) for r in guess.tolist()] == [sorted(r) for r in want.tolist()]
+    in_block = {e for e in want.flatten().tolist() if FIRST <= e < FIRST + COUNT}
+    assert read == len(in_block) * expert_bytes(t)  # every byte of each guessed expert of the block, once
+
+
+def test_given_guess_budget_and_stop():
+    gen = torch.Generator().manual_seed(1)
+    t = block(ExpertFormat("int4", group_size=32), gen)
+    ahead = native.load().bind_lookahead(t, 4, FIRST, COUNT, 2)
+    x = torch.randn(2, HIDDEN, generator=gen)
+    guess = torch.tensor([[4, 5, 0, 15], [5, 11, 12, 3]], dtype=torch.int32)  # 4, 5 and 11 are the block's
+    words, seen = never_stop()
+    assert ahead(x, guess.clone(), words, seen, budget=1 << 30) == 3 * expert_bytes(t)
+    assert ahead(x, guess.clone(), words, seen, budget=1 << 30, max_s=1e-9) < 3 * expert_bytes(t)
+    # each of the 2 threads stops at its half of the budget, within one 4 KiB piece
+    budget = 40_000
+    assert budget <= ahead(x, guess.clone(), words, seen, budget=budget) <= budget + 2 * 4096
+    # a request has arrived: nothing is read
+    changed = np.ones(1, np.int64)
+    assert ahead(x, guess.clone(), np.array([changed.ctypes.data], np.int64), seen, budget=1 << 30) == 0
+
+
+def test_l2_size_is_read():
+    assert 64 << 10 <= l2_bytes() <= 64 << 20
+
+
+@pytest.fixture(scope="module")
+def int4_model(tmp_path_factory):
+    return tm.build(tmp_path_factory.mktemp("lookahead") / "model", "qwen3", **tm.QWEN3_CONFIGS["qwen3-base"])
+
+
+def test_pool_with_lookahead_answers_as_without_and_scores_its_guesses(int4_model):
+    prompts = [[(5 * i + 2 * j) % 150 + 1 for j in range(5 + 2 * i)] for i in range(2)]
+
+    async def go(lookahead_kb):
+        opts = RuntimeOptions(devices=["cpu"], cpu_workers=1, dtype="float32", cpu_bits=4, gpu_bits=4, group_size=16,
+                              max_batch=2, lookahead_kb=lookahead_kb)
+        engine = Engine(str(int4_model), opts)
+        try:
+            await engine.start()
+            out = await generate_together(engine, prompts, 8, f"la{lookahead_kb}")
+            return [o.tokens for o in out], (await engine.stats_reply()).stats["cpu_pool"][0]
+        finally:
+            await engine.close()
+
+    on, pool_on = asyncio.run(go(None))
+    off, pool_off = asyncio.run(go(0))
+    assert on == off
+    assert pool_off["lookahead_calls"] == 0
+    moe_layers = json.loads((int4_model / "config.json").read_text())["num_hidden_layers"]  # every layer MoE
+    # one lookahead after every call but the last layer's
+    assert pool_on["lookahead_calls"] == pool_on["calls"] * (moe_layers - 1) // moe_layers
+    assert pool_on["lookahead_bytes"] > 0 and 0 <= pool_on["guessed"] <= pool_on["chosen"] and pool_on["chosen"] > 0
