@@ -9,8 +9,10 @@ q = v, scale = bf16(d). That is exact up to the scale's rounding to bf16 (none f
 is a power of two; at most 2^-8 relative for Q4_0/Q8_0's fp16 d), and it is what the float path
 (dequantize, then shared/quant.py:quantize) gives whenever max|v| is qmax; elsewhere, notably Q4_0
 blocks holding -8 (llama.cpp puts the block's largest magnitude there), the float path would
-re-quantize 16 levels onto 15 and lose more than the scale's rounding. Every other combination
-(another group size, INT4 from Q8_0 or MXFP4, any other GGUF type) is the float path, batched.
+re-quantize 16 levels onto 15 and lose more than the scale's rounding. MXFP4 into INT4 at group
+32 is re-quantized by table (_mxfp4_int4): the float path's bytes without its float operations.
+Every other combination (another group size, INT4 from Q8_0, any other GGUF type) is the float
+path, batched.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 from ..shared.quant import QMAX, pack_int4, quantize
 
 BLOCK = 32
-# (GGUF type, our bits) taken block by block at group 32
+# (GGUF type, our bits) whose blocks are taken as they are at group 32
 NATIVE = {("Q4_0", 4), ("Q4_0", 8), ("Q8_0", 8), ("MXFP4", 8)}
+# ... and those whose group 32 is computed from its block alone, without float operations
+BLOCKWISE = NATIVE | {("MXFP4", 4)}
 BYTES = {"Q4_0": 18, "Q8_0": 34, "MXFP4": 17}
 _MXFP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
 
@@ -93,6 +97,55 @@ def _requantize(v: np.ndarray, d: np.ndarray, g: int, qmax: int, q: np.ndarray, 
                 q[r, k] = np.int8(min(max(x, lo), hi))
 
 
+# MXFP4 into INT4 at group 32, by table. A block's weights are v * 2^k (k = e - 128): the float
+# path's amax is max|v| * 2^k exactly, and as long as amax / 7 and its bf16 rounding are normal
+# floats, scaling by 2^k commutes with both roundings, so the scale is S[m] * 2^k and each q is
+# round(v / S[m]), where m is the block's largest FP4 magnitude index: a function of (m, FP4 code)
+# only. Normal needs 2^k / 7 >= 2^-126 (m = 1, the smallest nonzero amax: v = 1), so e >= 5; and
+# 12 * 2^k must stay finite, e <= 252. Blocks outside [5, 252] take the float path.
+_MXFP4_TABLE_E = (5, 252)
+
+
+@functools.cache
+def _mxfp4_int4_tables() -> tuple[np.ndarray, np.ndarray]:
+    """For each largest magnitude index m of a block: the INT4 nibble (q + 8) of each FP4 code and
+    the scale's bf16 bits at e = 128, both from shared/quant.py's quantize of a block at e = 128
+    whose largest magnitude is m's (codes above m cannot occur with it: they are given 0)."""
+    m = np.arange(8)[:, None]
+    v = np.where(np.arange(16) % 8 <= m, _MXFP4_VALUES, 0)
+    w = torch.from_numpy(np.concatenate([v, np.repeat(_MXFP4_VALUES[:8, None], 16, axis=1)], axis=1).astype(np.float32))
+    q, scale = quantize(w, 4, BLOCK)
+    return (q[:, :16].numpy() + 8).astype(np.uint8), scale.view(torch.int16).numpy().view(np.uint16)[:, 0]
+
+
+@numba.njit(nogil=True, cache=True)
+def _mxfp4_int4_kernel(blocks: np.ndarray, nibble: np.ndarray, scale: np.ndarray, q: np.ndarray, s: np.ndarray) -> None:
+    """MXFP4 blocks [n, 17] -> q [n, 16] packed INT4 and s [n] bf16 bits, through
+    _mxfp4_int4_tables. The element order moves as in _q4_0_split (MXFP4 also holds j low and j + 16
+    high in byte j). The scale's exponent is S[m]'s plus k, valid for e in _MXFP4_TABLE_E only."""
+    for i in range(blocks.shape[0]):
+        m = 0
+        for j in range(1, 17):
+            m = max(m, blocks[i, j] & 7, (blocks[i, j] >> 4) & 7)
+        t = nibble[m]
+        s[i] = scale[m] + (np.int32(blocks[i, 0]) - 128) * 128 if m else 0
+        for k in range(8):
+            a, b = blocks[i, 1 + 2 * k], blocks[i, 2 + 2 * k]
+            q[i, k] = t[a & 0x0F] | (t[b & 0x0F] << 4)
+            q[i, k + 8] = t[a >> 4] | (t[b >> 4] << 4)
+
+
+def _mxfp4_int4(blocks: np.ndarray, q: np.ndarray, s: np.ndarray) -> None:
+    """MXFP4 blocks [n, 17] into INT4 at group 32 (q [n, 16] packed, s [n] bf16 bits): the table
+    where it holds, the float path (_requantized) for the blocks of extreme exponents."""
+    _mxfp4_int4_kernel(blocks, *_mxfp4_int4_tables(), q, s)
+    lo, hi = _MXFP4_TABLE_E
+    far = np.flatnonzero((blocks[:, 0] < lo) | (blocks[:, 0] > hi))
+    if far.size:
+        fq, fs = _requantized(blocks[far], "MXFP4", BLOCK, BLOCK, QMAX[4])
+        q[far], s[far] = pack_int4(torch.from_numpy(fq)).numpy(), fs[:, 0]
+
+
 def _blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
     return raw.reshape(*raw.shape[:-1], -1, BYTES[qtype])
 
@@ -118,29 +171,39 @@ def _values(blocks: np.ndarray, qtype: str) -> np.ndarray:
     return v
 
 
+def _requantized(blocks: np.ndarray, qtype: str, cols: int, g: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """The float path from blocks: q int8 [R, cols] and bf16 bits s [R, cols / g] (_requantize)."""
+    v = np.ascontiguousarray(_values(blocks, qtype)).reshape(-1, cols)
+    q, s = np.empty(v.shape, np.int8), np.empty((v.shape[0], cols // g), np.uint16)
+    _requantize(v, np.ascontiguousarray(_scales(blocks, qtype)).reshape(v.shape[0], -1), g, qmax, q, s)
+    return q, s
+
+
 def convert(data: np.ndarray, qtype: str, bits: int, group_size: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF tensor data of n experts' weights [n, rows, cols] (raw blocks [n, rows, bytes] for a
     quantized type) -> (q, scales bf16) of shared/quant.py's layout, [n, rows, ...] each."""
     from ..shared.quant import group_for
 
     data = np.asarray(data)
+    g = group_for(cols, group_size)
     if qtype in BYTES:
         blocks = _blocks(data, qtype)
-        if native(qtype, bits, group_for(cols, group_size)):
-            if (qtype, bits) == ("Q4_0", 4):
-                n = blocks.size // 18
+        if g == BLOCK and (qtype, bits) in BLOCKWISE:
+            if bits == 4:
+                n = blocks.size // BYTES[qtype]
                 q, s = np.empty((n, 16), np.uint8), np.empty(n, np.uint16)
-                _q4_0_split(np.ascontiguousarray(blocks).reshape(n, 18), _fp16_to_bf16(), q, s)
+                flat = np.ascontiguousarray(blocks).reshape(n, BYTES[qtype])
+                if qtype == "Q4_0":
+                    _q4_0_split(flat, _fp16_to_bf16(), q, s)
+                else:
+                    _mxfp4_int4(flat, q, s)
             elif qtype == "MXFP4":
                 q, s = _values(blocks, qtype), _bf16_bits(_scales(blocks, qtype))
             else:
                 q, s = _values(blocks, qtype), _fp16_to_bf16()[np.ascontiguousarray(blocks[..., :2]).view(np.uint16)[..., 0]]
             return (torch.from_numpy(np.ascontiguousarray(q).reshape(*data.shape[:-1], -1)),
                     torch.from_numpy(s.reshape(blocks.shape[:-1])).view(torch.bfloat16))
-        g = group_for(cols, group_size)
-        v = np.ascontiguousarray(_values(blocks, qtype)).reshape(-1, cols)
-        q, s = np.empty(v.shape, np.int8), np.empty((v.shape[0], cols // g), np.uint16)
-        _requantize(v, np.ascontiguousarray(_scales(blocks, qtype)).reshape(v.shape[0], -1), g, QMAX[bits], q, s)
+        q, s = _requantized(blocks, qtype, cols, g, QMAX[bits])
         q, s = torch.from_numpy(q).reshape(-1, rows, cols), torch.from_numpy(s).view(torch.bfloat16).reshape(-1, rows, cols // g)
     else:
         from gguf import GGMLQuantizationType

@@ -105,6 +105,34 @@ def test_q4_0_kernel_matches_its_reference():
     assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
 
 
+def test_mxfp4_int4_table_is_the_float_path():
+    """MXFP4 into INT4 at group 32 by table against the float path (_requantized), block for block:
+    every exponent, every largest magnitude with either sign, zero groups (+0 and -0 codes). The
+    table alone holds exactly on _MXFP4_TABLE_E (outside it amax / 7 is subnormal or 12 * d
+    overflows, and it does not), and _mxfp4_int4 with its float fallback holds everywhere."""
+    from krasis.coordinator.gguf_blocks import _MXFP4_TABLE_E, _mxfp4_int4, _mxfp4_int4_kernel, _mxfp4_int4_tables, _requantized
+
+    rng = np.random.default_rng(7)
+    per = 24  # blocks for each (exponent, largest magnitude)
+    e = np.repeat(np.arange(256), 8 * per)
+    m = np.tile(np.repeat(np.arange(8), per), 256)[:, None]
+    codes = rng.integers(0, 16, (len(e), 32))
+    codes = codes % 8 % (m + 1) + codes // 8 * 8  # magnitudes up to m, either sign
+    codes[np.arange(len(e)), rng.integers(0, 32, len(e))] = m[:, 0] + 8 * rng.integers(0, 2, len(e))  # m itself, once at least
+    blocks = np.empty((len(e), 17), np.uint8)
+    blocks[:, 0], blocks[:, 1:] = e, codes[:, :16] | (codes[:, 16:] << 4)
+
+    ref_q, ref_s = _requantized(blocks, "MXFP4", 32, 32, 7)
+    ref_q, ref_s = pack_int4(torch.from_numpy(ref_q)).numpy(), ref_s[:, 0]
+    q, s = np.empty((len(e), 16), np.uint8), np.empty(len(e), np.uint16)
+    _mxfp4_int4_kernel(blocks, *_mxfp4_int4_tables(), q, s)
+    same = (q == ref_q).all(1) & (s == ref_s)
+    lo, hi = _MXFP4_TABLE_E
+    assert sorted(set(e[~same].tolist())) == [*range(lo), *range(hi + 1, 256)]
+    _mxfp4_int4(blocks, q, s)
+    assert np.array_equal(q, ref_q) and np.array_equal(s, ref_s)
+
+
 # --- the converter ---------------------------------------------------------------------------------
 
 MIXED = {"ffn_gate_exps": "Q4_0", "ffn_up_exps": "Q8_0", "ffn_down_exps": "MXFP4", "ffn_gate_inp": "F32", "": "F16"}
