@@ -311,8 +311,8 @@ def bench(layers: int | None, prompts: list[int], decode: int, runs: int, config
         ("deepseek-v2-lite", "layer_grouped_2", "pure_cpu"),
     ]
     rows = []
-    for (shape, prefill, dec, *env), prompt in ((c, p) for c in configs for p in prompts):
-        env = env[0] if env else {}
+    for (shape, prefill, dec, *more), prompt in ((c, p) for c in configs for p in prompts):
+        env, extra = (*more, {}, {})[:2]  # environment variables, RuntimeOptions fields
         path = Path("/tmp/krasis-synth") / f"{shape}-{layers or 'all'}-g{group_size}"
         if not (path / "config.json").exists():
             t0 = time.time()
@@ -323,13 +323,13 @@ def bench(layers: int | None, prompts: list[int], decode: int, runs: int, config
         opts = RuntimeOptions(devices=["cuda:0"], dtype="bfloat16", gpu_bits=4, cpu_bits=4, vram_budget=16.0,
                               group_size=group_size, prefill_strategy=None if default else prefill,
                               decode_strategy=dec, max_context=prompt + decode + 8, max_batch=1,
-                              **({} if default else {"prefill_chunk": chunk or prompt}))
+                              **({} if default else {"prefill_chunk": chunk or prompt}), **extra)
         t0 = time.time()
         os.environ.update(env)
         try:
             r = run_bench(str(path), opts, prompt, decode, runs)
             r["model"] = (f"{shape} ({f'{layers}L ' if layers else ''}synth, {prompt} tok{', defaults' if default else ''})"
-                          + "".join(f" {k}={v}" for k, v in env.items()))
+                          + "".join(f" {k}={v}" for k, v in {**env, **extra}.items()))
             r["wall_s"] = round(time.time() - t0, 1)
             log("bench", json.dumps(r, default=str))
             rows.append(r)
@@ -459,6 +459,8 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also one profiled bench run of the first shape and decode strategy (gpu_worker/profiling.py)")
     ap.add_argument("--eager-too", action="store_true", help="also bench the first shape's pure_cpu decode without CUDA graphs")
+    ap.add_argument("--no-lookahead-too", action="store_true", help="also bench the first shape's pure_cpu decode with the "
+                    "CPU pool's lookahead off (--lookahead-kb 0)")
     a = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
@@ -477,6 +479,8 @@ def main():
     configs = [(s, a.prefill, d) for s in shapes for d in (first if s == shapes[0] else ("pure_cpu",))]
     if a.eager_too:
         configs.insert(1, (shapes[0], a.prefill, "pure_cpu", {"KRASIS_CUDA_GRAPHS": "0"}))
+    if a.no_lookahead_too:
+        configs.insert(1, (shapes[0], a.prefill, "pure_cpu", {}, {"lookahead_kb": 0}))
     prompts = [int(p) for p in a.prompts.split(",")]
     tab = bench(a.layers or None, prompts, a.decode, a.runs, configs, a.group_size, a.chunk) if not a.skip_bench else ""
     if a.profile and not a.skip_bench:

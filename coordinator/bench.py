@@ -116,7 +116,8 @@ def _rss_gb(pids: list[int]) -> float:
     return total / 1e9
 
 
-POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps")
+POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps",
+                 "lookahead_calls", "lookahead_bytes", "guessed", "chosen")
 
 
 @dataclass
@@ -367,6 +368,9 @@ def decode_split(r: dict) -> str:
         line += (f"\npool us per layer: kernel {us(pool['kernel_s'], pool['calls']):.1f}, "
                  f"around it {us(pool['serve_s'] - pool['kernel_s'], pool['calls']):.1f}, "
                  f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}")
+    if pool.get("lookahead_calls"):
+        line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
+                 f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen")
     if r.get("cpu_share") is not None:
         line += f"\nrouted choices run by the CPU pool: {r['cpu_share']:.1%} (the rest by the GPU's hot experts)"
     return line
