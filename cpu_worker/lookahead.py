@@ -52,44 +52,44 @@ def bind(family, layout, store, node: int, get, threads: int) -> dict:
 
 
 class Lookahead:
-    """`after(layer, x)` runs the lookahead of the layer after `layer`; `score(layer, ids)` compares
-    a request's ids with the guess made for it. `aheads`: layer -> (the next MoE layer, its bound
-    krasis_lookahead: native.CKernel.bind_lookahead); `first, count` the pool's block of experts."""
+    """`aheads`: layer -> (the next MoE layer, its bound krasis_lookahead: bind()); `first_count`:
+    layer -> the pool's block of experts (first, count)."""
 
     def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]]):
         self.aheads, self.budget, self.first_count = aheads, budget, first_count
         # the request numbers of every slot: any new request ends the lookahead
         self.words = np.array([slot.hdr.ctypes.data + REQUEST * slot.hdr.itemsize for slot in slots], dtype=np.int64)
         self.seen = np.zeros(len(slots), dtype=np.int64)
-        self.slots = slots
-        self._guess: dict[int, torch.Tensor] = {}  # M -> the int32 [M, k] buffer the kernel writes its guess into
+        self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
         self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
         self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
 
-    def after(self, layer: int, x: torch.Tensor, k: int) -> None:
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, served: list[int]) -> None:
+        """After answering a request for `layer` (its x and ids, still in the slot): score the guess made
+        for it, then read ahead for the next layer until a slot's request number differs from
+        `served` (the numbers the pool has taken: one that came in meanwhile ends it at once)."""
+        self._score(layer, ids)
         nxt = self.aheads.get(layer)
         if nxt is None:
-            self.pending = None
             return
         next_layer, ahead = nxt
         if x.dtype == torch.float16:  # the kernel takes bf16 or float32; a guess needs no more precision
             x = x.float()
-        for i, slot in enumerate(self.slots):
-            self.seen[i] = slot.request()
-        guess = self._guess.get(x.shape[0])
-        if guess is None or guess.shape[1] != k:
-            guess = self._guess[x.shape[0]] = torch.empty(x.shape[0], k, dtype=torch.int32)
+        self.seen[:] = served
+        m, k = ids.shape
+        guess = self._guess.get((m, k))
+        if guess is None:
+            guess = self._guess[(m, k)] = torch.empty(m, k, dtype=torch.int32)
         self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget)
         self.stats["lookahead_calls"] += 1
         self.pending = (next_layer, guess)
 
-    def score(self, layer: int, ids: torch.Tensor) -> None:
+    def _score(self, layer: int, ids: torch.Tensor) -> None:
         """Of the experts of this block that the request for `layer` chose, how many the guess named."""
-        if self.pending is None or self.pending[0] != layer:
+        pending, self.pending = self.pending, None
+        if pending is None or pending[0] != layer:
             return
         first, count = self.first_count[layer]
         chosen = {e for e in ids.flatten().tolist() if first <= e < first + count}
-        guessed = set(self.pending[1].flatten().tolist())
         self.stats["chosen"] += len(chosen)
-        self.stats["guessed"] += len(chosen & guessed)
-        self.pending = None
+        self.stats["guessed"] += len(chosen & set(pending[1].flatten().tolist()))

@@ -96,13 +96,14 @@ def main() -> None:
                             spec["threads"]) if budget else {}
     ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers})
 
-    def serve(slot: Slot, number: int, seen: float) -> None:
-        """Run the slot's request; the kernel writes its reply into the slot in place."""
+    def serve(slot: Slot, number: int, seen: float):
+        """Run the slot's request; the kernel writes its reply into the slot in place. Returns the
+        request's (layer, x, ids) once answered without error, else None."""
         layer, x, ids, weights, out = slot.take()
         run = kernels.get(layer)
         if run is None:
             slot.answer(number, error=f"layer {layer} has no routed experts here")
-            return
+            return None
         try:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -113,10 +114,7 @@ def main() -> None:
         except Exception as e:
             traceback.print_exc()
             slot.answer(number, error=f"{type(e).__name__}: {e}")
-            return
-        # the request's ids and x stay in the slot until the GPU worker's next request
-        ahead.score(layer, ids)
-        ahead.after(layer, x, ids.shape[1])
+            return None
         m = x.shape[0]
         work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, pairs=work["pairs"] + pairs, max_m=max(work["max_m"], m),
                     kernel_s=work["kernel_s"] + t1 - t0, serve_s=work["serve_s"] + t2 - seen)
@@ -125,6 +123,7 @@ def main() -> None:
             work[f"{kind}_s"] += seen - last["answered"]
             work[f"{kind}s"] += 1
         last.update(answered=t2, layer=layer)
+        return layer, x, ids
 
     def control() -> bool:
         """One control message (stats, shutdown) from the coordinator; False on shutdown."""
@@ -152,7 +151,9 @@ def main() -> None:
             n = slot.request()
             if n != seen[i]:
                 seen[i] = n
-                serve(slot, n, time.perf_counter())
+                done = serve(slot, n, time.perf_counter())
+                if done is not None:  # its x and ids stay in the slot until the GPU worker's next request
+                    ahead.run(*done, seen)
                 last_work, spins = time.monotonic(), 0
         spins += 1
         if spins % 4096 == 0:
