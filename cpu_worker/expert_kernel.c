@@ -603,7 +603,7 @@ INLINE void share(long n, int tid, int nt, long *a, long *b) {
  * when out of memory.
  * Layout per expert (contiguous): q13 [2I, H/2 or H] u8/i8, s13 [2I, G13] bf16, q2 [H, I/2 or I],
  * s2 [H, G2], b13 [2I] and b2 [H] float32 or NULL. INT4 needs even group sizes. */
-int krasis_moe_layer(int bits, int act, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16,
+static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16,
                      const void *x, const int32_t *ids, const float *weights, int64_t first, int64_t count,
                      const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2, const float *b13,
                      const float *b2, float *out) {
@@ -766,7 +766,7 @@ static int touch(const uint8_t *p, size_t n, int64_t *left, halt_t *h, uint64_t 
     return 1;
 }
 
-int64_t krasis_lookahead(int bits, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16, const void *x,
+static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16, const void *x,
                          const uint16_t *router, const float *bias, int E, int64_t first, int64_t count,
                          const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2,
                          const int64_t *const *words, const int64_t *seen, int nwords, double max_s, int64_t budget,
@@ -846,4 +846,49 @@ int64_t krasis_lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     }
     free(logits), free(idx);
     return total;
+}
+
+/* The entry points take their arguments as structs that the caller fills once per bound block and
+ * once per distinct set of token buffers (native.py): converting ~25 arguments per call through
+ * ctypes cost more than 10 us, against a layer call of ~250 us in decode. */
+typedef struct { /* a block of experts [first, first + count) of one layer, as the store holds them */
+    int bits, act, nthreads, H, I, G13, G2;
+    int64_t first, count;
+    const uint8_t *q13;
+    const uint16_t *s13;
+    const uint8_t *q2;
+    const uint16_t *s2;
+    const float *b13, *b2;
+} block_t;
+
+typedef struct { /* a call's tokens: x [M, H], ids and weights [M, topk], out [M, H] */
+    int M, topk, xbf16;
+    const void *x;
+    const int32_t *ids;
+    const float *weights;
+    float *out;
+} tokens_t;
+
+typedef struct { /* the lookahead's: router, bias, E; when to stop; where its guess goes */
+    const uint16_t *router;
+    const float *bias;
+    int E, nwords;
+    const int64_t *const *words;
+    const int64_t *seen;
+    double max_s;
+    int64_t budget;
+    int32_t *predicted;
+} ahead_t;
+
+/* moe_layer's work; see above it for the contract. */
+int krasis_moe_layer(const block_t *b, const tokens_t *t) {
+    return moe_layer(b->bits, b->act, b->nthreads, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, t->x, t->ids,
+                     t->weights, b->first, b->count, b->q13, b->s13, b->q2, b->s2, b->b13, b->b2, t->out);
+}
+
+/* lookahead's work on block b (the next layer's) from tokens t (x, M, topk); see above it. */
+int64_t krasis_lookahead(const block_t *b, const tokens_t *t, const ahead_t *a) {
+    return lookahead(b->bits, b->nthreads, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, t->x, a->router, a->bias,
+                     a->E, b->first, b->count, b->q13, b->s13, b->q2, b->s2, a->words, a->seen, a->nwords, a->max_s,
+                     a->budget, a->predicted);
 }

@@ -69,29 +69,47 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> Path:
     return out
 
 
+_i, _p, _i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+
+
+class Block(ctypes.Structure):
+    """expert_kernel.c's block_t: a bound block of experts."""
+    _fields_ = [*((n, _i) for n in ("bits", "act", "nthreads", "H", "I", "G13", "G2")), ("first", _i64), ("count", _i64),
+                *((n, _p) for n in ("q13", "s13", "q2", "s2", "b13", "b2"))]
+
+
+class Tokens(ctypes.Structure):
+    """expert_kernel.c's tokens_t: a call's token buffers."""
+    _fields_ = [("M", _i), ("topk", _i), ("xbf16", _i), *((n, _p) for n in ("x", "ids", "weights", "out"))]
+
+
+class Ahead(ctypes.Structure):
+    """expert_kernel.c's ahead_t: the lookahead's router, stop conditions and guess."""
+    _fields_ = [("router", _p), ("bias", _p), ("E", _i), ("nwords", _i), ("words", _p), ("seen", _p),
+                ("max_s", ctypes.c_double), ("budget", _i64), ("predicted", _p)]
+
+
 class CKernel:
-    """The loaded library's krasis_moe_layer. `bind` checks a block of experts once and returns the
-    call for it, whose per-call Python work is a few microseconds: a layer's weights take ~0.2 ms
-    to read, and the pool calls it once per layer of every decode step."""
+    """The loaded library's krasis_moe_layer and krasis_lookahead. `bind` checks a block of experts
+    once and returns the call for it, which checks a call's buffers only when they are not the ones
+    it was last given (the pool's slot views are the same tensors every step) and passes its
+    arguments as structs filled then: its per-call Python work is a couple of microseconds, against
+    a layer's ~0.25 ms, once per layer of every decode step."""
 
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
-        i, p, i64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
-        fn = lib.krasis_moe_layer
-        fn.argtypes = [i] * 10 + [p] * 3 + [i64] * 2 + [p] * 7
-        fn.restype = i
-        ahead = lib.krasis_lookahead
-        ahead.argtypes = [i] * 9 + [p] * 3 + [i, i64, i64] + [p] * 6 + [i, ctypes.c_double, i64, p]
-        ahead.restype = i64
-        self.fn, self.ahead = fn, ahead
+        self.fn, self.ahead = lib.krasis_moe_layer, lib.krasis_lookahead
+        self.fn.argtypes, self.fn.restype = [_p, _p], _i
+        self.ahead.argtypes, self.ahead.restype = [_p, _p, _p], _i64
         # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
         self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
 
     @staticmethod
-    def _block(t: dict[str, torch.Tensor], bits: int, count: int):
-        """(hidden, inter, g13, g2, [q13, s13, q2, s2, b13, b2]) of a block of experts' tensors, checked
-        to fit together; None where the kernel does not apply: an INT4 group that ends inside a byte."""
+    def _block(t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int) -> Block | None:
+        """The block_t of a block of experts' tensors, checked to fit together (the tensors it points
+        into are kept on it as `held`); None where the kernel does not apply: an INT4 group that ends
+        inside a byte."""
         q13, s13, q2, s2 = t["w13.q"], t["w13.s"], t["w2.q"], t["w2.s"]
         n, rows13, row13 = q13.shape
         _, hidden, row2 = q2.shape
@@ -108,7 +126,23 @@ class CKernel:
         b13, b2 = t.get("b13"), t.get("b2")
         if b13 is not None and (b13.shape != (n, rows13) or b2.shape != (n, hidden)):
             raise ValueError(f"expert biases {list(b13.shape)}, {list(b2.shape)} do not fit the weights")
-        return hidden, inter, g13, g2, [q13, s13, q2, s2, *(None if b is None else b.contiguous() for b in (b13, b2))]
+        held = [q13, s13, q2, s2, *(None if b is None else b.contiguous() for b in (b13, b2))]
+        block = Block(bits, ACTS[act], threads, hidden, inter, g13, g2, first, count,
+                      *(None if h is None else h.data_ptr() for h in held))
+        block.held = held
+        return block
+
+    @staticmethod
+    def _tokens(x: torch.Tensor, m: int, k: int, hidden: int, **rest: torch.Tensor) -> Tokens:
+        """The tokens_t of a call's buffers, each checked first: what a wrong pointer would corrupt
+        memory with."""
+        if x.shape != (m, hidden) or x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
+            raise ValueError(f"x {list(x.shape)} {x.dtype} does not fit {m} tokens of experts of hidden size {hidden}")
+        for name, (t, shape, dtype) in rest.items():
+            if t.shape != shape or t.dtype != dtype or not t.is_contiguous():
+                raise ValueError(f"{name} {list(t.shape)} {t.dtype} is not a contiguous {list(shape)} {dtype}")
+        return Tokens(m, k, x.dtype == torch.bfloat16, x.data_ptr(), *(rest[n][0].data_ptr() if n in rest else None
+                                                                       for n in ("ids", "weights", "out")))
 
     def bind(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int):
         """run(x, ids, weights, out) for experts [first, first + count) whose tensors are `t`: writes
@@ -116,25 +150,27 @@ class CKernel:
         ids int32 and weights float32 [M, k] as the mailbox slot holds them, and returns how many
         (token, choice) pairs were the block's. None where the kernel does not apply: an INT4 group
         that ends inside a byte."""
-        block = self._block(t, bits, count)
+        block = self._block(t, bits, first, count, act, threads)
         if block is None:
             return None
-        hidden, inter, g13, g2, held = block
-        fn, head, dims = self.fn, (bits, ACTS[act], threads), (hidden, inter, g13, g2)
+        fn, b_ptr, hidden = self.fn, ctypes.addressof(block), block.H
+        last: list = [None, None, None]  # the buffers last checked, their tokens_t and its address
 
         def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> int:
-            m, k = ids.shape
-            if x.dtype not in (torch.bfloat16, torch.float32):
-                x = x.float()
-            # what a wrong pointer would corrupt memory with is checked on every call
-            if x.shape != (m, hidden) or weights.shape != (m, k) or out.shape != (m, hidden) or out.dtype != torch.float32 \
-                    or not (x.is_contiguous() and out.is_contiguous()):
-                raise ValueError(f"x {list(x.shape)}, ids {list(ids.shape)}, weights {list(weights.shape)}, "
-                                 f"out {list(out.shape)} {out.dtype} do not fit experts of hidden size {hidden}")
-            ids = ids if ids.dtype == torch.int32 and ids.is_contiguous() else ids.to(torch.int32).contiguous()
-            weights = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
-            rc = fn(*head, m, k, *dims, x.dtype == torch.bfloat16, x.data_ptr(), ids.data_ptr(), weights.data_ptr(),
-                    first, count, *(None if h is None else h.data_ptr() for h in held), out.data_ptr())
+            bufs = (x, ids, weights, out)
+            if last[0] is None or any(a is not b for a, b in zip(last[0], bufs)):
+                m, k = ids.shape
+                if x.dtype not in (torch.bfloat16, torch.float32):
+                    x = x.float()
+                ids = ids if ids.dtype == torch.int32 else ids.to(torch.int32)
+                weights = weights if weights.dtype == torch.float32 else weights.float()
+                tokens = self._tokens(x.contiguous(), m, k, hidden, ids=(ids.contiguous(), (m, k), torch.int32),
+                                      weights=(weights.contiguous(), (m, k), torch.float32),
+                                      out=(out, (m, hidden), torch.float32))
+                tokens.held = (block, x, ids, weights, out)
+                # converted buffers are new tensors every call: only the caller's own are remembered
+                last[:] = (bufs if tokens.held[1:] == bufs else None), tokens, ctypes.addressof(tokens)
+            rc = fn(b_ptr, last[2])
             if rc < 0:
                 raise MemoryError("the C expert kernel could not allocate its scratch buffers")
             return rc
@@ -150,32 +186,38 @@ class CKernel:
         `predicted`. It stops when a word at the addresses `words` (int64 numpy array) differs from
         `seen` (same length), after max_s seconds (> 0), or at `budget` bytes. None where the kernel
         does not apply."""
-        block = self._block(t, bits, count)
+        block = self._block(t, bits, first, count, "silu", threads)
         if block is None:
             return None
-        hidden, inter, g13, g2, held = block
-        fn, dims, pointers = self.ahead, (hidden, inter, g13, g2), [h.data_ptr() for h in held[:4]]
+        hidden = block.H
         if router is not None:
             router = router.to(torch.bfloat16).contiguous()
             bias = None if bias is None else bias.float().contiguous()
             if router.shape[1] != hidden or (bias is not None and bias.shape != router.shape[:1]):
                 raise ValueError(f"router {list(router.shape)} does not fit experts of hidden size {hidden}")
-        experts = 0 if router is None else router.shape[0]
-        r_ptr, b_ptr = (None if v is None else v.data_ptr() for v in (router, bias))
+        fn, b_ptr = self.ahead, ctypes.addressof(block)
+        args = Ahead(None if router is None else router.data_ptr(), None if bias is None else bias.data_ptr(),
+                     0 if router is None else router.shape[0])
+        a_ptr = ctypes.addressof(args)
+        last: list = [None, None, None]
 
         def ahead(x: torch.Tensor, predicted: torch.Tensor, words, seen, budget: int, max_s: float = 0.0) -> int:
-            m, k = predicted.shape
-            if x.shape != (m, hidden) or x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous() \
-                    or predicted.dtype != torch.int32 or not predicted.is_contiguous() or len(words) != len(seen):
-                raise ValueError(f"x {list(x.shape)} {x.dtype}, predicted {list(predicted.shape)} {predicted.dtype} "
-                                 f"do not fit experts of hidden size {hidden}")
-            rc = fn(bits, threads, m, k, *dims, x.dtype == torch.bfloat16, x.data_ptr(), r_ptr, b_ptr, experts, first,
-                    count, *pointers, words.ctypes.data, seen.ctypes.data, len(words), max_s, budget, predicted.data_ptr())
+            if last[0] is None or last[0][0] is not x or last[0][1] is not predicted:
+                m, k = predicted.shape
+                tokens = self._tokens(x, m, k, hidden, predicted=(predicted, (m, k), torch.int32))
+                tokens.held = (x, predicted)
+                last[:] = tokens.held, tokens, ctypes.addressof(tokens)
+                args.predicted = predicted.data_ptr()
+            if len(words) != len(seen) or words.dtype != seen.dtype or words.dtype.itemsize != 8:
+                raise ValueError("words and seen must be int64 arrays of one length")
+            args.nwords, args.words, args.seen = len(words), words.ctypes.data, seen.ctypes.data
+            args.max_s, args.budget = max_s, budget
+            rc = fn(b_ptr, last[2], a_ptr)
             if rc < 0:
                 raise MemoryError("the C lookahead could not allocate its buffers")
             return rc
 
-        ahead.keep = (router, bias, held)  # the tensors whose addresses the call holds
+        ahead.keep = (block, args, router, bias)  # what the structs point into
         return ahead
 
     def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
