@@ -1,8 +1,14 @@
-"""A pipeline across hosts, as several host agents on one machine: each agent is its own process
-tree on its own 127.0.0.1 tcp ports (docs/deployment.md), with CURVE keys, against transformers."""
+"""A pipeline across hosts, as several host agents on one machine (docs/deployment.md), with CURVE
+keys, against transformers. Each agent is its own process tree, and where this machine lets the tests
+build network namespaces (root, iproute2, tcp passing between them: tried at collection) each runs in
+one of its own, so that nothing can pass between hosts through a shared loopback or the abstract ipc
+sockets; elsewhere the agents listen on 127.0.0.1. The tests are the same in both modes, and their ids
+say which ran ([netns] or [loopback])."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -22,18 +28,118 @@ from krasis.shared.keys import KeysError, add_client, keygen, require_keys
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 
-class Agent:
-    """`krasis-coord host` in a subprocess; `restart()` brings it back on the same port, as systemd would."""
+def ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True, timeout=30)
 
-    def __init__(self, devices: str, keys, port: int | None = None):
-        self.port = port or free_agent_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+
+class Loopback:
+    """Every agent on 127.0.0.1, in this process's network namespace."""
+
+    def place(self) -> tuple[str, list[str]]:
+        """An address for a new agent, and the prefix of the command that runs it where that address is."""
+        return "127.0.0.1", []
+
+    def close(self) -> None:
+        pass
+
+
+class Namespaces:
+    """Each agent in a network namespace of its own, with `lo` up, its address .N of a private /24 and a
+    veth to a bridge here that has .1: the coordinator and the tests' clients reach the agents through
+    the bridge, and the agents reach each other over it (one L2 segment, so no forwarding). Names carry
+    this process's id, so concurrent runs do not meet; close() removes what was made, in reverse."""
+
+    def __init__(self):
+        self.tag = f"kt{os.getpid()}"  # interface names are at most 15 characters
+        self.undo: list[tuple[str, ...]] = []
+        self.placed = 0
+        try:
+            self.subnet = free_subnet()
+            self._make(("link", "add", self.tag, "type", "bridge"), ("link", "del", self.tag))
+            ip("addr", "add", f"{self.subnet[1]}/{self.subnet.prefixlen}", "dev", self.tag)
+            ip("link", "set", self.tag, "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def _make(self, do: tuple[str, ...], undo: tuple[str, ...]) -> None:
+        ip(*do)
+        self.undo.append(undo)
+
+    def place(self) -> tuple[str, list[str]]:
+        self.placed += 1
+        n = self.placed + 1  # .1 is the bridge's
+        ns, veth, addr = f"krasis-test-{os.getpid()}-{n}", f"{self.tag}v{n}", str(self.subnet[n])
+        self._make(("netns", "add", ns), ("netns", "del", ns))
+        # deleting our end deletes the pair at once; a namespace's own devices go asynchronously
+        self._make(("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns), ("link", "del", veth))
+        ip("link", "set", veth, "master", self.tag, "up")
+        ip("-n", ns, "addr", "add", f"{addr}/{self.subnet.prefixlen}", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        return addr, ["ip", "netns", "exec", ns]
+
+    def close(self) -> None:
+        while self.undo:
+            subprocess.run(["ip", *self.undo.pop()], capture_output=True, timeout=30)
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    """A 10.231.X.0/24 that no route of this namespace overlaps, another run's bridge included."""
+    taken = [ipaddress.ip_network(r["dst"]) for r in json.loads(ip("-j", "-4", "route", "show", "table", "all").stdout)
+             if r["dst"] != "default"]
+    for k in range(256):
+        net = ipaddress.ip_network(f"10.231.{(os.getpid() + k) % 256}.0/24")
+        if not any(net.overlaps(t) for t in taken):
+            return net
+    raise OSError("every 10.231.X.0/24 is routed here")
+
+
+LISTEN = "import socket, sys; s = socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], flush=True)\n" \
+         "for _ in range(2): s.accept()"
+CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)"
+
+
+def network_mode() -> str:
+    """"netns" if Namespaces can be built here and tcp reaches one namespace from another and from
+    here (a bridge firewall could drop what crosses it), else "loopback"."""
+    try:
+        net = Namespaces()
+    except (OSError, subprocess.SubprocessError):
+        return "loopback"
+    listener = None
+    try:
+        (a, in_a), (_, in_b) = net.place(), net.place()
+        listener = subprocess.Popen([*in_a, sys.executable, "-c", LISTEN, a], stdout=subprocess.PIPE, text=True)
+        port = listener.stdout.readline().strip()
+        subprocess.run([*in_b, sys.executable, "-c", CONNECT, a, port], check=True, capture_output=True, timeout=30)
+        socket.create_connection((a, int(port)), timeout=5).close()
+        listener.wait(5)
+        return "netns" if listener.returncode == 0 else "loopback"
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return "loopback"
+    finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait()
+        net.close()
+
+
+class Agent:
+    """`krasis-coord host` in a subprocess, at an address of its own from `net`; `start()` again brings
+    it back on the same address and port (and in the same namespace), as systemd would."""
+
+    def __init__(self, net: Loopback | Namespaces, devices: str, keys):
+        host, self.prefix = net.place()
+        # free here, and every port is free in a new namespace
+        self.endpoint = f"tcp://{host}:{free_agent_port()}"
+        # without keys, only --insecure lets an agent listen beyond loopback (a namespace's address)
         self.args = ["host", "--listen", self.endpoint, "--devices", devices, "--cpu-workers", "1",
-                     *(["--keys", str(keys)] if keys else [])]
+                     *(["--keys", str(keys)] if keys else ["--insecure"])]
         self.proc = None
 
     def start(self) -> "Agent":
-        self.proc = subprocess.Popen([sys.executable, "-m", "krasis.coordinator", *self.args],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "krasis.coordinator", *self.args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
@@ -48,6 +154,8 @@ class Agent:
         return children(self.proc.pid)
 
     def stop(self) -> None:
+        if self.proc is None:
+            return
         kids = self.children() if self.proc.poll() is None else []
         tm.terminate(self.proc, "agent")
         tm.wait_gone(kids)
@@ -92,13 +200,24 @@ def keys(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module", params=[network_mode()])
+def net(request):
+    n = Namespaces() if request.param == "netns" else Loopback()
+    try:
+        yield n
+    finally:
+        n.close()
+
+
 @pytest.fixture(scope="module")
-def agents(keys):
+def agents(net, keys):
     """Two agents: one stage on the first, two on the second."""
-    a, b = Agent("cpu", keys).start(), Agent("cpu,cpu", keys).start()
-    yield a, b
-    a.stop()
-    b.stop()
+    a, b = Agent(net, "cpu", keys), Agent(net, "cpu,cpu", keys)
+    try:
+        yield a.start(), b.start()
+    finally:
+        a.stop()
+        b.stop()
 
 
 def hosts_arg(agents) -> str:
@@ -204,12 +323,13 @@ def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agent
         assert svc.client.complete(prompt_ids=PROMPT, max_new_tokens=16, ignore_eos=True).token_ids == want
 
 
-def test_unauthorized_agent_is_refused(models, keys, tmp_path):
+def test_unauthorized_agent_is_refused(models, keys, net, tmp_path):
     """An agent with keys of its own never hears the coordinator, which gives up at its deadline."""
     other = tmp_path / "other"
     keygen(other)
-    rogue = Agent("cpu", other).start()
+    rogue = Agent(net, "cpu", other)
     try:
+        rogue.start()
         t0 = time.monotonic()
         p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
                       "--hosts", rogue.endpoint, "--keys", keys, "--heartbeat-s", "0.1", check=False)
@@ -220,15 +340,15 @@ def test_unauthorized_agent_is_refused(models, keys, tmp_path):
         rogue.stop()
 
 
-def test_agent_that_cannot_start_its_stages_fails_the_run_clearly(models, tmp_path):
+def test_agent_that_cannot_start_its_stages_fails_the_run_clearly(models, net, tmp_path):
     """An agent whose model folder is missing reports the fault; the coordinator stops with an error
     naming the host and the cause rather than waiting."""
-    bad = Agent("cpu", None)
+    bad = Agent(net, "cpu", None)
     bad.args += ["--model-path", str(tmp_path / "missing")]
-    bad.start()
     try:
+        bad.start()
         p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
-                      "--hosts", bad.endpoint, check=False)
+                      "--hosts", bad.endpoint, "--insecure", check=False)
         assert p.returncode != 0 and bad.endpoint in p.stderr and "missing" in p.stderr, p.stderr[-2000:]
         assert not bad.children(), "the agent stopped what it had started"
     finally:
