@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -92,15 +91,6 @@ def require_keys(endpoints: list[str], keys: str | None, insecure: bool) -> None
     if exposed:
         raise KeysError(f"{exposed[0]} is reachable from other machines: give --keys DIR (krasis-coord keygen DIR) "
                         "or, on a network you trust, --insecure")
-
-
-def route_address(endpoint: str) -> str:
-    """This machine's address on the route to a tcp endpoint's host (a UDP socket's connect sends
-    nothing; it only picks the route)."""
-    u = urlsplit(endpoint)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((u.hostname, u.port or 9))
-        return s.getsockname()[0]
 
 
 class Curve:
