@@ -14,6 +14,9 @@ embedding: every token's hidden state is then mostly the same vector, and the ro
 every token to the same few experts. The attention output projections are therefore drawn 40x
 smaller (ATTN_OUT_STD), which leaves each token's own state in charge of its routing; and the
 routers are orthonormal directions (router_weight), so that no expert is favoured by construction.
+Where a family's attention layout is known (Recency), attention is made to look at the last few
+tokens, so that consecutive tokens' experts overlap as a trained model's do, and the output
+projections are scaled to that window's average instead.
 """
 
 from __future__ import annotations
@@ -85,10 +88,94 @@ DENSE_STD = 0.02
 ATTN_OUT_STD = 0.0005  # the attention output projections (see above)
 ATTN_OUT = re.compile(r"\.(self_attn\.o_proj|linear_attn\.out_proj)\.weight$")
 ROUTER = re.compile(r"\.mlp\.(gate|router)\.weight$")
+CONST_SHARE = 16  # 1 hidden channel in CONST_SHARE carries the shared constant (Recency)
+CONST_RMS = 0.1  # its RMS over the hidden state, against 0.02 for a token's own embedding
+RECENT_GAIN = 30.0  # the attention score between two tokens at distance 0 from that constant
+RECENT_BAND = (1 / 4096, 1 / 8)  # the rotary frequencies (radians per token) that carry it
+ATTN_MIX = 1.5  # a window's attention output over a token's own embedding, before averaging
 
 
 class SynthError(ValueError):
     pass
+
+
+# Where each family reads its queries and keys: (tensor, heads, rows per head, the rotary rows'
+# offset in a head, adjacent pairs (else halves) rotate together); the rows that read values; a value's
+# RMS (Qwen3's values read the normed token channels, DeepSeek's its normed latent) and the output
+# projection's inputs.
+_QK_LAYOUT = {
+    "qwen3_moe": lambda f: dict(
+        q=("self_attn.q_proj.weight", f.num_heads, f.head_dim, 0, False),
+        k=("self_attn.k_proj.weight", f.num_kv_heads, f.head_dim, 0, False),
+        v=("self_attn.v_proj.weight", slice(None)), norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+        scale=f.head_dim**-0.5, value_rms=DENSE_STD * f.hidden_size**0.5 * DENSE_STD / CONST_RMS, o_in=f.num_heads * f.head_dim),
+    "deepseek_v2": lambda f: dict(
+        q=("self_attn.q_proj.weight", f.num_heads, f.qk_head_dim, f.qk_nope, True),
+        k=("self_attn.kv_a_proj_with_mqa.weight", 1, f.kv_lora_rank + f.qk_rope, f.kv_lora_rank, True),
+        v=("self_attn.kv_a_proj_with_mqa.weight", slice(0, f.kv_lora_rank)), norms=(), scale=f.softmax_scale,
+        value_rms=DENSE_STD * f.kv_lora_rank**0.5, o_in=f.num_heads * f.v_head_dim),
+}
+
+
+class Recency:
+    """Attention that looks at the last few tokens, so that consecutive tokens' states, and so their
+    experts, overlap as in trained models (docs/routing.md, locality). A random-weight model has
+    nothing that ties a token to its neighbours: scores of random queries and keys do not depend on
+    distance. Here every token's embedding carries one constant in a block of channels (the last
+    hidden / CONST_SHARE), and each KV head's query and key projections read it into the same random
+    vector beta, with its energy only on rotary frequencies in RECENT_BAND. Under RoPE the score of
+    two positions is then sum_i |beta_i|^2 cos(theta_i * distance): RECENT_GAIN at distance 0, near
+    it within ~1 / RECENT_BAND[1] tokens, and incoherent (small) beyond, so softmax averages a short
+    window rather than the whole context (whose running mean skews the routing). The constant's
+    channels are zeroed where values are read and in the post-attention norms, so that neither values
+    nor routers nor experts see it: a constant there would favour the same experts for every token.
+    Families without a layout here (gpt-oss, Qwen3-Next) keep plain random attention."""
+
+    def __init__(self, fam, g: torch.Generator):
+        layout = _QK_LAYOUT.get(fam.cfg.get("model_type"))
+        self.on = layout is not None
+        self.out_std = ATTN_OUT_STD
+        if not self.on:
+            return
+        self.lay = layout(fam)
+        H = fam.hidden_size
+        self.block = slice(H - H // CONST_SHARE, H)
+        n = H // CONST_SHARE
+        self.const = CONST_RMS * (H / n) ** 0.5
+        theta = fam.rotary.inv_freq.double()
+        band = ((theta >= RECENT_BAND[0]) & (theta <= RECENT_BAND[1])).float()
+        _, heads, rows, rope_at, adjacent = self.lay["k"]
+        dr = 2 * len(theta)
+        pair = torch.arange(dr) // 2 if adjacent else torch.arange(dr) % len(theta)
+        # q.k carries attention_factor^2 (YaRN) and the softmax scale
+        norm2 = RECENT_GAIN / (self.lay["scale"] * fam.rotary.attention_factor**2)
+        beta = torch.randn(heads, dr, generator=g) * band[pair]
+        self.beta = beta / beta.norm(dim=1, keepdim=True) * norm2**0.5
+        # the normed constant channels are sqrt(H / n) each while the constant dominates the RMS
+        self.column = self.beta / (n * H) ** 0.5
+        self.rms = (norm2 / rows) ** 0.5
+        self.out_std = ATTN_MIX * DENSE_STD / (self.lay["value_rms"] * self.lay["o_in"] ** 0.5)
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return t
+        lay = self.lay
+        if name == "model.embed_tokens.weight":
+            t[:, self.block] = self.const
+        elif name.endswith("post_attention_layernorm.weight"):
+            t[self.block] = 0
+        elif name.endswith(lay["norms"]):
+            t.fill_(self.rms)
+        if name.endswith(lay["v"][0]):
+            t[lay["v"][1], self.block] = 0
+        for key in "qk":
+            tensor, heads, rows, rope_at, _ = lay[key]
+            if name.endswith(tensor):
+                group = heads // self.beta.shape[0]
+                for h in range(heads):
+                    r = h * rows + rope_at
+                    t[r : r + self.beta.shape[1], self.block] = self.column[h // group, :, None].to(t.dtype)
+        return t
 
 
 def synth_config(shape: str, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
@@ -159,13 +246,17 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
     g_experts = torch.Generator().manual_seed(seed + 1)
     pool = (torch.randn(POOL, generator=g) * expert_std).to(torch.bfloat16)
 
-    def dense(name, shape_):
+    recency = Recency(fam, torch.Generator().manual_seed(seed + 2))
+
+    def draw(name, shape_):
         if len(shape_) == 1:
-            return torch.ones(shape_, dtype=torch.bfloat16)
+            return torch.ones(shape_)
         if ROUTER.search(name):
-            return router_weight(*shape_, seed=int(torch.randint(0, 1 << 62, (1,), generator=g))).to(torch.bfloat16)
-        std = ATTN_OUT_STD if ATTN_OUT.search(name) else DENSE_STD
-        return (torch.randn(shape_, generator=g) * std).to(torch.bfloat16)
+            return router_weight(*shape_, seed=int(torch.randint(0, 1 << 62, (1,), generator=g)))
+        return torch.randn(shape_, generator=g) * (recency.out_std if ATTN_OUT.search(name) else DENSE_STD)
+
+    def dense(name, shape_):
+        return recency(name, draw(name, shape_)).to(torch.bfloat16)
 
     def window(shape_):
         n = 1
