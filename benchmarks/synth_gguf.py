@@ -145,7 +145,8 @@ def _data(rng, recency, name: str, shape: tuple[int, ...], qtype: str) -> np.nda
     if name.endswith("ffn_gate_inp.weight"):
         return router_weight(*shape, seed=int(rng.integers(1 << 62))).numpy()
     std = 1 / math.sqrt(shape[-1])
-    return _dense(rng, shape, qtype, std * recency.out_std / DENSE_STD if stem == "attn_output" else std, adjust)
+    return _dense(rng, shape, qtype, std * recency.out_std(int(name.split(".")[1])) / DENSE_STD if stem == "attn_output" else std,
+                  adjust)
 
 
 # the metadata llama.cpp's converter writes for qwen3moe: GGUFWriter method, shape key

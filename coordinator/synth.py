@@ -87,6 +87,7 @@ POOL = 1 << 24  # elements of the shared random block the experts are windows of
 DENSE_STD = 0.02
 ATTN_OUT_STD = 0.0005  # the attention output projections (see above)
 ATTN_OUT = re.compile(r"\.(self_attn\.o_proj|linear_attn\.out_proj)\.weight$")
+LAYER = re.compile(r"layers\.(\d+)\.")
 ROUTER = re.compile(r"\.mlp\.(gate|router)\.weight$")
 CONST_SHARE = 16  # 1 hidden channel in CONST_SHARE carries the shared constant (Recency)
 CONST_RMS = 0.1  # its RMS over the hidden state, against 0.02 for a token's own embedding
@@ -134,7 +135,6 @@ class Recency:
     def __init__(self, fam, g: torch.Generator):
         layout = _QK_LAYOUT.get(fam.cfg.get("model_type"))
         self.on = layout is not None
-        self.out_std = ATTN_OUT_STD
         if not self.on:
             return
         self.lay = layout(fam)
@@ -154,7 +154,16 @@ class Recency:
         # the normed constant channels are sqrt(H / n) each while the constant dominates the RMS
         self.column = self.beta / (n * H) ** 0.5
         self.rms = (norm2 / rows) ** 0.5
-        self.out_std = ATTN_MIX * DENSE_STD / (self.lay["value_rms"] * self.lay["o_in"] ** 0.5)
+        self.mix_std = ATTN_MIX * DENSE_STD / (self.lay["value_rms"] * self.lay["o_in"] ** 0.5)
+
+    def out_std(self, layer: int) -> float:
+        """The attention output projection's standard deviation in `layer`. Each layer writes its
+        window's average into the residual in a direction of its own (its own projection), and the
+        residual keeps them all: at one mix for every layer the neighbours' shared part of a token's
+        state grew layer after layer, and locality with it (Qwen3-30B-A3B: 1.6 at layer 0, 8.5 at
+        layer 7). Amplitudes falling as 1 / (layer + 1) sum the shared variance to at most pi^2 / 6
+        of layer 0's, so locality levels off."""
+        return self.mix_std / (layer + 1) if self.on else ATTN_OUT_STD
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if not self.on:
@@ -225,22 +234,15 @@ def router_weight(num_experts: int, hidden: int, seed: int, logit_std: float = 1
     return rows * logit_std
 
 
-def synth(shape: str, out, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
-          seed: int = 0, expert_std: float = 0.02, expert_bits: int | None = None, group_size: int = 128,
-          config: dict | None = None) -> Path:
-    """With `expert_bits` (4 or 8) the routed experts are not written to the safetensors shards but
-    straight into the expert cache of that precision (coordinator/convert.py), current for the
-    shards written: runs with --cpu-bits/--gpu-bits of that precision and that group size use it
-    as they would a converted cache. Qwen3-30B-A3B's experts are 58 GB in BF16 and 15 GB in INT4,
-    which is what decides whether a benchmark machine's disk can hold the model."""
-    from safetensors.torch import save_file
-
+def synth_weights(cfg: dict, seed: int = 0, expert_std: float = 0.02):
+    """synth's tensors for config `cfg`, without writing them: (family, shards, dense, window), with
+    shards [(shard name, {dense tensor name: shape}, {routed expert tensor name: shape})] in file
+    order. dense(name, shape) and window(shape) draw a tensor from the seeded streams, so calling
+    them in the shards' order (dense tensors, then a shard's experts) gives synth's model exactly
+    (benchmarks/synth_routing.py runs it layer by layer in memory)."""
     from ..shared.models.registry import family_for
 
-    cfg = synth_config(shape, layers, experts, vocab, config)
     fam = family_for(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     # the experts' own stream: the same experts whether they go to the shards or to the cache
     g_experts = torch.Generator().manual_seed(seed + 1)
@@ -253,7 +255,8 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
             return torch.ones(shape_)
         if ROUTER.search(name):
             return router_weight(*shape_, seed=int(torch.randint(0, 1 << 62, (1,), generator=g)))
-        return torch.randn(shape_, generator=g) * (recency.out_std if ATTN_OUT.search(name) else DENSE_STD)
+        out = ATTN_OUT.search(name)
+        return torch.randn(shape_, generator=g) * (recency.out_std(int(LAYER.search(name)[1])) if out else DENSE_STD)
 
     def dense(name, shape_):
         return recency(name, draw(name, shape_)).to(torch.bfloat16)
@@ -267,10 +270,27 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
         flat = pool.repeat(reps)[start : start + n] if reps > 1 else pool[start : start + n]
         return flat.reshape(shape_).clone()
 
-    index: dict[str, str] = {}
     shards = [("globals", fam.global_tensors(), {})] + [
         (f"layer{i:03d}", fam.layer_tensors(i), fam.expert_tensors(i) if fam.is_moe(i) else {}) for i in range(fam.num_layers)
     ]
+    return fam, shards, dense, window
+
+
+def synth(shape: str, out, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
+          seed: int = 0, expert_std: float = 0.02, expert_bits: int | None = None, group_size: int = 128,
+          config: dict | None = None) -> Path:
+    """With `expert_bits` (4 or 8) the routed experts are not written to the safetensors shards but
+    straight into the expert cache of that precision (coordinator/convert.py), current for the
+    shards written: runs with --cpu-bits/--gpu-bits of that precision and that group size use it
+    as they would a converted cache. Qwen3-30B-A3B's experts are 58 GB in BF16 and 15 GB in INT4,
+    which is what decides whether a benchmark machine's disk can hold the model."""
+    from safetensors.torch import save_file
+
+    cfg = synth_config(shape, layers, experts, vocab, config)
+    fam, shards, dense, window = synth_weights(cfg, seed, expert_std)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, str] = {}
     if expert_bits not in (None, 4, 8):
         raise SynthError("--expert-bits must be 4 or 8")
     for name, plain, routed in tqdm(shards, desc="synth", unit="shard", disable=None):

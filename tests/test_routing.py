@@ -1,7 +1,11 @@
 """Routing like a trained model's (docs/routing.md): synth's routers spread a long input's choices
 near-evenly where the old recipe's did not, and consecutive tokens' choices repeat as they do not
 without synth's recency attention; the figures themselves, and `calibrate`'s report of them, which
-must equal the figures of transformers' own router choices on the same prompts."""
+must equal the figures of transformers' own router choices on the same prompts.
+
+Only the small structures run here: the real widths (benchmarks/synth_routing.py, docs/routing.md
+has their figures) take about 5 minutes for 8 layers of Qwen3-30B-A3B on a 2-core machine, most
+of it drawing the 151,936-row embedding and head and 1.2 GB of experts per layer."""
 
 from __future__ import annotations
 
