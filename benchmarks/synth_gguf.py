@@ -6,9 +6,10 @@ and krasis's synth (torch), all of which the GPU machine has or carries. Used by
 Routed experts are random valid blocks (Q4_0, Q8_0 or MXFP4) with scales that give each weight a
 spread of about 1/sqrt(fan-in); F16/BF16/F32 tensors are normal with the same spread; norms are
 ones. Routing is made to behave like a trained model's as coordinator/synth.py does it (docs/
-routing.md): the routers are synth's router_weight (orthonormal rows) and the attention output
-projections are drawn synth's ATTN_OUT_STD / DENSE_STD times smaller, so that a token's own state,
-not the context's running mean, decides its experts and the load spreads over them.
+routing.md), so that llama.cpp sees the same routing as krasis on synth's model: the routers are
+synth's router_weight (orthonormal rows), and synth's Recency sets the tensors that make attention
+look at the last few tokens (the embedding's constant channels, the query and key columns that read
+them, the q/k norms, the post-attention norms, the values' and the output projections' scale).
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ def _blocks(rng, qtype: str, n: int, rows: int, cols: int) -> np.ndarray:
     return raw.reshape(n, rows, nb * BLOCK_BYTES[qtype])
 
 
-def _dense(rng, shape: tuple[int, ...], qtype: str, std: float) -> np.ndarray:
+def _dense(rng, shape: tuple[int, ...], qtype: str, std: float, adjust) -> np.ndarray:
     dtype = {"F16": np.float16, "F32": np.float32, "BF16": np.float32}[qtype]
     out = np.empty(shape, dtype)
     flat = out.reshape(-1, shape[-1])
     step = max(1, (1 << 24) // shape[-1])
     for r in range(0, flat.shape[0], step):
         flat[r:r + step] = rng.standard_normal((min(step, flat.shape[0] - r), shape[-1]), np.float32) * std
+    adjust(out)
     if qtype == "BF16":
         import gguf
 
@@ -104,17 +106,47 @@ def _plan(s: dict, expert_type: str, dense_type: str) -> list[tuple[str, tuple[i
     return t + [("output_norm.weight", (h,), "F32"), ("output.weight", (s["vocab"], h), dense_type)]
 
 
-def _data(rng, name: str, shape: tuple[int, ...], qtype: str) -> np.ndarray:
-    from krasis.coordinator.synth import ATTN_OUT_STD, DENSE_STD, router_weight
+# transformers' names of the tensors that synth's Recency sets
+_HF_NAMES = {"token_embd": "model.embed_tokens", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+             "ffn_norm": "post_attention_layernorm"}
+
+
+def _recency(s: dict, seed: int):
+    """synth's Recency for the shape's transformers config."""
+    import torch
+
+    from krasis.coordinator.synth import Recency, synth_config
+    from krasis.shared.models.registry import family_for
+
+    cfg = synth_config("qwen3-30b-a3b", layers=s["layers"], experts=s["experts"], config=dict(
+        hidden_size=s["hidden"], intermediate_size=s["ffn"], moe_intermediate_size=s["moe_inter"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], vocab_size=s["vocab"],
+        rope_theta=s["rope_theta"], max_position_embeddings=s["context"], rms_norm_eps=s["rms_eps"]))
+    return Recency(family_for(cfg), torch.Generator().manual_seed(seed))
+
+
+def _data(rng, recency, name: str, shape: tuple[int, ...], qtype: str) -> np.ndarray:
+    import torch
+
+    from krasis.coordinator.synth import DENSE_STD, router_weight
+
+    stem = name.rsplit(".", 1)[0].split(".")[-1]
+
+    def adjust(a):
+        recency(_HF_NAMES.get(stem, stem) + ".weight", torch.from_numpy(a))  # in place
 
     if len(shape) == 1:
-        return np.ones(shape, np.float32)
+        out = np.ones(shape, np.float32)
+        adjust(out)
+        return out
     if qtype in BLOCK_BYTES:
         return _blocks(rng, qtype, shape[0], shape[1], shape[2])
     if name.endswith("ffn_gate_inp.weight"):
         return router_weight(*shape, seed=int(rng.integers(1 << 62))).numpy()
     std = 1 / math.sqrt(shape[-1])
-    return _dense(rng, shape, qtype, std * ATTN_OUT_STD / DENSE_STD if name.endswith("attn_output.weight") else std)
+    return _dense(rng, shape, qtype, std * recency.out_std(int(name.split(".")[1])) / DENSE_STD if stem == "attn_output" else std,
+                  adjust)
 
 
 # the metadata llama.cpp's converter writes for qwen3moe: GGUFWriter method, shape key
@@ -150,7 +182,8 @@ def write_qwen3moe_gguf(path, shape: dict, expert_type: str = "Q4_0", dense_type
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
+    recency = _recency(s, seed)
     for name, shp, qtype in plan:
-        w.write_tensor_data(_data(rng, name, shp, qtype))
+        w.write_tensor_data(_data(rng, recency, name, shp, qtype))
     w.close()
     return Path(path).stat().st_size

@@ -14,6 +14,9 @@ embedding: every token's hidden state is then mostly the same vector, and the ro
 every token to the same few experts. The attention output projections are therefore drawn 40x
 smaller (ATTN_OUT_STD), which leaves each token's own state in charge of its routing; and the
 routers are orthonormal directions (router_weight), so that no expert is favoured by construction.
+Where a family's attention layout is known (Recency), attention is made to look at the last few
+tokens, so that consecutive tokens' experts overlap as a trained model's do, and the output
+projections are scaled to that window's average instead.
 """
 
 from __future__ import annotations
@@ -84,11 +87,104 @@ POOL = 1 << 24  # elements of the shared random block the experts are windows of
 DENSE_STD = 0.02
 ATTN_OUT_STD = 0.0005  # the attention output projections (see above)
 ATTN_OUT = re.compile(r"\.(self_attn\.o_proj|linear_attn\.out_proj)\.weight$")
+LAYER = re.compile(r"layers\.(\d+)\.")
 ROUTER = re.compile(r"\.mlp\.(gate|router)\.weight$")
+CONST_SHARE = 16  # 1 hidden channel in CONST_SHARE carries the shared constant (Recency)
+CONST_RMS = 0.1  # its RMS over the hidden state, against 0.02 for a token's own embedding
+RECENT_GAIN = 30.0  # the attention score between two tokens at distance 0 from that constant
+RECENT_BAND = (1 / 4096, 1 / 8)  # the rotary frequencies (radians per token) that carry it
+ATTN_MIX = 1.5  # a window's attention output over a token's own embedding, before averaging
 
 
 class SynthError(ValueError):
     pass
+
+
+# Where each family reads its queries and keys: (tensor, heads, rows per head, the rotary rows'
+# offset in a head, adjacent pairs (else halves) rotate together); the rows that read values; a value's
+# RMS (Qwen3's values read the normed token channels, DeepSeek's its normed latent) and the output
+# projection's inputs.
+_QK_LAYOUT = {
+    "qwen3_moe": lambda f: dict(
+        q=("self_attn.q_proj.weight", f.num_heads, f.head_dim, 0, False),
+        k=("self_attn.k_proj.weight", f.num_kv_heads, f.head_dim, 0, False),
+        v=("self_attn.v_proj.weight", slice(None)), norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+        scale=f.head_dim**-0.5, value_rms=DENSE_STD * f.hidden_size**0.5 * DENSE_STD / CONST_RMS, o_in=f.num_heads * f.head_dim),
+    "deepseek_v2": lambda f: dict(
+        q=("self_attn.q_proj.weight", f.num_heads, f.qk_head_dim, f.qk_nope, True),
+        k=("self_attn.kv_a_proj_with_mqa.weight", 1, f.kv_lora_rank + f.qk_rope, f.kv_lora_rank, True),
+        v=("self_attn.kv_a_proj_with_mqa.weight", slice(0, f.kv_lora_rank)), norms=(), scale=f.softmax_scale,
+        value_rms=DENSE_STD * f.kv_lora_rank**0.5, o_in=f.num_heads * f.v_head_dim),
+}
+
+
+class Recency:
+    """Attention that looks at the last few tokens, so that consecutive tokens' states, and so their
+    experts, overlap as in trained models (docs/routing.md, locality). A random-weight model has
+    nothing that ties a token to its neighbours: scores of random queries and keys do not depend on
+    distance. Here every token's embedding carries one constant in a block of channels (the last
+    hidden / CONST_SHARE), and each KV head's query and key projections read it into the same random
+    vector beta, with its energy only on rotary frequencies in RECENT_BAND. Under RoPE the score of
+    two positions is then sum_i |beta_i|^2 cos(theta_i * distance): RECENT_GAIN at distance 0, near
+    it within ~1 / RECENT_BAND[1] tokens, and incoherent (small) beyond, so softmax averages a short
+    window rather than the whole context (whose running mean skews the routing). The constant's
+    channels are zeroed where values are read and in the post-attention norms, so that neither values
+    nor routers nor experts see it: a constant there would favour the same experts for every token.
+    Families without a layout here (gpt-oss, Qwen3-Next) keep plain random attention."""
+
+    def __init__(self, fam, g: torch.Generator):
+        layout = _QK_LAYOUT.get(fam.cfg.get("model_type"))
+        self.on = layout is not None
+        if not self.on:
+            return
+        self.lay = layout(fam)
+        H = fam.hidden_size
+        self.block = slice(H - H // CONST_SHARE, H)
+        n = H // CONST_SHARE
+        self.const = CONST_RMS * (H / n) ** 0.5
+        theta = fam.rotary.inv_freq.double()
+        band = ((theta >= RECENT_BAND[0]) & (theta <= RECENT_BAND[1])).float()
+        _, heads, rows, rope_at, adjacent = self.lay["k"]
+        dr = 2 * len(theta)
+        pair = torch.arange(dr) // 2 if adjacent else torch.arange(dr) % len(theta)
+        # q.k carries attention_factor^2 (YaRN) and the softmax scale
+        norm2 = RECENT_GAIN / (self.lay["scale"] * fam.rotary.attention_factor**2)
+        beta = torch.randn(heads, dr, generator=g) * band[pair]
+        self.beta = beta / beta.norm(dim=1, keepdim=True) * norm2**0.5
+        # the normed constant channels are sqrt(H / n) each while the constant dominates the RMS
+        self.column = self.beta / (n * H) ** 0.5
+        self.rms = (norm2 / rows) ** 0.5
+        self.mix_std = ATTN_MIX * DENSE_STD / (self.lay["value_rms"] * self.lay["o_in"] ** 0.5)
+
+    def out_std(self, layer: int) -> float:
+        """The attention output projection's standard deviation in `layer`. Each layer writes its
+        window's average into the residual in a direction of its own (its own projection), and the
+        residual keeps them all: at one mix for every layer the neighbours' shared part of a token's
+        state grew layer after layer, and locality with it (Qwen3-30B-A3B: 1.6 at layer 0, 8.5 at
+        layer 7). Amplitudes falling as 1 / (layer + 1) sum the shared variance to at most pi^2 / 6
+        of layer 0's, so locality levels off."""
+        return self.mix_std / (layer + 1) if self.on else ATTN_OUT_STD
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if not self.on:
+            return t
+        lay = self.lay
+        if name == "model.embed_tokens.weight":
+            t[:, self.block] = self.const
+        elif name.endswith("post_attention_layernorm.weight"):
+            t[self.block] = 0
+        elif name.endswith(lay["norms"]):
+            t.fill_(self.rms)
+        if name.endswith(lay["v"][0]):
+            t[lay["v"][1], self.block] = 0
+        for key in "qk":
+            tensor, heads, rows, rope_at, _ = lay[key]
+            if name.endswith(tensor):
+                group = heads // self.beta.shape[0]
+                for h in range(heads):
+                    r = h * rows + rope_at
+                    t[r : r + self.beta.shape[1], self.block] = self.column[h // group, :, None].to(t.dtype)
+        return t
 
 
 def synth_config(shape: str, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
@@ -138,34 +234,32 @@ def router_weight(num_experts: int, hidden: int, seed: int, logit_std: float = 1
     return rows * logit_std
 
 
-def synth(shape: str, out, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
-          seed: int = 0, expert_std: float = 0.02, expert_bits: int | None = None, group_size: int = 128,
-          config: dict | None = None) -> Path:
-    """With `expert_bits` (4 or 8) the routed experts are not written to the safetensors shards but
-    straight into the expert cache of that precision (coordinator/convert.py), current for the
-    shards written: runs with --cpu-bits/--gpu-bits of that precision and that group size use it
-    as they would a converted cache. Qwen3-30B-A3B's experts are 58 GB in BF16 and 15 GB in INT4,
-    which is what decides whether a benchmark machine's disk can hold the model."""
-    from safetensors.torch import save_file
-
+def synth_weights(cfg: dict, seed: int = 0, expert_std: float = 0.02):
+    """synth's tensors for config `cfg`, without writing them: (family, shards, dense, window), with
+    shards [(shard name, {dense tensor name: shape}, {routed expert tensor name: shape})] in file
+    order. dense(name, shape) and window(shape) draw a tensor from the seeded streams, so calling
+    them in the shards' order (dense tensors, then a shard's experts) gives synth's model exactly
+    (benchmarks/synth_routing.py runs it layer by layer in memory)."""
     from ..shared.models.registry import family_for
 
-    cfg = synth_config(shape, layers, experts, vocab, config)
     fam = family_for(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     # the experts' own stream: the same experts whether they go to the shards or to the cache
     g_experts = torch.Generator().manual_seed(seed + 1)
     pool = (torch.randn(POOL, generator=g) * expert_std).to(torch.bfloat16)
 
-    def dense(name, shape_):
+    recency = Recency(fam, torch.Generator().manual_seed(seed + 2))
+
+    def draw(name, shape_):
         if len(shape_) == 1:
-            return torch.ones(shape_, dtype=torch.bfloat16)
+            return torch.ones(shape_)
         if ROUTER.search(name):
-            return router_weight(*shape_, seed=int(torch.randint(0, 1 << 62, (1,), generator=g))).to(torch.bfloat16)
-        std = ATTN_OUT_STD if ATTN_OUT.search(name) else DENSE_STD
-        return (torch.randn(shape_, generator=g) * std).to(torch.bfloat16)
+            return router_weight(*shape_, seed=int(torch.randint(0, 1 << 62, (1,), generator=g)))
+        out = ATTN_OUT.search(name)
+        return torch.randn(shape_, generator=g) * (recency.out_std(int(LAYER.search(name)[1])) if out else DENSE_STD)
+
+    def dense(name, shape_):
+        return recency(name, draw(name, shape_)).to(torch.bfloat16)
 
     def window(shape_):
         n = 1
@@ -176,10 +270,27 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
         flat = pool.repeat(reps)[start : start + n] if reps > 1 else pool[start : start + n]
         return flat.reshape(shape_).clone()
 
-    index: dict[str, str] = {}
     shards = [("globals", fam.global_tensors(), {})] + [
         (f"layer{i:03d}", fam.layer_tensors(i), fam.expert_tensors(i) if fam.is_moe(i) else {}) for i in range(fam.num_layers)
     ]
+    return fam, shards, dense, window
+
+
+def synth(shape: str, out, layers: int | None = None, experts: int | None = None, vocab: int | None = None,
+          seed: int = 0, expert_std: float = 0.02, expert_bits: int | None = None, group_size: int = 128,
+          config: dict | None = None) -> Path:
+    """With `expert_bits` (4 or 8) the routed experts are not written to the safetensors shards but
+    straight into the expert cache of that precision (coordinator/convert.py), current for the
+    shards written: runs with --cpu-bits/--gpu-bits of that precision and that group size use it
+    as they would a converted cache. Qwen3-30B-A3B's experts are 58 GB in BF16 and 15 GB in INT4,
+    which is what decides whether a benchmark machine's disk can hold the model."""
+    from safetensors.torch import save_file
+
+    cfg = synth_config(shape, layers, experts, vocab, config)
+    fam, shards, dense, window = synth_weights(cfg, seed, expert_std)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, str] = {}
     if expert_bits not in (None, 4, 8):
         raise SynthError("--expert-bits must be 4 or 8")
     for name, plain, routed in tqdm(shards, desc="synth", unit="shard", disable=None):

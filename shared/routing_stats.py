@@ -10,6 +10,9 @@ repetition of choices between consecutive tokens.
                                                            these loads (k^2 / E when balanced)
     locality    overlap / chance                           1 when nearby tokens are no more alike
                                                            than any two
+    next-layer  |top_k of layer L+1's router applied to    how well layer L's router input predicts
+    predictability  layer L's router input & its actual     layer L+1's experts (for prefetching them)
+                top_k| / top_k, mean over tokens
 
 The GPU workers count the choices and the consecutive overlaps as prefill runs (gpu_worker/hcs.py);
 `krasis-coord calibrate` reports these figures from them.
@@ -53,6 +56,13 @@ def choice_stats(ids: torch.Tensor, num_experts: int) -> dict:
     """layer_stats of the choices ids [T, k] of consecutive tokens."""
     counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
     return layer_stats(counts, ids.shape[1], int(consecutive_overlap(ids)), ids.shape[0] - 1)
+
+
+def next_layer_predictability(x: torch.Tensor, next_router: torch.Tensor, next_ids: torch.Tensor) -> float:
+    """The mean share of layer L+1's choices next_ids [T, k] that its router weight [E, hidden] (no
+    bias) picks from layer L's router input x [T, hidden]."""
+    guess = (x.float() @ next_router.float().T).topk(next_ids.shape[1], -1).indices
+    return float((guess[:, :, None] == next_ids[:, None, :]).sum()) / next_ids.numel()
 
 
 def failures(stats: dict) -> list[str]:

@@ -1,6 +1,11 @@
 """Routing like a trained model's (docs/routing.md): synth's routers spread a long input's choices
-near-evenly where the old recipe's did not, the figures themselves, and `calibrate`'s report of
-them, which must equal the figures of transformers' own router choices on the same prompts."""
+near-evenly where the old recipe's did not, and consecutive tokens' choices repeat as they do not
+without synth's recency attention; the figures themselves, and `calibrate`'s report of them, which
+must equal the figures of transformers' own router choices on the same prompts.
+
+Only the small structures run here: the real widths (benchmarks/synth_routing.py, docs/routing.md
+has their figures) take about 5 minutes for 8 layers of Qwen3-30B-A3B on a 2-core machine, most
+of it drawing the 151,936-row embedding and head and 1.2 GB of experts per layer."""
 
 from __future__ import annotations
 
@@ -10,12 +15,18 @@ import pytest
 import torch
 
 import tiny_models as tm
-from krasis.coordinator.synth import ATTN_OUT, DENSE_STD, synth
-from krasis.shared.routing_stats import TARGETS, choice_stats, failures, layer_stats
+from krasis.coordinator import synth as synth_module
+from krasis.coordinator.synth import DENSE_STD, synth
+from krasis.shared.routing_stats import TARGETS, choice_stats, failures, layer_stats, next_layer_predictability
 
-# Qwen3-30B-A3B's structure, small: 32 experts, 8 per token, 6 layers
-TINY = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64)
+# Qwen3-30B-A3B's and DeepSeek-V2-Lite's structures, small: 32 experts, 6 layers
+SMALL = {
+    "qwen3-30b-a3b": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64),
+    "deepseek-v2-lite": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=64,
+                             v_head_dim=32),
+}
 EXPERTS, LAYERS, TOKENS = 32, 6, 1024
 
 
@@ -51,21 +62,46 @@ def test_figures_of_balanced_and_skewed_choices():
     assert layer_stats([3, 1], 1)["max_mean"] == pytest.approx(1.5) and "locality" not in layer_stats([3, 1], 1)
 
 
-def test_synth_routers_are_near_balanced_and_the_old_recipe_is_not(tmp_path):
+def synth_routing(path, shape: str) -> list[dict]:
+    """Per MoE layer of a small synth model of `shape`, the figures of TOKENS random tokens and the
+    next-layer predictability (from transformers' router inputs)."""
     from transformers import AutoModelForCausalLM
 
-    path = synth("qwen3-30b-a3b", tmp_path / "m", layers=LAYERS, experts=EXPERTS, vocab=512, config=TINY)
+    path = synth(shape, path, layers=LAYERS, experts=EXPERTS, vocab=512, config=SMALL[shape])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ids = torch.randint(0, 512, (TOKENS,), generator=torch.Generator().manual_seed(99)).tolist()
-    stats = [choice_stats(c, EXPERTS) for c in router_choices(model, ids)]
-    assert len(stats) == LAYERS and not [load_failures(s) for s in stats if load_failures(s)], stats
-    # the old recipe: attention output projections as large as every other weight
+    gates = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    inputs = []
+    for m in gates:
+        m.register_forward_hook(lambda mod, inp, out: inputs.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    ids = torch.randint(0, 512, (TOKENS,), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ATTN_OUT.search(name):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * DENSE_STD)
-    old = [choice_stats(c, EXPERTS) for c in router_choices(model, ids)]
-    assert sum(bool(load_failures(s)) for s in old) >= LAYERS // 2, old
+        model(ids[None])
+    k = model.config.num_experts_per_tok
+    choices = [(x @ m.weight.T).topk(k, -1).indices for x, m in zip(inputs, gates)]
+    stats = [choice_stats(c, EXPERTS) for c in choices]
+    for st, x, m, c in zip(stats, inputs, gates[1:], choices[1:]):
+        st["next_layer"] = next_layer_predictability(x, m.weight, c)
+    return stats
+
+
+@pytest.mark.parametrize("shape", list(SMALL))
+def test_synth_routing_is_balanced_and_local(shape, tmp_path):
+    stats = synth_routing(tmp_path / "m", shape)
+    assert len(stats) >= LAYERS - 1 and not [failures(s) for s in stats if failures(s)], stats
+    # the layers' states differ by more than a little noise: a layer's router input does not name
+    # the next layer's experts outright
+    assert all(0.3 < s["next_layer"] < 0.95 for s in stats[:-1]), stats
+
+
+@pytest.mark.parametrize("shape", list(SMALL))
+def test_without_recency_routing_is_not_local_and_with_the_old_recipe_not_balanced(shape, tmp_path, monkeypatch):
+    monkeypatch.setattr(synth_module, "_QK_LAYOUT", {})  # plain random attention
+    plain = synth_routing(tmp_path / "plain", shape)
+    assert all(s["locality"] < 1.1 for s in plain) and not [load_failures(s) for s in plain if load_failures(s)], plain
+    # the old recipe: attention output projections as large as every other weight
+    monkeypatch.setattr(synth_module, "ATTN_OUT_STD", DENSE_STD)
+    old = synth_routing(tmp_path / "old", shape)
+    assert sum(bool(load_failures(s)) for s in old) >= len(old) // 2, old
 
 
 def test_calibrate_reports_the_routing_of_its_text(tmp_path):
