@@ -10,6 +10,7 @@ routing.md), so that llama.cpp sees the same routing as krasis on synth's model:
 synth's router_weight (orthonormal rows), and synth's Recency sets the tensors that make attention
 look at the last few tokens (the embedding's constant channels, the query and key columns that read
 them, the q/k norms, the post-attention norms, the values' and the output projections' scale).
+The shape has no dense MLP or shared expert, so synth's MLP_GAIN has nothing to apply to here.
 """
 
 from __future__ import annotations
