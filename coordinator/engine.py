@@ -263,7 +263,7 @@ class Engine:
                 bar.refresh()
             elif isinstance(msg, P.Ready):
                 ready += 1
-                self.workers.append({"role": msg.role, "rank": msg.rank, "pid": msg.pid, **msg.info})
+                self.workers.append({"role": msg.role, "rank": msg.rank, "pid": msg.pid, "ready_at": time.time(), **msg.info})
             elif isinstance(msg, P.WorkerError):
                 raise WorkerDied(f"{msg.role}_worker {msg.rank} failed to start: {msg.message}")
 

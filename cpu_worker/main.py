@@ -19,7 +19,7 @@ import zmq
 
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
-from ..shared.lifecycle import die_with_parent, limit_threads
+from ..shared.lifecycle import StartupMarks, die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
 from .expert_kernel import layer_kernel, set_threads, warm_up
 from .lookahead import Lookahead, bind as bind_lookahead, l2_bytes
@@ -33,6 +33,8 @@ POLL_MS = 1
 
 
 def main() -> None:
+    mark = StartupMarks()
+    mark("imports")
     spec = json.loads(sys.argv[1])
     die_with_parent(spec["parent_pid"])
     if spec.get("cores"):
@@ -55,6 +57,7 @@ def main() -> None:
 
         with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
             fill_node(store, node, write, on_layer=on_layer)
+        mark("fill")
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(spec["bind"])
@@ -84,8 +87,11 @@ def main() -> None:
         kernels[layer] = layer_kernel(store.tensors(layer, node), layout.fmt, first, count, act)
         if len(kernels) == 1:
             warm_up(kernels[layer], family.hidden_size, first)
+            mark("kernel build, warm-up")
+    mark("kernels bound")
     coord.send_multipart(
-        P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(), info={"bytes": layout.sizes[node], "experts": layout.fmt.describe()}))
+        P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(),
+                         info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks}))
     )
     boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
     slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
