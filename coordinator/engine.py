@@ -249,7 +249,7 @@ class Engine:
     def strategy_spec(self) -> dict:
         return strategy_spec(self.model_dir, self.opts)
 
-    async def _await_ready(self, role: str, count: int, bar) -> None:
+    async def _await_ready(self, count: int, bar) -> None:
         ready, progress = 0, {}
         while ready < count:
             self.group.check()

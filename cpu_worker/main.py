@@ -55,9 +55,13 @@ def main() -> None:
             done = layout.moe_layers.index(layer) + 1
             coord.send_multipart(P.encode(P.Progress(role="cpu", rank=node, what="expert layers", done=done, total=total)))
 
-        with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
-            fill_node(store, node, write, on_layer=on_layer)
+        with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
+            fill_node(store, node, write, on_layer=on_layer, threads=threads)
         mark("fill")
+        boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
+        slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
+        for slot in slots:  # the GPU workers may read the store from now on
+            slot.mark_filled()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(spec["bind"])
@@ -93,8 +97,6 @@ def main() -> None:
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(),
                          info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks}))
     )
-    boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
-    slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
     # each thread's share of what the lookahead reads: what one core's L2 holds, unless told
     share = spec.get("lookahead_kb")
     budget = (l2_bytes(min(os.sched_getaffinity(0))) if share is None else share << 10) * spec["threads"]

@@ -77,8 +77,8 @@ def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Sta
     layout = StoreLayout.from_spec(family, spec["store"])
     store = ExpertStore(layout, spec["store"]["fds"])
     if spec["store"].get("fill"):  # a store of the GPU's own format: this stage's layers are ours to fill
-        with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
-            fill_node(store, 0, write, layers=range(a, b))
+        with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
+            fill_node(store, 0, write, layers=range(a, b), threads=threads)
     dense = WeightCache(spec["dense_cache"]) if spec.get("dense_cache") else None
     mark("store")
 
@@ -92,16 +92,20 @@ def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Sta
             return QuantLinear(dense.tensor(name + ".q"), dense.tensor(name + ".s")).to(device)
         return source.get(name).to(device=device, dtype=dtype)
 
-    pool = PoolClient(spec["mailbox"], device)
-    experts = StageExperts(spec, family, store, device, dtype, pool)
-    mark("experts")
-    done += 1
-    progress()
-    stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"], experts,
+    stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"],
                   spec.get("kv_dtype"), spec.get("prefill_chunk") or 4096)
     if dense is not None:
         dense.close()
     mark("dense weights")
+    done += 1
+    progress()
+    pool = PoolClient(spec["mailbox"], device)
+    # The pool starts beside this worker and fills the store meanwhile; pinning the store or copying
+    # experts out of it waits for that (and the pool's first touch puts its pages on its node).
+    pool.wait_filled()
+    mark("pool's fill")
+    stage.attach(StageExperts(spec, family, store, device, dtype, pool))
+    mark("experts")
     done = total
     progress()
 
@@ -121,7 +125,7 @@ def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Sta
             for t in vars(layer).values()
             if isinstance(t, torch.Tensor)
         ),
-        **experts.info(),
+        **stage.experts.info(),
         "startup": mark.marks,
     }
     coord.send_multipart(P.encode(P.Ready(role="gpu", rank=rank, pid=os.getpid(), info=info)))
