@@ -8,10 +8,9 @@ takes the runtime options of `krasis-coord generate`. Each run is a fresh proces
 of a start) that builds the engine as `serve` does, starts every worker, generates one token from
 --prompt-ids, and lays out on its own clock, from its exec: the coordinator's imports and engine
 (config, tokenizer, cache headers), then each worker's phases from the times it reports in its Ready
-message (shared/lifecycle.py:StartupMarks), and when the coordinator saw each Ready. The first run
-builds any cache that is missing, so its figures are not a warm start; later runs read the caches
-from the page cache where RAM holds them. The summary gives each phase's least and median over the
-warm runs (all runs but the first, where there are several).
+message (shared/lifecycle.py:StartupMarks), and when the coordinator saw each Ready. A run that
+built a cache (one was missing or stale) is no warm start: the summary, each phase's least and
+median, leaves such runs out. Warm runs read the caches from the page cache where RAM holds them.
 """
 
 from __future__ import annotations
@@ -78,17 +77,20 @@ def main(model, runs, prompt_ids, one, opts):
         i = args.index("--runs")
         del args[i:i + 2]
     args = [a for a in args if not a.startswith("--runs=")]
-    results = []
+    warm = []
     for k in range(runs):
         r = subprocess.run([sys.executable, __file__, *args, "--one"], capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"run {k + 1} failed:\n{r.stderr[-4000:]}")
         rows = json.loads(r.stdout.strip().splitlines()[-1])
-        results.append(rows)
-        print(f"run {k + 1}:")
+        built = "cache: building" in r.stderr
+        if not built:
+            warm.append(rows)
+        print(f"run {k + 1}{' (built a cache: not warm)' if built else ''}:")
         for name, d, end in rows:
             print(f"  {name:<58} {d:7.2f} s   (at {end:6.2f} s)")
-    warm = results[1:] or results
+    if not warm:
+        return
     print(f"\nsummary over {len(warm)} warm run(s): phase, least / median seconds")
     for i, (name, *_) in enumerate(warm[0]):
         ds = [rows[i][1] for rows in warm]
