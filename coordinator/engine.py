@@ -249,7 +249,7 @@ class Engine:
     def strategy_spec(self) -> dict:
         return strategy_spec(self.model_dir, self.opts)
 
-    async def _await_ready(self, role: str, count: int, bar) -> None:
+    async def _await_ready(self, count: int, bar) -> None:
         ready, progress = 0, {}
         while ready < count:
             self.group.check()
@@ -263,7 +263,7 @@ class Engine:
                 bar.refresh()
             elif isinstance(msg, P.Ready):
                 ready += 1
-                self.workers.append({"role": msg.role, "rank": msg.rank, "pid": msg.pid, **msg.info})
+                self.workers.append({"role": msg.role, "rank": msg.rank, "pid": msg.pid, "ready_at": time.time(), **msg.info})
             elif isinstance(msg, P.WorkerError):
                 raise WorkerDied(f"{msg.role}_worker {msg.rank} failed to start: {msg.message}")
 

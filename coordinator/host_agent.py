@@ -147,7 +147,7 @@ class HostAgent:
         except Exception as e:
             await self._fault(f"{type(e).__name__}: {e}".splitlines()[0])
 
-    async def _await_ready(self, role: str, count: int, bar) -> None:
+    async def _await_ready(self, count: int, bar) -> None:
         """Wait until `count` more workers have reported Ready (the relay counts them)."""
         self.expected += count
         while self.ready < self.expected:

@@ -218,5 +218,5 @@ async def start_hosts(engine, bar_desc: str = "loading on hosts") -> tuple[HostG
         group.send(i, P.Assign(model=engine.model_dir, ranks=ranks, layers=[list(p) for p in engine.plan],
                                options=options, strategy=engine.strategy_spec(), next=nxt))
     with tqdm(desc=bar_desc, unit="layer", disable=None, leave=False) as bar:
-        await engine._await_ready("all", sum(i.pools + len(i.devices) for i in infos), bar)
+        await engine._await_ready(sum(i.pools + len(i.devices) for i in infos), bar)
     return group, agent_endpoint(opts.hosts[0], STAGE)

@@ -42,8 +42,10 @@ class LocalStages:
 
 async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, opts: RuntimeOptions, caches,
                       stages: LocalStages, strategy: dict, ep, await_ready) -> list[str]:
-    """Spawn the pool, await its Ready messages (`await_ready(role, count, bar)`), then the GPU
-    workers, and await theirs. Returns the pool processes' control endpoints."""
+    """Spawn the pool and the GPU workers together and await their Ready messages (`await_ready(count,
+    bar)`): a GPU worker imports and starts while the pool fills the store, and reads the store only
+    once the pool has said, in each of its mailbox slots, that it is filled. Returns the pool
+    processes' control endpoints."""
     local = len(stages.ranks)
     # The caller itself stays on every core. Pinned to the two front cores, its pool
     # processes' kernel ran 2.2x slower (0.64 against 0.29 ms per call on the lent H100 host): a
@@ -72,7 +74,7 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
     boxes = {"fd": box_fd, "shape": shape.to_spec(), "count": local * n_pool}
     ncores = len(os.sched_getaffinity(0))
     try:
-        with tqdm(desc="loading experts", unit="layer", disable=None, leave=False) as bar:
+        with tqdm(desc="loading", unit="layer", disable=None, leave=False) as bar:
             for i in range(n_pool):
                 node_cores = nodes[i % len(nodes)]
                 peers = len(range(i % len(nodes), n_pool, len(nodes)))  # pool processes on this node
@@ -81,9 +83,7 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
                             threads=len(share), store=store, lookahead_kb=opts.lookahead_kb,
                             mailbox=dict(boxes, slots=[k * n_pool + i for k in range(local)]))
                 group.spawn(f"cpu_worker {i}", "krasis.cpu_worker", spec, [*fds, box_fd])
-            await await_ready("cpu", n_pool, bar)
-        pool_pids = group.pids()
-        with tqdm(desc="loading layers", unit="layer", disable=None, leave=False) as bar:
+            pool_pids = group.pids()
             for k, (r, dev) in enumerate(zip(stages.ranks, stages.devices)):
                 nxt = stages.ins[r + 1] if k + 1 < local else stages.last_next
                 spec = dict(
@@ -94,7 +94,7 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
                     keys=stages.keys, **strategy, **{"in": stages.ins[r]}, next=nxt,
                 )
                 group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
-            await await_ready("gpu", local, bar)
+            await await_ready(n_pool + local, bar)
     finally:
         for fd in set(fds) | set(gpu_fds) | {box_fd}:  # the children hold their own copies
             os.close(fd)

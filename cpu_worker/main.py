@@ -19,7 +19,7 @@ import zmq
 
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
-from ..shared.lifecycle import die_with_parent, limit_threads
+from ..shared.lifecycle import StartupMarks, die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
 from .expert_kernel import layer_kernel, set_threads, warm_up
 from .lookahead import Lookahead, bind as bind_lookahead, l2_bytes
@@ -33,6 +33,8 @@ POLL_MS = 1
 
 
 def main() -> None:
+    mark = StartupMarks()
+    mark("imports")
     spec = json.loads(sys.argv[1])
     die_with_parent(spec["parent_pid"])
     if spec.get("cores"):
@@ -53,8 +55,13 @@ def main() -> None:
             done = layout.moe_layers.index(layer) + 1
             coord.send_multipart(P.encode(P.Progress(role="cpu", rank=node, what="expert layers", done=done, total=total)))
 
-        with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
-            fill_node(store, node, write, on_layer=on_layer)
+        with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
+            fill_node(store, node, write, on_layer=on_layer, threads=threads)
+        mark("fill")
+        boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
+        slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
+        for slot in slots:  # the GPU workers may read the store from now on
+            slot.mark_filled()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(spec["bind"])
@@ -86,17 +93,18 @@ def main() -> None:
         kernels[layer] = layer_kernel(store.tensors(layer, node), layout.fmt, first, count, act)
         if len(kernels) == 1:
             warm_up(kernels[layer], family.hidden_size, first)
-    coord.send_multipart(
-        P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(), info={"bytes": layout.sizes[node], "experts": layout.fmt.describe()}))
-    )
-    boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
-    slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
+            mark("kernel build, warm-up")
     # each thread's share of what the lookahead reads: what one core's L2 holds, unless told
     share = spec.get("lookahead_kb")
     budget = (l2_bytes(min(os.sched_getaffinity(0))) if share is None else share << 10) * spec["threads"]
     aheads = bind_lookahead(family, layout, store, node, open_source(spec["model"], spec["store"].get("gguf")).get,
                             spec["threads"]) if budget else {}
     ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers})
+    mark("kernels bound")
+    coord.send_multipart(
+        P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(),
+                         info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks}))
+    )
 
     def serve(slot: Slot, number: int, seen: float):
         """Run the slot's request; the kernel writes its reply into the slot in place. Returns the

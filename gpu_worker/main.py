@@ -20,7 +20,7 @@ import zmq
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.keys import Curve
-from ..shared.lifecycle import die_with_parent, fine_timers, limit_threads
+from ..shared.lifecycle import StartupMarks, die_with_parent, fine_timers, limit_threads
 from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
 from ..shared.weights import load_family, open_source
@@ -33,6 +33,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def main() -> None:
+    mark = StartupMarks()
+    mark("imports")
     spec = json.loads(sys.argv[1])
     die_with_parent(spec["parent_pid"])
     if spec.get("cores"):
@@ -45,7 +47,7 @@ def main() -> None:
     coord.connect(spec["coord"])
     rank = spec["rank"]
     try:
-        stage, inbound, nxt, curve = _start(spec, ctx, coord)
+        stage, inbound, nxt, curve = _start(spec, ctx, coord, mark)
     except Exception as e:
         coord.send_multipart(P.encode(P.WorkerError(role="gpu", rank=rank, step=-1, message=_one_line(e))))
         traceback.print_exc()
@@ -64,7 +66,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
-def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.Socket, Curve]:
+def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Stage, zmq.Socket, zmq.Socket, Curve]:
     rank, (a, b) = spec["rank"], spec["layers"]
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -75,9 +77,10 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
     layout = StoreLayout.from_spec(family, spec["store"])
     store = ExpertStore(layout, spec["store"]["fds"])
     if spec["store"].get("fill"):  # a store of the GPU's own format: this stage's layers are ours to fill
-        with store_writer(spec["store"], layout.fmt, family, spec["model"]) as write:
-            fill_node(store, 0, write, layers=range(a, b))
+        with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
+            fill_node(store, 0, write, layers=range(a, b), threads=threads)
     dense = WeightCache(spec["dense_cache"]) if spec.get("dense_cache") else None
+    mark("store")
 
     total, done = (b - a) + 2, 0
 
@@ -89,14 +92,20 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
             return QuantLinear(dense.tensor(name + ".q"), dense.tensor(name + ".s")).to(device)
         return source.get(name).to(device=device, dtype=dtype)
 
-    pool = PoolClient(spec["mailbox"], device)
-    experts = StageExperts(spec, family, store, device, dtype, pool)
-    done += 1
-    progress()
-    stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"], experts,
+    stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"],
                   spec.get("kv_dtype"), spec.get("prefill_chunk") or 4096)
     if dense is not None:
         dense.close()
+    mark("dense weights")
+    done += 1
+    progress()
+    pool = PoolClient(spec["mailbox"], device)
+    # The pool starts beside this worker and fills the store meanwhile; pinning the store or copying
+    # experts out of it waits for that (and the pool's first touch puts its pages on its node).
+    pool.wait_filled()
+    mark("pool's fill")
+    stage.attach(StageExperts(spec, family, store, device, dtype, pool))
+    mark("experts")
     done = total
     progress()
 
@@ -116,7 +125,8 @@ def _start(spec: dict, ctx: zmq.Context, coord) -> tuple[Stage, zmq.Socket, zmq.
             for t in vars(layer).values()
             if isinstance(t, torch.Tensor)
         ),
-        **experts.info(),
+        **stage.experts.info(),
+        "startup": mark.marks,
     }
     coord.send_multipart(P.encode(P.Ready(role="gpu", rank=rank, pid=os.getpid(), info=info)))
     return stage, inbound, nxt, curve

@@ -63,6 +63,11 @@ class PoolClient:
             self._abort = torch.zeros(1, dtype=torch.int64).pin_memory()
             self._failed = torch.zeros(len(self.slots), dtype=torch.int64).pin_memory()
 
+    def wait_filled(self) -> None:
+        """Return once every pool process has filled its part of the store."""
+        for slot in self.slots:
+            slot.wait_filled(self._alive)
+
     def _alive(self) -> bool:
         for pid in self.pids:
             try:

@@ -69,7 +69,6 @@ class Stage:
         device: torch.device,
         dtype: torch.dtype,
         max_context: int,
-        experts,
         kv_dtype: str | None = None,
         prefill_chunk: int = 4096,
     ):
@@ -82,12 +81,17 @@ class Stage:
             self.lm_head = get(family.lm_head_name())
         self.kv = KVCache(device, dtype, max_context, kv_dtype)
         self.prefill_chunk = prefill_chunk
-        self.experts = experts  # the prefill and decode strategies (gpu_worker/experts.py)
         self.sampled: dict[int, tuple[torch.Tensor, int]] = {}  # seq -> (tokens, row): its last sampled token
-        self.graphs = None
-        if (device.type == "cuda" and os.environ.get("KRASIS_CUDA_GRAPHS", "1") != "0"
+        self.experts = self.graphs = None
+
+    def attach(self, experts) -> None:
+        """The routed experts' prefill and decode strategies (gpu_worker/experts.py), made once the
+        CPU pool has filled the store: separate from the constructor so that the dense weights load
+        while the pool fills it."""
+        self.experts = experts
+        if (self.device.type == "cuda" and os.environ.get("KRASIS_CUDA_GRAPHS", "1") != "0"
                 and experts.decode.graphable and all(layer.graphable for layer in self.layers)):
-            self.graphs = DecodeGraphs(device, self._graph_body, self._graph_inputs)
+            self.graphs = DecodeGraphs(self.device, self._graph_body, self._graph_inputs)
 
     @torch.inference_mode()
     def launch(self, x: torch.Tensor, slices: list[SeqSlice], decode: bool) -> "Launched":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -193,17 +194,29 @@ def from_source(fmt: ExpertFormat, family: ModelFamily, get):
     return write
 
 
-def fill_node(store: ExpertStore, node: int, write, layers=None, on_layer=None) -> None:
+def fill_node(store: ExpertStore, node: int, write, layers=None, on_layer=None, threads: int = 1) -> None:
     """Fill node `node`'s experts of every MoE layer (or of `layers`) one expert at a time through
     `write(layer, e, dst)`, dst being that expert's slots in the store (so resident memory stays at
-    one expert beyond the store)."""
+    one expert per thread beyond the store). With `threads` > 1 a layer's experts are written by that
+    many threads at once; `write` must then be thread-safe (a cache copy: positioned reads and
+    crc32s, which release the GIL, so the fill scales with cores)."""
     layout = store.layout
-    for layer in layout.moe_layers:
-        if layers is not None and layer not in layers:
-            continue
-        a, b = layout.range(layer, node)
-        dst = store.tensors(layer, node)
-        for local, e in enumerate(range(a, b)):
-            write(layer, e, {name: t[local] for name, t in dst.items()})
-        if on_layer is not None:
-            on_layer(layer)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        for layer in layout.moe_layers:
+            if layers is not None and layer not in layers:
+                continue
+            a, b = layout.range(layer, node)
+            dst = store.tensors(layer, node)
+            jobs = [(layer, e, {name: t[local] for name, t in dst.items()}) for local, e in enumerate(range(a, b))]
+            if pool is None:
+                for job in jobs:
+                    write(*job)
+            else:
+                for f in [pool.submit(write, *job) for job in jobs]:
+                    f.result()  # the first failure, by expert order, is the one raised
+            if on_layer is not None:
+                on_layer(layer)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)

@@ -7,6 +7,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 
 PR_SET_PDEATHSIG = 1
 PR_SET_TIMERSLACK = 29
@@ -33,3 +34,22 @@ def fine_timers() -> None:
     would add to every token."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1000)  # ns
+
+
+def started_at() -> float:
+    """When this process was exec'd, wall clock (to the kernel's clock tick): /proc gives its start
+    in ticks after boot."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
+
+
+class StartupMarks:
+    """When this process finished each phase of its start (wall clock), from its exec on: a worker's
+    Ready message carries them, for benchmarks/startup.py to lay a start out by phase."""
+
+    def __init__(self):
+        self.marks = [["exec", started_at()]]
+
+    def __call__(self, phase: str) -> None:
+        self.marks.append([phase, time.time()])

@@ -14,7 +14,9 @@ sides inherit it. A slot (MAILBOX_VERSION 1; every part 64-byte aligned):
 
     header   int64 [8]: 0 request number (written last by the GPU worker), 1 reply number (written
              last by the pool), 2 layer, 3 M, 4 dtype code of x (_DTYPES), 5 error length in bytes
-             (0: none), 6 MAILBOX_VERSION (written by the coordinator), 7 unused
+             (0: none), 6 MAILBOX_VERSION (written by the coordinator), 7 1 once the pool process
+             has filled its store segment (the GPU worker, started beside the pool, reads the store
+             only after every one of its slots says so)
     x        [max_m, hidden] in the GPU worker's dtype (room for float32)
     ids      int32 [max_m, top_k]: expert ids; ids the pool process does not hold are ignored (-1 too)
     weights  float32 [max_m, top_k]
@@ -39,7 +41,7 @@ import torch
 MAILBOX_VERSION = 1
 ERROR_BYTES = 1024
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-REQUEST, REPLY, LAYER, M, DTYPE, ERROR, VERSION = range(7)
+REQUEST, REPLY, LAYER, M, DTYPE, ERROR, VERSION, FILLED = range(8)
 
 
 class PoolError(RuntimeError):
@@ -164,6 +166,13 @@ class Slot:
             raise PoolError(self.error_text(int(hdr[ERROR])))
         return self.out[: hdr[M]]
 
+    def wait_filled(self, alive, poll_s: float = 0.005) -> None:
+        """Return once the pool process has filled its store segment; `alive()` as for wait()."""
+        while not self.hdr[FILLED]:
+            if not alive():
+                raise PoolError("the CPU pool process exited before filling its store")
+            time.sleep(poll_s)
+
     def error_text(self, n: int) -> str:
         """The pool's message for an error reply of n bytes."""
         return bytes(self._error[:n]).decode(errors="replace")
@@ -172,6 +181,9 @@ class Slot:
 
     def request(self) -> int:
         return int(self.hdr[REQUEST])
+
+    def mark_filled(self) -> None:
+        self.hdr[FILLED] = 1
 
     def take(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer, x, ids, weights, out) of the published request, as views of the slot: the pool

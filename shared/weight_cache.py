@@ -259,15 +259,17 @@ def expert_key(layer: int, e: int, name: str) -> str:
 
 
 @contextmanager
-def store_writer(store_spec: dict, fmt, family, model_dir):
-    """The expert writer that fills a store described by a worker spec (coordinator/processes.py):
-    a copy from its cache file, or, for an unquantized store, the experts read from the checkpoint
-    (or from the spec's GGUF file)."""
+def store_writer(store_spec: dict, fmt, family, model_dir, threads: int):
+    """The expert writer that fills a store described by a worker spec (coordinator/processes.py),
+    and the threads fill_node may run it on: a copy from its cache file, on `threads` (its reads are
+    positioned, and the copy's time is reads and crc32s, outside the GIL), or, for an unquantized
+    store, the experts read from the checkpoint (or from the spec's GGUF file) on one thread, the
+    sources not being made for concurrent use."""
     if store_spec.get("cache"):
         with WeightCache(store_spec["cache"]) as cache:
-            yield cache.expert_writer()
+            yield cache.expert_writer(), threads
     else:
         from .expert_store import from_source
         from .weights import open_source
 
-        yield from_source(fmt, family, open_source(model_dir, store_spec.get("gguf")).get)
+        yield from_source(fmt, family, open_source(model_dir, store_spec.get("gguf")).get), 1

@@ -92,10 +92,11 @@ def model(tmp_path_factory):
     return tm.build(tmp_path_factory.mktemp("cache") / "qwen3", "qwen3")
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_store_from_cache_equals_store_from_checkpoint(model, tmp_path, bits):
+@pytest.mark.parametrize("bits, threads", [(4, 1), (8, 1), (4, 3)])
+def test_store_from_cache_equals_store_from_checkpoint(model, tmp_path, bits, threads):
     """Filling the shared store by copying the cache gives the very bytes that formatting the
-    checkpoint's experts gives (the cache adds nothing and loses nothing)."""
+    checkpoint's experts gives (the cache adds nothing and loses nothing), on one thread or several
+    (each expert lands in its own slots)."""
     family = load_family(model)
     opts = RuntimeOptions(cpu_bits=bits, gpu_bits=bits, group_size=16, cache_dir=str(tmp_path))
     caches = prepare(model, family, opts, log=lambda m: None)
@@ -104,11 +105,34 @@ def test_store_from_cache_equals_store_from_checkpoint(model, tmp_path, bits):
     source = SafetensorsSource(model)
     with wc.WeightCache(caches.cpu) as cache:
         for node in range(2):
-            fill_node(stores[0], node, cache.expert_writer())
+            fill_node(stores[0], node, cache.expert_writer(), threads=threads)
             fill_node(stores[1], node, from_source(caches.cpu_fmt, family, source.get))
     for node in range(2):
         assert torch.equal(stores[0].segment(node), stores[1].segment(node))
     assert stores[0].segment(0).any()
+
+
+def test_threaded_fill_names_a_corrupt_tensor(model, tmp_path):
+    """A flipped byte in one expert's tensor fails the fill on several threads as on one, naming
+    that tensor, and no later layer is reported done."""
+    family = load_family(model)
+    opts = RuntimeOptions(cpu_bits=4, gpu_bits=4, group_size=16, cache_dir=str(tmp_path))
+    caches = prepare(model, family, opts, log=lambda m: None)
+    layout = StoreLayout(family, 1, caches.cpu_fmt)
+    store = ExpertStore(layout, ExpertStore.create_segments(layout))
+    layer = layout.moe_layers[1]
+    name = wc.expert_key(layer, 2, "w13.q")
+    with wc.WeightCache(caches.cpu) as cache:
+        off, nbytes = cache.entries[name][2:4]
+    with open(caches.cpu, "r+b") as f:
+        f.seek(off + nbytes // 2)
+        byte = f.read(1)
+        f.seek(off + nbytes // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    done = []
+    with wc.WeightCache(caches.cpu) as cache, pytest.raises(wc.CacheError, match=f"tensor {name} fails its checksum"):
+        fill_node(store, 0, cache.expert_writer(), on_layer=done.append, threads=3)
+    assert done == layout.moe_layers[:1]
 
 
 def _stderr_cache_lines(p):

@@ -50,8 +50,8 @@ def _stage(path, prefill: str, chunk: int):
             "decode_strategy": "pure_cpu", "prefill_chunk": chunk, "max_context": 64}
     experts = StageExperts(spec, family, store, torch.device("cpu"), torch.float32, None)
     get = lambda name: source.get(name).to(torch.float32)  # noqa: E731
-    stage = Stage(family, get, (0, family.num_layers), True, True, torch.device("cpu"), torch.float32, 64, experts,
-                  "bf16", chunk)
+    stage = Stage(family, get, (0, family.num_layers), True, True, torch.device("cpu"), torch.float32, 64, "bf16", chunk)
+    stage.attach(experts)
     return family, layout, stage
 
 

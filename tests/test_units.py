@@ -156,6 +156,23 @@ def test_mailbox_round_trip_errors_and_dead_pool():
     os.close(fd)
 
 
+def test_store_filled_flag():
+    """A GPU worker started beside the pool waits, per slot, for the pool's word that the store is
+    filled, and is told when the pool died first."""
+    from krasis.shared.mailbox import Mailboxes, PoolError, SlotShape, create
+
+    shape = SlotShape(max_m=1, hidden=8, top_k=1)
+    fd = create(shape, 2)
+    gpu, pool = Mailboxes(fd, shape, 2), Mailboxes(fd, shape, 2)
+    with pytest.raises(PoolError, match="before filling"):
+        gpu.slot(0).wait_filled(lambda: False)
+    pool.slot(0).mark_filled()
+    gpu.slot(0).wait_filled(lambda: False)  # filled: the pool's later fate is decode's business
+    with pytest.raises(PoolError):
+        gpu.slot(1).wait_filled(lambda: False)  # each slot's pool says so for itself
+    os.close(fd)
+
+
 def test_pool_client_refuses_what_a_slot_cannot_hold():
     """PoolClient checks a request before either path (the host's, here, or the GPU's kernels) writes it."""
     from krasis.gpu_worker.pool_client import PoolClient

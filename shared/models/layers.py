@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from ..protocol import SeqSlice
 
@@ -277,6 +276,9 @@ def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torc
         if start == 0:
             out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
         else:
+            # imported at first use: the module pulls in torch._dynamo, 2-3 s of every process's start
+            from torch.nn.attention.bias import causal_lower_right
+
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(t, T), scale=scale)
     elif sliding_window is None and T == start + t:
         # one query that sees every key: no mask (a one-token prompt, or a decode step off the kernel)
