@@ -10,7 +10,7 @@ process, polling its slots while decode is under way, writes its reply beside it
 CUDA a kernel spins on the reply's number). ZeroMQ keeps the control messages (stats, shutdown).
 
 One memfd holds a slot per (GPU worker, pool process) pair; the coordinator creates it and both
-sides inherit it. A slot (MAILBOX_VERSION 1; every part 64-byte aligned):
+sides inherit it. A slot (MAILBOX_VERSION 2; every part 64-byte aligned):
 
     header   int64 [8]: 0 request number (written last by the GPU worker), 1 reply number (written
              last by the pool), 2 layer, 3 M, 4 dtype code of x (_DTYPES), 5 error length in bytes
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MAILBOX_VERSION = 1
+MAILBOX_VERSION = 2  # 2: header word 7 is the pool's filled flag
 ERROR_BYTES = 1024
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REQUEST, REPLY, LAYER, M, DTYPE, ERROR, VERSION, FILLED = range(8)
