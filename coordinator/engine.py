@@ -235,6 +235,9 @@ class Engine:
             pool_eps = await start_local(self.group, self.family, self.model_dir, opts, self.caches, stages,
                                          self.strategy_spec(), ep, self._await_ready)
             stage0 = ep("stage0")
+        # the pools, then the stages in pipeline order, however their Ready messages interleaved
+        # (the GPU workers start beside the pool): readers take the last stage as workers[-1]
+        self.workers.sort(key=lambda w: (w["role"] == "gpu", w["rank"]))
         self.head = self.ctx.socket(zmq.PUSH)
         self.head.setsockopt(zmq.LINGER, 0)
         self.curve.connect(self.head, stage0)
