@@ -158,7 +158,7 @@ class CKernel:
 
         def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> int:
             bufs = (x, ids, weights, out)
-            if last[0] is None or any(a is not b for a, b in zip(last[0], bufs)):
+            if last[0] is None or not all(a is b for a, b in zip(last[0], bufs)):
                 m, k = ids.shape
                 if x.dtype not in (torch.bfloat16, torch.float32):
                     x = x.float()
@@ -169,7 +169,8 @@ class CKernel:
                                       out=(out, (m, hidden), torch.float32))
                 tokens.held = (block, x, ids, weights, out)
                 # converted buffers are new tensors every call: only the caller's own are remembered
-                last[:] = (bufs if tokens.held[1:] == bufs else None), tokens, ctypes.addressof(tokens)
+                same = all(a is b for a, b in zip(tokens.held[1:], bufs))
+                last[:] = (bufs if same else None), tokens, ctypes.addressof(tokens)
             rc = fn(b_ptr, last[2])
             if rc < 0:
                 raise MemoryError("the C expert kernel could not allocate its scratch buffers")

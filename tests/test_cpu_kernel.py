@@ -252,6 +252,29 @@ def test_the_call_counts_the_pairs_of_its_block(fmt_name, kernel):
     assert n == int(((ids >= FIRST) & (ids < FIRST + COUNT)).sum()) > 0
 
 
+@needs_cc
+def test_a_bound_call_reused_on_the_same_buffers_reads_their_new_contents():
+    """The C call remembers the buffers it last checked (the pool's slot views, the same tensors every
+    step) and passes their addresses again: each call still reads what they hold then; other buffers,
+    and ids or weights of other dtypes (converted on each call), get the same results."""
+    fmt = FORMATS["int4-g64"]
+    gen = torch.Generator().manual_seed(5)
+    t = node_block(fmt, gen)
+    run = expert_kernel.layer_kernel(t, fmt, FIRST, COUNT, kernel="c")
+    x, out = torch.empty(3, HIDDEN), torch.empty(3, HIDDEN)
+    ids, weights = routing(3, gen)
+    for step in range(3):  # new contents in the same tensors, as the GPU worker writes a slot
+        x.copy_(torch.randn(3, HIDDEN, generator=gen))
+        ids.copy_(routing(3, gen)[0])
+        weights.copy_(torch.rand(3, TOP_K, generator=gen))
+        run(x, ids, weights, out)
+        want = moe_reference(x, ids, weights, t, fmt, FIRST, COUNT)
+        assert_close_to_reference(out, want)
+        other = torch.empty(3, HIDDEN)
+        run(x.clone(), ids.long(), weights.double(), other)  # converted, and not remembered
+        assert torch.equal(other, out)
+
+
 def test_no_token_in_the_block(kernel):
     fmt = FORMATS["int4-g128"]
     t = node_block(fmt, torch.Generator().manual_seed(1))
