@@ -168,19 +168,20 @@ def decode_rhythm(fmt: ExpertFormat, layers, gap_us: float, right: int | None, b
     words, seen = np.zeros(1, np.int64), np.zeros(1, np.int64)
     words[0] = seen.ctypes.data  # a word that never changes: the turn's time limit ends each lookahead
     calls = [torch.randperm(EXPERTS, generator=gen)[:TOP_K].view(1, TOP_K).to(torch.int32) for _ in range(64)]
+    guesses = []  # made before timing: the guess for call i + 1, `right` of its experts and the rest wrong
+    for i in range(len(calls)):
+        nxt = calls[(i + 1) % len(calls)][0].tolist()
+        wrong = [e for e in torch.randperm(EXPERTS, generator=gen).tolist() if e not in nxt]
+        guesses.append(torch.tensor([nxt[: right or 0] + wrong[: TOP_K - (right or 0)]], dtype=torch.int32))
     per_expert = expert_bytes(layers[0])
     n, kernel_s, t_start = 0, 0.0, time.perf_counter()
     while time.perf_counter() - t_start < seconds or n < 2 * len(layers):
-        ids = calls[n % len(calls)]
         t0 = time.perf_counter()
-        runs[n % len(runs)](x, ids, w, out)
+        runs[n % len(runs)](x, calls[n % len(calls)], w, out)
         t1 = time.perf_counter()
         kernel_s += t1 - t0
         if right is not None:
-            nxt = calls[(n + 1) % len(calls)][0]
-            others = [e for e in torch.randperm(EXPERTS, generator=gen).tolist() if e not in nxt.tolist()]
-            guess = torch.tensor([nxt.tolist()[:right] + others[: TOP_K - right]], dtype=torch.int32)
-            aheads[(n + 1) % len(aheads)](x, guess, words, seen, budget, gap_us * 1e-6)
+            aheads[(n + 1) % len(aheads)](x, guesses[n % len(guesses)], words, seen, budget, gap_us * 1e-6)
         while time.perf_counter() - t1 < gap_us * 1e-6:
             pass
         n += 1
