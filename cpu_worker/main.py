@@ -97,8 +97,13 @@ def main() -> None:
     # each thread's share of what the lookahead reads: what one core's L2 holds, unless told
     share = spec.get("lookahead_kb")
     budget = (l2_bytes(min(os.sched_getaffinity(0))) if share is None else share << 10) * spec["threads"]
-    aheads = bind_lookahead(family, layout, store, node, open_source(spec["model"], spec["store"].get("gguf")).get,
-                            spec["threads"]) if budget else {}
+    aheads = {}
+    if budget:
+        try:
+            aheads = bind_lookahead(family, layout, store, node, open_source(spec["model"], spec["store"].get("gguf")).get,
+                                    spec["threads"])
+        except Exception as e:  # it only saves time: serve without it rather than not at all
+            print(f"cpu_worker {node}: lookahead off: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers})
     mark("kernels bound")
     coord.send_multipart(
