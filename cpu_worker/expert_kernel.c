@@ -733,8 +733,10 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
  *
  * router [E, H] bf16 (plus bias [E] float32 or NULL) of the next layer: ids = top-k over experts of
  * x . router + bias, per token of x [M, H] (bf16 when xbf16, else float32), written into
- * predicted [M, topk]. router NULL: predicted holds the ids to read (given by the caller). Returns
- * the bytes read, or -1 when out of memory. */
+ * predicted [M, topk]. router NULL: predicted holds the ids to read (given by the caller). Guessed
+ * ids that `allowed` [E_all] (when not NULL) marks 0 are not read: with hcs_hybrid the GPU runs its
+ * hot experts itself, and the pool, which never sees them asked for, leaves them out (lookahead.py).
+ * Returns the bytes read, or -1 when out of memory. */
 static volatile uint64_t lookahead_sink; /* keeps the reads from being optimised away */
 
 typedef struct {
@@ -770,19 +772,20 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
                          const uint16_t *router, const float *bias, int E, int64_t first, int64_t count,
                          const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2,
                          const int64_t *const *words, const int64_t *seen, int nwords, double max_s, int64_t budget,
-                         int32_t *predicted) {
+                         int32_t *predicted, const uint8_t *allowed, int E_all) {
     const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I;
     const size_t mk = (size_t)M * topk;
     const size_t q13_e = (size_t)2 * I * nb13, s13_e = (size_t)2 * I * G13;
     const size_t q2_e = (size_t)H * nb2, s2_e = (size_t)H * G2;
     halt_t h = {words, seen, nwords, max_s > 0 ? omp_get_wtime() + max_s : 0.0, 0};
     float *logits = malloc(sizeof(float) * (size_t)M * (router ? E : 1));
-    int32_t *idx = malloc(sizeof(int32_t) * (2 * (size_t)count + 1 + 3 * mk));
+    int32_t *idx = malloc(sizeof(int32_t) * (2 * (size_t)count + 1 + 4 * mk));
     if (!logits || !idx) {
         free(logits), free(idx);
         return -1;
     }
     int32_t *fill = idx, *active = fill + count, *off = active + count, *tok = off + mk + 1, *slot = tok + mk;
+    int32_t *want = slot + mk; /* the guess less the experts `allowed` rules out */
     int na = 0;
     int64_t total = 0;
 
@@ -819,7 +822,11 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
             }
         }
 #pragma omp single
-        na = group_by_expert(predicted, mk, topk, first, count, fill, active, off, tok, slot);
+        {
+            for (size_t i = 0; i < mk; i++)
+                want[i] = allowed && predicted[i] >= 0 && predicted[i] < E_all && !allowed[predicted[i]] ? -1 : predicted[i];
+            na = group_by_expert(want, mk, topk, first, count, fill, active, off, tok, slot);
+        }
 
         int64_t left = budget / nt;
         uint64_t acc = 0;
@@ -869,7 +876,7 @@ typedef struct { /* a call's tokens: x [M, H], ids and weights [M, topk], out [M
     float *out;
 } tokens_t;
 
-typedef struct { /* the lookahead's: router, bias, E; when to stop; where its guess goes */
+typedef struct { /* the lookahead's: router, bias, E; when to stop; where its guess goes; what to skip */
     const uint16_t *router;
     const float *bias;
     int E, nwords;
@@ -878,6 +885,8 @@ typedef struct { /* the lookahead's: router, bias, E; when to stop; where its gu
     double max_s;
     int64_t budget;
     int32_t *predicted;
+    const uint8_t *allowed; /* [experts] of the layer, 0: not read even when guessed; NULL: all */
+    int experts;
 } ahead_t;
 
 /* moe_layer's work; see above it for the contract. */
@@ -890,5 +899,5 @@ int krasis_moe_layer(const block_t *b, const tokens_t *t) {
 int64_t krasis_lookahead(const block_t *b, const tokens_t *t, const ahead_t *a) {
     return lookahead(b->bits, b->nthreads, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, t->x, a->router, a->bias,
                      a->E, b->first, b->count, b->q13, b->s13, b->q2, b->s2, a->words, a->seen, a->nwords, a->max_s,
-                     a->budget, a->predicted);
+                     a->budget, a->predicted, a->allowed, a->experts);
 }

@@ -4,6 +4,10 @@ and how). After answering layer L, the pool applies layer L+1's router to layer 
 the slot, and reads what its top-k names, each thread the rows the kernel will give it, until the
 next request arrives. When that request is for layer L+1, its ids score the guess (`stats`).
 
+With hcs_hybrid the GPU runs its hot experts itself and the pool is never asked for them (their ids
+come masked), so reading them ahead would waste the turn: an expert a layer has not been asked for in
+its last QUIET requests is left out of that layer's reads (taken as hot), until it is asked for again.
+
 The input is read from the slot after the reply, while the GPU worker cannot yet write the next one
 (it first runs attention and the router, tens of microseconds): a guess made from a torn input
 would only read the wrong experts, never change a result.
@@ -18,6 +22,10 @@ import torch
 
 from ..shared.mailbox import REQUEST, Slot
 from .expert_kernel import c_kernel
+
+# Requests of a layer without an expert after which it is taken as run elsewhere. A cold expert of a
+# balanced top-8-of-128 layer goes unasked that long with probability (15/16)^128, about 1e-4.
+QUIET = 128
 
 
 def l2_bytes(cpu: int = 0) -> int:
@@ -53,10 +61,15 @@ def bind(family, layout, store, node: int, get, threads: int) -> dict:
 
 class Lookahead:
     """`aheads`: layer -> (the next MoE layer, its bound krasis_lookahead: bind()); `first_count`:
-    layer -> the pool's block of experts (first, count)."""
+    layer -> the pool's block of experts (first, count); `experts`: layer -> its number of experts."""
 
-    def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]]):
+    def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]],
+                 experts: dict[int, int]):
         self.aheads, self.budget, self.first_count = aheads, budget, first_count
+        # per layer: the request count, each expert's last request asking for it, and what may be read
+        self.asked = {layer: 0 for layer in experts}
+        self.last = {layer: np.full(n, -QUIET, dtype=np.int64) for layer, n in experts.items()}
+        self.allowed = {layer: np.ones(n, dtype=np.uint8) for layer, n in experts.items()}
         # the request numbers of every slot: any new request ends the lookahead
         self.words = np.array([slot.hdr.ctypes.data + REQUEST * slot.hdr.itemsize for slot in slots], dtype=np.int64)
         self.seen = np.zeros(len(slots), dtype=np.int64)
@@ -69,6 +82,7 @@ class Lookahead:
         for it, then read ahead for the next layer until a slot's request number differs from
         `served` (the numbers the pool has taken: one that came in meanwhile ends it at once)."""
         self._score(layer, ids)
+        self._note(layer, ids)
         nxt = self.aheads.get(layer)
         if nxt is None:
             return
@@ -80,9 +94,20 @@ class Lookahead:
         guess = self._guess.get((m, k))
         if guess is None:
             guess = self._guess[(m, k)] = torch.empty(m, k, dtype=torch.int32)
-        self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget)
+        allowed = None
+        if self.asked[next_layer] >= QUIET:
+            allowed = self.allowed[next_layer]
+            np.greater_equal(self.last[next_layer], self.asked[next_layer] - QUIET, out=allowed, casting="unsafe")
+        self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget, allowed=allowed)
         self.stats["lookahead_calls"] += 1
         self.pending = (next_layer, guess)
+
+    def _note(self, layer: int, ids: torch.Tensor) -> None:
+        """The experts this request for `layer` asked for (hot ones come as -1)."""
+        e = ids.numpy().ravel()
+        last = self.last[layer]
+        last[e[(e >= 0) & (e < len(last))]] = self.asked[layer]
+        self.asked[layer] += 1
 
     def _score(self, layer: int, ids: torch.Tensor) -> None:
         """Of the experts of this block that the request for `layer` chose, how many the guess named."""

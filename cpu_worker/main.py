@@ -104,7 +104,8 @@ def main() -> None:
                                     spec["threads"])
         except Exception as e:  # it only saves time: serve without it rather than not at all
             print(f"cpu_worker {node}: lookahead off: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers})
+    ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers},
+                      {layer: family.experts(layer).num for layer in layout.moe_layers})
     mark("kernels bound")
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(),

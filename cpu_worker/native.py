@@ -86,7 +86,7 @@ class Tokens(ctypes.Structure):
 class Ahead(ctypes.Structure):
     """expert_kernel.c's ahead_t: the lookahead's router, stop conditions and guess."""
     _fields_ = [("router", _p), ("bias", _p), ("E", _i), ("nwords", _i), ("words", _p), ("seen", _p),
-                ("max_s", ctypes.c_double), ("budget", _i64), ("predicted", _p)]
+                ("max_s", ctypes.c_double), ("budget", _i64), ("predicted", _p), ("allowed", _p), ("experts", _i)]
 
 
 class CKernel:
@@ -180,11 +180,12 @@ class CKernel:
 
     def bind_lookahead(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, threads: int,
                        router: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-        """ahead(x, predicted, words, seen, budget, max_s) -> bytes read: krasis_lookahead
+        """ahead(x, predicted, words, seen, budget, max_s, allowed) -> bytes read: krasis_lookahead
         (expert_kernel.c) on the block `t` of the NEXT layer, with that layer's router [E, H] (made
         bf16) and bias [E]: reads into this process's caches the experts that top-k(x . router + bias)
         names, writing those ids into `predicted` (int32 [M, k]); without a router, the ids already in
-        `predicted`. It stops when a word at the addresses `words` (int64 numpy array) differs from
+        `predicted`; skipping those that `allowed` (uint8 numpy array over the layer's experts, when
+        given) marks 0. It stops when a word at the addresses `words` (int64 numpy array) differs from
         `seen` (same length), after max_s seconds (> 0), or at `budget` bytes. None where the kernel
         does not apply."""
         block = self._block(t, bits, first, count, "silu", threads)
@@ -202,7 +203,7 @@ class CKernel:
         a_ptr = ctypes.addressof(args)
         last: list = [None, None, None]
 
-        def ahead(x: torch.Tensor, predicted: torch.Tensor, words, seen, budget: int, max_s: float = 0.0) -> int:
+        def ahead(x: torch.Tensor, predicted: torch.Tensor, words, seen, budget: int, max_s: float = 0.0, allowed=None) -> int:
             if last[0] is None or last[0][0] is not x or last[0][1] is not predicted:
                 m, k = predicted.shape
                 tokens = self._tokens(x, m, k, hidden, predicted=(predicted, (m, k), torch.int32))
@@ -213,6 +214,9 @@ class CKernel:
                 raise ValueError("words and seen must be int64 arrays of one length")
             args.nwords, args.words, args.seen = len(words), words.ctypes.data, seen.ctypes.data
             args.max_s, args.budget = max_s, budget
+            if allowed is not None and allowed.dtype.itemsize != 1:
+                raise ValueError("allowed must be a uint8 array over the layer's experts")
+            args.allowed, args.experts = (None, 0) if allowed is None else (allowed.ctypes.data, len(allowed))
             rc = fn(b_ptr, last[2], a_ptr)
             if rc < 0:
                 raise MemoryError("the C lookahead could not allocate its buffers")

@@ -19,7 +19,7 @@ from krasis.coordinator.engine import Engine
 from krasis.coordinator.bench import generate_together
 from krasis.coordinator.processes import RuntimeOptions
 from krasis.cpu_worker import native
-from krasis.cpu_worker.lookahead import l2_bytes
+from krasis.cpu_worker.lookahead import QUIET, Lookahead, l2_bytes
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
 
@@ -81,9 +81,36 @@ def test_given_guess_budget_and_stop():
     # each of the 2 threads stops at its half of the budget, within one 4 KiB piece
     budget = 40_000
     assert budget <= ahead(x, guess.clone(), words, seen, budget=budget) <= budget + 2 * 4096
+    # experts ruled out (hcs_hybrid's hot ones) are not read though guessed
+    allowed = np.ones(EXPERTS, np.uint8)
+    allowed[5] = 0
+    assert ahead(x, guess.clone(), words, seen, budget=1 << 30, allowed=allowed) == 2 * expert_bytes(t)
     # a request has arrived: nothing is read
     changed = np.ones(1, np.int64)
     assert ahead(x, guess.clone(), np.array([changed.ctypes.data], np.int64), seen, budget=1 << 30) == 0
+
+
+def test_experts_never_asked_for_are_left_out_after_quiet_requests():
+    """hcs_hybrid masks its hot experts out of the pool's requests; once a layer has had QUIET requests,
+    the experts none of them asked for are left out of its reads, and one asked for again comes back."""
+    calls = []
+
+    def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
+        calls.append(None if allowed is None else allowed.copy())
+        return 0
+
+    la = Lookahead({0: (1, ahead)}, [], 1 << 20, {0: (0, 8), 1: (0, 8)}, {0: 8, 1: 8})
+    x = torch.zeros(1, HIDDEN)
+    for step in range(QUIET + 1):
+        la.run(0, x, torch.tensor([[step % 3, -1]], dtype=torch.int32), [])
+        # layer 1: expert 7 is hot (never asked for), the others come round
+        asked = 6 if step == QUIET - 1 else step % 6
+        la.run(1, x, torch.tensor([[asked, -1]], dtype=torch.int32), [])
+    assert all(c is None for c in calls[:QUIET])  # too few requests to tell
+    assert calls[QUIET].tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
+    la.run(1, x, torch.tensor([[7, -1]], dtype=torch.int32), [])  # the hot set changed: 7 is asked for
+    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
+    assert calls[-1][7] == 1
 
 
 def test_l2_size_is_read():
