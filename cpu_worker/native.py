@@ -160,13 +160,12 @@ class CKernel:
             bufs = (x, ids, weights, out)
             if last[0] is None or not all(a is b for a, b in zip(last[0], bufs)):
                 m, k = ids.shape
-                if x.dtype not in (torch.bfloat16, torch.float32):
-                    x = x.float()
-                ids = ids if ids.dtype == torch.int32 else ids.to(torch.int32)
-                weights = weights if weights.dtype == torch.float32 else weights.float()
-                tokens = self._tokens(x.contiguous(), m, k, hidden, ids=(ids.contiguous(), (m, k), torch.int32),
-                                      weights=(weights.contiguous(), (m, k), torch.float32),
-                                      out=(out, (m, hidden), torch.float32))
+                # the tensors the call points into: converted (a new tensor) where the caller's do not fit
+                x = (x if x.dtype in (torch.bfloat16, torch.float32) else x.float()).contiguous()
+                ids = ids.to(torch.int32).contiguous()
+                weights = weights.float().contiguous()
+                tokens = self._tokens(x, m, k, hidden, ids=(ids, (m, k), torch.int32),
+                                      weights=(weights, (m, k), torch.float32), out=(out, (m, hidden), torch.float32))
                 tokens.held = (block, x, ids, weights, out)
                 # converted buffers are new tensors every call: only the caller's own are remembered
                 same = all(a is b for a, b in zip(tokens.held[1:], bufs))

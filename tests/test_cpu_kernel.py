@@ -262,6 +262,7 @@ def test_a_bound_call_reused_on_the_same_buffers_reads_their_new_contents():
     t = node_block(fmt, gen)
     run = expert_kernel.layer_kernel(t, fmt, FIRST, COUNT, kernel="c")
     x, out = torch.empty(3, HIDDEN), torch.empty(3, HIDDEN)
+    strided = torch.empty(HIDDEN, 3).t()
     ids, weights = routing(3, gen)
     for step in range(3):  # new contents in the same tensors, as the GPU worker writes a slot
         x.copy_(torch.randn(3, HIDDEN, generator=gen))
@@ -272,6 +273,10 @@ def test_a_bound_call_reused_on_the_same_buffers_reads_their_new_contents():
         assert_close_to_reference(out, want)
         other = torch.empty(3, HIDDEN)
         run(x.clone(), ids.long(), weights.double(), other)  # converted, and not remembered
+        assert torch.equal(other, out)
+        # a non-contiguous x, the same tensor every step: its contiguous copy is made on each call
+        strided.copy_(x)
+        run(strided, ids, weights, other)
         assert torch.equal(other, out)
 
 
