@@ -81,6 +81,8 @@ class Lookahead:
         """After answering a request for `layer` (its x and ids, still in the slot): score the guess made
         for it, then read ahead for the next layer until a slot's request number differs from
         `served` (the numbers the pool has taken: one that came in meanwhile ends it at once)."""
+        if not self.aheads:  # off, or nothing to read ahead with: no bookkeeping either
+            return
         self._score(layer, ids)
         self._note(layer, ids)
         nxt = self.aheads.get(layer)
