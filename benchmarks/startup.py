@@ -49,7 +49,7 @@ async def _one(model: str, opts, prompt_ids: list[int]) -> list[tuple[str, float
     try:
         await engine.start()
         ready = time.time() - T0
-        for w in sorted(engine.workers, key=lambda w: (w["role"] != "cpu", w["rank"])):
+        for w in engine.workers:  # the pools, then the stages in order
             rows += [(f"{w['role']} {w['rank']}: {name}", d, end) for name, d, end in _phases(w)]
         rows.append(("ready", ready - t, ready))
         gen = P.Generate(id="startup", prompt_ids=prompt_ids, sampling=P.SamplingParams(max_new_tokens=1))
