@@ -214,7 +214,7 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
         # this machine's processes (with --hosts, the workers that report a host run elsewhere)
         pids = [w["pid"] for w in engine.workers if "host" not in w] + [os.getpid()]
         store = sum(w.get("bytes", 0) for w in engine.workers if w["role"] == "cpu")
-        gpus = [w for w in sorted(engine.workers, key=lambda w: w["rank"]) if w["role"] == "gpu"]
+        gpus = [w for w in engine.workers if w["role"] == "gpu"]  # in pipeline order (Engine.start)
         vram = "+".join(
             f"{w.get('vram_mb', w.get('vram_plan_mb', {}).get('total', 0)):,.0f}" for w in gpus
         )
