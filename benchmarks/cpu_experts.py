@@ -6,7 +6,7 @@
 2. The layer kernels of cpu_worker/expert_kernel.py side by side, the C kernel (expert_kernel.c,
    through moe_layer as the pool calls it) and the numba one, at M = 1 and M = 8 tokens on
    Qwen3-30B-A3B-shaped experts (hidden 2048, expert intermediate 768, 128 experts, top-8), INT4
-   and INT8 with groups of 128, one call per layer, rotating over enough layers that the weights
+   and INT8 with groups of --group-size (128), one call per layer, rotating over enough layers that the weights
    total >= --gb GB, so an expert's weights are never in cache when read. Each --c-flags adds a
    build of the C kernel with those extra compiler flags (e.g. -DPREFETCH=4096) as another row.
 3. Decode's rhythm (--gap-us): the C kernel at M = 1, each call followed by a wait of the GPU
@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
     ap.add_argument("--c-flags", action="append", default=[], metavar="FLAGS",
                     help="also time a C build with these extra compiler flags (repeatable)")
+    ap.add_argument("--group-size", type=int, default=128, help="quantization group (32: Q4_0's bytes per weight)")
     ap.add_argument("--formats", default="int4,int8", help="formats to time, in order")
     ap.add_argument("--gap-us", type=float, default=90.0, help="the GPU worker's turn between two layer calls (0: skip part 3)")
     ap.add_argument("--right", default="8,6,4", help="part 3's guesses: how many of the next call's top-k each names")
@@ -212,7 +213,7 @@ def main() -> None:
     print(f"DRAM read (float32 sum over {max(args.gb, 2.0):.1f} GB): {ceiling:.1f} GB/s", flush=True)
     rows, rates, turns = [], [], []
     for kind in args.formats.split(","):
-        fmt = ExpertFormat(kind, group_size=128)
+        fmt = ExpertFormat(kind, group_size=args.group_size)
         layers = make_layers(fmt, args.gb, gen)
         total = len(layers) * EXPERTS * expert_bytes(layers[0]) / 1e9
         print(f"{kind}: {len(layers)} layers, {total:.2f} GB of expert weights", flush=True)

@@ -138,7 +138,7 @@ def test_c_kernel_odd_shapes_activations_biases(shape, act, bias, m, threads, mo
 
 # INT4 shapes for the Q8 path, with the bytes per group of w13 and w2: groups of 128 (64 bytes, one
 # zmm or two ymm; 17 of them along K take a second chunk of scales), whole and partial registers of
-# either width, scalar or masked tails, K smaller than the group size.
+# either width, scalar or masked tails, K smaller than the group size, groups smaller than a register.
 Q8_SHAPES = {
     "int4-256x128-g128": (HIDDEN, INTER, FORMATS["int4-g128"]),  # 64, 64
     "int4-2176x128-g128": (2176, 128, FORMATS["int4-g128"]),  # 64 (17 groups), 64
@@ -147,6 +147,11 @@ Q8_SHAPES = {
     "int4-384x192-g192": (384, 192, ExpertFormat("int4", group_size=192)),  # 96, 96
     **{name: shape for name, shape in ODD_SHAPES.items() if shape[2].kind == "int4"},  # 20; 4; 48, 32
     "int4-96x48-g6": (96, 48, ExpertFormat("int4", group_size=6)),  # 3, 3
+    # groups smaller than a register, whole registers of them (dots_q8_small), one chunk or several
+    "int4-1024x128-g32": (1024, 128, ExpertFormat("int4", group_size=32)),  # 16 (32 groups), 16
+    "int4-256x128-g16": (HIDDEN, INTER, ExpertFormat("int4", group_size=16)),  # 8, 8
+    # ... and where a row's groups do not fill whole registers (dots_q8's tails instead)
+    "int4-224x96-g32": (224, 96, ExpertFormat("int4", group_size=32)),  # 16 (7 groups), 16 (3)
 }
 # Q8 reference against the float32 weight-only one: the activations' rounding (two quantizations,
 # x and the activation, each up to half a step of max|group| / 127) costs ~1% of the output here
