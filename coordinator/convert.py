@@ -184,20 +184,33 @@ def _torch_threads(n: int):
 def _write_experts(w: CacheWriter, model_dir: Path, gguf: str | None, family: ModelFamily, fmt: ExpertFormat,
                    layers: list[int], threads: int | None = None) -> None:
     """Every routed expert of `layers`, converted on `threads` threads (default: every core this
-    process may run on) into tensors reserved up front, so the file does not depend on the order
-    they finish in. At most two tasks per thread are in flight, which bounds the memory."""
-    threads = threads or conversion_threads()
+    process may run on) into tensors reserved up front (reserve_experts)."""
+    reserve_experts(w, family, fmt, layers)
+    run_expert_tasks(_expert_tasks(w, model_dir, gguf, family, fmt, layers), sum(family.experts(layer).num for layer in layers),
+                     f"converting experts to {fmt.describe()}", threads)
+
+
+def reserve_experts(w: CacheWriter, family: ModelFamily, fmt: ExpertFormat, layers: list[int]) -> None:
+    """Reserve every expert tensor of `layers` in the cache, so the file does not depend on the order
+    the threads that fill them finish in."""
     for layer in layers:
         es = family.experts(layer)
         for e in range(es.num):
             for name, (dtype, shape) in fmt.tensors(es, 1).items():
                 w.reserve(expert_key(layer, e, name), dtype, shape[1:])
-    total = sum(family.experts(layer).num for layer in layers)
-    with (tqdm(total=total, unit="expert", desc=f"converting experts to {fmt.describe()}", disable=None,
-               leave=False) as bar, _torch_threads(1), ThreadPoolExecutor(threads) as pool):
+
+
+def run_expert_tasks(tasks, total: int, desc: str, threads: int | None = None) -> None:
+    """Run `tasks` (callables that fill reserved experts and return how many) on `threads` threads
+    (default: every core this process may run on), each with one torch thread. At most two tasks per
+    thread are in flight, which bounds the memory: `tasks` may be a generator that reads a layer's
+    source only when its tasks are wanted."""
+    threads = threads or conversion_threads()
+    with (tqdm(total=total, unit="expert", desc=desc, disable=None, leave=False) as bar, _torch_threads(1),
+          ThreadPoolExecutor(threads) as pool):
         pending: set = set()
         try:
-            for task in _expert_tasks(w, model_dir, gguf, family, fmt, layers):
+            for task in tasks:
                 pending.add(pool.submit(task))
                 if len(pending) >= 2 * threads:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -227,10 +240,11 @@ def _expert_tasks(w: CacheWriter, model_dir: Path, gguf: str | None, family: Mod
             src = open_source(model_dir, gguf)
         fam = copy.copy(family)  # load_expert may keep a layer's tensors on the family (gpt-oss): one per layer
         for e in range(es.num):
-            yield functools.partial(_expert_task, w, fam, src.get, fmt, layer, e)
+            yield functools.partial(expert_task, w, fam, src.get, fmt, layer, e)
 
 
-def _expert_task(w: CacheWriter, family: ModelFamily, get, fmt: ExpertFormat, layer: int, e: int) -> int:
+def expert_task(w: CacheWriter, family: ModelFamily, get, fmt: ExpertFormat, layer: int, e: int) -> int:
+    """Expert e of a layer from `get` (name -> tensor, as a checkpoint holds it) into its reserved tensors."""
     for name, t in format_expert(fmt, family, get, layer, e).items():
         w.write_at(expert_key(layer, e, name), t)
     return 1

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..shared.quant import QMAX, pack_int4, quantize
+from ..shared.quant_kernel import quantize_row, store_row
 
 BLOCK = 32
 # (GGUF type, our bits) whose blocks are taken as they are at group 32
@@ -74,27 +75,19 @@ def _q4_0_split_reference(blocks: np.ndarray, table: np.ndarray, q: np.ndarray, 
 
 
 @numba.njit(nogil=True, cache=True)
-def _requantize(v: np.ndarray, d: np.ndarray, g: int, qmax: int, q: np.ndarray, s: np.ndarray) -> None:
+def _requantize(v: np.ndarray, d: np.ndarray, g: int, qmax: int, bits: int, q: np.ndarray, s: np.ndarray) -> None:
     """shared/quant.py's quantize of the weights v * d (v int8 [R, K], d float32 [R, K/32], one per
-    block) into q int8 [R, K] and bf16 bits s [R, K/g], with the same float32 operations in the
-    same order, so the bytes are the float path's (tests/test_gguf_blocks.py compares them) without
-    its float32 copies of the weights."""
-    f = np.empty(1, np.float32)
-    u = f.view(np.uint32)
-    lo, hi = np.float32(-qmax - 1), np.float32(qmax)
+    block) into q (stored: uint8 [R, K/2] packed for bits 4, int8 [R, K] for 8) and bf16 bits s
+    [R, K/g] (quant_kernel.quantize_row: the same float32 operations in the same order), so the bytes
+    are the float path's (tests/test_gguf_blocks.py compares them) without its float32 copies of the
+    weights or the packing's."""
+    x = np.empty(v.shape[1], np.float32)
+    row = np.empty(v.shape[1], np.int8)
     for r in range(v.shape[0]):
-        for j in range(v.shape[1] // g):
-            amax = np.float32(0)
-            for k in range(j * g, (j + 1) * g):
-                amax = max(amax, abs(np.float32(v[r, k]) * d[r, k // 32]))
-            f[0] = amax / np.float32(qmax)
-            bits = (u[0] + np.uint32(0x7FFF) + ((u[0] >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            s[r, j] = bits
-            u[0] = bits << np.uint32(16)
-            scale = f[0]
-            for k in range(j * g, (j + 1) * g):
-                x = np.rint(np.float32(v[r, k]) * d[r, k // 32] / scale) if scale > 0 else np.float32(0)
-                q[r, k] = np.int8(min(max(x, lo), hi))
+        for k in range(v.shape[1]):
+            x[k] = np.float32(v[r, k]) * d[r, k // 32]
+        quantize_row(x, g, qmax, row, s[r])
+        store_row(row, bits, q[r])
 
 
 # MXFP4 into INT4 at group 32, by table. A block's weights are v * 2^k (k = e - 128): the float
@@ -142,8 +135,8 @@ def _mxfp4_int4(blocks: np.ndarray, q: np.ndarray, s: np.ndarray) -> None:
     lo, hi = _MXFP4_TABLE_E
     far = np.flatnonzero((blocks[:, 0] < lo) | (blocks[:, 0] > hi))
     if far.size:
-        fq, fs = _requantized(blocks[far], "MXFP4", BLOCK, BLOCK, QMAX[4])
-        q[far], s[far] = pack_int4(torch.from_numpy(fq)).numpy(), fs[:, 0]
+        fq, fs = _requantized(blocks[far], "MXFP4", BLOCK, BLOCK, 4)
+        q[far], s[far] = fq, fs[:, 0]
 
 
 def _blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
@@ -171,11 +164,13 @@ def _values(blocks: np.ndarray, qtype: str) -> np.ndarray:
     return v
 
 
-def _requantized(blocks: np.ndarray, qtype: str, cols: int, g: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """The float path from blocks: q int8 [R, cols] and bf16 bits s [R, cols / g] (_requantize)."""
+def _requantized(blocks: np.ndarray, qtype: str, cols: int, g: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The float path from blocks: q as stored ([R, cols / 2] packed for bits 4, int8 [R, cols] for
+    8) and bf16 bits s [R, cols / g] (_requantize)."""
     v = np.ascontiguousarray(_values(blocks, qtype)).reshape(-1, cols)
-    q, s = np.empty(v.shape, np.int8), np.empty((v.shape[0], cols // g), np.uint16)
-    _requantize(v, np.ascontiguousarray(_scales(blocks, qtype)).reshape(v.shape[0], -1), g, qmax, q, s)
+    q = np.empty((v.shape[0], cols // 2), np.uint8) if bits == 4 else np.empty(v.shape, np.int8)
+    s = np.empty((v.shape[0], cols // g), np.uint16)
+    _requantize(v, np.ascontiguousarray(_scales(blocks, qtype)).reshape(v.shape[0], -1), g, QMAX[bits], bits, q, s)
     return q, s
 
 
@@ -203,8 +198,8 @@ def convert(data: np.ndarray, qtype: str, bits: int, group_size: int, rows: int,
                 q, s = _values(blocks, qtype), _fp16_to_bf16()[np.ascontiguousarray(blocks[..., :2]).view(np.uint16)[..., 0]]
             return (torch.from_numpy(np.ascontiguousarray(q).reshape(*data.shape[:-1], -1)),
                     torch.from_numpy(s.reshape(blocks.shape[:-1])).view(torch.bfloat16))
-        q, s = _requantized(blocks, qtype, cols, g, QMAX[bits])
-        q, s = torch.from_numpy(q).reshape(-1, rows, cols), torch.from_numpy(s).view(torch.bfloat16).reshape(-1, rows, cols // g)
+        q, s = _requantized(blocks, qtype, cols, g, bits)
+        return torch.from_numpy(q).reshape(-1, rows, q.shape[-1]), torch.from_numpy(s).view(torch.bfloat16).reshape(-1, rows, cols // g)
     else:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize

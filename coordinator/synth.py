@@ -275,14 +275,19 @@ def synth_weights(cfg: dict, seed: int = 0, expert_std: float = 0.02):
     def dense(name, shape_):
         return recency(name, draw(name, shape_)).to(torch.bfloat16)
 
-    def window(shape_):
+    def window(shape_, copy: bool = True):
+        """The next expert tensor: a window of the pool, wrapping around its end. copy=False may
+        return a view of the pool (for readers that only read it; a shard must own its tensors)."""
         n = 1
         for s in shape_:
             n *= s
         start = int(torch.randint(0, POOL, (1,), generator=g_experts))
-        reps = -(-(start + n) // POOL)
-        flat = pool.repeat(reps)[start : start + n] if reps > 1 else pool[start : start + n]
-        return flat.reshape(shape_).clone()
+        if start + n <= POOL:
+            flat = pool[start : start + n]
+            return flat.reshape(shape_).clone() if copy else flat.reshape(shape_)
+        if n <= POOL:  # one wrap: the two pieces, not the whole pool repeated
+            return torch.cat([pool[start:], pool[: start + n - POOL]]).reshape(shape_)
+        return pool.repeat(-(-(start + n) // POOL))[start : start + n].reshape(shape_)
 
     shards = [("globals", fam.global_tensors(), {})] + [
         (f"layer{i:03d}", fam.layer_tensors(i), fam.expert_tensors(i) if fam.is_moe(i) else {}) for i in range(fam.num_layers)
@@ -323,19 +328,28 @@ def synth(shape: str, out, layers: int | None = None, experts: int | None = None
 
 
 def _experts_to_cache(fam, out: Path, bits: int, group_size: int, window) -> None:
-    from ..shared.expert_store import format_expert
-    from ..shared.weight_cache import CacheWriter, expert_key, fingerprint
+    """Quantized on every core as `convert` does (a thread per expert), each layer's bf16 experts drawn
+    in order on this thread, so the cache does not depend on the core count."""
+    import copy
+    import functools
+
+    from ..shared.weight_cache import CacheWriter, fingerprint
     from ..shared.weights import open_source
-    from .convert import cache_dir, expert_cache, expert_format
+    from .convert import cache_dir, expert_cache, expert_format, expert_task, reserve_experts, run_expert_tasks
 
     fmt = expert_format(bits, torch.bfloat16, group_size)
     path, options = expert_cache(cache_dir(out), fmt)
     layers = [i for i in range(fam.num_layers) if fam.is_moe(i)]
     for i in layers:
         fmt.tensors(fam.experts(i), 1)  # the group size must divide K
-    with CacheWriter(path, "experts", options, fingerprint(open_source(out).source_files())) as w:
-        for layer in tqdm(layers, desc=f"synth experts ({fmt.describe()})", unit="layer", disable=None):
-            routed = {k: window(s) for k, s in fam.expert_tensors(layer).items()}
+
+    def tasks(w):
+        for layer in layers:
+            routed = {k: window(s, copy=False) for k, s in fam.expert_tensors(layer).items()}
+            one = copy.copy(fam)  # load_expert may keep a layer's tensors on the family (gpt-oss): one per layer
             for e in range(fam.experts(layer).num):
-                for name, t in format_expert(fmt, fam, routed.__getitem__, layer, e).items():
-                    w.add(expert_key(layer, e, name), t)
+                yield functools.partial(expert_task, w, one, routed.__getitem__, fmt, layer, e)
+
+    with CacheWriter(path, "experts", options, fingerprint(open_source(out).source_files())) as w:
+        reserve_experts(w, fam, fmt, layers)
+        run_expert_tasks(tasks(w), sum(fam.experts(i).num for i in layers), f"synth experts ({fmt.describe()})")

@@ -1,0 +1,37 @@
+# The GPU machine's calls, each one device `run` well inside its 10 minutes (../shared/device/README.md):
+#
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+#   >/dev/null 2>&1; bash benchmarks/gpu_calls/prefill_decode.sh      (carry [".whl"]; peer.sh also ".peer/bin.tar.xz")
+#
+# prefill_decode.sh, then startup_kernel_convert.sh on the same warm machine (the synth model in /tmp is
+# kept while it stays warm); peer.sh after `benchmarks/peer_llamacpp.py --fetch-source` and
+# `--build --portable` where nvcc is (the GPU machine builds it too, in ~5.5 minutes of its time), then
+# `tar cf - -C .peer/build-cuda bin | xz -T0 > .peer/bin.tar.xz` (45 MB; the folder is ~100 MB).
+#
+# step NAME SECONDS CMD...: run CMD into $L/NAME.log, bounded by SECONDS and by the call's deadline.
+# Everything under $L comes back as $OUT/logs.tgz (at most 8 files come back from a call).
+export PYTHONUNBUFFERED=1
+DEADLINE=$(( $(date +%s) + ${BUDGET:-575} ))
+L=/tmp/devlogs/$(date +%H%M%S); mkdir -p $L
+step() {
+  local name=$1 secs=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) - 8 ))
+  [ $left -lt $secs ] && secs=$left
+  if [ $secs -lt 20 ]; then echo "$name: skipped, no time left" | tee -a $L/steps.txt; return; fi
+  local s=$(date +%s)
+  timeout -k 5 $secs "$@" > $L/$name.log 2>&1
+  echo "$name rc=$? $(( $(date +%s) - s )) s (limit $secs)" | tee -a $L/steps.txt
+}
+machine() {
+  ( nproc; free -g; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; lscpu | grep -i "model name"
+    lscpu | grep -io "avx512[a-z_0-9]*\|amx[a-z_0-9]*" | sort -u | tr '\n' ' '; echo; ldd --version | head -1; df -h /tmp ) > $L/machine.txt 2>&1
+}
+finish() { tar czf $OUT/logs.tgz -C $L . ; cat $L/machine.txt $L/steps.txt; }
+# LAYERS=N: a slice of the first N layers instead of all 48, for a call with little device time left
+# (per-layer costs and every fraction of a floor are the same; tok/s scale by 48/N).
+M=/tmp/krasis-synth/qwen3-30b-a3b-${LAYERS:-all}-g32
+# The 16 GB budget, scaled with a slice's layers so the same share of experts stays resident.
+VB=$(awk "BEGIN{printf \"%.2f\", 16 * ${LAYERS:-48} / 48}")
+O="--devices cuda:0 --vram-budget $VB --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64"
+synth_model() { [ -f $M/config.json ] || step synth 220 python3 -m krasis.coordinator synth --shape qwen3-30b-a3b ${LAYERS:+--layers $LAYERS} --expert-bits 4 --group-size 32 $M; }
