@@ -27,6 +27,13 @@ PYTHONPATH=/tmp/site && python3 -m pip install ... -e . &&`), and the records ke
     carry .whl              PRE python3 benchmarks/peer_llamacpp.py --ours --table --out /tmp/peer/out; cp -r /tmp/peer/out $OUT/
 
 (--configs and --prompts split --llama and --ours further if a call would pass 10 minutes.)
+
+--build --portable builds on any machine with CUDA's nvcc (2 cores: ~80 minutes), so the GPU
+machine's minutes go to measuring: it needs cuBLAS's headers and libraries in the CUDA folder (pip's
+`nvidia-cublas` wheel of the toolkit's major version holds them) and, where no driver is installed,
+a stub libcuda.so.1 in its lib64/stubs (`gcc -shared -Wl,-soname,libcuda.so.1 -x c /dev/null -o
+libcuda.so`: only the library's name is linked; the GPU machine's driver provides it).
+benchmarks/gpu_calls/peer.sh runs the other phases from such a build.
 """
 
 from __future__ import annotations
@@ -114,7 +121,7 @@ def bench_bin(cuda: bool) -> Path:
     return BUILD[cuda] / "bin" / "llama-bench"
 
 
-def build(out: Path, cuda: bool, jobs: int) -> None:
+def build(out: Path, cuda: bool, jobs: int, portable: bool) -> None:
     if bench_bin(cuda).exists():
         log(f"{bench_bin(cuda)} exists; not rebuilding")
         return
@@ -122,10 +129,17 @@ def build(out: Path, cuda: bool, jobs: int) -> None:
         raise SystemExit(f"{PEER} is missing: run --fetch-source where PyPI works and carry .peer")
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     backend = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90"] if cuda else ["-DGGML_CUDA=OFF"]
+    # Native tunes the CPU backend to the building machine; portable builds every CPU variant as a
+    # library and llama.cpp loads the best one for the machine it runs on (its own release builds
+    # do this), so a build made elsewhere runs the GPU host's CPU at its best too.
+    cpu = (["-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=ON", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"]
+           if portable else ["-DGGML_NATIVE=ON"])
     run(["cmake", "-S", PEER, "-B", BUILD[cuda], *gen, *backend, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-         "-DLLAMA_BUILD_APP=OFF", "-DGGML_NATIVE=ON"], out / "build.log")
-    run(["cmake", "--build", BUILD[cuda], "-j", str(jobs), "--target", "llama-bench"], out / "build.log")
+         "-DLLAMA_BUILD_APP=OFF", *cpu], out / "build.log")
+    # With dynamic backends, llama-bench links none of them: build them all.
+    target = [] if portable else ["--target", "llama-bench"]
+    run(["cmake", "--build", BUILD[cuda], "-j", str(jobs), *target], out / "build.log")
 
 
 # --- gguf ---------------------------------------------------------------------------------------------
@@ -185,12 +199,15 @@ OUR_OPTS = ["--devices", "cuda:0", "--vram-budget", "16", "--gpu-bits", "4", "--
 
 
 def run_ours(gguf: Path, out: Path, prompts: list[int]) -> None:
-    for n in prompts:
-        res = out / f"ours_p{n}.result.json"
-        cmd = [sys.executable, "-m", "krasis.coordinator", "bench", gguf, "--prompt-tokens", str(n), *OUR_OPTS, "--json", res]
-        t0 = time.monotonic()
-        run(cmd, out / f"ours_p{n}.log")
-        record(out / f"ours_p{n}.json", cmd, json.loads(res.read_text()), wall_s=time.monotonic() - t0)
+    """One bench, one start of the processes (and one conversion of the GGUF), a row per prompt."""
+    res = out / "ours.result.json"
+    cmd = [sys.executable, "-m", "krasis.coordinator", "bench", gguf, "--prompt-lens", ",".join(map(str, prompts)),
+           *OUR_OPTS, "--json", res]
+    t0 = time.monotonic()
+    run(cmd, out / "ours.log")
+    rows = json.loads(res.read_text())
+    for n, row in zip(prompts, rows if isinstance(rows, list) else [rows]):
+        record(out / f"ours_p{n}.json", cmd, row, wall_s=time.monotonic() - t0)
 
 
 # --- records and the table --------------------------------------------------------------------------------
@@ -263,6 +280,8 @@ def main(argv=None) -> None:
     ap.add_argument("--build", action="store_true", help="build llama-bench (skipped when it exists)")
     ap.add_argument("--cpu-only", action="store_true", help="build and run llama-bench without CUDA "
                     "(to check the slimmed tree and the GGUF where there is no GPU)")
+    ap.add_argument("--portable", action="store_true", help="with --build: every CPU variant as a loadable "
+                    "library, picked at run time (to build here and carry .peer/build-cuda/bin to the GPU host)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="build jobs (default: every core)")
     ap.add_argument("--gguf", action="store_true", help="write the GGUF (skipped when it exists)")
     ap.add_argument("--llama", action="store_true", help="run llama-bench")
@@ -284,7 +303,7 @@ def main(argv=None) -> None:
     if a.fetch_source:
         fetch_source(PEER, a.out)
     if a.build or a.all:
-        build(a.out, cuda=not a.cpu_only, jobs=a.jobs)
+        build(a.out, cuda=not a.cpu_only, jobs=a.jobs, portable=a.portable)
     if a.gguf or a.all:
         if a.file.exists():
             log(f"{a.file} exists; not rewriting it")
