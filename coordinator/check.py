@@ -7,7 +7,6 @@ command exits 1 when a line fails. `serve` makes the RAM check itself and refuse
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import socket

@@ -27,7 +27,6 @@ def rank(rows: list[dict], key: str) -> list[dict]:
 
 def optimize(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int, log=print) -> dict:
     from ..shared.weights import load_family
-    from .bench import run_bench
 
     family = load_family(model)
     moe = sum(family.is_moe(i) for i in range(family.num_layers))

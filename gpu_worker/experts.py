@@ -1,7 +1,7 @@
 """Which routed-expert strategies a GPU worker runs, sized by its VRAM plan.
 
 Spec keys read (coordinator/processes.py documents the spec): prefill_strategy (null: the first
-of vram_budget.AUTO_PREFILL that fits), decode_strategy,
+of vram_budget.AUTO_PREFILL that fits), decode_strategy, stream_decode (decode_route.py),
 vram_budget (GB or null), kv_dtype, prefill_chunk, max_context, hcs_path.
 """
 
@@ -11,6 +11,7 @@ import torch
 
 from ..shared.expert_store import ExpertStore
 from ..shared.models.family import ModelFamily
+from .decode_route import DecodeRoute, touched_share
 from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
@@ -37,12 +38,25 @@ class StageExperts:
         self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot, self.plan.resident)
         self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
         self.hot = hot
+        mode = spec.get("stream_decode") or "auto"
+        self.route = DecodeRoute(self.decode, self.prefill, "off" if mode == "auto" and device.type != "cuda" else mode,
+                                 self._stream_pays)
         if hot is not None:
             hot.ensure()  # from the counts an earlier run saved, if any: the last run's hot set
 
+    def _stream_pays(self, tokens: int) -> bool:
+        """decode_route.py's rule: the pool would read at least half the bytes the prefill strategy
+        streams (one whose copies follow the routing copies about what the pool would read)."""
+        streamed = self.prefill.streamed_bytes()
+        if streamed is None:
+            return True
+        touched = sum(touched_share(tokens, self.host.shape(i).top_k, self.host.shape(i).num) * self.host.layer_bytes(i)
+                      for i in self.host.layers)
+        return touched >= streamed / 2
+
     def info(self) -> dict:
         out = {
-            "prefill_strategy": self.prefill.name, "decode_strategy": self.decode.name,
+            "prefill_strategy": self.prefill.name, "decode_strategy": self.decode.name, "stream_decode": self.route.mode,
             "vram_plan_mb": self.plan.report(),
             "hot_experts": len(self.hot.members) if self.hot is not None else 0,
             "prefill_resident_layers": self.prefill.resident_layers(),

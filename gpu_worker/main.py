@@ -9,6 +9,7 @@ coordinator/processes.py, which writes it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,9 @@ def main() -> None:
     coord.setsockopt(zmq.LINGER, 2000)
     coord.connect(spec["coord"])
     rank = spec["rank"]
+    # the worker's stderr is the coordinator's (the journal, under systemd): its rare INFO lines
+    # (a decode route's choice, decode_route.py) say what it decided and why
+    logging.basicConfig(level=logging.INFO, format=f"gpu_worker {rank}: %(levelname)s %(message)s")
     try:
         stage, inbound, nxt, curve = _start(spec, ctx, coord, mark)
     except Exception as e:

@@ -15,7 +15,8 @@ A prefill step holds whole prompts (one or several) and runs layer by layer: eve
 experts cross PCIe once per step, whatever the prompt's length (DESIGN.md: layer_grouped streams
 "ONCE per prompt"). Chunks bound only the activations and the attention's working memory; a
 chunk's attention sees the earlier chunks' keys and values of that layer, already cached. A decode
-step is one chunk.
+step is one chunk; its experts come from the decode strategy, or, for a batch large enough that
+streaming them is faster (decode_route.py measures it), from the prefill strategy.
 
 On CUDA a plain decode step runs as CUDA graphs (decode_graphs.py) when every layer and the decode
 strategy allow it; KRASIS_CUDA_GRAPHS=0 turns them off (to compare, or to debug).
@@ -24,6 +25,7 @@ strategy allow it; KRASIS_CUDA_GRAPHS=0 turns them off (to compare, or to debug)
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +53,16 @@ def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
 @dataclass
 class Launched:
     """A step enqueued on the device: its routed-expert runner (which waits for it), its outputs on
-    the host once `done` (a CUDA event; None on a CPU device, where launching ran the step)."""
+    the host once `done` (a CUDA event; None on a CPU device, where launching ran the step). A
+    decode step also keeps its token count and what times it for the decode route: the CUDA event
+    `start` (elapsed to `done`), or on a CPU device the seconds launching took."""
 
     runner: object
     out: dict[str, torch.Tensor]
     done: object
+    tokens: int = 0
+    start: object = None
+    seconds: float = 0.0
 
 
 class Stage:
@@ -100,11 +107,17 @@ class Stage:
         stage `tokens` and `logits` (shared/protocol.py: Logits), are copied to the host in stream
         order (a decode graph's output is overwritten by the next replay)."""
         PHASES.mark("decode msg")
-        runner = self.experts.decode if decode else self.experts.prefill
+        t0, start = time.perf_counter(), None
+        if decode and self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        # a decode step's experts: the decode strategy's, or streamed as a prefill's when the batch
+        # makes that faster (decode_route.py)
+        runner = self.experts.route.pick(len(slices)) if decode else self.experts.prefill
         runner.begin()  # here, not in _forward: a graph's replay would skip it
         if self.first:
             x = self._feed(x, slices)
-        if decode and self.graphs is not None and self.graphs.ready(slices):
+        if runner is self.experts.decode and self.graphs is not None and self.graphs.ready(slices):
             inputs = self.graphs.buffers(len(slices))
             inputs["x"].copy_(to_device(x, self.device))
             inputs["positions"].copy_(to_device(torch.tensor([s.start for s in slices]), self.device))
@@ -112,22 +125,28 @@ class Stage:
             out = self.graphs.run(slices)
         else:
             PHASES.mark("prep")
-            out = self._forward(to_device(x, self.device), slice_positions(slices, self.device), slices, decode)
+            out = self._forward(to_device(x, self.device), slice_positions(slices, self.device), slices, decode, runner)
         PHASES.mark("enqueue")
         out = self._reply(out, slices) if self.last else {"hidden": out}
         done = None
         if self.device.type == "cuda":
             out = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) for k, v in out.items()}
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=start is not None)
             done.record()
         PHASES.mark("sample")
-        return Launched(runner, out, done)
+        return Launched(runner, out, done, len(slices) if decode else 0, start, time.perf_counter() - t0)
 
     def wait(self, step: "Launched", interrupt=None) -> bool:
         """Wait for a launched step (its outputs are then on the host); False, without waiting, as
         soon as `interrupt()` says the worker has the next step to launch first. Raises what the step
         failed with (the CPU pool's PoolError)."""
-        return step.runner.end(step.done, interrupt)
+        if not step.runner.end(step.done, interrupt):
+            return False
+        if step.tokens:
+            # on the device's timeline: from the step's first kernel (after the step before it) to its last
+            seconds = step.start.elapsed_time(step.done) / 1e3 if step.start is not None else step.seconds
+            self.experts.route.record(step.runner, step.tokens, seconds)
+        return True
 
     def _feed(self, tokens: torch.Tensor, slices: list[SeqSlice]) -> torch.Tensor:
         """The step's input tokens, a -1 (shared/protocol.py: Step) replaced by the token this stage
@@ -175,11 +194,10 @@ class Stage:
 
     def _graph_body(self, slices: list[SeqSlice]) -> torch.Tensor:
         inputs = self.graphs.buffers(len(slices))
-        return self._forward(inputs["x"], inputs["positions"], slices, True)
+        return self._forward(inputs["x"], inputs["positions"], slices, True, self.experts.decode)
 
-    def _forward(self, x: torch.Tensor, positions: torch.Tensor, slices: list[SeqSlice], decode: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, slices: list[SeqSlice], decode: bool, runner) -> torch.Tensor:
         h = F.embedding(x, self.embed) if self.first else x.to(self.dtype)
-        runner = self.experts.decode if decode else self.experts.prefill
         if decode:
             chunks = [(slices, h, positions)]
         else:

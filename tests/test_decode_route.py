@@ -1,0 +1,108 @@
+"""The decode route (gpu_worker/decode_route.py): which runner takes a decode step, and a decode
+step streamed as a prefill is token-identical to transformers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import tiny_models as tm
+from krasis.gpu_worker.decode_route import KEEP, REVISIT, SAMPLES, DecodeRoute, bucket, touched_share
+from krasis.shared.client import AsyncClient
+
+
+class Runner:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+def route(mode="auto", pays=lambda b: True):
+    return DecodeRoute(Runner("decode"), Runner("prefill"), mode, pays)
+
+
+def drive(r: DecodeRoute, tokens: int, ms: dict, steps: int) -> list[str]:
+    """`steps` decode steps of `tokens` tokens, each runner taking ms[its name]; the runners picked."""
+    picked = []
+    for _ in range(steps):
+        runner = r.pick(tokens)
+        picked.append(runner.name)
+        r.record(runner, tokens, ms[runner.name] / 1e3)
+    return picked
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 32, 33)] == [1, 2, 4, 4, 8, 8, 16, 32, 64]
+
+
+def test_touched_share_matches_drawn_routing():
+    # each token chooses k distinct experts of E uniformly: the share of experts some token chose
+    g = torch.Generator().manual_seed(0)
+    for k, num, tokens in ((8, 128, 1), (8, 128, 32), (6, 64, 4), (2, 8, 3)):
+        draws = 400
+        seen = 0
+        for _ in range(draws):
+            chosen = torch.stack([torch.randperm(num, generator=g)[:k] for _ in range(tokens)])
+            seen += torch.unique(chosen).numel()
+        assert abs(seen / draws / num - touched_share(tokens, k, num)) < 0.02
+
+
+def test_fixed_modes():
+    assert set(drive(route("off"), 32, {"decode": 9, "prefill": 1}, 20)) == {"decode"}
+    assert set(drive(route("always"), 1, {"decode": 1, "prefill": 9}, 20)) == {"prefill"}
+    with pytest.raises(ValueError):
+        route("sometimes")
+
+
+def test_auto_measures_both_then_takes_the_faster_and_revisits():
+    r = route()
+    picked = drive(r, 32, {"decode": 20, "prefill": 8}, REVISIT * 2)
+    # the first step of each runner is not kept (graph capture, a cold staging slot)
+    assert picked[: SAMPLES + 1] == ["decode"] * (SAMPLES + 1)
+    assert picked[SAMPLES + 1 : 2 * (SAMPLES + 1)] == ["prefill"] * (SAMPLES + 1)
+    rest = picked[2 * (SAMPLES + 1):]
+    assert rest.count("decode") == 2 and set(rest) == {"decode", "prefill"}  # one revisit per REVISIT steps
+    assert r.choice == {32: "prefill"}
+
+
+def test_auto_follows_a_change_in_the_machine():
+    # decode was faster; then the pool slows (another job on the CPUs): the revisits find it out
+    r = route()
+    assert drive(r, 16, {"decode": 5, "prefill": 8}, 50)[-1] == "decode"
+    picked = drive(r, 16, {"decode": 30, "prefill": 8}, REVISIT * (KEEP + 1))
+    assert picked[-1] == "prefill" and r.choice[16] == "prefill"
+
+
+def test_auto_never_streams_where_it_cannot_pay_nor_mixes_buckets():
+    r = route(pays=lambda b: b >= 16)
+    assert set(drive(r, 2, {"decode": 50, "prefill": 1}, 40)) == {"decode"}
+    assert "prefill" in drive(r, 20, {"decode": 50, "prefill": 1}, 40)
+    # bucket 2's measurements are its own: bucket 32's are not used for it
+    assert r.choice == {32: "prefill"}
+
+
+def test_streamed_decode_is_exact_and_leaves_the_pool_idle(tmp_path):
+    """--stream-decode always: every decode step's experts go through the prefill strategy (on a
+    CPU device, the store's own tensors), several sequences per step over two stages; the tokens
+    are transformers' greedy ones, and the CPU pool is never called."""
+    path = tm.build(tmp_path / "m", "qwen3", **tm.QWEN3_CONFIGS["qwen3-base"])
+    ref = tm.reference_model(path)
+    prompts = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 8, 45], [5, 6, 7]]
+    want = [tm.reference_greedy(ref, ids, 16) for ids in prompts]
+    with tm.Service(path, "--dtype", "float32", "--devices", "cpu,cpu", "--cpu-workers", "1",
+                    "--stream-decode", "always") as svc:
+
+        async def together():
+            async with AsyncClient(svc.endpoint) as c:
+                return await asyncio.gather(*(c.complete(prompt_ids=ids, max_new_tokens=16, ignore_eos=True)
+                                              for ids in prompts))
+
+        got = asyncio.run(together())
+        stats = svc.client.stats().stats
+    assert [g.token_ids for g in got] == want
+    assert [w["stream_decode"] for w in stats["workers"] if w["role"] == "gpu"] == ["always", "always"]
+    assert sum(p["calls"] for p in stats["cpu_pool"]) == 0
