@@ -23,8 +23,8 @@ import numba
 import numpy as np
 import torch
 
-from ..shared.quant import QMAX, pack_int4, quantize
-from ..shared.quant_kernel import quantize_row, store_row
+from ..shared.quant import QMAX, quantize
+from ..shared.quant_kernel import quantize_row, quantize_weight, store_row
 
 BLOCK = 32
 # (GGUF type, our bits) whose blocks are taken as they are at group 32
@@ -205,5 +205,4 @@ def convert(data: np.ndarray, qtype: str, bits: int, group_size: int, rows: int,
         from gguf.quants import dequantize
 
         w = np.asarray(dequantize(data, GGMLQuantizationType[qtype]), dtype=np.float32).reshape(-1, rows, cols)
-        q, s = quantize(torch.from_numpy(w), bits, group_size)
-    return (pack_int4(q) if bits == 4 else q), s
+        return quantize_weight(torch.from_numpy(w), bits, g, QMAX[bits])

@@ -87,13 +87,13 @@ def quantized_tensors(fmt, n: int, o: int, k: int, name: str) -> dict:
 
 
 def quantized(fmt, w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """One expert's weight [O, K] in the stored layout: {name.q, name.s}. A bf16 weight on the CPU
-    (what the converters read) takes quant_kernel.py's one pass, the same bytes."""
+    """One expert's weight [O, K] in the stored layout: {name.q, name.s}. A weight on the CPU (what
+    the converters read) takes quant_kernel.py's one pass, the same bytes."""
     bits = _bits(fmt)
-    if w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2 and (bits == 8 or w.shape[-1] % 2 == 0):
-        from .quant_kernel import quantize_bf16
+    if w.device.type == "cpu" and w.is_floating_point() and (bits == 8 or w.shape[-1] % 2 == 0):
+        from .quant_kernel import quantize_weight
 
-        q, s = quantize_bf16(w, bits, group_for(w.shape[-1], fmt.group_size), QMAX[bits])
+        q, s = quantize_weight(w, bits, group_for(w.shape[-1], fmt.group_size), QMAX[bits])
         return {f"{name}.q": q, f"{name}.s": s}
     q, s = quantize(w, bits, fmt.group_size)
     return {f"{name}.q": pack_int4(q) if bits == 4 else q, f"{name}.s": s}

@@ -1,5 +1,5 @@
-"""shared/quant.py's quantize and pack of a bf16 weight in one pass (numba), for the CPU converters
-(`convert`, `synth --expert-bits`).
+"""shared/quant.py's quantize and pack of a weight in one pass (numba), for the CPU converters
+(`convert` from 16-bit shards or GGUF's float and K-quant tensors, `synth --expert-bits`).
 
 The torch expression makes six float32 copies of the weight (float, |w|, w / s, round, where, clamp)
 and packs INT4 through two more; each copy of a multi-MB expert is fresh memory the kernel pages in,
@@ -37,7 +37,7 @@ def quantize_row(x: np.ndarray, g: int, qmax: int, q: np.ndarray, s: np.ndarray)
 
 
 @numba.njit(nogil=True, cache=True)
-def _quantize_rows(w: np.ndarray, g: int, qmax: int, bits: int, q: np.ndarray, s: np.ndarray) -> None:
+def _quantize_rows_bf16(w: np.ndarray, g: int, qmax: int, bits: int, q: np.ndarray, s: np.ndarray) -> None:
     """w uint16 [R, K] (bf16 bits) -> q ([R, K] int8, or [R, K / 2] uint8 packed as quant.py says
     for bits 4) and s uint16 [R, K / g] (bf16 bits)."""
     x = np.empty(w.shape[1], np.float32)
@@ -51,6 +51,15 @@ def _quantize_rows(w: np.ndarray, g: int, qmax: int, bits: int, q: np.ndarray, s
 
 
 @numba.njit(nogil=True, cache=True)
+def _quantize_rows_f32(w: np.ndarray, g: int, qmax: int, bits: int, q: np.ndarray, s: np.ndarray) -> None:
+    """_quantize_rows_bf16 for float32 w [R, K]."""
+    row = np.empty(w.shape[1], np.int8)
+    for r in range(w.shape[0]):
+        quantize_row(w[r], g, qmax, row, s[r])
+        store_row(row, bits, q[r])
+
+
+@numba.njit(nogil=True, cache=True)
 def store_row(row: np.ndarray, bits: int, out: np.ndarray) -> None:
     """A row of codes int8 [K] as quant.py stores it: packed into uint8 [K / 2] for bits 4, else as is."""
     if bits == 4:
@@ -60,12 +69,18 @@ def store_row(row: np.ndarray, bits: int, out: np.ndarray) -> None:
         out[:] = row
 
 
-def quantize_bf16(w: torch.Tensor, bits: int, g: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 w [O, K] on the CPU -> (q stored as quant.py lays it out: uint8 [O, K / 2] for INT4,
-    int8 [O, K] for INT8; scales bf16 [O, K / g]). g divides K; K is even for INT4; qmax is
-    quant.py's QMAX[bits]."""
-    o, k = w.shape
-    q = np.empty((o, k // 2) if bits == 4 else (o, k), np.uint8 if bits == 4 else np.int8)
-    s = np.empty((o, k // g), np.uint16)
-    _quantize_rows(w.contiguous().view(torch.int16).numpy().view(np.uint16), g, qmax, bits, q, s)
-    return torch.from_numpy(q), torch.from_numpy(s).view(torch.bfloat16)
+def quantize_weight(w: torch.Tensor, bits: int, g: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., O, K] on the CPU (bf16 read as it is; another float dtype widened to float32 first,
+    exactly, as quant.py does) -> (q stored as quant.py lays it out: uint8 [..., O, K / 2] for INT4,
+    int8 [..., O, K] for INT8; scales bf16 [..., O, K / g]). g divides K; K is even for INT4; qmax
+    is quant.py's QMAX[bits]."""
+    *lead, k = w.shape
+    rows = w.reshape(-1, k)
+    n = rows.shape[0]
+    q = np.empty((n, k // 2) if bits == 4 else (n, k), np.uint8 if bits == 4 else np.int8)
+    s = np.empty((n, k // g), np.uint16)
+    if w.dtype == torch.bfloat16:
+        _quantize_rows_bf16(rows.contiguous().view(torch.int16).numpy().view(np.uint16), g, qmax, bits, q, s)
+    else:
+        _quantize_rows_f32(rows.float().contiguous().numpy(), g, qmax, bits, q, s)
+    return torch.from_numpy(q).reshape(*lead, q.shape[-1]), torch.from_numpy(s).view(torch.bfloat16).reshape(*lead, k // g)

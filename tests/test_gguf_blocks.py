@@ -84,6 +84,19 @@ def test_blocks_match_the_float_path(qtype, bits, group):
         assert held.any() and not torch.equal(v[held], ref_v[held])
 
 
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 128)])
+def test_float_tensors_match_the_float_path(qtype, bits, group):
+    """GGUF's unquantized types take quant_kernel.py's one pass: the float path's bytes exactly."""
+    w = (np.random.default_rng(bits + group).standard_normal((N, ROWS, COLS)) * 0.02).astype(np.float32)
+    w[0, 0, :group] = 0
+    raw = gguf.quants.quantize(w, getattr(T, qtype))
+    q, s = convert(raw, qtype, bits, group, ROWS, COLS)
+    ref_q, ref_s = float_path(raw, qtype, bits, group)
+    assert q.dtype == ref_q.dtype and q.shape == ref_q.shape and s.shape == ref_s.shape
+    assert torch.equal(q, ref_q) and torch.equal(s.view(torch.int16), ref_s.view(torch.int16))
+
+
 def test_q8_0_from_llama_cpp_quantizer_is_the_float_path():
     """Q8_0 as llama.cpp writes it puts +-127 in every block, so taking its blocks as they are gives
     the float path's bytes exactly."""

@@ -44,21 +44,24 @@ def test_quantize_matches_numpy(bits, g):
     assert torch.equal(fake_quantize(w, bits, g), deq)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("o, k, g", [(48, 128, 32), (7, 96, 96), (5, 36, 9), (3, 64, 128)])
-def test_one_pass_bf16_kernel_gives_the_torch_bytes(bits, o, k, g):
-    """quant_kernel.py (what the converters run on bf16 experts) against quantize + pack_int4: the
-    same codes and scales, bit for bit, with zero groups, ties, large and tiny magnitudes, and groups
-    that end inside an INT4 byte (g = 9) or span the whole row (g > K)."""
-    from krasis.shared.quant_kernel import quantize_bf16
+def test_one_pass_kernel_gives_the_torch_bytes(dtype, bits, o, k, g):
+    """quant_kernel.py (what the converters run on 16-bit experts and GGUF's float and K-quant
+    tensors) against quantize + pack_int4: the same codes and scales, bit for bit, with zero groups,
+    ties, large and tiny magnitudes, and groups that end inside an INT4 byte (g = 9) or span the
+    whole row (g > K); a stack of experts [n, O, K] as one."""
+    from krasis.shared.quant_kernel import quantize_weight
 
     gen = torch.Generator().manual_seed(o * k + g + bits)
-    w = (torch.randn(o, k, generator=gen) * torch.logspace(-30, 30, o).unsqueeze(1)).to(torch.bfloat16)
-    w[0, : min(g, k)] = 0  # an all-zero group
-    w[-1, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 7.0])  # ties, when the group's max is 7 * 2^n
+    span = 30 if dtype != torch.float16 else 4  # fp16 holds 1e-4 .. 6e4
+    w = (torch.randn(2, o, k, generator=gen) * torch.logspace(-span, span, o).unsqueeze(1)).to(dtype)
+    w[0, 0, : min(g, k)] = 0  # an all-zero group
+    w[1, -1, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 7.0])  # ties, when the group's max is 7 * 2^n
     q, s = quantize(w, bits, g)
     want = pack_int4(q) if bits == 4 else q
-    got_q, got_s = quantize_bf16(w, bits, min(g, k), QMAX[bits])
+    got_q, got_s = quantize_weight(w, bits, min(g, k), QMAX[bits])
     assert got_q.dtype == want.dtype and torch.equal(got_q, want)
     assert got_s.dtype == torch.bfloat16 and torch.equal(got_s.view(torch.int16), s.view(torch.int16))
 
