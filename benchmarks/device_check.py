@@ -212,7 +212,7 @@ def attention_check(T: int = 10000):
     # decode: one new token over the whole cache, the Triton kernel against its reference
     from krasis.gpu_worker.cache_rows import Rows
     from krasis.gpu_worker.decode_attention import decode_attention_reference
-    from krasis.gpu_worker.decode_attention_kernel import decode_attention_triton
+    from krasis.gpu_worker.decode_attention_kernel import decode_attention_batch
     from krasis.gpu_worker.kv_cache import fp8_quantize
 
     q1 = q[-1:]
@@ -221,16 +221,16 @@ def attention_check(T: int = 10000):
     cq, krq = Rows(*fp8_quantize(c)), Rows(*fp8_quantize(kr))
     qm1 = torch.randn(1, 16, 576, device="cuda").bfloat16()
     for name, (kk, vv) in cases.items():
-        got, want = decode_attention_triton(q1, [kk], vv, T - 1, 0.088), decode_attention_reference(q1, [kk], vv, T - 1, 0.088)
+        got, want = decode_attention_batch(q1, [[kk]], [vv], [T - 1], 0.088), decode_attention_reference(q1, [kk], vv, T - 1, 0.088)
         row[f"decode_{name}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-        row[f"decode_{name}_ms"] = ms(lambda: decode_attention_triton(q1, [kk], vv, T - 1, 0.088), 50)
+        row[f"decode_{name}_ms"] = ms(lambda: decode_attention_batch(q1, [[kk]], [vv], [T - 1], 0.088), 50)
         row[f"decode_{name}_reference_ms"] = ms(lambda: decode_attention_reference(q1, [kk], vv, T - 1, 0.088), 5)
     # device time per call by number of key splits (None: the kernel's own choice), as a decode
     # graph runs it: 20 calls captured in a graph, so the host's launch cost is not counted
     kk, vv = cases["fp8"]
     want = decode_attention_reference(q1, [kk], vv, T - 1, 0.088)
     for splits in (None, 40, 53, 80, 106, 157, 210):
-        call = lambda: decode_attention_triton(q1, [kk], vv, T - 1, 0.088, splits=splits)  # noqa: E731
+        call = lambda: decode_attention_batch(q1, [[kk]], [vv], [T - 1], 0.088, splits=splits)  # noqa: E731
         call()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -240,10 +240,10 @@ def attention_check(T: int = 10000):
         torch.cuda.synchronize()
         row[f"decode_fp8_splits_{splits}_us"] = 1000 * ms(graph.replay, 20) / 20
         row[f"decode_fp8_splits_{splits}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-    got = decode_attention_triton(qm1, [cq, krq], cq, T - 1, 0.07)
+    got = decode_attention_batch(qm1, [[cq, krq]], [cq], [T - 1], 0.07)
     want = decode_attention_reference(qm1, [cq, krq], cq, T - 1, 0.07)
     row["decode_mla_fp8_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-    row["decode_mla_fp8_ms"] = ms(lambda: decode_attention_triton(qm1, [cq, krq], cq, T - 1, 0.07), 50)
+    row["decode_mla_fp8_ms"] = ms(lambda: decode_attention_batch(qm1, [[cq, krq]], [cq], [T - 1], 0.07), 50)
     log("attention", row)
     RESULTS["attention"] = row
     save()

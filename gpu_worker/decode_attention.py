@@ -8,8 +8,8 @@ windowed); rep = Hq / Hkv query heads share a key head (GQA). K may come in part
 the head dim (MLA: [latent c ; rope key]), each part a `Rows` (cache_rows.py) of plain or fp8 values.
 
 `decode_attention_reference` dequantizes the rows to float32 and runs layers.attend; on CUDA
-`decode_attention_triton` (decode_attention_kernel.py) is one flash-decoding pass over the stored
-rows, fp8 included. A decode step needs it: at a 10K-token context on an H100, dequantizing the
+`decode_attention_batch` (decode_attention_kernel.py) is one flash-decoding pass over the stored
+rows, fp8 included, for every sequence of a decode step in one launch. A decode step needs it: at a 10K-token context on an H100, dequantizing the
 whole cache every step and attending through SDPA's math backend cost ~0.9 ms per layer.
 """
 
@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..shared.models.layers import attend
+from . import cache_rows
 from .cache_rows import Rows
 
 
@@ -41,20 +42,24 @@ def decode_attention_reference(
 
 def decode_attention(
     q: torch.Tensor,
-    k: Sequence[Rows],
-    v: Rows,
-    start: int,
+    ks: Sequence[Sequence[Rows]],
+    vs: Sequence[Rows],
+    starts: Sequence[int],
     scale: float,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """decode_attention_triton (decode_attention_kernel.py, imported only here: CPU workers never
-    load Triton) on CUDA, else the reference; written into `out` when given (a decode graph reads
-    the same buffer at every step)."""
-    if q.is_cuda:
-        from .decode_attention_kernel import decode_attention_triton
+    """Several sequences' new queries, q [B * t, Hq, dk] (t of each, one sequence after another),
+    each over its own cached rows (ks[b], vs[b], from position starts[b]): on CUDA one launch for the
+    batch (decode_attention_kernel.py: decode_attention_batch, imported only here: CPU workers never
+    load Triton), else the reference per sequence; written into `out` when given (a decode graph
+    reads the same buffer at every step)."""
+    if cache_rows.kernels_on(q.device):
+        from .decode_attention_kernel import decode_attention_batch
 
-        return decode_attention_triton(q, k, v, start, scale, window, sinks, out=out)
-    result = decode_attention_reference(q, k, v, start, scale, window, sinks)
+        return decode_attention_batch(q, ks, vs, starts, scale, window, sinks, out=out)
+    t = q.shape[0] // len(ks)
+    result = torch.cat([decode_attention_reference(q[b * t : (b + 1) * t], k, v, st, scale, window, sinks)
+                        for b, (k, v, st) in enumerate(zip(ks, vs, starts))])
     return result if out is None else out.copy_(result)

@@ -1,8 +1,14 @@
 """The Triton kernels of decode_attention.py: flash-decoding over the cache as stored.
 
-Work split: program (g, s) takes key head g / head_blocks, a block of BLOCK_H of its query rows
-(row r = query i * rep + head in the group: every query head of the group and every new token, so
-K and V are read once for all of them) and the s-th split of the visible keys [lo, T). It streams
+A launch serves a batch of sequences, each with its own cache (a decode step's every sequence in
+one launch per layer, not one per sequence: at 32 sequences the per-sequence launches and their
+host code were most of a decode layer's GPU turn). The caches share one layout; each sequence's
+tensors are found as element offsets from the first sequence's (a table [B, 6] on the device, with
+the sequences' first query positions), so no pointer is baked into the launch.
+
+Work split: program (g, s, b) takes sequence b's key head g / head_blocks, a block of BLOCK_H of its
+query rows (row r = query i * rep + head in the group: every query head of the group and every new
+token, so K and V are read once for all of them) and the s-th split of its visible keys [lo, T). It streams
 its keys in blocks of BLOCK_N and keeps, per row, the running max m, sum l and unnormalised output
 acc (online softmax, base 2). The combine kernel, one program per (query, head) row, merges the
 splits and the sink:
@@ -23,29 +29,43 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_rows import Rows
+from .cache_rows import Rows, device_table, element_gap
 
 LOG2E = 1.4426950408889634
 BLOCK_H = 16  # query rows per program: tl.dot's smallest M
 
 
-@triton.jit(do_not_specialize=["start", "lo", "T", "keys_per_split"])
+@triton.jit(do_not_specialize=["t", "splits"])
 def _split_kernel(
-    Q, KA, SA, KB, SB, V, SV, M, L, ACC,
+    Q, KA, SA, KB, SB, V, SV, SEQ, M, L, ACC,
     sq_t, sq_h, ska_t, ska_h, ssa_t, ssa_h, skb_t, skb_h, ssb_t, ssb_h, sv_t, sv_h, ssv_t, ssv_h,
-    start, lo, T, keys_per_split, window, rep, rows, R, Hq, head_blocks, qk_scale,
+    t, splits, window, rep, rows, R, Hq, head_blocks, qk_scale,
     DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     A_FP8: tl.constexpr, B_FP8: tl.constexpr, V_FP8: tl.constexpr, V_IS_A: tl.constexpr, WINDOWED: tl.constexpr,
 ):
     DT = Q.dtype.element_ty
+    b = tl.program_id(2)
+    seq = SEQ + b * 7  # the sequence's element offsets of KA, SA, KB, SB, V, SV, then its first query's position
+    KA += tl.load(seq)
+    SA += tl.load(seq + 1)
+    KB += tl.load(seq + 2)
+    SB += tl.load(seq + 3)
+    V += tl.load(seq + 4)
+    SV += tl.load(seq + 5)
+    start = tl.load(seq + 6)
+    T = start + t
+    lo = 0
+    if WINDOWED:
+        lo = tl.maximum(start + 1 - window, 0)  # no query sees a key before the first one's window
+    keys_per_split = tl.cdiv(tl.cdiv(T - lo, splits), BLOCK_N) * BLOCK_N
     kh = tl.program_id(0) // head_blocks
     r = (tl.program_id(0) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = r < rows
     i = r // rep
     head = kh * rep + r % rep
     qpos = start + i
-    q_row = Q + i * sq_t + head * sq_h
+    q_row = Q + (b * t + i) * sq_t + head * sq_h
     da = tl.arange(0, BLOCK_DA)
     qa = tl.load(q_row[:, None] + da[None, :], mask=row_ok[:, None] & (da[None, :] < DA), other=0.0)
     if DB > 0:
@@ -96,7 +116,8 @@ def _split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT), input_precision="ieee")
         m_i = m_new
 
-    out = tl.program_id(1) * R + i * Hq + head
+    # a split past a shorter sequence's keys saw none: m = -inf, l = 0, which the combine weighs 0
+    out = (b * splits + tl.program_id(1)) * R + i * Hq + head
     tl.store(M + out, m_i, mask=row_ok)
     tl.store(L + out, l_i, mask=row_ok)
     tl.store(ACC + out[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv[None, :] < DV))
@@ -108,6 +129,10 @@ def _combine_kernel(M, L, ACC, SINKS, O, splits, R, Hq, sink_scale,
     # CHUNK splits per load, not one split at a time: a row has ~50-150 splits, and a loop of
     # dependent single loads would wait on memory once per split
     row = tl.program_id(0)
+    b = tl.program_id(1)
+    M += b * splits * R
+    L += b * splits * R
+    ACC += b * splits * R * DV
     d = tl.arange(0, BLOCK_DV)
     c = tl.arange(0, CHUNK)
     top = tl.full([CHUNK], float("-inf"), tl.float32)
@@ -129,7 +154,7 @@ def _combine_kernel(M, L, ACC, SINKS, O, splits, R, Hq, sink_scale,
     total = tl.sum(den, 0)
     if HAS_SINKS:
         total += tl.exp2(sink - top)
-    tl.store(O + row * DV + d, (tl.sum(acc, 0) / total).to(O.dtype.element_ty), mask=d < DV)
+    tl.store(O + (b * R + row) * DV + d, (tl.sum(acc, 0) / total).to(O.dtype.element_ty), mask=d < DV)
 
 
 @functools.cache
@@ -150,60 +175,84 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot's smallest K and N
 
 
-def decode_attention_triton(
+def decode_attention_batch(
     q: torch.Tensor,
-    k: Sequence[Rows],
-    v: Rows,
-    start: int,
+    ks: Sequence[Sequence[Rows]],
+    vs: Sequence[Rows],
+    starts: Sequence[int],
     scale: float,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """decode_attention on the stored rows. K has one or two parts; v may be k[0] itself (MLA: read
-    once, as keys and as values) or any rows, a view into K's included. `splits` (of the keys):
-    None is about two programs per SM. `out`: a contiguous [t, Hq, dv] to write to."""
-    if len(k) not in (1, 2):
-        raise ValueError(f"keys come in one or two parts, got {len(k)}")
-    ka, kb = k[0], (k[1] if len(k) == 2 else None)
-    t, Hq, dk = q.shape
-    T, Hkv, DA = ka.values.shape
-    DB, DV = (kb.values.shape[-1] if kb else 0), v.values.shape[-1]
-    if dk != DA + DB or Hq % Hkv or T != start + t:
-        raise ValueError(f"q {list(q.shape)} against keys [{T}, {Hkv}, {DA}+{DB}] from position {start}")
-    if any(p.values.stride(-1) != 1 for p in (*k, v)):
+    """decode_attention for B sequences at once: q [B * t, Hq, dk] holds t new queries of each, one
+    sequence after another; ks[b], vs[b] and starts[b] are sequence b's key parts, values and first
+    query's position. K has one or two parts; v may be k[0] itself (MLA: read once, as keys and as
+    values) or any rows, a view into K's included; every sequence's rows have the first's layout.
+    `splits` (of each sequence's keys): None is about two programs per SM. `out`: a contiguous
+    [B * t, Hq, dv] to write to."""
+    B = len(ks)
+    if not B or len(vs) != B or len(starts) != B or q.shape[0] % B:
+        raise ValueError(f"{q.shape[0]} queries for {B} sequences ({len(vs)} values, {len(starts)} starts)")
+    k0, v0 = ks[0], vs[0]
+    if len(k0) not in (1, 2):
+        raise ValueError(f"keys come in one or two parts, got {len(k0)}")
+    ka, kb = k0[0], (k0[1] if len(k0) == 2 else None)
+    t, (Hq, dk) = q.shape[0] // B, q.shape[1:]
+    Hkv, DA = ka.values.shape[1:]
+    DB, DV = (kb.values.shape[-1] if kb else 0), v0.values.shape[-1]
+    v_is_a = v0 is ka
+
+    def layout(r: Rows | None):
+        return None if r is None else (r.values.dtype, r.values.shape[1:], r.values.stride(),
+                                       None if r.scales is None else (r.scales.shape[1:], r.scales.stride()))
+
+    for kk, vv, st in zip(ks, vs, starts):
+        if len(kk) != len(k0) or any(layout(a) != layout(b) for a, b in zip((*kk, vv), (*k0, v0))) or (vv is kk[0]) != v_is_a:
+            raise ValueError("every sequence's cached rows must have the first sequence's layout")
+        if dk != DA + DB or Hq % Hkv or kk[0].values.shape[0] != st + t:
+            raise ValueError(f"q {list(q.shape)} against keys [{kk[0].values.shape[0]}, {Hkv}, {DA}+{DB}] from position {st}")
+    if any(p.values.stride(-1) != 1 for p in (*k0, v0)):
         raise ValueError("cached rows must be contiguous along the head dim")
     q, rep = q.contiguous(), Hq // Hkv
     rows, R = t * rep, t * Hq
     head_blocks = triton.cdiv(rows, BLOCK_H)
-    lo = 0 if window is None else max(0, start + 1 - window)  # no query sees a key before the first one's window
     BLOCK_N, warps = _tiles(dk)
     if splits is None:
-        splits = min(triton.cdiv(T - lo, BLOCK_N), triton.cdiv(2 * _sm_count(q.device), Hkv * head_blocks))
-    keys_per_split = triton.cdiv(triton.cdiv(T - lo, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(T - lo, keys_per_split)
+        span = max(st + t - (0 if window is None else max(0, st + 1 - window)) for st in starts)
+        splits = max(1, min(triton.cdiv(span, BLOCK_N), triton.cdiv(2 * _sm_count(q.device), Hkv * head_blocks * B)))
 
     def parts(p: Rows | None):
-        """(values, scales, strides) with stand-ins that the kernel never reads for what is absent."""
+        """(values, scales) of a part, with stand-ins the kernel never reads for what is absent."""
         if p is None:
-            return ka.values, ka.values, 0, 0, 0, 0
-        s = p.values if p.scales is None else p.scales
-        return p.values, s, p.values.stride(0), p.values.stride(1), s.stride(0), s.stride(1)
+            return ka.values, ka.values
+        return p.values, p.values if p.scales is None else p.scales
 
-    (KA, SA, *sa), (KB, SB, *sb), (V, SV, *sv) = parts(ka), parts(kb), parts(v)
+    def strides(p: Rows | None):
+        if p is None:
+            return 0, 0, 0, 0
+        s = p.values if p.scales is None else p.scales
+        return p.values.stride(0), p.values.stride(1), s.stride(0), s.stride(1)
+
+    bases = [x for p in (ka, kb, v0) for x in parts(p)]
+    table = []
+    for kk, vv, st in zip(ks, vs, starts):
+        mine = [x for p in (kk[0], kk[1] if kb else None, vv) for x in parts(p)]
+        table += [*(element_gap(x, base) for x, base in zip(mine, bases)), st]
+    seq = device_table(table, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
-    m, l, acc = torch.empty(splits, R, **f32), torch.empty(splits, R, **f32), torch.empty(splits, R, DV, **f32)
-    _split_kernel[(Hkv * head_blocks, splits)](
-        q, KA, SA, KB, SB, V, SV, m, l, acc,
-        q.stride(0), q.stride(1), *sa, *sb, *sv,
-        start, lo, T, keys_per_split, window or 0, rep, rows, R, Hq, head_blocks, scale * LOG2E,
+    m, l, acc = torch.empty(B, splits, R, **f32), torch.empty(B, splits, R, **f32), torch.empty(B, splits, R, DV, **f32)
+    _split_kernel[(Hkv * head_blocks, splits, B)](
+        q, *bases, seq, m, l, acc,
+        q.stride(0), q.stride(1), *strides(ka), *strides(kb), *strides(v0),
+        t, splits, window or 0, rep, rows, R, Hq, head_blocks, scale * LOG2E,
         DA=DA, DB=DB, DV=DV, BLOCK_DA=_pow2(DA), BLOCK_DB=_pow2(DB) if DB else 1, BLOCK_DV=_pow2(DV),
         BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, A_FP8=ka.scales is not None, B_FP8=kb is not None and kb.scales is not None,
-        V_FP8=v.scales is not None, V_IS_A=v is ka, WINDOWED=window is not None, num_warps=warps,
+        V_FP8=v0.scales is not None, V_IS_A=v_is_a, WINDOWED=window is not None, num_warps=warps,
     )
     if out is None:
-        out = torch.empty(t, Hq, DV, dtype=q.dtype, device=q.device)
-    _combine_kernel[(R,)](m, l, acc, m if sinks is None else sinks, out, splits, R, Hq, LOG2E,
-                          DV=DV, BLOCK_DV=_pow2(DV), CHUNK=max(1, 4096 // _pow2(DV)), HAS_SINKS=sinks is not None)
+        out = torch.empty(B * t, Hq, DV, dtype=q.dtype, device=q.device)
+    _combine_kernel[(R, B)](m, l, acc, m if sinks is None else sinks, out, splits, R, Hq, LOG2E,
+                            DV=DV, BLOCK_DV=_pow2(DV), CHUNK=max(1, 4096 // _pow2(DV)), HAS_SINKS=sinks is not None)
     return out

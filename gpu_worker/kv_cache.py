@@ -8,6 +8,7 @@ import torch
 
 from ..shared.models.layers import attend, rows_for_slices
 from ..shared.protocol import SeqSlice
+from . import cache_rows
 from .cache_rows import Rows
 from .decode_attention import decode_attention
 from .decode_graphs import eager
@@ -47,6 +48,11 @@ def fp8_quantize_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 DECODE_MAX_T = 16  # new tokens of a slice up to which attend() runs the decode kernel
 
 
+def decode_shaped(slices: list[SeqSlice]) -> bool:
+    """Whether a step's slices suit the decode kernel: the same few new tokens for every sequence."""
+    return slices[0].n <= DECODE_MAX_T and all(s.n == slices[0].n for s in slices)
+
+
 class KVCache:
     """kv_dtype "fp8" keeps e4m3 values with per-row scales (half the bytes of bf16); anything else
     keeps the compute dtype (float32 exact-check runs always do)."""
@@ -64,9 +70,9 @@ class KVCache:
             return [(tuple(t.shape[1:]), torch.float8_e4m3fn), ((*t.shape[1:-1], 1), torch.float32)]
         return [(tuple(t.shape[1:]), t.dtype)]
 
-    def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
-        """Append the slice's new entries and return everything cached, [start + n, ...], as stored:
-        fp8 entries are encoded straight into the cache's rows."""
+    def _reserve(self, layer: int, s: SeqSlice, new: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The sequence's buffers for the layer, grown (by doubling) to hold the slice, its length
+        advanced past it: the caller writes the slice's rows."""
         layers = self._seqs.setdefault(s.seq, {})
         length, bufs = layers.get(layer, (0, []))
         if s.start != length:
@@ -80,26 +86,51 @@ class KVCache:
             for g, old in zip(grown, bufs):
                 g[:length] = old[:length]
             bufs = grown
+        layers[layer] = (end, bufs)
+        return bufs
+
+    def _rows(self, bufs: list[torch.Tensor], end: int) -> tuple[Rows, ...]:
+        if self.fp8:
+            return tuple(Rows(q[:end], sc[:end]) for q, sc in zip(bufs[0::2], bufs[1::2]))
+        return tuple(Rows(b[:end]) for b in bufs)
+
+    def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
+        """Append the slice's new entries and return everything cached, [start + n, ...], as stored:
+        fp8 entries are encoded straight into the cache's rows."""
+        bufs = self._reserve(layer, s, new)
+        length, end = s.start, s.start + s.n
         if self.fp8:
             for q, sc, t in zip(bufs[0::2], bufs[1::2], new):
                 fp8_quantize(t, out=(q[length:end], sc[length:end]))
         else:
             for b, t in zip(bufs, new):
                 b[length:end] = t
-        layers[layer] = (end, bufs)
-        if self.fp8:
-            return tuple(Rows(q[:end], sc[:end]) for q, sc in zip(bufs[0::2], bufs[1::2]))
-        return tuple(Rows(b[:end]) for b in bufs)
+        return self._rows(bufs, end)
+
+    def append_batch(self, layer: int, slices: list[SeqSlice], *new: torch.Tensor) -> list[tuple[Rows, ...]]:
+        """append() for every slice of a decode step (the same count of new entries each, the new
+        tensors holding them one slice after another): on CUDA one write per part for all slices
+        (fp8_kernel.py: write_rows_triton), else append() per slice."""
+        if not cache_rows.kernels_on(self.device):
+            return [self.append(layer, s, *(t[a:b] for t in new)) for (a, b), s in zip(rows_for_slices(slices), slices)]
+        from .fp8_kernel import write_rows_triton
+
+        bufs = [self._reserve(layer, s, new) for s in slices]
+        starts = [s.start for s in slices]
+        per = 2 if self.fp8 else 1
+        for i, t in enumerate(new):
+            write_rows_triton(t, [(b[per * i], b[per * i + 1] if self.fp8 else None) for b in bufs], starts)
+        return [self._rows(b, s.start + s.n) for b, s in zip(bufs, slices)]
 
     def update(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """append(), then everything cached in the compute dtype (views, or dequantized copies)."""
         return tuple(r.dense(self.dtype) for r in self.append(layer, s, *new))
 
     def decode_kernel(self, slices: list[SeqSlice]) -> bool:
-        """Whether attend() runs decode_attention on the stored rows: a few new tokens per sequence,
-        on CUDA. Prompt chunks, and every step on CPU, keep layers.attend on dequantized views (what
-        the exactness checks against transformers run)."""
-        return self.device.type == "cuda" and all(s.n <= DECODE_MAX_T for s in slices)
+        """Whether attend() runs decode_attention on the stored rows: the same few new tokens for
+        every sequence, on CUDA. Prompt chunks, and every step on CPU, keep layers.attend on
+        dequantized views (what the exactness checks against transformers run)."""
+        return cache_rows.kernels_on(self.device) and decode_shaped(slices)
 
     def attend(
         self,
@@ -118,18 +149,17 @@ class KVCache:
         after another. The keys are the cached parts `keys` concatenated along the head dim, the values
         part `values`: (k, v) for GQA, [c ; k_r] and c for MLA.
 
-        With the decode kernel, the appends (fp8 encoded into the cache's rows) and the kernel (whose
-        grid follows the cache's length) run as one `eager` part of a decode graph, which writes into
-        the same output at every replay."""
+        With the decode kernel, the appends (fp8 encoded into the cache's rows) and the kernel (one
+        launch for every slice, whose grid follows the caches' lengths) run as one `eager` part of a
+        decode graph, which writes into the same output at every replay. Its slices have one length."""
         rows = rows_for_slices(slices)
         if self.decode_kernel(slices):
             out = torch.empty(q.shape[0], q.shape[1], new[values].shape[-1], dtype=q.dtype, device=q.device)
 
             def run(slices):
-                for (a, b), s in zip(rows, slices):
-                    cached = self.append(layer, s, *(t[a:b] for t in new))
-                    decode_attention(q[a:b], [cached[i] for i in keys], cached[values], s.start, scale, window, sinks, out=out[a:b])
-                return out
+                cached = self.append_batch(layer, slices, *new)
+                return decode_attention(q, [[c[i] for i in keys] for c in cached], [c[values] for c in cached],
+                                        [s.start for s in slices], scale, window, sinks, out=out)
 
             return eager(run, slices)
         out = []

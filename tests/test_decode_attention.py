@@ -13,7 +13,7 @@ import tiny_models as tm
 
 from krasis.gpu_worker.cache_rows import Rows
 from krasis.gpu_worker.decode_attention import decode_attention_reference
-from krasis.gpu_worker.kv_cache import DECODE_MAX_T, KVCache, fp8_quantize
+from krasis.gpu_worker.kv_cache import KVCache, decode_shaped, fp8_quantize
 from krasis.shared.models.layers import attend
 from krasis.shared.protocol import SeqSlice
 
@@ -32,7 +32,7 @@ interpreter.InterpreterBuilder.create_dot = _create_dot
 
 from krasis.gpu_worker.cache_rows import Rows
 from krasis.gpu_worker.decode_attention import decode_attention_reference
-from krasis.gpu_worker.decode_attention_kernel import decode_attention_triton
+from krasis.gpu_worker.decode_attention_kernel import decode_attention_batch
 from krasis.gpu_worker.kv_cache import fp8_quantize
 
 g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def rows(x, fp8, dtype):
 
 def check(name, q, k, v, start, window=None, sinks=None, splits=None):
     want = decode_attention_reference(q, k, v, start, 0.3, window, sinks)
-    got = decode_attention_triton(q, k, v, start, 0.3, window, sinks, splits=splits)
+    got = decode_attention_batch(q, [k], [v], [start], 0.3, window, sinks, splits=splits)
     assert got.dtype == q.dtype and got.shape == want.shape, (name, got.shape, want.shape)
     # bfloat16: p and the dequantized values enter the products in bfloat16 (the interpreter's
     # float32 -> bfloat16 cast truncates), and the output is rounded once more
@@ -82,6 +82,34 @@ for fp8 in (False, True):
     k = rows(torch.randn(40, 2, 32, generator=g), fp8, torch.bfloat16)
     v = Rows(k.values[..., :16], k.scales)
     check(("prefix", fp8), torch.randn(1, 4, 32, generator=g).to(torch.bfloat16), [k], v, 39)
+# A batch of sequences in one launch, each with its own cache (lengths 1, below one key block, and
+# several blocks), against the reference per sequence: GQA with windows and sinks, MLA, fp8 and not.
+def check_batch(name, q, ks, vs, starts, window=None, sinks=None, splits=None):
+    t = q.shape[0] // len(ks)
+    want = torch.cat([decode_attention_reference(q[b * t : (b + 1) * t], k, v, st, 0.3, window, sinks)
+                      for b, (k, v, st) in enumerate(zip(ks, vs, starts))])
+    got = decode_attention_batch(q, ks, vs, starts, 0.3, window, sinks, splits)
+    tol = 1e-5 if q.dtype == torch.float32 else 3e-2
+    err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    assert got.shape == want.shape and err < tol, (name, err)
+
+for dtype in (torch.bfloat16, torch.float32):
+    for fp8 in (False, True):
+        for t, window, sink, splits in ((1, None, False, None), (1, 9, True, 3), (2, None, True, 2)):
+            lengths = [1 + t - 1, 40, 150, 7]
+            q = torch.randn(len(lengths) * t, 8, 32, generator=g).to(dtype)
+            ks, vs = [], []
+            for T in lengths:
+                # caches of different capacities, each its own allocation, viewed up to its length
+                k, v = (rows(torch.randn(T + 13, 2, 32, generator=g), fp8, dtype) for _ in range(2))
+                ks.append([Rows(k.values[:T], None if k.scales is None else k.scales[:T])])
+                vs.append(Rows(v.values[:T], None if v.scales is None else v.scales[:T]))
+            check_batch(("batch", dtype, fp8, t, window, sink, splits), q, ks, vs, [T - t for T in lengths], window,
+                        torch.randn(8, generator=g).to(dtype) if sink else None, splits)
+        cs = [(rows(torch.randn(T, 1, 40, generator=g), fp8, dtype), rows(torch.randn(T, 1, 8, generator=g), fp8, dtype))
+              for T in (5, 70, 33)]
+        check_batch(("mla batch", dtype, fp8), torch.randn(3, 8, 48, generator=g).to(dtype), [[c, kr] for c, kr in cs],
+                    [c for c, _ in cs], [4, 69, 32])
 print("ok")
 """
 
@@ -115,8 +143,9 @@ def test_reference_matches_attend_on_dequantized_rows(fp8):
 
 
 def _decode_everywhere(monkeypatch):
-    """KVCache.attend takes its decode path (decode_attention: the reference, on CPU) for short slices."""
-    monkeypatch.setattr(KVCache, "decode_kernel", lambda self, slices: all(s.n <= DECODE_MAX_T for s in slices))
+    """KVCache.attend takes its decode path (decode_attention: the reference, on CPU) for steps whose
+    slices have the same few new tokens."""
+    monkeypatch.setattr(KVCache, "decode_kernel", lambda self, slices: decode_shaped(slices))
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "fp8"])
@@ -148,6 +177,44 @@ def test_cache_attend_paths_agree(monkeypatch, kv_dtype):
     _decode_everywhere(monkeypatch)
     for got, want in zip(run(), prompt_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+CACHE_CHECK = tm.E4M3_RNE + r"""
+import torch
+
+from krasis.gpu_worker import cache_rows
+from krasis.gpu_worker.kv_cache import KVCache
+from krasis.shared.protocol import SeqSlice
+
+def run(kernels, kv_dtype):
+    # Three sequences (9, 5 and 70 prompt tokens: 70 is more than a key block) in one prompt step,
+    # then three decode steps of all three: with the kernels, each layer's appends and attention
+    # are one launch each for the three; without, layers.attend per sequence.
+    cache_rows.kernels_on = lambda device: kernels
+    g = torch.Generator().manual_seed(4)
+    kv, out = KVCache(torch.device("cpu"), torch.float32, 128, kv_dtype), []
+    lengths = [9, 5, 70]
+    for step in range(4):
+        slices = [SeqSlice(seq=i, start=0 if step == 0 else n + step - 1, n=n if step == 0 else 1) for i, n in enumerate(lengths)]
+        m = sum(s.n for s in slices)
+        q, k, v = torch.randn(m, 4, 16, generator=g), torch.randn(m, 2, 16, generator=g), torch.randn(m, 2, 16, generator=g)
+        ql, c, kr = torch.randn(m, 4, 24, generator=g), torch.randn(m, 1, 16, generator=g), torch.randn(m, 1, 8, generator=g)
+        out.append(kv.attend(0, slices, q, k, v, scale=0.25, window=6, sinks=torch.ones(4)))
+        out.append(kv.attend(1, slices, ql, c, kr, scale=0.2, keys=(0, 1), values=0))
+    return out
+
+for kv_dtype in (None, "fp8"):
+    for got, want in zip(run(True, kv_dtype), run(False, kv_dtype)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+def test_cache_decode_kernels_match_the_prompt_path():
+    """KVCache.attend's decode path as CUDA runs it (a step's appends, then its attention, one Triton
+    launch each for every sequence), under Triton's interpreter, against its prompt path."""
+    pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
+    tm.run_interpreted(CACHE_CHECK)
 
 
 def _deepseek_layer(kv_b_int8: bool):

@@ -9,27 +9,11 @@ import pytest
 
 import tiny_models as tm
 
-CHECK = r"""
+CHECK = tm.E4M3_RNE + r"""
 import os
-import numpy as np
 import torch
-import triton.language as tl
 
-dev = "cpu"
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # The interpreter's own float32 -> e4m3 conversion does not round as CUDA's cvt.rn does (to
-    # nearest even, as torch's cast does, which stands in for it here).
-    from triton.runtime import interpreter
-
-    _cast = interpreter.InterpreterBuilder.create_fp_to_fp
-    def _cast_rne(self, src, dst_type, rounding_mode):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
-            a = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.float8_e4m3fn)
-            return interpreter.TensorHandle(a.view(torch.uint8).numpy(), tl.float8e4nv)
-        return _cast(self, src, dst_type, rounding_mode)
-    interpreter.InterpreterBuilder.create_fp_to_fp = _cast_rne
-else:
-    dev = "cuda"
+dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 from krasis.gpu_worker.fp8_kernel import fp8_quantize_triton
 from krasis.gpu_worker.kv_cache import fp8_quantize_reference
@@ -55,6 +39,30 @@ for t in cases:
     assert fp8_quantize_triton(t, out=(bq[2:-1], bs[2:-1]))[0].data_ptr() == bq[2:-1].data_ptr()
     assert torch.equal(bq[2:-1].view(torch.uint8), wq.view(torch.uint8)) and torch.equal(bs[2:-1], ws)
     assert not bq[:2].view(torch.uint8).any() and not bq[-1:].view(torch.uint8).any() and bool((bs[:2] == -1).all() and (bs[-1:] == -1).all())
+
+# A decode step's rows into three sequences' caches (their own allocations, of other capacities) in
+# one launch: each sequence's rows land at its position, encoded as the reference does (or cast,
+# for a bf16 cache), every other row untouched.
+from krasis.gpu_worker.fp8_kernel import write_rows_triton
+
+for fp8 in (True, False):
+    for n in (1, 2):
+        starts, caps = [0, 37, 5], [64, 128, 70]
+        t = (torch.randn(3 * n, 2, 96, generator=g) * 3).bfloat16().to(dev)
+        kind = torch.float8_e4m3fn if fp8 else torch.bfloat16
+        caches = [(torch.zeros(c, 2, 96, dtype=kind, device=dev), torch.full((c, 2, 1), -1.0, device=dev) if fp8 else None)
+                  for c in caps]
+        write_rows_triton(t, caches, starts)
+        for b, ((q, sc), st) in enumerate(zip(caches, starts)):
+            mine = t[b * n : (b + 1) * n]
+            if fp8:
+                wq, ws = fp8_quantize_reference(mine)
+                assert torch.equal(q[st : st + n].view(torch.uint8), wq.view(torch.uint8)) and torch.equal(sc[st : st + n], ws), (b, n)
+                assert bool((sc[:st] == -1).all() and (sc[st + n :] == -1).all())
+            else:
+                assert torch.equal(q[st : st + n], mine), (b, n)
+            rest = torch.cat([q[:st], q[st + n :]]).view(torch.uint8) if fp8 else torch.cat([q[:st], q[st + n :]])
+            assert not rest.any(), (b, n)
 print("ok")
 """
 

@@ -276,6 +276,25 @@ def krasis(*args: str, timeout: float = 300, check: bool = True) -> subprocess.C
     return p
 
 
+# The head of an interpreted check script that compares e4m3 bits: Triton's interpreter converts
+# float32 to e4m3 without rounding to nearest even as CUDA's cvt.rn (and torch's cast, which stands
+# in for it here) do. Harmless where the kernels run compiled.
+E4M3_RNE = r"""
+import numpy as _np
+import torch as _torch
+import triton.language as _tl
+from triton.runtime import interpreter as _interpreter
+
+_cast = _interpreter.InterpreterBuilder.create_fp_to_fp
+def _cast_rne(self, src, dst_type, rounding_mode):
+    if src.dtype.scalar == _tl.float32 and dst_type.scalar == _tl.float8e4nv:
+        a = _torch.from_numpy(_np.array(src.data, dtype=_np.float32)).to(_torch.float8_e4m3fn)
+        return _interpreter.TensorHandle(a.view(_torch.uint8).numpy(), _tl.float8e4nv)
+    return _cast(self, src, dst_type, rounding_mode)
+_interpreter.InterpreterBuilder.create_fp_to_fp = _cast_rne
+"""
+
+
 def run_interpreted(check: str) -> None:
     """Run a Triton check script (it prints "ok" when every comparison holds) in a fresh Python with
     TRITON_INTERPRET=1: Triton reads the variable when it is first imported, so the kernels run on
