@@ -36,8 +36,9 @@ def device_table(values: list[int], device: torch.device) -> torch.Tensor:
     """A batch kernel's per-sequence int64 table on `device`: on CUDA through pinned memory,
     asynchronously, so the host never waits for the device here (the caching host allocator keeps
     the pinned block until the copy has run)."""
-    table = torch.tensor(values, dtype=torch.int64)
-    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
 def kernels_on(device: torch.device) -> bool:
