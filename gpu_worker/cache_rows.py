@@ -5,7 +5,7 @@ others import, read it: none may import another for it."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -23,22 +23,51 @@ class Rows(NamedTuple):
         return (self.values.float() * self.scales).to(dtype)
 
 
-def element_gap(x: torch.Tensor, base: torch.Tensor) -> int:
-    """Where x starts, in elements from base (a batch kernel adds it to base's pointer: each
-    sequence's cache is its own allocation, all in one address space)."""
-    gap = x.data_ptr() - base.data_ptr()
+_ANCHORS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element tensor kept for the process's life: the base pointer from which a batch kernel
+    finds every sequence's cache rows of that dtype (element_gap). It never moves, so a kernel
+    captured in a CUDA graph can take it once and read each step's offsets from a device table."""
+    key = (dtype, torch.device(device))
+    if key not in _ANCHORS:
+        _ANCHORS[key] = torch.empty(1, dtype=dtype, device=device)
+    return _ANCHORS[key]
+
+
+def element_gap(x: torch.Tensor) -> int:
+    """Where x starts, in elements from its dtype's anchor (a batch kernel adds it to the anchor's
+    pointer: each sequence's cache is its own allocation, all in one address space)."""
+    gap = x.data_ptr() - anchor(x.dtype, x.device).data_ptr()
     if gap % x.element_size():
-        raise ValueError("cached rows must sit at whole elements from the first sequence's")
+        raise ValueError("cached rows must sit at whole elements from their dtype's anchor")
     return gap // x.element_size()
 
 
+def offsets(parts: Sequence[Sequence[Rows]], starts: Sequence[int]) -> list[int]:
+    """The batch kernels' table of one layer: for each sequence, two int64 per stored part (the
+    element offsets of its values and of its scales, 0 where it has none: element_gap) and then the
+    position of its first new row. Its width per sequence is 2 x parts + 1."""
+    table = []
+    for rows, st in zip(parts, starts):
+        for r in rows:
+            table += [element_gap(r.values), 0 if r.scales is None else element_gap(r.scales)]
+        table.append(st)
+    return table
+
+
+def host_table(values: list[int]) -> torch.Tensor:
+    """A batch kernel's int64 table on the host, pinned where CUDA is: copied to the device
+    asynchronously, so the host never waits for the device (the caching host allocator keeps the
+    pinned block until the copy has run)."""
+    return torch.tensor(values, dtype=torch.int64, pin_memory=torch.cuda.is_available())
+
+
 def device_table(values: list[int], device: torch.device) -> torch.Tensor:
-    """A batch kernel's per-sequence int64 table on `device`: on CUDA through pinned memory,
-    asynchronously, so the host never waits for the device here (the caching host allocator keeps
-    the pinned block until the copy has run)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.int64)
-    return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    """host_table, on `device`."""
+    table = host_table(values)
+    return table.to(device, non_blocking=True) if device.type == "cuda" else table
 
 
 def kernels_on(device: torch.device) -> bool:

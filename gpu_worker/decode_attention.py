@@ -49,16 +49,18 @@ def decode_attention(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    table=None,
 ) -> torch.Tensor:
     """Several sequences' new queries, q [B * t, Hq, dk] (t of each, one sequence after another),
     each over its own cached rows (ks[b], vs[b], from position starts[b]): on CUDA one launch for the
     batch (decode_attention_kernel.py: decode_attention_batch, imported only here: CPU workers never
     load Triton), else the reference per sequence; written into `out` when given (a decode graph
-    reads the same buffer at every step)."""
+    reads the same buffer at every step). `table`: the kernel's, when the caller made it
+    (decode_attention_batch)."""
     if cache_rows.kernels_on(q.device):
         from .decode_attention_kernel import decode_attention_batch
 
-        return decode_attention_batch(q, ks, vs, starts, scale, window, sinks, out=out)
+        return decode_attention_batch(q, ks, vs, starts, scale, window, sinks, out=out, table=table)
     t = q.shape[0] // len(ks)
     result = torch.cat([decode_attention_reference(q[b * t : (b + 1) * t], k, v, st, scale, window, sinks)
                         for b, (k, v, st) in enumerate(zip(ks, vs, starts))])

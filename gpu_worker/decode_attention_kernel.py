@@ -3,8 +3,10 @@
 A launch serves a batch of sequences, each with its own cache (a decode step's every sequence in
 one launch per layer, not one per sequence: at 32 sequences the per-sequence launches and their
 host code were most of a decode layer's GPU turn). The caches share one layout; each sequence's
-tensors are found as element offsets from the first sequence's (a table [B, 6] on the device, with
-the sequences' first query positions), so no pointer is baked into the launch.
+tensors are found as element offsets from a fixed anchor of their dtype (cache_rows.offsets: a
+table on the device, with the sequences' first query positions), so no sequence's pointer is baked
+into the launch, and a launch captured in a CUDA graph serves every later step of its batch size
+from that step's table.
 
 Work split: program (g, s, b) takes sequence b's key head g / head_blocks, a block of BLOCK_H of its
 query rows (row r = query i * rep + head in the group: every query head of the group and every new
@@ -29,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_rows import Rows, device_table, element_gap
+from .cache_rows import Rows, anchor, device_table, offsets
 
 LOG2E = 1.4426950408889634
 BLOCK_H = 16  # query rows per program: tl.dot's smallest M
@@ -37,23 +39,26 @@ BLOCK_H = 16  # query rows per program: tl.dot's smallest M
 
 @triton.jit(do_not_specialize=["t", "splits"])
 def _split_kernel(
-    Q, KA, SA, KB, SB, V, SV, SEQ, M, L, ACC,
+    Q, KA, SA, KB, SB, V, SV, TABLE, M, L, ACC,
     sq_t, sq_h, ska_t, ska_h, ssa_t, ssa_h, skb_t, skb_h, ssb_t, ssb_h, sv_t, sv_h, ssv_t, ssv_h,
-    t, splits, window, rep, rows, R, Hq, head_blocks, qk_scale,
+    t, splits, window, rep, rows, R, Hq, head_blocks, qk_scale, width, IA, IB, IV,
     DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     A_FP8: tl.constexpr, B_FP8: tl.constexpr, V_FP8: tl.constexpr, V_IS_A: tl.constexpr, WINDOWED: tl.constexpr,
 ):
     DT = Q.dtype.element_ty
     b = tl.program_id(2)
-    seq = SEQ + b * 7  # the sequence's element offsets of KA, SA, KB, SB, V, SV, then its first query's position
-    KA += tl.load(seq)
-    SA += tl.load(seq + 1)
-    KB += tl.load(seq + 2)
-    SB += tl.load(seq + 3)
-    V += tl.load(seq + 4)
-    SV += tl.load(seq + 5)
-    start = tl.load(seq + 6)
+    # the sequence's row of the table (cache_rows.offsets): values and scales offsets of each stored
+    # part, of which IA, IB and IV are the keys' two parts and the values; its first query's position
+    seq = TABLE + b * width
+    KA += tl.load(seq + 2 * IA)
+    SA += tl.load(seq + 2 * IA + 1)
+    if DB > 0:
+        KB += tl.load(seq + 2 * IB)
+        SB += tl.load(seq + 2 * IB + 1)
+    V += tl.load(seq + 2 * IV)
+    SV += tl.load(seq + 2 * IV + 1)
+    start = tl.load(seq + width - 1)
     T = start + t
     lo = 0
     if WINDOWED:
@@ -185,13 +190,17 @@ def decode_attention_batch(
     sinks: torch.Tensor | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    table: tuple[torch.Tensor, int, tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
     """decode_attention for B sequences at once: q [B * t, Hq, dk] holds t new queries of each, one
     sequence after another; ks[b], vs[b] and starts[b] are sequence b's key parts, values and first
     query's position. K has one or two parts; v may be k[0] itself (MLA: read once, as keys and as
     values) or any rows, a view into K's included; every sequence's rows have the first's layout.
-    `splits` (of each sequence's keys): None is about two programs per SM. `out`: a contiguous
-    [B * t, Hq, dv] to write to."""
+    `table`: (cache_rows.offsets of the sequences' stored parts on q's device, its width per
+    sequence, the indices among those parts of the keys' first and second and of the values), when
+    the caller copied it already (KVCache copies one table for a whole step); else made here. `splits` (of each sequence's keys): None is about two
+    programs per SM whatever the lengths, so that a launch captured in a CUDA graph serves every
+    later step. `out`: a contiguous [B * t, Hq, dv] to write to."""
     B = len(ks)
     if not B or len(vs) != B or len(starts) != B or q.shape[0] % B:
         raise ValueError(f"{q.shape[0]} queries for {B} sequences ({len(vs)} values, {len(starts)} starts)")
@@ -220,14 +229,18 @@ def decode_attention_batch(
     head_blocks = triton.cdiv(rows, BLOCK_H)
     BLOCK_N, warps = _tiles(dk)
     if splits is None:
-        span = max(st + t - (0 if window is None else max(0, st + 1 - window)) for st in starts)
-        splits = max(1, min(triton.cdiv(span, BLOCK_N), triton.cdiv(2 * _sm_count(q.device), Hkv * head_blocks * B)))
+        splits = max(1, triton.cdiv(2 * _sm_count(q.device), Hkv * head_blocks * B))
+    if table is None:
+        stored = [[*kk] if v_is_a else [*kk, vv] for kk, vv in zip(ks, vs)]
+        table = (device_table(offsets(stored, starts), q.device), 2 * len(stored[0]) + 1,
+                 (0, 1, 0 if v_is_a else len(k0)))
+    data, width, (IA, IB, IV) = table
 
-    def parts(p: Rows | None):
-        """(values, scales) of a part, with stand-ins the kernel never reads for what is absent."""
-        if p is None:
-            return ka.values, ka.values
-        return p.values, p.values if p.scales is None else p.scales
+    def bases(p: Rows | None):
+        """The anchors of a part's values and scales (stand-ins, never read, for what is absent)."""
+        p = p or ka
+        values = anchor(p.values.dtype, q.device)
+        return values, values if p.scales is None else anchor(torch.float32, q.device)
 
     def strides(p: Rows | None):
         if p is None:
@@ -235,18 +248,12 @@ def decode_attention_batch(
         s = p.values if p.scales is None else p.scales
         return p.values.stride(0), p.values.stride(1), s.stride(0), s.stride(1)
 
-    bases = [x for p in (ka, kb, v0) for x in parts(p)]
-    table = []
-    for kk, vv, st in zip(ks, vs, starts):
-        mine = [x for p in (kk[0], kk[1] if kb else None, vv) for x in parts(p)]
-        table += [*(element_gap(x, base) for x, base in zip(mine, bases)), st]
-    seq = device_table(table, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, l, acc = torch.empty(B, splits, R, **f32), torch.empty(B, splits, R, **f32), torch.empty(B, splits, R, DV, **f32)
     _split_kernel[(Hkv * head_blocks, splits, B)](
-        q, *bases, seq, m, l, acc,
+        q, *bases(ka), *bases(kb), *bases(v0), data, m, l, acc,
         q.stride(0), q.stride(1), *strides(ka), *strides(kb), *strides(v0),
-        t, splits, window or 0, rep, rows, R, Hq, head_blocks, scale * LOG2E,
+        t, splits, window or 0, rep, rows, R, Hq, head_blocks, scale * LOG2E, width, IA, IB, IV,
         DA=DA, DB=DB, DV=DV, BLOCK_DA=_pow2(DA), BLOCK_DB=_pow2(DB) if DB else 1, BLOCK_DV=_pow2(DV),
         BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, A_FP8=ka.scales is not None, B_FP8=kb is not None and kb.scales is not None,
         V_FP8=v0.scales is not None, V_IS_A=v_is_a, WINDOWED=window is not None, num_warps=warps,

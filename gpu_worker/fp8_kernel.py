@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .cache_rows import device_table, element_gap
+from .cache_rows import anchor
 
 # kv_cache.FP8_MAX, from the same source: kv_cache imports this module, so it cannot import back.
 _INV_FP8_MAX = tl.constexpr(1.0 / torch.finfo(torch.float8_e4m3fn).max)
@@ -37,17 +37,21 @@ def _div(a, b):
 
 
 @triton.jit
-def _rows(x_ptr, q_ptr, s_ptr, DEST, rows_per_seq, D, BLOCK: tl.constexpr, FP8: tl.constexpr, SCATTER: tl.constexpr):
+def _rows(x_ptr, q_ptr, s_ptr, TABLE, rows_per_seq, D, heads, width, part, BLOCK: tl.constexpr, FP8: tl.constexpr,
+          SCATTER: tl.constexpr):
     """Row r of sequence b's rows in x [B * rows_per_seq, D], encoded (FP8) or cast, into q_ptr /
-    s_ptr, at the element offsets DEST[b] = (values, scales) of its first row when SCATTER (each
-    sequence's own cache rows, found from the first sequence's), else one after another."""
+    s_ptr: when SCATTER, into its cache's rows from its first new position, as the table says
+    (cache_rows.offsets: `part`'s values and scales from their anchors, the position last, `width`
+    per sequence); else one after another."""
     r = tl.program_id(0)
     b = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + (b * rows_per_seq + r) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
     if SCATTER:
-        q_ptr += tl.load(DEST + 2 * b) + r * D
-        s_ptr += tl.load(DEST + 2 * b + 1) + r
+        seq = TABLE + b * width
+        row = tl.load(seq + width - 1) * heads + r
+        q_ptr += tl.load(seq + 2 * part) + row * D
+        s_ptr += tl.load(seq + 2 * part + 1) + row
     else:
         q_ptr += (b * rows_per_seq + r) * D
         s_ptr += b * rows_per_seq + r
@@ -73,23 +77,17 @@ def fp8_quantize_triton(t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] 
             raise ValueError(f"fp8 rows of {list(t.shape)} into {list(q.shape)} and {list(s.shape)}")
     rows = t.numel() // d if d else 0
     if rows:
-        _rows[(rows, 1)](t, q, s, s, rows, d, BLOCK=triton.next_power_of_2(d), FP8=True, SCATTER=False)
+        _rows[(rows, 1)](t, q, s, s, rows, d, 0, 0, 0, BLOCK=triton.next_power_of_2(d), FP8=True, SCATTER=False)
     return q, s
 
 
-def write_rows_triton(t: torch.Tensor, dests: list[tuple[torch.Tensor, torch.Tensor | None]], starts: list[int]) -> None:
-    """A decode step's new cache entries into every sequence's cache in one launch: t [B * n, H, d]
-    holds n rows of each of B sequences, one sequence after another; sequence b's go to rows
-    starts[b] .. + n of dests[b] = (values [cap, H, d], float32 scales [cap, H, 1] or None), encoded
-    as fp8_quantize_triton does where the values are e4m3, else cast to their dtype. Every sequence's
-    buffers are contiguous, of one dtype."""
-    B, (H, d) = len(dests), t.shape[1:]
+def write_rows_triton(t: torch.Tensor, dtype: torch.dtype, table: torch.Tensor, width: int, part: int) -> None:
+    """A decode step's new entries of one stored part into every sequence's cache in one launch:
+    t [B * n, H, d] holds n rows of each of B sequences, one sequence after another; each goes into
+    its cache's rows of `part` from its first new position, as `table` says (cache_rows.offsets, on
+    t's device, `width` per sequence), encoded as fp8_quantize_triton does where the cache's values
+    are e4m3 (`dtype`), else cast to `dtype`. Every cache is contiguous."""
+    B, (H, d) = table.numel() // width, t.shape[1:]
     per = t.shape[0] // B * H
-    q0, s0 = dests[0]
-    table = []
-    for (q, s), st in zip(dests, starts):
-        table += [element_gap(q, q0) + st * H * d, 0 if s is None else element_gap(s, s0) + st * H]
-    dest = device_table(table, t.device)
-    fp8 = q0.dtype == torch.float8_e4m3fn
-    _rows[(per, B)](t.contiguous(), q0, s0 if fp8 else q0, dest, per, d, BLOCK=triton.next_power_of_2(d), FP8=fp8,
-                    SCATTER=True)
+    _rows[(per, B)](t.contiguous(), anchor(dtype, t.device), anchor(torch.float32, t.device), table, per, d, H, width, part,
+                    BLOCK=triton.next_power_of_2(d), FP8=dtype == torch.float8_e4m3fn, SCATTER=True)

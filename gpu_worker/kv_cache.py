@@ -4,6 +4,8 @@ doubling and freed with the sequence."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..shared.models.layers import attend, rows_for_slices
@@ -11,7 +13,6 @@ from ..shared.protocol import SeqSlice
 from . import cache_rows
 from .cache_rows import Rows
 from .decode_attention import decode_attention
-from .decode_graphs import eager
 
 
 class ContextOverflow(ValueError):
@@ -53,6 +54,24 @@ def decode_shaped(slices: list[SeqSlice]) -> bool:
     return slices[0].n <= DECODE_MAX_T and all(s.n == slices[0].n for s in slices)
 
 
+def _write(rows: Rows, t: torch.Tensor, start: int) -> None:
+    """t's entries into the cached rows from `start`: encoded straight into them where they are fp8."""
+    end = start + t.shape[0]
+    if rows.scales is not None:
+        fp8_quantize(t, out=(rows.values[start:end], rows.scales[start:end]))
+    else:
+        rows.values[start:end] = t
+
+
+class _Prepared(NamedTuple):
+    """A decode step's rows, reserved: the step's slices (seq, start, n), their first new positions,
+    and per layer (its table on the device, the table's width per sequence, each slice's rows)."""
+
+    key: tuple
+    starts: list[int]
+    layers: dict[int, tuple[torch.Tensor, int, list[tuple[Rows, ...]]]]
+
+
 class KVCache:
     """kv_dtype "fp8" keeps e4m3 values with per-row scales (half the bytes of bf16); anything else
     keeps the compute dtype (float32 exact-check runs always do)."""
@@ -62,6 +81,12 @@ class KVCache:
         self.fp8 = kv_dtype == "fp8"
         # seq -> layer -> (length, [buffers])
         self._seqs: dict[int, dict[int, tuple[int, list[torch.Tensor]]]] = {}
+        self._kv_layers: set[int] = set()  # layers that keep K/V rows (not a linear-attention state)
+        self._step: _Prepared | None = None  # what begin_step prepared for the decode step running
+        self._tables: dict[int, torch.Tensor] = {}  # batch size -> its steps' table on the device
+        if cache_rows.kernels_on(device):
+            for dtype in (torch.float8_e4m3fn if self.fp8 else dtype, torch.float32):
+                cache_rows.anchor(dtype, device)  # made here, never inside a graph capture
 
     def _layout(self, t: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(row shape, dtype) of the buffers that keep entries like t: e4m3 values and their scales,
@@ -70,9 +95,11 @@ class KVCache:
             return [(tuple(t.shape[1:]), torch.float8_e4m3fn), ((*t.shape[1:-1], 1), torch.float32)]
         return [(tuple(t.shape[1:]), t.dtype)]
 
-    def _reserve(self, layer: int, s: SeqSlice, new: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    def _reserve(self, layer: int, s: SeqSlice, new: tuple[torch.Tensor, ...] | None) -> list[torch.Tensor]:
         """The sequence's buffers for the layer, grown (by doubling) to hold the slice, its length
-        advanced past it: the caller writes the slice's rows."""
+        advanced past it: the caller writes the slice's rows. `new` (the entries to write) shapes a
+        sequence's first buffers; later ones keep the layout they have."""
+        self._kv_layers.add(layer)
         layers = self._seqs.setdefault(s.seq, {})
         length, bufs = layers.get(layer, (0, []))
         if s.start != length:
@@ -82,7 +109,8 @@ class KVCache:
             raise ContextOverflow(f"sequence {s.seq} would reach {end} tokens, max context is {self.max_context}")
         if not bufs or bufs[0].shape[0] < end:
             cap = min(self.max_context, max(end, 2 * (bufs[0].shape[0] if bufs else 0), 64))
-            grown = [torch.empty((cap, *shape), dtype=dtype, device=self.device) for t in new for shape, dtype in self._layout(t)]
+            layout = [(b.shape[1:], b.dtype) for b in bufs] if bufs else [x for t in new for x in self._layout(t)]
+            grown = [torch.empty((cap, *shape), dtype=dtype, device=self.device) for shape, dtype in layout]
             for g, old in zip(grown, bufs):
                 g[:length] = old[:length]
             bufs = grown
@@ -97,30 +125,48 @@ class KVCache:
     def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
         """Append the slice's new entries and return everything cached, [start + n, ...], as stored:
         fp8 entries are encoded straight into the cache's rows."""
-        bufs = self._reserve(layer, s, new)
-        length, end = s.start, s.start + s.n
-        if self.fp8:
-            for q, sc, t in zip(bufs[0::2], bufs[1::2], new):
-                fp8_quantize(t, out=(q[length:end], sc[length:end]))
+        cached = self._rows(self._reserve(layer, s, new), s.start + s.n)
+        for r, t in zip(cached, new):
+            _write(r, t, s.start)
+        return cached
+
+    def begin_step(self, slices: list[SeqSlice] | None) -> None:
+        """Before each step (Stage.launch; None for a prompt step): for a decode step that runs the
+        decode kernels, reserve every slice's new rows in every layer holding K/V rows and copy one
+        table of where they all are (cache_rows.offsets) to the device, into a buffer of its batch
+        size's own, which the step's attention layers then read: nothing in them depends on the host
+        any more, so a CUDA graph captures them, and a replay reads the table this call copied."""
+        self._step = None
+        if slices is None or not self.decode_kernel(slices):
+            return
+        layers = sorted(self._kv_layers)
+        if layers and all(layer in self._seqs.get(s.seq, {}) for s in slices for layer in layers):
+            self._step = self._prepare(layers, slices, None)
+
+    def _prepare(self, layers: list[int], slices: list[SeqSlice], new: tuple[torch.Tensor, ...] | None) -> "_Prepared":
+        """Reserve the slices' rows in `layers` and put their table on the device: the step's buffer
+        when preparing a whole step (new None), else a table of its own."""
+        starts, kernels = [s.start for s in slices], cache_rows.kernels_on(self.device)
+        table, at = [], {}
+        for layer in layers:
+            rows = [self._rows(self._reserve(layer, s, new), s.start + s.n) for s in slices]
+            at[layer] = (len(table), 2 * len(rows[0]) + 1, rows)
+            if kernels:
+                table += cache_rows.offsets(rows, starts)
+        if not kernels:
+            data = None  # the references write and attend per slice
+        elif new is not None:
+            data = cache_rows.device_table(table, self.device)
         else:
-            for b, t in zip(bufs, new):
-                b[length:end] = t
-        return self._rows(bufs, end)
-
-    def append_batch(self, layer: int, slices: list[SeqSlice], *new: torch.Tensor) -> list[tuple[Rows, ...]]:
-        """append() for every slice of a decode step (the same count of new entries each, the new
-        tensors holding them one slice after another): on CUDA one write per part for all slices
-        (fp8_kernel.py: write_rows_triton), else append() per slice."""
-        if not cache_rows.kernels_on(self.device):
-            return [self.append(layer, s, *(t[a:b] for t in new)) for (a, b), s in zip(rows_for_slices(slices), slices)]
-        from .fp8_kernel import write_rows_triton
-
-        bufs = [self._reserve(layer, s, new) for s in slices]
-        starts = [s.start for s in slices]
-        per = 2 if self.fp8 else 1
-        for i, t in enumerate(new):
-            write_rows_triton(t, [(b[per * i], b[per * i + 1] if self.fp8 else None) for b in bufs], starts)
-        return [self._rows(b, s.start + s.n) for b, s in zip(bufs, slices)]
+            data = self._tables.get(len(slices))
+            if data is None or data.numel() != len(table):
+                # a batch size's buffer is made once (its captured graphs read it) and sized for
+                # every K/V layer, which a stage's decode steps all have
+                data = self._tables[len(slices)] = torch.empty(len(table), dtype=torch.int64, device=self.device)
+            data.copy_(cache_rows.host_table(table), non_blocking=True)
+        return _Prepared(tuple((s.seq, s.start, s.n) for s in slices), starts,
+                         {layer: (data if data is None else data[a : a + len(slices) * w], w, rows)
+                          for layer, (a, w, rows) in at.items()})
 
     def update(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """append(), then everything cached in the compute dtype (views, or dequantized copies)."""
@@ -149,19 +195,27 @@ class KVCache:
         after another. The keys are the cached parts `keys` concatenated along the head dim, the values
         part `values`: (k, v) for GQA, [c ; k_r] and c for MLA.
 
-        With the decode kernel, the appends (fp8 encoded into the cache's rows) and the kernel (one
-        launch for every slice, whose grid follows the caches' lengths) run as one `eager` part of a
-        decode graph, which writes into the same output at every replay. Its slices have one length."""
+        With the decode kernels (the same few new tokens for every slice), the appends (fp8 encoded
+        into the cache's rows) and the attention are one launch each for all slices, reading where
+        each sequence's rows are from the table begin_step copied for the step (or, for a step it did
+        not prepare, one made here): graph-capturable."""
         rows = rows_for_slices(slices)
         if self.decode_kernel(slices):
-            out = torch.empty(q.shape[0], q.shape[1], new[values].shape[-1], dtype=q.dtype, device=q.device)
+            step = self._step
+            if step is None or step.key != tuple((s.seq, s.start, s.n) for s in slices) or layer not in step.layers:
+                step = self._prepare([layer], slices, new)
+            data, width, cached = step.layers[layer]
+            for i, t in enumerate(new):
+                if data is not None:
+                    from .fp8_kernel import write_rows_triton
 
-            def run(slices):
-                cached = self.append_batch(layer, slices, *new)
-                return decode_attention(q, [[c[i] for i in keys] for c in cached], [c[values] for c in cached],
-                                        [s.start for s in slices], scale, window, sinks, out=out)
-
-            return eager(run, slices)
+                    write_rows_triton(t, cached[0][i].values.dtype, data, width, i)
+                else:
+                    for (a, b), s, c in zip(rows, slices, cached):
+                        _write(c[i], t[a:b], s.start)
+            roles = (keys[0], keys[1] if len(keys) == 2 else 0, values)
+            return decode_attention(q, [[c[i] for i in keys] for c in cached], [c[values] for c in cached], step.starts,
+                                    scale, window, sinks, table=(data, width, roles))
         out = []
         for (a, b), s in zip(rows, slices):
             parts = self.update(layer, s, *(t[a:b] for t in new))

@@ -115,6 +115,7 @@ class Stage:
         # makes that faster (decode_route.py)
         runner = self.experts.route.pick(len(slices)) if decode else self.experts.prefill
         runner.begin()  # here, not in _forward: a graph's replay would skip it
+        self.kv.begin_step(slices if decode else None)  # the step's cache rows and their table, likewise
         if self.first:
             x = self._feed(x, slices)
         if runner is self.experts.decode and self.graphs is not None and self.graphs.ready(slices):

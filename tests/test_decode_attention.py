@@ -186,10 +186,11 @@ from krasis.gpu_worker import cache_rows
 from krasis.gpu_worker.kv_cache import KVCache
 from krasis.shared.protocol import SeqSlice
 
-def run(kernels, kv_dtype):
+def run(kernels, kv_dtype, prepared=False):
     # Three sequences (9, 5 and 70 prompt tokens: 70 is more than a key block) in one prompt step,
     # then three decode steps of all three: with the kernels, each layer's appends and attention
-    # are one launch each for the three; without, layers.attend per sequence.
+    # are one launch each for the three (`prepared`: from the table begin_step copied for the whole
+    # step, as the stage runs them; else one per layer); without, layers.attend per sequence.
     cache_rows.kernels_on = lambda device: kernels
     g = torch.Generator().manual_seed(4)
     kv, out = KVCache(torch.device("cpu"), torch.float32, 128, kv_dtype), []
@@ -197,6 +198,8 @@ def run(kernels, kv_dtype):
     for step in range(4):
         slices = [SeqSlice(seq=i, start=0 if step == 0 else n + step - 1, n=n if step == 0 else 1) for i, n in enumerate(lengths)]
         m = sum(s.n for s in slices)
+        if prepared:
+            kv.begin_step(slices if step else None)
         q, k, v = torch.randn(m, 4, 16, generator=g), torch.randn(m, 2, 16, generator=g), torch.randn(m, 2, 16, generator=g)
         ql, c, kr = torch.randn(m, 4, 24, generator=g), torch.randn(m, 1, 16, generator=g), torch.randn(m, 1, 8, generator=g)
         out.append(kv.attend(0, slices, q, k, v, scale=0.25, window=6, sinks=torch.ones(4)))
@@ -204,8 +207,10 @@ def run(kernels, kv_dtype):
     return out
 
 for kv_dtype in (None, "fp8"):
-    for got, want in zip(run(True, kv_dtype), run(False, kv_dtype)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = run(False, kv_dtype)
+    for prepared in (False, True):
+        for got, w in zip(run(True, kv_dtype, prepared), want):
+            torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
 print("ok")
 """
 
