@@ -240,6 +240,15 @@ def attention_check(T: int = 10000):
         torch.cuda.synchronize()
         row[f"decode_fp8_splits_{splits}_us"] = 1000 * ms(graph.replay, 20) / 20
         row[f"decode_fp8_splits_{splits}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    # a decode step of 32 sequences, lengths spread up to T, in one launch, against the reference
+    # per sequence (the per-sequence launches it replaced: decode_fp8_ms each)
+    lens = [T * (i + 1) // 32 for i in range(32)]
+    kb, vb = ([Rows(*fp8_quantize(torch.randn(n, *k.shape[1:], device="cuda").bfloat16())) for n in lens] for _ in range(2))
+    qb = torch.randn(32, *q.shape[1:], device="cuda").bfloat16()
+    got = decode_attention_batch(qb, [[x] for x in kb], vb, [n - 1 for n in lens], 0.088)
+    want = torch.cat([decode_attention_reference(qb[i : i + 1], [kb[i]], vb[i], n - 1, 0.088) for i, n in enumerate(lens)])
+    row["decode_batch32_fp8_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    row["decode_batch32_fp8_ms"] = ms(lambda: decode_attention_batch(qb, [[x] for x in kb], vb, [n - 1 for n in lens], 0.088), 20)
     got = decode_attention_batch(qm1, [[cq, krq]], [cq], [T - 1], 0.07)
     want = decode_attention_reference(qm1, [cq, krq], cq, T - 1, 0.07)
     row["decode_mla_fp8_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
