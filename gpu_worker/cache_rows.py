@@ -30,7 +30,10 @@ def anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A one-element tensor kept for the process's life: the base pointer from which a batch kernel
     finds every sequence's cache rows of that dtype (element_gap). It never moves, so a kernel
     captured in a CUDA graph can take it once and read each step's offsets from a device table."""
-    key = (dtype, torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:N" must find one anchor
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (dtype, device)
     if key not in _ANCHORS:
         _ANCHORS[key] = torch.empty(1, dtype=dtype, device=device)
     return _ANCHORS[key]
