@@ -222,6 +222,46 @@ def test_cache_decode_kernels_match_the_prompt_path():
     tm.run_interpreted(CACHE_CHECK)
 
 
+LAYER_CHECK = tm.E4M3_RNE + r"""
+import torch
+
+from krasis.gpu_worker import cache_rows
+from krasis.gpu_worker.kv_cache import KVCache
+from krasis.shared.protocol import SeqSlice
+from krasis.shared.weights import load_family, open_source
+
+def run(path, kernels, kv_dtype):
+    # Every attention layer of the model, as a stage runs it: a prompt step of three sequences,
+    # then decode steps of all three, each prepared by begin_step (as Stage.launch does).
+    cache_rows.kernels_on = lambda device: kernels
+    fam, src = load_family(path), open_source(path)
+    layers = [fam.make_layer(i, lambda n: src.get(n).float()) for i in range(fam.num_layers)]
+    g = torch.Generator().manual_seed(5)
+    kv, out, lengths = KVCache(torch.device("cpu"), torch.float32, 96, kv_dtype), [], [11, 3, 70]
+    for step in range(4):
+        slices = [SeqSlice(seq=i, start=0 if step == 0 else n + step - 1, n=n if step == 0 else 1) for i, n in enumerate(lengths)]
+        kv.begin_step(slices if step else None)
+        positions = torch.cat([torch.arange(s.start, s.start + s.n) for s in slices])
+        x = torch.randn(sum(s.n for s in slices), fam.hidden_size, generator=g)
+        out += [layer.attention(x, slices, positions, kv) for layer in layers]
+    return out
+
+for path in PATHS:
+    for kv_dtype in (None, "fp8"):
+        for got, want in zip(run(path, True, kv_dtype), run(path, False, kv_dtype)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_models_decode_through_the_kernels(tmp_path):
+    """Qwen3's GQA, GPT-OSS's windows and sinks and DeepSeek's absorbed MLA: every attention layer's
+    decode steps through the Triton kernels (under Triton's interpreter) against the prompt path."""
+    pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
+    paths = [str(tm.build(tmp_path / fam, fam, seed=6)) for fam in ("qwen3", "gpt_oss", "deepseek")]
+    tm.run_interpreted(f"PATHS = {paths!r}\n" + LAYER_CHECK)
+
+
 def _deepseek_layer(kv_b_int8: bool):
     from krasis.shared.models.deepseek_v2 import DeepseekV2
     from krasis.shared.quant import QuantLinear
