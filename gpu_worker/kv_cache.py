@@ -215,7 +215,7 @@ class KVCache:
                         _write(c[i], t[a:b], s.start)
             roles = (keys[0], keys[1] if len(keys) == 2 else 0, values)
             return decode_attention(q, [[c[i] for i in keys] for c in cached], [c[values] for c in cached], step.starts,
-                                    scale, window, sinks, table=(data, width, roles))
+                                    scale, window, sinks, table=None if data is None else (data, width, roles))
         out = []
         for (a, b), s in zip(rows, slices):
             parts = self.update(layer, s, *(t[a:b] for t in new))
