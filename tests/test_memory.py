@@ -6,8 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 import tiny_models as tm
 
 # Experts big enough to measure: 4 layers x 32 experts x 3 x 256 x 512 = 50 M weights (INT8: ~50 MB).
