@@ -23,7 +23,8 @@ class Rows(NamedTuple):
         return (self.values.float() * self.scales).to(dtype)
 
 
-_ANCHORS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_ANCHORS: dict[tuple, torch.Tensor] = {}
+_ANCHOR_PTRS: dict[tuple, tuple[int, int]] = {}  # (dtype, device) as tensors carry them -> (address, element size)
 
 
 def anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -42,20 +43,26 @@ def anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def element_gap(x: torch.Tensor) -> int:
     """Where x starts, in elements from its dtype's anchor (a batch kernel adds it to the anchor's
     pointer: each sequence's cache is its own allocation, all in one address space)."""
-    gap = x.data_ptr() - anchor(x.dtype, x.device).data_ptr()
-    if gap % x.element_size():
+    key = (x.dtype, x.device)
+    if key not in _ANCHOR_PTRS:  # a step's table takes thousands of these: the anchor's address once
+        a = anchor(*key)
+        _ANCHOR_PTRS[key] = (a.data_ptr(), a.element_size())
+    base, size = _ANCHOR_PTRS[key]
+    gap = x.data_ptr() - base
+    if gap % size:
         raise ValueError("cached rows must sit at whole elements from their dtype's anchor")
-    return gap // x.element_size()
+    return gap // size
 
 
-def offsets(parts: Sequence[Sequence[Rows]], starts: Sequence[int]) -> list[int]:
+def offsets(parts: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor | None]]], starts: Sequence[int]) -> list[int]:
     """The batch kernels' table of one layer: for each sequence, two int64 per stored part (the
-    element offsets of its values and of its scales, 0 where it has none: element_gap) and then the
-    position of its first new row. Its width per sequence is 2 x parts + 1."""
+    element offsets of its values and of its scales, 0 where it has none: element_gap; `parts`
+    holds each sequence's (values, scales) from their first row) and then the position of its
+    first new row. Its width per sequence is 2 x parts + 1."""
     table = []
-    for rows, st in zip(parts, starts):
-        for r in rows:
-            table += [element_gap(r.values), 0 if r.scales is None else element_gap(r.scales)]
+    for stored, st in zip(parts, starts):
+        for values, scales in stored:
+            table += [element_gap(values), 0 if scales is None else element_gap(scales)]
         table.append(st)
     return table
 

@@ -231,7 +231,7 @@ def decode_attention_batch(
     if splits is None:
         splits = max(1, triton.cdiv(2 * _sm_count(q.device), Hkv * head_blocks * B))
     if table is None:
-        stored = [[*kk] if v_is_a else [*kk, vv] for kk, vv in zip(ks, vs)]
+        stored = [[(r.values, r.scales) for r in ([*kk] if v_is_a else [*kk, vv])] for kk, vv in zip(ks, vs)]
         table = (device_table(offsets(stored, starts), q.device), 2 * len(stored[0]) + 1,
                  (0, 1, 0 if v_is_a else len(k0)))
     data, width, (IA, IB, IV) = table

@@ -65,11 +65,11 @@ def _write(rows: Rows, t: torch.Tensor, start: int) -> None:
 
 class _Prepared(NamedTuple):
     """A decode step's rows, reserved: the step's slices (seq, start, n), their first new positions,
-    and per layer (its table on the device, the table's width per sequence, each slice's rows)."""
+    and per layer (its table on the device, the table's width per sequence, each slice's buffers)."""
 
     key: tuple
     starts: list[int]
-    layers: dict[int, tuple[torch.Tensor, int, list[tuple[Rows, ...]]]]
+    layers: dict[int, tuple[torch.Tensor | None, int, list[list[torch.Tensor]]]]
 
 
 class KVCache:
@@ -117,10 +117,12 @@ class KVCache:
         layers[layer] = (end, bufs)
         return bufs
 
+    def _parts(self, bufs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """A sequence's buffers of a layer as its stored parts: (values, scales or None) each."""
+        return list(zip(bufs[0::2], bufs[1::2])) if self.fp8 else [(b, None) for b in bufs]
+
     def _rows(self, bufs: list[torch.Tensor], end: int) -> tuple[Rows, ...]:
-        if self.fp8:
-            return tuple(Rows(q[:end], sc[:end]) for q, sc in zip(bufs[0::2], bufs[1::2]))
-        return tuple(Rows(b[:end]) for b in bufs)
+        return tuple(Rows(v[:end], None if sc is None else sc[:end]) for v, sc in self._parts(bufs))
 
     def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
         """Append the slice's new entries and return everything cached, [start + n, ...], as stored:
@@ -149,10 +151,11 @@ class KVCache:
         starts, kernels = [s.start for s in slices], cache_rows.kernels_on(self.device)
         table, at = [], {}
         for layer in layers:
-            rows = [self._rows(self._reserve(layer, s, new), s.start + s.n) for s in slices]
-            at[layer] = (len(table), 2 * len(rows[0]) + 1, rows)
+            bufs = [self._reserve(layer, s, new) for s in slices]
+            parts = [self._parts(b) for b in bufs]
+            at[layer] = (len(table), 2 * len(parts[0]) + 1, bufs)
             if kernels:
-                table += cache_rows.offsets(rows, starts)
+                table += cache_rows.offsets(parts, starts)
         if not kernels:
             data = None  # the references write and attend per slice
         elif new is not None:
@@ -165,8 +168,8 @@ class KVCache:
                 data = self._tables[len(slices)] = torch.empty(len(table), dtype=torch.int64, device=self.device)
             data.copy_(cache_rows.host_table(table), non_blocking=True)
         return _Prepared(tuple((s.seq, s.start, s.n) for s in slices), starts,
-                         {layer: (data if data is None else data[a : a + len(slices) * w], w, rows)
-                          for layer, (a, w, rows) in at.items()})
+                         {layer: (data if data is None else data[a : a + len(slices) * w], w, bufs)
+                          for layer, (a, w, bufs) in at.items()})
 
     def update(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """append(), then everything cached in the compute dtype (views, or dequantized copies)."""
@@ -204,7 +207,8 @@ class KVCache:
             step = self._step
             if step is None or step.key != tuple((s.seq, s.start, s.n) for s in slices) or layer not in step.layers:
                 step = self._prepare([layer], slices, new)
-            data, width, cached = step.layers[layer]
+            data, width, bufs = step.layers[layer]
+            cached = [self._rows(b, s.start + s.n) for b, s in zip(bufs, slices)]  # host-side views: not in a replay
             for i, t in enumerate(new):
                 if data is not None:
                     from .fp8_kernel import write_rows_triton

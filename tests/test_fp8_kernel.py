@@ -43,7 +43,7 @@ for t in cases:
 # A decode step's rows into three sequences' caches (their own allocations, of other capacities) in
 # one launch: each sequence's rows land at its position, encoded as the reference does (or cast,
 # for a bf16 cache), every other row untouched.
-from krasis.gpu_worker.cache_rows import Rows, device_table, offsets
+from krasis.gpu_worker.cache_rows import device_table, offsets
 from krasis.gpu_worker.fp8_kernel import write_rows_triton
 
 for fp8 in (True, False):
@@ -54,10 +54,10 @@ for fp8 in (True, False):
         caches = [(torch.zeros(c, 2, 96, dtype=kind, device=dev), torch.full((c, 2, 1), -1.0, device=dev) if fp8 else None)
                   for c in caps]
         # the cache's table as KVCache makes it: a second stored part (another buffer) beside this one
-        other = [Rows(torch.zeros(c, 1, 8, device=dev)) for c in caps]
-        table = device_table(offsets([[o, Rows(q, sc)] for o, (q, sc) in zip(other, caches)], starts), t.device)
+        other = [torch.zeros(c, 1, 8, device=dev) for c in caps]
+        table = device_table(offsets([[(o, None), (q, sc)] for o, (q, sc) in zip(other, caches)], starts), t.device)
         write_rows_triton(t, kind, table, 5, 1)
-        assert not any(o.values.any() for o in other)
+        assert not any(o.any() for o in other)
         for b, ((q, sc), st) in enumerate(zip(caches, starts)):
             mine = t[b * n : (b + 1) * n]
             if fp8:
