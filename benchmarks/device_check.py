@@ -210,7 +210,7 @@ def attention_check(T: int = 10000):
     want = attend(q, k, v, 0, 0.088)[T // 2 :].float()
     row["gqa_second_chunk_rel_err"] = float((attend(q[T // 2 :], k, v, T // 2, 0.088).float() - want).norm() / want.norm())
     # decode: one new token over the whole cache, the Triton kernel against its reference
-    from krasis.gpu_worker.cache_rows import Rows
+    from krasis.gpu_worker.cache_rows import Rows, device_table, offsets
     from krasis.gpu_worker.decode_attention import decode_attention_reference
     from krasis.gpu_worker.decode_attention_kernel import decode_attention_batch
     from krasis.gpu_worker.kv_cache import fp8_quantize
@@ -229,8 +229,10 @@ def attention_check(T: int = 10000):
     # graph runs it: 20 calls captured in a graph, so the host's launch cost is not counted
     kk, vv = cases["fp8"]
     want = decode_attention_reference(q1, [kk], vv, T - 1, 0.088)
+    # the table made before the capture, as KVCache.begin_step makes it before a step's graph
+    table = (device_table(offsets([[(kk.values, kk.scales), (vv.values, vv.scales)]], [T - 1]), q1.device), 5, (0, 1, 1))
     for splits in (None, 40, 53, 80, 106, 157, 210):
-        call = lambda: decode_attention_batch(q1, [[kk]], [vv], [T - 1], 0.088, splits=splits)  # noqa: E731
+        call = lambda: decode_attention_batch(q1, [[kk]], [vv], [T - 1], 0.088, splits=splits, table=table)  # noqa: E731
         call()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
