@@ -49,7 +49,8 @@ class DecodeRoute:
     def __init__(self, decode, prefill, mode: str, pays):
         if mode not in MODES:
             raise ValueError(f"stream_decode {mode!r} is not one of {', '.join(MODES)}")
-        self.decode, self.prefill, self.mode, self.pays = decode, prefill, mode, pays
+        self.decode, self.prefill, self.mode, self._pays = decode, prefill, mode, pays
+        self.pays: dict[int, bool] = {}  # bucket -> pays(bucket), asked once: it depends on the bucket only
         # (bucket, runner) -> recent step seconds; a runner's first step in a bucket is not kept
         # (it builds that batch size's CUDA graphs, or fills a staging slot from cold)
         self.times: dict[tuple[int, str], deque] = defaultdict(lambda: deque(maxlen=KEEP))
@@ -64,7 +65,9 @@ class DecodeRoute:
         self.steps[b] += 1
         if len(self.times[(b, "decode")]) < SAMPLES:
             return self.decode
-        if not self.pays(b):
+        if b not in self.pays:
+            self.pays[b] = self._pays(b)
+        if not self.pays[b]:
             return self.decode
         if len(self.times[(b, "prefill")]) < SAMPLES:
             return self.prefill

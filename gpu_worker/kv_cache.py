@@ -64,11 +64,10 @@ def _write(rows: Rows, t: torch.Tensor, start: int) -> None:
 
 
 class _Prepared(NamedTuple):
-    """A decode step's rows, reserved: the step's slices (seq, start, n), their first new positions,
-    and per layer (its table on the device, the table's width per sequence, each slice's buffers)."""
+    """A decode step's rows, reserved: the step's slices (seq, start, n), and per layer (its table on
+    the device, the table's width per sequence, each slice's buffers)."""
 
     key: tuple
-    starts: list[int]
     layers: dict[int, tuple[torch.Tensor | None, int, list[list[torch.Tensor]]]]
 
 
@@ -167,7 +166,7 @@ class KVCache:
                 # every K/V layer, which a stage's decode steps all have
                 data = self._tables[len(slices)] = torch.empty(len(table), dtype=torch.int64, device=self.device)
             data.copy_(cache_rows.host_table(table), non_blocking=True)
-        return _Prepared(tuple((s.seq, s.start, s.n) for s in slices), starts,
+        return _Prepared(tuple((s.seq, s.start, s.n) for s in slices),
                          {layer: (data if data is None else data[a : a + len(slices) * w], w, bufs)
                           for layer, (a, w, bufs) in at.items()})
 
@@ -209,17 +208,19 @@ class KVCache:
                 step = self._prepare([layer], slices, new)
             data, width, bufs = step.layers[layer]
             cached = [self._rows(b, s.start + s.n) for b, s in zip(bufs, slices)]  # host-side views: not in a replay
-            for i, t in enumerate(new):
-                if data is not None:
-                    from .fp8_kernel import write_rows_triton
+            if data is not None:
+                from .fp8_kernel import write_rows_triton
 
+                for i, t in enumerate(new):
                     write_rows_triton(t, cached[0][i].values.dtype, data, width, i)
-                else:
-                    for (a, b), s, c in zip(rows, slices, cached):
-                        _write(c[i], t[a:b], s.start)
+            else:
+                for (a, b), s, c in zip(rows, slices, cached):
+                    for r, t in zip(c, new):
+                        _write(r, t[a:b], s.start)
             roles = (keys[0], keys[1] if len(keys) == 2 else 0, values)
-            return decode_attention(q, [[c[i] for i in keys] for c in cached], [c[values] for c in cached], step.starts,
-                                    scale, window, sinks, table=None if data is None else (data, width, roles))
+            return decode_attention(q, [[c[i] for i in keys] for c in cached], [c[values] for c in cached],
+                                    [s.start for s in slices], scale, window, sinks,
+                                    table=None if data is None else (data, width, roles))
         out = []
         for (a, b), s in zip(rows, slices):
             parts = self.update(layer, s, *(t[a:b] for t in new))
