@@ -4,6 +4,9 @@
 #   export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
 #   >/dev/null 2>&1; bash benchmarks/gpu_calls/prefill_decode.sh      (carry [".whl"]; peer.sh also ".peer/bin.tar.xz")
 #
+# .whl: `../shared/device/wheels.sh tomli-w` (the image lacks pyzmq, gguf and tomli-w, which the
+# config module imports at every start: without it every krasis process exits at once).
+#
 # prefill_decode.sh, then startup_kernel_convert.sh on the same warm machine (the synth model in /tmp is
 # kept while it stays warm); peer.sh after `benchmarks/peer_llamacpp.py --fetch-source` and
 # `--build --portable` where nvcc is (the GPU machine builds it too, in ~5.5 minutes of its time), then
@@ -34,4 +37,10 @@ M=/tmp/krasis-synth/qwen3-30b-a3b-${LAYERS:-all}-g32
 # The 16 GB budget, scaled with a slice's layers so the same share of experts stays resident.
 VB=$(awk "BEGIN{printf \"%.2f\", 16 * ${LAYERS:-48} / 48}")
 O="--devices cuda:0 --vram-budget $VB --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64"
+# That the decode kernels (batched attention, inside the graph since session 17) match their references
+# compiled, and that graphs replay the eager steps exactly: before any decode figure is believed.
+gpu_checks() {
+  step g0 40 python3 benchmarks/device_check.py --checks attention --skip-exact --skip-bench
+  step g1 60 python3 -m pytest -q -x tests/test_decode_graphs.py -k pp1-fp8
+}
 synth_model() { [ -f $M/config.json ] || step synth 220 python3 -m krasis.coordinator synth --shape qwen3-30b-a3b ${LAYERS:+--layers $LAYERS} --expert-bits 4 --group-size 32 $M; }

@@ -7,8 +7,7 @@
 # eager steps exactly (device_check's attention check; the graphs test at one stage, fp8 KV).
 . benchmarks/gpu_calls/lib.sh
 machine
-step g0 40 python3 benchmarks/device_check.py --checks attention --skip-exact --skip-bench
-step g1 60 python3 -m pytest -q -x tests/test_decode_graphs.py -k pp1-fp8
+gpu_checks
 synth_model
 step s1 70 python3 -m krasis.coordinator bench $M $O --prompt-lens 2048,10240,32768 --runs 1 --json $L/s1.json
 step s2 50 python3 -m krasis.coordinator bench $M $O --prompt-lens 512 --concurrency 1,4,32 --runs 1 --json $L/s2.json
