@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..shared.routing_stats import consecutive_overlap
+from ..shared.routing_stats import consecutive_overlap, count_choices
 from .dma import Block, CopyEngine, ExpertSlots, HostExperts
 
 
@@ -48,7 +48,7 @@ class Counts:
         pair of unrelated tokens per boundary, both negligible against a chunk's thousands of tokens."""
         c = self.c[layer]
         ids = ids.to(c.device)
-        c += torch.bincount(ids.reshape(-1), minlength=len(c))
+        c += count_choices(ids, len(c))
         if ids.shape[0] > 1:
             self.pairs[layer][0] += consecutive_overlap(ids)
             self.pairs[layer][1] += ids.shape[0] - 1

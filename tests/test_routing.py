@@ -18,7 +18,8 @@ import torch
 import tiny_models as tm
 from krasis.coordinator import synth as synth_module
 from krasis.coordinator.synth import DENSE_STD, synth
-from krasis.shared.routing_stats import TARGETS, choice_stats, failures, layer_stats, next_layer_predictability
+from krasis.shared.routing_stats import (TARGETS, choice_stats, count_choices, failures, layer_stats,
+                                         next_layer_predictability)
 
 # Qwen3-30B-A3B's and DeepSeek-V2-Lite's structures, small: 32 experts, 6 layers
 SMALL = {
@@ -132,3 +133,14 @@ def test_calibrate_reports_the_routing_of_its_text(tmp_path):
     assert sorted(saved["layers"], key=int) == [str(i) for i in range(len(per_layer))]
     for i, (counts, ov, n) in enumerate(per_layer):
         assert saved["layers"][str(i)] == pytest.approx(layer_stats(counts, 2, ov, n))
+
+
+def test_count_choices_is_bincount():
+    """The prefill loop's count (scatter-add, no host wait on CUDA) against torch.bincount, with
+    experts never chosen and repeated choices."""
+    g = torch.Generator().manual_seed(3)
+    for shape, n in (((37, 8), 128), ((5, 2), 8), ((1, 1), 4), ((0, 4), 16)):
+        ids = torch.randint(0, max(1, n // 3), shape, generator=g)
+        got = count_choices(ids, n)
+        assert got.dtype == torch.int64 and got.shape == (n,)
+        assert torch.equal(got, torch.bincount(ids.reshape(-1), minlength=n))
