@@ -510,3 +510,40 @@ def test_q4_0_experts_kept_decode_as_the_files(hf_qwen3, tmp_path):
     assert negative
     prefill_ref, decode_ref = reference("qwen3", QWEN3, out.meant), reference("qwen3", QWEN3, decode_state)
     assert got["token_ids"] == tm.greedy_two_phase(prefill_ref, decode_ref, PROMPT, 24)
+
+
+def test_float_tensors_keep_their_dtype_and_values(dsv2, gpt_oss):
+    """F32, F16 and BF16 tensors come out in their own dtype (the caller casts once), with exactly the
+    values gguf's own dequantization gives; the quantized types in float32."""
+    from gguf.quants import dequantize
+
+    from krasis.shared.gguf_source import GGUFSource
+
+    native = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    seen = set()
+    for path in (dsv2["alone"], gpt_oss["alone"]):
+        src = GGUFSource(path)
+        for gname, t in src._tensors.items():
+            got = src._dequant(gname)
+            want = dequantize(np.asarray(t.data), t.tensor_type)
+            assert got.dtype == native.get(t.tensor_type.name, torch.float32), gname
+            assert torch.equal(got.float(), torch.from_numpy(np.array(want, dtype=np.float32)).reshape(got.shape)), gname
+            seen.add(t.tensor_type.name)
+    assert set(native) <= seen
+
+
+def test_a_gguf_is_parsed_once_per_process_until_it_changes(gpt_oss, tmp_path):
+    import os
+    import shutil
+
+    from krasis.shared.gguf_source import GGUFSource, gguf_config
+
+    path = tmp_path / "m.gguf"
+    shutil.copy(gpt_oss["alone"], path)
+    first = GGUFSource(path)._reader
+    assert GGUFSource(path)._reader is first
+    gguf_config(path)
+    assert GGUFSource(path)._reader is first
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a rewritten file: parsed again
+    assert GGUFSource(path)._reader is not first
