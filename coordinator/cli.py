@@ -136,6 +136,9 @@ def runtime_options(f):
                   help="Run a decode step's routed experts as prefill does (streamed over PCIe, the batch on the GPU) "
                   "when that is faster for its batch size: auto measures both per batch size on a GPU; off never; always "
                   "for every decode step.")
+    @click.option("--resident-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                  help="Decode the routed experts of the layers the prefill strategy keeps in VRAM on the GPU, not "
+                  "the CPU pool: auto is on for a GPU.")
     @click.option("--vram-budget", type=click.FloatRange(min=0, min_open=True),
                   help="GB of device memory per GPU for weights, KV cache, staging, activations and hot experts.")
     @click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
@@ -147,12 +150,14 @@ def runtime_options(f):
     @host_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                prefill_strategy, decode_strategy, stream_decode, vram_budget, kv_dtype, lookahead_kb, hosts, **kw):
+                prefill_strategy, decode_strategy, stream_decode, resident_decode, vram_budget, kv_dtype, lookahead_kb, hosts,
+                **kw):
         opts = RuntimeOptions(**hosts,
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
             max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
-            decode_strategy=decode_strategy, stream_decode=stream_decode, vram_budget=vram_budget, kv_dtype=kv_dtype, lookahead_kb=lookahead_kb,
+            decode_strategy=decode_strategy, stream_decode=stream_decode, resident_decode=resident_decode,
+            vram_budget=vram_budget, kv_dtype=kv_dtype, lookahead_kb=lookahead_kb,
         )
         return f(*args, opts=opts, **kw)
 

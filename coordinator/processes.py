@@ -11,7 +11,7 @@ GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, 
     mailbox {fd, shape, count, slots (its slot per pool process), pool_pids} (shared/mailbox.py),
     store {nodes, fds, format, cache, gguf, fill}, dense_cache, parent_pid,
     cores (empty: any; else the cores kept off the pool, coordinator/processes.py:reserve_cores),
-    prefill_strategy, decode_strategy, stream_decode, vram_budget, kv_dtype, prefill_chunk, hcs_path
+    prefill_strategy, decode_strategy, stream_decode, resident_decode, vram_budget, kv_dtype, prefill_chunk, hcs_path
     (gpu_worker/experts.py),
     keys (CURVE keys folder for its tcp endpoints, or null: shared/keys.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
@@ -68,6 +68,9 @@ class RuntimeOptions:
     # A decode step's experts streamed as a prefill's when that is faster for its batch size
     # (gpu_worker/decode_route.py): auto (measured), off, always.
     stream_decode: str = "auto"
+    # The layers the prefill strategy keeps in VRAM decoded there too, not by the pool: auto (on a
+    # GPU), on, off (gpu_worker/decode_strategies.py: DecodeStrategy).
+    resident_decode: str = "auto"
     vram_budget: float | None = None  # GB per GPU; None: the device's memory
     kv_dtype: str = "auto"  # fp8 | bf16 | auto (fp8, except float32 runs keep float32)
     # Across machines (coordinator/hosts.py): the host agents' endpoints (None: every stage here,

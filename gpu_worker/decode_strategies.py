@@ -18,10 +18,25 @@ DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
 
 
 class DecodeStrategy(RoutedExperts):
+    """`resident`: layer -> the blocks the prefill strategy keeps in device memory for every step
+    (experts.py sets it where resident decode is on). pure_cpu and hcs_hybrid run those layers'
+    experts on the device (moe_pairs, as hcs_hybrid's hot share) and send the pool nothing for them:
+    the weights are already there, and the pool's turn for such a layer (its kernel reading the
+    chosen experts from DRAM, and the device waiting for it) is what a decode layer costs most."""
+
     name = ""
 
     def __init__(self, pool: PoolClient | None, host: HostExperts, engine: CopyEngine, act: str):
         self.pool, self.host, self.engine, self.act = pool, host, engine, act
+        self.resident: dict[int, list] = {}
+
+    def _on_device(self, layer: int, x, ids, weights) -> torch.Tensor:
+        """float32 [M, hidden]: a resident layer's routed experts for x, on the device."""
+        out = None
+        for t, lookup in self.resident[layer]:
+            part = moe_pairs(x, lookup[ids], weights, t, self.host.fmt, self.act)
+            out = part if out is None else out + part
+        return out
 
     def nbytes(self) -> int:
         return 0
@@ -46,14 +61,19 @@ class PureCpu(DecodeStrategy):
         return self.collect(self.submit(layer, x, ids, weights))
 
     def submit(self, layer, x, ids, weights):
+        if layer in self.resident:
+            return x.dtype, self._on_device(layer, x, ids, weights)
         self.pool.submit(layer, x, ids, weights)
-        return x.dtype
+        return x.dtype, None
 
-    def collect(self, dtype):
-        return self.pool.collect().to(dtype)
+    def collect(self, pending):
+        dtype, mine = pending
+        return (self.pool.collect() if mine is None else mine).to(dtype)
 
-    def collect_add(self, dtype, h):
-        return self.pool.collect(residual=h)
+    def collect_add(self, pending, h):
+        mine = pending[1]
+        # the pool's own rounding (pool_client.collect): residual + the float32 sum in its dtype
+        return self.pool.collect(residual=h) if mine is None else h + mine.to(h.dtype)
 
 
 class HcsHybrid(DecodeStrategy):
@@ -76,18 +96,21 @@ class HcsHybrid(DecodeStrategy):
         return self.collect(self.submit(layer, x, ids, weights))
 
     def submit(self, layer, x, ids, weights):
+        if layer in self.resident:
+            return x.dtype, self._on_device(layer, x, ids, weights), False
         local = self.hot.local(layer, ids)
         self.pool.submit(layer, x, ids.masked_fill(local >= 0, -1), weights)
         if self.hot.slots is None:
-            return x.dtype, None
-        return x.dtype, moe_pairs(x, local, weights, self.hot.slots.t, self.host.fmt, self.act)
+            return x.dtype, None, True
+        return x.dtype, moe_pairs(x, local, weights, self.hot.slots.t, self.host.fmt, self.act), True
 
     def collect(self, pending):
-        dtype, mine = pending
-        return self.pool.collect(extra=mine).to(dtype)
+        dtype, mine, pooled = pending
+        return (self.pool.collect(extra=mine) if pooled else mine).to(dtype)
 
     def collect_add(self, pending, h):
-        return self.pool.collect(residual=h, extra=pending[1])
+        _, mine, pooled = pending
+        return self.pool.collect(residual=h, extra=mine) if pooled else h + mine.to(h.dtype)
 
     def nbytes(self):
         return self.hot.nbytes()

@@ -2,7 +2,7 @@
 
 Spec keys read (coordinator/processes.py documents the spec): prefill_strategy (null: the first
 of vram_budget.AUTO_PREFILL that fits), decode_strategy, stream_decode (decode_route.py),
-vram_budget (GB or null), kv_dtype, prefill_chunk, max_context, hcs_path.
+resident_decode, vram_budget (GB or null), kv_dtype, prefill_chunk, max_context, hcs_path.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ class StageExperts:
         self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot, self.plan.resident)
         self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
         self.hot = hot
+        # auto: on a GPU, where the layers the prefill strategy keeps are VRAM that decode would
+        # otherwise leave idle; on a CPU device the pool is the thing tested, so off unless asked
+        resident = spec.get("resident_decode") or "auto"
+        if resident not in ("auto", "on", "off"):
+            raise ValueError(f"resident_decode {resident!r} is not one of auto, on, off")
+        if resident == "on" or (resident == "auto" and device.type == "cuda"):
+            self.decode.resident = self.prefill.resident_blocks()
         mode = spec.get("stream_decode") or "auto"
         self.route = DecodeRoute(self.decode, self.prefill, "off" if mode == "auto" and device.type != "cuda" else mode,
                                  self._stream_pays)
@@ -46,12 +53,13 @@ class StageExperts:
 
     def _stream_pays(self, tokens: int) -> bool:
         """decode_route.py's rule: the pool would read at least half the bytes the prefill strategy
-        streams (one whose copies follow the routing copies about what the pool would read)."""
+        streams (one whose copies follow the routing copies about what the pool would read). Layers
+        that decode runs on the device cost neither runner a read."""
         streamed = self.prefill.streamed_bytes()
         if streamed is None:
             return True
         touched = sum(touched_share(tokens, self.host.shape(i).top_k, self.host.shape(i).num) * self.host.layer_bytes(i)
-                      for i in self.host.layers)
+                      for i in self.host.layers if i not in self.decode.resident)
         return touched >= streamed / 2
 
     def info(self) -> dict:
@@ -60,6 +68,7 @@ class StageExperts:
             "vram_plan_mb": self.plan.report(),
             "hot_experts": len(self.hot.members) if self.hot is not None else 0,
             "prefill_resident_layers": self.prefill.resident_layers(),
+            "decode_resident_layers": len(self.decode.resident),
             "prefill_streamed_bytes": self.prefill.streamed_bytes(),
         }
         if self.host.device.type == "cuda":

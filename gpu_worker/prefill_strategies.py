@@ -65,7 +65,11 @@ class PrefillStrategy(RoutedExperts):
 
     def resident_layers(self) -> int:
         """MoE layers whose experts stay in device memory for every step."""
-        return 0
+        return len(self.resident_blocks())
+
+    def resident_blocks(self) -> dict[int, list[Block]]:
+        """Those layers' blocks (decode runs them there too: decode_strategies.DecodeStrategy)."""
+        return {}
 
 
 class Persistent(PrefillStrategy):
@@ -91,8 +95,8 @@ class Persistent(PrefillStrategy):
     def streamed_bytes(self):
         return 0
 
-    def resident_layers(self):
-        return len(self.host.layers)
+    def resident_blocks(self):
+        return self._blocks
 
     def nbytes(self):
         return self._bytes
@@ -152,8 +156,8 @@ class LayerGrouped(PrefillStrategy):
     def streamed_bytes(self) -> int:
         return sum(self.host.layer_bytes(layer) for grp in self.groups for layer in grp)
 
-    def resident_layers(self) -> int:
-        return len(self.kept)
+    def resident_blocks(self):
+        return self.kept
 
     def nbytes(self):
         return sum(s.nbytes() for s in (self.stager, self._resident) if s is not None)

@@ -1,0 +1,60 @@
+"""Resident decode (gpu_worker/decode_strategies.py: DecodeStrategy.resident): the layers whose
+experts the prefill strategy keeps in device memory decode there too, and the CPU pool gets no
+request for them. On the CPU device (`--resident-decode on`; auto turns it on only for a GPU),
+layer_grouped keeps half the MoE layers resident (with pure_cpu: with hcs_hybrid the spare VRAM holds
+hot experts instead) and persistent all of them; the tokens stay transformers' greedy ones with
+INT4 experts on both sides (the same groups, so either side computes the same weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_models as tm
+from krasis.shared import protocol as P
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+NEW = 12
+GROUP = 16
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tm.build(tmp_path_factory.mktemp("resident") / "m", "qwen3", **tm.QWEN3_CONFIGS["qwen3-base"])
+
+
+def _run(model, prefill: str, decode: str, resident: str):
+    with tm.Service(model, "--dtype", "float32", "--devices", "cpu", "--cpu-workers", "1", "--cpu-bits", "4",
+                    "--gpu-bits", "4", "--group-size", str(GROUP), "--prefill-strategy", prefill, "--decode-strategy", decode,
+                    "--resident-decode", resident) as svc:
+        before = sum(p["calls"] for p in svc.client.stats().stats["cpu_pool"])
+        tokens, logprobs = [], []
+        for ev in svc.client.stream(None, PROMPT, None, False, max_new_tokens=NEW, ignore_eos=True, logprobs=0):
+            if isinstance(ev, P.Tokens):
+                tokens += ev.token_ids
+                logprobs += [t.logprob for t in ev.logprobs]
+        stats = svc.client.stats().stats
+    calls = sum(p["calls"] for p in stats["cpu_pool"]) - before
+    (gpu,) = [w for w in stats["workers"] if w["role"] == "gpu"]
+    return tokens, torch.tensor(logprobs), gpu, calls
+
+
+@pytest.mark.parametrize("prefill,decode", [("layer_grouped_2", "pure_cpu"), ("persistent", "hcs_hybrid")])
+def test_resident_layers_decode_on_the_device(model, prefill, decode, tmp_path):
+    ref = tm.fake_quant_copy(model, tmp_path / "ref", 4, 16, GROUP)
+    want = tm.reference_greedy(ref, PROMPT, NEW)
+    # each generated token's log-probability under the reference (a finer check than the tokens)
+    logits = tm.reference_logits(ref, PROMPT + want[:-1])[len(PROMPT) - 1:]
+    want_lp = torch.log_softmax(logits.float(), -1)[torch.arange(NEW), torch.tensor(want)]
+    on, lp_on, gpu_on, calls_on = _run(model, prefill, decode, "on")
+    off, lp_off, gpu_off, calls_off = _run(model, prefill, decode, "off")
+    assert on == want and off == want
+    torch.testing.assert_close(lp_on, want_lp, rtol=0, atol=1e-4)
+    torch.testing.assert_close(lp_off, want_lp, rtol=0, atol=1e-4)
+    moe = tm.reference_model(model).config.num_hidden_layers  # every layer of this model is MoE
+    resident = gpu_on["prefill_resident_layers"]
+    assert 0 < resident == gpu_on["decode_resident_layers"] and resident == (moe if prefill == "persistent" else moe // 2)
+    assert gpu_off["decode_resident_layers"] == 0
+    # one pool request per decode step and non-resident layer (the first token comes from the prefill)
+    assert calls_off == (NEW - 1) * moe
+    assert calls_on == (NEW - 1) * (moe - resident)
