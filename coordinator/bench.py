@@ -297,20 +297,24 @@ def streamed_bytes(workers: list[dict], expert_bytes: int) -> int:
 def floors(family, caches, prompt_tokens: int, res: dict, ceil: tuple, workers: list[dict]) -> dict:
     """The floors of this run: prefill from the bytes its steps stream (a step streams each expert
     at most once, however the prompt is chunked), and, as the peer comparisons use it, the one-pass
-    floor of streaming every expert once; decode from the bytes a token reads from DRAM."""
+    floor of streaming every expert once; decode from the bytes a token reads from DRAM, which are
+    the pool's layers' only: resident layers decode on the GPU (none: no DRAM floor)."""
     h2d, mm, dram = ceil
     c = model_costs(family, caches.gpu_fmt, caches.cpu_fmt, prompt_tokens)
     streamed = streamed_bytes(workers, c["expert_bytes"]) if h2d else 0
     t_prefill = max(streamed / h2d if h2d else 0.0, c["flops"] / mm)
     t_one_pass = max(c["expert_bytes"] / h2d if h2d else 0.0, c["flops"] / mm)
-    t_decode = c["token_bytes"] / dram
-    pf, df = prompt_tokens / t_prefill, 1 / t_decode
+    moe = sum(1 for i in range(family.num_layers) if family.is_moe(i))
+    on_gpu = sum(w.get("decode_resident_layers") or 0 for w in workers if w["role"] == "gpu")
+    t_decode = c["token_bytes"] * (moe - on_gpu) / max(moe, 1) / dram
+    pf, df = prompt_tokens / t_prefill, (1 / t_decode if t_decode else None)
     return {
         "h2d_gb_s": h2d / 1e9 if h2d else None, "matmul_tflop_s": mm / 1e12, "dram_gb_s": dram / 1e9,
         "prefill_floor_tok_s": pf, "prefill_fraction": res["prefill_tok_s"] / pf,
         "prefill_streamed_gb": streamed / 1e9, "prefill_one_pass_floor_tok_s": prompt_tokens / t_one_pass,
         "prefill_one_pass_fraction": res["prefill_tok_s"] * t_one_pass / prompt_tokens,
-        "decode_floor_tok_s": df, "decode_fraction": res["decode_tok_s"] / df,
+        "decode_floor_tok_s": df, "decode_fraction": res["decode_tok_s"] / df if df else None,
+        "decode_resident_layers": on_gpu, "moe_layers": moe,
         "expert_gb": c["expert_bytes"] / 1e9, "prompt_tflop": c["flops"] / 1e12, "token_expert_mb": c["token_bytes"] / 1e6,
     }
 
@@ -328,7 +332,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['gpus']} | {r['bits']} | {lgs} | {hcs} | {r['prefill_tok_s']:,.1f} | {r['ttft_s']:.2f} "
             f"| {r['decode_tok_s']:.2f} | {r['ms_per_tok'] or 0:.1f} | {r['vram_mb']} | {r['ram_gb']:.1f} "
-            f"| {pf:,.0f} | {r['prefill_fraction']:.0%} | {df:,.1f} | {r['decode_fraction']:.0%} |"
+            f"| {pf:,.0f} | {r['prefill_fraction']:.0%} | " + (f"{df:,.1f} | {r['decode_fraction']:.0%} |" if df else "- | - |")
             if pf else
             f"| {r['model']} | {r['gpus']} | {r['bits']} | {lgs} | {hcs} | {r['prefill_tok_s']:,.1f} | {r['ttft_s']:.2f} "
             f"| {r['decode_tok_s']:.2f} | {r['ms_per_tok'] or 0:.1f} | {r['vram_mb']} | {r['ram_gb']:.1f} | - | - | - | - |"
@@ -371,6 +375,9 @@ def decode_split(r: dict) -> str:
     if pool.get("lookahead_calls"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen")
+    if r.get("decode_resident_layers"):
+        line += (f"\ndecode: {r['decode_resident_layers']} of {r['moe_layers']} MoE layers on the GPU (resident "
+                 f"decode); the decode floor counts the pool's {r['moe_layers'] - r['decode_resident_layers']}")
     if r.get("cpu_share") is not None:
         line += f"\nrouted choices run by the CPU pool: {r['cpu_share']:.1%} (the rest by the GPU's hot experts)"
     return line

@@ -70,3 +70,31 @@ def test_sequences_decoded_together_match_each_alone(model):
     assert [t.tokens for t in together] == [t.tokens for t in alone]
     assert all(len(t.tokens) == 6 and len(t.times) == 6 for t in together)
     assert stats["cpu_pool"][0]["max_m"] == len(prompts)  # they did share decode steps
+
+
+def test_decode_floor_counts_only_the_pools_layers(model):
+    """Resident decode takes layers off the pool: the DRAM floor is then the pool's layers' bytes
+    per token, and with every layer resident there is none (the table says "-")."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from krasis.coordinator.bench import floors, table
+    from krasis.shared.expert_store import ExpertFormat
+    from krasis.shared.weights import load_family
+
+    family = load_family(model)
+    moe = sum(1 for i in range(family.num_layers) if family.is_moe(i))
+    caches = SimpleNamespace(gpu_fmt=ExpertFormat("int4", torch.float32, 16), cpu_fmt=ExpertFormat("int4", torch.float32, 16))
+    res = {"prefill_tok_s": 100.0, "decode_tok_s": 10.0}
+    ceil = (50e9, 100e12, 80e9)
+
+    def run(resident):
+        return floors(family, caches, 64, res, ceil, [{"role": "gpu", "decode_resident_layers": resident}])
+
+    none, one, every = run(0), run(1), run(moe)
+    assert moe > 1 and one["decode_floor_tok_s"] == pytest.approx(none["decode_floor_tok_s"] * moe / (moe - 1))
+    assert every["decode_floor_tok_s"] is None and every["decode_fraction"] is None
+    row = {"model": "m", "gpus": 1, "bits": "INT4/INT4", "prefill_strategy": "persistent", "decode_strategy": "pure_cpu",
+           "ttft_s": 0.1, "ms_per_tok": 100.0, "vram_mb": "1", "ram_gb": 1.0, **res}
+    assert table([row | every]).splitlines()[-1].endswith("| - | - |")

@@ -60,11 +60,13 @@ def _half_hot_budget(model) -> str:
     return repr(p.total() / 1e9)
 
 
+# pure_cpu through the pool's doorbells (resident decode off: with no budget every expert is resident);
+# two stages whose resident layers decode on the GPU; hcs_hybrid's hot and cold experts together
 @pytest.mark.parametrize("extra", [
-    ("--devices", "cuda:0", "--kv-dtype", "fp8"),
+    ("--devices", "cuda:0", "--kv-dtype", "fp8", "--resident-decode", "off"),
     ("--devices", "cuda:0,cuda:0", "--kv-dtype", "bf16"),
     ("--devices", "cuda:0", "--kv-dtype", "fp8", "--prefill-strategy", "layer_grouped_1", "--decode-strategy", "hcs_hybrid"),
-], ids=["pp1-fp8", "pp2-bf16", "pp1-hcs_hybrid"])
+], ids=["pp1-fp8", "pp2-bf16-resident", "pp1-hcs_hybrid"])
 def test_graphs_replay_the_eager_steps(model, extra, tmp_path):
     import shutil
 
