@@ -358,15 +358,18 @@ def bench(layers: int | None, prompts: list[int], decode: int, runs: int, config
 
 def dequant_check():
     """tests/test_dequant.py's comparisons on CUDA (the dequant kernel, where bfloat16 must be
-    identical too, and the fused expert kernel of hcs_hybrid decode)."""
+    identical too, and the fused expert kernel of hcs_hybrid decode) and tests/test_combine_kernel.py's
+    (the prefill MoE's one-pass combine)."""
     import subprocess
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_dequant import CHECK
+    import test_combine_kernel
+    import test_dequant
 
-    p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
-    RESULTS["dequant_exact"] = p.returncode == 0 and p.stdout.strip() == "ok"
-    log("dequant and expert gemv kernels match their references on CUDA:", RESULTS["dequant_exact"], p.stderr[-800:])
+    for name, check in (("dequant_exact", test_dequant.CHECK), ("combine_matches", test_combine_kernel.CHECK)):
+        p = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+        RESULTS[name] = p.returncode == 0 and p.stdout.strip() == "ok"
+        log(f"{name} (its kernels against their references on CUDA):", RESULTS[name], p.stderr[-800:])
     save()
 
 
@@ -500,6 +503,7 @@ def main():
     print("attention:", {k: float(f"{v:.3g}") for k, v in RESULTS.get("attention", {}).items()})
     print("decode graphs identical to eager:", RESULTS.get("graphs_exact"))
     print("dequant / expert gemv kernels match their references:", RESULTS.get("dequant_exact"))
+    print("prefill combine kernel matches its reference:", RESULTS.get("combine_matches"))
     print("norm/rope kernels:", RESULTS.get("norm_rope"))
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
     for r in RESULTS["kernel"]:

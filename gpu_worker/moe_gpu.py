@@ -8,9 +8,10 @@ dequantized once on the device, then one grouped GEMM per projection.
     Y     = grouped_mm(X_sorted, W13^T);  A = act(Y);  Z = grouped_mm(A, W2^T)
     out  += sum over each token's k pairs of w * Z                    in float32
 
-Where the pairs are all of a chunk's (token, slot) pairs (a prompt chunk), the combine puts Z back
-in pair order and sums over k, with no scatter-add: at 10K tokens Z is ~0.3 GB, and the float32
-atomics and masking passes of a scatter cost ~2 ms per layer. (Folding w into A before the down
+Where the pairs are all of a chunk's (token, slot) pairs (a prompt chunk), the combine gathers each
+token's k rows of Z and sums them, with no scatter-add: at 10K tokens Z is ~0.3 GB, and the float32
+atomics and masking passes of a scatter cost ~2 ms per layer (on CUDA one Triton pass,
+combine_kernel.py). (Folding w into A before the down
 projection saves one more float32 pass, but adds a bf16 rounding; the bf16 device check's top-1
 agreement fell from 99.2% to 98.8% with it, so the weight stays in float32.)
 
@@ -196,7 +197,26 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
     if order is None:
         out.index_add_(0, tok, y.float() * wt[:, None])
         return
-    k = order.numel() // x.shape[0]
-    pairs, w = torch.empty_like(y), torch.empty_like(wt)
-    pairs[order], w[order] = y, wt
-    out += (pairs.view(x.shape[0], k, -1).float() * w.view(-1, k, 1)).sum(1)
+    # where each (token, slot) pair sits in expert order, and its weight in token order
+    inv, w = torch.empty_like(order), torch.empty_like(wt)
+    inv[order], w[order] = torch.arange(order.numel(), device=order.device), wt
+    combine_pairs(y, inv, w, out)
+
+
+def combine_pairs_reference(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out [T, H] float32 += for each token t the sum over its k pairs j of w[t k + j] y[inv[t k + j]]:
+    y [T k, H] the pairs' outputs in expert order, inv the position of each (token, slot) pair in that
+    order, w float32 [T k] the weights in token order (combine_kernel.py is the fast form)."""
+    T = out.shape[0]
+    out += (y.index_select(0, inv).view(T, inv.numel() // max(T, 1), -1).float() * w.view(T, -1, 1)).sum(1)
+
+
+def combine_pairs(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """combine_pairs_reference; on CUDA the one-pass Triton kernel (imported only here: CPU workers
+    never load Triton)."""
+    if out.is_cuda:
+        from .combine_kernel import combine_pairs_triton
+
+        combine_pairs_triton(y, inv, w, out)
+    else:
+        combine_pairs_reference(y, inv, w, out)

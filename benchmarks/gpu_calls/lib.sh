@@ -40,7 +40,7 @@ O="--devices cuda:0 --vram-budget $VB --gpu-bits 4 --cpu-bits 4 --group-size 32 
 # That the decode kernels (batched attention, inside the graph since session 17) match their references
 # compiled, and that graphs replay the eager steps exactly: before any decode figure is believed.
 gpu_checks() {
-  step g0 40 python3 benchmarks/device_check.py --checks attention --skip-exact --skip-bench
+  step g0 60 python3 benchmarks/device_check.py --checks attention,dequant --skip-exact --skip-bench
   step g1 120 python3 -m pytest -q -x tests/test_decode_graphs.py -k pp1-fp8
 }
 synth_model() { [ -f $M/config.json ] || step synth 220 python3 -m krasis.coordinator synth --shape qwen3-30b-a3b ${LAYERS:+--layers $LAYERS} --expert-bits 4 --group-size 32 $M; }

@@ -1,0 +1,41 @@
+"""The prefill MoE's combine (gpu_worker/moe_gpu.py: combine_pairs): the one-pass Triton kernel
+(combine_kernel.py) against its torch reference, under Triton's interpreter in a fresh process
+(benchmarks/device_check.py runs the same check compiled on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny_models as tm
+
+CHECK = r"""
+import os
+import torch
+
+dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+from krasis.gpu_worker.combine_kernel import combine_pairs_triton
+from krasis.gpu_worker.moe_gpu import combine_pairs_reference
+
+g = torch.Generator().manual_seed(0)
+# (tokens, k, hidden): hidden below, at and past the kernel's block; one token; k of 1, 2 and 8
+for T, k, H in ((5, 8, 96), (1, 2, 1024), (7, 1, 1030), (3, 8, 2051)):
+    for dtype in (torch.bfloat16, torch.float32):
+        y = (torch.randn(T * k, H, generator=g) * 3).to(dtype).to(dev)
+        inv = torch.randperm(T * k, generator=g).to(dev)
+        w = torch.rand(T * k, generator=g).to(dev)
+        w[::3] = 0  # pairs outside the block weigh nothing
+        start = torch.randn(T, H, generator=g).to(dev)
+        want, got = start.clone(), start.clone()
+        combine_pairs_reference(y, inv, w, want)
+        combine_pairs_triton(y, inv, w, got)
+        err = float((got - want).abs().max())
+        assert err <= 1e-5 * float(want.abs().max()), (T, k, H, dtype, err)
+        assert not torch.equal(want, start)
+print("ok")
+"""
+
+
+def test_triton_combine_matches_reference():
+    pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
+    tm.run_interpreted(CHECK)
