@@ -34,11 +34,23 @@ def dequant_reference(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, 
     return w.view(G, O, K).to(dtype)
 
 
-def dequant_rows(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: torch.Tensor, dtype) -> torch.Tensor:
+def dequant_rows(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: torch.Tensor | None, dtype) -> torch.Tensor:
     """dequant_triton (dequant_kernel.py, imported only here: CPU workers never load Triton) on CUDA
-    for the quantized formats, else the reference."""
+    for the quantized formats, else the reference. `rows` None: every row, in order (dense weights
+    of that dtype are then returned as they are, not copied)."""
+    if rows is None:
+        if fmt.kind == "dense":
+            return t[name].to(dtype)
+        rows = torch.arange(t[f"{name}.q"].shape[0], device=t[f"{name}.q"].device)
     if fmt.kind != "dense" and t[f"{name}.q"].is_cuda:
         from .dequant_kernel import dequant_triton
 
         return dequant_triton(fmt, t, name, rows, dtype)
     return dequant_reference(fmt, t, name, rows, dtype)
+
+
+def dequantized(fmt: ExpertFormat, t: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """Every expert of a block (tensors in `fmt`'s layout) in the dense layout of `dtype`, biases as
+    they are: what a prefill step of several chunks computes with for each of them."""
+    out = {name: dequant_rows(fmt, t, name, None, dtype) for name in ("w13", "w2")}
+    return out | {name: v for name, v in t.items() if name in ("b13", "b2")}

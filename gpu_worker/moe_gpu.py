@@ -160,7 +160,7 @@ def _all_rows(local, weights, held: int):
     key, order = torch.sort(local.clamp(min=0).reshape(-1), stable=True)
     wt = torch.where(mine[order], weights.reshape(-1)[order].float(), 0.0)
     counts = count_choices(key, held)
-    return order // k, wt, key, torch.arange(held, device=key.device), counts, order
+    return order // k, wt, key, None, counts, order  # None: every row of the block, in order
 
 
 def _active_rows(local, weights):
@@ -178,9 +178,9 @@ def _active_rows(local, weights):
 
 def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, order) -> None:
     """out[tok] += wt * expert(x[tok]) for sorted pairs: `erow` is each pair's expert row in `t`,
-    `experts` the rows dequantized as the groups, `counts` the pairs per group (None: one each);
-    `order` (when the pairs are every (token, slot) of x, flattened) is where each sorted pair came
-    from."""
+    `experts` the rows dequantized as the groups (None: all the block's), `counts` the pairs per
+    group (None: one each); `order` (when the pairs are every (token, slot) of x, flattened) is
+    where each sorted pair came from."""
     offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
     sizes = None if grouped or counts is None else counts.tolist()
     gu = _project(x.index_select(0, tok), fmt, t, "w13", experts, offs, sizes, grouped)

@@ -17,6 +17,8 @@ import torch
 
 from .dma import Block, CopyEngine, ExpertSlots, GroupStager, HostExperts
 from .hcs import Counts, HotSet
+from ..shared.expert_store import ExpertFormat
+from .dequant import dequantized
 from .moe_gpu import RoutedExperts, moe_blocks
 
 PREFILL_STRATEGIES = ("persistent", "layer_grouped_N", "chunked", "active_only", "hcs_prefill")
@@ -39,17 +41,30 @@ def parse_prefill(name: str) -> tuple[str, int]:
 
 
 class PrefillStrategy(RoutedExperts):
+    """`whole_layers`: each of a layer's blocks holds that layer's experts and nothing else, so a step
+    of several chunks dequantizes them once, for all its chunks, instead of once per chunk (the
+    VRAM plan counts a layer's experts in the compute dtype among the activations)."""
+
     name = ""
+    whole_layers = False
 
     def __init__(self, host: HostExperts, engine: CopyEngine, act: str, counts: Counts):
         self.host, self.engine, self.act, self.counts = host, engine, act, counts
 
     def layer_begin(self, layer: int, ids: list[torch.Tensor]) -> None:
-        self._layer_blocks = self.blocks(layer, ids)
+        self._layer_blocks, self._layer_fmt = self.blocks(layer, ids), self.host.fmt
+        self._dequantize_once = self.whole_layers and len(ids) > 1 and self.host.fmt.kind != "dense"
+
+    def layer_end(self, layer: int) -> None:
+        self._layer_blocks = None  # a layer's dequantized experts live until its last chunk
 
     def run(self, layer: int, x, ids, weights):
         self.counts.add(layer, ids)
-        return moe_blocks(x, ids, weights, self._layer_blocks, self.host.fmt, self.act).to(x.dtype)
+        if self._dequantize_once:
+            self._layer_blocks = [(dequantized(self.host.fmt, t, x.dtype), lookup) for t, lookup in self._layer_blocks]
+            self._layer_fmt = ExpertFormat("dense", x.dtype)
+            self._dequantize_once = False
+        return moe_blocks(x, ids, weights, self._layer_blocks, self._layer_fmt, self.act).to(x.dtype)
 
     def blocks(self, layer: int, ids: list[torch.Tensor]) -> list[Block]:
         """The layer's experts for a step whose chunks chose `ids`."""
@@ -77,6 +92,7 @@ class Persistent(PrefillStrategy):
     own views are used (nothing to copy to)."""
 
     name = "persistent"
+    whole_layers = True
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -117,6 +133,8 @@ class LayerGrouped(PrefillStrategy):
     stream keeps streaming the next group while a resident layer computes) are copied once, at
     start, and never streamed: a step streams only the other layers' experts."""
 
+    whole_layers = True
+
     def __init__(self, host, engine, act, counts, n: int, slots: int = 2, resident: int = 0):
         super().__init__(host, engine, act, counts)
         self.name = f"layer_grouped_{n}" if slots == 2 else "chunked"
@@ -148,6 +166,7 @@ class LayerGrouped(PrefillStrategy):
         return self._cur[1][layer]
 
     def layer_end(self, layer):
+        super().layer_end(layer)
         g = self.group_of.get(layer)
         if g is not None and layer == self.groups[g][-1]:
             self.stager.release(g)
@@ -195,6 +214,7 @@ class ActiveOnly(PrefillStrategy):
         return out + [(self.scratch.t, lk)]
 
     def layer_end(self, layer):
+        super().layer_end(layer)
         self._released = self.engine.event_after_compute()
 
     def nbytes(self):

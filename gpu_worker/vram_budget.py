@@ -8,8 +8,8 @@ shapes before anything is allocated, and refused with the shortfall when it cann
              else, with layer_grouped prefill, for whole layers kept resident (streamed never)
 
 Activations count the step's hidden states, attention projections, the MoE rows sorted by expert and
-the bf16 dequantization of the active experts of one layer (all of them, the worst case of a long
-chunk); prompt logits are one row per step (requests that ask for every prompt row's logits are
+the bf16 dequantization of one layer's experts (all of them, both projections: the worst case of a
+long chunk, and what a step of several chunks keeps for all of them); prompt logits are one row per step (requests that ask for every prompt row's logits are
 exactness checks, not served prompts).
 """
 
@@ -113,7 +113,9 @@ def plan(
         es = layout.shapes[moe[0]]
         rows = T * es.top_k
         act += rows * (2 * H + 3 * es.inter) * dtype_bytes
-        act += es.num * 2 * es.inter * H * dtype_bytes  # the larger projection of a layer, dequantized
+        # a layer's experts dequantized, both projections: a step of several chunks keeps them for
+        # all its chunks (prefill_strategies.PrefillStrategy.whole_layers)
+        act += es.num * 3 * es.inter * H * dtype_bytes
     if T < max_context:
         act += T * max_context  # a chunk past the first attends through a boolean mask
 

@@ -43,9 +43,9 @@ def model(tmp_path_factory):
     return tm.build(tmp_path_factory.mktemp("prefill-once") / "m", "qwen3", num_hidden_layers=6)
 
 
-def _stage(path, prefill: str, chunk: int, dtype=torch.float32):
+def _stage(path, prefill: str, chunk: int, dtype=torch.float32, fmt: ExpertFormat | None = None):
     family = load_family(path)
-    layout = StoreLayout(family, 1, ExpertFormat("dense", dtype))
+    layout = StoreLayout(family, 1, fmt or ExpertFormat("dense", dtype))
     store = ExpertStore(layout, ExpertStore.create_segments(layout))
     source = open_source(path)
     fill_node(store, 0, from_source(layout.fmt, family, source.get))
@@ -137,3 +137,25 @@ def test_prefill_moe_never_waits_for_the_device(model, monkeypatch):
     stage.launch(tokens, slices, decode=False)
     assert "_grouped_mm" in rec.seen and "sort" in rec.seen  # the recorder saw the grouped path
     assert not SYNCING & set(rec.seen), sorted(SYNCING & set(rec.seen))
+
+
+@pytest.mark.parametrize("prefill", ["layer_grouped_2", "persistent", "active_only"])
+def test_quantized_experts_dequantized_once_per_layer_and_step(model, prefill, monkeypatch):
+    """INT4 experts: a step of several chunks dequantizes each layer's experts once, for all its
+    chunks (strategies whose blocks hold whole layers), and gives the logits of one chunk."""
+    from krasis.gpu_worker import prefill_strategies
+
+    calls = []
+    real = prefill_strategies.dequantized
+    monkeypatch.setattr(prefill_strategies, "dequantized", lambda *a: (calls.append(1), real(*a))[1])
+    fmt = ExpertFormat("int4", torch.float32, 16)
+    tokens = torch.tensor([t for p in PROMPTS for t in p])
+    slices = lambda: [SeqSlice(seq=i, start=0, n=len(p), logits="all") for i, p in enumerate(PROMPTS)]  # noqa: E731
+    family, layout, one = _stage(model, prefill, chunk=64, fmt=fmt)
+    want = one.launch(tokens, slices(), decode=False).out["logits"]
+    assert not calls  # one chunk: nothing to keep
+    _, _, chunked = _stage(model, prefill, chunk=4, fmt=fmt)
+    got = chunked.launch(tokens, slices(), decode=False).out["logits"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # once per MoE layer (one block each), and never for a strategy whose blocks hold some experts only
+    assert len(calls) == (0 if prefill == "active_only" else len(layout.moe_layers))
