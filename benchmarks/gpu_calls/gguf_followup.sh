@@ -1,7 +1,8 @@
 # After peer.sh on the same warm machine (the GGUF, its expert cache and the hot-expert counts its
 # bench prefills gathered are in /tmp): decode with every layer through the pool, decode at 1-32
-# sequences with hcs_hybrid (issue 14 items 4 and 5), the warm start on the GGUF (item 6), and a profile of default-chunk prefill (item 1: where
-# a 4096-token chunk's time goes). A first bench process compiles for ~40 s: the limits allow for it.
+# sequences with hcs_hybrid (issue 14 items 4 and 5), the warm start on the GGUF (item 6), and a
+# profile of default-chunk prefill (item 1: where a 4096-token chunk's time goes). A first bench
+# process compiles for ~40 s: the limits allow for it.
 . benchmarks/gpu_calls/lib.sh
 machine
 G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
