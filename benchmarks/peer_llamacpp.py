@@ -251,8 +251,13 @@ def table(out: Path) -> str:
         vals = [v for v in vals if v[0] is not None]
         return max(vals) if vals else (None, None)
 
-    for n in PROMPTS:
+    # llama-bench's prompts, then any other length ours ran (issue 14's 2K/32K/64K: ours alone)
+    lengths = [*PROMPTS, *sorted({int(k.removeprefix("ours_p")) for k in ours} - set(PROMPTS))]
+    for n in lengths:
         o = ours.get(f"ours_p{n}", {}).get("result", {})
+        if n not in PROMPTS:
+            rows.append((f"prefill {n} tokens (tok/s)", "—", None, o.get("prefill_tok_s")))
+            continue
         h4096 = _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), n, 0)
         best, which = best_hybrid(n, 0)
         rows.append((f"prefill {n} tokens (tok/s)", "hybrid -ub 4096", h4096, o.get("prefill_tok_s")))
