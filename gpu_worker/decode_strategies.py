@@ -22,9 +22,11 @@ class DecodeStrategy(RoutedExperts):
     (experts.py sets it where resident decode is on). pure_cpu and hcs_hybrid run those layers'
     experts on the device (moe_pairs, as hcs_hybrid's hot share) and send the pool nothing for them:
     the weights are already there, and the pool's turn for such a layer (its kernel reading the
-    chosen experts from DRAM, and the device waiting for it) is what a decode layer costs most."""
+    chosen experts from DRAM, and the device waiting for it) is what a decode layer costs most.
+    `takes_resident`: whether the strategy does (compact and lru run every expert on the device)."""
 
     name = ""
+    takes_resident = False
 
     def __init__(self, pool: PoolClient | None, host: HostExperts, engine: CopyEngine, act: str):
         self.pool, self.host, self.engine, self.act = pool, host, engine, act
@@ -56,6 +58,7 @@ class PureCpu(DecodeStrategy):
 
     name = "pure_cpu"
     graphable = True
+    takes_resident = True
 
     def run(self, layer, x, ids, weights):
         return self.collect(self.submit(layer, x, ids, weights))
@@ -84,6 +87,7 @@ class HcsHybrid(DecodeStrategy):
 
     name = "hcs_hybrid"
     graphable = True
+    takes_resident = True
 
     def __init__(self, pool, host, engine, act, hot: HotSet):
         super().__init__(pool, host, engine, act)

@@ -43,7 +43,7 @@ class StageExperts:
         resident = spec.get("resident_decode") or "auto"
         if resident not in ("auto", "on", "off"):
             raise ValueError(f"resident_decode {resident!r} is not one of auto, on, off")
-        if resident == "on" or (resident == "auto" and device.type == "cuda"):
+        if self.decode.takes_resident and (resident == "on" or (resident == "auto" and device.type == "cuda")):
             self.decode.resident = self.prefill.resident_blocks()
         mode = spec.get("stream_decode") or "auto"
         self.route = DecodeRoute(self.decode, self.prefill, "off" if mode == "auto" and device.type != "cuda" else mode,
