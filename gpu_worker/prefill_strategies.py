@@ -42,18 +42,21 @@ def parse_prefill(name: str) -> tuple[str, int]:
 
 class PrefillStrategy(RoutedExperts):
     """`whole_layers`: each of a layer's blocks holds that layer's experts and nothing else, so a step
-    of several chunks dequantizes them once, for all its chunks, instead of once per chunk (the
-    VRAM plan counts a layer's experts in the compute dtype among the activations)."""
+    of several chunks can dequantize them once, for all its chunks, instead of once per chunk and
+    projection; `dequant_once` (set from the VRAM plan, which must hold both projections at once
+    for it) says whether it does."""
 
     name = ""
     whole_layers = False
+    dequant_once = False
 
     def __init__(self, host: HostExperts, engine: CopyEngine, act: str, counts: Counts):
         self.host, self.engine, self.act, self.counts = host, engine, act, counts
 
     def layer_begin(self, layer: int, ids: list[torch.Tensor]) -> None:
         self._layer_blocks, self._layer_fmt = self.blocks(layer, ids), self.host.fmt
-        self._dequantize_once = self.whole_layers and len(ids) > 1 and self.host.fmt.kind != "dense"
+        self._dequantize_once = (self.whole_layers and self.dequant_once and len(ids) > 1
+                                 and self.host.fmt.kind != "dense")
 
     def layer_end(self, layer: int) -> None:
         self._layer_blocks = None  # a layer's dequantized experts live until its last chunk

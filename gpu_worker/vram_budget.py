@@ -8,8 +8,8 @@ shapes before anything is allocated, and refused with the shortfall when it cann
              else, with layer_grouped prefill, for whole layers kept resident (streamed never)
 
 Activations count the step's hidden states, attention projections, the MoE rows sorted by expert and
-the bf16 dequantization of one layer's experts (all of them, both projections: the worst case of a
-long chunk, and what a step of several chunks keeps for all of them); prompt logits are one row per step (requests that ask for every prompt row's logits are
+the bf16 dequantization of the active experts of one layer (all of them, the worst case of a long
+chunk); prompt logits are one row per step (requests that ask for every prompt row's logits are
 exactness checks, not served prompts).
 """
 
@@ -37,9 +37,14 @@ class VramPlan:
     hot: int  # bytes for hot experts
     lru: int  # bytes for lru decode slots
     resident: int = 0  # bytes for layer_grouped's resident layers (copied once, never streamed)
+    # bytes for a layer's other projection dequantized too, so that a step of several chunks
+    # dequantizes each layer once (prefill_strategies.PrefillStrategy): the first claim on what is
+    # spare (at 10K tokens in 4096-token chunks it saves more than a resident layer's copy); 0: none
+    dequant_once: int = 0
 
     def total(self) -> int:
-        return self.weights + self.kv + self.staging + self.activations + self.hot + self.lru + self.resident
+        return (self.weights + self.kv + self.staging + self.activations + self.hot + self.lru + self.resident
+                + self.dequant_once)
 
     def report(self) -> dict:
         return {k: (round(v / 2**20, 1) if v is not None else None) for k, v in asdict(self).items()} | {
@@ -113,9 +118,7 @@ def plan(
         es = layout.shapes[moe[0]]
         rows = T * es.top_k
         act += rows * (2 * H + 3 * es.inter) * dtype_bytes
-        # a layer's experts dequantized, both projections: a step of several chunks keeps them for
-        # all its chunks (prefill_strategies.PrefillStrategy.whole_layers)
-        act += es.num * 3 * es.inter * H * dtype_bytes
+        act += es.num * 2 * es.inter * H * dtype_bytes  # the larger projection of a layer, dequantized
     if T < max_context:
         act += T * max_context  # a chunk past the first attends through a boolean mask
 
@@ -130,6 +133,9 @@ def plan(
             f"weights {weights / GB:.2f} + KV {kv / GB:.2f} + staging ({prefill}/{decode}) {staging / GB:.2f} "
             f"+ activations {act / GB:.2f} = {fixed / GB:.2f} GB"
         )
+    once = es.num * es.inter * H * dtype_bytes if moe else 0
+    dequant_once = once if budget is None or budget - fixed >= once else 0
+    fixed += dequant_once
     spare = (budget - fixed) if budget is not None else None
     # layer_grouped keeps whole layers resident in what no decode cache wants, so a prefill step
     # streams only the others (gpu_worker/prefill_strategies.py: LayerGrouped)
@@ -148,7 +154,7 @@ def plan(
             lru = min(experts, int(spare - hot))
         resident = min(len(moe), int(spare // biggest)) * biggest if keeps else 0
     return VramPlan(budget=budget, weights=weights, kv=kv, staging=staging, activations=act, hot=hot, lru=lru,
-                    resident=resident)
+                    resident=resident, dequant_once=dequant_once)
 
 
 def _numel(shape) -> int:

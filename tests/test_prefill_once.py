@@ -159,3 +159,10 @@ def test_quantized_experts_dequantized_once_per_layer_and_step(model, prefill, m
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # once per MoE layer (one block each), and never for a strategy whose blocks hold some experts only
     assert len(calls) == (0 if prefill == "active_only" else len(layout.moe_layers))
+    # where the VRAM plan has no room for it, per chunk as before: the same logits
+    chunked.experts.prefill.dequant_once = False
+    calls.clear()
+    torch.testing.assert_close(chunked.launch(tokens, [SeqSlice(seq=i + 9, start=0, n=len(p), logits="all")
+                                                       for i, p in enumerate(PROMPTS)], decode=False).out["logits"],
+                               want, rtol=1e-4, atol=1e-4)
+    assert not calls

@@ -82,7 +82,12 @@ def test_vram_plan_gives_the_rest_to_hot_experts():
     args = (fam, layout, (0, 3), True, True, 2, "fp8", 256, 64)
     base = plan(*args, "chunked", "pure_cpu", None, 10**12)
     assert base.hot == base.resident == 0
-    assert base.total() == base.weights + base.kv + base.staging + base.activations
+    # the first claim on what is spare: a layer's other projection dequantized, for steps of several chunks
+    es = layout.shapes[0]
+    assert base.dequant_once == es.num * es.inter * fam.hidden_size * 2
+    assert base.total() == base.weights + base.kv + base.staging + base.activations + base.dequant_once
+    tight = plan(*args, "chunked", "pure_cpu", (base.total() - 1) / 1e9, None)
+    assert tight.dequant_once == 0 and tight.total() == base.total() - base.dequant_once  # it fits without
     # layer_grouped keeps as many whole layers resident as the rest holds (none where decode wants it)
     grouped = plan(*args, "layer_grouped_1", "pure_cpu", None, 10**12)
     layer = layer_expert_bytes(layout, 0)
@@ -96,7 +101,7 @@ def test_vram_plan_gives_the_rest_to_hot_experts():
     p = plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot + spare) / 1e9, None)
     assert abs(p.hot - spare) <= 1
     with pytest.raises(VramBudgetError, match=r"is 0\.00 GB short"):
-        plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot - 1000) / 1e9, None)
+        plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot - fixed.dequant_once - 1000) / 1e9, None)
     # FP8 halves the bf16 cache (plus one float32 scale per row)
     assert plan(*args[:6], "bf16", *args[7:], "chunked", "pure_cpu", None, None).kv > 1.5 * base.kv
 
