@@ -54,7 +54,7 @@ class DecodeStrategy(RoutedExperts):
 
 
 class PureCpu(DecodeStrategy):
-    """Every routed expert on the CPU pool."""
+    """Every routed expert on the CPU pool, but those of resident layers (DecodeStrategy)."""
 
     name = "pure_cpu"
     graphable = True
