@@ -207,8 +207,8 @@ def combine_pairs_reference(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor,
     """out [T, H] float32 += for each token t the sum over its k pairs j of w[t k + j] y[inv[t k + j]]:
     y [T k, H] the pairs' outputs in expert order, inv the position of each (token, slot) pair in that
     order, w float32 [T k] the weights in token order (combine_kernel.py is the fast form)."""
-    T = out.shape[0]
-    out += (y.index_select(0, inv).view(T, inv.numel() // max(T, 1), -1).float() * w.view(T, -1, 1)).sum(1)
+    T, H = out.shape
+    out += (y.index_select(0, inv).view(T, -1, H).float() * w.view(T, -1, 1)).sum(1)
 
 
 def combine_pairs(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:

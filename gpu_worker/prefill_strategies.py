@@ -15,10 +15,10 @@ import re
 
 import torch
 
-from .dma import Block, CopyEngine, ExpertSlots, GroupStager, HostExperts
-from .hcs import Counts, HotSet
 from ..shared.expert_store import ExpertFormat
 from .dequant import dequantized
+from .dma import Block, CopyEngine, ExpertSlots, GroupStager, HostExperts
+from .hcs import Counts, HotSet
 from .moe_gpu import RoutedExperts, moe_blocks
 
 PREFILL_STRATEGIES = ("persistent", "layer_grouped_N", "chunked", "active_only", "hcs_prefill")

@@ -51,7 +51,7 @@ def test_resident_layers_decode_on_the_device(model, prefill, decode, tmp_path):
     assert on == want and off == want
     torch.testing.assert_close(lp_on, want_lp, rtol=0, atol=1e-4)
     torch.testing.assert_close(lp_off, want_lp, rtol=0, atol=1e-4)
-    moe = tm.reference_model(model).config.num_hidden_layers  # every layer of this model is MoE
+    moe = ref.config.num_hidden_layers  # every layer of this model is MoE
     resident = gpu_on["prefill_resident_layers"]
     assert 0 < resident == gpu_on["decode_resident_layers"] and resident == (moe if prefill == "persistent" else moe // 2)
     assert gpu_off["decode_resident_layers"] == 0

@@ -264,10 +264,10 @@ def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torc
     rep = q.shape[1] // k.shape[1]
     first = sliding_window is None and start == 0 and T == t
     if rep > 1 and t > 1 and not first:
-        # a later prompt chunk (whose bottom-right causal bias does not take the GQA broadcast):
-        # repeating the KV heads costs far less than the attention itself. A first chunk keeps the
-        # broadcast (enable_gqa: on an H100 1.33 ms at 10K tokens against 1.49 with the copies), and
-        # so does a decode step (t = 1), where copying the whole cache would dominate.
+        # a later prompt chunk: repeating the KV heads costs far less than the attention itself (its
+        # bottom-right causal bias with the GQA broadcast has not been timed on a GPU). A first chunk
+        # keeps the broadcast (enable_gqa: on an H100 1.33 ms at 10K tokens against 1.49 with the
+        # copies), and so does a decode step (t = 1), where copying the whole cache would dominate.
         k, v, rep = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), 1
     if dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))  # MLA: zero value columns add nothing to the output
