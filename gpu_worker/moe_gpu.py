@@ -85,14 +85,15 @@ def _grouped_ok(x: torch.Tensor) -> bool:
 
 
 def _project(xs: torch.Tensor, fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, experts: torch.Tensor,
-             offs: torch.Tensor | None, counts: list[int] | None, grouped: bool) -> torch.Tensor:
+             offs: torch.Tensor | None, counts: list[int] | None, grouped: bool, by_expert: bool) -> torch.Tensor:
     """Rows xs [R, K] sorted into groups (ending at `offs`, of sizes `counts`), times W_g^T for the
     weights `name` of the groups' `experts` -> [R, O] in xs's dtype. `offs` None: one row per group,
-    a matrix-vector product each, dequantized inside the kernel on CUDA (expert_gemv_kernel.py)."""
+    a matrix-vector product each, dequantized inside the kernel on CUDA (expert_gemv_kernel.py,
+    which reads an expert once for a run of equal `experts` where `by_expert`)."""
     if offs is None and xs.is_cuda and fmt.kind != "dense":
         from .expert_gemv_kernel import expert_gemv
 
-        return expert_gemv(fmt, t, name, experts, xs).to(xs.dtype)
+        return expert_gemv(fmt, t, name, experts, xs, by_expert).to(xs.dtype)
     w = dequant_rows(fmt, t, name, experts, xs.dtype)
     if offs is None:
         return torch.bmm(w, xs.unsqueeze(-1)).squeeze(-1)
@@ -135,18 +136,25 @@ def moe_blocks(
 def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: dict[str, torch.Tensor],
               fmt: ExpertFormat, act: str = "silu") -> torch.Tensor:
     """x [M, H], local [M, k] (each choice's row in `t`, -1 where `t` does not hold it), weights
-    [M, k] -> float32 [M, H]: the weighted sum over the held choices, with each (token, choice) pair
-    its own group, so that nothing waits for the host and the step can be a CUDA graph (hcs_hybrid
-    decode). A pair not held reads row 0 with weight 0. It reads M * k experts' weights, which only a
-    decode step's few rows make cheaper than finding the active ones (moe_blocks). The pairs are
-    summed in their own order, not by a scatter's atomics, so a graph's replay and an eager step
-    agree bit for bit."""
+    [M, k] -> float32 [M, H]: the weighted sum over the held choices, each (token, choice) pair a
+    matrix-vector product, so that nothing waits for the host and the step can be a CUDA graph
+    (decode: hcs_hybrid's hot share, resident layers). A pair not held reads row 0 with weight 0.
+    With several tokens the pairs go in expert order, and the fused kernel reads an expert once for
+    all its pairs; nothing finds the active experts on the host (moe_blocks), which only a decode
+    step's few rows make the cheaper way. A token's pairs are summed in their own order, not by a
+    scatter's atomics, so a graph's replay and an eager step agree bit for bit, and a token's result
+    does not depend on the others in its step."""
     m, k = local.shape
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     rows = local.clamp(min=0).reshape(-1)
     wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
-    pairs = torch.arange(m * k, device=x.device)
-    _block(x, t, fmt, act, False, out, pairs // k, wt, rows, rows, None, pairs)
+    if m == 1:  # one token's choices are different experts (or row 0 at weight 0): nothing to share
+        pairs = torch.arange(k, device=x.device)
+        _block(x, t, fmt, act, False, out, pairs // k, wt, rows, rows, None, pairs)
+        return out
+    # in expert order, so that the fused kernel reads each expert once for all the pairs choosing it
+    rows, order = torch.sort(rows, stable=True)
+    _block(x, t, fmt, act, False, out, order // k, wt[order], rows, rows, None, order, by_expert=True)
     return out
 
 
@@ -176,21 +184,23 @@ def _active_rows(local, weights):
     return tok, weights[tok, slot].float(), rows, active, counts, None
 
 
-def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, order) -> None:
+def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, order,
+           by_expert: bool = False) -> None:
     """out[tok] += wt * expert(x[tok]) for sorted pairs: `erow` is each pair's expert row in `t`,
     `experts` the rows dequantized as the groups (None: all the block's), `counts` the pairs per
-    group (None: one each); `order` (when the pairs are every (token, slot) of x, flattened) is
-    where each sorted pair came from."""
+    group (None: one each, `by_expert` whether in expert order); `order` (when the pairs are every
+    (token, slot) of x, flattened) is where each sorted pair came from."""
     offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
     sizes = None if grouped or counts is None else counts.tolist()
-    gu = _project(x.index_select(0, tok), fmt, t, "w13", experts, offs, sizes, grouped)
+    proj = dict(offs=offs, counts=sizes, grouped=grouped, by_expert=by_expert)
+    gu = _project(x.index_select(0, tok), fmt, t, "w13", experts, **proj)
     if "b13" in t:
         gu = gu + t["b13"].index_select(0, erow).to(x.dtype)
     a = gated_act(gu, act)
     del gu
     # a pair outside the block (weight 0) gets a zero activation: its rows may have overflowed to inf
     a = torch.where(wt[:, None] != 0, a, 0)
-    y = _project(a, fmt, t, "w2", experts, offs, sizes, grouped)
+    y = _project(a, fmt, t, "w2", experts, **proj)
     del a
     if "b2" in t:
         y = y + t["b2"].index_select(0, erow).to(x.dtype)

@@ -1,6 +1,7 @@
 """The GPU dequantization kernel (gpu_worker/dequant.py) against its torch reference, bit for bit,
-and the fused dequantize-and-multiply kernel of hcs_hybrid decode (gpu_worker/expert_gemv_kernel.py)
-against that reference followed by a float32 matrix-vector product, to float32 rounding. Without a
+and the fused dequantize-and-multiply kernel of decode on the GPU (gpu_worker/expert_gemv_kernel.py)
+against that reference followed by a float32 matrix-vector product, to float32 rounding, pair by pair
+and with the pairs of one expert taken together. Without a
 GPU, Triton's interpreter runs the same kernels on the CPU (TRITON_INTERPRET, set before triton is
 first imported: this test runs the check in a fresh interpreter). benchmarks/device_check.py runs
 the same check on CUDA, where bfloat16 results must be identical too."""
@@ -45,6 +46,15 @@ for kind in ("int4", "int8"):
         assert got.dtype == torch.float32 and got.shape == (3, O), got.shape
         err = float((got - want).abs().max() / want.abs().max())
         assert err < 1e-5, (kind, O, K, err)
+        # pairs in expert order, runs of one expert at the start, middle and end (a decode step of
+        # several tokens): each run's first program takes the run, and every pair's sum is the one
+        # it gets alone, bit for bit
+        rows = torch.tensor([0, 0, 0, 1, n - 1, n - 1], device=dev)
+        x = torch.randn(6, K, device=dev).bfloat16()
+        alone = expert_gemv(fmt, t, "w", rows, x)
+        assert torch.equal(expert_gemv(fmt, t, "w", rows, x, sorted_rows=True), alone), (kind, O, K)
+        want = torch.bmm(dequant_reference(fmt, t, "w", rows, torch.float32), x.float().unsqueeze(-1)).squeeze(-1)
+        assert float((alone - want).abs().max() / want.abs().max()) < 1e-5
 print("ok")
 """
 
