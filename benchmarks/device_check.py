@@ -191,6 +191,64 @@ def norm_rope_check(T: int = 10000):
     save()
 
 
+def first_call_ms(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1000
+
+
+def prefill_attention_check():
+    """Prefill attention by backend: what a prompt length never seen before costs on its first call
+    (cuDNN builds an execution plan per shape, so a service whose prompts have new lengths pays it
+    per request: the first 10K prompt of a bench ran 5.4 s slower than the second on the H100,
+    2026-12-05), and a later chunk's bottom-right causal attention with the GQA broadcast against
+    the KV heads copied (what attend() does), time and error against the whole prompt's rows."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    from krasis.shared.models.layers import attend
+
+    row = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        # lengths no other check used, one per backend, so each call is that backend's first
+        for T in ((1000, 3000, 4096, 1808) if name == "cudnn" else (1001, 3001, 4095, 1809)):
+            q = torch.randn(1, 32, T, 128, device="cuda").bfloat16()
+            k, v = (torch.randn(1, 4, T, 128, device="cuda").bfloat16() for _ in range(2))
+
+            def go():
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            try:
+                row[f"{name}_first_call_T{T}_ms"] = first_call_ms(go)
+                row[f"{name}_T{T}_ms"] = ms(go, 10)
+            except RuntimeError as e:
+                row[f"{name}_T{T}_error"] = str(e)[:200]
+    T = 10000
+    q = torch.randn(T, 32, 128, device="cuda").bfloat16()
+    k, v = torch.randn(T, 4, 128, device="cuda").bfloat16(), torch.randn(T, 4, 128, device="cuda").bfloat16()
+    want = attend(q, k, v, 0, 0.088)[T // 2 :].float()
+    qc = q[T // 2 :]
+    q4, k4, v4 = (a.transpose(0, 1).unsqueeze(0) for a in (qc, k, v))
+
+    def gqa_lower_right():
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(T - T // 2, T), scale=0.088, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    for name, fn in (("copies", lambda: attend(qc, k, v, T // 2, 0.088)), ("gqa_lower_right", gqa_lower_right)):
+        try:
+            row[f"later_chunk_{name}_ms"] = ms(fn, 10)
+            row[f"later_chunk_{name}_rel_err"] = float((fn().float() - want).norm() / want.norm())
+        except RuntimeError as e:
+            row[f"later_chunk_{name}_error"] = str(e)[:200]
+    log("prefill_attention", row)
+    RESULTS["prefill_attention"] = row
+    save()
+
+
 def attention_check(T: int = 10000):
     import torch.nn.functional as F
 
@@ -370,7 +428,46 @@ def dequant_check():
         p = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
         RESULTS[name] = p.returncode == 0 and p.stdout.strip() == "ok"
         log(f"{name} (its kernels against their references on CUDA):", RESULTS[name], p.stderr[-800:])
+    expert_gemv_timing()
     save()
+
+
+def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: int = 8):
+    """The fused expert kernel of decode on the GPU (w13 then w2 of a Qwen3-30B-A3B layer, INT4/g32,
+    routing uniform over 128 experts) at 1-32 tokens: each pair on its own against each expert read
+    once for its run of pairs (what moe_pairs runs for several tokens), as a graph of 20 calls."""
+    from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
+    from krasis.shared.expert_store import ExpertFormat
+    from krasis.shared.quant import quantized
+
+    fmt = ExpertFormat("int4", torch.bfloat16, 32)
+    t = {}
+    for name, (o, i) in (("w13", (2 * inter, hidden)), ("w2", (hidden, inter))):
+        one = quantized(fmt, torch.randn(o, i) * 0.05, name)
+        t |= {n: v.unsqueeze(0).expand(num, *v.shape).contiguous().cuda() for n, v in one.items()}
+    expert_bytes = sum(v[0].numel() * v.element_size() for v in t.values())
+    row = {}
+    for m in (1, 4, 16, 32):
+        rows = torch.stack([torch.randperm(num)[:k] for _ in range(m)]).reshape(-1).sort().values.cuda()
+        x13, x2 = torch.randn(m * k, hidden, device="cuda").bfloat16(), torch.randn(m * k, inter, device="cuda").bfloat16()
+        for runs in (False, True):
+            def call():
+                expert_gemv(fmt, t, "w13", rows, x13, runs)
+                expert_gemv(fmt, t, "w2", rows, x2, runs)
+
+            call()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    call()
+            graph.replay()
+            torch.cuda.synchronize()
+            us = 1000 * ms(graph.replay, 10) / 20
+            read = (rows.unique().numel() if runs else rows.numel()) * expert_bytes
+            row[f"m{m}_{'runs' if runs else 'pairs'}_us"] = us
+            row[f"m{m}_{'runs' if runs else 'pairs'}_GB_s"] = read / us / 1e3
+    log("expert_gemv", row)
+    RESULTS["expert_gemv"] = row
 
 
 def graphs_check():
@@ -479,6 +576,7 @@ def main():
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
     checks = {"ceilings": ceilings, "norm_rope": norm_rope_check, "attention": attention_check,
+              "prefill_attention": prefill_attention_check,
               "dequant": dequant_check, "kernel": kernel_check, "graphs": graphs_check}
     for step in () if a.skip_checks else [checks[c] for c in a.checks.split(",")]:
         try:

@@ -253,46 +253,49 @@ def attend(
     return torch.matmul(probs, vh).transpose(0, 1)
 
 
-_MASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Not cuDNN: it builds an execution plan for every new shape, ~0.1-0.4 s each (a 2K prompt's first
+# run 130 ms slower than its second on the H100; other projects measured ~400 ms), and a service's
+# prompts and decode steps keep bringing new lengths. Flash is its equal on a chunk's work but for
+# the first chunk's causal square (~0.16 ms a layer at 4096 tokens on the H100).
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _sdpa(q, k, v, start: int, scale: float, sliding_window: int | None) -> torch.Tensor:
     """attend() through F.scaled_dot_product_attention, shaped so that CUDA can pick a fused kernel
-    (flash, cuDNN or memory-efficient): those take only 4-D inputs, one head size for q, k and v,
-    and (not all of them) no GQA head broadcast."""
+    (flash or memory-efficient): those take only 4-D inputs and one head size for q, k and v."""
     t, T, dv = q.shape[0], k.shape[0], v.shape[-1]
     rep = q.shape[1] // k.shape[1]
-    first = sliding_window is None and start == 0 and T == t
-    if rep > 1 and t > 1 and not first:
-        # a later prompt chunk: repeating the KV heads costs far less than the attention itself (its
-        # bottom-right causal bias with the GQA broadcast has not been timed on a GPU). A first chunk
-        # keeps the broadcast (enable_gqa: on an H100 1.33 ms at 10K tokens against 1.49 with the
-        # copies), and so does a decode step (t = 1), where copying the whole cache would dominate.
+    if rep > 1 and t > 1:
+        # a prompt chunk: flash attention takes one head count for q, k and v, and repeating the KV
+        # heads costs far less than the attention itself (0.1 ms of copies against ~2 ms of attention
+        # at 10K tokens). A decode step (t = 1) keeps the broadcast: copying the whole cache would
+        # dominate it.
         k, v, rep = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), 1
     if dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))  # MLA: zero value columns add nothing to the output
     q4, k4, v4 = (a.transpose(0, 1).unsqueeze(0) for a in (q, k, v))
+    with sdpa_kernel(_BACKENDS):
+        out = _sdpa4(q4, k4, v4, start, t, T, rep, scale, sliding_window)
+    return out[0, ..., :dv].transpose(0, 1)
+
+
+def _sdpa4(q4, k4, v4, start: int, t: int, T: int, rep: int, scale: float, sliding_window: int | None) -> torch.Tensor:
     if sliding_window is None and T == start + t and t > 1:
         # a prompt chunk over everything before it: causal from the bottom right (is_causal aligns
         # the triangle to the top left). CausalBias keeps flash attention's own causal masking, where
         # a boolean mask would force the slower masked kernels on every chunk past the first.
         if start == 0:
-            out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=rep > 1)
-        else:
-            # imported at first use: the module pulls in torch._dynamo, 2-3 s of every process's start
-            from torch.nn.attention.bias import causal_lower_right
+            return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+        # imported at first use: the module pulls in torch._dynamo, 2-3 s of every process's start
+        from torch.nn.attention.bias import causal_lower_right
 
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(t, T), scale=scale)
-    elif sliding_window is None and T == start + t:
+        return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(t, T), scale=scale)
+    if sliding_window is None and T == start + t:
         # one query that sees every key: no mask (a one-token prompt, or a decode step off the kernel)
-        out = F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=rep > 1)
-    else:
-        # a sliding window
-        mask = _causal_mask(start, t, T, sliding_window, q.device)
-        # not cuDNN: it builds an execution plan per shape, and every decode step has a new length
-        with sdpa_kernel(_MASKED_BACKENDS):
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
-    return out[0, ..., :dv].transpose(0, 1)
+        return F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=rep > 1)
+    # a sliding window
+    mask = _causal_mask(start, t, T, sliding_window, q4.device)
+    return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
 
 
 def _causal_mask(start: int, t: int, T: int, window: int | None, device) -> torch.Tensor:
