@@ -266,6 +266,10 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
         "prefill_tok_s": mean("prefill_tok_s"), "ttft_s": mean("ttft_s"), "decode_tok_s": mean("decode_tok_s"),
         "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": r["runs"], "pool": r["pool"],
     }
+    gpus = [w for w in out["workers"] if w["role"] == "gpu"]
+    # the hot set (hcs_hybrid) as the VRAM plan sized it: what "N GB of hot experts" means in a result
+    res["hot_experts"] = sum(w.get("hot_experts", 0) for w in gpus)
+    res["hot_gb"] = sum((w.get("vram_plan_mb") or {}).get("hot") or 0 for w in gpus) * 2**20 / 1e9
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
     res["cpu_share"] = cpu_share(family, r["pool"])
     if res["ms_per_tok"]:
@@ -385,6 +389,8 @@ def decode_split(r: dict) -> str:
     if r.get("decode_resident_layers"):
         line += (f"\ndecode: {r['decode_resident_layers']} of {r['moe_layers']} MoE layers on the GPU (resident "
                  f"decode); the decode floor counts the pool's {r['moe_layers'] - r['decode_resident_layers']}")
+    if r.get("hot_experts"):
+        line += f"\nhot set: {r['hot_experts']} experts in {r['hot_gb']:.2f} GB of VRAM"
     if r.get("cpu_share") is not None:
         line += f"\nrouted choices run by the CPU pool: {r['cpu_share']:.1%} (the rest by the GPU's hot experts)"
     return line
