@@ -15,6 +15,7 @@ import asyncio
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -136,13 +137,17 @@ class Trace:
     times: list[float]
 
 
-async def generate_together(engine: Engine, prompts: list[list[int]], new_tokens: int, tag: str) -> list[Trace]:
-    """Submit every prompt at once (greedy, EOS ignored) and follow each to its end. The engine
-    prefills them one after another, then decodes them in shared steps."""
+async def generate_together(engine: Engine, prompts: list[list[int]], new_tokens: int, tag: str,
+                            temperature: float = 0.0) -> list[Trace]:
+    """Submit every prompt at once (EOS ignored; sampled at `temperature`, each request seeded from
+    its id, or greedy at 0) and follow each to its end. The engine prefills them one after another,
+    then decodes them in shared steps."""
 
     async def follow(i, ids):
-        gen = P.Generate(id=f"{tag}.{i}", prompt_ids=ids,
-                         sampling=P.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        rid = f"{tag}.{i}"
+        sampling = P.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature,
+                                    seed=zlib.crc32(rid.encode()) if temperature > 0 else None)
+        gen = P.Generate(id=rid, prompt_ids=ids, sampling=sampling)
         tokens, times = [], []
         async for ev in engine.generate(gen):
             if isinstance(ev, P.Error):
@@ -178,7 +183,7 @@ def _pool_delta(before: dict, after: dict) -> list[dict]:
 
 
 async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
-                 concurrency: list[int]) -> dict:
+                 concurrency: list[int], temperature: float) -> dict:
     engine = Engine(model, opts)
     try:
         await engine.start()
@@ -191,12 +196,14 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
         async def measured(n, length, tag):
             """`runs` groups of n sequences, with the engine's and the pool's counters around them."""
             before = (await engine.stats_reply()).stats
-            groups = [await generate_together(engine, prompts(n, length), decode_tokens, f"{tag}{i}") for i in range(runs)]
+            groups = [await generate_together(engine, prompts(n, length), decode_tokens, f"{tag}{i}", temperature)
+                      for i in range(runs)]
             after = (await engine.stats_reply()).stats
             return groups, _step_ms(before, after), _pool_delta(before, after)
 
         # warm-up: kernels compiled, hot-expert counts gathered, allocator settled
-        await generate_together(engine, prompts(1, min(min(prompt_lens), opts.prefill_chunk)), min(decode_tokens, 4), "warmup")
+        await generate_together(engine, prompts(1, min(min(prompt_lens), opts.prefill_chunk)), min(decode_tokens, 4), "warmup",
+                                temperature)
         rows = []
         for length in prompt_lens:
             groups, step_ms, pool = await measured(1, length, f"run{length}.")
@@ -208,7 +215,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
                     entry_groups = groups
                 else:
                     # a first group of this size with short prompts: decode graphs for n sequences captured
-                    await generate_together(engine, prompts(n, min(length, 16)), min(decode_tokens, 4), f"warmup{n}.")
+                    await generate_together(engine, prompts(n, min(length, 16)), min(decode_tokens, 4), f"warmup{n}.",
+                                            temperature)
                     entry_groups, step_ms, pool = await measured(n, length, f"c{n}.{length}.")
                 rates = [decode_rates(grp) for grp in entry_groups]
                 row["concurrency"].append({
@@ -231,16 +239,26 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
         await engine.close()
 
 
+# Sampled, as a chat service decodes: greedy decode of a random-weight model (synth, the peer GGUF)
+# soon repeats one token, and then every step routes to the same experts, which flatters the pool's
+# read-ahead and the hot set (a hcs_hybrid run on the H100 had its hot half serve 100.0% of the
+# choices, 2026-12-05).
+DECODE_TEMPERATURE = 1.0
+
+
 def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int,
-              measure_floor: bool = True) -> dict:
+              measure_floor: bool = True, temperature: float = DECODE_TEMPERATURE) -> dict:
     """One prompt length, one sequence at a time: run_benches' row."""
-    return run_benches(model, opts, [prompt_tokens], decode_tokens, runs, measure_floor=measure_floor)[0]
+    return run_benches(model, opts, [prompt_tokens], decode_tokens, runs, measure_floor=measure_floor,
+                       temperature=temperature)[0]
 
 
 def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
-                concurrency: list[int] = (), measure_floor: bool = True) -> list[dict]:
+                concurrency: list[int] = (), measure_floor: bool = True,
+                temperature: float = DECODE_TEMPERATURE) -> list[dict]:
     """One row per prompt length, all from one start of the processes. With `concurrency`, each row
-    also holds an entry per count of sequences decoded together (each with that prompt length)."""
+    also holds an entry per count of sequences decoded together (each with that prompt length).
+    Decode samples at `temperature` (0: greedy)."""
     from ..shared.weights import load_family
 
     need = max(prompt_lens) + decode_tokens + 1
@@ -250,7 +268,7 @@ def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode
     # before the workers start: the DRAM read is then this process's threads alone, on every core,
     # not sharing the machine with a pool process
     ceil = ceilings(opts) if measure_floor else None
-    out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency)))
+    out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency), temperature))
     family = load_family(model)
     return [_row(model, opts, family, out, r, length, decode_tokens, ceil) for r, length in zip(out["rows"], prompt_lens)]
 

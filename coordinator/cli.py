@@ -499,13 +499,16 @@ def chat(endpoint, max_new_tokens, temperature, system, keys):
                    "with the row's prompt length): the aggregate and per-sequence decode tok/s, one line per count.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False),
               help="Also write the figures to this JSON file (a list of rows when there are several prompt lengths).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Decode sampling temperature (each request seeded); 0 is greedy, which on a random-weight model "
+                   "soon repeats one token and so routes every step to the same experts.")
 @runtime_options
-def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, opts):
+def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, temperature, opts):
     """Prefill and decode speed in the reference's table, with this machine's floor and the fraction reached."""
     from .bench import concurrency_table, decode_split, run_benches, table
 
     try:
-        rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [])
+        rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [], temperature=temperature)
     except USER_ERRORS as e:
         _fail(e)
     if json_file:

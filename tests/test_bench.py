@@ -62,12 +62,15 @@ def test_sequences_decoded_together_match_each_alone(model):
             await engine.start()
             alone = [(await generate_together(engine, [p], 6, f"alone{i}"))[0] for i, p in enumerate(prompts)]
             together = await generate_together(engine, prompts, 6, "together")
-            return alone, together, (await engine.stats_reply()).stats
+            sampled = [(await generate_together(engine, prompts[:1], 6, "sampled", 1.0))[0] for _ in range(2)]
+            return alone, together, sampled, (await engine.stats_reply()).stats
         finally:
             await engine.close()
 
-    alone, together, stats = run(go())
+    alone, together, sampled, stats = run(go())
     assert [t.tokens for t in together] == [t.tokens for t in alone]
+    # bench's sampled decode: seeded from the request id, so a run repeats, and not the greedy tokens
+    assert sampled[0].tokens == sampled[1].tokens != alone[0].tokens
     assert all(len(t.tokens) == 6 and len(t.times) == 6 for t in together)
     assert stats["cpu_pool"][0]["max_m"] == len(prompts)  # they did share decode steps
 
