@@ -39,8 +39,9 @@ VB=$(awk "BEGIN{printf \"%.2f\", 16 * ${LAYERS:-48} / 48}")
 O="--devices cuda:0 --vram-budget $VB --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64"
 # That the decode kernels (batched attention, inside the graph since session 17) match their references
 # compiled, and that graphs replay the eager steps exactly: before any decode figure is believed.
+# CHECKS: device_check's checks; CHECK_TESTS: the pytest arguments of the GPU tests to run.
 gpu_checks() {
-  step g0 60 python3 benchmarks/device_check.py --checks attention,dequant --skip-exact --skip-bench
-  step g1 120 python3 -m pytest -q -x tests/test_decode_graphs.py -k pp1-fp8
+  step g0 90 python3 benchmarks/device_check.py --checks ${CHECKS:-attention,dequant} --skip-exact --skip-bench
+  step g1 120 python3 -m pytest -q -x ${CHECK_TESTS:-tests/test_decode_graphs.py -k pp1-fp8}
 }
 synth_model() { [ -f $M/config.json ] || step synth 220 python3 -m krasis.coordinator synth --shape qwen3-30b-a3b ${LAYERS:+--layers $LAYERS} --expert-bits 4 --group-size 32 $M; }
