@@ -8,8 +8,9 @@ millisecond. B tokens decoded together touch E·(1 - (1 - k/E)^B) of them (Qwen3
 copies do not: past some batch size, streaming the layers once is the faster step. Where that
 crossing lies depends on PCIe and DRAM bandwidth, the hot set and the layers kept resident, so it
 is measured, not modelled: per batch-size bucket (powers of two) the route keeps the last step
-times of each runner, tries streaming where it could pay, and takes the faster; the slower is
-tried again every REVISIT steps of the bucket, as the hot set and the machine's load change.
+times of each runner, tries streaming where it could pay, and takes the faster (a decided bucket
+changes runner only for one faster by MARGIN); the slower is tried again every REVISIT steps of the
+bucket, as the hot set and the machine's load change.
 
 "Could pay": the pool would read at least half the bytes the stream copies (PCIe carries about
 half of what DRAM reads on the machines measured: ../BENCHMARKS.md). On a CPU device nothing
@@ -29,6 +30,9 @@ MODES = ("auto", "off", "always")
 SAMPLES = 3  # step times a runner needs in a bucket before the bucket is decided
 KEEP = 8  # step times kept per runner and bucket (the median of these decides)
 REVISIT = 256  # steps of a decided bucket between two tries of the slower runner
+# A decided bucket changes runner only for one this much faster: where the two are within noise (a
+# tiny model's 4-7 ms steps, eager), the choice would otherwise flip from step to step
+MARGIN = 0.1
 
 
 def bucket(tokens: int) -> int:
@@ -73,7 +77,10 @@ class DecodeRoute:
             return self.prefill
         ms = {r: statistics.median(self.times[(b, r)]) * 1e3 for r in ("decode", "prefill")}
         best, other = sorted(ms, key=ms.get)
-        if self.choice.get(b) != best:
+        held = self.choice.get(b)
+        if held == other and ms[other] <= ms[best] * (1 + MARGIN):
+            best, other = other, best  # within the margin: keep the runner the bucket has
+        if held != best:
             self.choice[b] = best
             log.info("decode steps of up to %d tokens: %s (decode strategy %.2f ms a step, streamed %.2f ms)",
                      b, "the decode strategy" if best == "decode" else "streamed as a prefill", ms["decode"], ms["prefill"])

@@ -32,8 +32,12 @@ def _serve(model, graphs: bool, extra):
     os.environ["KRASIS_CUDA_GRAPHS"] = "1" if graphs else "0"
     try:
         # float32: which requests share a step depends on timing, and only in float32 is a token's
-        # result the same whatever batch it shares (bf16 graphs: benchmarks/device_check.py's exactness)
-        with tm.Service(model, "--dtype", "float32", "--cpu-bits", "4", "--max-batch", "4", *extra) as svc:
+        # result the same whatever batch it shares (bf16 graphs: benchmarks/device_check.py's exactness).
+        # The decode route off: its choice of runner follows step times, which differ between graphs
+        # and eager, and a streamed step computes with the GPU's float32 experts, not the pool's INT4
+        # ones (benchmarks/graph_divergence.py found the DeepSeek case failing on exactly that)
+        with tm.Service(model, "--dtype", "float32", "--cpu-bits", "4", "--max-batch", "4", "--stream-decode", "off",
+                        *extra) as svc:
             solo = [svc.client.complete(prompt_ids=p, **sampling).token_ids for p in prompts]
 
             async def together(ps):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tiny_models as tm
-from krasis.gpu_worker.decode_route import KEEP, REVISIT, SAMPLES, DecodeRoute, bucket, touched_share
+from krasis.gpu_worker.decode_route import KEEP, MARGIN, REVISIT, SAMPLES, DecodeRoute, bucket, touched_share
 from krasis.shared.client import AsyncClient
 
 
@@ -75,6 +75,20 @@ def test_auto_follows_a_change_in_the_machine():
     assert drive(r, 16, {"decode": 5, "prefill": 8}, 50)[-1] == "decode"
     picked = drive(r, 16, {"decode": 30, "prefill": 8}, REVISIT * (KEEP + 1))
     assert picked[-1] == "prefill" and r.choice[16] == "prefill"
+
+
+def test_auto_keeps_its_runner_against_one_faster_only_by_noise():
+    # the stream was chosen; then the pool becomes a little faster, within the margin: no switch (a
+    # switch moves the step to other weights where --gpu-bits and --cpu-bits differ, and two runners
+    # within noise of each other would alternate), until it is faster by more than the margin
+    r = route()
+    drive(r, 8, {"decode": 10, "prefill": 8}, 20)
+    assert r.choice[8] == "prefill"
+    close = 8 / (1 + MARGIN / 2)
+    assert drive(r, 8, {"decode": close, "prefill": 8}, REVISIT * (KEEP + 1)).count("decode") == KEEP + 1
+    assert r.choice[8] == "prefill"
+    picked = drive(r, 8, {"decode": 8 / (1 + 2 * MARGIN), "prefill": 8}, REVISIT * (KEEP + 1))
+    assert picked[-1] == "decode" and r.choice[8] == "decode"
 
 
 def test_auto_never_streams_where_it_cannot_pay_nor_mixes_buckets():
