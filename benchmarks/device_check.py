@@ -200,50 +200,59 @@ def first_call_ms(fn) -> float:
 
 
 def prefill_attention_check():
-    """Prefill attention by backend: what a prompt length never seen before costs on its first call
-    (cuDNN builds an execution plan per shape, so a service whose prompts have new lengths pays it
-    per request: the first 10K prompt of a bench ran 5.4 s slower than the second on the H100,
-    2026-12-05), and a later chunk's bottom-right causal attention with the GQA broadcast against
-    the KV heads copied (what attend() does), time and error against the whole prompt's rows."""
+    """Prompt-chunk attention: the Triton kernel (shared/kernels/prefill_attention_kernel.py) against
+    its torch path compiled on CUDA (tests/test_prefill_attention_kernel.py's check), then timed
+    against SDPA's flash kernel (the torch path: KV heads copied) for a Qwen3-30B-A3B layer's chunks
+    (32 query heads, 4 KV heads, d 128) and over a few block configurations; and what a length never
+    seen before costs SDPA's cuDNN and flash backends on its first call (cuDNN builds an execution
+    plan per shape: the first 10K prompt of a bench ran 5.4 s slower than the second on the H100,
+    2026-12-05, when cuDNN took the first chunk)."""
+    import subprocess
+
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
 
-    from krasis.shared.models.layers import attend
+    from krasis.shared.kernels.prefill_attention_kernel import prefill_attention_triton
+    from krasis.shared.models.layers import _sdpa
 
-    row = {}
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_prefill_attention_kernel
+
+    p = subprocess.run([sys.executable, "-c", test_prefill_attention_kernel.CHECK], capture_output=True, text=True)
+    row = {"triton_matches": p.returncode == 0 and p.stdout.strip() == "ok"}
+    log("prefill attention kernel against its torch path on CUDA:", row["triton_matches"], p.stderr[-800:])
+    for t, T in ((4096, 4096), (4096, 8192), (1808, 10000), (4096, 65536)):
+        q = torch.randn(t, 32, 128, device="cuda").bfloat16()
+        k, v = (torch.randn(T, 4, 128, device="cuda").bfloat16() for _ in range(2))
+        flops = 4 * 128 * 32 * (t * (T - t) + t * t / 2)
+        want = _sdpa(q, k, v, T - t, 0.088, None)
+        row[f"t{t}_T{T}_flash_ms"] = ms(lambda: _sdpa(q, k, v, T - t, 0.088, None), 5)
+        configs = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)] if T == 8192 else [(128, 64, 8, 3)]
+        for bm, bn, warps, stages in configs:
+            name = f"t{t}_T{T}_triton_{bm}_{bn}_{warps}_{stages}"
+            try:
+                call = lambda: prefill_attention_triton(q, k, v, 0.088, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)  # noqa: E731
+                row[f"{name}_rel_err"] = float((call().float() - want.float()).norm() / want.float().norm())
+                row[f"{name}_ms"] = ms(call, 5)
+                row[f"{name}_tflop_s"] = flops / row[f"{name}_ms"] / 1e9
+            except Exception as e:  # a configuration past the device's shared memory, say: the others still run
+                row[f"{name}_error"] = str(e)[:200]
+        row[f"t{t}_T{T}_flash_tflop_s"] = flops / row[f"t{t}_T{T}_flash_ms"] / 1e9
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-        # lengths no other check used, one per backend, so each call is that backend's first
+        # lengths no other check used, one set per backend, so each call is that backend's first
         for T in ((1000, 3000, 4096, 1808) if name == "cudnn" else (1001, 3001, 4095, 1809)):
             q = torch.randn(1, 32, T, 128, device="cuda").bfloat16()
-            k, v = (torch.randn(1, 4, T, 128, device="cuda").bfloat16() for _ in range(2))
+            k, v = (torch.randn(1, 32, T, 128, device="cuda").bfloat16() for _ in range(2))
 
             def go():
                 with sdpa_kernel([backend]):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
             try:
                 row[f"{name}_first_call_T{T}_ms"] = first_call_ms(go)
                 row[f"{name}_T{T}_ms"] = ms(go, 10)
             except RuntimeError as e:
                 row[f"{name}_T{T}_error"] = str(e)[:200]
-    T = 10000
-    q = torch.randn(T, 32, 128, device="cuda").bfloat16()
-    k, v = torch.randn(T, 4, 128, device="cuda").bfloat16(), torch.randn(T, 4, 128, device="cuda").bfloat16()
-    want = attend(q, k, v, 0, 0.088)[T // 2 :].float()
-    qc = q[T // 2 :]
-    q4, k4, v4 = (a.transpose(0, 1).unsqueeze(0) for a in (qc, k, v))
-
-    def gqa_lower_right():
-        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(T - T // 2, T), scale=0.088, enable_gqa=True)
-        return out[0].transpose(0, 1)
-
-    for name, fn in (("copies", lambda: attend(qc, k, v, T // 2, 0.088)), ("gqa_lower_right", gqa_lower_right)):
-        try:
-            row[f"later_chunk_{name}_ms"] = ms(fn, 10)
-            row[f"later_chunk_{name}_rel_err"] = float((fn().float() - want).norm() / want.norm())
-        except RuntimeError as e:
-            row[f"later_chunk_{name}_error"] = str(e)[:200]
     log("prefill_attention", row)
     RESULTS["prefill_attention"] = row
     save()

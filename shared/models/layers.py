@@ -19,8 +19,8 @@ from ..protocol import SeqSlice
 
 
 def _use_kernel(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether rms_norm, rotate_half and softmax_topk run their Triton kernels (shared/kernels/
-    norm_rope_kernel.py, router_kernel.py): half-precision CUDA tensors outside autograd (the kernels
+    """Whether rms_norm, rotate_half, softmax_topk and a prompt chunk's attention run their Triton
+    kernels (shared/kernels/): half-precision CUDA tensors outside autograd (the kernels
     have no backward). The modules are imported only then: CPU workers never load Triton."""
     return (
         x.is_cuda
@@ -238,6 +238,13 @@ def attend(
     `sinks` (gpt-oss): one learned logit per head that joins the softmax and takes probability mass
     but contributes no value."""
     t, T = q.shape[0], k.shape[0]
+    d = q.shape[-1]
+    if _use_kernel(q, k, v) and t > 1 and T == start + t and k.shape[-1] == v.shape[-1] == d and d in (64, 128):
+        # a prompt chunk on the GPU: one Triton kernel (GQA in place, window and sinks included); the
+        # torch code below is its reference (tests/test_prefill_attention_kernel.py)
+        from ..kernels.prefill_attention_kernel import prefill_attention_triton
+
+        return prefill_attention_triton(q, k, v, scale, sliding_window, sinks)
     if sinks is None:
         return _sdpa(q, k, v, start, scale, sliding_window)
     mask = _causal_mask(start, t, T, sliding_window, q.device)
