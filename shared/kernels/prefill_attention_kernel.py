@@ -59,7 +59,9 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, n0, n1, qpos, T, sk, sv, qk_
     return acc, m_i, l_i
 
 
-@triton.jit
+# one compilation whatever the lengths: Triton would otherwise compile a variant per pattern of
+# lengths divisible by 16 (or equal to 1), and a new prompt length would wait for it
+@triton.jit(do_not_specialize=["t", "T", "start", "window"])
 def _prefill_attention_kernel(Q, K, V, O, SINKS, sq, sqh, sk, skh, sv, svh, so, soh, t, T, start, qk_scale, window,
                               REP: tl.constexpr, D: tl.constexpr, HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr):
