@@ -28,7 +28,7 @@ import triton.language as tl
 from ..shared.expert_store import ExpertFormat
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # one compilation whatever a step's count of pairs
 def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, P, O, K, QK, NG, GQ,
                  INT4: tl.constexpr, SORTED: tl.constexpr, BO: tl.constexpr, BG: tl.constexpr):
     # one program: BO output rows of pair p's expert, over all K in groups (GQ stored bytes each), for
