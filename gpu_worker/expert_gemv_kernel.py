@@ -49,10 +49,11 @@ def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, P, O, K, QK, NG, GQ,
     jm = j < GQ
     wrow = r.to(tl.int64) * O + o  # [BO] rows of the expert's weight
     m = om[:, None] & jm[None, :]
+    ng = tl.where(r >= 0, NG, 0)  # row -1: a pair the tensors do not hold, whose output is zero
     for i in range(p, e):
         acc = tl.zeros((BO,), tl.float32)
         xp = x_ptr + tl.cast(i, tl.int64) * K
-        for g in range(0, NG):
+        for g in range(0, ng):
             b = tl.load(q_ptr + wrow[:, None] * QK + g * GQ + j[None, :], mask=m, other=0).to(tl.int32)
             s = tl.load(s_ptr + wrow * NG + g, mask=om, other=0.0).to(tl.float32)
             if INT4:
@@ -71,8 +72,9 @@ def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, P, O, K, QK, NG, GQ,
 
 def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: torch.Tensor, x: torch.Tensor,
                 sorted_rows: bool = False) -> torch.Tensor:
-    """Weights `name` of experts `rows` (int64 [P]) times x [P, K]: float32 [P, O]. `sorted_rows`:
-    rows is in ascending order, and each expert is read once for all its pairs."""
+    """Weights `name` of experts `rows` (int64 [P]) times x [P, K]: float32 [P, O], zero where a row
+    is -1 (a choice these tensors do not hold). `sorted_rows`: rows is in ascending order, and each
+    expert is read once for all its pairs."""
     q, s = t[f"{name}.q"], t[f"{name}.s"]
     _, O, QK = q.shape
     NG = s.shape[-1]

@@ -94,6 +94,8 @@ def _project(xs: torch.Tensor, fmt: ExpertFormat, t: dict[str, torch.Tensor], na
         from .expert_gemv_kernel import expert_gemv
 
         return expert_gemv(fmt, t, name, experts, xs, by_expert).to(xs.dtype)
+    if offs is None:  # moe_pairs: a pair not held (row -1) computes with row 0, and its weight is 0
+        experts = experts.clamp(min=0)
     w = dequant_rows(fmt, t, name, experts, xs.dtype)
     if offs is None:
         return torch.bmm(w, xs.unsqueeze(-1)).squeeze(-1)
@@ -138,7 +140,8 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     """x [M, H], local [M, k] (each choice's row in `t`, -1 where `t` does not hold it), weights
     [M, k] -> float32 [M, H]: the weighted sum over the held choices, each (token, choice) pair a
     matrix-vector product, so that nothing waits for the host and the step can be a CUDA graph
-    (decode: hcs_hybrid's hot share, resident layers). A pair not held reads row 0 with weight 0.
+    (decode: hcs_hybrid's hot share, resident layers). A pair not held weighs 0, and the fused
+    kernel skips it (hcs_hybrid's cold pairs: with a hot set of half the experts, half the pairs).
     With several tokens the pairs go in expert order, and the fused kernel reads an expert once for
     all its pairs; nothing finds the active experts on the host (moe_blocks), which only a decode
     step's few rows make the cheaper way. A token's pairs are summed in their own order, not by a
@@ -146,15 +149,16 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     does not depend on the others in its step."""
     m, k = local.shape
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    rows = local.clamp(min=0).reshape(-1)
+    rows = local.reshape(-1)
     wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
-    if m == 1:  # one token's choices are different experts (or row 0 at weight 0): nothing to share
+    if m == 1:  # one token's choices are different experts: nothing to share
         pairs = torch.arange(k, device=x.device)
-        _block(x, t, fmt, act, False, out, pairs // k, wt, rows, rows, None, pairs)
+        _block(x, t, fmt, act, False, out, pairs // k, wt, rows.clamp(min=0), rows, None, pairs)
         return out
     # in expert order, so that the fused kernel reads each expert once for all the pairs choosing it
+    # (those not held, row -1, come first, and it skips them)
     rows, order = torch.sort(rows, stable=True)
-    _block(x, t, fmt, act, False, out, order // k, wt[order], rows, rows, None, order, by_expert=True)
+    _block(x, t, fmt, act, False, out, order // k, wt[order], rows.clamp(min=0), rows, None, order, by_expert=True)
     return out
 
 

@@ -46,15 +46,17 @@ for kind in ("int4", "int8"):
         assert got.dtype == torch.float32 and got.shape == (3, O), got.shape
         err = float((got - want).abs().max() / want.abs().max())
         assert err < 1e-5, (kind, O, K, err)
-        # pairs in expert order, runs of one expert at the start, middle and end (a decode step of
+        # pairs in expert order, runs of one expert in the middle and at the end (a decode step of
         # several tokens): each run's first program takes the run, and every pair's sum is the one
-        # it gets alone, bit for bit
-        rows = torch.tensor([0, 0, 0, 1, n - 1, n - 1], device=dev)
-        x = torch.randn(6, K, device=dev).bfloat16()
+        # it gets alone, bit for bit; and pairs of row -1 (choices these tensors do not hold: zero,
+        # and skipped)
+        rows = torch.tensor([-1, -1, 0, 0, 0, 1, n - 1, n - 1], device=dev)
+        x = torch.randn(8, K, device=dev).bfloat16()
         alone = expert_gemv(fmt, t, "w", rows, x)
         assert torch.equal(expert_gemv(fmt, t, "w", rows, x, sorted_rows=True), alone), (kind, O, K)
-        want = torch.bmm(dequant_reference(fmt, t, "w", rows, torch.float32), x.float().unsqueeze(-1)).squeeze(-1)
-        assert float((alone - want).abs().max() / want.abs().max()) < 1e-5
+        assert not alone[:2].any()
+        want = torch.bmm(dequant_reference(fmt, t, "w", rows[2:], torch.float32), x[2:].float().unsqueeze(-1)).squeeze(-1)
+        assert float((alone[2:] - want).abs().max() / want.abs().max()) < 1e-5
 print("ok")
 """
 
