@@ -5,10 +5,12 @@ item 6: Qwen3-30B-A3B ready within 20 s of start with warm caches).
         --devices cuda:0 --runs 5
 
 takes the runtime options of `krasis-coord generate`. Each run is a fresh process (imports are part
-of a start) that builds the engine as `serve` does, starts every worker, generates one token from
---prompt-ids, and lays out on its own clock, from its exec: the coordinator's imports and engine
+of a start) that starts as `serve` does: the workers first (coordinator/processes.py: Prestarted),
+then the coordinator's imports and engine, whose spec each worker then takes; it generates one token
+from --prompt-ids, and lays out on its own clock, from its exec: the coordinator's imports and engine
 (config, tokenizer, cache headers), then each worker's phases from the times it reports in its Ready
-message (shared/lifecycle.py:StartupMarks), and when the coordinator saw each Ready. A run that
+message (shared/lifecycle.py:StartupMarks: "preload", its imports, and "spec", its wait for the
+engine, when it was started ahead), and when the coordinator saw each Ready. A run that
 built a cache (one was missing or stale) is no warm start: the summary, each phase's least and
 median, leaves such runs out. Warm runs read the caches from the page cache where RAM holds them.
 """
@@ -25,11 +27,10 @@ import click
 
 from krasis.shared.lifecycle import started_at
 
-T0 = started_at()  # before the heavy imports below, which the figures include
+T0 = started_at()  # before the imports, which the figures include
 
 from krasis.coordinator.cli import _int_list, runtime_options  # noqa: E402
-from krasis.coordinator.engine import Engine, run  # noqa: E402
-from krasis.shared import protocol as P  # noqa: E402
+from krasis.coordinator.processes import Prestarted  # noqa: E402
 
 
 def _phases(worker: dict) -> list[tuple[str, float, float]]:
@@ -41,9 +42,12 @@ def _phases(worker: dict) -> list[tuple[str, float, float]]:
     return out
 
 
-async def _one(model: str, opts, prompt_ids: list[int]) -> list[tuple[str, float, float]]:
+async def _one(model: str, opts, prompt_ids: list[int], prestarted: Prestarted) -> list[tuple[str, float, float]]:
+    from krasis.coordinator.engine import Engine
+    from krasis.shared import protocol as P
+
     rows = [("coordinator: imports", time.time() - T0, time.time() - T0)]
-    engine = Engine(model, opts)
+    engine = Engine(model, opts, prestarted=prestarted)
     t = time.time() - T0
     rows.append(("coordinator: engine (config, tokenizer, cache headers)", t - rows[-1][2], t))
     try:
@@ -70,7 +74,10 @@ async def _one(model: str, opts, prompt_ids: list[int]) -> list[tuple[str, float
 @runtime_options
 def main(model, runs, prompt_ids, one, opts):
     if one:
-        print(json.dumps(run(_one(model, opts, prompt_ids))))
+        with Prestarted.for_run(model, opts) as prestarted:  # before the heavy imports, as serve does
+            from krasis.coordinator.engine import run
+
+            print(json.dumps(run(_one(model, opts, prompt_ids, prestarted))))
         return
     args = sys.argv[1:]
     if "--runs" in args:

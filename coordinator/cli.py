@@ -12,25 +12,41 @@ import functools
 import json
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from ..shared import protocol as P
 from ..shared.keys import KeysError, require_keys
-from ..shared.models.family import ConfigError
-from ..shared.quant import QuantError
-from ..shared.weight_cache import CacheError
-from ..shared.weights import WeightError
-from .check import fits_in_ram
 from .config import config_option
-from .engine import Engine, RequestError, run as _run
-from .plan import PlanError
-from .processes import RuntimeOptions, WorkerDied
-from .synth import SHAPES
-from .tokenizer import TokenizerError
+from .processes import Prestarted, RuntimeOptions, WorkerDied
 
-USER_ERRORS = (ConfigError, WeightError, PlanError, RequestError, TokenizerError, P.ProtocolError, WorkerDied,
-               CacheError, QuantError)
+if TYPE_CHECKING:
+    from .engine import Engine
+
+# Only light modules above: `serve` and `generate` start their workers (Prestarted) before anything
+# imports torch, which takes the coordinator as long as a worker's own imports (5 s on the H100
+# host), so the modules that import it are imported where they are used.
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a command reports in one line (exit 1) rather than a traceback."""
+    from ..shared import protocol as P
+    from ..shared.models.family import ConfigError
+    from ..shared.quant import QuantError
+    from ..shared.weight_cache import CacheError
+    from ..shared.weights import WeightError
+    from .engine import RequestError
+    from .plan import PlanError
+    from .tokenizer import TokenizerError
+
+    return (ConfigError, WeightError, PlanError, RequestError, TokenizerError, P.ProtocolError, WorkerDied,
+            CacheError, QuantError)
+
+
+def _prestart(model: str, opts: RuntimeOptions) -> Prestarted:
+    """Start the run's workers now, to import while this process imports and builds its engine; those
+    the engine never takes are killed when the command ends, however it ends."""
+    return click.get_current_context().with_resource(Prestarted.for_run(model, opts))
 
 
 def _int_list(ctx, param, value):
@@ -173,6 +189,8 @@ async def _with_engine(model: str, opts: RuntimeOptions, body, drain: asyncio.Ev
     """Run `body(engine)` with every process started, stopping them all whatever happens
     (SIGINT and SIGTERM included). With `drain` (serve), the first signal once the workers are up
     sets it, for `body` to drain; a second one, or one during start-up, stops at once."""
+    from .engine import Engine
+
     engine = Engine(model, opts, **engine_kw)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -217,7 +235,13 @@ def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, t
     try:
         msgs = json.loads(messages) if messages is not None else None
     except json.JSONDecodeError as e:
+        from ..shared.models.family import ConfigError
+
         _fail(ConfigError(f"--messages is not valid JSON: {e}"))
+    prestarted = _prestart(model, opts)
+    from ..shared import protocol as P
+    from .engine import RequestError, run
+
     gen = P.Generate(
         id="cli", prompt=prompt, prompt_ids=prompt_ids, messages=msgs,
         sampling=P.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -250,8 +274,8 @@ def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, t
             click.echo()
 
     try:
-        _run(_with_engine(model, opts, body))
-    except USER_ERRORS as e:
+        run(_with_engine(model, opts, body, prestarted=prestarted))
+    except _user_errors() as e:
         _fail(e)
     except asyncio.CancelledError:
         _fail(RuntimeError("interrupted"))
@@ -269,7 +293,7 @@ def convert(model, quant):
     try:
         family = load_family(model)
         caches = prepare(model, family, RuntimeOptions(**quant), verify=True)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         _fail(e)
     if caches.cpu is None and caches.gpu is None and caches.dense is None:
         click.echo("convert: nothing to build: --gpu-bits, --cpu-bits and --attn-bits are all 16 (unquantized)", err=True)
@@ -292,6 +316,8 @@ def _api_keys(key: str | None, key_file: str | None) -> list[str]:
             with open(key_file) as f:
                 keys += [k for k in (line.strip() for line in f) if k and not k.startswith("#")]
         except OSError as e:
+            from ..shared.models.family import ConfigError
+
             raise ConfigError(f"--api-key-file {key_file}: {e.strerror or e}") from None
         if not keys:
             raise ConfigError(f"--api-key-file {key_file} holds no key")
@@ -331,19 +357,23 @@ def _api_keys(key: str | None, key_file: str | None) -> list[str]:
 def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, api_key_file, metrics_addr,
           max_restarts, max_replays, max_queue, drain_timeout, opts):
     """Run the service until SIGTERM or Ctrl-C, which drain it (a second one stops at once)."""
-    from .server import Server
-
     if print_config:
         from .config import effective
 
         click.echo(effective(click.get_current_context()), nl=False)
         return
+    prestarted = _prestart(model, opts)
+    from ..shared.models.family import ConfigError
+    from .check import fits_in_ram
+    from .engine import run
+    from .server import Server
+
     try:
         keys = _api_keys(api_key, api_key_file)
         if keys and not http_addr:
             raise ConfigError("--api-key protects the HTTP API: add --http HOST:PORT (the ZeroMQ front end has no keys)")
         fits_in_ram(model, opts)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         _fail(e)
     drain = asyncio.Event()
 
@@ -394,9 +424,9 @@ def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, 
         return cut
 
     try:
-        cut = _run(_with_engine(model, opts, body, drain, max_restarts=max_restarts, max_replays=max_replays,
-                                max_queue=max_queue))
-    except USER_ERRORS as e:
+        cut = run(_with_engine(model, opts, body, drain, max_restarts=max_restarts, max_replays=max_replays,
+                               max_queue=max_queue, prestarted=prestarted))
+    except _user_errors() as e:
         _fail(e)
     except asyncio.CancelledError:
         click.echo("krasis: stopped", err=True)
@@ -411,6 +441,8 @@ async def _listen(site, option: str, addr: tuple[str, int]) -> None:
     try:
         await site.start(*addr)
     except OSError as e:
+        from ..shared.models.family import ConfigError
+
         raise ConfigError(f"{option} {addr[0]}:{addr[1]}: {e.strerror or e}") from None
 
 
@@ -433,7 +465,7 @@ def check(model, opts, **serve_options):
     ports = {"--http": serve_options.get("http_addr"), "--metrics": serve_options.get("metrics_addr")}
     try:
         lines = run_checks(model, opts, ports)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         _fail(e)
     click.echo(table(lines))
     sys.exit(1 if any(line.status == "fail" for line in lines) else 0)
@@ -452,6 +484,7 @@ check.params += [p for p in serve.params if p.name not in {q.name for q in check
               help="Client keys folder for a service run with --keys (docs/deployment.md).")
 def chat(endpoint, max_new_tokens, temperature, system, keys):
     """Interactive chat with a running service; replies stream as they are generated."""
+    from ..shared import protocol as P
     from ..shared.client import Client, ServiceError
 
     history = [{"role": "system", "content": system}] if system else []
@@ -509,7 +542,7 @@ def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, tempe
 
     try:
         rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [], temperature=temperature)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         _fail(e)
     if json_file:
         with open(json_file, "w") as f:
@@ -535,7 +568,7 @@ def optimize(model, prompt_tokens, decode_tokens, runs, opts):
 
     try:
         res = run_optimize(model, opts, prompt_tokens, decode_tokens, runs, log=lambda m: click.echo(m, err=True))
-    except (*USER_ERRORS, RuntimeError) as e:
+    except (*_user_errors(), RuntimeError) as e:
         _fail(e)
     click.echo(tables(res))
 
@@ -556,7 +589,7 @@ def calibrate(model, text_file, opts):
     try:
         with tqdm(desc="calibrating", unit="tok", disable=None) as bar:
             res = run_calibrate(model, opts, text, bar.update)
-    except (*USER_ERRORS, ValueError, RuntimeError) as e:
+    except (*_user_errors(), ValueError, RuntimeError) as e:
         _fail(e)
     from .calibrate import report_lines
 
@@ -564,8 +597,21 @@ def calibrate(model, text_file, opts):
     click.echo("\n".join(report_lines(res["routing"])) + f"\n  (saved in {res['routing_path']})")
 
 
+class _Shapes(click.Choice):
+    """click.Choice of coordinator/synth.py's SHAPES, read when used: synth imports torch."""
+
+    def __init__(self):
+        self.case_sensitive = True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:
+        from .synth import SHAPES
+
+        return tuple(SHAPES)
+
+
 @main.command()
-@click.option("--shape", required=True, type=click.Choice(list(SHAPES)),
+@click.option("--shape", required=True, type=_Shapes(),
               help="The real model whose shape to copy.")
 @click.option("--layers", type=int, help="Decoder layers (default: the real model's).")
 @click.option("--experts", type=int, help="Routed experts per layer (default: the real model's; fewer for tests).")
@@ -585,7 +631,7 @@ def synth(shape, layers, experts, vocab, seed, expert_bits, group_size, out):
     try:
         path = run_synth(shape, out, layers, experts, vocab, seed,
                          expert_bits=int(expert_bits) if expert_bits else None, group_size=group_size)
-    except (SynthError, *USER_ERRORS) as e:
+    except (SynthError, *_user_errors()) as e:
         _fail(e)
     click.echo(str(path))
 
@@ -610,7 +656,7 @@ def host(listen, devices, cpu_workers, numa_nodes, keys, insecure, model_path, c
         require_keys([listen], keys, insecure)
         serve_host(listen, [d.strip() for d in devices.split(",") if d.strip()], cpu_workers, numa_nodes, keys,
                    model_path, cache_dir)
-    except (KeysError, ValueError, *USER_ERRORS) as e:
+    except (KeysError, ValueError, *_user_errors()) as e:
         _fail(e)
 
 

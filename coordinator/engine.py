@@ -32,7 +32,7 @@ from .hosts import HostGroup, start_hosts
 from .local_group import LocalStages, start_local
 from .metrics import Metrics
 from .plan import split_layers
-from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup
+from .processes import Endpoints, Prestarted, RuntimeOptions, WorkerDied, WorkerGroup
 from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -169,8 +169,11 @@ def validate_devices(devices: list[str]) -> None:
 
 class Engine:
     def __init__(self, model_dir: str, opts: RuntimeOptions, max_restarts: int = 0, max_replays: int = 2,
-                 max_queue: int = 256):
+                 max_queue: int = 256, prestarted: Prestarted | None = None):
+        """`prestarted`: workers already importing (coordinator/processes.py); a group hands its specs
+        to them while any is left, and starts processes of its own after that (a restart)."""
         self.model_dir, self.opts, self.max_restarts = str(model_dir), opts, max_restarts
+        self.prestarted = prestarted
         self.max_replays, self.max_queue = max_replays, max_queue
         if opts.dtype not in DTYPES:
             raise ConfigError(f"--dtype {opts.dtype} is not one of {', '.join(DTYPES)}")
@@ -228,7 +231,7 @@ class Engine:
             self.group, stage0 = await start_hosts(self)
             pool_eps = []
         else:
-            self.group = WorkerGroup()
+            self.group = WorkerGroup(self.prestarted)
             self.results.bind(ep("results"))
             world = len(opts.devices)
             stages = LocalStages(list(range(world)), self.plan, opts.devices, {r: ep(f"stage{r}") for r in range(world)},

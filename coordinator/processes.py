@@ -22,19 +22,28 @@ CPU worker spec: node, model, bind (its control endpoint: stats, shutdown), coor
     format: ExpertFormat.to_spec(); cache: the expert cache file to copy from, or null to format the
     experts from the checkpoint (16-bit): MODEL, or the GGUF file `gguf` when not null;
     dense_cache: the INT8 dense cache file or null.
+
+A worker may also be started before its spec exists (Prestarted): it imports its module, most of its
+start, while the coordinator imports its own and builds the engine, then takes its spec and
+descriptors from a socket instead of its command line and inherited descriptors.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import runpy
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..shared.lifecycle import PRESTART_MARKS, die_with_parent
 
 
 class WorkerDied(RuntimeError):
@@ -133,17 +142,113 @@ class Endpoints:
         return f"{self.prefix}-{name}"
 
 
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    # Workers size their own thread pools; an inherited OMP_NUM_THREADS would fight that.
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def _spec_fds(spec: dict) -> list[int]:
+    """The descriptors a spec names (the module docstring's store fds and mailbox fd)."""
+    return [*spec["store"]["fds"], spec["mailbox"]["fd"]]
+
+
+def _renumber(spec: dict, new: dict[int, int]) -> dict:
+    return dict(spec, store=dict(spec["store"], fds=[new[f] for f in spec["store"]["fds"]]),
+                mailbox=dict(spec["mailbox"], fd=new[spec["mailbox"]["fd"]]))
+
+
+class Prestarted:
+    """Workers started before their specs exist: `serve` and `generate` start one per worker the run
+    will have before they import torch and build the engine (config, cache headers, tokenizer), and
+    each imports its module meanwhile, which is most of a worker's start (5 s on the H100 host, as
+    long as the coordinator's own imports), then waits for its spec (run_prestarted). The
+    WorkerGroup hands each spec to one of them instead of starting a process. As a context manager,
+    those never handed one are killed on exit; until then they die with the coordinator like any
+    worker (PDEATHSIG)."""
+
+    def __init__(self, modules: list[str], model: str):
+        self.waiting: dict[str, list[tuple[subprocess.Popen, socket.socket]]] = {}
+        for module in modules:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with theirs:
+                cmd = [sys.executable, "-c", "from krasis.coordinator.processes import run_prestarted; run_prestarted()",
+                       module, str(theirs.fileno()), str(os.getpid()), str(model)]
+                p = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=_worker_env())
+            self.waiting.setdefault(module, []).append((p, ours))
+
+    @classmethod
+    def for_run(cls, model: str, opts: RuntimeOptions) -> "Prestarted":
+        """One per worker coordinator/local_group.py will start for `opts` (a count that differs only
+        costs the head start: a spec with none left starts its process then)."""
+        if opts.hosts:  # the host agents start the workers
+            return cls([], model)
+        nodes, _ = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
+        modules = ["krasis.cpu_worker"] * (opts.cpu_workers or len(nodes)) + ["krasis.gpu_worker"] * len(opts.devices)
+        return cls(modules, model)
+
+    def hand(self, module: str, spec: dict, fds: list[int]) -> subprocess.Popen | None:
+        """Send `spec` and `fds` to a worker of `module` started for it; None when none is left (or
+        `fds` are not those the spec names, which run_prestarted could not renumber)."""
+        if sorted(set(fds)) != sorted(set(_spec_fds(spec))):
+            return None
+        while self.waiting.get(module):
+            p, sock = self.waiting[module].pop(0)
+            with sock:
+                try:
+                    socket.send_fds(sock, [json.dumps({"spec": spec, "fds": fds}).encode()], fds)
+                    return p
+                except OSError:  # it died before its spec (its error is on stderr): start a fresh one
+                    p.wait()
+        return None
+
+    def close(self) -> None:
+        for p, sock in (w for ws in self.waiting.values() for w in ws):
+            sock.close()
+            p.kill()
+            p.wait()
+        self.waiting = {}
+
+    def __enter__(self) -> "Prestarted":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_prestarted() -> None:
+    """A Prestarted worker: argv is MODULE SOCKET_FD PARENT_PID MODEL (MODEL, unused here, is for ps and
+    for whoever finds a model's workers by their command line, as a spawned worker's spec shows it).
+    Imports MODULE's main, then runs MODULE as `python -m MODULE SPEC` would, with the spec and
+    descriptors received on the socket (a received descriptor has a number of its own, which the
+    spec is rewritten to). Exits quietly when the coordinator closes the socket without sending one."""
+    module, fd, parent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    die_with_parent(parent)
+    importlib.import_module(f"{module}.main")
+    PRESTART_MARKS.append(["preload", time.time()])
+    with socket.socket(fileno=fd) as sock:
+        msg, received, _, _ = socket.recv_fds(sock, 1 << 20, 256)
+    if not msg:
+        sys.exit(0)
+    PRESTART_MARKS.append(["spec", time.time()])
+    sent = json.loads(msg)
+    spec = _renumber(sent["spec"], dict(zip(sent["fds"], received)))
+    sys.argv = [module, json.dumps(spec)]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
 class WorkerGroup:
-    def __init__(self):
+    def __init__(self, prestarted: Prestarted | None = None):
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.stopping = False
+        self.prestarted = prestarted
 
     def spawn(self, role: str, module: str, spec: dict, fds: list[int]) -> None:
         spec = dict(spec, parent_pid=os.getpid())
-        env = dict(os.environ)
-        # Workers size their own thread pools; an inherited OMP_NUM_THREADS would fight that.
-        env.pop("OMP_NUM_THREADS", None)
-        p = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], pass_fds=fds, env=env)
+        p = self.prestarted.hand(module, spec, fds) if self.prestarted else None
+        if p is None:
+            p = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], pass_fds=fds, env=_worker_env())
         self.procs.append((role, p))
 
     def check(self) -> None:

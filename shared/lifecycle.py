@@ -11,6 +11,9 @@ import time
 
 PR_SET_PDEATHSIG = 1
 PR_SET_TIMERSLACK = 29
+# What a worker started before its spec did first (coordinator/processes.py: run_prestarted): when
+# its imports ended ("preload") and its spec came ("spec"); StartupMarks reports them after "exec".
+PRESTART_MARKS: list[list] = []
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -49,7 +52,7 @@ class StartupMarks:
     Ready message carries them, for benchmarks/startup.py to lay a start out by phase."""
 
     def __init__(self):
-        self.marks = [["exec", started_at()]]
+        self.marks = [["exec", started_at()], *PRESTART_MARKS]
 
     def __call__(self, phase: str) -> None:
         self.marks.append([phase, time.time()])

@@ -1,0 +1,56 @@
+"""Start-up order (issue 14, item 6): serve and generate start their workers before the coordinator
+imports torch, and hand each its spec once the engine has it (coordinator/processes.py: Prestarted)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+import tiny_models as tm
+from krasis.coordinator.engine import Engine
+from krasis.coordinator.processes import Prestarted, RuntimeOptions
+from krasis.shared import protocol as P
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tm.build(tmp_path_factory.mktemp("m") / "qwen", "qwen3")
+
+
+def test_the_cli_imports_no_torch():
+    code = "import sys, krasis.coordinator.cli; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_prestarted_workers_take_their_specs(model):
+    opts = RuntimeOptions(devices=["cpu", "cpu"], cpu_workers=2, dtype="float32")
+    with Prestarted.for_run(str(model), opts) as pre:
+        started = sorted(p.pid for ws in pre.waiting.values() for p, _ in ws)
+        assert len(started) == 4
+
+        async def go():
+            engine = Engine(model, opts, prestarted=pre)
+            try:
+                await engine.start()
+                gen = P.Generate(id="a", prompt_ids=[1, 2, 3], sampling=P.SamplingParams(max_new_tokens=3))
+                toks = [t for m in [m async for m in engine.generate(gen)] if isinstance(m, P.Tokens) for t in m.token_ids]
+                return engine.workers, toks
+            finally:
+                await engine.close()
+
+        workers, toks = asyncio.run(go())
+        assert not any(pre.waiting.values())  # every one was taken
+    assert sorted(w["pid"] for w in workers) == started
+    assert all([m[0] for m in w["startup"][:3]] == ["exec", "preload", "spec"] for w in workers)
+    assert toks == tm.generate_json(model, [1, 2, 3], 3, "--devices", "cpu,cpu", "--cpu-workers", "2")["token_ids"]
+    tm.wait_gone(started)
+
+
+def test_unused_prestarted_workers_are_killed(model):
+    pre = Prestarted.for_run(str(model), RuntimeOptions(devices=["cpu"], cpu_workers=1))
+    procs = [p for ws in pre.waiting.values() for p, _ in ws]
+    pre.close()
+    assert all(p.returncode is not None for p in procs)
