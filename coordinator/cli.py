@@ -150,8 +150,9 @@ def runtime_options(f):
                   help="Who runs decode's routed experts (default: the winner of `optimize`, else pure_cpu).")
     @click.option("--stream-decode", type=click.Choice(["auto", "off", "always"]), default="auto", show_default=True,
                   help="Run a decode step's routed experts as prefill does (streamed over PCIe, the batch on the GPU) "
-                  "when that is faster for its batch size: auto measures both per batch size on a GPU; off never; always "
-                  "for every decode step.")
+                  "when that is faster for its batch size: auto measures both per batch size on a GPU, where --gpu-bits "
+                  "equals --cpu-bits (else the two would compute with different weights); off never; always for every "
+                  "decode step.")
     @click.option("--resident-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="Decode the routed experts of the layers the prefill strategy keeps in VRAM on the GPU, not "
                   "the CPU pool: auto is on for a GPU.")

@@ -133,6 +133,16 @@ def _logprobs(req: Request, out: dict[str, torch.Tensor], row: int) -> P.TokenLo
                            top_logprobs=out["top_logprobs"][row, :k].tolist())
 
 
+def stream_decode(o: RuntimeOptions) -> str:
+    """--stream-decode as the workers take it: `auto` streams a decode step only where the GPU's
+    experts are the pool's numbers (the same --gpu-bits and --cpu-bits). Else a streamed step would
+    compute with other weights, and a request's tokens would follow which runner the step times
+    chose, i.e. the machine's load (the graphs test's DeepSeek case diverged on exactly that)."""
+    if o.stream_decode == "auto" and o.gpu_bits != o.cpu_bits:
+        return "off"
+    return o.stream_decode
+
+
 def strategy_spec(model_dir: str, o: RuntimeOptions) -> dict:
     """The GPU workers' strategy settings: the options given, else the winner `optimize` stored
     for this model, else pure_cpu decode and the prefill strategy each GPU worker's VRAM plan
@@ -143,7 +153,7 @@ def strategy_spec(model_dir: str, o: RuntimeOptions) -> dict:
     kv = o.kv_dtype if o.kv_dtype != "auto" else ("bf16" if o.dtype == "float32" else "fp8")
     return dict(
         prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
-        decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"), stream_decode=o.stream_decode,
+        decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"), stream_decode=stream_decode(o),
         resident_decode=o.resident_decode,
         vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
         hcs_path=str(state_path(model_dir, "hcs_counts.json")),

@@ -120,3 +120,14 @@ def test_streamed_decode_is_exact_and_leaves_the_pool_idle(tmp_path):
     assert [g.token_ids for g in got] == want
     assert [w["stream_decode"] for w in stats["workers"] if w["role"] == "gpu"] == ["always", "always"]
     assert sum(p["calls"] for p in stats["cpu_pool"]) == 0
+
+
+def test_auto_streams_only_where_the_gpu_computes_with_the_pools_numbers():
+    """A streamed step runs the GPU's experts (--gpu-bits), a pool step the pool's (--cpu-bits):
+    where they differ, auto would make a request's tokens follow the machine's load."""
+    from krasis.coordinator.engine import stream_decode
+    from krasis.coordinator.processes import RuntimeOptions
+
+    assert stream_decode(RuntimeOptions(gpu_bits=4, cpu_bits=4)) == "auto"
+    assert stream_decode(RuntimeOptions(gpu_bits=16, cpu_bits=4)) == "off"
+    assert stream_decode(RuntimeOptions(gpu_bits=16, cpu_bits=4, stream_decode="always")) == "always"
