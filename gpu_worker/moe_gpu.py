@@ -85,15 +85,14 @@ def _grouped_ok(x: torch.Tensor) -> bool:
 
 
 def _project(xs: torch.Tensor, fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, experts: torch.Tensor,
-             offs: torch.Tensor | None, counts: list[int] | None, grouped: bool, by_expert: bool) -> torch.Tensor:
+             offs: torch.Tensor | None, counts: list[int] | None, grouped: bool) -> torch.Tensor:
     """Rows xs [R, K] sorted into groups (ending at `offs`, of sizes `counts`), times W_g^T for the
     weights `name` of the groups' `experts` -> [R, O] in xs's dtype. `offs` None: one row per group,
-    a matrix-vector product each, dequantized inside the kernel on CUDA (expert_gemv_kernel.py,
-    which reads an expert once for a run of equal `experts` where `by_expert`)."""
+    a matrix-vector product each, dequantized inside the kernel on CUDA (expert_gemv_kernel.py)."""
     if offs is None and xs.is_cuda and fmt.kind != "dense":
         from .expert_gemv_kernel import expert_gemv
 
-        return expert_gemv(fmt, t, name, experts, xs, by_expert).to(xs.dtype)
+        return expert_gemv(fmt, t, name, experts, xs).to(xs.dtype)
     if offs is None:  # moe_pairs: a pair not held (row -1) computes with row 0, and its weight is 0
         experts = experts.clamp(min=0)
     w = dequant_rows(fmt, t, name, experts, xs.dtype)
@@ -142,23 +141,16 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     matrix-vector product, so that nothing waits for the host and the step can be a CUDA graph
     (decode: hcs_hybrid's hot share, resident layers). A pair not held weighs 0, and the fused
     kernel skips it (hcs_hybrid's cold pairs: with a hot set of half the experts, half the pairs).
-    With several tokens the pairs go in expert order, and the fused kernel reads an expert once for
-    all its pairs; nothing finds the active experts on the host (moe_blocks), which only a decode
-    step's few rows make the cheaper way. A token's pairs are summed in their own order, not by a
-    scatter's atomics, so a graph's replay and an eager step agree bit for bit, and a token's result
-    does not depend on the others in its step."""
+    It reads M * k experts' weights (the L2 serves an expert's repeats), which only a decode step's
+    few rows make cheaper than finding the active ones on the host (moe_blocks). A token's pairs
+    are summed in their own order, not by a scatter's atomics, so a graph's replay and an eager step
+    agree bit for bit, and a token's result does not depend on the others in its step."""
     m, k = local.shape
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     rows = local.reshape(-1)
     wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
-    if m == 1:  # one token's choices are different experts: nothing to share
-        pairs = torch.arange(k, device=x.device)
-        _block(x, t, fmt, act, False, out, pairs // k, wt, rows.clamp(min=0), rows, None, pairs)
-        return out
-    # in expert order, so that the fused kernel reads each expert once for all the pairs choosing it
-    # (those not held, row -1, come first, and it skips them)
-    rows, order = torch.sort(rows, stable=True)
-    _block(x, t, fmt, act, False, out, order // k, wt[order], rows.clamp(min=0), rows, None, order, by_expert=True)
+    pairs = torch.arange(m * k, device=x.device)
+    _block(x, t, fmt, act, False, out, pairs // k, wt, rows.clamp(min=0), rows, None, pairs)
     return out
 
 
@@ -188,15 +180,14 @@ def _active_rows(local, weights):
     return tok, weights[tok, slot].float(), rows, active, counts, None
 
 
-def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, order,
-           by_expert: bool = False) -> None:
+def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, order) -> None:
     """out[tok] += wt * expert(x[tok]) for sorted pairs: `erow` is each pair's expert row in `t`,
     `experts` the rows dequantized as the groups (None: all the block's), `counts` the pairs per
-    group (None: one each, `by_expert` whether in expert order); `order` (when the pairs are every
-    (token, slot) of x, flattened) is where each sorted pair came from."""
+    group (None: one each); `order` (when the pairs are every (token, slot) of x, flattened) is
+    where each sorted pair came from."""
     offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
     sizes = None if grouped or counts is None else counts.tolist()
-    proj = dict(offs=offs, counts=sizes, grouped=grouped, by_expert=by_expert)
+    proj = dict(offs=offs, counts=sizes, grouped=grouped)
     gu = _project(x.index_select(0, tok), fmt, t, "w13", experts, **proj)
     if "b13" in t:
         gu = gu + t["b13"].index_select(0, erow).to(x.dtype)

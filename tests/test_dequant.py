@@ -1,7 +1,7 @@
 """The GPU dequantization kernel (gpu_worker/dequant.py) against its torch reference, bit for bit,
 and the fused dequantize-and-multiply kernel of decode on the GPU (gpu_worker/expert_gemv_kernel.py)
-against that reference followed by a float32 matrix-vector product, to float32 rounding, pair by pair
-and with the pairs of one expert taken together. Without a
+against that reference followed by a float32 matrix-vector product, to float32 rounding (and zero
+for a choice the tensors do not hold). Without a
 GPU, Triton's interpreter runs the same kernels on the CPU (TRITON_INTERPRET, set before triton is
 first imported: this test runs the check in a fresh interpreter). benchmarks/device_check.py runs
 the same check on CUDA, where bfloat16 results must be identical too."""
@@ -46,17 +46,13 @@ for kind in ("int4", "int8"):
         assert got.dtype == torch.float32 and got.shape == (3, O), got.shape
         err = float((got - want).abs().max() / want.abs().max())
         assert err < 1e-5, (kind, O, K, err)
-        # pairs in expert order, runs of one expert in the middle and at the end (a decode step of
-        # several tokens): each run's first program takes the run, and every pair's sum is the one
-        # it gets alone, bit for bit; and pairs of row -1 (choices these tensors do not hold: zero,
-        # and skipped)
-        rows = torch.tensor([-1, -1, 0, 0, 0, 1, n - 1, n - 1], device=dev)
-        x = torch.randn(8, K, device=dev).bfloat16()
-        alone = expert_gemv(fmt, t, "w", rows, x)
-        assert torch.equal(expert_gemv(fmt, t, "w", rows, x, sorted_rows=True), alone), (kind, O, K)
-        assert not alone[:2].any()
-        want = torch.bmm(dequant_reference(fmt, t, "w", rows[2:], torch.float32), x[2:].float().unsqueeze(-1)).squeeze(-1)
-        assert float((alone[2:] - want).abs().max() / want.abs().max()) < 1e-5
+        # pairs of row -1 (choices these tensors do not hold): zero, the others as before
+        rows = torch.tensor([-1, 0, -1, n - 1], device=dev)
+        x = torch.randn(4, K, device=dev).bfloat16()
+        got = expert_gemv(fmt, t, "w", rows, x)
+        assert not got[0].any() and not got[2].any()
+        want = torch.bmm(dequant_reference(fmt, t, "w", rows[1::2], torch.float32), x[1::2].float().unsqueeze(-1)).squeeze(-1)
+        assert float((got[1::2] - want).abs().max() / want.abs().max()) < 1e-5
 print("ok")
 """
 
