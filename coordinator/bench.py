@@ -6,7 +6,10 @@ machine's floor measured in the same run (DESIGN.md, Ceilings):
     decode floor  = expert bytes one token reads from RAM / DRAM read bandwidth
 
 Each figure is also given as the fraction of its floor reached. The prompt is random token ids
-(seeded), so no data set is needed; decode ignores EOS so every run decodes the same count.
+(seeded), so no data set is needed; decode ignores EOS so every run decodes the same count. The seed
+is new for each bench unless given: the hot-expert counts a run saves (gpu_worker/hcs.py) would
+otherwise come from the very prompts the next run measures, and a hot set made from them served
+every choice of their decode (an H100 run, 2026-12-05: 35% of the experts, 100.0% of the choices).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import secrets
 import time
 import zlib
 from dataclasses import dataclass
@@ -138,15 +142,15 @@ class Trace:
 
 
 async def generate_together(engine: Engine, prompts: list[list[int]], new_tokens: int, tag: str,
-                            temperature: float = 0.0) -> list[Trace]:
+                            temperature: float = 0.0, seed: int = 0) -> list[Trace]:
     """Submit every prompt at once (EOS ignored; sampled at `temperature`, each request seeded from
-    its id, or greedy at 0) and follow each to its end. The engine prefills them one after another,
-    then decodes them in shared steps."""
+    `seed` and its id, or greedy at 0) and follow each to its end. The engine prefills them one after
+    another, then decodes them in shared steps."""
 
     async def follow(i, ids):
         rid = f"{tag}.{i}"
         sampling = P.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=temperature,
-                                    seed=zlib.crc32(rid.encode()) if temperature > 0 else None)
+                                    seed=zlib.crc32(f"{seed}:{rid}".encode()) if temperature > 0 else None)
         gen = P.Generate(id=rid, prompt_ids=ids, sampling=sampling)
         tokens, times = [], []
         async for ev in engine.generate(gen):
@@ -183,12 +187,12 @@ def _pool_delta(before: dict, after: dict) -> list[dict]:
 
 
 async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
-                 concurrency: list[int], temperature: float) -> dict:
+                 concurrency: list[int], temperature: float, seed: int) -> dict:
     engine = Engine(model, opts)
     try:
         await engine.start()
         vocab = engine.family.vocab_size
-        g = torch.Generator().manual_seed(1234)
+        g = torch.Generator().manual_seed(seed)
 
         def prompts(n, length):
             return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
@@ -196,14 +200,14 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
         async def measured(n, length, tag):
             """`runs` groups of n sequences, with the engine's and the pool's counters around them."""
             before = (await engine.stats_reply()).stats
-            groups = [await generate_together(engine, prompts(n, length), decode_tokens, f"{tag}{i}", temperature)
+            groups = [await generate_together(engine, prompts(n, length), decode_tokens, f"{tag}{i}", temperature, seed)
                       for i in range(runs)]
             after = (await engine.stats_reply()).stats
             return groups, _step_ms(before, after), _pool_delta(before, after)
 
         # warm-up: kernels compiled, hot-expert counts gathered, allocator settled
         await generate_together(engine, prompts(1, min(min(prompt_lens), opts.prefill_chunk)), min(decode_tokens, 4), "warmup",
-                                temperature)
+                                temperature, seed)
         rows = []
         for length in prompt_lens:
             groups, step_ms, pool = await measured(1, length, f"run{length}.")
@@ -216,7 +220,7 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
                 else:
                     # a first group of this size with short prompts: decode graphs for n sequences captured
                     await generate_together(engine, prompts(n, min(length, 16)), min(decode_tokens, 4), f"warmup{n}.",
-                                            temperature)
+                                            temperature, seed)
                     entry_groups, step_ms, pool = await measured(n, length, f"c{n}.{length}.")
                 rates = [decode_rates(grp) for grp in entry_groups]
                 row["concurrency"].append({
@@ -247,18 +251,21 @@ DECODE_TEMPERATURE = 1.0
 
 
 def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int,
-              measure_floor: bool = True, temperature: float = DECODE_TEMPERATURE) -> dict:
+              measure_floor: bool = True, temperature: float = DECODE_TEMPERATURE, seed: int | None = None) -> dict:
     """One prompt length, one sequence at a time: run_benches' row."""
     return run_benches(model, opts, [prompt_tokens], decode_tokens, runs, measure_floor=measure_floor,
-                       temperature=temperature)[0]
+                       temperature=temperature, seed=seed)[0]
 
 
 def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
                 concurrency: list[int] = (), measure_floor: bool = True,
-                temperature: float = DECODE_TEMPERATURE) -> list[dict]:
+                temperature: float = DECODE_TEMPERATURE, seed: int | None = None) -> list[dict]:
     """One row per prompt length, all from one start of the processes. With `concurrency`, each row
     also holds an entry per count of sequences decoded together (each with that prompt length).
-    Decode samples at `temperature` (0: greedy)."""
+    Decode samples at `temperature` (0: greedy). `seed` draws the prompts (None: a new one, which
+    the rows record)."""
+    if seed is None:
+        seed = secrets.randbelow(2**31)
     from ..shared.weights import load_family
 
     need = max(prompt_lens) + decode_tokens + 1
@@ -268,9 +275,10 @@ def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode
     # before the workers start: the DRAM read is then this process's threads alone, on every core,
     # not sharing the machine with a pool process
     ceil = ceilings(opts) if measure_floor else None
-    out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency), temperature))
+    out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency), temperature, seed))
     family = load_family(model)
-    return [_row(model, opts, family, out, r, length, decode_tokens, ceil) for r, length in zip(out["rows"], prompt_lens)]
+    return [_row(model, opts, family, out, r, length, decode_tokens, ceil) | {"seed": seed, "temperature": temperature}
+            for r, length in zip(out["rows"], prompt_lens)]
 
 
 def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dict:

@@ -536,13 +536,16 @@ def chat(endpoint, max_new_tokens, temperature, system, keys):
 @click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Decode sampling temperature (each request seeded); 0 is greedy, which on a random-weight model "
                    "soon repeats one token and so routes every step to the same experts.")
+@click.option("--seed", type=int, help="Seed of the random prompts (default: a new one each run, recorded in the JSON; "
+              "the same prompts each run would give a hot set made from the very prompts measured).")
 @runtime_options
-def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, temperature, opts):
+def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, temperature, seed, opts):
     """Prefill and decode speed in the reference's table, with this machine's floor and the fraction reached."""
     from .bench import concurrency_table, decode_split, run_benches, table
 
     try:
-        rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [], temperature=temperature)
+        rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [], temperature=temperature,
+                           seed=seed)
     except _user_errors() as e:
         _fail(e)
     if json_file:

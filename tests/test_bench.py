@@ -25,10 +25,12 @@ def model(tmp_path_factory):
 
 def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_path):
     out = tmp_path / "bench.json"
-    p = CliRunner().invoke(main, ["bench", str(model), *OPTS, "--prompt-lens", "8,20", "--concurrency", "1,3", "--json", str(out)])
+    p = CliRunner().invoke(main, ["bench", str(model), *OPTS, "--prompt-lens", "8,20", "--concurrency", "1,3", "--json", str(out),
+                                  "--seed", "7"])
     assert p.exit_code == 0, p.output
     rows = json.loads(out.read_text())
     assert [r["prompt_tokens"] for r in rows] == [8, 20]
+    assert all(r["seed"] == 7 and r["temperature"] == 1.0 for r in rows)  # what a row's prompts and decode were
     for r in rows:
         # the prefill floor is the row's own: a longer prompt has more FLOPs
         assert r["prefill_floor_tok_s"] > 0 and r["prefill_fraction"] == pytest.approx(r["prefill_tok_s"] / r["prefill_floor_tok_s"])
