@@ -310,18 +310,12 @@ def conclude(auto: dict, off: dict, every: int, args) -> None:
     ag, ae, og, oe = ok(auto["graph"]), ok(auto["eager"]), ok(off["graph"]), ok(off["eager"])
     print("\n=== comparisons (the 4 solo prompts) ===")
     pairs = {}
-    if ag and ae:
-        pairs["auto graph/eager"] = compare(ag[0], ae[0], n)
-    if len(ag) > 1:
-        pairs["auto graph/graph"] = compare(ag[0], ag[1], n)
-    if len(ae) > 1:
-        pairs["auto eager/eager"] = compare(ae[0], ae[1], n)
-    if og and oe:
-        pairs["off graph/eager"] = compare(og[0], oe[0], n)
-    if len(og) > 1:
-        pairs["off graph/graph"] = compare(og[0], og[1], n)
-    if len(oe) > 1:
-        pairs["off eager/eager"] = compare(oe[0], oe[1], n)
+    for mode, g, e in (("auto", ag, ae), ("off", og, oe)):
+        if g and e:
+            pairs[f"{mode} graph/eager"] = compare(g[0], e[0], n)
+        for name, rs in (("graph", g), ("eager", e)):
+            if len(rs) > 1:
+                pairs[f"{mode} {name}/{name}"] = compare(rs[0], rs[1], n)
     for c in pairs.values():
         show(c)
 
