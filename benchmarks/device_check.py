@@ -309,6 +309,32 @@ def attention_check(T: int = 10000):
         torch.cuda.synchronize()
         row[f"decode_fp8_splits_{splits}_us"] = 1000 * ms(graph.replay, 20) / 20
         row[f"decode_fp8_splits_{splits}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    # keys per block, warps and pipeline stages, at this context and at 64K: the kernel read a 10K fp8
+    # cache at ~230 GB/s on the H100 (session 19), and decode after 64K ran at 37% of decode after 512
+    for n in (T, 65536):
+        kn, vn = ((kk, vv) if n == T else
+                  (Rows(*fp8_quantize(torch.randn(n, *k.shape[1:], device="cuda").bfloat16())),
+                   Rows(*fp8_quantize(torch.randn(n, *k.shape[1:], device="cuda").bfloat16()))))
+        nbytes = sum(r.values.numel() * r.values.element_size() + r.scales.numel() * r.scales.element_size() for r in (kn, vn))
+        want_n = decode_attention_reference(q1, [kn], vn, n - 1, 0.088)
+        table_n = (device_table(offsets([[(kn.values, kn.scales), (vn.values, vn.scales)]], [n - 1]), q1.device), 5, (0, 1, 1))
+        for tiles in ((64, 4, None), (32, 4, None), (128, 4, None), (64, 8, None), (128, 8, None), (64, 4, 2), (64, 4, 4)):
+            name = f"decode_fp8_ctx{n}_tiles_{'_'.join(map(str, tiles))}"
+            try:
+                call = lambda: decode_attention_batch(q1, [[kn]], [vn], [n - 1], 0.088, table=table_n, tiles=tiles)  # noqa: E731
+                got = call()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(20):
+                        call()
+                graph.replay()
+                torch.cuda.synchronize()
+                us = 1000 * ms(graph.replay, 10) / 20
+                row[f"{name}_us"] = us
+                row[f"{name}_GB_s"] = nbytes / us / 1e3
+                row[f"{name}_rel_err"] = float((got.float() - want_n.float()).abs().max() / want_n.float().abs().max())
+            except Exception as e:  # a configuration past the registers or shared memory: the others still run
+                row[f"{name}_error"] = str(e)[:200]
     # a decode step of 32 sequences, lengths spread up to T, in one launch, against the reference
     # per sequence (the per-sequence launches it replaced: decode_fp8_ms each)
     lens = [T * (i + 1) // 32 for i in range(32)]

@@ -191,6 +191,7 @@ def decode_attention_batch(
     splits: int | None = None,
     out: torch.Tensor | None = None,
     table: tuple[torch.Tensor, int, tuple[int, int, int]] | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """decode_attention for B sequences at once: q [B * t, Hq, dk] holds t new queries of each, one
     sequence after another; ks[b], vs[b] and starts[b] are sequence b's key parts, values and first
@@ -200,7 +201,8 @@ def decode_attention_batch(
     sequence, the indices among those parts of the keys' first and second and of the values), when
     the caller copied it already (KVCache copies one table for a whole step); else made here. `splits` (of each sequence's keys): None is about two
     programs per SM whatever the lengths, so that a launch captured in a CUDA graph serves every
-    later step. `out`: a contiguous [B * t, Hq, dv] to write to."""
+    later step. `out`: a contiguous [B * t, Hq, dv] to write to. `tiles`: (keys per block, warps,
+    pipeline stages) instead of _tiles' choice (benchmarks/device_check.py times a few)."""
     B = len(ks)
     if not B or len(vs) != B or len(starts) != B or q.shape[0] % B:
         raise ValueError(f"{q.shape[0]} queries for {B} sequences ({len(vs)} values, {len(starts)} starts)")
@@ -227,7 +229,7 @@ def decode_attention_batch(
     q, rep = q.contiguous(), Hq // Hkv
     rows, R = t * rep, t * Hq
     head_blocks = triton.cdiv(rows, BLOCK_H)
-    BLOCK_N, warps = _tiles(dk)
+    BLOCK_N, warps, stages = tiles or (*_tiles(dk), None)
     if splits is None:
         splits = max(1, triton.cdiv(2 * _sm_count(q.device), Hkv * head_blocks * B))
     if table is None:
@@ -257,6 +259,7 @@ def decode_attention_batch(
         DA=DA, DB=DB, DV=DV, BLOCK_DA=_pow2(DA), BLOCK_DB=_pow2(DB) if DB else 1, BLOCK_DV=_pow2(DV),
         BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, A_FP8=ka.scales is not None, B_FP8=kb is not None and kb.scales is not None,
         V_FP8=v0.scales is not None, V_IS_A=v_is_a, WINDOWED=window is not None, num_warps=warps,
+        **({} if stages is None else {"num_stages": stages}),
     )
     if out is None:
         out = torch.empty(B * t, Hq, DV, dtype=q.dtype, device=q.device)

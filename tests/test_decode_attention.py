@@ -40,9 +40,9 @@ g = torch.Generator().manual_seed(0)
 def rows(x, fp8, dtype):
     return Rows(*fp8_quantize(x)) if fp8 else Rows(x.to(dtype))
 
-def check(name, q, k, v, start, window=None, sinks=None, splits=None):
+def check(name, q, k, v, start, window=None, sinks=None, splits=None, tiles=None):
     want = decode_attention_reference(q, k, v, start, 0.3, window, sinks)
-    got = decode_attention_batch(q, [k], [v], [start], 0.3, window, sinks, splits=splits)
+    got = decode_attention_batch(q, [k], [v], [start], 0.3, window, sinks, splits=splits, tiles=tiles)
     assert got.dtype == q.dtype and got.shape == want.shape, (name, got.shape, want.shape)
     # bfloat16: p and the dequantized values enter the products in bfloat16 (the interpreter's
     # float32 -> bfloat16 cast truncates), and the output is rounded once more
@@ -60,6 +60,12 @@ for dtype in (torch.bfloat16, torch.float32):
             k, v = (rows(torch.randn(T, Hkv, d, generator=g), fp8, dtype) for _ in range(2))
             sinks = torch.randn(Hkv * rep, generator=g).to(dtype) if sink else None
             check((dtype, fp8, rep, t, window, sink, splits), q, [k], v, T - t, window, sinks, splits)
+
+# other tiles than _tiles' (device_check times them): keys per block and warps
+for tiles in ((16, 2, None), (128, 8, None)):
+    q = torch.randn(3, 8, 32, generator=g)
+    k, v = (rows(torch.randn(150, 2, 32, generator=g), True, torch.float32) for _ in range(2))
+    check(("tiles", tiles), q, [k], v, 147, 60, None, 3, tiles)
 
 # more splits than the combine takes per load (32 for dv = 128), the last one partly past the end
 for dtype in (torch.bfloat16, torch.float32):
