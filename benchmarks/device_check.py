@@ -191,6 +191,20 @@ def norm_rope_check(T: int = 10000):
     save()
 
 
+def graph_us(call, reps: int):
+    """Microseconds per call of `call` on the device, 20 calls captured in one CUDA graph (as a decode
+    graph runs it: the host's launch cost is not counted), and the last call's output as a replay
+    leaves it."""
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(20):
+            out = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return 1000 * ms(graph.replay, reps) / 20, out
+
+
 def first_call_ms(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -293,21 +307,14 @@ def attention_check(T: int = 10000):
         row[f"decode_{name}_ms"] = ms(lambda: decode_attention_batch(q1, [[kk]], [vv], [T - 1], 0.088), 50)
         row[f"decode_{name}_reference_ms"] = ms(lambda: decode_attention_reference(q1, [kk], vv, T - 1, 0.088), 5)
     # device time per call by number of key splits (None: the kernel's own choice), as a decode
-    # graph runs it: 20 calls captured in a graph, so the host's launch cost is not counted
+    # graph runs it (graph_us)
     kk, vv = cases["fp8"]
     want = decode_attention_reference(q1, [kk], vv, T - 1, 0.088)
     # the table made before the capture, as KVCache.begin_step makes it before a step's graph
     table = (device_table(offsets([[(kk.values, kk.scales), (vv.values, vv.scales)]], [T - 1]), q1.device), 5, (0, 1, 1))
     for splits in (None, 40, 53, 80, 106, 157, 210):
         call = lambda: decode_attention_batch(q1, [[kk]], [vv], [T - 1], 0.088, splits=splits, table=table)  # noqa: E731
-        call()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(20):
-                got = call()
-        graph.replay()
-        torch.cuda.synchronize()
-        row[f"decode_fp8_splits_{splits}_us"] = 1000 * ms(graph.replay, 20) / 20
+        row[f"decode_fp8_splits_{splits}_us"], got = graph_us(call, 20)
         row[f"decode_fp8_splits_{splits}_rel_err"] = float((got.float() - want.float()).abs().max() / want.float().abs().max())
     # keys per block, warps and pipeline stages, at this context and at 64K: the kernel read a 10K fp8
     # cache at ~230 GB/s on the H100 (session 19), and decode after 64K ran at 37% of decode after 512
@@ -322,14 +329,7 @@ def attention_check(T: int = 10000):
             name = f"decode_fp8_ctx{n}_tiles_{'_'.join(map(str, tiles))}"
             try:
                 call = lambda: decode_attention_batch(q1, [[kn]], [vn], [n - 1], 0.088, table=table_n, tiles=tiles)  # noqa: E731
-                got = call()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(20):
-                        call()
-                graph.replay()
-                torch.cuda.synchronize()
-                us = 1000 * ms(graph.replay, 10) / 20
+                us, got = graph_us(call, 10)
                 row[f"{name}_us"] = us
                 row[f"{name}_GB_s"] = nbytes / us / 1e3
                 row[f"{name}_rel_err"] = float((got.float() - want_n.float()).abs().max() / want_n.float().abs().max())
@@ -487,17 +487,9 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
         x13, x2 = torch.randn(m * k, hidden, device="cuda").bfloat16(), torch.randn(m * k, inter, device="cuda").bfloat16()
         for name, rows in (("held", held), ("half_cold", half)):
             def call():
-                expert_gemv(fmt, t, "w13", rows, x13)
-                expert_gemv(fmt, t, "w2", rows, x2)
+                return expert_gemv(fmt, t, "w13", rows, x13), expert_gemv(fmt, t, "w2", rows, x2)
 
-            call()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    call()
-            graph.replay()
-            torch.cuda.synchronize()
-            row[f"m{m}_{name}_us"] = 1000 * ms(graph.replay, 10) / 20
+            row[f"m{m}_{name}_us"] = graph_us(call, 10)[0]
     log("expert_gemv", row)
     RESULTS["expert_gemv"] = row
 
