@@ -260,10 +260,9 @@ def attend(
     return torch.matmul(probs, vh).transpose(0, 1)
 
 
-# Not cuDNN: it builds an execution plan for every new shape, ~0.1-0.4 s each (a 2K prompt's first
-# run 130 ms slower than its second on the H100; other projects measured ~400 ms), and a service's
-# prompts and decode steps keep bringing new lengths. Flash is its equal on a chunk's work but for
-# the first chunk's causal square (~0.16 ms a layer at 4096 tokens on the H100).
+# Not cuDNN: it builds an execution plan for every new shape (27-562 ms on the H100, device_check),
+# and a service's prompts and decode steps keep bringing new lengths. On CUDA this path serves what
+# the prompt kernel does not take (MLA's head sizes, float32, one query off the decode kernel).
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
