@@ -19,7 +19,7 @@ import torch
 from ..shared.expert_store import StoreLayout
 from ..shared.models.family import ConfigError
 from .convert import cache_dir, expert_cache, expert_format
-from .processes import RuntimeOptions, numa_cpus
+from .processes import RuntimeOptions, numa_cpus, pool_processes
 
 GB = 1 << 30
 # Each process (coordinator, GPU workers, pool processes) holds torch, the tokenizer and its buffers:
@@ -52,7 +52,7 @@ def _stores(family, opts: RuntimeOptions, pool: int) -> list[int]:
 
 def ram_needed(family, opts: RuntimeOptions) -> int:
     """Bytes of RAM the run holds: its expert stores, and each process's own."""
-    pool = opts.cpu_workers or len(numa_cpus(opts.numa_nodes))
+    pool = pool_processes(opts)
     return sum(_stores(family, opts, pool)) + PROCESS_OVERHEAD * (1 + pool + len(opts.devices))
 
 
@@ -149,7 +149,7 @@ def check_memlock(family, opts: RuntimeOptions) -> Line:
         return Line("memlock limit", "ok", found)
     if family is None:
         return Line("memlock limit", "warn", found + " (give MODEL to compare with what it pins)", fix)
-    pool = opts.cpu_workers or len(numa_cpus(opts.numa_nodes))
+    pool = pool_processes(opts)
     # a GPU worker registers its whole expert store (gpu_worker/dma.py)
     need = max(_stores(family, opts, pool))
     found += f", {need / GB:.1f} GB to pin"

@@ -108,6 +108,11 @@ def numa_cpus(simulate: int | None) -> list[list[int]]:
     return nodes or [allowed]
 
 
+def pool_processes(opts: RuntimeOptions) -> int:
+    """CPU pool processes a run on this host starts: --cpu-workers, else one per NUMA node."""
+    return opts.cpu_workers or len(numa_cpus(opts.numa_nodes))
+
+
 def reserve_cores(nodes: list[list[int]], gpu_workers: int) -> tuple[list[list[int]], list[int]]:
     """(the pool's cores per node, the cores kept for the GPU workers and the coordinator): one per
     GPU worker plus one, from the end of the first node, when that leaves the pool at least three
@@ -184,8 +189,7 @@ class Prestarted:
         costs the head start: a spec with none left starts its process then)."""
         if opts.hosts:  # the host agents start the workers
             return cls([], model)
-        nodes, _ = reserve_cores(numa_cpus(opts.numa_nodes), len(opts.devices))
-        modules = ["krasis.cpu_worker"] * (opts.cpu_workers or len(nodes)) + ["krasis.gpu_worker"] * len(opts.devices)
+        modules = ["krasis.cpu_worker"] * pool_processes(opts) + ["krasis.gpu_worker"] * len(opts.devices)
         return cls(modules, model)
 
     def hand(self, module: str, spec: dict, fds: list[int]) -> subprocess.Popen | None:
