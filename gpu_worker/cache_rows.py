@@ -23,6 +23,11 @@ class Rows(NamedTuple):
         return (self.values.float() * self.scales).to(dtype)
 
 
+# Where rows may start, in elements from their anchor: the batch kernels are told so (tl.multiple_of)
+# and read 16 bytes a load. Every allocation meets it (torch's CUDA blocks are 512-byte aligned, its
+# CPU ones 64), and so does a view that starts at a multiple of 16 columns.
+ALIGN = 16
+
 _ANCHORS: dict[tuple, torch.Tensor] = {}
 _ANCHOR_PTRS: dict[tuple, tuple[int, int]] = {}  # (dtype, device) as tensors carry them -> (address, element size)
 
@@ -42,15 +47,16 @@ def anchor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def element_gap(x: torch.Tensor) -> int:
     """Where x starts, in elements from its dtype's anchor (a batch kernel adds it to the anchor's
-    pointer: each sequence's cache is its own allocation, all in one address space)."""
+    pointer: each sequence's cache is its own allocation, all in one address space); a multiple of
+    ALIGN."""
     key = (x.dtype, x.device)
     if key not in _ANCHOR_PTRS:  # a step's table takes thousands of these: the anchor's address once
         a = anchor(*key)
         _ANCHOR_PTRS[key] = (a.data_ptr(), a.element_size())
     base, size = _ANCHOR_PTRS[key]
     gap = x.data_ptr() - base
-    if gap % size:
-        raise ValueError("cached rows must sit at whole elements from their dtype's anchor")
+    if gap % (size * ALIGN):
+        raise ValueError(f"cached rows must start {ALIGN} elements apart from their dtype's anchor (a view must start at a multiple of {ALIGN} columns)")
     return gap // size
 
 

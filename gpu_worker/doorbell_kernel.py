@@ -33,6 +33,10 @@ import triton.language as tl
 from ..shared import mailbox
 
 _BLOCK = 2048
+# Slots are whole pages of a page-aligned mapping and their parts 64-byte aligned (shared/mailbox.py):
+# said so, the copies in and out of a slot move 16 bytes a thread, not one element (a slot's address
+# comes from a table, which Triton otherwise takes as byte-aligned).
+_SLOT_ALIGN = tl.constexpr(64)
 # the header's fields (int64 indices), as constants the kernels may read
 _REQUEST, _REPLY, _LAYER, _M, _DTYPE, _ERROR = (
     tl.constexpr(getattr(mailbox, f)) for f in ("REQUEST", "REPLY", "LAYER", "M", "DTYPE", "ERROR")
@@ -52,7 +56,7 @@ def _ring(base, offsets, counters, x_ptr, ids_ptr, w_ptr, layer, dtype_code,
           X_OFF: tl.constexpr, IDS_OFF: tl.constexpr, W_OFF: tl.constexpr,
           M: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr):
     s = tl.program_id(0)
-    slot = base + tl.load(offsets + s)
+    slot = base + tl.multiple_of(tl.load(offsets + s), _SLOT_ALIGN)
     xd = (slot + X_OFF).to(tl.pointer_type(x_ptr.dtype.element_ty))
     for i in range(0, M * HIDDEN, BLOCK):
         o = i + tl.arange(0, BLOCK)
@@ -78,7 +82,7 @@ def _wait(base, offsets, counters, abort, failed, out_ptr, res_ptr, extra_ptr,
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float32)
     for s in tl.static_range(SLOTS):
-        slot = base + tl.load(offsets + s)
+        slot = base + tl.multiple_of(tl.load(offsets + s), _SLOT_ALIGN)
         hdr = slot.to(tl.pointer_type(tl.int64))
         n = tl.load(counters + s)
         r = tl.load(hdr + _REPLY, volatile=True)

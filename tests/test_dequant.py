@@ -26,8 +26,9 @@ torch.manual_seed(0)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 for kind in ("int4", "int8"):
     # odd sizes: O not a power of two, K / 2 not a multiple of the kernel's block, 3 groups per row;
-    # O beyond one and two of the gemv kernel's 32-row blocks, a group of 96 (not a power of two)
-    for O, K, group, n in ((5, 96, 32, 4), (3, 1536, 512, 3), (45, 288, 96, 4), (70, 512, 128, 3)):
+    # O beyond one and two of the gemv kernel's 32-row blocks, a group of 96 (not a power of two),
+    # 20 groups a row (the gemv kernel's 8 a step: the last step partly past the row)
+    for O, K, group, n in ((5, 96, 32, 4), (3, 1536, 512, 3), (45, 288, 96, 4), (70, 512, 128, 3), (40, 640, 32, 3)):
         fmt = ExpertFormat(kind, torch.bfloat16, group)
         parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
         t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}

@@ -1,0 +1,93 @@
+"""Where a decode layer's GPU time goes, from a worker's Chrome trace (KRASIS_PROFILE_TRACE=1,
+gpu_worker/profiling.py): the kernels by name, and the pool's hop cut into cycles.
+
+A cycle runs from the end of one `_wait` kernel (the pool's reply seen on the device) to the end of
+the next: the GPU's turn (its kernels and the idle gaps between them, up to the `_ring` that posts
+the next request) and then the wait on the pool. The operator table (stage*-decode.txt) has the
+kernels' durations but not the gaps, which on a decode layer of ~18 small kernels are most of it.
+
+    python benchmarks/trace_summary.py DIR/stage0-decode.json [--show 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+
+
+def kernels(path: str) -> list[dict]:
+    events = json.load(open(path))
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    ks = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    return sorted(ks, key=lambda e: e["ts"])
+
+
+def short(name: str) -> str:
+    return name if len(name) <= 48 else name[:45] + "..."
+
+
+def by_name(ks: list[dict]) -> str:
+    total = defaultdict(float)
+    count = defaultdict(int)
+    for k in ks:
+        total[k["name"]] += k["dur"]
+        count[k["name"]] += 1
+    span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
+    lines = [f"{len(ks)} kernels over {span:.0f} us, busy {sum(total.values()):.0f} us", f"{'kernel':48} {'calls':>6} {'us':>10} {'us/call':>8}"]
+    for name in sorted(total, key=total.get, reverse=True)[:30]:
+        lines.append(f"{short(name):48} {count[name]:6d} {total[name]:10.1f} {total[name] / count[name]:8.2f}")
+    return "\n".join(lines)
+
+
+def cycles(ks: list[dict], show: int) -> str:
+    """The pool hop's cycles: per cycle the turn (from a _wait's end to the next _ring's end), the
+    turn's kernel time and its idle gaps, and the next _wait's duration."""
+    ends = [i for i, k in enumerate(ks) if k["name"] == "_wait"]
+    if len(ends) < 2:
+        return "no pool hop in this trace (no _wait kernels)"
+    rows = []
+    shown = []
+    for a, b in zip(ends, ends[1:]):
+        start = ks[a]["ts"] + ks[a]["dur"]
+        inner = ks[a + 1 : b]
+        ring = [k for k in inner if k["name"] == "_ring"]
+        if not ring or start > ring[-1]["ts"]:
+            continue
+        turn_end = ring[-1]["ts"] + ring[-1]["dur"]
+        turn = [k for k in inner if k["ts"] + k["dur"] <= turn_end]
+        busy = sum(k["dur"] for k in turn)
+        rows.append((turn_end - start, busy, len(turn), ks[b]["dur"], ks[b]["ts"] - turn_end))
+        if len(shown) < show:
+            prev, lines = start, []
+            for k in turn:
+                lines.append(f"  {short(k['name']):48} {k['dur']:7.2f} us  gap {k['ts'] - prev:6.2f}")
+                prev = k["ts"] + k["dur"]
+            shown.append("\n".join(lines))
+    if not rows:
+        return "no complete cycle"
+    med = [statistics.median(col) for col in zip(*rows)]
+    out = [f"{len(rows)} cycles; medians: GPU turn {med[0]:.1f} us = kernels {med[1]:.1f} us ({med[2]:.0f} of them) "
+           f"+ gaps {med[0] - med[1]:.1f} us; then until the next _wait starts {med[4]:.1f} us; _wait {med[3]:.1f} us"]
+    for i, s in enumerate(shown):
+        out.append(f"cycle {i}:\n{s}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace")
+    ap.add_argument("--show", type=int, default=1, help="cycles to list kernel by kernel")
+    a = ap.parse_args()
+    ks = kernels(a.trace)
+    if not ks:
+        print("no kernels in", a.trace)
+        return
+    print(by_name(ks))
+    print()
+    print(cycles(ks, a.show))
+
+
+if __name__ == "__main__":
+    main()
