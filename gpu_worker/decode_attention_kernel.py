@@ -31,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_rows import ALIGN, Rows, anchor, device_table, offsets
+from .cache_rows import ALIGN as _ALIGN, Rows, anchor, device_table, offsets
 
 LOG2E = 1.4426950408889634
+ALIGN = tl.constexpr(_ALIGN)
 BLOCK_H = 16  # query rows per program: tl.dot's smallest M
 
 
@@ -45,7 +46,6 @@ def _split_kernel(
     DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     A_FP8: tl.constexpr, B_FP8: tl.constexpr, V_FP8: tl.constexpr, V_IS_A: tl.constexpr, WINDOWED: tl.constexpr,
-    ALIGN: tl.constexpr,
 ):
     DT = Q.dtype.element_ty
     b = tl.program_id(2)
@@ -262,7 +262,7 @@ def decode_attention_batch(
         t, splits, window or 0, rep, rows, R, Hq, head_blocks, scale * LOG2E, width, IA, IB, IV,
         DA=DA, DB=DB, DV=DV, BLOCK_DA=_pow2(DA), BLOCK_DB=_pow2(DB) if DB else 1, BLOCK_DV=_pow2(DV),
         BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, A_FP8=ka.scales is not None, B_FP8=kb is not None and kb.scales is not None,
-        V_FP8=v0.scales is not None, V_IS_A=v_is_a, WINDOWED=window is not None, ALIGN=ALIGN, num_warps=warps,
+        V_FP8=v0.scales is not None, V_IS_A=v_is_a, WINDOWED=window is not None, num_warps=warps,
         **({} if stages is None else {"num_stages": stages}),
     )
     if out is None:

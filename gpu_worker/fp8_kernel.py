@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .cache_rows import anchor
+from .cache_rows import ALIGN as _ALIGN, anchor
+
+ALIGN = tl.constexpr(_ALIGN)
 
 # kv_cache.FP8_MAX, from the same source: kv_cache imports this module, so it cannot import back.
 _INV_FP8_MAX = tl.constexpr(1.0 / torch.finfo(torch.float8_e4m3fn).max)
@@ -50,8 +52,8 @@ def _rows(x_ptr, q_ptr, s_ptr, TABLE, rows_per_seq, D, heads, width, part, BLOCK
     if SCATTER:
         seq = TABLE + b * width
         row = tl.load(seq + width - 1) * heads + r
-        q_ptr += tl.load(seq + 2 * part) + row * D
-        s_ptr += tl.load(seq + 2 * part + 1) + row
+        q_ptr += tl.multiple_of(tl.load(seq + 2 * part), ALIGN) + row * D  # cache_rows.ALIGN: 16-byte stores
+        s_ptr += tl.multiple_of(tl.load(seq + 2 * part + 1), ALIGN) + row
     else:
         q_ptr += (b * rows_per_seq + r) * D
         s_ptr += b * rows_per_seq + r
