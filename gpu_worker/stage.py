@@ -3,7 +3,7 @@ the first stage and the final norm and LM head on the last.
 
     h = embed(tokens)                                       (first stage)
     for each layer in the slice:
-        for each chunk:  h = h + attention(input_norm(h));  x = post_norm(h)
+        for each chunk:  h = h + attention(input_norm(h));  x = post_norm(h)   (add_post_norm: one pass)
         MoE layer:   the strategy takes the layer's experts (layer_begin: a DMA'd group, the chosen
                      experts of every chunk, ...), then for each chunk h = h + (routed(x) + shared(x))
         dense layer: for each chunk h = h + dense(x)
@@ -226,9 +226,9 @@ class Stage:
         hs, xs = [], []
         for sub, h, pos in chunks:
             with record_function("attention"):
-                h = h + layer.attention(layer.input_norm(h), sub, pos, self.kv)
+                h, x = layer.add_post_norm(h, layer.attention(layer.input_norm(h), sub, pos, self.kv))
             hs.append(h)
-            xs.append(layer.post_norm(h))
+            xs.append(x)
         if not layer.is_moe:
             with record_function("dense_mlp"):
                 return [(sub, h + layer.dense(x), pos) for (sub, _, pos), h, x in zip(chunks, hs, xs)]

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..protocol import SeqSlice
-from .layers import rms_norm
+from .layers import add_rms_norm, rms_norm
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -47,8 +47,8 @@ class ExpertShape:
 class DecoderLayer:
     """One layer's non-routed part. The worker runs, per layer:
 
-        h = h + attention(input_norm(h))
-        x = post_norm(h)
+        h = h + attention(input_norm(h))      }  add_post_norm(h, attention(input_norm(h)))
+        x = post_norm(h)                      }
         h = h + (experts(x, route(x)) + shared(x))      for MoE layers
         h = h + dense(x)                                 for dense layers
     """
@@ -65,6 +65,10 @@ class DecoderLayer:
 
     def post_norm(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.ln2, self.f.rms_norm_eps)
+
+    def add_post_norm(self, h: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + a, post_norm(h + a)): the attention's residual add and the norm after it, in one pass."""
+        return add_rms_norm(h, a, self.ln2, self.f.rms_norm_eps)
 
     def attention(self, x: torch.Tensor, slices: list[SeqSlice], positions: torch.Tensor, kv) -> torch.Tensor:
         raise NotImplementedError

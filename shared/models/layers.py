@@ -40,6 +40,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
+def add_rms_norm(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + a, rms_norm(h + a, weight, eps)): a layer's residual add and the norm after it, one
+    Triton kernel on CUDA (a decode layer is bound by its launches), else the two."""
+    if _use_kernel(h, a, weight) and weight.shape == h.shape[-1:] and a.shape == h.shape and a.dtype == h.dtype:
+        from ..kernels.norm_rope_kernel import RMS_MAX_D, rms_norm_triton
+
+        if h.shape[-1] <= RMS_MAX_D:
+            return rms_norm_triton(h, weight, eps, add=a)
+    s = h + a
+    return s, rms_norm(s, weight, eps)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """rms_norm as Hugging Face transformers computes it: the normalized value is rounded to x's
     dtype before it is multiplied by the weight."""
@@ -205,6 +217,20 @@ class Rotary:
         cis = self._tables(positions, "cis", lambda f: torch.polar(torch.ones_like(f), f) * self.attention_factor)
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(xc * cis[:, None, :]).flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope(qk: torch.Tensor, num_q: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 rotary: Rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = RoPE(RMSNorm_head(q)), k = RoPE(RMSNorm_head(k)) for qk [T, Hq + Hkv, d], q's heads first
+    (Qwen3's per-head norms, each with its own weight): one Triton kernel on CUDA where the weights
+    have qk's dtype (see _use_kernel), else rms_norm and Rotary.rotate_half one after the other."""
+    if _use_kernel(qk, q_weight, k_weight) and q_weight.dtype == k_weight.dtype == qk.dtype:
+        from ..kernels.norm_rope_kernel import qk_norm_rope_triton
+
+        return qk_norm_rope_triton(qk, num_q, q_weight, k_weight, eps, positions, rotary.inv_freq.to(qk.device),
+                                   rotary.attention_factor)
+    q, k = rms_norm(qk[:, :num_q], q_weight, eps), rms_norm(qk[:, num_q:], k_weight, eps)
+    return rotary.rotate_half(q, positions), rotary.rotate_half(k, positions)
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

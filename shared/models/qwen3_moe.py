@@ -13,7 +13,7 @@ Layers in `mlp_only_layers`, or not a multiple of `decoder_sparse_step`, use one
 from __future__ import annotations
 
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily
-from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, softmax_topk, stack_rows, swiglu
+from .layers import Rotary, linear, qk_norm_rope, rope_inv_freq, rope_parameters, softmax_topk, stack_rows, swiglu
 
 
 class Qwen3Moe(ModelFamily):
@@ -105,11 +105,9 @@ class Qwen3MoeLayer(DecoderLayer):
 
     def attention(self, x, slices, positions, kv):
         f, T = self.f, x.shape[0]
-        q, k, v = linear(x, self.wqkv, self.bqkv).split([f.num_heads * f.head_dim, *(2 * [f.num_kv_heads * f.head_dim])], -1)
-        q = rms_norm(q.view(T, f.num_heads, f.head_dim), self.q_norm, f.rms_norm_eps)
-        k = rms_norm(k.view(T, f.num_kv_heads, f.head_dim), self.k_norm, f.rms_norm_eps)
+        qk, v = linear(x, self.wqkv, self.bqkv).split([(f.num_heads + f.num_kv_heads) * f.head_dim, f.num_kv_heads * f.head_dim], -1)
+        q, k = qk_norm_rope(qk.view(T, -1, f.head_dim), f.num_heads, self.q_norm, self.k_norm, f.rms_norm_eps, self.rotary, positions)
         v = v.view(T, f.num_kv_heads, f.head_dim)
-        q, k = self.rotary.rotate_half(q, positions), self.rotary.rotate_half(k, positions)
         out = kv.attend(self.index, slices, q, k, v, scale=f.head_dim**-0.5)
         return linear(out.reshape(T, -1), self.wo, self.bo)
 

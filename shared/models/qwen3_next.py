@@ -199,6 +199,10 @@ class Qwen3NextLayer(DecoderLayer):
     def post_norm(self, h):
         return rms_norm_1p(h, self.ln2, self.f.rms_norm_eps)
 
+    def add_post_norm(self, h, a):
+        h = h + a
+        return h, self.post_norm(h)
+
     def attention(self, x, slices, positions, kv):
         return self._delta_net(x, slices, kv) if self.linear_attn else self._gated_attention(x, slices, positions, kv)
 
