@@ -13,7 +13,8 @@
 # `tar cf - -C .peer/build-cuda bin | xz -T0 > .peer/bin.tar.xz` (45 MB; the folder is ~100 MB).
 #
 # step NAME SECONDS CMD...: run CMD into $L/NAME.log, bounded by SECONDS and by the call's deadline.
-# Everything under $L comes back as $OUT/logs.tgz (at most 8 files come back from a call).
+# Everything under $L comes back as $OUT/logs-HHMMSS.tgz, one per script, so that one call can run
+# several of them (at most 8 files come back from a call).
 export PYTHONUNBUFFERED=1
 DEADLINE=$(( $(date +%s) + ${BUDGET:-575} ))
 L=/tmp/devlogs/$(date +%H%M%S); mkdir -p $L
@@ -30,7 +31,7 @@ machine() {
   ( nproc; free -g; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; lscpu | grep -i "model name"
     lscpu | grep -io "avx512[a-z_0-9]*\|amx[a-z_0-9]*" | sort -u | tr '\n' ' '; echo; ldd --version | head -1; df -h /tmp ) > $L/machine.txt 2>&1
 }
-finish() { tar czf $OUT/logs.tgz -C $L . ; cat $L/machine.txt $L/steps.txt; }
+finish() { tar czf $OUT/logs-$(basename $L).tgz -C $L . ; cat $L/machine.txt $L/steps.txt; }
 # LAYERS=N: a slice of the first N layers instead of all 48, for a call with little device time left
 # (per-layer costs and every fraction of a floor are the same; tok/s scale by 48/N).
 M=/tmp/krasis-synth/qwen3-30b-a3b-${LAYERS:-all}-g32
