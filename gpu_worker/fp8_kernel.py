@@ -16,6 +16,8 @@ rows (KVCache.append writes a decode step's K and V straight into them: no copy 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -39,14 +41,18 @@ def _div(a, b):
 
 
 @triton.jit
-def _rows(x_ptr, q_ptr, s_ptr, TABLE, rows_per_seq, D, heads, width, part, BLOCK: tl.constexpr, FP8: tl.constexpr,
+def _rows(x_ptr, x2_ptr, q_ptr, s_ptr, TABLE, rows_per_seq, D, heads, width, part, BLOCK: tl.constexpr, FP8: tl.constexpr,
           SCATTER: tl.constexpr):
     """Row r of sequence b's rows in x [B * rows_per_seq, D], encoded (FP8) or cast, into q_ptr /
     s_ptr: when SCATTER, into its cache's rows from its first new position, as the table says
     (cache_rows.offsets: `part`'s values and scales from their anchors, the position last, `width`
-    per sequence); else one after another."""
+    per sequence); else one after another. Programs of grid index 1 on axis 2 take x2 (of x's
+    shape) into the part after `part` (K and V in one launch)."""
     r = tl.program_id(0)
     b = tl.program_id(1)
+    if tl.program_id(2) == 1:
+        x_ptr = x2_ptr
+        part += 1
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + (b * rows_per_seq + r) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
     if SCATTER:
@@ -79,17 +85,25 @@ def fp8_quantize_triton(t: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] 
             raise ValueError(f"fp8 rows of {list(t.shape)} into {list(q.shape)} and {list(s.shape)}")
     rows = t.numel() // d if d else 0
     if rows:
-        _rows[(rows, 1)](t, q, s, s, rows, d, 0, 0, 0, BLOCK=triton.next_power_of_2(d), FP8=True, SCATTER=False)
+        _rows[(rows, 1, 1)](t, t, q, s, s, rows, d, 0, 0, 0, BLOCK=triton.next_power_of_2(d), FP8=True, SCATTER=False)
     return q, s
 
 
-def write_rows_triton(t: torch.Tensor, dtype: torch.dtype, table: torch.Tensor, width: int, part: int) -> None:
-    """A decode step's new entries of one stored part into every sequence's cache in one launch:
-    t [B * n, H, d] holds n rows of each of B sequences, one sequence after another; each goes into
-    its cache's rows of `part` from its first new position, as `table` says (cache_rows.offsets, on
-    t's device, `width` per sequence), encoded as fp8_quantize_triton does where the cache's values
-    are e4m3 (`dtype`), else cast to `dtype`. Every cache is contiguous."""
-    B, (H, d) = table.numel() // width, t.shape[1:]
-    per = t.shape[0] // B * H
-    _rows[(per, B)](t.contiguous(), anchor(dtype, t.device), anchor(torch.float32, t.device), table, per, d, H, width, part,
-                    BLOCK=triton.next_power_of_2(d), FP8=dtype == torch.float8_e4m3fn, SCATTER=True)
+def write_rows_triton(parts: Sequence[torch.Tensor], dtype: torch.dtype, table: torch.Tensor, width: int) -> None:
+    """A decode step's new entries of each stored part into every sequence's cache, parts[i] into
+    part i: t [B * n, H, d] holds n rows of each of B sequences, one sequence after another; each goes
+    into its cache's rows of the part from its first new position, as `table` says
+    (cache_rows.offsets, on t's device, `width` per sequence), encoded as fp8_quantize_triton does
+    where the cache's values are e4m3 (`dtype`), else cast to `dtype`. Every cache is contiguous.
+    Two parts of one shape (K and V) go in one launch (a decode layer is bound by its launches)."""
+    i = 0
+    while i < len(parts):
+        t = parts[i].contiguous()
+        pair = i + 1 < len(parts) and parts[i + 1].shape == t.shape and parts[i + 1].dtype == t.dtype
+        t2 = parts[i + 1].contiguous() if pair else t
+        B, (H, d) = table.numel() // width, t.shape[1:]
+        per = t.shape[0] // B * H
+        _rows[(per, B, 2 if pair else 1)](
+            t, t2, anchor(dtype, t.device), anchor(torch.float32, t.device), table, per, d, H, width, i,
+            BLOCK=triton.next_power_of_2(d), FP8=dtype == torch.float8_e4m3fn, SCATTER=True)
+        i += 2 if pair else 1

@@ -211,8 +211,7 @@ class KVCache:
             if data is not None:
                 from .fp8_kernel import write_rows_triton
 
-                for i, t in enumerate(new):
-                    write_rows_triton(t, cached[0][i].values.dtype, data, width, i)
+                write_rows_triton(new, cached[0][0].values.dtype, data, width)
             else:
                 for (a, b), s, c in zip(rows, slices, cached):
                     for r, t in zip(c, new):

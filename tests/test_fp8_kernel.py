@@ -40,34 +40,37 @@ for t in cases:
     assert torch.equal(bq[2:-1].view(torch.uint8), wq.view(torch.uint8)) and torch.equal(bs[2:-1], ws)
     assert not bq[:2].view(torch.uint8).any() and not bq[-1:].view(torch.uint8).any() and bool((bs[:2] == -1).all() and (bs[-1:] == -1).all())
 
-# A decode step's rows into three sequences' caches (their own allocations, of other capacities) in
-# one launch: each sequence's rows land at its position, encoded as the reference does (or cast,
-# for a bf16 cache), every other row untouched.
+# A decode step's rows into three sequences' caches (their own allocations, of other capacities):
+# two parts of one shape (K and V: one launch) and then, in a second call, two of different widths
+# (MLA's latent and rope key: a launch each). Each sequence's rows land at its position in each
+# part, encoded as the reference does (or cast, for a bf16 cache); every other row, and a stored
+# part written by neither (the table's third), untouched.
 from krasis.gpu_worker.cache_rows import device_table, offsets
 from krasis.gpu_worker.fp8_kernel import write_rows_triton
 
 for fp8 in (True, False):
     for n in (1, 2):
-        starts, caps = [0, 37, 5], [64, 128, 70]
-        t = (torch.randn(3 * n, 2, 96, generator=g) * 3).bfloat16().to(dev)
-        kind = torch.float8_e4m3fn if fp8 else torch.bfloat16
-        caches = [(torch.zeros(c, 2, 96, dtype=kind, device=dev), torch.full((c, 2, 1), -1.0, device=dev) if fp8 else None)
-                  for c in caps]
-        # the cache's table as KVCache makes it: a second stored part (another buffer) beside this one
-        other = [torch.zeros(c, 1, 8, device=dev) for c in caps]
-        table = device_table(offsets([[(o, None), (q, sc)] for o, (q, sc) in zip(other, caches)], starts), t.device)
-        write_rows_triton(t, kind, table, 5, 1)
-        assert not any(o.any() for o in other)
-        for b, ((q, sc), st) in enumerate(zip(caches, starts)):
-            mine = t[b * n : (b + 1) * n]
-            if fp8:
-                wq, ws = fp8_quantize_reference(mine)
-                assert torch.equal(q[st : st + n].view(torch.uint8), wq.view(torch.uint8)) and torch.equal(sc[st : st + n], ws), (b, n)
-                assert bool((sc[:st] == -1).all() and (sc[st + n :] == -1).all())
-            else:
-                assert torch.equal(q[st : st + n], mine), (b, n)
-            rest = torch.cat([q[:st], q[st + n :]]).view(torch.uint8) if fp8 else torch.cat([q[:st], q[st + n :]])
-            assert not rest.any(), (b, n)
+        for widths in ((96, 96), (96, 32)):
+            starts, caps = [0, 37, 5], [64, 128, 70]
+            kind = torch.float8_e4m3fn if fp8 else torch.bfloat16
+            ts = [(torch.randn(3 * n, 2, w, generator=g) * 3).bfloat16().to(dev) for w in widths]
+            caches = [[(torch.zeros(c, 2, w, dtype=kind, device=dev), torch.full((c, 2, 1), -1.0, device=dev) if fp8 else None)
+                       for w in widths] for c in caps]
+            other = [torch.zeros(c, 1, 8, device=dev) for c in caps]
+            table = device_table(offsets([[*parts, (o, None)] for parts, o in zip(caches, other)], starts), ts[0].device)
+            write_rows_triton(ts, kind, table, 7)
+            assert not any(o.any() for o in other)
+            for b, (parts, st) in enumerate(zip(caches, starts)):
+                for t, (q, sc) in zip(ts, parts):
+                    mine = t[b * n : (b + 1) * n]
+                    if fp8:
+                        wq, ws = fp8_quantize_reference(mine)
+                        assert torch.equal(q[st : st + n].view(torch.uint8), wq.view(torch.uint8)) and torch.equal(sc[st : st + n], ws), (b, n)
+                        assert bool((sc[:st] == -1).all() and (sc[st + n :] == -1).all())
+                    else:
+                        assert torch.equal(q[st : st + n], mine), (b, n)
+                    rest = torch.cat([q[:st], q[st + n :]]).view(torch.uint8) if fp8 else torch.cat([q[:st], q[st + n :]])
+                    assert not rest.any(), (b, n, widths)
 print("ok")
 """
 
