@@ -9,10 +9,10 @@ G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
 ARGS="--devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --prompt-lens 512"
 B="python3 -m krasis.coordinator bench $G $ARGS"
 step h0 90 $B --vram-budget 16 --resident-decode off --runs 2 --json $L/h0.json
-step h1 150 $B --vram-budget 16 --concurrency 1,4,16,32 --runs 1 --json $L/h1.json
 # the VRAM plan's fixed parts take 7.8 GB of this model's budget (layer_grouped_4 staging, dense
 # weights, activations): 17.8 leaves 10 GB of hot experts, issue 14's item 4
 step h2 150 $B --vram-budget 17.8 --decode-strategy hcs_hybrid --concurrency 1,4,16,32 --runs 1 --json $L/h2.json
+step h1 150 $B --vram-budget 16 --concurrency 1,4,16,32 --runs 1 --json $L/h1.json
 # where the GPU's turn goes between the pool's reply and its next request (every layer through the
 # pool): three decode steps traced, cut into the hop's cycles by benchmarks/trace_summary.py
 KRASIS_PROFILE=$L/prof KRASIS_PROFILE_TRACE=1 KRASIS_PROFILE_STEPS=0,20-22 step h4 90 $B --vram-budget 16 --resident-decode off --runs 1 --json $L/h4.json
