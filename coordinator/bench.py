@@ -128,7 +128,7 @@ def _rss_gb(pids: list[int]) -> float:
     return total / 1e9
 
 
-POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps",
+POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps", "after_s",
                  "lookahead_calls", "lookahead_bytes", "guessed", "chosen")
 
 
@@ -408,7 +408,8 @@ def decode_split(r: dict) -> str:
         us = lambda s, n: 1e6 * s / n  # noqa: E731
         line += (f"\npool us per layer: kernel {us(pool['kernel_s'], pool['calls']):.1f}, "
                  f"around it {us(pool['serve_s'] - pool['kernel_s'], pool['calls']):.1f}, "
-                 f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}")
+                 f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}, "
+                 f"of which its own work after answering {us(pool.get('after_s', 0.0), pool['calls']):.1f}")
     if pool.get("lookahead_calls"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen")

@@ -82,10 +82,11 @@ def main() -> None:
     # Per call, on this process's clock: kernel_s the kernel; serve_s from seeing the request to
     # answering it (kernel_s plus this loop's own work); gap_s the wait since the previous answer when
     # the request is a later layer of the same step (the GPU worker's part of the hop: its layer's
-    # work and both crossings, during which the lookahead runs), step_gap_s when it starts a new step.
-    # The lookahead's own counters (lookahead.py) join these in the stats.
+    # work and both crossings, during which the lookahead runs), step_gap_s when it starts a new step;
+    # after_s from answering to polling again (the lookahead and this loop's bookkeeping: a request
+    # that comes sooner waits for it). The lookahead's own counters (lookahead.py) join these.
     work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "pairs": 0, "max_m": 0,
-            "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0}
+            "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0, "after_s": 0.0}
     last = {"answered": None, "layer": -1}
     kernels = {}
     for layer in layout.moe_layers:
@@ -169,6 +170,7 @@ def main() -> None:
                 done = serve(slot, n, time.perf_counter())
                 if done is not None:  # its x and ids stay in the slot until the GPU worker's next request
                     ahead.run(*done, seen)
+                    work["after_s"] += time.perf_counter() - last["answered"]
                 last_work, spins = time.monotonic(), 0
         spins += 1
         if spins % 4096 == 0:

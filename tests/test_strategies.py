@@ -251,6 +251,7 @@ def test_optimize_ranks_every_strategy_and_bench_uses_the_winner(models, tmp_pat
     for pool in r["pool"]:
         assert pool["gaps"] + pool["step_gaps"] == pool["calls"]
         assert pool["serve_s"] >= pool["kernel_s"] >= 0 and pool["gap_s"] >= 0
+        assert pool["after_s"] >= 0 and (pool["after_s"] > 0) == (pool["calls"] > 0)  # its time after each answer
     if r["pool"][0]["gaps"]:
         assert "pool us per layer: kernel" in p.stdout
     # the CPU pool's share of the routed choices: all of them in pure_cpu; in hcs_hybrid (half the
