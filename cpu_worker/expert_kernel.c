@@ -832,6 +832,14 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     const size_t q13_e = (size_t)2 * I * nb13, s13_e = (size_t)2 * I * G13;
     const size_t q2_e = (size_t)H * nb2, s2_e = (size_t)H * G2;
     halt_t h = {words, seen, nwords, max_s > 0 ? omp_get_wtime() + max_s : 0.0, 0};
+    /* A request that came while the caller did its bookkeeping is served first: with a short GPU turn
+     * it arrives before the guess is made, and the router, top-k and grouping below are not
+     * interruptible. A guess not made is no guess (-1), not the last layer's. */
+    if (halted(&h)) {
+        if (router)
+            for (size_t i = 0; i < mk; i++) predicted[i] = -1;
+        return 0;
+    }
     float *logits = malloc(sizeof(float) * (size_t)M * (router ? E : 1));
     int32_t *idx = malloc(sizeof(int32_t) * (2 * (size_t)count + 1 + 4 * mk));
     if (!logits || !idx) {
@@ -865,6 +873,10 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
                 }
 #pragma omp single
             for (int t = 0; t < M; t++) { /* top-k by selection: k and E are small */
+                if (halted(&h)) { /* came during the router: no guess (see above) */
+                    for (size_t i = (size_t)t * topk; i < mk; i++) predicted[i] = -1;
+                    break;
+                }
                 float *l = logits + (size_t)t * E;
                 for (int j = 0; j < topk; j++) {
                     int best = 0;
@@ -879,7 +891,7 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
         {
             for (size_t i = 0; i < mk; i++)
                 want[i] = allowed && predicted[i] >= 0 && predicted[i] < E_all && !allowed[predicted[i]] ? -1 : predicted[i];
-            na = group_by_expert(want, mk, topk, first, count, fill, active, off, tok, slot);
+            na = halted(&h) ? 0 : group_by_expert(want, mk, topk, first, count, fill, active, off, tok, slot);
         }
 
         int64_t left = budget / nt;

@@ -83,8 +83,9 @@ class Lookahead:
         `served` (the numbers the pool has taken: one that came in meanwhile ends it at once)."""
         if not self.aheads:  # off, or nothing to read ahead with: no bookkeeping either
             return
-        self._score(layer, ids)
-        self._note(layer, ids)
+        chosen = ids.view(-1).tolist()  # as Python ints once: at 8 ids, numpy's per-call costs dominate
+        self._score(layer, chosen)
+        self._note(layer, chosen)
         nxt = self.aheads.get(layer)
         if nxt is None:
             return
@@ -104,19 +105,20 @@ class Lookahead:
         self.stats["lookahead_calls"] += 1
         self.pending = (next_layer, guess)
 
-    def _note(self, layer: int, ids: torch.Tensor) -> None:
+    def _note(self, layer: int, chosen: list[int]) -> None:
         """The experts this request for `layer` asked for (hot ones come as -1)."""
-        e = ids.numpy().ravel()
-        last = self.last[layer]
-        last[e[(e >= 0) & (e < len(last))]] = self.asked[layer]
-        self.asked[layer] += 1
+        last, asked = self.last[layer], self.asked[layer]
+        for e in chosen:
+            if 0 <= e < len(last):
+                last[e] = asked
+        self.asked[layer] = asked + 1
 
-    def _score(self, layer: int, ids: torch.Tensor) -> None:
+    def _score(self, layer: int, chosen: list[int]) -> None:
         """Of the experts of this block that the request for `layer` chose, how many the guess named."""
         pending, self.pending = self.pending, None
         if pending is None or pending[0] != layer:
             return
         first, count = self.first_count[layer]
-        chosen = {e for e in ids.flatten().tolist() if first <= e < first + count}
-        self.stats["chosen"] += len(chosen)
-        self.stats["guessed"] += len(chosen & set(pending[1].flatten().tolist()))
+        mine = {e for e in chosen if first <= e < first + count}
+        self.stats["chosen"] += len(mine)
+        self.stats["guessed"] += len(mine.intersection(pending[1].view(-1).tolist()))

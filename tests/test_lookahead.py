@@ -88,6 +88,12 @@ def test_given_guess_budget_and_stop():
     # a request has arrived: nothing is read
     changed = np.ones(1, np.int64)
     assert ahead(x, guess.clone(), np.array([changed.ctypes.data], np.int64), seen, budget=1 << 30) == 0
+    # with a router too, and no guess is made: the buffer says none (-1), not what it held before
+    with_router = native.load().bind_lookahead(t, 4, FIRST, COUNT, 2, torch.randn(EXPERTS, HIDDEN, generator=gen).bfloat16())
+    stale = guess.clone()
+    assert with_router(x, stale, np.array([changed.ctypes.data], np.int64), seen, budget=1 << 30) == 0
+    assert (stale == -1).all()
+    assert with_router(x, stale, words, seen, budget=1 << 30) > 0 and (stale >= 0).all()
 
 
 def test_experts_never_asked_for_are_left_out_after_quiet_requests():
