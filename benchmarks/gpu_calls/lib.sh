@@ -29,7 +29,10 @@ step() {
 }
 machine() {
   ( nproc; free -g; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; lscpu | grep -i "model name"
-    lscpu | grep -io "avx512[a-z_0-9]*\|amx[a-z_0-9]*" | sort -u | tr '\n' ' '; echo; ldd --version | head -1; df -h /tmp ) > $L/machine.txt 2>&1
+    lscpu | grep -io "avx512[a-z_0-9]*\|amx[a-z_0-9]*" | sort -u | tr '\n' ' '; echo; ldd --version | head -1; df -h /tmp
+    # whether the pool's store (shared memory) can have 2 MiB pages: its reads walk 4 KiB ones otherwise
+    echo "THP enabled: $(cat /sys/kernel/mm/transparent_hugepage/enabled) shmem: $(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled)"
+  ) > $L/machine.txt 2>&1
 }
 finish() { tar czf $OUT/logs-$(basename $L).tgz -C $L . ; cat $L/machine.txt $L/steps.txt; }
 # LAYERS=N: a slice of the first N layers instead of all 48, for a call with little device time left
