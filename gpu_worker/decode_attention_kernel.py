@@ -13,7 +13,7 @@ query rows (row r = query i * rep + head in the group: every query head of the g
 token, so K and V are read once for all of them) and the s-th split of its visible keys [lo, T). It streams
 its keys in blocks of BLOCK_N and keeps, per row, the running max m, sum l and unnormalised output
 acc (online softmax, base 2). The combine kernel, one program per (query, head) row, merges the
-splits and the sink:
+splits that hold keys (after a short context, a few of the launch's) and the sink:
 
     M = max(max_s m_s, sink),  o = sum_s 2^(m_s - M) acc_s / (sum_s 2^(m_s - M) l_s + 2^(sink - M))
 
@@ -36,6 +36,19 @@ from .cache_rows import ALIGN as _ALIGN, Rows, anchor, device_table, offsets
 LOG2E = 1.4426950408889634
 ALIGN = tl.constexpr(_ALIGN)
 BLOCK_H = 16  # query rows per program: tl.dot's smallest M
+
+
+@triton.jit
+def _keys(TABLE, b, width, t, splits, window, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sequence b's visible keys [lo, T), its keys per split (whole blocks), and how many splits
+    hold any: the split and combine kernels' one shared account of the work."""
+    start = tl.load(TABLE + b * width + width - 1)
+    T = start + t
+    lo = 0
+    if WINDOWED:
+        lo = tl.maximum(start + 1 - window, 0)  # no query sees a key before the first one's window
+    per = tl.cdiv(tl.cdiv(T - lo, splits), BLOCK_N) * BLOCK_N
+    return start, lo, T, per, tl.cdiv(T - lo, per)
 
 
 @triton.jit(do_not_specialize=["t", "splits"])
@@ -62,12 +75,7 @@ def _split_kernel(
         SB += tl.multiple_of(tl.load(seq + 2 * IB + 1), ALIGN)
     V += tl.multiple_of(tl.load(seq + 2 * IV), ALIGN)
     SV += tl.multiple_of(tl.load(seq + 2 * IV + 1), ALIGN)
-    start = tl.load(seq + width - 1)
-    T = start + t
-    lo = 0
-    if WINDOWED:
-        lo = tl.maximum(start + 1 - window, 0)  # no query sees a key before the first one's window
-    keys_per_split = tl.cdiv(tl.cdiv(T - lo, splits), BLOCK_N) * BLOCK_N
+    start, lo, T, keys_per_split, _ = _keys(TABLE, b, width, t, splits, window, WINDOWED, BLOCK_N)
     kh = tl.program_id(0) // head_blocks
     r = (tl.program_id(0) % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = r < rows
@@ -125,37 +133,43 @@ def _split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DT), v.to(DT), input_precision="ieee")
         m_i = m_new
 
-    # a split past a shorter sequence's keys saw none: m = -inf, l = 0, which the combine weighs 0
+    # a split past the sequence's keys (a short context's most) writes nothing: the combine reads the
+    # `active` ones only. A row of an active split that saw no key of its own (a later query's, or one
+    # outside its window) has m = -inf, l = 0, which the combine weighs 0.
     out = (b * splits + tl.program_id(1)) * R + i * Hq + head
-    tl.store(M + out, m_i, mask=row_ok)
-    tl.store(L + out, l_i, mask=row_ok)
-    tl.store(ACC + out[:, None] * DV + dv[None, :], acc, mask=row_ok[:, None] & (dv[None, :] < DV))
+    ok = r < tl.where(k_lo < T, rows, 0)  # row_ok, and none in a split past the keys (not `active`: _keys)
+    tl.store(M + out, m_i, mask=ok)
+    tl.store(L + out, l_i, mask=ok)
+    tl.store(ACC + out[:, None] * DV + dv[None, :], acc, mask=ok[:, None] & (dv[None, :] < DV))
 
 
-@triton.jit(do_not_specialize=["splits"])
-def _combine_kernel(M, L, ACC, SINKS, O, splits, R, Hq, sink_scale,
-                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr):
+@triton.jit(do_not_specialize=["t", "splits"])
+def _combine_kernel(M, L, ACC, SINKS, O, TABLE, width, t, splits, window, R, Hq, sink_scale,
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr,
+                    WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
     # CHUNK splits per load, not one split at a time: a row has ~50-150 splits, and a loop of
-    # dependent single loads would wait on memory once per split
+    # dependent single loads would wait on memory once per split. Only the splits that hold keys
+    # (_keys): after a short context, a few of the ~66 a graph's launch was sized for.
     row = tl.program_id(0)
     b = tl.program_id(1)
+    splits_used = _keys(TABLE, b, width, t, splits, window, WINDOWED, BLOCK_N)[4]
     M += b * splits * R
     L += b * splits * R
     ACC += b * splits * R * DV
     d = tl.arange(0, BLOCK_DV)
     c = tl.arange(0, CHUNK)
     top = tl.full([CHUNK], float("-inf"), tl.float32)
-    for s0 in range(0, splits, CHUNK):
-        top = tl.maximum(top, tl.load(M + (s0 + c) * R + row, mask=s0 + c < splits, other=float("-inf")))
+    for s0 in range(0, splits_used, CHUNK):
+        top = tl.maximum(top, tl.load(M + (s0 + c) * R + row, mask=s0 + c < splits_used, other=float("-inf")))
     top = tl.max(top, 0)
     if HAS_SINKS:
         sink = tl.load(SINKS + row % Hq).to(tl.float32) * sink_scale
         top = tl.maximum(top, sink)
     den = tl.zeros([CHUNK], tl.float32)
     acc = tl.zeros([CHUNK, BLOCK_DV], tl.float32)
-    for s0 in range(0, splits, CHUNK):
+    for s0 in range(0, splits_used, CHUNK):
         s = s0 + c
-        ok = s < splits
+        ok = s < splits_used
         # a split that saw no key of this row has m = -inf: weight 0
         w = tl.exp2(tl.load(M + s * R + row, mask=ok, other=float("-inf")) - top)
         den += w * tl.load(L + s * R + row, mask=ok, other=0.0)
@@ -267,6 +281,7 @@ def decode_attention_batch(
     )
     if out is None:
         out = torch.empty(B * t, Hq, DV, dtype=q.dtype, device=q.device)
-    _combine_kernel[(R, B)](m, l, acc, m if sinks is None else sinks, out, splits, R, Hq, LOG2E,
-                            DV=DV, BLOCK_DV=_pow2(DV), CHUNK=max(1, 4096 // _pow2(DV)), HAS_SINKS=sinks is not None)
+    _combine_kernel[(R, B)](m, l, acc, m if sinks is None else sinks, out, data, width, t, splits, window or 0, R, Hq, LOG2E,
+                            DV=DV, BLOCK_DV=_pow2(DV), CHUNK=max(1, 4096 // _pow2(DV)), HAS_SINKS=sinks is not None,
+                            WINDOWED=window is not None, BLOCK_N=BLOCK_N)
     return out
