@@ -183,7 +183,8 @@ def _step_ms(before: dict, after: dict) -> dict:
 
 def _pool_delta(before: dict, after: dict) -> list[dict]:
     """Each pool process's share of what ran between two stats (cpu_worker/main.py: its counters)."""
-    return [{k: b[k] - a[k] for k in POOL_COUNTERS} for a, b in zip(before["cpu_pool"], after["cpu_pool"])]
+    return [{**{k: b[k] - a[k] for k in POOL_COUNTERS}, "experts_asked": b.get("experts_asked", 0.0)}
+            for a, b in zip(before["cpu_pool"], after["cpu_pool"])]
 
 
 async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
@@ -412,7 +413,8 @@ def decode_split(r: dict) -> str:
                  f"of which its own work after answering {us(pool.get('after_s', 0.0), pool['calls']):.1f}")
     if pool.get("lookahead_calls"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
-                 f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen")
+                 f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "
+                 f"its requests have named {pool['experts_asked']:.1f} experts a layer since it started")
     if r.get("decode_resident_layers"):
         line += (f"\ndecode: {r['decode_resident_layers']} of {r['moe_layers']} MoE layers on the GPU (resident "
                  f"decode); the decode floor counts the pool's {r['moe_layers'] - r['decode_resident_layers']}")

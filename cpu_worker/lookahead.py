@@ -77,6 +77,13 @@ class Lookahead:
         self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
         self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
 
+    def summary(self) -> dict:
+        """`stats`, and `experts_asked`: how many experts of its block the requests of a layer have
+        named since the pool started, on average over layers (near all of them after a few hundred
+        decode tokens of balanced routing; a handful where the sampled tokens' routing collapsed)."""
+        asked = [int((last >= 0).sum()) for last in self.last.values()] if self.aheads else []
+        return {**self.stats, "experts_asked": sum(asked) / len(asked) if asked else 0.0}
+
     def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, served: list[int]) -> None:
         """After answering a request for `layer` (its x and ids, still in the slot): score the guess made
         for it, then read ahead for the next layer until a slot's request number differs from

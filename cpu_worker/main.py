@@ -152,7 +152,7 @@ def main() -> None:
         if isinstance(msg, P.Shutdown):
             return False
         if isinstance(msg, P.Stats):
-            sock.send_multipart([ident, *P.encode(P.StatsReply(stats={**work, **ahead.stats}))])
+            sock.send_multipart([ident, *P.encode(P.StatsReply(stats={**work, **ahead.summary()}))])
         else:
             sock.send_multipart([ident, *P.encode(P.WorkerError(role="cpu", rank=node, step=-1, message=f"unexpected {msg.TYPE}"))])
         return True

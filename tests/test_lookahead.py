@@ -22,6 +22,7 @@ from krasis.cpu_worker import native
 from krasis.cpu_worker.lookahead import QUIET, Lookahead, l2_bytes
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
+from krasis.shared.weights import load_family
 
 HAVE_CC = any(shutil.which(n) for n in ([os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]))
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
@@ -150,3 +151,7 @@ def test_pool_with_lookahead_answers_as_without_and_scores_its_guesses(int4_mode
     # one lookahead after every call but the last layer's
     assert pool_on["lookahead_calls"] == pool_on["calls"] * (moe_layers - 1) // moe_layers
     assert pool_on["lookahead_bytes"] > 0 and 0 <= pool_on["guessed"] <= pool_on["chosen"] and pool_on["chosen"] > 0
+    # the distinct experts its requests named, per layer: at least a token's top-k, at most the layer's
+    shape = load_family(str(int4_model)).experts(0)
+    assert shape.top_k <= pool_on["experts_asked"] <= shape.num
+    assert pool_off["experts_asked"] == 0  # tracked by the lookahead only
