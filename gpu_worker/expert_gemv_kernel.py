@@ -67,9 +67,11 @@ def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, O, K, QK, NG, GQ,
     tl.store(y_ptr + p.to(tl.int64) * O + o, acc, mask=om)
 
 
-def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: torch.Tensor, x: torch.Tensor,
+                tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Weights `name` of experts `rows` (int64 [P]) times x [P, K]: float32 [P, O], zero where a row
-    is -1 (a choice these tensors do not hold)."""
+    is -1 (a choice these tensors do not hold). `tiles`: (output rows a program, stored bytes of a row
+    a loop step, warps) instead of (32, _STEP_BYTES, 4) (benchmarks/device_check.py times a few)."""
     q, s = t[f"{name}.q"], t[f"{name}.s"]
     _, O, QK = q.shape
     NG = s.shape[-1]
@@ -77,9 +79,10 @@ def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: 
     y = torch.empty((rows.numel(), O), dtype=torch.float32, device=x.device)
     if y.numel():
         GQ = QK // NG
-        BO, BG = 32, triton.next_power_of_2(GQ)
+        BG = triton.next_power_of_2(GQ)
+        BO, step, warps = tiles or (32, _STEP_BYTES, 4)
         _gemv_kernel[(rows.numel(), triton.cdiv(O, BO))](
             q, s, rows, x.contiguous(), y, O, K, QK, NG, GQ,
-            INT4=fmt.kind == "int4", BO=BO, BG=BG, GP=max(1, _STEP_BYTES // BG),
+            INT4=fmt.kind == "int4", BO=BO, BG=BG, GP=max(1, step // BG), num_warps=warps,
         )
     return y
