@@ -410,7 +410,7 @@ def decode_split(r: dict) -> str:
         line += (f"\npool us per layer: kernel {us(pool['kernel_s'], pool['calls']):.1f}, "
                  f"around it {us(pool['serve_s'] - pool['kernel_s'], pool['calls']):.1f}, "
                  f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}, "
-                 f"of which its own work after answering {us(pool.get('after_s', 0.0), pool['calls']):.1f}")
+                 f"of which its own work after answering {us(pool['after_s'], pool['calls']):.1f}")
     if pool.get("lookahead_calls"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "

@@ -33,10 +33,10 @@ import triton.language as tl
 from ..shared import mailbox
 
 _BLOCK = 2048
-# Slots are whole pages of a page-aligned mapping and their parts 64-byte aligned (shared/mailbox.py):
-# said so, the copies in and out of a slot move 16 bytes a thread, not one element (a slot's address
-# comes from a table, which Triton otherwise takes as byte-aligned).
-_SLOT_ALIGN = tl.constexpr(64)
+# Slots are whole pages of a page-aligned mapping and their parts PART_ALIGN-byte aligned
+# (shared/mailbox.py): said so, the copies in and out of a slot move 16 bytes a thread, not one
+# element (a slot's address comes from a table, which Triton otherwise takes as byte-aligned).
+_SLOT_ALIGN = tl.constexpr(mailbox.PART_ALIGN)
 # the header's fields (int64 indices), as constants the kernels may read
 _REQUEST, _REPLY, _LAYER, _M, _DTYPE, _ERROR = (
     tl.constexpr(getattr(mailbox, f)) for f in ("REQUEST", "REPLY", "LAYER", "M", "DTYPE", "ERROR")

@@ -55,8 +55,13 @@ def dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype)
 
 
+# Bytes every part of a slot is aligned to (slots themselves are whole pages): the doorbell
+# kernels move 16 bytes a thread on that promise.
+PART_ALIGN = 64
+
+
 def _align(n: int) -> int:
-    return (n + 63) & ~63
+    return (n + PART_ALIGN - 1) // PART_ALIGN * PART_ALIGN
 
 
 @dataclass(frozen=True)
