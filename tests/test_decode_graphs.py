@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import tiny_models as tm
+from krasis.coordinator.metrics import cpu_share
 from krasis.shared.client import AsyncClient
+from krasis.shared.weights import load_family
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -45,10 +47,13 @@ def _serve(model, graphs: bool, extra):
                     return [r.token_ids for r in await asyncio.gather(*(c.complete(prompt_ids=p, **sampling) for p in ps))]
 
             batched = [asyncio.run(together(prompts[:n])) for n in (2, 4)]
-            hot = [w["hot_experts"] for w in svc.client.stats().stats["workers"] if w["role"] == "gpu"]
+            stats = svc.client.stats().stats
+            hot = [w["hot_experts"] for w in stats["workers"] if w["role"] == "gpu"]
+            # the pool's share of decode's routed choices (coordinator/metrics.py, as bench reads it)
+            share = cpu_share(load_family(model), stats["cpu_pool"])
     finally:
         del os.environ["KRASIS_CUDA_GRAPHS"]
-    return solo, batched, svc.stderr, hot
+    return solo, batched, svc.stderr, hot, share
 
 
 def _half_hot_budget(model) -> str:
@@ -56,7 +61,6 @@ def _half_hot_budget(model) -> str:
     plan gives the stage beside its fixed parts when it has no limit and no device size."""
     from krasis.gpu_worker.vram_budget import plan
     from krasis.shared.expert_store import ExpertFormat, StoreLayout
-    from krasis.shared.weights import load_family
 
     fam = load_family(model)
     layout = StoreLayout(fam, 1, ExpertFormat("dense", torch.float32))  # _serve's float32, --gpu-bits 16
@@ -74,8 +78,6 @@ def _half_hot_budget(model) -> str:
 def test_graphs_replay_the_eager_steps(model, extra, tmp_path):
     import shutil
 
-    from krasis.shared.weights import load_family
-
     hcs = "hcs_hybrid" in extra
     base = shutil.copytree(model, tmp_path / "base")
     if hcs:
@@ -84,13 +86,18 @@ def test_graphs_replay_the_eager_steps(model, extra, tmp_path):
         extra = (*extra, "--vram-budget", _half_hot_budget(model))
         tm.generate_json(base, [5, 9, 2, 7, 11, 3, 8], 2, "--devices", "cuda:0")
     # both runs from the same state (the counts one run saves would change the next one's hot set)
-    solo, batched, log, hot = _serve(shutil.copytree(base, tmp_path / "graphs"), True, extra)
-    eager_solo, eager_batched, eager_log, eager_hot = _serve(shutil.copytree(base, tmp_path / "eager"), False, extra)
+    solo, batched, log, hot, share = _serve(shutil.copytree(base, tmp_path / "graphs"), True, extra)
+    eager_solo, eager_batched, eager_log, eager_hot, eager_share = _serve(shutil.copytree(base, tmp_path / "eager"), False, extra)
     assert solo == eager_solo and batched == eager_batched
     if hcs:
         fam = load_family(model)
         experts = sum(fam.experts(i).num for i in range(fam.num_layers) if fam.is_moe(i))
         assert hot == eager_hot and 0 < hot[0] < experts, (hot, experts)
+        # about half the experts hot: the pool ran a real share of decode's choices, in the graphs
+        # as eagerly (the 48-layer GGUF's hot set served 100.0% on two GPU hosts, never on a CPU)
+        assert 0.1 < share < 0.9 and 0.1 < eager_share < 0.9, (share, eager_share)
+    elif "off" in extra:  # every choice through the pool's doorbells
+        assert share == eager_share == 1.0, (share, eager_share)
     assert all(len(t) == NEW_TOKENS for t in solo)
     # the graphs were used: every stage captured batch size 1 once (and nothing failed), none without them
     stages = 2 if "cuda:0,cuda:0" in extra else 1
