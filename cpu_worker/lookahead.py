@@ -8,9 +8,13 @@ With hcs_hybrid the GPU runs its hot experts itself and the pool is never asked 
 come masked), so reading them ahead would waste the turn: an expert a layer has not been asked for in
 its last QUIET requests is left out of that layer's reads (taken as hot), until it is asked for again.
 
-The input is read from the slot after the reply, while the GPU worker cannot yet write the next one
-(it first runs attention and the router, tens of microseconds): a guess made from a torn input
-would only read the wrong experts, never change a result.
+The kernel's own threads do all of it the moment the answer is written (expert_kernel.c:
+krasis_moe_layer_then), with the bookkeeping (scoring the last guess, noting the experts asked for)
+done in C just before the answer: Python between the answer and the first byte read ahead took
+most of the GPU worker's turn on a host with slower cores. The guess reads the input from the slot
+after the reply, while the GPU worker cannot yet write the next one (it first runs attention and
+the router, tens of microseconds): a guess made from a torn input would only read the wrong
+experts, never change a result.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..shared.mailbox import REQUEST, Slot
+from ..shared.mailbox import ERROR, REPLY, REQUEST, Slot
+from . import native
 from .expert_kernel import c_kernel
 
 # Requests of a layer without an expert after which it is taken as run elsewhere. A cold expert of a
@@ -61,20 +66,26 @@ def bind(family, layout, store, node: int, get, threads: int) -> dict:
 
 class Lookahead:
     """`aheads`: layer -> (the next MoE layer, its bound krasis_lookahead: bind()); `first_count`:
-    layer -> the pool's block of experts (first, count); `experts`: layer -> its number of experts."""
+    layer -> the pool's block of experts (first, count); `experts`: layer -> its number of experts.
+
+    The pool asks `then(layer, slot, number, m, k, served)` for the Then (native.py) to run a request
+    with: the C kernel scores the guess made for that layer, notes the experts asked for, answers the
+    slot and looks ahead at the next layer, all by its own threads with nothing in between (the
+    stats in `settle`). None where no lookahead is bound (numba, a dense store, or it is off)."""
 
     def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]],
                  experts: dict[int, int]):
         self.aheads, self.budget, self.first_count = aheads, budget, first_count
-        # per layer: the request count, each expert's last request asking for it, and what may be read
+        # per layer: the request count, and each expert's last request asking for it (QUIET's record)
         self.asked = {layer: 0 for layer in experts}
         self.last = {layer: np.full(n, -QUIET, dtype=np.int64) for layer, n in experts.items()}
-        self.allowed = {layer: np.ones(n, dtype=np.uint8) for layer, n in experts.items()}
         # the request numbers of every slot: any new request ends the lookahead
         self.words = np.array([slot.hdr.ctypes.data + REQUEST * slot.hdr.itemsize for slot in slots], dtype=np.int64)
         self.seen = np.zeros(len(slots), dtype=np.int64)
         self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
-        self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
+        self.pending: tuple[int, tuple[int, int]] | None = None  # (layer, (M, k)) of the guess awaiting that layer's request
+        self._then = native.Then()
+        self._answer = {}  # slot id -> (its reply word, its error word)
         self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
 
     def summary(self) -> dict:
@@ -84,48 +95,45 @@ class Lookahead:
         asked = [int((last >= 0).sum()) for last in self.last.values()] if self.aheads else []
         return {**self.stats, "experts_asked": sum(asked) / len(asked) if asked else 0.0}
 
-    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, served: list[int]) -> None:
-        """After answering a request for `layer` (its x and ids, still in the slot): score the guess made
-        for it, then read ahead for the next layer until a slot's request number differs from
-        `served` (the numbers the pool has taken: one that came in meanwhile ends it at once)."""
+    def then(self, layer: int, slot: Slot, number: int, m: int, k: int, served: list[int]) -> native.Then | None:
+        """The Then for request `number` of `slot`, for `layer` with M = m tokens of k choices;
+        `served`: every slot's request number the pool has taken (one that differs ends the
+        lookahead)."""
         if not self.aheads:  # off, or nothing to read ahead with: no bookkeeping either
-            return
-        chosen = ids.view(-1).tolist()  # as Python ints once: at 8 ids, numpy's per-call costs dominate
-        self._score(layer, chosen)
-        self._note(layer, chosen)
+            return None
+        t = self._then
+        words = self._answer.get(id(slot))
+        if words is None:
+            base, size = slot.hdr.ctypes.data, slot.hdr.itemsize
+            words = self._answer[id(slot)] = (base + REPLY * size, base + ERROR * size)
+        t.reply, t.error = words
+        t.number = number
+        t.prev = self._guess[(m, k)].data_ptr() if self.pending == (layer, (m, k)) else None
+        t.last, t.asked, t.experts = self.last[layer].ctypes.data, self.asked[layer], len(self.last[layer])
+        t.bytes = t.guessed = t.chosen = 0
         nxt = self.aheads.get(layer)
         if nxt is None:
-            return
+            t.next = t.ahead = t.next_last = None
+            return t
         next_layer, ahead = nxt
-        if x.dtype == torch.float16:  # the kernel takes bf16 or float32; a guess needs no more precision
-            x = x.float()
-        self.seen[:] = served
-        m, k = ids.shape
         guess = self._guess.get((m, k))
         if guess is None:
-            guess = self._guess[(m, k)] = torch.empty(m, k, dtype=torch.int32)
-        allowed = None
-        if self.asked[next_layer] >= QUIET:
-            allowed = self.allowed[next_layer]
-            np.greater_equal(self.last[next_layer], self.asked[next_layer] - QUIET, out=allowed, casting="unsafe")
-        self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget, allowed=allowed)
-        self.stats["lookahead_calls"] += 1
-        self.pending = (next_layer, guess)
+            guess = self._guess[(m, k)] = torch.full((m, k), -1, dtype=torch.int32)
+        self.seen[:] = served
+        ahead.prepare(guess, self.words, self.seen, self.budget)
+        t.next, t.ahead = ahead.block_ptr, ahead.args_ptr
+        t.next_last = self.last[next_layer].ctypes.data
+        t.quiet_from = self.asked[next_layer] - QUIET if self.asked[next_layer] >= QUIET else -1
+        return t
 
-    def _note(self, layer: int, chosen: list[int]) -> None:
-        """The experts this request for `layer` asked for (hot ones come as -1)."""
-        last, asked = self.last[layer], self.asked[layer]
-        for e in chosen:
-            if 0 <= e < len(last):
-                last[e] = asked
-        self.asked[layer] = asked + 1
-
-    def _score(self, layer: int, chosen: list[int]) -> None:
-        """Of the experts of this block that the request for `layer` chose, how many the guess named."""
-        pending, self.pending = self.pending, None
-        if pending is None or pending[0] != layer:
-            return
-        first, count = self.first_count[layer]
-        mine = {e for e in chosen if first <= e < first + count}
-        self.stats["chosen"] += len(mine)
-        self.stats["guessed"] += len(mine.intersection(pending[1].view(-1).tolist()))
+    def settle(self, layer: int, t: native.Then, m: int, k: int) -> None:
+        """After the kernel ran with `t` (then()'s): its counts, and the guess it left pending."""
+        self.asked[layer] += 1
+        self.stats["guessed"] += t.guessed
+        self.stats["chosen"] += t.chosen
+        if t.next:
+            self.stats["lookahead_calls"] += 1
+            self.stats["lookahead_bytes"] += t.bytes
+            self.pending = (self.aheads[layer][0], (m, k))
+        else:
+            self.pending = None

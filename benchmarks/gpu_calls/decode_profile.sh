@@ -16,17 +16,17 @@
 : "${LAYERS:=8}"
 export LAYERS
 . benchmarks/gpu_calls/lib.sh
-# ordered by what a short call must not miss: correctness, then the hot share, the hop, the profiles
+# ordered by what a short call must not miss: correctness, the A/B, the hot share, the profiles
 machine
-[ -n "${CHECK_TESTS-x}" ] && step g1 240 python3 -m pytest -q -x ${CHECK_TESTS:-tests/test_doorbell.py tests/test_decode_graphs.py -k "doorbell or pp1"}
+[ -n "${CHECK_TESTS-x}" ] && step g1 240 python3 -m pytest -q -x ${CHECK_TESTS:-tests/test_doorbell.py tests/test_decode_graphs.py -k "doorbell or (qwen3 and pp1)"}
 synth_model
 B="python3 -m krasis.coordinator bench $M --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --runs 1"
-step h0 120 $B --vram-budget 6 --decode-strategy hcs_hybrid --prompt-lens 512 --concurrency 1,32 --json $L/h0.json
 if [ -d .old ]; then
   mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
   PYTHONPATH=/tmp/old:$PYTHONPATH step a0 120 $B --vram-budget $VB --resident-decode off --prompt-lens 512,32768 --json $L/a0.json
 fi
 step a1 120 $B --vram-budget $VB --resident-decode off --prompt-lens 512,32768 --json $L/a1.json
+step h0 120 $B --vram-budget 6 --decode-strategy hcs_hybrid --prompt-lens 512 --concurrency 1,32 --json $L/h0.json
 KRASIS_PROFILE=$L/prof0 KRASIS_PROFILE_TRACE=1 KRASIS_PROFILE_STEPS=0,20-22 step p0 120 $B --vram-budget $VB --resident-decode off --prompt-lens 512 --json $L/p0.json
 python3 benchmarks/trace_summary.py $L/prof0/stage0-decode.json --show 2 > $L/p0_trace.txt 2>&1
 [ -n "${CHECKS-attention,dequant}" ] && step g0 90 python3 benchmarks/device_check.py --checks ${CHECKS:-attention,dequant} --skip-exact --skip-bench
