@@ -1,5 +1,7 @@
 """Where a decode layer's GPU time goes, from a worker's Chrome trace (KRASIS_PROFILE_TRACE=1,
-gpu_worker/profiling.py): the kernels by name, and the pool's hop cut into cycles.
+gpu_worker/profiling.py): the kernels by name, and the pool's hop cut into cycles. With --streams
+(a prefill step's trace), each CUDA stream's busy time (kernels and copies, overlaps merged) against
+the step's span instead of the cycles: whether the copies or the compute set the step.
 
 A cycle runs from the end of one `_wait` kernel (the pool's reply seen on the device) to the end of
 the next: the GPU's turn (its kernels and the idle gaps between them, up to the `_ring` that posts
@@ -7,6 +9,7 @@ the next request) and then the wait on the pool. The operator table (stage*-deco
 kernels' durations but not the gaps, which on a decode layer of ~18 small kernels are most of it.
 
     python benchmarks/trace_summary.py DIR/stage0-decode.json [--show 1]
+    python benchmarks/trace_summary.py DIR/stage0-prefill.json --streams
 """
 
 from __future__ import annotations
@@ -22,6 +25,31 @@ def kernels(path: str) -> list[dict]:
     events = events.get("traceEvents", events) if isinstance(events, dict) else events
     ks = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
     return sorted(ks, key=lambda e: e["ts"])
+
+
+def streams(path: str) -> str:
+    """Per stream: its kernels' and copies' busy time (intervals merged) and its share of the span."""
+    events = json.load(open(path))
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not work:
+        return "no GPU work in " + path
+    start = min(e["ts"] for e in work)
+    span = max(e["ts"] + e["dur"] for e in work) - start
+    lines = [f"span {span / 1e3:.1f} ms"]
+    for tid in sorted({e["tid"] for e in work}, key=str):
+        mine = sorted((e for e in work if e["tid"] == tid), key=lambda e: e["ts"])
+        busy, end = 0.0, start
+        for e in mine:
+            a, b = max(e["ts"], end), e["ts"] + e["dur"]
+            busy += max(0.0, b - a)
+            end = max(end, b)
+        kinds = defaultdict(float)
+        for e in mine:
+            kinds[e["cat"]] += e["dur"]
+        parts = ", ".join(f"{k} {v / 1e3:.1f} ms" for k, v in sorted(kinds.items()))
+        lines.append(f"stream {tid}: busy {busy / 1e3:.1f} ms ({busy / span:.0%} of the span): {parts}")
+    return "\n".join(lines)
 
 
 def short(name: str) -> str:
@@ -79,6 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace")
     ap.add_argument("--show", type=int, default=1, help="cycles to list kernel by kernel")
+    ap.add_argument("--streams", action="store_true", help="busy time per stream instead of the decode cycles")
     a = ap.parse_args()
     ks = kernels(a.trace)
     if not ks:
@@ -86,7 +115,7 @@ def main() -> None:
         return
     print(by_name(ks))
     print()
-    print(cycles(ks, a.show))
+    print(streams(a.trace) if a.streams else cycles(ks, a.show))
 
 
 if __name__ == "__main__":

@@ -212,9 +212,14 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
         rows = []
         for length in prompt_lens:
             groups, step_ms, pool = await measured(1, length, f"run{length}.")
+            # the sampled tokens each run decoded: all distinct is the norm at temperature 1; few
+            # means decode repeats itself, and its routing (the hot set's share, the lookahead's
+            # guesses) is not what a served request's would be
+            decoded = [grp[0].tokens[1:] for grp in groups]
             row = {"runs": [{"ttft_s": d.ttft_s, "prefill_tok_s": d.prefill_tok_s, "decode_tok_s": d.decode_tok_s}
                             for d in (grp[0].done for grp in groups)],
-                   "pool": pool, "step_ms": step_ms, "concurrency": []}
+                   "pool": pool, "step_ms": step_ms, "concurrency": [],
+                   "decode_distinct": sum(len(set(t)) for t in decoded) / max(1, sum(len(t) for t in decoded))}
             for n in concurrency:
                 if n == 1:
                     entry_groups = groups
@@ -292,6 +297,7 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
         "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "prefill_tok_s": mean("prefill_tok_s"), "ttft_s": mean("ttft_s"), "decode_tok_s": mean("decode_tok_s"),
         "vram_mb": out["vram_mb"], "ram_gb": out["ram_gb"], "runs": r["runs"], "pool": r["pool"],
+        "decode_distinct": r["decode_distinct"],
     }
     gpus = [w for w in out["workers"] if w["role"] == "gpu"]
     # the hot set (hcs_hybrid) as the VRAM plan sized it: what "N GB of hot experts" means in a result
@@ -415,6 +421,7 @@ def decode_split(r: dict) -> str:
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "
                  f"its requests have named {pool['experts_asked']:.1f} experts a layer since it started")
+    line += f"\ndecode tokens: {r['decode_distinct']:.0%} of each run's distinct (sampled at temperature {r['temperature']})"
     if r.get("decode_resident_layers"):
         line += (f"\ndecode: {r['decode_resident_layers']} of {r['moe_layers']} MoE layers on the GPU (resident "
                  f"decode); the decode floor counts the pool's {r['moe_layers'] - r['decode_resident_layers']}")

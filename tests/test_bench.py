@@ -31,6 +31,9 @@ def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_pat
     rows = json.loads(out.read_text())
     assert [r["prompt_tokens"] for r in rows] == [8, 20]
     assert all(r["seed"] == 7 and r["temperature"] == 1.0 for r in rows)  # what a row's prompts and decode were
+    # sampled at temperature 1 over a 160-token vocabulary: a tiny model's tokens mostly differ
+    assert all(0.3 < r["decode_distinct"] <= 1.0 for r in rows), [r["decode_distinct"] for r in rows]
+    assert "decode tokens: " in p.output
     for r in rows:
         # the prefill floor is the row's own: a longer prompt has more FLOPs
         assert r["prefill_floor_tok_s"] > 0 and r["prefill_fraction"] == pytest.approx(r["prefill_tok_s"] / r["prefill_floor_tok_s"])
