@@ -5,7 +5,7 @@
 # - c0: the pool's kernel at group 32 (the peer GGUF's Q4_0 bytes), from DRAM (beside a build without
 #   the phase-2 prefetch, PHASE2_AHEAD=0), in decode's rhythm
 #   with its lookahead, and its arithmetic alone (in cache): whether a layer's ~113 us is DRAM or math.
-# - a0/a1: the same bench, one sequence through the pool after 512 and 32K-token prompts, with this
+# - a0/a1: the same bench, one sequence through the pool after 512 and 32K-token prompts (AB_LENS), with this
 #   tree (a1) and with an older one in .old (a0, where present: `git worktree add --detach .old REV`,
 #   carried), on one machine: what the change did.
 # - h0: hcs_hybrid with about half the slice's experts hot (`--vram-budget 6`): the pool's share of
@@ -24,9 +24,9 @@ synth_model
 B="python3 -m krasis.coordinator bench $M --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --runs 1"
 if [ -d .old ]; then
   mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-  PYTHONPATH=/tmp/old:$PYTHONPATH step a0 120 $B --vram-budget $VB --resident-decode off --prompt-lens 512,32768 --json $L/a0.json
+  PYTHONPATH=/tmp/old:$PYTHONPATH step a0 120 $B --vram-budget $VB --resident-decode off --prompt-lens ${AB_LENS:-512,32768} --json $L/a0.json
 fi
-step a1 120 $B --vram-budget $VB --resident-decode off --prompt-lens 512,32768 --json $L/a1.json
+step a1 120 $B --vram-budget $VB --resident-decode off --prompt-lens ${AB_LENS:-512,32768} --json $L/a1.json
 step h0 120 $B --vram-budget 6 --decode-strategy hcs_hybrid --prompt-lens 512 --concurrency 1,32 --json $L/h0.json
 step c0 90 python3 benchmarks/cpu_experts.py --group-size 32 --formats int4 --seconds 1 --gap-us 120 --gb 1.5 --c-flags=-DPHASE2_AHEAD=0
 KRASIS_PROFILE=$L/prof0 KRASIS_PROFILE_TRACE=1 KRASIS_PROFILE_STEPS=0,20-22 step p0 120 $B --vram-budget $VB --resident-decode off --prompt-lens 512 --json $L/p0.json
