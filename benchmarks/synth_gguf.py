@@ -24,8 +24,8 @@ import numpy as np
 QWEN3_30B_A3B = dict(layers=48, hidden=2048, ffn=6144, moe_inter=768, experts=128, top_k=8, heads=32, kv_heads=4,
                      head_dim=128, vocab=151936, rope_theta=1e6, context=40960, rms_eps=1e-6)
 BLOCK_BYTES = {"Q4_0": 18, "Q8_0": 34, "MXFP4": 17}
-# a value's spread in units of its block scale, for uniformly random block contents
-_SPREAD = {"Q4_0": 4.64, "Q8_0": 73.9, "MXFP4": 5.85}
+# a value's spread in units of its block scale, for the block contents _blocks draws (zero-mean)
+_SPREAD = {"Q4_0": 4.18, "Q8_0": 73.5, "MXFP4": 5.85}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -64,9 +64,26 @@ def add_tokenizer(w, vocab: int) -> None:
 
 
 def _blocks(rng, qtype: str, n: int, rows: int, cols: int) -> np.ndarray:
-    """n x rows x cols weights as random valid blocks, raw bytes [n, rows, cols / 32 * block bytes]."""
+    """n x rows x cols weights as random valid blocks, raw bytes [n, rows, cols / 32 * block bytes].
+
+    The values are zero-mean: uniformly random Q4_0 nibbles are q - 8 in [-8, 7], mean -1/2 of the
+    scale (Q8_0's int8 likewise), and a matrix with a mean is a random one plus a rank-one part that
+    writes the same direction (all ones) for every token. Through 48 layers of experts that shared
+    direction outgrew what tells tokens apart, and the routers collapsed onto a few experts: by the
+    8th layer of the peer GGUF 43 of 128 were ever chosen (our runtime on the CPU, 256 tokens; synth's
+    own model: all 128), so hcs_hybrid's hot set served every decode choice on two GPU hosts. The
+    one code outside a symmetric range (Q4_0's 0, Q8_0's -128) is read as the middle one (0) instead;
+    MXFP4's sign bit makes it symmetric as it is."""
     nb = cols // 32
     raw = np.frombuffer(rng.bytes(n * rows * nb * BLOCK_BYTES[qtype]), np.uint8).reshape(n, rows, nb, -1).copy()
+    codes = raw[..., 2:]  # Q4_0 and Q8_0: after the fp16 scale
+    if qtype == "Q4_0":
+        lo, hi = codes & 0x0F, codes & 0xF0
+        lo[lo == 0] = 8
+        hi[hi == 0] = 0x80
+        codes[...] = lo | hi
+    elif qtype == "Q8_0":
+        codes[codes == 0x80] = 0
     d = 1 / (_SPREAD[qtype] * math.sqrt(cols))
     if qtype == "MXFP4":  # E8M0: 2^(e - 128) per unit of the doubled E2M1 values
         raw[..., 0] = int(round(math.log2(d))) + 128

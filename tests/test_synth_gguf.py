@@ -46,6 +46,9 @@ def test_krasis_reads_the_synthetic_gguf(qtype, tmp_path):
         w = gguf.quants.dequantize(np.asarray(data), getattr(gguf.GGMLQuantizationType, qtype))
         # within a factor sqrt(2) for MXFP4, whose scales are powers of two
         assert np.isfinite(w).all() and 0.7 < w.std() * math.sqrt(fan_in) < 1.42
+        # zero-mean (uniformly random Q4_0 codes have a mean of half a scale step, 0.11 of their
+        # spread: a rank-one part that collapsed the routing with depth; synth_gguf._blocks)
+        assert abs(w.mean()) < 0.02 * w.std(), (qtype, p, w.mean() / w.std())
     q = src.get("model.layers.0.self_attn.q_proj.weight")
     assert 0.9 < q.std().item() * math.sqrt(256) < 1.1
     codec = TextCodec(path)
