@@ -3,7 +3,7 @@
 # hcs_hybrid's hot set served 100.0% of decode's choices on two GPU hosts). A call of its own: the
 # GGUF takes ~110 s to write, its expert cache ~15 s to build on the first bench.
 # - x2/x1: hcs_hybrid with 10 GB of hot experts (--vram-budget 17.8: the plan's fixed parts take 7.8)
-#   against the defaults (pure_cpu, the same VRAM holding whole layers), 1 and 4 sequences: item 4's
+#   against the defaults (pure_cpu, the same VRAM holding whole layers), one sequence: item 4's
 #   1.3x, and the pool's share of the choices (cpu_share) beside the hot set's share of the experts;
 # - x3/x4: every layer through the pool (--resident-decode off) with the tree before session 21
 #   (.old, where carried) and this one: the pool answering and reading ahead in one C call (item 3).
@@ -12,8 +12,8 @@ machine
 G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
 step b1 200 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G
 B="python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --prompt-lens 512 --runs 1"
-step x2 130 $B --vram-budget 17.8 --decode-strategy hcs_hybrid --concurrency 1,4 --json $L/x2.json
-step x1 110 $B --vram-budget 17.8 --concurrency 1,4 --json $L/x1.json
+step x2 130 $B --vram-budget 17.8 --decode-strategy hcs_hybrid --json $L/x2.json
+step x1 110 $B --vram-budget 17.8 --json $L/x1.json
 if [ -d .old ]; then
   mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
   PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget 16 --resident-decode off --json $L/x3.json
