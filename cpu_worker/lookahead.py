@@ -84,8 +84,8 @@ class Lookahead:
         self.seen = np.zeros(len(slots), dtype=np.int64)
         self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
         self.pending: tuple[int, tuple[int, int]] | None = None  # (layer, (M, k)) of the guess awaiting that layer's request
-        self._then = native.Then()
-        self._answer = {}  # slot id -> (its reply word, its error word)
+        self._thens: dict[tuple, native.Then] = {}  # (layer, slot id, M, k) -> its Then
+        self._prepared: dict[int, tuple[int, int]] = {}  # next layer -> the (M, k) its ahead_t holds
         self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
 
     def summary(self) -> dict:
@@ -98,32 +98,38 @@ class Lookahead:
     def then(self, layer: int, slot: Slot, number: int, m: int, k: int, served: list[int]) -> native.Then | None:
         """The Then for request `number` of `slot`, for `layer` with M = m tokens of k choices;
         `served`: every slot's request number the pool has taken (one that differs ends the
-        lookahead)."""
+        lookahead). Between the request and its kernel: what is fixed per (layer, slot, m, k) is set
+        once, so a call sets a handful of fields."""
         if not self.aheads:  # off, or nothing to read ahead with: no bookkeeping either
             return None
-        t = self._then
-        words = self._answer.get(id(slot))
-        if words is None:
-            base, size = slot.hdr.ctypes.data, slot.hdr.itemsize
-            words = self._answer[id(slot)] = (base + REPLY * size, base + ERROR * size)
-        t.reply, t.error = words
+        key = (layer, id(slot), m, k)
+        t = self._thens.get(key)
+        if t is None:
+            t = self._thens[key] = self._new_then(layer, slot, m, k)
         t.number = number
         t.prev = self._guess[(m, k)].data_ptr() if self.pending == (layer, (m, k)) else None
-        t.last, t.asked, t.experts = self.last[layer].ctypes.data, self.asked[layer], len(self.last[layer])
+        t.asked = self.asked[layer]
         t.bytes = t.guessed = t.chosen = 0
         nxt = self.aheads.get(layer)
-        if nxt is None:
-            t.next = t.ahead = t.next_last = None
-            return t
-        next_layer, ahead = nxt
-        guess = self._guess.get((m, k))
-        if guess is None:
-            guess = self._guess[(m, k)] = torch.full((m, k), -1, dtype=torch.int32)
-        self.seen[:] = served
-        ahead.prepare(guess, self.words, self.seen, self.budget)
-        t.next, t.ahead = ahead.block_ptr, ahead.args_ptr
-        t.next_last = self.last[next_layer].ctypes.data
-        t.quiet_from = self.asked[next_layer] - QUIET if self.asked[next_layer] >= QUIET else -1
+        if nxt is not None:
+            next_layer, ahead = nxt
+            self.seen[:] = served
+            if self._prepared.get(next_layer) != (m, k):  # its ahead_t was last filled for another M
+                ahead.prepare(self._guess[(m, k)], self.words, self.seen, self.budget)
+                self._prepared[next_layer] = (m, k)
+            t.quiet_from = self.asked[next_layer] - QUIET if self.asked[next_layer] >= QUIET else -1
+        return t
+
+    def _new_then(self, layer: int, slot: Slot, m: int, k: int) -> native.Then:
+        base, size = slot.hdr.ctypes.data, slot.hdr.itemsize
+        last = self.last[layer]
+        t = native.Then(reply=base + REPLY * size, error=base + ERROR * size, last=last.ctypes.data, experts=len(last))
+        if (m, k) not in self._guess:
+            self._guess[(m, k)] = torch.full((m, k), -1, dtype=torch.int32)
+        nxt = self.aheads.get(layer)
+        if nxt is not None:
+            next_layer, ahead = nxt
+            t.next, t.ahead, t.next_last = ahead.block_ptr, ahead.args_ptr, self.last[next_layer].ctypes.data
         return t
 
     def settle(self, layer: int, t: native.Then, m: int, k: int) -> None:

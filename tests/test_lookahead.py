@@ -144,11 +144,21 @@ def test_kernel_then_answers_scores_notes_and_reads_ahead():
     guess.copy_(torch.tensor([[5, 8, 9, 0], [8, 3, 1, 2]], dtype=torch.int32))
     run(x, ids, w, out, then=then)
     assert header[1] == 8 and (then.guessed, then.chosen) == (0, 0) and then.bytes == 3 * expert_bytes(nxt)
+    # none of the request's experts is the block's (hcs_hybrid's hot ones come as -1): out is zero,
+    # the request is answered and noted, and the lookahead still reads the next layer's guess
+    none = torch.tensor([[-1, 0, 15, -1], [1, -1, 2, 3]], dtype=torch.int32)
+    then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=10, prev=prev.data_ptr(),
+                       last=last.ctypes.data, asked=15, experts=EXPERTS, next=ahead.block_ptr, ahead=ahead.args_ptr,
+                       next_last=next_last.ctypes.data, quiet_from=-1)
+    guess.copy_(torch.tensor([[5, 8, 9, 0], [8, 3, 1, 2]], dtype=torch.int32))
+    assert run(x, none, w, out, then=then) == 0
+    assert header[1] == 10 and (out == 0).all() and (then.guessed, then.chosen) == (0, 0)
+    assert last[15] == 15 and last[0] == 15 and then.bytes == 3 * expert_bytes(nxt)
     # the last layer: answered, nothing read
-    then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=9, last=last.ctypes.data,
-                       asked=14, experts=EXPERTS)
+    then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=11, last=last.ctypes.data,
+                       asked=16, experts=EXPERTS)
     run(x, ids, w, out, then=then)
-    assert header[1] == 9 and then.bytes == 0 and torch.equal(out, want)
+    assert header[1] == 11 and then.bytes == 0 and torch.equal(out, want)
 
 
 def test_experts_never_asked_for_are_left_out_after_quiet_requests():
