@@ -6,7 +6,8 @@
 #   against the defaults (pure_cpu, the same VRAM holding whole layers), one sequence: item 4's
 #   1.3x, and the pool's share of the choices (cpu_share) beside the hot set's share of the experts;
 # - x3/x4: every layer through the pool (--resident-decode off) with the tree before session 21
-#   (.old, where carried) and this one: the pool answering and reading ahead in one C call (item 3).
+#   (.old, where carried) and this one: the pool answering and reading ahead in one C call (item 3);
+# - c0: the pool's kernel alone under other prefetch settings.
 . benchmarks/gpu_calls/lib.sh
 machine
 G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
@@ -19,5 +20,10 @@ if [ -d .old ]; then
   PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget 16 --resident-decode off --json $L/x3.json
 fi
 step x4 90 $B --vram-budget 16 --resident-decode off --json $L/x4.json
+# the pool's kernel alone, from DRAM: with and without the down-projection prefetch, and with the
+# row streams' software prefetch further ahead (PREFETCH, 2048 bytes by default)
+step c0 70 python3 benchmarks/cpu_experts.py --group-size 32 --formats int4 --seconds 1 --gap-us 120 --gb 1.5 \
+  --c-flags=-DPHASE2_AHEAD=0 --c-flags=-DPREFETCH=4096 --c-flags=-DPREFETCH=8192
 finish
+grep "| int4 |" $L/c0.log 2>/dev/null
 for s in x2 x1 x3 x4; do echo "== $s"; grep -v "^\[" $L/$s.log 2>/dev/null | tail -n 9; done
