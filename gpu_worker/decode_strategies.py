@@ -19,7 +19,8 @@ DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
 
 class DecodeStrategy(RoutedExperts):
     """`resident`: layer -> the blocks the prefill strategy keeps in device memory for every step
-    (experts.py sets it where resident decode is on). pure_cpu and hcs_hybrid run those layers'
+    (experts.py sets it, and `resident_on`, where resident decode is on; hcs_hybrid adds the layers
+    its hot set holds whole). pure_cpu and hcs_hybrid run those layers'
     experts on the device (moe_pairs, as hcs_hybrid's hot share) and send the pool nothing for them:
     the weights are already there, and the pool's turn for such a layer (its kernel reading the
     chosen experts from DRAM, and the device waiting for it) is what a decode layer costs most.
@@ -31,6 +32,7 @@ class DecodeStrategy(RoutedExperts):
     def __init__(self, pool: PoolClient | None, host: HostExperts, engine: CopyEngine, act: str):
         self.pool, self.host, self.engine, self.act = pool, host, engine, act
         self.resident: dict[int, list] = {}
+        self.resident_on = False  # resident decode on (experts.py): layers on the device skip the pool
 
     def _on_device(self, layer: int, x, ids, weights) -> torch.Tensor:
         """float32 [M, hidden]: a resident layer's routed experts for x, on the device."""
@@ -92,9 +94,16 @@ class HcsHybrid(DecodeStrategy):
     def __init__(self, pool, host, engine, act, hot: HotSet):
         super().__init__(pool, host, engine, act)
         self.hot = hot
+        self._whole = False
 
     def begin(self):
         self.hot.ensure()
+        if self.hot.built and self.resident_on and not self._whole:
+            # layers whose every expert is hot (hcs.hottest completes layers where that saves more
+            # than scattered experts) run as resident ones: the pool is never asked, so no hop
+            self._whole = True
+            for layer in self.hot.full_layers():
+                self.resident.setdefault(layer, self.hot.blocks(layer))
 
     def run(self, layer, x, ids, weights):
         return self.collect(self.submit(layer, x, ids, weights))

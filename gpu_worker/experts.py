@@ -45,12 +45,14 @@ class StageExperts:
         if resident not in ("auto", "on", "off"):
             raise ValueError(f"resident_decode {resident!r} is not one of auto, on, off")
         if self.decode.takes_resident and (resident == "on" or (resident == "auto" and device.type == "cuda")):
-            self.decode.resident = self.prefill.resident_blocks()
+            self.decode.resident = dict(self.prefill.resident_blocks())  # its own: hcs_hybrid adds to it
+            self.decode.resident_on = True
         mode = spec.get("stream_decode") or "auto"
         self.route = DecodeRoute(self.decode, self.prefill, "off" if mode == "auto" and device.type != "cuda" else mode,
                                  self._stream_pays)
         if hot is not None:
             hot.ensure()  # from the counts an earlier run saved, if any: the last run's hot set
+            self.decode.begin()  # hcs_hybrid takes the layers it holds whole as resident (so info() says so)
 
     def _stream_pays(self, tokens: int) -> bool:
         """decode_route.py's rule: the pool would read at least half the bytes the prefill strategy

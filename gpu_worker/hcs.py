@@ -76,12 +76,50 @@ class Counts:
             os.replace(tmp, self.path)
 
 
-def hottest(counts: Counts, capacity: int) -> list[tuple[int, int]]:
-    """The `capacity` most-chosen (layer, expert) pairs; ties broken by layer then expert id so the
-    choice is deterministic. Never-chosen experts are not cached."""
-    pairs = [(-int(n), layer, e) for layer, c in counts.c.items() for e, n in enumerate(c.tolist()) if n > 0]
-    pairs.sort()
-    return [(layer, e) for _, layer, e in pairs[:capacity]]
+# A layer the CPU pool serves costs a decode step its hop (the GPU's turn and both crossings) plus
+# the pool's kernel in proportion to the share of the layer's choices it runs. The hop in units of
+# a whole layer's kernel: 120-165 us against 300-360 on the H200 host C, 120-170 against 113-150 on
+# the H100 host B (BENCHMARKS.md, session 20).
+HOP_SHARE = 0.5
+
+
+def hottest(counts: Counts, capacity: int, hop: float = HOP_SHARE) -> list[tuple[int, int]]:
+    """At most `capacity` (layer, expert) pairs to keep on the device, chosen for the pool time they
+    save: an expert saves its share of its layer's choices (in units of a layer's kernel), and
+    making every expert of a layer hot also saves that layer's hop (`hop` of a kernel), as the pool
+    is then never asked for it. Greedy by saving per slot: under balanced routing a whole layer
+    (1 + hop over its E slots) beats scattered experts (about 1/E each) and the hot set becomes
+    resident layers; under skewed routing the most-chosen experts come first. Each layer's hot
+    experts are its most chosen (ties by expert id); never-chosen experts are taken only to
+    complete a layer."""
+    ranked, share, rest = {}, {}, {}
+    for layer, c in counts.c.items():
+        n = c.tolist()
+        total = sum(n)
+        if total:
+            ranked[layer] = order = sorted(range(len(n)), key=lambda e: (-n[e], e))
+            share[layer] = [n[e] / total for e in order]
+            rest[layer] = [0.0] * (len(n) + 1)  # rest[k]: the share of the experts after the first k
+            for k in range(len(n) - 1, -1, -1):
+                rest[layer][k] = rest[layer][k + 1] + share[layer][k]
+    taken = {layer: 0 for layer in ranked}  # a layer's hot experts are the first `taken` of its ranking
+    left = capacity
+    while left > 0:
+        best, pick = 0.0, None
+        for layer, order in ranked.items():
+            k, num = taken[layer], len(order)
+            if k == num:
+                continue
+            if share[layer][k] > best:
+                best, pick = share[layer][k], (layer, k + 1)
+            if num - k <= left and (rest[layer][k] + hop) / (num - k) > best:
+                best, pick = (rest[layer][k] + hop) / (num - k), (layer, num)
+        if pick is None:
+            break
+        layer, k = pick
+        left -= k - taken[layer]
+        taken[layer] = k
+    return [(layer, e) for layer, order in ranked.items() for e in order[: taken[layer]]]
 
 
 class HotSet:
@@ -106,6 +144,14 @@ class HotSet:
 
     def blocks(self, layer: int) -> list[Block]:
         return [(self.slots.t, self.lookup[layer])] if self.members else []
+
+    def full_layers(self) -> list[int]:
+        """The layers all of whose experts are hot: hcs_hybrid runs them as resident, never asking
+        the pool."""
+        per = {}
+        for layer, _ in self.members:
+            per[layer] = per.get(layer, 0) + 1
+        return [layer for layer, n in per.items() if n == self.host.shape(layer).num]
 
     def local(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """Each chosen expert's slot, -1 for a cold one (on the device: no host synchronisation)."""

@@ -24,6 +24,7 @@ def model(tmp_path_factory):
 
 
 def _run(model, prefill: str, decode: str, resident: str):
+    """(tokens, their logprobs, the GPU worker's info, pool requests) of one request's decode."""
     with tm.Service(model, "--dtype", "float32", "--devices", "cpu", "--cpu-workers", "1", "--cpu-bits", "4",
                     "--gpu-bits", "4", "--group-size", str(GROUP), "--prefill-strategy", prefill, "--decode-strategy", decode,
                     "--resident-decode", resident) as svc:
@@ -58,3 +59,30 @@ def test_resident_layers_decode_on_the_device(model, prefill, decode, tmp_path):
     # one pool request per decode step and non-resident layer (the first token comes from the prefill)
     assert calls_off == (NEW - 1) * moe
     assert calls_on == (NEW - 1) * (moe - resident)
+
+
+def test_hcs_hybrid_runs_the_layers_it_holds_whole_as_resident(model, tmp_path):
+    """hcs.hottest completes whole layers where that saves more pool time than scattered experts
+    (even counts, as a balanced router's over a long text: a whole layer first), and hcs_hybrid then
+    never asks the pool for them: the same tokens, a pool request per step for each other layer."""
+    import json
+    import shutil
+
+    ref = tm.fake_quant_copy(model, tmp_path / "ref", 4, 16, GROUP)
+    want = tm.reference_greedy(ref, PROMPT, NEW)
+    moe, num = ref.config.num_hidden_layers, ref.config.num_experts
+    got = {}
+    for resident in ("on", "off"):
+        m = shutil.copytree(model, tmp_path / resident)
+        # the counts an earlier run saved: the hot set is built from them as the workers start
+        (m / ".krasis_cache").mkdir(exist_ok=True)
+        (m / ".krasis_cache" / "hcs_counts.json").write_text(json.dumps({"layers": {str(i): [100] * num for i in range(moe)}}))
+        got[resident] = _run(m, "layer_grouped_2", "hcs_hybrid", resident)
+    (on, _, gpu_on, calls_on), (off, _, gpu_off, calls_off) = got["on"], got["off"]
+    assert on == want and off == want
+    # the CPU plan holds half the experts hot: one whole layer of three, and half a layer's more
+    # (built from the saved counts as the worker starts, so its startup report says so)
+    assert gpu_on["prefill_resident_layers"] == 0 and gpu_on["decode_resident_layers"] == 1
+    assert gpu_on["hot_experts"] == moe * num // 2
+    assert gpu_off["decode_resident_layers"] == 0
+    assert calls_off == (NEW - 1) * moe and calls_on == (NEW - 1) * (moe - 1)

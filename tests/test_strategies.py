@@ -72,6 +72,31 @@ def test_unknown_strategy_and_budget_refusal(models):
     assert "GB short for layers 0-2" in line and "weights" in line and "KV" in line
 
 
+def test_hot_set_completes_layers_where_that_saves_more_pool_time():
+    """hcs.hottest: under even counts (balanced routing) whole layers, each saving the pool its hop
+    as well as its kernel, fill the hot set before scattered experts; under skewed counts the most
+    chosen experts of every layer come first; never-chosen experts only complete a layer."""
+    from krasis.gpu_worker.hcs import hottest
+
+    class Counts:
+        def __init__(self, c):
+            self.c = {layer: torch.tensor(v) for layer, v in c.items()}
+
+    even = Counts({layer: [100] * 8 for layer in range(4)})
+    hot = hottest(even, 20)
+    per = [sum(1 for lay, _ in hot if lay == layer) for layer in range(4)]
+    assert len(hot) == 20 and sorted(per) == [0, 4, 8, 8]  # two whole layers, then the best 4 of a third
+    skewed = Counts({layer: [90, 80] + [1] * 6 for layer in range(4)})
+    assert sorted(hottest(skewed, 8)) == [(layer, e) for layer in range(4) for e in (0, 1)]
+    # a layer's never-chosen experts are taken to complete it, not on their own
+    sparse = Counts({0: [50, 50, 0, 0]})
+    assert sorted(hottest(sparse, 4)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert sorted(hottest(sparse, 3)) == [(0, 0), (0, 1)]
+    # a layer whose one chosen expert takes all its choices: that expert before half of another layer
+    assert sorted(hottest(Counts({0: [50, 50, 0, 0], 1: [0, 0, 0, 7]}), 4)) == [(0, 0), (0, 1), (1, 3)]
+    assert hottest(Counts({0: [0, 0]}), 5) == []
+
+
 def test_vram_plan_gives_the_rest_to_hot_experts():
     from krasis.gpu_worker.vram_budget import VramBudgetError, layer_expert_bytes, plan
     from krasis.shared.expert_store import StoreLayout
