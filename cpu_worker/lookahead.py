@@ -71,11 +71,19 @@ class Lookahead:
     The pool asks `then(layer, slot, number, m, k, served)` for the Then (native.py) to run a request
     with: the C kernel scores the guess made for that layer, notes the experts asked for, answers the
     slot and looks ahead at the next layer, all by its own threads with nothing in between (the
-    stats in `settle`). None where no lookahead is bound (numba, a dense store, or it is off)."""
+    stats in `settle`). None where no lookahead is bound (numba, a dense store, or it is off).
+
+    "The next layer" is the one the pool was asked for after this one the last time, within a step
+    and from the same slot: with resident decode (or hcs_hybrid's whole hot layers) the GPU runs some
+    layers itself, and the next MoE layer of the store may never come to the pool. Until a layer has
+    been followed once, the next MoE layer is guessed."""
 
     def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]],
                  experts: dict[int, int]):
         self.aheads, self.budget, self.first_count = aheads, budget, first_count
+        self.targets = {nxt: ahead for nxt, ahead in aheads.values()}  # a layer -> the lookahead bound to it
+        self.follows: dict[int, int] = {}  # layer -> the layer the pool was asked for after it
+        self._previous: dict[int, int] = {}  # slot id -> the layer of its last request
         # per layer: the request count, and each expert's last request asking for it (QUIET's record)
         self.asked = {layer: 0 for layer in experts}
         self.last = {layer: np.full(n, -QUIET, dtype=np.int64) for layer, n in experts.items()}
@@ -84,15 +92,17 @@ class Lookahead:
         self.seen = np.zeros(len(slots), dtype=np.int64)
         self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
         self.pending: tuple[int, tuple[int, int]] | None = None  # (layer, (M, k)) of the guess awaiting that layer's request
-        self._thens: dict[tuple, native.Then] = {}  # (layer, slot id, M, k) -> its Then
+        self._thens: dict[tuple, list] = {}  # (layer, slot id, M, k) -> [its Then, the layer it looks ahead at]
         self._prepared: dict[int, tuple[int, int]] = {}  # next layer -> the (M, k) its ahead_t holds
+        self._target: int | None = None  # the layer the running request looks ahead at
         self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
 
     def summary(self) -> dict:
         """`stats`, and `experts_asked`: how many experts of its block the requests of a layer have
-        named since the pool started, on average over layers (near all of them after a few hundred
-        decode tokens of balanced routing; a handful where the sampled tokens' routing collapsed)."""
-        asked = [int((last >= 0).sum()) for last in self.last.values()] if self.aheads else []
+        named since the pool started, on average over the layers it was asked for (near all of them
+        after a few hundred decode tokens of balanced routing; a handful where the sampled tokens'
+        routing collapsed)."""
+        asked = [int((last >= 0).sum()) for last in self.last.values() if last.max() >= 0] if self.aheads else []
         return {**self.stats, "experts_asked": sum(asked) / len(asked) if asked else 0.0}
 
     def then(self, layer: int, slot: Slot, number: int, m: int, k: int, served: list[int]) -> native.Then | None:
@@ -102,35 +112,44 @@ class Lookahead:
         once, so a call sets a handful of fields."""
         if not self.aheads:  # off, or nothing to read ahead with: no bookkeeping either
             return None
+        before = self._previous.get(id(slot))
+        if before is not None and before < layer:
+            self.follows[before] = layer
+        self._previous[id(slot)] = layer
         key = (layer, id(slot), m, k)
-        t = self._thens.get(key)
-        if t is None:
-            t = self._thens[key] = self._new_then(layer, slot, m, k)
+        entry = self._thens.get(key)
+        if entry is None:
+            entry = self._thens[key] = [self._new_then(layer, slot, m, k), None]
+        t = entry[0]
         t.number = number
         t.prev = self._guess[(m, k)].data_ptr() if self.pending == (layer, (m, k)) else None
         t.asked = self.asked[layer]
         t.bytes = t.guessed = t.chosen = 0
-        nxt = self.aheads.get(layer)
-        if nxt is not None:
-            next_layer, ahead = nxt
-            self.seen[:] = served
-            if self._prepared.get(next_layer) != (m, k):  # its ahead_t was last filled for another M
-                ahead.prepare(self._guess[(m, k)], self.words, self.seen, self.budget)
-                self._prepared[next_layer] = (m, k)
-            t.quiet_from = self.asked[next_layer] - QUIET if self.asked[next_layer] >= QUIET else -1
+        target = self.follows.get(layer)
+        if target not in self.targets:
+            target = self.aheads[layer][0] if layer in self.aheads else None
+        self._target = target
+        if target is None:
+            t.next = t.ahead = t.next_last = None
+            entry[1] = None
+            return t
+        ahead = self.targets[target]
+        if entry[1] != target:
+            t.next, t.ahead, t.next_last = ahead.block_ptr, ahead.args_ptr, self.last[target].ctypes.data
+            entry[1] = target
+        self.seen[:] = served
+        if self._prepared.get(target) != (m, k):  # its ahead_t was last filled for another M
+            ahead.prepare(self._guess[(m, k)], self.words, self.seen, self.budget)
+            self._prepared[target] = (m, k)
+        t.quiet_from = self.asked[target] - QUIET if self.asked[target] >= QUIET else -1
         return t
 
     def _new_then(self, layer: int, slot: Slot, m: int, k: int) -> native.Then:
         base, size = slot.hdr.ctypes.data, slot.hdr.itemsize
         last = self.last[layer]
-        t = native.Then(reply=base + REPLY * size, error=base + ERROR * size, last=last.ctypes.data, experts=len(last))
         if (m, k) not in self._guess:
             self._guess[(m, k)] = torch.full((m, k), -1, dtype=torch.int32)
-        nxt = self.aheads.get(layer)
-        if nxt is not None:
-            next_layer, ahead = nxt
-            t.next, t.ahead, t.next_last = ahead.block_ptr, ahead.args_ptr, self.last[next_layer].ctypes.data
-        return t
+        return native.Then(reply=base + REPLY * size, error=base + ERROR * size, last=last.ctypes.data, experts=len(last))
 
     def settle(self, layer: int, t: native.Then, m: int, k: int) -> None:
         """After the kernel ran with `t` (then()'s): its counts, and the guess it left pending."""
@@ -140,6 +159,6 @@ class Lookahead:
         if t.next:
             self.stats["lookahead_calls"] += 1
             self.stats["lookahead_bytes"] += t.bytes
-            self.pending = (self.aheads[layer][0], (m, k))
+            self.pending = (self._target, (m, k))
         else:
             self.pending = None

@@ -194,6 +194,35 @@ def test_experts_never_asked_for_are_left_out_after_quiet_requests():
     assert la.last[1][7] >= request(0, 0)
 
 
+def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
+    """With layer 1 decoded on the GPU (resident), the pool is asked for 0, 2, 3: once a step has shown
+    it, a request for layer 0 reads ahead for layer 2 (and scores that guess there), not for 1."""
+
+    class Ahead:
+        def __init__(self, n):
+            self.block_ptr, self.args_ptr = 100 + n, 200 + n
+
+        def prepare(self, *args):
+            pass
+
+    class Slot:
+        hdr = np.zeros(8, np.int64)
+
+    la = Lookahead({0: (1, Ahead(1)), 1: (2, Ahead(2)), 2: (3, Ahead(3))}, [], 1 << 20,
+                   {layer: (0, 8) for layer in range(4)}, {layer: 8 for layer in range(4)})
+    slot = Slot()
+
+    def request(layer):
+        t = la.then(layer, slot, 0, 1, 2, [])
+        target = t.next
+        la.settle(layer, t, 1, 2)
+        return target, t.prev
+
+    assert [request(layer)[0] for layer in (0, 2, 3)] == [101, 103, None]  # first step: the store's next layer
+    assert request(0)[0] == 102 and la.pending[0] == 2  # from then on: the layer that followed it
+    assert request(2) == (103, la._guess[(1, 2)].data_ptr())  # the guess made for 2 is scored at 2
+
+
 def test_l2_size_is_read():
     assert 64 << 10 <= l2_bytes() <= 64 << 20
 
