@@ -8,18 +8,25 @@
 # - x3/x4: every layer through the pool (--resident-decode off) with the tree before session 21
 #   (.old, where carried) and this one: the pool answering and reading ahead in one C call (item 3);
 # - c0: the pool's kernel alone under other prefetch settings.
+# LAYERS=N: a GGUF of the first N layers instead (faster to write; HOT_BUDGET then says the budget
+# of x1/x2, about 0.2 GB a layer of hot experts over the fixed parts).
 . benchmarks/gpu_calls/lib.sh
 machine
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
-step b1 200 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G
+if [ -n "$LAYERS" ]; then
+  G=/tmp/peer/qwen3-30b-a3b-${LAYERS}-q4_0.gguf; mkdir -p /tmp/peer
+  [ -f $G ] || step b1 120 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from synth_gguf import QWEN3_30B_A3B as S, write_qwen3moe_gguf as w; w('$G', dict(S, layers=$LAYERS))"
+else
+  G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
+  step b1 200 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G
+fi
 B="python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --prompt-lens 512 --runs 1"
-step x2 130 $B --vram-budget 17.8 --decode-strategy hcs_hybrid --json $L/x2.json
-step x1 110 $B --vram-budget 17.8 --json $L/x1.json
+step x2 130 $B --vram-budget ${HOT_BUDGET:-17.8} --decode-strategy hcs_hybrid --json $L/x2.json
+step x1 110 $B --vram-budget ${HOT_BUDGET:-17.8} --json $L/x1.json
 if [ -d .old ]; then
   mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-  PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget 16 --resident-decode off --json $L/x3.json
+  PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget ${VB:-16} --resident-decode off --json $L/x3.json
 fi
-step x4 90 $B --vram-budget 16 --resident-decode off --json $L/x4.json
+step x4 90 $B --vram-budget ${VB:-16} --resident-decode off --json $L/x4.json
 # the pool's kernel alone, from DRAM: with and without the down-projection prefetch, and with the
 # row streams' software prefetch further ahead (PREFETCH, 2048 bytes by default)
 step c0 70 python3 benchmarks/cpu_experts.py --group-size 32 --formats int4 --seconds 1 --gap-us 120 --gb 1.5 \
