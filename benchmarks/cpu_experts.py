@@ -174,23 +174,15 @@ def decode_rhythm(fmt: ExpertFormat, layers, gap_us: float, right: int | None, b
         wrong = [e for e in torch.randperm(EXPERTS, generator=gen).tolist() if e not in nxt]
         guesses.append(torch.tensor([nxt[: right or 0] + wrong[: TOP_K - (right or 0)]], dtype=torch.int32))
     per_expert = expert_bytes(layers[0])
-    # the pool's call (lookahead.py): the kernel's threads answer, then read ahead until the turn's end
-    header, last = np.zeros(8, np.int64), np.zeros(EXPERTS, np.int64)
     n, kernel_s, t_start = 0, 0.0, time.perf_counter()
     while time.perf_counter() - t_start < seconds or n < 2 * len(layers):
         t0 = time.perf_counter()
-        if right is None:
-            runs[n % len(runs)](x, calls[n % len(calls)], w, out)
-            kernel = time.perf_counter() - t0
-        else:
-            ahead = aheads[(n + 1) % len(aheads)]
-            ahead.prepare(guesses[n % len(guesses)], words, seen, budget, gap_us * 1e-6)
-            then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=n, last=last.ctypes.data,
-                               experts=EXPERTS, next=ahead.block_ptr, ahead=ahead.args_ptr, quiet_from=-1)
-            runs[n % len(runs)](x, calls[n % len(calls)], w, out, then=then)
-            kernel = then.kernel_s
-        kernel_s += kernel
-        while time.perf_counter() - t0 - kernel < gap_us * 1e-6:
+        runs[n % len(runs)](x, calls[n % len(calls)], w, out)
+        t1 = time.perf_counter()
+        kernel_s += t1 - t0
+        if right is not None:
+            aheads[(n + 1) % len(aheads)](x, guesses[n % len(guesses)], words, seen, budget, gap_us * 1e-6)
+        while time.perf_counter() - t1 < gap_us * 1e-6:
             pass
         n += 1
     total = time.perf_counter() - t_start

@@ -57,14 +57,6 @@
 #define PREFETCH 2048
 #endif
 
-/* Bytes of its down-projection rows (phase 2) that each thread prefetches into its L2 once its
- * share of phase 1 is done: the threads that finish first would otherwise idle at the barrier while
- * the DRAM serves the last ones, and phase 2 then starts every row from DRAM. A Qwen3-30B-A3B
- * layer's 8 experts at M = 1 give a thread of 16 ~440 KB. 0 turns it off. */
-#ifndef PHASE2_AHEAD
-#define PHASE2_AHEAD (512 << 10)
-#endif
-
 /* Rows read together (phase 1: gate and up rows, so 2 means one of each) while one or two tokens
  * use them: 2 or 4. Four rows give more independent work per loop, but also twice the concurrent
  * DRAM streams per thread; on an AVX2 EPYC, 2 read INT8 ~45% faster from DRAM at equal arithmetic
@@ -656,231 +648,6 @@ INLINE void share(long n, int tid, int nt, long *a, long *b) {
     *b = n * (tid + 1) / nt;
 }
 
-/* Lookahead. In decode the pool's cores and DRAM idle while the GPU worker runs its part of the
- * next layer (attention, router: ~50-90 us a layer on the H200 hosts, a quarter of a layer's time
- * at M=1), and then the next call reads its experts from DRAM. The next layer's router applied to
- * this layer's input names most of the experts the next layer will choose: the residual stream
- * changes little from one layer to the next (the "pre-gated MoE" observation). The lookahead reads
- * those experts' bytes during the wait, each thread the rows that krasis_moe_layer will give it if
- * the guess holds (the same grouping and split), in the order it will read them, so they wait in
- * that core's L2 (and the L3). It stops when any of the mailbox request numbers `words` differs
- * from `seen` (the next request is in: the kernel must not wait for the lookahead), at `max_s`
- * seconds (> 0), or when each thread has read its share of `budget` bytes (what its caches keep).
- * A wrong guess only costs DRAM time nobody was using.
- *
- * router [E, H] bf16 (plus bias [E] float32 or NULL) of the next layer: ids = top-k over experts of
- * x . router + bias, per token of x [M, H] (bf16 when xbf16, else float32), written into
- * predicted [M, topk]. router NULL: predicted holds the ids to read (given by the caller). Guessed
- * ids that `allowed` [E_all] (when not NULL) marks 0 are not read: with hcs_hybrid the GPU runs its
- * hot experts itself, and the pool, which never sees them asked for, leaves them out (lookahead.py).
- *
- * It runs in two ways: krasis_lookahead, a call of its own after the pool has answered; and inside
- * krasis_moe_layer_then, by the kernel's own threads the moment the answer is written (then_t).
- * The first left the pool's Python loop, a call through ctypes and a new OpenMP region between the
- * answer and the first byte read ahead: on a host with slower cores (the H200 "host C", 2026-12-05)
- * that took most of the GPU worker's turn, and the lookahead read 418 bytes a layer on average. */
-static volatile uint64_t lookahead_sink; /* keeps the reads from being optimised away */
-
-typedef struct {
-    const int64_t *const *words;
-    const int64_t *seen;
-    int nwords;
-    volatile double until; /* set by the master thread once the answer is out, read by all */
-    volatile int stop;
-} halt_t;
-
-static int halted(halt_t *h) {
-    if (h->stop) return 1;
-    for (int i = 0; i < h->nwords; i++)
-        if (*(const volatile int64_t *)h->words[i] != h->seen[i]) return h->stop = 1;
-    if (h->until > 0 && omp_get_wtime() >= h->until) return h->stop = 1;
-    return 0;
-}
-
-/* Read n bytes from p, a cache line at a time, in pieces of 4 KiB between checks of `h`, no more
- * than *left in all; returns 0 once halted or out of budget. */
-static int touch(const uint8_t *p, size_t n, int64_t *left, halt_t *h, uint64_t *acc) {
-    for (size_t done = 0; done < n;) {
-        if (*left <= 0 || halted(h)) return 0;
-        size_t c = n - done < 4096 ? n - done : 4096;
-        for (size_t o = 0; o < c; o += 64) *acc += p[done + o];
-        done += c;
-        *left -= (int64_t)c;
-    }
-    return 1;
-}
-
-/* One lookahead: its inputs, its scratch and what its threads share. */
-typedef struct {
-    int bits, M, topk, H, I, G13, G2, xbf16, E, E_all;
-    const void *x;
-    const uint16_t *router;
-    const float *bias;
-    int64_t first, count, budget;
-    const uint8_t *q13, *q2;
-    const uint16_t *s13, *s2;
-    int32_t *predicted;
-    const uint8_t *allowed;
-    halt_t h;
-    float *logits;
-    int32_t *idx;
-    double max_s;
-    int na, skip;
-} ahead_job_t;
-
-/* A job's scratch in one allocation, with `extra` bytes after it (returned); NULL when out of
- * memory. The caller frees j->logits. */
-static uint8_t *ahead_alloc(ahead_job_t *j, size_t extra) {
-    const size_t mk = (size_t)j->M * j->topk, floats = (size_t)j->M * (j->router ? j->E : 1);
-    const size_t ints = 2 * (size_t)j->count + 1 + 4 * mk;
-    j->logits = malloc(sizeof(float) * floats + sizeof(int32_t) * ints + extra + 1);
-    j->idx = j->logits ? (int32_t *)(j->logits + floats) : NULL;
-    return j->logits ? (uint8_t *)(j->idx + ints) : NULL;
-}
-
-/* The lookahead's work, run by every thread of the enclosing OpenMP region (its worksharing is
- * orphaned: it binds to the caller's region); returns this thread's bytes read. */
-static int64_t ahead_body(ahead_job_t *j) {
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int H = j->H, I = j->I, E = j->E, topk = j->topk;
-    const int nb13 = j->bits == 4 ? H / 2 : H, nb2 = j->bits == 4 ? I / 2 : I;
-    const size_t mk = (size_t)j->M * topk;
-    const size_t q13_e = (size_t)2 * I * nb13, s13_e = (size_t)2 * I * j->G13;
-    const size_t q2_e = (size_t)H * nb2, s2_e = (size_t)H * j->G2;
-    int32_t *fill = j->idx, *active = fill + j->count, *off = active + j->count, *tok = off + mk + 1, *slot = tok + mk;
-    int32_t *want = slot + mk; /* the guess less the experts `allowed` rules out */
-    /* A request that came before the guess is served first: the router, top-k and grouping below
-     * are not interruptible. A guess not made is no guess (-1), not the last layer's. Decided once
-     * for all threads: every one must meet the same worksharing constructs. */
-#pragma omp single
-    {
-        j->skip = halted(&j->h);
-        if (j->skip && j->router)
-            for (size_t i = 0; i < mk; i++) j->predicted[i] = -1;
-    }
-    if (j->skip) return 0;
-    if (j->router) {
-#pragma omp for schedule(static)
-        for (int e = 0; e < E; e++)
-            for (int t = 0; t < j->M; t++) {
-                const uint16_t *w = j->router + (size_t)e * H;
-                float acc = 0.0f;
-                if (j->xbf16) {
-                    const uint16_t *xt = (const uint16_t *)j->x + (size_t)t * H;
-#pragma omp simd reduction(+ : acc)
-                    for (int k = 0; k < H; k++) acc += bf16(xt[k]) * bf16(w[k]);
-                } else {
-                    const float *xt = (const float *)j->x + (size_t)t * H;
-#pragma omp simd reduction(+ : acc)
-                    for (int k = 0; k < H; k++) acc += xt[k] * bf16(w[k]);
-                }
-                j->logits[(size_t)t * E + e] = acc + (j->bias ? j->bias[e] : 0.0f);
-            }
-#pragma omp single
-        for (int t = 0; t < j->M; t++) { /* top-k by selection: k and E are small */
-            if (halted(&j->h)) { /* came during the router: no guess (see above) */
-                for (size_t i = (size_t)t * topk; i < mk; i++) j->predicted[i] = -1;
-                break;
-            }
-            float *l = j->logits + (size_t)t * E;
-            for (int q = 0; q < topk; q++) {
-                int best = 0;
-                for (int e = 1; e < E; e++)
-                    if (l[e] > l[best]) best = e;
-                j->predicted[(size_t)t * topk + q] = best;
-                l[best] = -INFINITY;
-            }
-        }
-    }
-#pragma omp single
-    {
-        for (size_t i = 0; i < mk; i++) {
-            const int32_t e = j->predicted[i];
-            want[i] = j->allowed && e >= 0 && e < j->E_all && !j->allowed[e] ? -1 : e;
-        }
-        j->na = halted(&j->h) ? 0 : group_by_expert(want, mk, topk, j->first, j->count, fill, active, off, tok, slot);
-    }
-
-    int64_t left = j->budget / nt;
-    uint64_t acc = 0;
-    long u, u1, h0, h1;
-    share((long)j->na * I, tid, nt, &u, &u1);
-    int go = 1;
-    for (; go && u < u1; u++) { /* phase 1: gate row r and up row I + r of expert active[u / I] */
-        const size_t e = active[u / I], r = u % I;
-        const uint8_t *q = j->q13 + e * q13_e;
-        const uint16_t *s = j->s13 + e * s13_e;
-        go = touch(q + r * nb13, nb13, &left, &j->h, &acc) && touch(q + (I + r) * nb13, nb13, &left, &j->h, &acc)
-             && touch((const uint8_t *)(s + r * j->G13), 2 * j->G13, &left, &j->h, &acc)
-             && touch((const uint8_t *)(s + (I + r) * j->G13), 2 * j->G13, &left, &j->h, &acc);
-    }
-    share(H, tid, nt, &h0, &h1);
-    for (int a = 0; go && a < j->na; a++) { /* phase 2: output rows [h0, h1) of every active expert */
-        const size_t e = active[a];
-        go = touch(j->q2 + e * q2_e + h0 * nb2, (h1 - h0) * nb2, &left, &j->h, &acc)
-             && touch((const uint8_t *)(j->s2 + e * s2_e + h0 * j->G2), 2 * (h1 - h0) * j->G2, &left, &j->h, &acc);
-    }
-#pragma omp atomic
-    lookahead_sink += acc;
-    return j->budget / nt - left;
-}
-
-/* What krasis_moe_layer_then does once the layer's output is written, by the kernel's own threads:
- * score the guess made for this request (`prev`, the predicted ids of the last lookahead, or NULL)
- * against its ids, note which experts it asked for, answer (the slot's error word 0, then its reply
- * word `number`: the payload is complete before the number, as shared/mailbox.py orders a slot),
- * then look ahead at the next layer (`ahead`, NULL for none) with its guess written into predicted.
- * next_last [E_all] and quiet_from: with hcs_hybrid an expert of the next layer that no request
- * has asked for since request number quiet_from is taken as hot and not read (quiet_from < 0: all
- * are read; lookahead.py). */
-typedef struct {
-    int64_t *reply, *error;
-    int64_t number;
-    const int32_t *prev;
-    int64_t *last;        /* [experts]: the request count at which this layer last asked for each */
-    int64_t asked;        /* this layer's request count, this request's own */
-    int experts;
-    const void *next;     /* the next layer's block_t, or NULL */
-    const void *ahead;    /* its ahead_t */
-    const int64_t *next_last;
-    int64_t quiet_from;
-    double kernel_s;      /* out: from the call to the answer */
-    int64_t bytes, guessed, chosen;
-} then_t;
-
-/* The master thread's part between the layer and the lookahead: score, note, answer. The score
- * marks experts in a byte per expert of the layer (guessed: 1, counted: 2), not by comparing every
- * pair of ids: at 32 tokens that was ~65K comparisons before the answer. */
-static _Thread_local uint8_t *marks;
-static _Thread_local size_t marks_size;
-
-static void then_answer(then_t *th, const int32_t *ids, size_t mk, int64_t first, int64_t count, double t0,
-                        ahead_job_t *job) {
-    if (th->prev && (size_t)th->experts > marks_size) {
-        free(marks);
-        marks = calloc(th->experts, 1);
-        marks_size = marks ? th->experts : 0;
-    }
-    if (th->prev && marks) { /* ids of this block, each once: chosen; of those, guessed */
-        for (size_t q = 0; q < mk; q++)
-            if (th->prev[q] >= 0 && th->prev[q] < th->experts) marks[th->prev[q]] = 1;
-        for (size_t i = 0; i < mk; i++) {
-            const int32_t e = ids[i];
-            if (e < first || e >= first + count || e >= th->experts || (marks[e] & 2)) continue;
-            th->chosen++;
-            th->guessed += marks[e] & 1;
-            marks[e] |= 2;
-        }
-        memset(marks, 0, th->experts);
-    }
-    for (size_t i = 0; i < mk; i++)
-        if (ids[i] >= 0 && ids[i] < th->experts) th->last[ids[i]] = th->asked;
-    th->kernel_s = omp_get_wtime() - t0;
-    *(volatile int64_t *)th->error = 0;
-    __atomic_store_n(th->reply, th->number, __ATOMIC_SEQ_CST);
-    if (job && job->max_s > 0) job->h.until = omp_get_wtime() + job->max_s; /* its time counts from here */
-}
-
 /* out [M, H] float32 = sum over the top-k slots of each token whose expert e = ids - first lies in
  * [0, count): weights * (W2_e act(W13_e x + b13_e) + b2_e); x is bf16 when xbf16, else float32 (INT4
  * with bf16 x runs the Q8 path). ids are int32 and out float32 whatever x is, because those are the
@@ -893,8 +660,7 @@ static void then_answer(then_t *th, const int32_t *ids, size_t mk, int64_t first
 static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16,
                      const void *x, const int32_t *ids, const float *weights, int64_t first, int64_t count,
                      const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2, const float *b13,
-                     const float *b2, float *out, then_t *then, ahead_job_t *job) {
-    const double t0 = omp_get_wtime();
+                     const float *b2, float *out) {
     const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I, gb13 = nb13 / G13, gb2 = nb2 / G2;
     const int q8 = xbf16 && bits == 4;
     const int bi = bits == 8 ? 1 : q8 ? 2 : 0;
@@ -913,13 +679,6 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
     const int na = group_by_expert(ids, mk, topk, first, count, fill, active, off, tok, slot), P = off[na];
     if (!na) {
         memset(out, 0, sizeof(float) * M * H);
-        if (then) then_answer(then, ids, mk, first, count, t0, job);
-        if (job) {
-            int64_t total = 0;
-#pragma omp parallel num_threads(nthreads) reduction(+ : total)
-            total += ahead_body(job);
-            then->bytes += total;
-        }
         return 0;
     }
 
@@ -971,18 +730,6 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             }
             u += pairs;
         }
-        if (PHASE2_AHEAD > 0) {
-            share(H, tid, nt, &h0, &h1);
-            long left = PHASE2_AHEAD;
-            for (int a = 0; a < na && left > 0; a++) {
-                const uint8_t *q = q2 + active[a] * q2_e + h0 * nb2;
-                const uint8_t *sc = (const uint8_t *)(s2 + active[a] * s2_e + h0 * G2);
-                const long nq = (h1 - h0) * nb2, ns = 2 * (h1 - h0) * G2;
-                for (long o = 0; o < nq; o += 64) __builtin_prefetch(q + o, 0, 2);
-                for (long o = 0; o < ns; o += 64) __builtin_prefetch(sc + o, 0, 2);
-                left -= nq + ns;
-            }
-        }
 #pragma omp barrier
         if (q8) {
 #pragma omp for schedule(static)
@@ -1022,18 +769,156 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                 h += R;
             }
         }
-        if (then) { /* answer the moment every thread's rows are written, then look ahead */
-#pragma omp barrier
-#pragma omp master
-            then_answer(then, ids, mk, first, count, t0, job);
-            if (job) {
-                const int64_t b = ahead_body(job);
-#pragma omp atomic
-                then->bytes += b;
-            }
-        }
     }
     return P;
+}
+
+/* Lookahead. In decode the pool's cores and DRAM idle while the GPU worker runs its part of the
+ * next layer (attention, router: ~90 us a layer on the H200 hosts, a quarter of a layer's time at
+ * M=1), and then the next call reads its experts from DRAM. The next layer's router applied to this
+ * layer's input names most of the experts the next layer will choose: the residual stream changes
+ * little from one layer to the next (the "pre-gated MoE" observation). krasis_lookahead reads those
+ * experts' bytes during the wait, each thread the rows that krasis_moe_layer will give it if the
+ * guess holds (the same grouping and split), in the order it will read them, so they wait in that
+ * core's L2 (and the L3). It stops when any of the mailbox request numbers `words` differs from
+ * `seen` (the next request is in: the kernel must not wait for the lookahead), at `max_s` seconds
+ * (> 0), or when each thread has read its share of `budget` bytes (what its caches keep). A wrong
+ * guess only costs DRAM time nobody was using.
+ *
+ * router [E, H] bf16 (plus bias [E] float32 or NULL) of the next layer: ids = top-k over experts of
+ * x . router + bias, per token of x [M, H] (bf16 when xbf16, else float32), written into
+ * predicted [M, topk]. router NULL: predicted holds the ids to read (given by the caller). Guessed
+ * ids that `allowed` [E_all] (when not NULL) marks 0 are not read: with hcs_hybrid the GPU runs its
+ * hot experts itself, and the pool, which never sees them asked for, leaves them out (lookahead.py).
+ * Returns the bytes read, or -1 when out of memory. */
+static volatile uint64_t lookahead_sink; /* keeps the reads from being optimised away */
+
+typedef struct {
+    const int64_t *const *words;
+    const int64_t *seen;
+    int nwords;
+    double until;
+    volatile int stop;
+} halt_t;
+
+static int halted(halt_t *h) {
+    if (h->stop) return 1;
+    for (int i = 0; i < h->nwords; i++)
+        if (*(const volatile int64_t *)h->words[i] != h->seen[i]) return h->stop = 1;
+    if (h->until > 0 && omp_get_wtime() >= h->until) return h->stop = 1;
+    return 0;
+}
+
+/* Read n bytes from p, a cache line at a time, in pieces of 4 KiB between checks of `h`, no more
+ * than *left in all; returns 0 once halted or out of budget. */
+static int touch(const uint8_t *p, size_t n, int64_t *left, halt_t *h, uint64_t *acc) {
+    for (size_t done = 0; done < n;) {
+        if (*left <= 0 || halted(h)) return 0;
+        size_t c = n - done < 4096 ? n - done : 4096;
+        for (size_t o = 0; o < c; o += 64) *acc += p[done + o];
+        done += c;
+        *left -= (int64_t)c;
+    }
+    return 1;
+}
+
+static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, int G13, int G2, int xbf16, const void *x,
+                         const uint16_t *router, const float *bias, int E, int64_t first, int64_t count,
+                         const uint8_t *q13, const uint16_t *s13, const uint8_t *q2, const uint16_t *s2,
+                         const int64_t *const *words, const int64_t *seen, int nwords, double max_s, int64_t budget,
+                         int32_t *predicted, const uint8_t *allowed, int E_all) {
+    const int nb13 = bits == 4 ? H / 2 : H, nb2 = bits == 4 ? I / 2 : I;
+    const size_t mk = (size_t)M * topk;
+    const size_t q13_e = (size_t)2 * I * nb13, s13_e = (size_t)2 * I * G13;
+    const size_t q2_e = (size_t)H * nb2, s2_e = (size_t)H * G2;
+    halt_t h = {words, seen, nwords, max_s > 0 ? omp_get_wtime() + max_s : 0.0, 0};
+    /* A request that came while the caller did its bookkeeping is served first: with a short GPU turn
+     * it arrives before the guess is made, and the router, top-k and grouping below are not
+     * interruptible. A guess not made is no guess (-1), not the last layer's. */
+    if (halted(&h)) {
+        if (router)
+            for (size_t i = 0; i < mk; i++) predicted[i] = -1;
+        return 0;
+    }
+    float *logits = malloc(sizeof(float) * (size_t)M * (router ? E : 1));
+    int32_t *idx = malloc(sizeof(int32_t) * (2 * (size_t)count + 1 + 4 * mk));
+    if (!logits || !idx) {
+        free(logits), free(idx);
+        return -1;
+    }
+    int32_t *fill = idx, *active = fill + count, *off = active + count, *tok = off + mk + 1, *slot = tok + mk;
+    int32_t *want = slot + mk; /* the guess less the experts `allowed` rules out */
+    int na = 0;
+    int64_t total = 0;
+
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (router) {
+#pragma omp for schedule(static)
+            for (int e = 0; e < E; e++)
+                for (int t = 0; t < M; t++) {
+                    const uint16_t *w = router + (size_t)e * H;
+                    float acc = 0.0f;
+                    if (xbf16) {
+                        const uint16_t *xt = (const uint16_t *)x + (size_t)t * H;
+#pragma omp simd reduction(+ : acc)
+                        for (int k = 0; k < H; k++) acc += bf16(xt[k]) * bf16(w[k]);
+                    } else {
+                        const float *xt = (const float *)x + (size_t)t * H;
+#pragma omp simd reduction(+ : acc)
+                        for (int k = 0; k < H; k++) acc += xt[k] * bf16(w[k]);
+                    }
+                    logits[(size_t)t * E + e] = acc + (bias ? bias[e] : 0.0f);
+                }
+#pragma omp single
+            for (int t = 0; t < M; t++) { /* top-k by selection: k and E are small */
+                if (halted(&h)) { /* came during the router: no guess (see above) */
+                    for (size_t i = (size_t)t * topk; i < mk; i++) predicted[i] = -1;
+                    break;
+                }
+                float *l = logits + (size_t)t * E;
+                for (int j = 0; j < topk; j++) {
+                    int best = 0;
+                    for (int e = 1; e < E; e++)
+                        if (l[e] > l[best]) best = e;
+                    predicted[(size_t)t * topk + j] = best;
+                    l[best] = -INFINITY;
+                }
+            }
+        }
+#pragma omp single
+        {
+            for (size_t i = 0; i < mk; i++)
+                want[i] = allowed && predicted[i] >= 0 && predicted[i] < E_all && !allowed[predicted[i]] ? -1 : predicted[i];
+            na = halted(&h) ? 0 : group_by_expert(want, mk, topk, first, count, fill, active, off, tok, slot);
+        }
+
+        int64_t left = budget / nt;
+        uint64_t acc = 0;
+        long u, u1, h0, h1;
+        share((long)na * I, tid, nt, &u, &u1);
+        int go = 1;
+        for (; go && u < u1; u++) { /* phase 1: gate row r and up row I + r of expert active[u / I] */
+            const size_t e = active[u / I], r = u % I;
+            const uint8_t *q = q13 + e * q13_e;
+            const uint16_t *s = s13 + e * s13_e;
+            go = touch(q + r * nb13, nb13, &left, &h, &acc) && touch(q + (I + r) * nb13, nb13, &left, &h, &acc)
+                 && touch((const uint8_t *)(s + r * G13), 2 * G13, &left, &h, &acc)
+                 && touch((const uint8_t *)(s + (I + r) * G13), 2 * G13, &left, &h, &acc);
+        }
+        share(H, tid, nt, &h0, &h1);
+        for (int a = 0; go && a < na; a++) { /* phase 2: output rows [h0, h1) of every active expert */
+            const size_t e = active[a];
+            go = touch(q2 + e * q2_e + h0 * nb2, (h1 - h0) * nb2, &left, &h, &acc)
+                 && touch((const uint8_t *)(s2 + e * s2_e + h0 * G2), 2 * (h1 - h0) * G2, &left, &h, &acc);
+        }
+#pragma omp atomic
+        lookahead_sink += acc;
+        total += budget / nt - left;
+    }
+    free(logits), free(idx);
+    return total;
 }
 
 /* The entry points take their arguments as structs that the caller fills once per bound block and
@@ -1073,49 +958,12 @@ typedef struct { /* the lookahead's: router, bias, E; when to stop; where its gu
 /* moe_layer's work; see above it for the contract. */
 int krasis_moe_layer(const block_t *b, const tokens_t *t) {
     return moe_layer(b->bits, b->act, b->nthreads, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, t->x, t->ids,
-                     t->weights, b->first, b->count, b->q13, b->s13, b->q2, b->s2, b->b13, b->b2, t->out, NULL, NULL);
+                     t->weights, b->first, b->count, b->q13, b->s13, b->q2, b->s2, b->b13, b->b2, t->out);
 }
 
-/* A lookahead on block b (the next layer's) from the tokens' x, as a reads `allowed`. */
-static ahead_job_t ahead_job(const block_t *b, const tokens_t *t, const ahead_t *a, const uint8_t *allowed) {
-    ahead_job_t j = {b->bits, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, a->E, a->experts, t->x, a->router,
-                     a->bias, b->first, b->count, a->budget, b->q13, b->q2, b->s13, b->s2, a->predicted, allowed,
-                     {a->words, a->seen, a->nwords, 0.0, 0}, NULL, NULL,
-                     a->max_s, 0, 0};
-    return j;
-}
-
-/* lookahead's work on block b (the next layer's) from tokens t (x, M, topk): a call of its own.
- * Returns the bytes read, or -1 when out of memory. */
+/* lookahead's work on block b (the next layer's) from tokens t (x, M, topk); see above it. */
 int64_t krasis_lookahead(const block_t *b, const tokens_t *t, const ahead_t *a) {
-    ahead_job_t j = ahead_job(b, t, a, a->allowed);
-    if (!ahead_alloc(&j, 0)) return -1;
-    if (j.max_s > 0) j.h.until = omp_get_wtime() + j.max_s;
-    int64_t total = 0;
-#pragma omp parallel num_threads(b->nthreads) reduction(+ : total)
-    total += ahead_body(&j);
-    free(j.logits);
-    return total;
-}
-
-/* moe_layer's work, then (then_t) the answer and the lookahead at th->next by the same threads.
- * Returns what krasis_moe_layer returns; -1 when out of memory (nothing answered then). */
-int krasis_moe_layer_then(const block_t *b, const tokens_t *t, then_t *th) {
-    ahead_job_t j, *job = NULL;
-    if (th->next) {
-        const ahead_t *a = th->ahead;
-        j = ahead_job(th->next, t, a, NULL);
-        uint8_t *allowed = ahead_alloc(&j, a->experts);
-        if (!allowed) return -1;
-        if (th->next_last && th->quiet_from >= 0) {
-            for (int e = 0; e < a->experts; e++) allowed[e] = th->next_last[e] >= th->quiet_from;
-            j.allowed = allowed;
-        }
-        job = &j;
-    }
-    const int rc = moe_layer(b->bits, b->act, b->nthreads, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, t->x,
-                             t->ids, t->weights, b->first, b->count, b->q13, b->s13, b->q2, b->s2, b->b13, b->b2,
-                             t->out, th, job);
-    if (job) free(j.logits);
-    return rc;
+    return lookahead(b->bits, b->nthreads, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, t->x, a->router, a->bias,
+                     a->E, b->first, b->count, b->q13, b->s13, b->q2, b->s2, a->words, a->seen, a->nwords, a->max_s,
+                     a->budget, a->predicted, a->allowed, a->experts);
 }

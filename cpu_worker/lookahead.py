@@ -8,13 +8,9 @@ With hcs_hybrid the GPU runs its hot experts itself and the pool is never asked 
 come masked), so reading them ahead would waste the turn: an expert a layer has not been asked for in
 its last QUIET requests is left out of that layer's reads (taken as hot), until it is asked for again.
 
-The kernel's own threads do all of it the moment the answer is written (expert_kernel.c:
-krasis_moe_layer_then), with the bookkeeping (scoring the last guess, noting the experts asked for)
-done in C just before the answer: Python between the answer and the first byte read ahead took
-most of the GPU worker's turn on a host with slower cores. The guess reads the input from the slot
-after the reply, while the GPU worker cannot yet write the next one (it first runs attention and
-the router, tens of microseconds): a guess made from a torn input would only read the wrong
-experts, never change a result.
+The input is read from the slot after the reply, while the GPU worker cannot yet write the next one
+(it first runs attention and the router, tens of microseconds): a guess made from a torn input
+would only read the wrong experts, never change a result.
 """
 
 from __future__ import annotations
@@ -24,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..shared.mailbox import ERROR, REPLY, REQUEST, Slot
-from . import native
+from ..shared.mailbox import REQUEST, Slot
 from .expert_kernel import c_kernel
 
 # Requests of a layer without an expert after which it is taken as run elsewhere. A cold expert of a
@@ -68,33 +63,26 @@ class Lookahead:
     """`aheads`: layer -> (the next MoE layer, its bound krasis_lookahead: bind()); `first_count`:
     layer -> the pool's block of experts (first, count); `experts`: layer -> its number of experts.
 
-    The pool asks `then(layer, slot, number, m, k, served)` for the Then (native.py) to run a request
-    with: the C kernel scores the guess made for that layer, notes the experts asked for, answers the
-    slot and looks ahead at the next layer, all by its own threads with nothing in between (the
-    stats in `settle`). None where no lookahead is bound (numba, a dense store, or it is off).
-
     "The next layer" is the one the pool was asked for after this one the last time, within a step
-    and from the same slot: with resident decode (or hcs_hybrid's whole hot layers) the GPU runs some
-    layers itself, and the next MoE layer of the store may never come to the pool. Until a layer has
-    been followed once, the next MoE layer is guessed."""
+    and from the same slot: with resident decode (the default on a GPU, and hcs_hybrid's whole hot
+    layers) the GPU runs some layers itself, and the store's next MoE layer may never come to the
+    pool. Until a layer has been followed once, the store's next MoE layer is guessed."""
 
     def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]],
                  experts: dict[int, int]):
         self.aheads, self.budget, self.first_count = aheads, budget, first_count
         self.targets = {nxt: ahead for nxt, ahead in aheads.values()}  # a layer -> the lookahead bound to it
         self.follows: dict[int, int] = {}  # layer -> the layer the pool was asked for after it
-        self._previous: dict[int, int] = {}  # slot id -> the layer of its last request
-        # per layer: the request count, and each expert's last request asking for it (QUIET's record)
+        self._previous: dict[int, int] = {}  # slot -> the layer of its last request
+        # per layer: the request count, each expert's last request asking for it, and what may be read
         self.asked = {layer: 0 for layer in experts}
         self.last = {layer: np.full(n, -QUIET, dtype=np.int64) for layer, n in experts.items()}
+        self.allowed = {layer: np.ones(n, dtype=np.uint8) for layer, n in experts.items()}
         # the request numbers of every slot: any new request ends the lookahead
         self.words = np.array([slot.hdr.ctypes.data + REQUEST * slot.hdr.itemsize for slot in slots], dtype=np.int64)
         self.seen = np.zeros(len(slots), dtype=np.int64)
         self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
-        self.pending: tuple[int, tuple[int, int]] | None = None  # (layer, (M, k)) of the guess awaiting that layer's request
-        self._thens: dict[tuple, list] = {}  # (layer, slot id, M, k) -> [its Then, the layer it looks ahead at]
-        self._prepared: dict[int, tuple[int, int]] = {}  # next layer -> the (M, k) its ahead_t holds
-        self._target: int | None = None  # the layer the running request looks ahead at
+        self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
         self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
 
     def summary(self) -> dict:
@@ -105,60 +93,55 @@ class Lookahead:
         asked = [int((last >= 0).sum()) for last in self.last.values() if last.max() >= 0] if self.aheads else []
         return {**self.stats, "experts_asked": sum(asked) / len(asked) if asked else 0.0}
 
-    def then(self, layer: int, slot: Slot, number: int, m: int, k: int, served: list[int]) -> native.Then | None:
-        """The Then for request `number` of `slot`, for `layer` with M = m tokens of k choices;
-        `served`: every slot's request number the pool has taken (one that differs ends the
-        lookahead). Between the request and its kernel: what is fixed per (layer, slot, m, k) is set
-        once, so a call sets a handful of fields."""
+    def run(self, layer: int, x: torch.Tensor, ids: torch.Tensor, served: list[int], source: int = 0) -> None:
+        """After answering a request for `layer` from slot `source` (its x and ids, still in the
+        slot): score the guess made for it, then read ahead for the layer asked for next until a
+        slot's request number differs from `served` (the numbers the pool has taken: one that came in
+        meanwhile ends it at once)."""
         if not self.aheads:  # off, or nothing to read ahead with: no bookkeeping either
-            return None
-        before = self._previous.get(id(slot))
+            return
+        before = self._previous.get(source)
         if before is not None and before < layer:
             self.follows[before] = layer
-        self._previous[id(slot)] = layer
-        key = (layer, id(slot), m, k)
-        entry = self._thens.get(key)
-        if entry is None:
-            entry = self._thens[key] = [self._new_then(layer, slot, m, k), None]
-        t = entry[0]
-        t.number = number
-        t.prev = self._guess[(m, k)].data_ptr() if self.pending == (layer, (m, k)) else None
-        t.asked = self.asked[layer]
-        t.bytes = t.guessed = t.chosen = 0
-        target = self.follows.get(layer)
-        if target not in self.targets:
-            target = self.aheads[layer][0] if layer in self.aheads else None
-        self._target = target
-        if target is None:
-            t.next = t.ahead = t.next_last = None
-            entry[1] = None
-            return t
-        ahead = self.targets[target]
-        if entry[1] != target:
-            t.next, t.ahead, t.next_last = ahead.block_ptr, ahead.args_ptr, self.last[target].ctypes.data
-            entry[1] = target
+        self._previous[source] = layer
+        chosen = ids.view(-1).tolist()  # as Python ints once: at 8 ids, numpy's per-call costs dominate
+        self._score(layer, chosen)
+        self._note(layer, chosen)
+        next_layer = self.follows.get(layer)
+        if next_layer not in self.targets:
+            if layer not in self.aheads:
+                return
+            next_layer = self.aheads[layer][0]
+        ahead = self.targets[next_layer]
+        if x.dtype == torch.float16:  # the kernel takes bf16 or float32; a guess needs no more precision
+            x = x.float()
         self.seen[:] = served
-        if self._prepared.get(target) != (m, k):  # its ahead_t was last filled for another M
-            ahead.prepare(self._guess[(m, k)], self.words, self.seen, self.budget)
-            self._prepared[target] = (m, k)
-        t.quiet_from = self.asked[target] - QUIET if self.asked[target] >= QUIET else -1
-        return t
+        m, k = ids.shape
+        guess = self._guess.get((m, k))
+        if guess is None:
+            guess = self._guess[(m, k)] = torch.empty(m, k, dtype=torch.int32)
+        allowed = None
+        if self.asked[next_layer] >= QUIET:
+            allowed = self.allowed[next_layer]
+            np.greater_equal(self.last[next_layer], self.asked[next_layer] - QUIET, out=allowed, casting="unsafe")
+        self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget, allowed=allowed)
+        self.stats["lookahead_calls"] += 1
+        self.pending = (next_layer, guess)
 
-    def _new_then(self, layer: int, slot: Slot, m: int, k: int) -> native.Then:
-        base, size = slot.hdr.ctypes.data, slot.hdr.itemsize
-        last = self.last[layer]
-        if (m, k) not in self._guess:
-            self._guess[(m, k)] = torch.full((m, k), -1, dtype=torch.int32)
-        return native.Then(reply=base + REPLY * size, error=base + ERROR * size, last=last.ctypes.data, experts=len(last))
+    def _note(self, layer: int, chosen: list[int]) -> None:
+        """The experts this request for `layer` asked for (hot ones come as -1)."""
+        last, asked = self.last[layer], self.asked[layer]
+        for e in chosen:
+            if 0 <= e < len(last):
+                last[e] = asked
+        self.asked[layer] = asked + 1
 
-    def settle(self, layer: int, t: native.Then, m: int, k: int) -> None:
-        """After the kernel ran with `t` (then()'s): its counts, and the guess it left pending."""
-        self.asked[layer] += 1
-        self.stats["guessed"] += t.guessed
-        self.stats["chosen"] += t.chosen
-        if t.next:
-            self.stats["lookahead_calls"] += 1
-            self.stats["lookahead_bytes"] += t.bytes
-            self.pending = (self._target, (m, k))
-        else:
-            self.pending = None
+    def _score(self, layer: int, chosen: list[int]) -> None:
+        """Of the experts of this block that the request for `layer` chose, how many the guess named."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending[0] != layer:
+            return
+        first, count = self.first_count[layer]
+        mine = {e for e in chosen if first <= e < first + count}
+        self.stats["chosen"] += len(mine)
+        self.stats["guessed"] += len(mine.intersection(pending[1].view(-1).tolist()))

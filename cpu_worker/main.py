@@ -113,40 +113,33 @@ def main() -> None:
                          info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks}))
     )
 
-    def serve(slot: Slot, number: int, seen: float, served: list[int]) -> bool:
-        """Run the slot's request, the kernel writing its reply into the slot in place, and answer it;
-        where the lookahead is bound, the kernel's threads answer and go on reading ahead until the
-        next request comes (lookahead.py). False when it was answered with an error."""
+    def serve(slot: Slot, number: int, seen: float):
+        """Run the slot's request; the kernel writes its reply into the slot in place. Returns the
+        request's (layer, x, ids) once answered without error, else None."""
         layer, x, ids, weights, out = slot.take()
         run = kernels.get(layer)
         if run is None:
             slot.answer(number, error=f"layer {layer} has no routed experts here")
-            return False
-        m, k = ids.shape
-        then = ahead.then(layer, slot, number, m, k, served) if getattr(run, "then", False) else None
+            return None
         try:
             t0 = time.perf_counter()
-            if then is None:
-                pairs = run(x, ids, weights, out)
-                kernel = time.perf_counter() - t0
-                slot.answer(number)
-            else:
-                pairs = run(x, ids, weights, out, then=then)
-                kernel = then.kernel_s
-                ahead.settle(layer, then, m, k)
-            answered = t0 + kernel
+            pairs = run(x, ids, weights, out)
+            t1 = time.perf_counter()
+            slot.answer(number)
+            t2 = time.perf_counter()
         except Exception as e:
             traceback.print_exc()
             slot.answer(number, error=f"{type(e).__name__}: {e}")
-            return False
+            return None
+        m = x.shape[0]
         work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, pairs=work["pairs"] + pairs, max_m=max(work["max_m"], m),
-                    kernel_s=work["kernel_s"] + kernel, serve_s=work["serve_s"] + answered - seen)
+                    kernel_s=work["kernel_s"] + t1 - t0, serve_s=work["serve_s"] + t2 - seen)
         if last["answered"] is not None:
-            gap = "gap" if layer > last["layer"] else "step_gap"
-            work[f"{gap}_s"] += seen - last["answered"]
-            work[f"{gap}s"] += 1
-        last.update(answered=answered, layer=layer)
-        return True
+            kind = "gap" if layer > last["layer"] else "step_gap"
+            work[f"{kind}_s"] += seen - last["answered"]
+            work[f"{kind}s"] += 1
+        last.update(answered=t2, layer=layer)
+        return layer, x, ids
 
     def control() -> bool:
         """One control message (stats, shutdown) from the coordinator; False on shutdown."""
@@ -174,7 +167,9 @@ def main() -> None:
             n = slot.request()
             if n != seen[i]:
                 seen[i] = n
-                if serve(slot, n, time.perf_counter(), seen):
+                done = serve(slot, n, time.perf_counter())
+                if done is not None:  # its x and ids stay in the slot until the GPU worker's next request
+                    ahead.run(*done, seen, i)
                     work["after_s"] += time.perf_counter() - last["answered"]
                 last_work, spins = time.monotonic(), 0
         spins += 1

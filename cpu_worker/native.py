@@ -89,17 +89,8 @@ class Ahead(ctypes.Structure):
                 ("max_s", ctypes.c_double), ("budget", _i64), ("predicted", _p), ("allowed", _p), ("experts", _i)]
 
 
-class Then(ctypes.Structure):
-    """expert_kernel.c's then_t: what krasis_moe_layer_then does after the layer (score the guess made
-    for the request, note its experts, answer the slot, look ahead at the next layer), and what it
-    measured (kernel_s, bytes, guessed, chosen)."""
-    _fields_ = [("reply", _p), ("error", _p), ("number", _i64), ("prev", _p), ("last", _p), ("asked", _i64),
-                ("experts", _i), ("next", _p), ("ahead", _p), ("next_last", _p), ("quiet_from", _i64),
-                ("kernel_s", ctypes.c_double), ("bytes", _i64), ("guessed", _i64), ("chosen", _i64)]
-
-
 class CKernel:
-    """The loaded library's krasis_moe_layer (and krasis_moe_layer_then) and krasis_lookahead. `bind` checks a block of experts
+    """The loaded library's krasis_moe_layer and krasis_lookahead. `bind` checks a block of experts
     once and returns the call for it, which checks a call's buffers only when they are not the ones
     it was last given (the pool's slot views are the same tensors every step) and passes its
     arguments as structs filled then: its per-call Python work is a couple of microseconds, against
@@ -107,9 +98,8 @@ class CKernel:
 
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
-        self.fn, self.ahead, self.then = lib.krasis_moe_layer, lib.krasis_lookahead, lib.krasis_moe_layer_then
+        self.fn, self.ahead = lib.krasis_moe_layer, lib.krasis_lookahead
         self.fn.argtypes, self.fn.restype = [_p, _p], _i
-        self.then.argtypes, self.then.restype = [_p, _p, _p], _i
         self.ahead.argtypes, self.ahead.restype = [_p, _p, _p], _i64
         # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
@@ -155,19 +145,18 @@ class CKernel:
                                                                        for n in ("ids", "weights", "out")))
 
     def bind(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int):
-        """run(x, ids, weights, out, then=None) for experts [first, first + count) whose tensors are
-        `t`: writes the float32 partial sum of x [M, H] (bf16 or float32) into out (float32 [M, H],
-        contiguous), ids int32 and weights float32 [M, k] as the mailbox slot holds them, and returns
-        how many (token, choice) pairs were the block's; with `then` (a filled Then), does what it
-        says by the kernel's threads before returning (krasis_moe_layer_then). None where the kernel
-        does not apply: an INT4 group that ends inside a byte."""
+        """run(x, ids, weights, out) for experts [first, first + count) whose tensors are `t`: writes
+        the float32 partial sum of x [M, H] (bf16 or float32) into out (float32 [M, H], contiguous),
+        ids int32 and weights float32 [M, k] as the mailbox slot holds them, and returns how many
+        (token, choice) pairs were the block's. None where the kernel does not apply: an INT4 group
+        that ends inside a byte."""
         block = self._block(t, bits, first, count, act, threads)
         if block is None:
             return None
-        fn, then_fn, b_ptr, hidden = self.fn, self.then, ctypes.addressof(block), block.H
+        fn, b_ptr, hidden = self.fn, ctypes.addressof(block), block.H
         last: list = [None, None, None]  # the buffers last checked, their tokens_t and its address
 
-        def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, then: Then | None = None) -> int:
+        def run(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> int:
             bufs = (x, ids, weights, out)
             if last[0] is None or not all(a is b for a, b in zip(last[0], bufs)):
                 m, k = ids.shape
@@ -181,12 +170,11 @@ class CKernel:
                 # converted buffers are new tensors every call: only the caller's own are remembered
                 same = all(a is b for a, b in zip(tokens.held[1:], bufs))
                 last[:] = (bufs if same else None), tokens, ctypes.addressof(tokens)
-            rc = fn(b_ptr, last[2]) if then is None else then_fn(b_ptr, last[2], ctypes.addressof(then))
+            rc = fn(b_ptr, last[2])
             if rc < 0:
                 raise MemoryError("the C expert kernel could not allocate its scratch buffers")
             return rc
 
-        run.then = True  # takes then= (the pool's lookahead: lookahead.py)
         return run
 
     def bind_lookahead(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, threads: int,
@@ -198,9 +186,7 @@ class CKernel:
         `predicted`; skipping those that `allowed` (uint8 numpy array over the layer's experts, when
         given) marks 0. It stops when a word at the addresses `words` (int64 numpy array) differs from
         `seen` (same length), after max_s seconds (> 0), or at `budget` bytes. None where the kernel
-        does not apply. For the pool's krasis_moe_layer_then, `ahead.prepare(predicted, words, seen,
-        budget, max_s)` fills the same call's ahead_t without running it, and `ahead.block_ptr` and
-        `ahead.args_ptr` are what Then.next and Then.ahead take."""
+        does not apply."""
         block = self._block(t, bits, first, count, "silu", threads)
         if block is None:
             return None
@@ -213,24 +199,8 @@ class CKernel:
         fn, b_ptr = self.ahead, ctypes.addressof(block)
         args = Ahead(None if router is None else router.data_ptr(), None if bias is None else bias.data_ptr(),
                      0 if router is None else router.shape[0])
-        # the layer's experts, what `allowed` and Then.next_last cover: ids beyond are no block's
-        args.experts = router.shape[0] if router is not None else first + count
         a_ptr = ctypes.addressof(args)
         last: list = [None, None, None]
-
-        def prepare(predicted: torch.Tensor, words, seen, budget: int, max_s: float = 0.0, allowed=None) -> None:
-            """Fill the ahead_t for a lookahead whose guess goes into `predicted` (int32 [M, k],
-            the M and k of the tokens it will be run on)."""
-            if predicted.dtype != torch.int32 or not predicted.is_contiguous():
-                raise ValueError(f"predicted {predicted.dtype} must be contiguous int32")
-            if len(words) != len(seen) or words.dtype != seen.dtype or words.dtype.itemsize != 8:
-                raise ValueError("words and seen must be int64 arrays of one length")
-            args.predicted = predicted.data_ptr()
-            args.nwords, args.words, args.seen = len(words), words.ctypes.data, seen.ctypes.data
-            args.max_s, args.budget = max_s, budget
-            if allowed is not None and (allowed.dtype.itemsize != 1 or len(allowed) < args.experts):
-                raise ValueError(f"allowed must be a uint8 array over the layer's {args.experts} experts")
-            args.allowed = None if allowed is None else allowed.ctypes.data
 
         def ahead(x: torch.Tensor, predicted: torch.Tensor, words, seen, budget: int, max_s: float = 0.0, allowed=None) -> int:
             if last[0] is None or last[0][0] is not x or last[0][1] is not predicted:
@@ -238,14 +208,19 @@ class CKernel:
                 tokens = self._tokens(x, m, k, hidden, predicted=(predicted, (m, k), torch.int32))
                 tokens.held = (x, predicted)
                 last[:] = tokens.held, tokens, ctypes.addressof(tokens)
-            prepare(predicted, words, seen, budget, max_s, allowed)
+                args.predicted = predicted.data_ptr()
+            if len(words) != len(seen) or words.dtype != seen.dtype or words.dtype.itemsize != 8:
+                raise ValueError("words and seen must be int64 arrays of one length")
+            args.nwords, args.words, args.seen = len(words), words.ctypes.data, seen.ctypes.data
+            args.max_s, args.budget = max_s, budget
+            if allowed is not None and allowed.dtype.itemsize != 1:
+                raise ValueError("allowed must be a uint8 array over the layer's experts")
+            args.allowed, args.experts = (None, 0) if allowed is None else (allowed.ctypes.data, len(allowed))
             rc = fn(b_ptr, last[2], a_ptr)
             if rc < 0:
                 raise MemoryError("the C lookahead could not allocate its buffers")
             return rc
 
-        # for krasis_moe_layer_then (Then.next, Then.ahead): the same block and ahead_t, filled by prepare
-        ahead.prepare, ahead.block_ptr, ahead.args_ptr = prepare, b_ptr, a_ptr
         ahead.keep = (block, args, router, bias)  # what the structs point into
         return ahead
 

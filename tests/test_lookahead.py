@@ -97,130 +97,52 @@ def test_given_guess_budget_and_stop():
     assert with_router(x, stale, words, seen, budget=1 << 30) > 0 and (stale >= 0).all()
 
 
-def layer_kernel(kind: str, gen: torch.Generator):
-    """A bound C kernel over a block of random experts (valid scales: the output is compared)."""
-    t = block(ExpertFormat(kind, group_size=32), gen)
-    for name in ("w13.s", "w2.s"):
-        t[name] = (torch.rand(t[name].shape, generator=gen) * 0.01).to(torch.bfloat16)
-    return t, native.load().bind(t, int(kind[3:]), FIRST, COUNT, "silu", 2)
-
-
-def test_kernel_then_answers_scores_notes_and_reads_ahead():
-    """krasis_moe_layer_then: the same output as the plain call; the guess made for the request
-    scored against its ids; its experts noted at the layer's request count; the slot answered (error
-    word 0, reply word the request's number); the next layer's guessed experts of the block read,
-    less those no request has asked for since quiet_from (hcs_hybrid's hot ones)."""
-    gen = torch.Generator().manual_seed(3)
-    t, run = layer_kernel("int4", gen)
-    nxt = block(ExpertFormat("int4", group_size=32), gen)
-    ahead = native.load().bind_lookahead(nxt, 4, FIRST, COUNT, 2)
-    x = torch.randn(2, HIDDEN, generator=gen).bfloat16()
-    ids = torch.tensor([[4, 6, 0, 11], [6, 7, 15, 1]], dtype=torch.int32)  # 4, 6, 7 and 11 are the block's
-    w = torch.rand(2, TOP_K, generator=gen)
-    want = torch.empty(2, HIDDEN)
-    pairs = run(x, ids, w, want)
-    prev = torch.tensor([[6, 11, 5, 3], [2, 9, 8, 1]], dtype=torch.int32)  # names 6 and 11 of the 4
-    guess = torch.tensor([[5, 8, 9, 0], [8, 3, 1, 2]], dtype=torch.int32)  # next layer: 5, 8 and 9
-    header = np.zeros(8, np.int64)
-    header[5] = 99  # a stale error length: the answer clears it
-    last, next_last = np.full(EXPERTS, -QUIET, np.int64), np.full(EXPERTS, 0, np.int64)
-    next_last[8] = -5  # not asked for since before quiet_from: taken as hot
-    words, seen = never_stop()
-    ahead.prepare(guess, words, seen, 1 << 30)
-    then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=7, prev=prev.data_ptr(),
-                       last=last.ctypes.data, asked=12, experts=EXPERTS, next=ahead.block_ptr, ahead=ahead.args_ptr,
-                       next_last=next_last.ctypes.data, quiet_from=0)
-    out = torch.full((2, HIDDEN), float("nan"))
-    assert run(x, ids, w, out, then=then) == pairs == 5
-    assert torch.equal(out, want)
-    assert header[1] == 7 and header[5] == 0 and then.kernel_s > 0
-    assert (then.guessed, then.chosen) == (2, 4)
-    assert [e for e in range(EXPERTS) if last[e] == 12] == sorted({0, 1, 4, 6, 7, 11, 15})
-    assert then.bytes == 2 * expert_bytes(nxt)  # 5 and 9; 8 is quiet
-    # no guess pending: nothing scored; quiet_from < 0: every guessed expert of the block read
-    then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=8, prev=None,
-                       last=last.ctypes.data, asked=13, experts=EXPERTS, next=ahead.block_ptr, ahead=ahead.args_ptr,
-                       next_last=next_last.ctypes.data, quiet_from=-1)
-    guess.copy_(torch.tensor([[5, 8, 9, 0], [8, 3, 1, 2]], dtype=torch.int32))
-    run(x, ids, w, out, then=then)
-    assert header[1] == 8 and (then.guessed, then.chosen) == (0, 0) and then.bytes == 3 * expert_bytes(nxt)
-    # none of the request's experts is the block's (hcs_hybrid's hot ones come as -1): out is zero,
-    # the request is answered and noted, and the lookahead still reads the next layer's guess
-    none = torch.tensor([[-1, 0, 15, -1], [1, -1, 2, 3]], dtype=torch.int32)
-    then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=10, prev=prev.data_ptr(),
-                       last=last.ctypes.data, asked=15, experts=EXPERTS, next=ahead.block_ptr, ahead=ahead.args_ptr,
-                       next_last=next_last.ctypes.data, quiet_from=-1)
-    guess.copy_(torch.tensor([[5, 8, 9, 0], [8, 3, 1, 2]], dtype=torch.int32))
-    assert run(x, none, w, out, then=then) == 0
-    assert header[1] == 10 and (out == 0).all() and (then.guessed, then.chosen) == (0, 0)
-    assert last[15] == 15 and last[0] == 15 and then.bytes == 3 * expert_bytes(nxt)
-    # the last layer: answered, nothing read
-    then = native.Then(reply=header.ctypes.data + 8, error=header.ctypes.data + 40, number=11, last=last.ctypes.data,
-                       asked=16, experts=EXPERTS)
-    run(x, ids, w, out, then=then)
-    assert header[1] == 11 and then.bytes == 0 and torch.equal(out, want)
-
-
 def test_experts_never_asked_for_are_left_out_after_quiet_requests():
     """hcs_hybrid masks its hot experts out of the pool's requests; once a layer has had QUIET requests,
-    the experts none of them asked for since are left out of its reads (quiet_from), and one asked for
-    again comes back. The C kernel notes the experts a request asks for (stood in for here)."""
+    the experts none of them asked for are left out of its reads, and one asked for again comes back."""
+    calls = []
 
-    class Ahead:  # what then() takes of a bound lookahead
-        block_ptr = args_ptr = 1
+    def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
+        calls.append(None if allowed is None else allowed.copy())
+        return 0
 
-        def prepare(self, *args):
-            pass
-
-    class Slot:
-        hdr = np.zeros(8, np.int64)
-
-    la = Lookahead({0: (1, Ahead())}, [], 1 << 20, {0: (0, 8), 1: (0, 8)}, {0: 8, 1: 8})
-    slot = Slot()
-
-    def request(layer, asked):
-        t = la.then(layer, slot, 0, 1, 2, [])
-        la.last[layer][asked] = la.asked[layer]  # the kernel's note
-        la.settle(layer, t, 1, 2)
-        return t.quiet_from if t.next else None
-
-    froms = []
+    la = Lookahead({0: (1, ahead)}, [], 1 << 20, {0: (0, 8), 1: (0, 8)}, {0: 8, 1: 8})
+    x = torch.zeros(1, HIDDEN)
     for step in range(QUIET + 1):
-        froms.append(request(0, step % 3))
-        request(1, 6 if step == QUIET - 1 else step % 6)  # layer 1: expert 7 is hot, never asked for
-    assert froms[:QUIET] == [-1] * QUIET  # too few requests to tell
-    assert froms[QUIET] == 0 and (la.last[1] >= froms[QUIET]).tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
-    request(1, 7)  # the hot set changed: 7 is asked for
-    assert la.last[1][7] >= request(0, 0)
+        la.run(0, x, torch.tensor([[step % 3, -1]], dtype=torch.int32), [])
+        # layer 1: expert 7 is hot (never asked for), the others come round
+        asked = 6 if step == QUIET - 1 else step % 6
+        la.run(1, x, torch.tensor([[asked, -1]], dtype=torch.int32), [])
+    assert all(c is None for c in calls[:QUIET])  # too few requests to tell
+    assert calls[QUIET].tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
+    la.run(1, x, torch.tensor([[7, -1]], dtype=torch.int32), [])  # the hot set changed: 7 is asked for
+    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
+    assert calls[-1][7] == 1
 
 
 def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
     """With layer 1 decoded on the GPU (resident), the pool is asked for 0, 2, 3: once a step has shown
-    it, a request for layer 0 reads ahead for layer 2 (and scores that guess there), not for 1."""
+    it, a request for layer 0 reads ahead for layer 2 (and the guess is scored there), not for 1."""
+    read = []
 
-    class Ahead:
-        def __init__(self, n):
-            self.block_ptr, self.args_ptr = 100 + n, 200 + n
+    def bound(n):
+        def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
+            read.append(n)
+            return 0
+        return ahead
 
-        def prepare(self, *args):
-            pass
-
-    class Slot:
-        hdr = np.zeros(8, np.int64)
-
-    la = Lookahead({0: (1, Ahead(1)), 1: (2, Ahead(2)), 2: (3, Ahead(3))}, [], 1 << 20,
+    la = Lookahead({0: (1, bound(1)), 1: (2, bound(2)), 2: (3, bound(3))}, [], 1 << 20,
                    {layer: (0, 8) for layer in range(4)}, {layer: 8 for layer in range(4)})
-    slot = Slot()
-
-    def request(layer):
-        t = la.then(layer, slot, 0, 1, 2, [])
-        target = t.next
-        la.settle(layer, t, 1, 2)
-        return target, t.prev
-
-    assert [request(layer)[0] for layer in (0, 2, 3)] == [101, 103, None]  # first step: the store's next layer
-    assert request(0)[0] == 102 and la.pending[0] == 2  # from then on: the layer that followed it
-    assert request(2) == (103, la._guess[(1, 2)].data_ptr())  # the guess made for 2 is scored at 2
+    x = torch.zeros(1, HIDDEN)
+    for layer in (0, 2, 3):  # first step: the store's next layer
+        la.run(layer, x, torch.tensor([[layer, -1]], dtype=torch.int32), [])
+    assert read == [1, 3]
+    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
+    assert read[-1] == 2 and la.pending[0] == 2  # from then on: the layer that followed it
+    # a second slot's requests (another stage) do not teach this slot's order
+    la.run(3, x, torch.tensor([[0, -1]], dtype=torch.int32), [], source=1)
+    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
+    assert read[-1] == 2
 
 
 def test_l2_size_is_read():

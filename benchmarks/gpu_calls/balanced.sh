@@ -27,10 +27,10 @@ if [ -d .old ]; then
   PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget ${VB:-16} --resident-decode off --json $L/x3.json
 fi
 step x4 90 $B --vram-budget ${VB:-16} --resident-decode off --json $L/x4.json
-# the pool's kernel alone, from DRAM: with and without the down-projection prefetch, and with the
+# the pool's kernel alone, from DRAM, with the
 # row streams' software prefetch further ahead (PREFETCH, 2048 bytes by default)
 step c0 70 python3 benchmarks/cpu_experts.py --group-size 32 --formats int4 --seconds 1 --gap-us 120 --gb 1.5 \
-  --c-flags=-DPHASE2_AHEAD=0 --c-flags=-DPREFETCH=4096 --c-flags=-DPREFETCH=8192
+  --c-flags=-DPREFETCH=4096 --c-flags=-DPREFETCH=8192
 finish
 grep "| int4 |" $L/c0.log 2>/dev/null
 for s in x2 x1 x3 x4; do echo "== $s"; grep -v "^\[" $L/$s.log 2>/dev/null | tail -n 9; done

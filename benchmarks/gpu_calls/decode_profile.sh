@@ -2,8 +2,7 @@
 # costs and fractions of a floor do not.
 # - g0/g1 (CHECKS, CHECK_TESTS: lib.sh's gpu_checks): the decode kernels against their references,
 #   the decode attention kernel's tilings and the expert kernel's timings; graphs replay eager steps.
-# - c0: the pool's kernel at group 32 (the peer GGUF's Q4_0 bytes), from DRAM (beside a build without
-#   the phase-2 prefetch, PHASE2_AHEAD=0), in decode's rhythm
+# - c0: the pool's kernel at group 32 (the peer GGUF's Q4_0 bytes), from DRAM, in decode's rhythm
 #   with its lookahead, and its arithmetic alone (in cache): whether a layer's ~113 us is DRAM or math.
 # - a0/a1: the same bench, one sequence through the pool after 512 and 32K-token prompts (AB_LENS), with this
 #   tree (a1) and with an older one in .old (a0, where present: `git worktree add --detach .old REV`,
@@ -28,7 +27,7 @@ if [ -d .old ]; then
 fi
 step a1 120 $B --vram-budget $VB --resident-decode off --prompt-lens ${AB_LENS:-512,32768} --json $L/a1.json
 step h0 120 $B --vram-budget 6 --decode-strategy hcs_hybrid --prompt-lens 512 --concurrency 1,32 --json $L/h0.json
-step c0 90 python3 benchmarks/cpu_experts.py --group-size 32 --formats int4 --seconds 1 --gap-us 120 --gb 1.5 --c-flags=-DPHASE2_AHEAD=0
+step c0 90 python3 benchmarks/cpu_experts.py --group-size 32 --formats int4 --seconds 1 --gap-us 120 --gb 1.5
 KRASIS_PROFILE=$L/prof0 KRASIS_PROFILE_TRACE=1 KRASIS_PROFILE_STEPS=0,20-22 step p0 120 $B --vram-budget $VB --resident-decode off --prompt-lens 512 --json $L/p0.json
 python3 benchmarks/trace_summary.py $L/prof0/stage0-decode.json --show 2 > $L/p0_trace.txt 2>&1
 [ -n "${CHECKS-attention,dequant}" ] && step g0 90 python3 benchmarks/device_check.py --checks ${CHECKS:-attention,dequant} --skip-exact --skip-bench
