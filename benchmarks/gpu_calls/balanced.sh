@@ -5,8 +5,9 @@
 # - x2/x1: hcs_hybrid with 10 GB of hot experts (--vram-budget 17.8: the plan's fixed parts take 7.8)
 #   against the defaults (pure_cpu, the same VRAM holding whole layers), one sequence: item 4's
 #   1.3x, and the pool's share of the choices (cpu_share) beside the hot set's share of the experts;
-# - x3/x4: every layer through the pool (--resident-decode off) with the tree before session 21
-#   (.old, where carried) and this one: the pool answering and reading ahead in one C call (item 3);
+# - x3/x4: the defaults (resident decode on, VB) with the tree before session 21 (.old at cc137b7,
+#   where carried) and this one: the lookahead aimed at the layer the pool is asked for next, not
+#   the store's next one, which resident decode often runs on the GPU (item 3);
 # - c0: the pool's kernel alone under other prefetch settings.
 # LAYERS=N: a GGUF of the first N layers instead (faster to write; HOT_BUDGET then says the budget
 # of x1/x2, about 0.2 GB a layer of hot experts over the fixed parts).
@@ -24,9 +25,9 @@ step x2 130 $B --vram-budget ${HOT_BUDGET:-17.8} --decode-strategy hcs_hybrid --
 step x1 110 $B --vram-budget ${HOT_BUDGET:-17.8} --json $L/x1.json
 if [ -d .old ]; then
   mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-  PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget ${VB:-16} --resident-decode off --json $L/x3.json
+  PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget ${VB:-16} --json $L/x3.json
 fi
-step x4 90 $B --vram-budget ${VB:-16} --resident-decode off --json $L/x4.json
+step x4 90 $B --vram-budget ${VB:-16} --json $L/x4.json
 # the pool's kernel alone, from DRAM, with the
 # row streams' software prefetch further ahead (PREFETCH, 2048 bytes by default)
 step c0 70 python3 benchmarks/cpu_experts.py --group-size 32 --formats int4 --seconds 1 --gap-us 120 --gb 1.5 \
