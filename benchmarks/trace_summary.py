@@ -20,25 +20,21 @@ import statistics
 from collections import defaultdict
 
 
-def kernels(path: str) -> list[dict]:
+def load(path: str) -> list[dict]:
+    """The trace's timed GPU events (kernels, copies, memsets), in time order."""
     events = json.load(open(path))
     events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    ks = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    return sorted(ks, key=lambda e: e["ts"])
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    return sorted(gpu, key=lambda e: e["ts"])
 
 
-def streams(path: str) -> str:
+def streams(work: list[dict]) -> str:
     """Per stream: its kernels' and copies' busy time (intervals merged) and its share of the span."""
-    events = json.load(open(path))
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    if not work:
-        return "no GPU work in " + path
     start = min(e["ts"] for e in work)
     span = max(e["ts"] + e["dur"] for e in work) - start
     lines = [f"span {span / 1e3:.1f} ms"]
     for tid in sorted({e["tid"] for e in work}, key=str):
-        mine = sorted((e for e in work if e["tid"] == tid), key=lambda e: e["ts"])
+        mine = [e for e in work if e["tid"] == tid]
         busy, end = 0.0, start
         for e in mine:
             a, b = max(e["ts"], end), e["ts"] + e["dur"]
@@ -109,13 +105,14 @@ def main() -> None:
     ap.add_argument("--show", type=int, default=1, help="cycles to list kernel by kernel")
     ap.add_argument("--streams", action="store_true", help="busy time per stream instead of the decode cycles")
     a = ap.parse_args()
-    ks = kernels(a.trace)
+    work = load(a.trace)
+    ks = [e for e in work if e["cat"] == "kernel"]
     if not ks:
         print("no kernels in", a.trace)
         return
     print(by_name(ks))
     print()
-    print(streams(a.trace) if a.streams else cycles(ks, a.show))
+    print(streams(work) if a.streams else cycles(ks, a.show))
 
 
 if __name__ == "__main__":

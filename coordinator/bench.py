@@ -183,7 +183,7 @@ def _step_ms(before: dict, after: dict) -> dict:
 
 def _pool_delta(before: dict, after: dict) -> list[dict]:
     """Each pool process's share of what ran between two stats (cpu_worker/main.py: its counters)."""
-    return [{**{k: b[k] - a[k] for k in POOL_COUNTERS}, "experts_asked": b.get("experts_asked", 0.0)}
+    return [{**{k: b[k] - a[k] for k in POOL_COUNTERS}, "experts_asked": b["experts_asked"]}
             for a, b in zip(before["cpu_pool"], after["cpu_pool"])]
 
 
