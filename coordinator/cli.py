@@ -66,6 +66,12 @@ def _count_list(ctx, param, value):
     return counts
 
 
+def _stream_decode_mode(ctx, param, value):
+    if value in ("auto", "off", "always") or value.isdigit():
+        return value
+    raise click.BadParameter(f"{value!r}: one of auto, off, always, or a number of layers")
+
+
 BITS = click.Choice(["4", "8", "16"])
 
 
@@ -148,11 +154,12 @@ def runtime_options(f):
                   "fits --vram-budget, else layer_grouped_4, 2, 1, then chunked: the first that fits).")
     @click.option("--decode-strategy", type=click.Choice(["pure_cpu", "hcs_hybrid", "compact", "lru"]),
                   help="Who runs decode's routed experts (default: the winner of `optimize`, else pure_cpu).")
-    @click.option("--stream-decode", type=click.Choice(["auto", "off", "always"]), default="auto", show_default=True,
-                  help="Run a decode step's routed experts as prefill does (streamed over PCIe, the batch on the GPU) "
-                  "when that is faster for its batch size: auto measures both per batch size on a GPU, where --gpu-bits "
-                  "equals --cpu-bits (else the two would compute with different weights); off never; always for every "
-                  "decode step.")
+    @click.option("--stream-decode", default="auto", show_default=True, callback=_stream_decode_mode,
+                  help="Run a decode step's routed experts as prefill does (streamed over PCIe, the batch on the GPU), "
+                  "for all the layers the prefill strategy streams or for some while the CPU pool runs the rest, when "
+                  "that is faster for its batch size: auto measures per batch size on a GPU, where --gpu-bits equals "
+                  "--cpu-bits (else the two would compute with different weights); off never; always all of them in "
+                  "every decode step; N: N of them in every decode step (docs/strategies.md).")
     @click.option("--resident-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="Decode the routed experts of the layers the prefill strategy keeps in VRAM on the GPU, not "
                   "the CPU pool: auto is on for a GPU.")

@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import torch
 
-from .dma import CopyEngine, ExpertSlots, HostExperts
+from .dma import Block, CopyEngine, ExpertSlots, HostExperts
 from .hcs import HotSet
 from .moe_gpu import RoutedExperts, moe_blocks, moe_pairs
 from .pool_client import PoolClient
@@ -36,11 +36,7 @@ class DecodeStrategy(RoutedExperts):
 
     def _on_device(self, layer: int, x, ids, weights) -> torch.Tensor:
         """float32 [M, hidden]: a resident layer's routed experts for x, on the device."""
-        out = None
-        for t, lookup in self.resident[layer]:
-            part = moe_pairs(x, lookup[ids], weights, t, self.host.fmt, self.act)
-            out = part if out is None else out + part
-        return out
+        return on_device(self.resident[layer], x, ids, weights, self.host.fmt, self.act)
 
     def nbytes(self) -> int:
         return 0
@@ -181,6 +177,17 @@ class SlotDecode(DecodeStrategy):
 
     def nbytes(self):
         return self.slots.nbytes()
+
+
+def on_device(blocks: list[Block], x, ids, weights, fmt, act: str) -> torch.Tensor:
+    """float32 [M, hidden]: a decode step's routed experts for x from blocks in device memory,
+    each (token, choice) pair its own product (moe_pairs): a few tokens' pairs read fewer bytes
+    than dequantizing the blocks whole, as a prompt chunk's experts are (moe_blocks)."""
+    out = None
+    for t, lookup in blocks:
+        part = moe_pairs(x, lookup[ids], weights, t, fmt, act)
+        out = part if out is None else out + part
+    return out
 
 
 def _host_buffer(n: int, device) -> torch.Tensor:

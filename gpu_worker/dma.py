@@ -133,9 +133,12 @@ class HostExperts:
 
 
 class GroupStager:
-    """Whole layer groups copied span by span into `slots` device buffers. With two slots the copy
-    of group g+1 runs while group g computes; a slot is overwritten only after the compute that read
-    it (an event recorded at `release`)."""
+    """Whole layer groups (or a group's first `count` layers: a decode step split between the
+    stream and the CPU pool, decode_split.py) copied span by span into `slots` device buffers. With
+    two slots the copy of the next group runs while this one computes; a slot is overwritten only
+    after the compute that read it (an event recorded at `release`). Slots are taken in turn, in the
+    order groups are fetched, not by group number: a step that skips groups would otherwise put two
+    consecutive ones in one slot and overwrite the group it is computing."""
 
     def __init__(self, host: HostExperts, groups: list[list[int]], slots: int, engine: CopyEngine):
         self.host, self.groups, self.engine = host, groups, engine
@@ -148,34 +151,45 @@ class GroupStager:
                 size = max(b - a for a, b in (host.group_span(g, n) for g in groups))
                 per_node.append(torch.empty(size, dtype=torch.uint8, device=dev))
             self.bufs.append(per_node)
-        self.loaded: list[int | None] = [None] * slots
+        self.loaded: list[tuple[int, int] | None] = [None] * slots  # (group, its first layers held)
         self.ready = [None] * slots
         self.released = [None] * slots
+        self._next = 0  # the slot the next copy goes to
 
     def nbytes(self) -> int:
         return sum(b.numel() for slot in self.bufs for b in slot)
 
-    def fetch(self, g: int) -> None:
-        s = g % self.nslots
-        if self.loaded[s] == g:
-            return
-        pairs = []
-        for n in range(self.host.nodes):
-            a, b = self.host.group_span(self.groups[g], n)
-            pairs.append((self.bufs[s][n][: b - a], self.host.store.segment(n)[a:b]))
-        self.ready[s] = self.engine.copy(pairs, after=self.released[s])
-        self.loaded[s] = g
+    def _holding(self, g: int, count: int) -> int | None:
+        return next((s for s, held in enumerate(self.loaded) if held and held[0] == g and held[1] >= count), None)
 
-    def acquire(self, g: int) -> dict[int, list[Block]]:
-        """Group g's layers as blocks in device memory, once its copy has landed."""
-        self.fetch(g)
-        s = g % self.nslots
+    def fetch(self, g: int, count: int | None = None) -> None:
+        """Start copying group g's first `count` layers (all of them by default), unless a slot
+        holds them already (the last step's group, kept)."""
+        count = len(self.groups[g]) if count is None else count
+        s = self._holding(g, count)
+        if s is None:
+            s = self._next
+            pairs = []
+            for n in range(self.host.nodes):
+                a, b = self.host.group_span(self.groups[g][:count], n)
+                pairs.append((self.bufs[s][n][: b - a], self.host.store.segment(n)[a:b]))
+            self.ready[s] = self.engine.copy(pairs, after=self.released[s])
+            self.loaded[s] = (g, count)
+        # the next copy goes to the slot after the one this group is in, never into this one
+        self._next = (s + 1) % self.nslots
+
+    def acquire(self, g: int, count: int | None = None) -> dict[int, list[Block]]:
+        """Group g's first `count` layers as blocks in device memory, once their copy has landed."""
+        count = len(self.groups[g]) if count is None else count
+        self.fetch(g, count)
+        s = self._holding(g, count)
         self.engine.wait(self.ready[s])
+        layers = self.groups[g][:count]
         out = {}
-        for layer in self.groups[g]:
+        for layer in layers:
             blocks = []
             for n in range(self.host.nodes):
-                base = self.host.group_span(self.groups[g], n)[0]
+                base = self.host.group_span(layers, n)[0]
                 t = {}
                 for (lay, name), e in self.host.layout.entries[n].items():
                     if lay == layer:
@@ -186,7 +200,10 @@ class GroupStager:
         return out
 
     def release(self, g: int) -> None:
-        self.released[g % self.nslots] = self.engine.event_after_compute()
+        """Group g's compute is enqueued: its slot may be refilled after it."""
+        for s, held in enumerate(self.loaded):
+            if held and held[0] == g:
+                self.released[s] = self.engine.event_after_compute()
 
 
 class ExpertSlots:

@@ -12,6 +12,7 @@ import torch
 from ..shared.expert_store import ExpertStore
 from ..shared.models.family import ModelFamily
 from .decode_route import DecodeRoute, touched_share
+from .decode_split import SplitStep, streamable
 from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
@@ -48,8 +49,11 @@ class StageExperts:
             self.decode.resident = dict(self.prefill.resident_blocks())  # its own: hcs_hybrid adds to it
             self.decode.resident_on = True
         mode = spec.get("stream_decode") or "auto"
-        self.route = DecodeRoute(self.decode, self.prefill, "off" if mode == "auto" and device.type != "cuda" else mode,
-                                 self._stream_pays)
+        layers = streamable(self.prefill)
+        # a split step where the prefill strategy can stream part of a step's layers (decode_split.py)
+        stream = (lambda n: SplitStep(self.decode, self.prefill, n)) if layers else (lambda n: self.prefill)
+        self.route = DecodeRoute(self.decode, stream, "off" if mode == "auto" and device.type != "cuda" else mode,
+                                 self._stream_pays, max(layers, 1))
         if hot is not None:
             hot.ensure()  # from the counts an earlier run saved, if any: the last run's hot set
             self.decode.begin()  # hcs_hybrid takes the layers it holds whole as resident (so info() says so)

@@ -153,25 +153,47 @@ class LayerGrouped(PrefillStrategy):
         self.stager = GroupStager(self.host, self.groups, slots, self.engine) if self.groups else None
         self.slots = slots
         self._cur: tuple[int, dict] | None = None
+        self._plan(None)
 
-    def begin(self):
-        if self.stager is not None and self.slots > 1:
-            self.stager.fetch(0)  # overlaps the first layers' attention
+    def _plan(self, parts: dict[int, int] | None) -> list[int]:
+        """The groups a step streams, in order (each remembers the one after it)."""
+        self._parts = parts
+        order = [g for g in range(len(self.groups)) if self._count(g)]
+        self._after = dict(zip(order, order[1:]))
+        return order
+
+    def begin(self, parts: dict[int, int] | None = None):
+        """`parts`: group -> how many of its first layers this step streams (a decode step split
+        with the CPU pool, decode_split.py, which runs the others there); None: every layer."""
+        order = self._plan(parts)
+        if order and self.slots > 1:
+            self.stager.fetch(order[0], self._count(order[0]))  # overlaps the first layers' attention
+
+    def _count(self, g: int) -> int:
+        return len(self.groups[g]) if self._parts is None else self._parts.get(g, 0)
+
+    def streams(self, layer: int) -> bool:
+        """Whether this step takes the layer's experts from this strategy (kept, or streamed)."""
+        if layer in self.kept:
+            return True
+        g = self.group_of[layer]
+        return self.groups[g].index(layer) < self._count(g)
 
     def blocks(self, layer, ids):
         if layer in self.kept:
             return self.kept[layer]
         g = self.group_of[layer]
         if self._cur is None or self._cur[0] != g:
-            self._cur = (g, self.stager.acquire(g))
-            if self.slots > 1 and g + 1 < len(self.groups):
-                self.stager.fetch(g + 1)
+            self._cur = (g, self.stager.acquire(g, self._count(g)))
+            after = self._after.get(g)
+            if self.slots > 1 and after is not None:
+                self.stager.fetch(after, self._count(after))
         return self._cur[1][layer]
 
     def layer_end(self, layer):
         super().layer_end(layer)
         g = self.group_of.get(layer)
-        if g is not None and layer == self.groups[g][-1]:
+        if self._cur is not None and self._cur[0] == g and layer == self.groups[g][-1]:
             self.stager.release(g)
             self._cur = None
 

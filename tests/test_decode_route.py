@@ -21,8 +21,9 @@ class Runner:
         return self.name
 
 
-def route(mode="auto", pays=lambda b: True):
-    return DecodeRoute(Runner("decode"), Runner("prefill"), mode, pays)
+def route(mode="auto", pays=lambda b: True, layers=1):
+    """A route whose whole stream is named "prefill" and whose splits "split_N"."""
+    return DecodeRoute(Runner("decode"), lambda n: Runner("prefill" if n == layers else f"split_{n}"), mode, pays, layers)
 
 
 def drive(r: DecodeRoute, tokens: int, ms: dict, steps: int) -> list[str]:
@@ -66,7 +67,7 @@ def test_auto_measures_both_then_takes_the_faster_and_revisits():
     assert picked[SAMPLES + 1 : 2 * (SAMPLES + 1)] == ["prefill"] * (SAMPLES + 1)
     rest = picked[2 * (SAMPLES + 1):]
     assert rest.count("decode") == 2 and set(rest) == {"decode", "prefill"}  # one revisit per REVISIT steps
-    assert r.choice == {32: "prefill"}
+    assert r.choice == {32: 1}
 
 
 def test_auto_follows_a_change_in_the_machine():
@@ -74,7 +75,7 @@ def test_auto_follows_a_change_in_the_machine():
     r = route()
     assert drive(r, 16, {"decode": 5, "prefill": 8}, 50)[-1] == "decode"
     picked = drive(r, 16, {"decode": 30, "prefill": 8}, REVISIT * (KEEP + 1))
-    assert picked[-1] == "prefill" and r.choice[16] == "prefill"
+    assert picked[-1] == "prefill" and r.choice[16] == 1
 
 
 def test_auto_keeps_its_runner_against_one_faster_only_by_noise():
@@ -83,12 +84,33 @@ def test_auto_keeps_its_runner_against_one_faster_only_by_noise():
     # within noise of each other would alternate), until it is faster by more than the margin
     r = route()
     drive(r, 8, {"decode": 10, "prefill": 8}, 20)
-    assert r.choice[8] == "prefill"
+    assert r.choice[8] == 1
     close = 8 / (1 + MARGIN / 2)
     assert drive(r, 8, {"decode": close, "prefill": 8}, REVISIT * (KEEP + 1)).count("decode") == KEEP + 1
-    assert r.choice[8] == "prefill"
+    assert r.choice[8] == 1
     picked = drive(r, 8, {"decode": 8 / (1 + 2 * MARGIN), "prefill": 8}, REVISIT * (KEEP + 1))
-    assert picked[-1] == "decode" and r.choice[8] == "decode"
+    assert picked[-1] == "decode" and r.choice[8] == 0
+
+
+def test_auto_finds_the_split_that_keeps_both_links_busy():
+    """8 streamable layers; the pool takes 3 ms a layer, the stream 2, and the two overlap: a step
+    streaming n layers takes max(2n, 3(8 - n)) ms. After the two ends (24 and 16 ms), the route tries
+    the split that balances them (8 * 24 / 40 = 4.8: 5, 15 ms... max(10, 9) = 10), then halfway
+    towards the faster end (6: 12 ms), and keeps the fastest, revisiting the runner-up."""
+    def ms(n):
+        return max(2 * n, 3 * (8 - n))
+
+    r = route(layers=8)
+    times = {"decode": ms(0), "prefill": ms(8)} | {f"split_{n}": ms(n) for n in range(1, 8)}
+    picked = drive(r, 32, times, REVISIT * 2)
+    tried = list(dict.fromkeys(picked))
+    assert tried == ["decode", "prefill", "split_5", "split_6"]
+    rest = picked[(SAMPLES + 1) * 4:]
+    assert r.choice == {32: 5} and set(rest) == {"split_5", "split_6"}
+    assert rest.count("split_6") == 2  # the runner-up, once every REVISIT steps
+    # a fixed split: that many layers in every step, whatever the times
+    assert set(drive(route("3", layers=8), 32, times, 10)) == {"split_3"}
+    assert set(drive(route("30", layers=8), 32, times, 10)) == {"prefill"}
 
 
 def test_auto_never_streams_where_it_cannot_pay_nor_mixes_buckets():
@@ -96,7 +118,7 @@ def test_auto_never_streams_where_it_cannot_pay_nor_mixes_buckets():
     assert set(drive(r, 2, {"decode": 50, "prefill": 1}, 40)) == {"decode"}
     assert "prefill" in drive(r, 20, {"decode": 50, "prefill": 1}, 40)
     # bucket 2's measurements are its own: bucket 32's are not used for it
-    assert r.choice == {32: "prefill"}
+    assert r.choice == {32: 1}
 
 
 def test_streamed_decode_is_exact_and_leaves_the_pool_idle(tmp_path):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import tiny_models as tm
-from krasis.shared import protocol as P
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 NEW = 12
@@ -28,16 +27,9 @@ def _run(model, prefill: str, decode: str, resident: str):
     with tm.Service(model, "--dtype", "float32", "--devices", "cpu", "--cpu-workers", "1", "--cpu-bits", "4",
                     "--gpu-bits", "4", "--group-size", str(GROUP), "--prefill-strategy", prefill, "--decode-strategy", decode,
                     "--resident-decode", resident) as svc:
-        before = sum(p["calls"] for p in svc.client.stats().stats["cpu_pool"])
-        tokens, logprobs = [], []
-        for ev in svc.client.stream(None, PROMPT, None, False, max_new_tokens=NEW, ignore_eos=True, logprobs=0):
-            if isinstance(ev, P.Tokens):
-                tokens += ev.token_ids
-                logprobs += [t.logprob for t in ev.logprobs]
-        stats = svc.client.stats().stats
-    calls = sum(p["calls"] for p in stats["cpu_pool"]) - before
+        tokens, logprobs, calls, stats = svc.greedy(PROMPT, NEW)
     (gpu,) = [w for w in stats["workers"] if w["role"] == "gpu"]
-    return tokens, torch.tensor(logprobs), gpu, calls
+    return tokens, logprobs, gpu, calls
 
 
 @pytest.mark.parametrize("prefill,decode", [("layer_grouped_2", "pure_cpu"), ("persistent", "hcs_hybrid")])

@@ -353,6 +353,20 @@ class Service:
         self.worker_pids = [w["pid"] for w in h.workers]
         return self
 
+    def greedy(self, prompt_ids: list[int], n: int) -> tuple[list[int], torch.Tensor, int, dict]:
+        """One request's n greedy tokens, their logprobs, the CPU pool requests it made, and the
+        service's stats after it."""
+        from krasis.shared import protocol as P
+
+        before = sum(p["calls"] for p in self.client.stats().stats["cpu_pool"])
+        tokens, logprobs = [], []
+        for ev in self.client.stream(None, prompt_ids, None, False, max_new_tokens=n, ignore_eos=True, logprobs=0):
+            if isinstance(ev, P.Tokens):
+                tokens += ev.token_ids
+                logprobs += [t.logprob for t in ev.logprobs]
+        stats = self.client.stats().stats
+        return tokens, torch.tensor(logprobs), sum(p["calls"] for p in stats["cpu_pool"]) - before, stats
+
     def __exit__(self, *exc):
         self.client.close()
         terminate(self.proc, "serve")
