@@ -451,15 +451,17 @@ def bench(layers: int | None, prompts: list[int], decode: int, runs: int, config
 
 def dequant_check():
     """tests/test_dequant.py's comparisons on CUDA (the dequant kernel, where bfloat16 must be
-    identical too, and the fused expert kernel of hcs_hybrid decode) and tests/test_combine_kernel.py's
-    (the prefill MoE's one-pass combine)."""
+    identical too, and the fused expert kernel of hcs_hybrid decode), tests/test_combine_kernel.py's
+    (the prefill MoE's one-pass combine) and tests/test_act_kernel.py's (its one-pass activation)."""
     import subprocess
 
     sys.path.insert(0, str(ROOT / "tests"))
+    import test_act_kernel
     import test_combine_kernel
     import test_dequant
 
-    for name, check in (("dequant_exact", test_dequant.CHECK), ("combine_matches", test_combine_kernel.CHECK)):
+    for name, check in (("dequant_exact", test_dequant.CHECK), ("combine_matches", test_combine_kernel.CHECK),
+                        ("act_matches", test_act_kernel.CHECK)):
         p = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
         RESULTS[name] = p.returncode == 0 and p.stdout.strip() == "ok"
         log(f"{name} (its kernels against their references on CUDA):", RESULTS[name], p.stderr[-800:])
@@ -639,6 +641,7 @@ def main():
     print("decode graphs identical to eager:", RESULTS.get("graphs_exact"))
     print("dequant / expert gemv kernels match their references:", RESULTS.get("dequant_exact"))
     print("prefill combine kernel matches its reference:", RESULTS.get("combine_matches"))
+    print("expert activation kernel matches its reference:", RESULTS.get("act_matches"))
     print("norm/rope kernels:", RESULTS.get("norm_rope"))
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
     for r in RESULTS["kernel"]:

@@ -13,7 +13,8 @@ route keeps the last step times of each runner it tried, named by how many of th
 it streams (0: the decode strategy; all of them: the whole stream). It tries the decode strategy,
 then, where streaming could pay, the whole stream, then the split that would balance the two
 (each end's step time says how fast its link serves a layer), then one halfway from that towards
-the faster end; it takes the fastest (a decided bucket changes runner only for one faster by
+the faster end, then the decode strategy again (its first samples come from the steps right after
+the batch formed); it takes the fastest (a decided bucket changes runner only for one faster by
 MARGIN), and tries the runner-up again every REVISIT steps of the bucket, as the hot set and the
 machine's load change.
 
@@ -70,6 +71,7 @@ class DecodeRoute:
         self.seen: set[tuple[int, int]] = set()
         self.steps: dict[int, int] = defaultdict(int)
         self.tries: dict[int, list[int]] = {}  # bucket -> the streamed-layer counts it tries, in order
+        self.confirmed: set[int] = set()  # buckets whose decode strategy was measured again after the others
         self.choice: dict[int, int] = {}  # bucket -> the streamed layers its measurements chose (logged when it changes)
 
     def runner(self, n: int):
@@ -102,6 +104,13 @@ class DecodeRoute:
             if 0 < n < whole and n not in tries[:-1]:
                 return n
             return self._next_try(b)
+        if b not in self.confirmed:
+            # the decode strategy ran the bucket's first steps, right after its batch formed (on a
+            # GPU host, 39% slower than its steady state once: BENCHMARKS.md, session 22): its
+            # samples are taken again, beside the others'
+            self.confirmed.add(b)
+            self.times[(b, 0)].clear()
+            return 0
         return None
 
     def pick(self, tokens: int):

@@ -67,7 +67,7 @@ class StageExperts:
             return True
         touched = sum(touched_share(tokens, self.host.shape(i).top_k, self.host.shape(i).num) * self.host.layer_bytes(i)
                       for i in self.host.layers if i not in self.decode.resident)
-        return touched >= streamed / 2
+        return touched > 0 and touched >= streamed / 2  # none: every layer is on the device already
 
     def info(self) -> dict:
         out = {

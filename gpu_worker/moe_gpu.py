@@ -191,10 +191,9 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
     gu = _project(x.index_select(0, tok), fmt, t, "w13", experts, **proj)
     if "b13" in t:
         gu = gu + t["b13"].index_select(0, erow).to(x.dtype)
-    a = gated_act(gu, act)
-    del gu
     # a pair outside the block (weight 0) gets a zero activation: its rows may have overflowed to inf
-    a = torch.where(wt[:, None] != 0, a, 0)
+    a = masked_act(gu, act, wt != 0)
+    del gu
     y = _project(a, fmt, t, "w2", experts, **proj)
     del a
     if "b2" in t:
@@ -206,6 +205,20 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
     inv, w = torch.empty_like(order), torch.empty_like(wt)
     inv[order], w[order] = torch.arange(order.numel(), device=order.device), wt
     combine_pairs(y, inv, w, out)
+
+
+def masked_act_reference(gu: torch.Tensor, act: str, keep: torch.Tensor) -> torch.Tensor:
+    """The experts' activation of gu [R, 2I] (shared/moe.py: gated_act), zero in the rows not `keep`."""
+    return torch.where(keep[:, None], gated_act(gu, act), 0)
+
+
+def masked_act(gu: torch.Tensor, act: str, keep: torch.Tensor) -> torch.Tensor:
+    """masked_act_reference; on CUDA for SiLU experts in 16 bits, one Triton pass (act_kernel.py)."""
+    if gu.is_cuda and act == "silu" and gu.dtype in (torch.bfloat16, torch.float16):
+        from .act_kernel import masked_silu_mul_triton
+
+        return masked_silu_mul_triton(gu, keep)
+    return masked_act_reference(gu, act, keep)
 
 
 def combine_pairs_reference(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:

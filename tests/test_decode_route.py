@@ -65,9 +65,19 @@ def test_auto_measures_both_then_takes_the_faster_and_revisits():
     # the first step of each runner is not kept (graph capture, a cold staging slot)
     assert picked[: SAMPLES + 1] == ["decode"] * (SAMPLES + 1)
     assert picked[SAMPLES + 1 : 2 * (SAMPLES + 1)] == ["prefill"] * (SAMPLES + 1)
-    rest = picked[2 * (SAMPLES + 1):]
+    # the decode strategy measured again (its first samples came right after the batch formed)
+    assert picked[2 * (SAMPLES + 1) : 3 * SAMPLES + 2] == ["decode"] * SAMPLES
+    rest = picked[3 * SAMPLES + 2:]
     assert rest.count("decode") == 2 and set(rest) == {"decode", "prefill"}  # one revisit per REVISIT steps
     assert r.choice == {32: 1}
+
+
+def test_auto_measures_the_decode_strategy_again_before_deciding():
+    # its first steps in a bucket were slow (right after the batch formed), then it is the faster
+    r = route()
+    slow = {"decode": 30, "prefill": 20}
+    picked = drive(r, 32, slow, SAMPLES + 1) + drive(r, 32, {"decode": 10, "prefill": 20}, 50)
+    assert r.choice == {32: 0} and picked[-1] == "decode"
 
 
 def test_auto_follows_a_change_in_the_machine():
@@ -105,7 +115,7 @@ def test_auto_finds_the_split_that_keeps_both_links_busy():
     picked = drive(r, 32, times, REVISIT * 2)
     tried = list(dict.fromkeys(picked))
     assert tried == ["decode", "prefill", "split_5", "split_6"]
-    rest = picked[(SAMPLES + 1) * 4:]
+    rest = picked[(SAMPLES + 1) * 4 + SAMPLES:]
     assert r.choice == {32: 5} and set(rest) == {"split_5", "split_6"}
     assert rest.count("split_6") == 2  # the runner-up, once every REVISIT steps
     # a fixed split: that many layers in every step, whatever the times
