@@ -52,7 +52,9 @@ def _rows(x_ptr, x2_ptr, q_ptr, s_ptr, TABLE, rows_per_seq, D, heads, width, par
     b = tl.program_id(1)
     if tl.program_id(2) == 1:
         x_ptr = x2_ptr
-        part += 1
+    # not `part += 1` above: Triton compiles an argument of 1 as a constant, which cannot change type
+    # in a branch (DeepSeek's MLA cache writes its rope keys as part 1 alone: a CompilationError)
+    part = part + tl.program_id(2)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + (b * rows_per_seq + r) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
     if SCATTER:
