@@ -67,10 +67,14 @@ def offsets(parts: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor | None]]],
     first new row. Its width per sequence is 2 x parts + 1."""
     table = []
     for stored, st in zip(parts, starts):
-        for values, scales in stored:
-            table += [element_gap(values), 0 if scales is None else element_gap(scales)]
+        table += part_gaps(stored)
         table.append(st)
     return table
+
+
+def part_gaps(stored: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[int]:
+    """One sequence's entries of offsets() but its position: its parts' values and scales gaps."""
+    return [g for values, scales in stored for g in (element_gap(values), 0 if scales is None else element_gap(scales))]
 
 
 def host_table(values: list[int]) -> torch.Tensor:

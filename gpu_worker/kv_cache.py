@@ -63,6 +63,19 @@ def _write(rows: Rows, t: torch.Tensor, start: int) -> None:
         rows.values[start:end] = t
 
 
+class _Held:
+    """One sequence's rows of one layer: how many hold entries, its buffers and their rows (`cap`),
+    and, once a decode step's table asked for them, where the buffers start (cache_rows.part_gaps):
+    a 32-sequence step's table covers ~1,500 of these, and working each one's out again at every
+    step took ~9 ms of the host's time on a GPU host (BENCHMARKS.md, session 22)."""
+
+    __slots__ = ("length", "bufs", "cap", "gaps")
+
+    def __init__(self, length: int, bufs: list[torch.Tensor]):
+        self.length, self.bufs, self.gaps = length, bufs, None
+        self.cap = bufs[0].shape[0] if bufs else 0
+
+
 class _Prepared(NamedTuple):
     """A decode step's rows, reserved: the step's slices (seq, start, n), and per layer (its table on
     the device, the table's width per sequence, each slice's buffers)."""
@@ -78,8 +91,7 @@ class KVCache:
     def __init__(self, device: torch.device, dtype: torch.dtype, max_context: int, kv_dtype: str | None = None):
         self.device, self.dtype, self.max_context = device, dtype, max_context
         self.fp8 = kv_dtype == "fp8"
-        # seq -> layer -> (length, [buffers])
-        self._seqs: dict[int, dict[int, tuple[int, list[torch.Tensor]]]] = {}
+        self._seqs: dict[int, dict[int, _Held]] = {}  # seq -> layer -> its rows
         self._kv_layers: set[int] = set()  # layers that keep K/V rows (not a linear-attention state)
         self._step: _Prepared | None = None  # what begin_step prepared for the decode step running
         self._tables: dict[int, torch.Tensor] = {}  # batch size -> its steps' table on the device
@@ -94,27 +106,29 @@ class KVCache:
             return [(tuple(t.shape[1:]), torch.float8_e4m3fn), ((*t.shape[1:-1], 1), torch.float32)]
         return [(tuple(t.shape[1:]), t.dtype)]
 
-    def _reserve(self, layer: int, s: SeqSlice, new: tuple[torch.Tensor, ...] | None) -> list[torch.Tensor]:
-        """The sequence's buffers for the layer, grown (by doubling) to hold the slice, its length
+    def _reserve(self, layer: int, s: SeqSlice, new: tuple[torch.Tensor, ...] | None) -> _Held:
+        """The sequence's rows of the layer, grown (by doubling) to hold the slice, its length
         advanced past it: the caller writes the slice's rows. `new` (the entries to write) shapes a
         sequence's first buffers; later ones keep the layout they have."""
         self._kv_layers.add(layer)
         layers = self._seqs.setdefault(s.seq, {})
-        length, bufs = layers.get(layer, (0, []))
+        held = layers.get(layer)
+        length = 0 if held is None else held.length
         if s.start != length:
             raise ValueError(f"sequence {s.seq} layer {layer}: slice starts at {s.start}, cache holds {length}")
         end = length + s.n
         if end > self.max_context:
             raise ContextOverflow(f"sequence {s.seq} would reach {end} tokens, max context is {self.max_context}")
-        if not bufs or bufs[0].shape[0] < end:
-            cap = min(self.max_context, max(end, 2 * (bufs[0].shape[0] if bufs else 0), 64))
+        if held is None or held.cap < end:
+            bufs = held.bufs if held is not None else []
+            cap = min(self.max_context, max(end, 2 * held.cap if held is not None else 0, 64))
             layout = [(b.shape[1:], b.dtype) for b in bufs] if bufs else [x for t in new for x in self._layout(t)]
             grown = [torch.empty((cap, *shape), dtype=dtype, device=self.device) for shape, dtype in layout]
             for g, old in zip(grown, bufs):
                 g[:length] = old[:length]
-            bufs = grown
-        layers[layer] = (end, bufs)
-        return bufs
+            held = layers[layer] = _Held(length, grown)
+        held.length = end
+        return held
 
     def _parts(self, bufs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """A sequence's buffers of a layer as its stored parts: (values, scales or None) each."""
@@ -126,7 +140,7 @@ class KVCache:
     def append(self, layer: int, s: SeqSlice, *new: torch.Tensor) -> tuple[Rows, ...]:
         """Append the slice's new entries and return everything cached, [start + n, ...], as stored:
         fp8 entries are encoded straight into the cache's rows."""
-        cached = self._rows(self._reserve(layer, s, new), s.start + s.n)
+        cached = self._rows(self._reserve(layer, s, new).bufs, s.start + s.n)
         for r, t in zip(cached, new):
             _write(r, t, s.start)
         return cached
@@ -150,11 +164,15 @@ class KVCache:
         starts, kernels = [s.start for s in slices], cache_rows.kernels_on(self.device)
         table, at = [], {}
         for layer in layers:
-            bufs = [self._reserve(layer, s, new) for s in slices]
-            parts = [self._parts(b) for b in bufs]
-            at[layer] = (len(table), 2 * len(parts[0]) + 1, bufs)
-            if kernels:
-                table += cache_rows.offsets(parts, starts)
+            held = [self._reserve(layer, s, new) for s in slices]
+            bufs = [h.bufs for h in held]
+            at[layer] = (len(table), 2 * len(self._parts(bufs[0])) + 1, bufs)
+            if kernels:  # cache_rows.offsets, from each buffer's gaps as first worked out
+                for h, st in zip(held, starts):
+                    if h.gaps is None:
+                        h.gaps = cache_rows.part_gaps(self._parts(h.bufs))
+                    table += h.gaps
+                    table.append(st)
         if not kernels:
             data = None  # the references write and attend per slice
         elif new is not None:
@@ -232,15 +250,16 @@ class KVCache:
         (`init()` makes it at the sequence's first token), checked to cover exactly the tokens before
         the slice; the caller updates the tensors in place. Freed with the sequence like K and V."""
         layers = self._seqs.setdefault(s.seq, {})
-        length, bufs = layers.get(layer, (0, None))
+        held = layers.get(layer)
+        length = 0 if held is None else held.length
         if s.start != length:
             raise ValueError(f"sequence {s.seq} layer {layer}: slice starts at {s.start}, state holds {length}")
         if length + s.n > self.max_context:
             raise ContextOverflow(f"sequence {s.seq} would reach {length + s.n} tokens, max context is {self.max_context}")
-        if bufs is None:
-            bufs = init()
-        layers[layer] = (length + s.n, bufs)
-        return bufs
+        if held is None:
+            held = layers[layer] = _Held(0, init())
+        held.length = length + s.n
+        return held.bufs
 
     def fork(self, seq: int, into: list[int]) -> None:
         """Give each sequence of `into` a copy of everything `seq` holds (choices of one prompt
@@ -248,7 +267,7 @@ class KVCache:
         if seq not in self._seqs:
             raise ValueError(f"sequence {seq}: nothing cached to fork")
         for s in into:
-            self._seqs[s] = {layer: (length, [b.clone() for b in bufs]) for layer, (length, bufs) in self._seqs[seq].items()}
+            self._seqs[s] = {layer: _Held(h.length, [b.clone() for b in h.bufs]) for layer, h in self._seqs[seq].items()}
 
     def free(self, seq: int) -> None:
         self._seqs.pop(seq, None)
@@ -257,4 +276,4 @@ class KVCache:
         return len(self._seqs)
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for layers in self._seqs.values() for _, bufs in layers.values() for b in bufs)
+        return sum(b.numel() * b.element_size() for layers in self._seqs.values() for h in layers.values() for b in h.bufs)
