@@ -160,12 +160,21 @@ class Stage:
         if not self.last:
             raise ValueError("a step without its tokens needs a single-stage pipeline (the sampler's)")
         x = to_device(tokens, self.device)
+        # by the step that sampled them: usually one, in the same order, so one copy, not one a sequence
+        by_step: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
         for i in fed:
             s = slices[i]
             if s.n != 1 or s.seq not in self.sampled:
                 raise ValueError(f"sequence {s.seq}: no sampled token to continue from")
             tok, j = self.sampled[s.seq]
-            x[i : i + 1].copy_(tok[j : j + 1])  # after the kernel that sampled it, in stream order
+            rows = by_step.setdefault(id(tok), (tok, [], []))
+            rows[1].append(i)
+            rows[2].append(j)
+        for tok, xs, js in by_step.values():  # after the kernels that sampled them, in stream order
+            if xs == list(range(xs[0], xs[0] + len(xs))) and js == list(range(js[0], js[0] + len(js))):
+                x[xs[0] : xs[0] + len(xs)].copy_(tok[js[0] : js[0] + len(js)])
+            else:
+                x[to_device(torch.tensor(xs), self.device)] = tok[to_device(torch.tensor(js), self.device)]
         return x
 
     def _reply(self, logits: torch.Tensor, slices: list[SeqSlice]) -> dict[str, torch.Tensor]:

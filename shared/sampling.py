@@ -26,23 +26,25 @@ def sample(logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
     dev, v = logits.device, logits.shape[-1]
     d = [draws[i] for i in hot]
     # the draws' numbers reach the device queued behind the step (layers.to_device), not by a copy
-    # that would make the host wait for it
-    col = lambda vals: to_device(torch.tensor(vals, dtype=torch.float32), dev)[:, None]  # noqa: E731
+    # that would make the host wait for it, and in one copy (a decode step's host time is mostly
+    # such small calls): columns temperature, top_k (exact in float32 below 2^24), top_p, u
+    cols = to_device(torch.tensor([[x.temperature, x.top_k or v, x.top_p, x.u] for x in d], dtype=torch.float32), dev)
+    temperature, top_k, top_p, u = (cols[:, c : c + 1] for c in range(4))
     if len(hot) < len(draws):
         hot = to_device(torch.tensor(hot), dev)
     else:
         hot = slice(None)
-    l = logits[hot].float() / col([x.temperature for x in d])
+    l = logits[hot].float() / temperature
     # stable: ties keep vocabulary order, so a draw does not depend on the sort's whims
     l, order = torch.sort(l, dim=-1, descending=True, stable=True)
     rank = torch.arange(v, device=dev)[None]
-    l = l.masked_fill(rank >= col([x.top_k or v for x in d]), float("-inf"))
+    l = l.masked_fill(rank >= top_k, float("-inf"))
     p = torch.softmax(l, dim=-1)
     # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-    p = p.masked_fill(torch.cumsum(p, -1) - p >= col([x.top_p for x in d]), 0.0)
+    p = p.masked_fill(torch.cumsum(p, -1) - p >= top_p, 0.0)
     cum = torch.cumsum(p, -1)
     # the first rank whose cumulative mass exceeds u of the kept mass: never a zero-probability rank
-    at = torch.searchsorted(cum, col([x.u for x in d]) * cum[:, -1:], right=True).clamp_max(v - 1)
+    at = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp_max(v - 1)
     out[hot] = order.gather(1, at)[:, 0]
     return out
 
