@@ -150,7 +150,10 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     rows = local.reshape(-1)
     wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
     pairs = torch.arange(m * k, device=x.device)
-    _block(x, t, fmt, act, False, out, pairs // k, wt, rows.clamp(min=0), rows, None, pairs)
+    # the pairs are in token order already: the combine's map is themselves (no scatter to make it),
+    # and a pair's row clamped matters only to a bias's lookup (each is a kernel of a decode layer)
+    erow = rows.clamp(min=0) if "b13" in t or "b2" in t else rows
+    _block(x, t, fmt, act, False, out, pairs // k, wt, erow, rows, None, (pairs, wt))
     return out
 
 
@@ -164,7 +167,10 @@ def _all_rows(local, weights, held: int):
     key, order = torch.sort(local.clamp(min=0).reshape(-1), stable=True)
     wt = torch.where(mine[order], weights.reshape(-1)[order].float(), 0.0)
     counts = count_choices(key, held)
-    return order // k, wt, key, None, counts, order  # None: every row of the block, in order
+    # where each (token, slot) pair sits in expert order, and its weight in token order
+    inv, w = torch.empty_like(order), torch.empty_like(wt)
+    inv[order], w[order] = torch.arange(order.numel(), device=order.device), wt
+    return order // k, wt, key, None, counts, (inv, w)  # None: every row of the block, in order
 
 
 def _active_rows(local, weights):
@@ -180,11 +186,12 @@ def _active_rows(local, weights):
     return tok, weights[tok, slot].float(), rows, active, counts, None
 
 
-def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, order) -> None:
-    """out[tok] += wt * expert(x[tok]) for sorted pairs: `erow` is each pair's expert row in `t`,
-    `experts` the rows dequantized as the groups (None: all the block's), `counts` the pairs per
-    group (None: one each); `order` (when the pairs are every (token, slot) of x, flattened) is
-    where each sorted pair came from."""
+def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow, experts, counts, combine) -> None:
+    """out[tok] += wt * expert(x[tok]) for sorted pairs: `erow` is each pair's expert row in `t`
+    (for a bias's lookup), `experts` the rows dequantized as the groups (None: all the block's),
+    `counts` the pairs per group (None: one each); `combine` (when the pairs are every (token,
+    slot) of x) is combine_pairs's (inv, w): where each (token, slot) pair sits among the sorted
+    pairs, and its weight in token order."""
     offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
     sizes = None if grouped or counts is None else counts.tolist()
     proj = dict(offs=offs, counts=sizes, grouped=grouped)
@@ -198,13 +205,10 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
     del a
     if "b2" in t:
         y = y + t["b2"].index_select(0, erow).to(x.dtype)
-    if order is None:
+    if combine is None:
         out.index_add_(0, tok, y.float() * wt[:, None])
         return
-    # where each (token, slot) pair sits in expert order, and its weight in token order
-    inv, w = torch.empty_like(order), torch.empty_like(wt)
-    inv[order], w[order] = torch.arange(order.numel(), device=order.device), wt
-    combine_pairs(y, inv, w, out)
+    combine_pairs(y, *combine, out)
 
 
 def masked_act_reference(gu: torch.Tensor, act: str, keep: torch.Tensor) -> torch.Tensor:
