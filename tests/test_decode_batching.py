@@ -69,3 +69,31 @@ def test_concurrent_decode_is_batched_and_exact_with_two_numa_nodes(model, tmp_p
         assert p["cores"] == allowed[p["pid"]] == nodes[p["node"]]
     if len(os.sched_getaffinity(0)) >= 2:
         assert not set(pools[0]["cores"]) & set(pools[1]["cores"])
+
+
+def test_fed_back_tokens_follow_their_sequences_across_steps():
+    """A decode step sent before the last one's reply carries -1 for a sequence's token: the stage
+    takes the one it sampled for that sequence (gpu_worker/stage.py: Stage._feed), wherever that
+    sequence's row was in the step that sampled it: in order (one copy), or not, as when a sequence
+    between others finished or the rows come from two steps."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from krasis.gpu_worker.stage import Stage
+    from krasis.shared.protocol import SeqSlice
+
+    step1 = torch.tensor([11, 12, 13, 14])  # sampled for sequences 1-4, in that order
+    step2 = torch.tensor([25, 26])  # sampled later for sequences 5 and 6
+    stage = SimpleNamespace(last=True, device=torch.device("cpu"),
+                            sampled={1: (step1, 0), 2: (step1, 1), 3: (step1, 2), 4: (step1, 3), 5: (step2, 0), 6: (step2, 1)})
+
+    def feed(seqs, tokens):
+        slices = [SeqSlice(seq=s, start=9, n=1, logits="sample") for s in seqs]
+        return Stage._feed(stage, torch.tensor(tokens), slices).tolist()
+
+    assert feed([1, 2, 3, 4], [-1, -1, -1, -1]) == [11, 12, 13, 14]
+    assert feed([1, 3, 4], [-1, -1, -1]) == [11, 13, 14]  # sequence 2 finished
+    assert feed([6, 2, 5, 7], [-1, -1, -1, 99]) == [26, 12, 25, 99]  # two steps, out of order, one given
+    with pytest.raises(ValueError, match="no sampled token"):
+        feed([8], [-1])
