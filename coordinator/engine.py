@@ -296,6 +296,10 @@ class Engine:
                 fut = self._futures.pop(msg.step, None)
                 if fut and not fut.done():
                     fut.set_exception(StepFailed(f"{msg.role}_worker {msg.rank}: {msg.message}"))
+            elif isinstance(msg, P.WorkerInfo):
+                for w in self.workers:
+                    if (w["role"], w["rank"]) == (msg.role, msg.rank):
+                        w.update(msg.info)
 
     async def _watch(self) -> None:
         while True:
@@ -711,7 +715,7 @@ class Engine:
 
     async def stats_reply(self) -> P.StatsReply:
         """The engine's counters, under "workers" what each worker reported at start (its strategies,
-        VRAM plan and hot experts), and under "cpu_pool" each pool process's own counters (its pinned
+        VRAM plan and hot experts, kept current by its worker_info messages), and under "cpu_pool" each pool process's own counters (its pinned
         cores, calls, tokens and the largest batch M it ran: the evidence of decode batching)."""
         pools = []
         async with self._pool_lock:

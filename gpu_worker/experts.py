@@ -69,14 +69,19 @@ class StageExperts:
                       for i in self.host.layers if i not in self.decode.resident)
         return touched > 0 and touched >= streamed / 2  # none: every layer is on the device already
 
+    def held(self) -> dict:
+        """What of info() changes while serving: the hot set, built once counts exist (a first run's
+        first prompt), and the layers decode then runs on the device (hcs_hybrid's whole-hot ones)."""
+        return {"hot_experts": len(self.hot.members) if self.hot is not None else 0,
+                "decode_resident_layers": len(self.decode.resident)}
+
     def info(self) -> dict:
         out = {
             "prefill_strategy": self.prefill.name, "decode_strategy": self.decode.name, "stream_decode": self.route.mode,
             "vram_plan_mb": self.plan.report(),
-            "hot_experts": len(self.hot.members) if self.hot is not None else 0,
             "prefill_resident_layers": self.prefill.resident_layers(),
-            "decode_resident_layers": len(self.decode.resident),
             "prefill_streamed_bytes": self.prefill.streamed_bytes(),
+            **self.held(),
         }
         if self.host.device.type == "cuda":
             out["vram_mb"] = round(torch.cuda.memory_reserved(self.host.device) / 2**20, 1)

@@ -143,6 +143,7 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
     engine._decode); anything else waits for the step in flight first."""
     profiler = StepProfiler(rank)
     pending = None  # (message, t_in, Launched): on the device, not yet answered
+    held = stage.experts.held()  # as Ready reported it: a change is reported as it happens
 
     def fail(msg, e: Exception) -> None:
         traceback.print_exc()
@@ -154,7 +155,7 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
     def answer(interrupt=None) -> bool:
         """Wait for the pending step and pass its results on; False, with the step still pending,
         as soon as `interrupt()` says a message is waiting."""
-        nonlocal pending
+        nonlocal pending, held
         msg, t_in, step = pending
         try:
             if not stage.wait(step, interrupt):
@@ -173,6 +174,9 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
             nxt.send_multipart(P.encode(fwd), copy=False)
         PHASES.mark("reply")
         profiler.end_step()
+        if stage.experts.held() != held:
+            held = stage.experts.held()
+            coord.send_multipart(P.encode(P.WorkerInfo(role="gpu", rank=rank, info=held)))
         return True
 
     while True:

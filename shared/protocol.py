@@ -23,8 +23,8 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 2  # 2: host agents (attach, host_info, assign, heartbeat, host_fault), health's hosts;
-# logprobs (SamplingParams, Tokens, Draw, Logits), Fork
+PROTOCOL_VERSION = 3  # 2: host agents (attach, host_info, assign, heartbeat, host_fault), health's hosts;
+# logprobs (SamplingParams, Tokens, Draw, Logits), Fork; 3: worker_info
 
 
 class ProtocolError(ValueError):
@@ -444,6 +444,18 @@ class Ready(Message):
     role: str  # "gpu" | "cpu"
     rank: int
     pid: int
+    info: dict
+
+
+@dataclass
+class WorkerInfo(Message):
+    """Part of what a worker reported in `ready` changed while it serves: a GPU worker's hot set,
+    built from the first prompt's counts where none were saved, and the layers it then decodes on
+    its device (its Ready info's keys, with their new values)."""
+
+    TYPE: ClassVar[str] = "worker_info"
+    role: str
+    rank: int
     info: dict
 
 

@@ -78,3 +78,19 @@ def test_hcs_hybrid_runs_the_layers_it_holds_whole_as_resident(model, tmp_path):
     assert gpu_on["hot_experts"] == moe * num // 2
     assert gpu_off["decode_resident_layers"] == 0
     assert calls_off == (NEW - 1) * moe and calls_on == (NEW - 1) * (moe - 1)
+
+
+def test_a_hot_set_built_while_serving_is_reported(tmp_path):
+    """With no counts saved, hcs_hybrid's hot set is built from the first prompt's (at the first
+    decode step): the worker reports it then (worker_info), and the stats show it, not the empty
+    set of its start-up report."""
+    fresh = tm.build(tmp_path / "fresh", "qwen3", **tm.QWEN3_CONFIGS["qwen3-base"])
+    with tm.Service(fresh, "--dtype", "float32", "--devices", "cpu", "--cpu-workers", "1", "--cpu-bits", "4",
+                    "--gpu-bits", "4", "--group-size", str(GROUP), "--prefill-strategy", "layer_grouped_2",
+                    "--decode-strategy", "hcs_hybrid", "--resident-decode", "on") as svc:
+        (before,) = [w for w in svc.client.stats().stats["workers"] if w["role"] == "gpu"]
+        *_, stats = svc.greedy(PROMPT, NEW)
+    (after,) = [w for w in stats["workers"] if w["role"] == "gpu"]
+    assert before["hot_experts"] == 0 and before["decode_resident_layers"] == 0
+    assert after["hot_experts"] > 0
+    assert after["prefill_strategy"] == "layer_grouped_2"  # the rest of the start-up report is kept
