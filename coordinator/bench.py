@@ -234,6 +234,8 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
                     "decode_aggregate_tok_s": sum(a for a, _ in rates) / len(rates),
                     "decode_per_seq_tok_s": sum(sum(p) / len(p) for _, p in rates) / len(rates),
                     "step_ms": step_ms, "pool": pool,
+                    # each GPU worker's decode route by then (batch-size bucket -> its runner)
+                    "decode_route": [w.get("decode_route", {}) for w in engine.workers if w["role"] == "gpu"],
                 })
             rows.append(row)
         # this machine's processes (with --hosts, the workers that report a host run elsewhere)
@@ -399,6 +401,15 @@ def concurrency_table(rows: list[dict]) -> str:
                 f"| {e['decode_per_seq_tok_s']:.2f} | {e['decode_aggregate_tok_s'] / one if one else 0:.2f} "
                 f"| {e['step_ms']['worker']:.2f} | {e['step_ms']['between']:.2f} | {share} |"
             )
+    return "\n".join(lines)
+
+
+def route_lines(rows: list[dict]) -> str:
+    """What each GPU worker's decode route chose per batch-size bucket, by the end of the bench."""
+    lines = []
+    for e in (rows[-1].get("concurrency") or [])[-1:]:
+        for rank, route in enumerate(e.get("decode_route", [])):
+            lines += [f"decode route, GPU worker {rank}, steps of up to {b} tokens: {runner}" for b, runner in route.items()]
     return "\n".join(lines)
 
 

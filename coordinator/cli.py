@@ -548,7 +548,7 @@ def chat(endpoint, max_new_tokens, temperature, system, keys):
 @runtime_options
 def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, temperature, seed, opts):
     """Prefill and decode speed in the reference's table, with this machine's floor and the fraction reached."""
-    from .bench import concurrency_table, decode_split, run_benches, table
+    from .bench import concurrency_table, decode_split, route_lines, run_benches, table
 
     try:
         rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [], temperature=temperature,
@@ -564,6 +564,8 @@ def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, tempe
         click.echo(split if len(rows) == 1 else f"prompt {r['prompt_tokens']} tokens: " + split)
     if concurrency:
         click.echo(concurrency_table(rows))
+        if route_lines(rows):
+            click.echo(route_lines(rows))
 
 
 @main.command()

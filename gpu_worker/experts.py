@@ -71,9 +71,12 @@ class StageExperts:
 
     def held(self) -> dict:
         """What of info() changes while serving: the hot set, built once counts exist (a first run's
-        first prompt), and the layers decode then runs on the device (hcs_hybrid's whole-hot ones)."""
+        first prompt), the layers decode then runs on the device (hcs_hybrid's whole-hot ones), and
+        the runner the decode route chose for each batch size it measured."""
         return {"hot_experts": len(self.hot.members) if self.hot is not None else 0,
-                "decode_resident_layers": len(self.decode.resident)}
+                "decode_resident_layers": len(self.decode.resident),
+                # batch-size bucket -> the runner its step times chose (decode_route.py)
+                "decode_route": {str(b): self.route.describe(n) for b, n in sorted(self.route.choice.items())}}
 
     def info(self) -> dict:
         out = {

@@ -450,8 +450,8 @@ class Ready(Message):
 @dataclass
 class WorkerInfo(Message):
     """Part of what a worker reported in `ready` changed while it serves: a GPU worker's hot set,
-    built from the first prompt's counts where none were saved, and the layers it then decodes on
-    its device (its Ready info's keys, with their new values)."""
+    built from the first prompt's counts where none were saved, the layers it then decodes on its
+    device, and its decode route's choices (its Ready info's keys, with their new values)."""
 
     TYPE: ClassVar[str] = "worker_info"
     role: str

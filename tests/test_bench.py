@@ -43,6 +43,7 @@ def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_pat
             assert e["decode_aggregate_tok_s"] >= e["decode_per_seq_tok_s"] > 0
             assert set(e["step_ms"]) == {"worker", "between"} and e["step_ms"]["worker"] > 0
             assert e["cpu_share"] == 1.0  # pure_cpu: the pool ran every choice
+            assert e["decode_route"] == [{}]  # one GPU worker; on a CPU device the route decides nothing
         # three sequences share each step: the pool ran 3 tokens per call, against 1 for one sequence
         one, three = (e["pool"][0] for e in entries)
         assert one["tokens"] == one["calls"] and three["tokens"] == 3 * three["calls"]
@@ -50,6 +51,19 @@ def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_pat
     lines = [ln for ln in p.output.splitlines() if ln.startswith("| qwen3 |")]
     assert len(lines) == 2 + 4  # the main table's two rows, then a line per prompt length and count
     assert "| Sequences | Decode aggregate (tok/s) |" in p.output
+
+
+def test_route_lines_name_each_workers_choice_per_bucket():
+    from krasis.coordinator.bench import route_lines
+
+    e = {"decode_route": [{"32": "13 of 25 streamed layers over PCIe, the rest by the decode strategy"},
+                          {"16": "the decode strategy", "32": "streamed as a prefill"}]}
+    assert route_lines([{"concurrency": [{"decode_route": [{}]}, e]}]).splitlines() == [
+        "decode route, GPU worker 0, steps of up to 32 tokens: 13 of 25 streamed layers over PCIe, the rest by the decode strategy",
+        "decode route, GPU worker 1, steps of up to 16 tokens: the decode strategy",
+        "decode route, GPU worker 1, steps of up to 32 tokens: streamed as a prefill",
+    ]
+    assert route_lines([{"concurrency": []}]) == "" and route_lines([{}]) == ""
 
 
 def test_bench_refuses_a_count_below_one(model):
