@@ -564,8 +564,9 @@ def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, tempe
         click.echo(split if len(rows) == 1 else f"prompt {r['prompt_tokens']} tokens: " + split)
     if concurrency:
         click.echo(concurrency_table(rows))
-        if route_lines(rows):
-            click.echo(route_lines(rows))
+        routes = route_lines(rows)
+        if routes:
+            click.echo(routes)
 
 
 @main.command()

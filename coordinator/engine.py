@@ -715,8 +715,9 @@ class Engine:
 
     async def stats_reply(self) -> P.StatsReply:
         """The engine's counters, under "workers" what each worker reported at start (its strategies,
-        VRAM plan and hot experts, kept current by its worker_info messages), and under "cpu_pool" each pool process's own counters (its pinned
-        cores, calls, tokens and the largest batch M it ran: the evidence of decode batching)."""
+        VRAM plan and hot experts, kept current by its worker_info messages), and under "cpu_pool"
+        each pool process's own counters (its pinned cores, calls, tokens and the largest batch M it
+        ran: the evidence of decode batching)."""
         pools = []
         async with self._pool_lock:
             for s in self.pool_ctl:

@@ -65,9 +65,14 @@ def offsets(parts: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor | None]]],
     element offsets of its values and of its scales, 0 where it has none: element_gap; `parts`
     holds each sequence's (values, scales) from their first row) and then the position of its
     first new row. Its width per sequence is 2 x parts + 1."""
+    return table_rows([part_gaps(stored) for stored in parts], starts)
+
+
+def table_rows(gaps: Sequence[list[int]], starts: Sequence[int]) -> list[int]:
+    """offsets() from each sequence's part_gaps (which a cache keeps while its buffers do)."""
     table = []
-    for stored, st in zip(parts, starts):
-        table += part_gaps(stored)
+    for g, st in zip(gaps, starts):
+        table += g
         table.append(st)
     return table
 

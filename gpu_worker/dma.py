@@ -162,9 +162,9 @@ class GroupStager:
     def _holding(self, g: int, count: int) -> int | None:
         return next((s for s, held in enumerate(self.loaded) if held and held[0] == g and held[1] >= count), None)
 
-    def fetch(self, g: int, count: int | None = None) -> None:
+    def fetch(self, g: int, count: int | None = None) -> int:
         """Start copying group g's first `count` layers (all of them by default), unless a slot
-        holds them already (the last step's group, kept)."""
+        holds them already (the last step's group, kept). Returns the slot they are in."""
         count = len(self.groups[g]) if count is None else count
         s = self._holding(g, count)
         if s is None:
@@ -177,14 +177,13 @@ class GroupStager:
             self.loaded[s] = (g, count)
         # the next copy goes to the slot after the one this group is in, never into this one
         self._next = (s + 1) % self.nslots
+        return s
 
     def acquire(self, g: int, count: int | None = None) -> dict[int, list[Block]]:
         """Group g's first `count` layers as blocks in device memory, once their copy has landed."""
-        count = len(self.groups[g]) if count is None else count
-        self.fetch(g, count)
-        s = self._holding(g, count)
+        s = self.fetch(g, count)
         self.engine.wait(self.ready[s])
-        layers = self.groups[g][:count]
+        layers = self.groups[g][:count]  # None: all of them
         out = {}
         for layer in layers:
             blocks = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -148,9 +149,7 @@ class HotSet:
     def full_layers(self) -> list[int]:
         """The layers all of whose experts are hot: hcs_hybrid runs them as resident, never asking
         the pool."""
-        per = {}
-        for layer, _ in self.members:
-            per[layer] = per.get(layer, 0) + 1
+        per = Counter(layer for layer, _ in self.members)
         return [layer for layer, n in per.items() if n == self.host.shape(layer).num]
 
     def local(self, layer: int, ids: torch.Tensor) -> torch.Tensor:

@@ -168,11 +168,10 @@ class KVCache:
             bufs = [h.bufs for h in held]
             at[layer] = (len(table), 2 * len(self._parts(bufs[0])) + 1, bufs)
             if kernels:  # cache_rows.offsets, from each buffer's gaps as first worked out
-                for h, st in zip(held, starts):
+                for h in held:
                     if h.gaps is None:
                         h.gaps = cache_rows.part_gaps(self._parts(h.bufs))
-                    table += h.gaps
-                    table.append(st)
+                table += cache_rows.table_rows([h.gaps for h in held], starts)
         if not kernels:
             data = None  # the references write and attend per slice
         elif new is not None:

@@ -174,8 +174,9 @@ def _serve(stage: Stage, rank: int, inbound, nxt, coord) -> None:
             nxt.send_multipart(P.encode(fwd), copy=False)
         PHASES.mark("reply")
         profiler.end_step()
-        if stage.experts.held() != held:
-            held = stage.experts.held()
+        now = stage.experts.held()
+        if now != held:
+            held = now
             coord.send_multipart(P.encode(P.WorkerInfo(role="gpu", rank=rank, info=held)))
         return True
 
