@@ -151,7 +151,7 @@ def runtime_options(f):
                   "memory only (a prefill step holds whole prompts, and streamed experts cross PCIe once per step).")
     @click.option("--prefill-strategy", help="persistent | layer_grouped_N | chunked | active_only | hcs_prefill "
                   "(docs/strategies.md; default: the winner of `optimize`, else persistent if every expert "
-                  "fits --vram-budget, else layer_grouped_4, 2, 1, then chunked: the first that fits).")
+                  "fits --vram-budget, else layer_grouped_1, then chunked: the first that fits).")
     @click.option("--decode-strategy", type=click.Choice(["pure_cpu", "hcs_hybrid", "compact", "lru"]),
                   help="Who runs decode's routed experts (default: the winner of `optimize`, else pure_cpu).")
     @click.option("--stream-decode", default="auto", show_default=True, callback=_stream_decode_mode,

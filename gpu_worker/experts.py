@@ -36,7 +36,7 @@ class StageExperts:
             # a stage without MoE layers gets an empty set: the strategies need no special case
             hot = HotSet(self.host, self.counts, self.plan.hot // per_expert if per_expert else 0, self.engine)
         lru_slots = self.plan.lru // per_expert if per_expert else 0
-        self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot, self.plan.resident)
+        self.prefill = make_prefill(prefill, self.host, self.engine, act, self.counts, hot, self.plan.kept)
         self.prefill.dequant_once = self.plan.dequant_once > 0
         self.decode = make_decode(decode, pool, self.host, self.engine, act, hot, lru_slots)
         self.hot = hot

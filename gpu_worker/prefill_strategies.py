@@ -128,27 +128,31 @@ def spread(layers: list[int], k: int) -> list[int]:
     return [layers[(2 * i + 1) * n // (2 * k)] for i in range(k)] if k else []
 
 
+def stream_groups(layers: list[int], kept, n: int) -> list[list[int]]:
+    """The groups layer_grouped_N streams: runs of the layers not `kept` (resident), cut every n (a
+    group is one span of the store)."""
+    runs = [list(r) for is_kept, r in itertools.groupby(layers, key=lambda layer: layer in kept) if not is_kept]
+    return [r[i : i + n] for r in runs for i in range(0, len(r), n)]
+
+
 class LayerGrouped(PrefillStrategy):
     """N MoE layers per DMA group, two staging slots: group g+1 is copied while group g computes.
     `chunked` is the one-slot, one-layer case: each layer's experts are copied, then used.
 
-    Layers that `resident` bytes hold (whole layers, spread evenly over the stage so that the copy
-    stream keeps streaming the next group while a resident layer computes) are copied once, at
+    `kept` whole layers (spread evenly over the stage so that the copy stream keeps streaming the
+    next group while a resident layer computes; the VRAM plan says how many) are copied once, at
     start, and never streamed: a step streams only the other layers' experts."""
 
     whole_layers = True
 
-    def __init__(self, host, engine, act, counts, n: int, slots: int = 2, resident: int = 0):
+    def __init__(self, host, engine, act, counts, n: int, slots: int = 2, kept: int = 0):
         super().__init__(host, engine, act, counts)
         self.name = f"layer_grouped_{n}" if slots == 2 else "chunked"
         L = self.host.layers
-        biggest = max((self.host.layer_bytes(layer) for layer in L), default=0)
-        kept = spread(L, resident // biggest) if biggest else []
-        self._resident = GroupStager(self.host, [[layer] for layer in kept], len(kept), self.engine) if kept else None
-        self.kept = {layer: b for g in range(len(kept)) for layer, b in self._resident.acquire(g).items()}
-        # streamed groups: runs of layers that are not resident, cut every n (a group is one span)
-        runs = [list(r) for kept_run, r in itertools.groupby(L, key=lambda layer: layer in self.kept) if not kept_run]
-        self.groups = [r[i : i + n] for r in runs for i in range(0, len(r), n)]
+        resident = spread(L, kept)
+        self._resident = GroupStager(self.host, [[layer] for layer in resident], len(resident), self.engine) if resident else None
+        self.kept = {layer: b for g in range(len(resident)) for layer, b in self._resident.acquire(g).items()}
+        self.groups = stream_groups(L, self.kept, n)
         self.group_of = {layer: g for g, grp in enumerate(self.groups) for layer in grp}
         self.stager = GroupStager(self.host, self.groups, slots, self.engine) if self.groups else None
         self.slots = slots
@@ -257,13 +261,13 @@ class HcsPrefill(ActiveOnly):
 
 
 def make_prefill(name: str, host: HostExperts, engine: CopyEngine, act: str, counts: Counts, hot: HotSet | None,
-                 resident: int = 0) -> PrefillStrategy:
-    """`resident`: bytes for layers layer_grouped keeps on the device (the VRAM plan's)."""
+                 kept: int = 0) -> PrefillStrategy:
+    """`kept`: how many layers layer_grouped keeps on the device (the VRAM plan's)."""
     kind, n = parse_prefill(name)
     if kind == "persistent":
         return Persistent(host, engine, act, counts)
     if kind == "layer_grouped":
-        return LayerGrouped(host, engine, act, counts, n, resident=resident)
+        return LayerGrouped(host, engine, act, counts, n, kept=kept)
     if kind == "chunked":
         return LayerGrouped(host, engine, act, counts, 1, slots=1)
     if kind == "active_only":

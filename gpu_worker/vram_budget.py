@@ -37,6 +37,7 @@ class VramPlan:
     hot: int  # bytes for hot experts
     lru: int  # bytes for lru decode slots
     resident: int = 0  # bytes for layer_grouped's resident layers (copied once, never streamed)
+    kept: int = 0  # how many layers those are (LayerGrouped spreads them over the stage)
     # bytes for a layer's other projection dequantized too, so that a step of several chunks
     # dequantizes each layer once (prefill_strategies.PrefillStrategy): the first claim on what is
     # spare (at 10K tokens in 4096-token chunks it saves more than a resident layer's copy); 0: none
@@ -47,7 +48,7 @@ class VramPlan:
                 + self.dequant_once)
 
     def report(self) -> dict:
-        return {k: (round(v / 2**20, 1) if v is not None else None) for k, v in asdict(self).items()} | {
+        return {k: (round(v / 2**20, 1) if v is not None else None) for k, v in asdict(self).items() if k != "kept"} | {
             "total": round(self.total() / 2**20, 1)
         }
 
@@ -83,7 +84,7 @@ def plan(
     budget_gb: float | None,
     device_total: int | None,
 ) -> VramPlan:
-    from .prefill_strategies import parse_prefill
+    from .prefill_strategies import parse_prefill, spread, stream_groups
 
     a, b = layers
     moe = [i for i in range(a, b) if i in layout.shapes]
@@ -99,14 +100,21 @@ def plan(
     per_layer = [layer_expert_bytes(layout, i) for i in moe]
     biggest = max(per_layer, default=0)
     kind, n = parse_prefill(prefill)
-    if kind == "persistent":
-        staging = sum(per_layer)
-    elif kind == "layer_grouped":
-        staging = 2 * max((sum(per_layer[j : j + n]) for j in range(0, len(per_layer), n)), default=0)
-    else:  # chunked, active_only, hcs_prefill: one layer's worth
-        staging = biggest
-    if decode == "compact":
-        staging += biggest
+    size = dict(zip(moe, per_layer))
+
+    def staging_for(kept: int) -> int:
+        """What the prefill and decode strategies stage with `kept` layers resident: layer_grouped's
+        two slots hold its largest group, and resident layers cut the streamed runs into shorter ones."""
+        if kind == "persistent":
+            out = sum(per_layer)
+        elif kind == "layer_grouped":
+            groups = stream_groups(moe, set(spread(moe, kept)), n)
+            out = 2 * max((sum(size[i] for i in grp) for grp in groups), default=0)
+        else:  # chunked, active_only, hcs_prefill: one layer's worth
+            out = biggest
+        return out + (biggest if decode == "compact" else 0)
+
+    staging = staging_for(0)
 
     H, T = family.hidden_size, prefill_chunk
     # a prefill step holds whole prompts, up to max_context tokens: its hidden states, each layer's
@@ -146,15 +154,20 @@ def plan(
         # and both the resident and the streamed layers, are exercised.
         hot = experts // 2 if wants_hot else 0
         lru = experts // 4 if decode == "lru" else 0
-        resident = len(moe) // 2 * biggest if keeps else 0
+        kept = len(moe) // 2 if keeps else 0
     else:
         if wants_hot:
             hot = min(experts, int(spare if decode != "lru" else spare / 2))
         if decode == "lru":
             lru = min(experts, int(spare - hot))
-        resident = min(len(moe), int(spare // biggest)) * biggest if keeps else 0
+        # the most layers whose bytes, with the (smaller) staging they leave, fit the spare and the
+        # staging planned without them: two slots of N layers once sat idle beside resident layers
+        # that had cut every streamed run to one or two layers
+        room = spare + staging
+        kept = next((k for k in range(len(moe), 0, -1) if k * biggest + staging_for(k) <= room), 0) if keeps else 0
+    staging, resident = staging_for(kept), kept * biggest
     return VramPlan(budget=budget, weights=weights, kv=kv, staging=staging, activations=act, hot=hot, lru=lru,
-                    resident=resident, dequant_once=dequant_once)
+                    resident=resident, kept=kept, dequant_once=dequant_once)
 
 
 def _numel(shape) -> int:
@@ -165,9 +178,12 @@ def _numel(shape) -> int:
 
 
 # What a GPU worker prefills with when no strategy is named (and `optimize` stored none): every
-# expert resident if they fit, else whole layer groups streamed once per step, double-buffered
-# (larger groups first: fewer waits between copy and compute), else one layer at a time.
-AUTO_PREFILL = ("persistent", "layer_grouped_4", "layer_grouped_2", "layer_grouped_1", "chunked")
+# expert resident if they fit, else one layer at a time streamed once per step, double-buffered,
+# else one layer at a time without overlap. Groups of one stage the least, so the most layers stay
+# resident, and their copies still overlap compute: against groups of four at --vram-budget 16 on
+# the peer GGUF, 28 resident layers instead of 22, the same 10K prefill, 512-token prefill and
+# decode +29% (BENCHMARKS.md, session 23). A larger N fits no budget that N = 1 does not.
+AUTO_PREFILL = ("persistent", "layer_grouped_1", "chunked")
 
 
 def stage_plan(family: ModelFamily, layout: StoreLayout, spec: dict, dtype_bytes: int,

@@ -28,27 +28,31 @@ def test_parts_spread_the_streamed_layers_over_the_groups():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return tm.build(tmp_path_factory.mktemp("split") / "m", "qwen3", **tm.QWEN3_CONFIGS["qwen3-base"])
+    # six layers: with three, layer_grouped_2 always keeps a layer resident (its bytes and the two
+    # one-layer slots left take less than two slots of two), and no group would have two layers
+    return tm.build(tmp_path_factory.mktemp("split") / "m", "qwen3", **tm.QWEN3_CONFIGS["qwen3-base"], num_hidden_layers=6)
 
 
 def _no_resident_budget(model, prefill: str) -> str:
-    """A --vram-budget (GB) with room for everything but a resident layer: layer_grouped then
-    streams every MoE layer (on a CPU device with no budget it keeps half of them)."""
+    """A --vram-budget (GB) with room for everything but a resident layer: layer_grouped_N then
+    streams every MoE layer in groups of N (on a CPU device with no budget it keeps half of them)."""
     from krasis.shared.weights import load_family
+    from krasis.gpu_worker.prefill_strategies import parse_prefill
     from krasis.gpu_worker.vram_budget import layer_expert_bytes, plan
     from krasis.shared.expert_store import ExpertFormat, StoreLayout
 
     fam = load_family(model)
     layout = StoreLayout(fam, 1, ExpertFormat("int4", torch.float32, GROUP))
     p = plan(fam, layout, (0, fam.num_layers), True, True, 4, "bf16", 4096, 4096, prefill, "pure_cpu", None, None)
-    return repr((p.total() - p.resident + layer_expert_bytes(layout, 0) / 2) / 1e9)
+    layer, n = layer_expert_bytes(layout, 0), parse_prefill(prefill)[1]
+    return repr((p.total() - p.resident - p.staging + 2 * n * layer + layer / 2) / 1e9)
 
 
-# qwen3-base: 3 MoE layers, none resident. layer_grouped_2: groups [0, 1] and [2]; streaming 1 copies
-# the first layer of a group only. layer_grouped_1 streaming 2: groups 0 and 2 (1 left to the pool),
-# two in a row that a slot per group number would have put in one slot, the second overwriting the
-# first before its layer ran.
-@pytest.mark.parametrize("prefill,mode,pooled", [("layer_grouped_2", "1", 2), ("layer_grouped_1", "2", 1),
+# Six MoE layers, none resident. layer_grouped_2: groups [0, 1] [2, 3] [4, 5]; streaming 1 copies
+# the first layer of group 1 only. layer_grouped_1 streaming 4: groups 0, 2, 3 and 5 (1 and 4 left to
+# the pool), 0 then 2 being two in a row that a slot per group number would have put in one slot, the
+# second overwriting the first before its layer ran.
+@pytest.mark.parametrize("prefill,mode,pooled", [("layer_grouped_2", "1", 5), ("layer_grouped_1", "4", 2),
                                                  ("layer_grouped_2", "always", 0)])
 def test_split_decode_is_exact_and_leaves_the_pool_the_rest(model, prefill, mode, pooled, tmp_path):
     ref = tm.fake_quant_copy(model, tmp_path / "ref", 4, 16, GROUP)

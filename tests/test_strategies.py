@@ -116,11 +116,29 @@ def test_vram_plan_gives_the_rest_to_hot_experts():
     # layer_grouped keeps as many whole layers resident as the rest holds (none where decode wants it)
     grouped = plan(*args, "layer_grouped_1", "pure_cpu", None, 10**12)
     layer = layer_expert_bytes(layout, 0)
-    fixed = grouped.total() - grouped.resident
-    assert grouped.resident == 3 * layer  # all three fit in a terabyte
-    assert plan(*args, "layer_grouped_1", "pure_cpu", (fixed + 2.5 * layer) / 1e9, None).resident == 2 * layer
-    assert plan(*args, "layer_grouped_1", "pure_cpu", (fixed + 0.5 * layer) / 1e9, None).resident == 0
+    assert grouped.resident == 3 * layer and grouped.kept == 3  # all three fit in a terabyte,
+    assert grouped.staging == 0  # and then nothing is streamed: no staging slot
     assert plan(*args, "layer_grouped_1", "hcs_hybrid", None, 10**12).resident == 0
+    # what a plan needs besides experts; with no layer kept, layer_grouped_1 stages two one-layer slots
+    other = grouped.total() - grouped.resident
+    lg1 = lambda spare: plan(*args, "layer_grouped_1", "pure_cpu", (other + 2 * layer + spare) / 1e9, None)
+    assert lg1(0.5 * layer).kept == 0 and lg1(0.5 * layer).staging == 2 * layer
+    # one layer kept would cost its bytes and leave both slots; all three cost their bytes and no slot
+    assert lg1(1.5 * layer).kept == 3 and lg1(1.5 * layer).staging == 0
+    # Six MoE layers in groups of two: layers kept cut the streamed runs, and the slots shrink to the
+    # largest group left (two slots of two layers sat idle beside runs of one, when the plan sized
+    # them for N whatever it kept)
+    fam6 = family_for(tm.qwen3_config(num_hidden_layers=6).to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
+    layout6 = StoreLayout(fam6, 1, ExpertFormat("int4", torch.bfloat16, 32))
+    args6 = (fam6, layout6, (0, 6)) + args[3:]
+    big = plan(*args6, "layer_grouped_2", "pure_cpu", None, 10**12)
+    other6 = big.total() - big.resident
+    lg2 = lambda spare: plan(*args6, "layer_grouped_2", "pure_cpu", (other6 + 4 * layer + spare) / 1e9, None)
+    assert lg2(0.5 * layer).kept == 0 and lg2(0.5 * layer).staging == 4 * layer  # groups [0, 1] [2, 3] [4, 5]
+    # three kept (1, 3, 5) leave runs of one: 3 layers + two one-layer slots = 5 <= 4 + 1.2
+    p = lg2(1.2 * layer)
+    assert (p.kept, p.staging, p.resident) == (3, 2 * layer, 3 * layer)
+    assert p.total() <= p.budget
     fixed = plan(*args, "hcs_prefill", "hcs_hybrid", None, 10**12)
     spare = 12345
     p = plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot + spare) / 1e9, None)
