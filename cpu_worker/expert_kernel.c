@@ -642,8 +642,8 @@ static int group_by_expert(const int32_t *ids, size_t mk, int topk, int64_t firs
     return na;
 }
 
-/* Thread tid's share [*a, *b) of n work items split evenly over nt threads: phase 1's rows of each
- * active expert and phase 2's output rows (the lookahead reads each thread's share of a layer by
+/* Thread tid's share [*a, *b) of n work items split evenly over nt threads: phase 1's rows of the
+ * active experts and phase 2's output rows (the lookahead reads each thread's share of a layer by
  * the same split, so the bytes land in the caches of the core that will read them). */
 INLINE void share(long n, int tid, int nt, long *a, long *b) {
     *a = n * tid / nt;
@@ -695,48 +695,42 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         for (int t = 0; t < M; t++)
             prepare(bits, (const char *)x + (size_t)t * H * (xbf16 ? 2 : 4), xbf16, H, G13, p1, xp + (size_t)t * p1.bytes);
 
-        /* Phase 1: this thread's rows [r0, r1) of every active expert (gate row r and up row I + r).
-         * Split per expert, not over the experts' rows end to end, so that which rows of an expert
-         * a thread reads does not depend on which other experts are active: the lookahead's reads of
-         * an expert it guessed right land in the cache of the core that computes them even when
-         * its other guesses were wrong. */
-        long r0, r1, h0, h1;
-        share(I, tid, nt, &r0, &r1);
-        for (int a = 0; a < na; a++) {
-            const int e = active[a];
+        /* Phase 1: unit u = row r of expert active[u / I], i.e. gate row r and up row I + r. */
+        long u, u1, h0, h1;
+        share((long)na * I, tid, nt, &u, &u1);
+        while (u < u1) {
+            const int a = (int)(u / I), r = (int)(u % I), e = active[a];
             const int n = off[a + 1] - off[a];
+            const int pairs = tile_rows(n) / 2 <= u1 - u && tile_rows(n) / 2 <= I - r ? tile_rows(n) / 2 : 1;
             const uint8_t *q = q13 + e * q13_e;
             const uint16_t *s = s13 + e * s13_e;
-            for (int r = (int)r0; r < r1;) {
-                const int pairs = tile_rows(n) / 2 <= r1 - r ? tile_rows(n) / 2 : 1;
-                const uint8_t *rows[4];
-                const uint16_t *sc[4];
-                for (int i = 0; i < pairs; i++) {
-                    rows[2 * i] = q + (size_t)(r + i) * nb13, sc[2 * i] = s + (size_t)(r + i) * G13;
-                    rows[2 * i + 1] = q + (size_t)(I + r + i) * nb13, sc[2 * i + 1] = s + (size_t)(I + r + i) * G13;
-                }
-                prefetch_ahead(rows, 2 * pairs, nb13);
-                for (int p = off[a]; p < off[a + 1];) {
-                    const int T = tile_tokens(off[a + 1] - p);
-                    vec_t v[4];
-                    float d[16];
-                    for (int t = 0; t < T; t++) v[t].p = xp + (size_t)tok[p + t] * p1.bytes;
-                    TILE_FN[bi][g13][2 * pairs][T](rows, sc, v, G13, gb13, p1, d);
-                    for (int i = 0; i < pairs; i++)
-                        for (int t = 0; t < T; t++) {
-                            float g = d[2 * i * T + t], up = d[(2 * i + 1) * T + t];
-                            if (b13) g += b13[(size_t)e * 2 * I + r + i], up += b13[(size_t)e * 2 * I + I + r + i];
-                            char *dst = ap + (size_t)(p + t) * p2.bytes;
-                            const float y = activation(act, g, up);
-                            if (q8)
-                                ((float *)(dst + p2.raw))[r + i] = y;
-                            else
-                                ((float *)dst)[place(p2, r + i)] = y;
-                        }
-                    p += T;
-                }
-                r += pairs;
+            const uint8_t *rows[4];
+            const uint16_t *sc[4];
+            for (int i = 0; i < pairs; i++) {
+                rows[2 * i] = q + (size_t)(r + i) * nb13, sc[2 * i] = s + (size_t)(r + i) * G13;
+                rows[2 * i + 1] = q + (size_t)(I + r + i) * nb13, sc[2 * i + 1] = s + (size_t)(I + r + i) * G13;
             }
+            prefetch_ahead(rows, 2 * pairs, nb13);
+            for (int p = off[a]; p < off[a + 1];) {
+                const int T = tile_tokens(off[a + 1] - p);
+                vec_t v[4];
+                float d[16];
+                for (int t = 0; t < T; t++) v[t].p = xp + (size_t)tok[p + t] * p1.bytes;
+                TILE_FN[bi][g13][2 * pairs][T](rows, sc, v, G13, gb13, p1, d);
+                for (int i = 0; i < pairs; i++)
+                    for (int t = 0; t < T; t++) {
+                        float g = d[2 * i * T + t], up = d[(2 * i + 1) * T + t];
+                        if (b13) g += b13[(size_t)e * 2 * I + r + i], up += b13[(size_t)e * 2 * I + I + r + i];
+                        char *dst = ap + (size_t)(p + t) * p2.bytes;
+                        const float y = activation(act, g, up);
+                        if (q8)
+                            ((float *)(dst + p2.raw))[r + i] = y;
+                        else
+                            ((float *)dst)[place(p2, r + i)] = y;
+                    }
+                p += T;
+            }
+            u += pairs;
         }
 #pragma omp barrier
         if (q8) {
@@ -904,16 +898,16 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
 
         int64_t left = budget / nt;
         uint64_t acc = 0;
-        long r0, r1, h0, h1;
-        share(I, tid, nt, &r0, &r1);
+        long u, u1, h0, h1;
+        share((long)na * I, tid, nt, &u, &u1);
         int go = 1;
-        for (int a = 0; go && a < na; a++) { /* phase 1: gate rows [r0, r1) and up rows I + [r0, r1) */
-            const uint8_t *q = q13 + active[a] * q13_e;
-            const uint16_t *s = s13 + active[a] * s13_e;
-            for (long r = r0; go && r < r1; r++)
-                go = touch(q + r * nb13, nb13, &left, &h, &acc) && touch(q + (I + r) * nb13, nb13, &left, &h, &acc)
-                     && touch((const uint8_t *)(s + r * G13), 2 * G13, &left, &h, &acc)
-                     && touch((const uint8_t *)(s + (I + r) * G13), 2 * G13, &left, &h, &acc);
+        for (; go && u < u1; u++) { /* phase 1: gate row r and up row I + r of expert active[u / I] */
+            const size_t e = active[u / I], r = u % I;
+            const uint8_t *q = q13 + e * q13_e;
+            const uint16_t *s = s13 + e * s13_e;
+            go = touch(q + r * nb13, nb13, &left, &h, &acc) && touch(q + (I + r) * nb13, nb13, &left, &h, &acc)
+                 && touch((const uint8_t *)(s + r * G13), 2 * G13, &left, &h, &acc)
+                 && touch((const uint8_t *)(s + (I + r) * G13), 2 * G13, &left, &h, &acc);
         }
         share(H, tid, nt, &h0, &h1);
         for (int a = 0; go && a < na; a++) { /* phase 2: output rows [h0, h1) of every active expert */

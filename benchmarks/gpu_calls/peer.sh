@@ -20,7 +20,7 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >> $L/cuda_backend.txt
 R=/tmp/peer-out; mkdir -p $R
 P="python3 benchmarks/peer_llamacpp.py --out $R"
 want llama && step b0 30 bash -c "ldd .peer/build-cuda/bin/libggml-cuda.so | grep -i 'not found\|cublas\|cuda'; .peer/build-cuda/bin/llama-bench --list-devices"
-want gguf && step b1 200 $P --gguf
+want gguf && step b1 320 $P --gguf
 want llama && step b2 270 $P --llama ${CONFIGS:+--configs $CONFIGS}
 want ours && step b3 400 $P --ours ${PROMPTS:+--prompts $PROMPTS}
 step b4 20 $P --table

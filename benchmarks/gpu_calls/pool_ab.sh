@@ -2,9 +2,10 @@
 # peer.sh's GGUF for o0):
 # - k0/k1: benchmarks/cpu_experts.py's decode rhythm (a 150 us GPU turn after each M=1 call, the
 #   lookahead guessing 8, 6 or 4 of the next call's 8 experts right, or none) with the tree in .old
-#   (k0, where carried) and this one (k1), 14 threads as the pool runs beside two GPU-side cores:
-#   whether a guess right for some experts pays when others are wrong (phase 1's rows split per
-#   expert, so a thread's rows of an expert do not depend on the other experts chosen);
+#   (k0, where carried) and this one (k1), 14 threads as the pool runs beside two GPU-side cores.
+#   Session 23 compared phase 1's rows split per expert (so a thread's rows of an expert would not
+#   depend on the other experts chosen) against the split over all the active experts' rows: the
+#   lookahead's gain fell (8/8 right 0.298 against 0.265 ms), and the split went back;
 # - o0: the defaults with the prompts in the other order (10K, then 512): the pool's kernel took
 #   176-195 us a layer after 10K and 219-265 after 512 in session 23's first call, 512 always first.
 . benchmarks/gpu_calls/lib.sh
