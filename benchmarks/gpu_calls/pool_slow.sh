@@ -16,7 +16,7 @@ B="python3 -m krasis.coordinator bench $G --devices cuda:0 --vram-budget 16 --gp
 mem start
 step w0 100 $B --json $L/w0.json
 mem "after w0"
-s=$(date +%s.%N); sync; echo "sync took $(echo "$(date +%s.%N) - $s" | bc) s" >> $L/meminfo.txt
+s=$(date +%s); sync; echo "sync took $(( $(date +%s) - s )) s" >> $L/meminfo.txt
 mem "after sync"
 step w1 80 $B --json $L/w1.json
 mem "after w1"
