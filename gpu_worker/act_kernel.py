@@ -34,7 +34,7 @@ def _silu_mul_kernel(GU, KEEP, A, I, BLOCK: tl.constexpr):
 
 
 def masked_silu_mul_triton(gu: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """gu [R, 2I], keep bool [R] -> [R, I] in gu's dtype."""
+    """gu [R, 2I], keep [R] (bool, or weights: rows where it is zero are zero) -> [R, I] in gu's dtype."""
     R, two_i = gu.shape
     a = torch.empty(R, two_i // 2, dtype=gu.dtype, device=gu.device)
     if R:

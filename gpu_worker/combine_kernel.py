@@ -4,7 +4,8 @@ order, summed back into their tokens in one pass.
     out[t] += sum_j w[t, j] * y[inv[t, j]]        (j over the token's k choices, in order, float32)
 
 y [P, H] holds the pairs' outputs sorted by expert; inv [P] is where pair (t, j) sits in that order,
-w [P] its routing weight in token order. The torch reference (moe_gpu.combine_pairs_reference)
+w [P] its routing weight in token order. A decode step's pairs (moe_gpu.moe_pairs) are in token
+order already (no inv), and its sum is the layer's whole routed output (`out` written, not added to). The torch reference (moe_gpu.combine_pairs_reference)
 gathers y into token order, widens it to float32, weighs and sums it: five passes over a [P, H]
 tensor (P = 8 x the chunk's tokens for Qwen3-30B-A3B: ~0.3 GB in bf16 and 0.65 GB in float32 at 10K
 tokens, ~1.3 ms of HBM time per layer on an H200). Here each program reads its token's k rows once
@@ -21,22 +22,30 @@ BLOCK = 1024  # columns of the hidden state per program
 
 
 @triton.jit
-def _combine_kernel(Y, INV, W, OUT, H, K: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(Y, INV, W, OUT, H, K: tl.constexpr, BLOCK: tl.constexpr, IN_ORDER: tl.constexpr,
+                    ADD: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < H
     acc = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(K):
-        r = tl.load(INV + t * K + j).to(tl.int64)
+        if IN_ORDER:
+            r = t * K + j
+        else:
+            r = tl.load(INV + t * K + j).to(tl.int64)
         w = tl.load(W + t * K + j)
         acc += w * tl.load(Y + r * H + cols, mask=ok, other=0.0).to(tl.float32)
     o = OUT + t * H + cols
-    tl.store(o, tl.load(o, mask=ok, other=0.0) + acc, mask=ok)
+    if ADD:
+        acc = tl.load(o, mask=ok, other=0.0) + acc
+    tl.store(o, acc, mask=ok)
 
 
-def combine_pairs_triton(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+def combine_pairs_triton(y: torch.Tensor, inv: torch.Tensor | None, w: torch.Tensor, out: torch.Tensor,
+                         add: bool = True) -> None:
     T, H = out.shape
     if T == 0:
         return
-    k = inv.numel() // T
-    _combine_kernel[(T, triton.cdiv(H, BLOCK))](y.contiguous(), inv.contiguous(), w.contiguous(), out, H, K=k, BLOCK=BLOCK)
+    k = w.numel() // T
+    _combine_kernel[(T, triton.cdiv(H, BLOCK))](y.contiguous(), w if inv is None else inv.contiguous(), w.contiguous(),
+                                                out, H, K=k, BLOCK=BLOCK, IN_ORDER=inv is None, ADD=add)

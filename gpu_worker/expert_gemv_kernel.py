@@ -34,8 +34,9 @@ _STEP_BYTES = 128
 
 @triton.jit
 def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, O, K, QK, NG, GQ,
-                 INT4: tl.constexpr, BO: tl.constexpr, BG: tl.constexpr, GP: tl.constexpr):
-    # one program: BO output rows of pair p, over all K, GP groups (GQ stored bytes each) a step
+                 INT4: tl.constexpr, BO: tl.constexpr, BG: tl.constexpr, GP: tl.constexpr, X_DIV: tl.constexpr):
+    # one program: BO output rows of pair p (input row p // X_DIV), over all K, GP groups (GQ stored
+    # bytes each) a step
     p = tl.program_id(0)
     r = tl.load(rows_ptr + p)
     o = tl.program_id(1) * BO + tl.arange(0, BO)
@@ -45,7 +46,7 @@ def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, O, K, QK, NG, GQ,
     wrow = r.to(tl.int64) * O + o  # [BO] rows of the expert's weight
     ng = tl.where(r >= 0, NG, 0)  # row -1: a pair the tensors do not hold, whose output is zero
     acc = tl.zeros((BO,), tl.float32)
-    xp = x_ptr + p.to(tl.int64) * K
+    xp = x_ptr + (p // X_DIV).to(tl.int64) * K
     for g0 in range(0, ng, GP):
         g = g0 + tl.arange(0, GP)
         gm = g < ng
@@ -64,25 +65,28 @@ def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, O, K, QK, NG, GQ,
             xv = tl.load(xp + byte, mask=bm, other=0.0).to(tl.float32)
             part = tl.sum(b.to(tl.float32) * xv[None, :, :], axis=2)
         acc += tl.sum(part * s, axis=1)
-    tl.store(y_ptr + p.to(tl.int64) * O + o, acc, mask=om)
+    tl.store(y_ptr + p.to(tl.int64) * O + o, acc.to(y_ptr.dtype.element_ty), mask=om)
 
 
 def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: torch.Tensor, x: torch.Tensor,
-                tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Weights `name` of experts `rows` (int64 [P]) times x [P, K]: float32 [P, O], zero where a row
-    is -1 (a choice these tensors do not hold). `tiles`: (output rows a program, stored bytes of a row
-    a loop step, warps) instead of (32, _STEP_BYTES, 4) (benchmarks/device_check.py times a few)."""
+                tiles: tuple[int, int, int] | None = None, x_div: int = 1,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights `name` of experts `rows` (int64 [P]) times x [P / x_div, K], pair p taking row
+    p // x_div (a decode step's k choices of a token read its one row, not a gathered copy): [P, O]
+    in `dtype` (summed in float32, rounded once), zero where a row is -1 (a choice these tensors do
+    not hold). `tiles`: (output rows a program, stored bytes of a row a loop step, warps) instead of
+    (32, _STEP_BYTES, 4) (benchmarks/device_check.py times a few)."""
     q, s = t[f"{name}.q"], t[f"{name}.s"]
     _, O, QK = q.shape
     NG = s.shape[-1]
     K = x.shape[1]
-    y = torch.empty((rows.numel(), O), dtype=torch.float32, device=x.device)
+    y = torch.empty((rows.numel(), O), dtype=dtype, device=x.device)
     if y.numel():
         GQ = QK // NG
         BG = triton.next_power_of_2(GQ)
         BO, step, warps = tiles or (32, _STEP_BYTES, 4)
         _gemv_kernel[(rows.numel(), triton.cdiv(O, BO))](
             q, s, rows, x.contiguous(), y, O, K, QK, NG, GQ,
-            INT4=fmt.kind == "int4", BO=BO, BG=BG, GP=max(1, step // BG), num_warps=warps,
+            INT4=fmt.kind == "int4", BO=BO, BG=BG, GP=max(1, step // BG), X_DIV=x_div, num_warps=warps,
         )
     return y

@@ -146,14 +146,36 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     are summed in their own order, not by a scatter's atomics, so a graph's replay and an eager step
     agree bit for bit, and a token's result does not depend on the others in its step."""
     m, k = local.shape
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     rows = local.reshape(-1)
     wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
+    if x.is_cuda and fmt.kind != "dense" and "b13" not in t and "b2" not in t:
+        return pairs_in_kernels(x, rows, wt, k, t, fmt, act)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     pairs = torch.arange(m * k, device=x.device)
     # the pairs are in token order already: the combine's map is themselves (no scatter to make it),
     # and a pair's row clamped matters only to a bias's lookup (each is a kernel of a decode layer)
     erow = rows.clamp(min=0) if "b13" in t or "b2" in t else rows
     _block(x, t, fmt, act, False, out, pairs // k, wt, erow, rows, None, (pairs, wt))
+    return out
+
+
+def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: int, t: dict[str, torch.Tensor],
+                     fmt: ExpertFormat, act: str) -> torch.Tensor:
+    """moe_pairs in four launches where the experts are quantized and have no biases (CUDA; Triton's
+    interpreter in the tests): each projection reads its token's row of x by the pair's number and
+    writes x's dtype, the activation keeps the pairs that weigh something, and the combine writes
+    the float32 sum in token order. The generic path (_block) gathers x, casts both projections'
+    outputs, builds the pairs' indices and zeroes `out` first: six more small kernels a decode layer,
+    the same numbers (tests/test_dequant.py compares the two)."""
+    from .expert_gemv_kernel import expert_gemv
+
+    gu = expert_gemv(fmt, t, "w13", rows, x, x_div=k, dtype=x.dtype)
+    a = masked_act(gu, act, wt)
+    del gu
+    y = expert_gemv(fmt, t, "w2", rows, a, dtype=x.dtype)
+    del a
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    combine_pairs(y, None, wt, out, add=False)
     return out
 
 
@@ -212,8 +234,9 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
 
 
 def masked_act_reference(gu: torch.Tensor, act: str, keep: torch.Tensor) -> torch.Tensor:
-    """The experts' activation of gu [R, 2I] (shared/moe.py: gated_act), zero in the rows not `keep`."""
-    return torch.where(keep[:, None], gated_act(gu, act), 0)
+    """The experts' activation of gu [R, 2I] (shared/moe.py: gated_act), zero in the rows where
+    `keep` [R] is zero (bool, or the pairs' weights: a pair that weighs nothing is not kept)."""
+    return torch.where(keep[:, None] != 0, gated_act(gu, act), 0)
 
 
 def masked_act(gu: torch.Tensor, act: str, keep: torch.Tensor) -> torch.Tensor:
@@ -225,20 +248,27 @@ def masked_act(gu: torch.Tensor, act: str, keep: torch.Tensor) -> torch.Tensor:
     return masked_act_reference(gu, act, keep)
 
 
-def combine_pairs_reference(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-    """out [T, H] float32 += for each token t the sum over its k pairs j of w[t k + j] y[inv[t k + j]]:
-    y [T k, H] the pairs' outputs in expert order, inv the position of each (token, slot) pair in that
-    order, w float32 [T k] the weights in token order (combine_kernel.py is the fast form)."""
+def combine_pairs_reference(y: torch.Tensor, inv: torch.Tensor | None, w: torch.Tensor, out: torch.Tensor,
+                            add: bool = True) -> None:
+    """out [T, H] float32 += (or, not `add`, =) for each token t the sum over its k pairs j of
+    w[t k + j] y[inv[t k + j]]: y [T k, H] the pairs' outputs in expert order, inv the position of
+    each (token, slot) pair in that order (None: y is in token order), w float32 [T k] the weights
+    in token order (combine_kernel.py is the fast form)."""
     T, H = out.shape
-    out += (y.index_select(0, inv).view(T, -1, H).float() * w.view(T, -1, 1)).sum(1)
+    s = ((y if inv is None else y.index_select(0, inv)).view(T, -1, H).float() * w.view(T, -1, 1)).sum(1)
+    if add:
+        out += s
+    else:
+        out.copy_(s)
 
 
-def combine_pairs(y: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+def combine_pairs(y: torch.Tensor, inv: torch.Tensor | None, w: torch.Tensor, out: torch.Tensor,
+                  add: bool = True) -> None:
     """combine_pairs_reference; on CUDA the one-pass Triton kernel (imported only here: CPU workers
     never load Triton)."""
     if out.is_cuda:
         from .combine_kernel import combine_pairs_triton
 
-        combine_pairs_triton(y, inv, w, out)
+        combine_pairs_triton(y, inv, w, out, add)
     else:
-        combine_pairs_reference(y, inv, w, out)
+        combine_pairs_reference(y, inv, w, out, add)

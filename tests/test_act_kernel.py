@@ -38,6 +38,10 @@ for R, I in ((6, 96), (1, 1024), (5, 1030), (0, 64)):
         assert ((got.float() - want).abs() <= tol).all(), (R, I, dtype, float((got.float() - want).abs().max()))
         if R:
             assert (got[~keep] == 0).all() and (got[keep] != 0).any()
+        # the pairs' weights as the mask (moe_gpu.pairs_in_kernels): zero weight, zero row
+        w = torch.where(keep, torch.rand(R, generator=g) + 0.1, 0.0)
+        assert torch.equal(masked_silu_mul_triton(gu.to(dev), w.to(dev)).cpu(), got)
+        assert torch.equal(masked_act_reference(gu.float(), "silu", w), want)
 print("ok")
 """
 

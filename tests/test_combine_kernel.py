@@ -32,6 +32,14 @@ for T, k, H in ((5, 8, 96), (1, 2, 1024), (7, 1, 1030), (3, 8, 2051)):
         err = float((got - want).abs().max())
         assert err <= 1e-5 * float(want.abs().max()), (T, k, H, dtype, err)
         assert not torch.equal(want, start)
+        # y in token order already (a decode step's pairs), the sum written over what out held
+        want, got = start.clone(), start.clone()
+        combine_pairs_reference(y, None, w, want, add=False)
+        combine_pairs_triton(y, None, w, got, add=False)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (T, k, H, dtype)
+        ordered = start.clone()
+        combine_pairs_reference(y, torch.arange(T * k).to(dev), w, ordered)
+        assert torch.allclose(want, ordered - start, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 

@@ -1,7 +1,8 @@
 """The GPU dequantization kernel (gpu_worker/dequant.py) against its torch reference, bit for bit,
 and the fused dequantize-and-multiply kernel of decode on the GPU (gpu_worker/expert_gemv_kernel.py)
 against that reference followed by a float32 matrix-vector product, to float32 rounding (and zero
-for a choice the tensors do not hold). Without a
+for a choice the tensors do not hold), and moe_pairs's four-launch form built on it against its
+generic path. Without a
 GPU, Triton's interpreter runs the same kernels on the CPU (TRITON_INTERPRET, set before triton is
 first imported: this test runs the check in a fresh interpreter). benchmarks/device_check.py runs
 the same check on CUDA, where bfloat16 results must be identical too."""
@@ -54,6 +55,38 @@ for kind in ("int4", "int8"):
         assert not got[0].any() and not got[2].any()
         want = torch.bmm(dequant_reference(fmt, t, "w", rows[1::2], torch.float32), x[1::2].float().unsqueeze(-1)).squeeze(-1)
         assert float((got[1::2] - want).abs().max() / want.abs().max()) < 1e-5
+        # pair p reading row p // x_div (a token's k choices, its one row), written in x's dtype
+        f32 = expert_gemv(fmt, t, "w", rows, x[:2].repeat_interleave(2, 0))
+        assert torch.equal(expert_gemv(fmt, t, "w", rows, x[:2], x_div=2), f32)
+        got = expert_gemv(fmt, t, "w", rows, x[:2], x_div=2, dtype=torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        if dev == "cuda":
+            assert torch.equal(got, f32.bfloat16())
+        else:  # the interpreter's cast truncates
+            assert torch.allclose(got.float(), f32, rtol=2**-7, atol=0)
+
+# moe_pairs's four launches (quantized experts, no biases) against its generic path in float32: the
+# same products, x's rounding between them; choices not held (-1) and held ones weighing nothing
+from krasis.gpu_worker.moe_gpu import moe_pairs, pairs_in_kernels
+from krasis.shared.models.family import ExpertShape
+E, H, I, M, k = 5, 64, 96, 3, 4
+for kind in ("int4", "int8"):
+    fmt = ExpertFormat(kind, torch.bfloat16, 32)
+    t = {}
+    for name, (O, K) in (("w13", (2 * I, H)), ("w2", (H, I))):
+        parts = [quantized(fmt, torch.randn(O, K) * 0.2, name) for _ in range(E)]
+        t |= {n: torch.stack([p[n] for p in parts]).to(dev) for n in parts[0]}
+    x = torch.randn(M, H, device=dev).bfloat16()
+    local = torch.tensor([[0, 4, -1, 2], [3, 3, 1, -1], [-1, -1, 0, 4]], device=dev)
+    weights = torch.rand(M, k, device=dev)
+    weights[1, 2] = 0.0
+    rows = local.reshape(-1)
+    wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
+    got = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu")
+    want = moe_pairs(x.float().cpu(), local.cpu(), weights.cpu(), {n: v.cpu() for n, v in t.items()}, fmt, "silu")
+    assert got.dtype == torch.float32 and got.shape == (M, H)
+    err = float((got.cpu() - want).abs().max() / want.abs().max())
+    assert err < 3e-2, (kind, err)
 print("ok")
 """
 
