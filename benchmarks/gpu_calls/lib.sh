@@ -29,6 +29,9 @@ step() {
 }
 machine() {
   ( nproc; free -g; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; lscpu | grep -i "model name"
+    # whether the 16 "cores" are 8 with two threads each (the pool's 14 threads would then share
+    # cores with the GPU worker's two), and the caches the lookahead reads into
+    lscpu | grep -i "thread(s) per core\|core(s) per socket\|socket(s)\|l2 cache\|l3 cache"
     lscpu | grep -io "avx512[a-z_0-9]*\|amx[a-z_0-9]*" | sort -u | tr '\n' ' '; echo; ldd --version | head -1; df -h /tmp
     # whether the pool's store (shared memory) can have 2 MiB pages: its reads walk 4 KiB ones otherwise
     echo "THP enabled: $(cat /sys/kernel/mm/transparent_hugepage/enabled) shmem: $(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled)"
