@@ -200,8 +200,13 @@ def main() -> None:
     ap.add_argument("--formats", default="int4,int8", help="formats to time, in order")
     ap.add_argument("--gap-us", type=float, default=90.0, help="the GPU worker's turn between two layer calls (0: skip part 3)")
     ap.add_argument("--right", default="8,6,4", help="part 3's guesses: how many of the next call's top-k each names")
+    ap.add_argument("--pin", action="store_true",
+                    help="run on the first --threads cores only, as the pool process does (its cores are pinned, two kept "
+                         "for the GPU worker and the coordinator: coordinator/processes.py:reserve_cores)")
     ap.add_argument("--lookahead-kb", type=int, default=l2_bytes() >> 10, help="lookahead bytes per thread (default: one core's L2)")
     args = ap.parse_args()
+    if args.pin:  # before any thread pool starts: its threads inherit the mask
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     torch.set_num_threads(args.threads)
     Threads.use(args.threads)
     gen = torch.Generator().manual_seed(0)

@@ -7,6 +7,9 @@
 #   cache built; then `sync`, timed; w1: the same bench with nothing dirty);
 # - the page tables: the pool's 16 GB store in 4 KiB pages has 32 MB of PTEs, which the caches do
 #   not keep, where cpu_experts.py's 1.5 GB has 3 MB (c1: cpu_experts.py at --gb 1.5, c2 at --gb 8).
+# Session 23's call 4 ruled both out (BENCHMARKS.md). Next suspect: the pool's threads pinned to 14
+# cores where cpu_experts.py's float over 16 (c3: --pin, the pool's way; with two threads a core,
+# lscpu in machine.txt, the GPU worker's cores would be siblings of two of the pool's).
 . benchmarks/gpu_calls/lib.sh
 machine
 G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
@@ -23,7 +26,8 @@ mem "after w1"
 K="benchmarks/cpu_experts.py --threads 14 --group-size 32 --formats int4 --seconds 1 --gap-us 0"
 step c1 60 python3 $K --gb 1.5
 step c2 90 python3 $K --gb 8
+step c3 60 python3 $K --gb 1.5 --pin
 finish
 cat $L/meminfo.txt
 for s in w0 w1; do echo "== $s"; grep "pool us\|lookahead:\|^| qwen" $L/$s.log; done
-for s in c1 c2; do echo "== $s"; grep "M=1 c\|M=8 c\|DRAM read" $L/$s.log; done
+for s in c1 c2 c3; do echo "== $s"; grep "M=1 c\|M=8 c\|DRAM read" $L/$s.log; done
