@@ -1,7 +1,9 @@
 """A seeded random GGUF of a Qwen3-MoE shape, as llama.cpp's converter lays one out (tensor names,
 shapes, metadata, a minimal byte-level BPE tokenizer that llama.cpp and krasis both load), written
-tensor by tensor so memory stays near one tensor whatever the model's size. Needs gguf, numpy
-and krasis's synth (torch), all of which the GPU machine has or carries. Used by peer_llamacpp.py and convert_speed.py.
+tensor by tensor so memory stays near two tensors whatever the model's size (the next one is drawn
+while this one is written, each expert tensor on every core). Needs gguf, numpy and krasis's synth
+(torch), all of which the GPU machine has or carries. Used by peer_llamacpp.py and convert_speed.py.
+Single-threaded it took 170-200 s of a GPU call for the 48-layer file.
 
 Routed experts are random valid blocks (Q4_0, Q8_0 or MXFP4) with scales that give each weight a
 spread of about 1/sqrt(fan-in); F16/BF16/F32 tensors are normal with the same spread; norms are
@@ -16,6 +18,8 @@ The shape has no dense MLP or shared expert, so synth's MLP_GAIN has nothing to 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +67,10 @@ def add_tokenizer(w, vocab: int) -> None:
     w.add_add_bos_token(False)
 
 
-def _blocks(rng, qtype: str, n: int, rows: int, cols: int) -> np.ndarray:
-    """n x rows x cols weights as random valid blocks, raw bytes [n, rows, cols / 32 * block bytes].
+def _blocks(rng, qtype: str, n: int, rows: int, cols: int, pool: ThreadPoolExecutor) -> np.ndarray:
+    """n x rows x cols weights as random valid blocks, raw bytes [n, rows, cols / 32 * block bytes],
+    each of the n experts from its own child of rng (so they are drawn on every core of `pool`, and
+    the bytes do not depend on how many).
 
     The values are zero-mean: uniformly random Q4_0 nibbles are q - 8 in [-8, 7], mean -1/2 of the
     scale (Q8_0's int8 likewise), and a matrix with a mean is a random one plus a rank-one part that
@@ -75,37 +81,44 @@ def _blocks(rng, qtype: str, n: int, rows: int, cols: int) -> np.ndarray:
     one code outside a symmetric range (Q4_0's 0, Q8_0's -128) is read as the middle one (0) instead;
     MXFP4's sign bit makes it symmetric as it is."""
     nb = cols // 32
-    raw = np.frombuffer(rng.bytes(n * rows * nb * BLOCK_BYTES[qtype]), np.uint8).reshape(n, rows, nb, -1).copy()
-    codes = raw[..., 2:]  # Q4_0 and Q8_0: after the fp16 scale
-    if qtype == "Q4_0":
-        lo, hi = codes & 0x0F, codes & 0xF0
-        lo[lo == 0] = 8
-        hi[hi == 0] = 0x80
-        codes[...] = lo | hi
-    elif qtype == "Q8_0":
-        codes[codes == 0x80] = 0
+    out = np.empty((n, rows, nb, BLOCK_BYTES[qtype]), np.uint8)
     d = 1 / (_SPREAD[qtype] * math.sqrt(cols))
-    if qtype == "MXFP4":  # E8M0: 2^(e - 128) per unit of the doubled E2M1 values
-        raw[..., 0] = int(round(math.log2(d))) + 128
-    else:
-        scale = (d * rng.uniform(0.8, 1.2, (n, rows, nb))).astype(np.float16)
-        raw[..., :2] = scale[..., None].view(np.uint8)
-    return raw.reshape(n, rows, nb * BLOCK_BYTES[qtype])
+
+    def expert(e, g):
+        raw = out[e]
+        raw.reshape(-1)[:] = np.frombuffer(g.bytes(raw.size), np.uint8)
+        codes = raw[..., 2:]  # Q4_0 and Q8_0: after the fp16 scale
+        # elementwise only (no boolean indexing), so that numpy lets the pool's threads run at once
+        if qtype == "Q4_0":
+            lo, hi = codes & 0x0F, codes & 0xF0
+            lo |= (lo == 0).view(np.uint8) << 3  # 0 -> 8
+            hi |= (hi == 0).view(np.uint8) << 7  # 0 -> 0x80
+            np.bitwise_or(lo, hi, out=codes)
+        elif qtype == "Q8_0":
+            np.bitwise_xor(codes, (codes == 0x80).view(np.uint8) << 7, out=codes)  # -128 -> 0
+        if qtype == "MXFP4":  # E8M0: 2^(e - 128) per unit of the doubled E2M1 values
+            raw[..., 0] = int(round(math.log2(d))) + 128
+        else:
+            scale = (d * g.uniform(0.8, 1.2, (rows, nb))).astype(np.float16)
+            raw[..., :2] = scale[..., None].view(np.uint8)
+
+    list(pool.map(expert, range(n), rng.spawn(n)))
+    return out.reshape(n, rows, nb * BLOCK_BYTES[qtype])
 
 
 def _dense(rng, shape: tuple[int, ...], qtype: str, std: float, adjust) -> np.ndarray:
-    dtype = {"F16": np.float16, "F32": np.float32, "BF16": np.float32}[qtype]
-    out = np.empty(shape, dtype)
-    flat = out.reshape(-1, shape[-1])
-    step = max(1, (1 << 24) // shape[-1])
-    for r in range(0, flat.shape[0], step):
-        flat[r:r + step] = rng.standard_normal((min(step, flat.shape[0] - r), shape[-1]), np.float32) * std
+    import torch
+
+    # torch's normal draws ran ~2x numpy's; the embedding and the output (311M values each) were
+    # most of the file's non-expert time
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+    out = torch.randn(shape, generator=g).mul_(std).numpy()
     adjust(out)
     if qtype == "BF16":
         import gguf
 
         return gguf.quants.quantize(out, gguf.GGMLQuantizationType.BF16)
-    return out
+    return out.astype(np.float16) if qtype == "F16" else out
 
 
 def _plan(s: dict, expert_type: str, dense_type: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -144,7 +157,7 @@ def _recency(s: dict, seed: int):
     return Recency(family_for(cfg), torch.Generator().manual_seed(seed))
 
 
-def _data(rng, recency, name: str, shape: tuple[int, ...], qtype: str) -> np.ndarray:
+def _data(rng, recency, pool: ThreadPoolExecutor, name: str, shape: tuple[int, ...], qtype: str) -> np.ndarray:
     import torch
 
     from krasis.coordinator.synth import DENSE_STD, router_weight
@@ -159,7 +172,7 @@ def _data(rng, recency, name: str, shape: tuple[int, ...], qtype: str) -> np.nda
         adjust(out)
         return out
     if qtype in BLOCK_BYTES:
-        return _blocks(rng, qtype, shape[0], shape[1], shape[2])
+        return _blocks(rng, qtype, shape[0], shape[1], shape[2], pool)
     if name.endswith("ffn_gate_inp.weight"):
         return router_weight(*shape, seed=int(rng.integers(1 << 62))).numpy()
     std = 1 / math.sqrt(shape[-1])
@@ -201,7 +214,14 @@ def write_qwen3moe_gguf(path, shape: dict, expert_type: str = "Q4_0", dense_type
     w.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
     recency = _recency(s, seed)
-    for name, shp, qtype in plan:
-        w.write_tensor_data(_data(rng, recency, name, shp, qtype))
+    # the next tensor is drawn (in order: the draws stay seeded) while this one is written
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, ThreadPoolExecutor(1) as ahead:
+        draw = [ahead.submit(_data, rng, recency, pool, *plan[0])]
+        for i in range(len(plan)):
+            data = draw[i].result()
+            if i + 1 < len(plan):
+                draw.append(ahead.submit(_data, rng, recency, pool, *plan[i + 1]))
+            draw[i] = None
+            w.write_tensor_data(data)
     w.close()
     return Path(path).stat().st_size

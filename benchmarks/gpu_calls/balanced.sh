@@ -1,7 +1,8 @@
 # Issue 14's items 3 and 4 on the peer GGUF as synth_gguf.py now writes it (zero-mean expert blocks:
 # the file before had a rank-one part in every expert that collapsed the routing with depth, and
 # hcs_hybrid's hot set served 100.0% of decode's choices on two GPU hosts). A call of its own: the
-# GGUF takes ~110 s to write, its expert cache ~15 s to build on the first bench.
+# GGUF takes 170-200 s to write single-threaded (every core since session 23: to measure), its expert
+# cache ~15 s to build on the first bench.
 # - x2/x1: hcs_hybrid with 10 GB of hot experts (--vram-budget 17.8: the plan's fixed parts take 7.8)
 #   against the defaults (pure_cpu, the same VRAM holding whole layers), one sequence: item 4's
 #   1.3x, and the pool's share of the choices (cpu_share) beside the hot set's share of the experts;

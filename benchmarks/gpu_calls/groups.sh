@@ -1,5 +1,5 @@
 # layer_grouped's group size against what it leaves resident (items 1, 3, 5), and items 3 and 4 on
-# the 48-layer peer GGUF (written first on a fresh machine, ~110 s), one run each:
+# the 48-layer peer GGUF (written first on a fresh machine: 171 s single-threaded), one run each:
 # - d4: the defaults as they were chosen up to session 22 (layer_grouped_4: two staging slots of four
 #   layers, ~2.7 GB at --vram-budget 16, idle through decode), 512 and 10K prompts, 1 and 32 sequences;
 # - d1: the same with layer_grouped_1 (two one-layer slots: ~2 GB more for resident layers, so fewer

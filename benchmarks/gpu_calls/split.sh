@@ -1,6 +1,6 @@
 # Item 5 (32 sequences at least 6x one): a decode step split between the PCIe stream and the pool
 # (gpu_worker/decode_split.py), against each alone, on the peer GGUF (peer.sh writes it; on a fresh
-# machine this script writes it first, ~110 s) with default options but those named: 32 sequences
+# machine this script writes it first: 170-200 s single-threaded) with default options but those named: 32 sequences
 # after 512-token prompts, one run each.
 # - s3: the defaults (auto: the route measures the two ends, the balancing split and one more, keeps
 #   the fastest and logs each one's median step time), 128 tokens a sequence (its first ~16 steps at
