@@ -13,7 +13,9 @@ from .state import WINNER_FILE, state_path
 
 
 def prefill_candidates(moe_layers: int) -> list[str]:
-    groups = [n for n in (2, 4) if n < moe_layers] or [1]
+    # groups of one are the default (they keep the most layers resident: gpu_worker/vram_budget.py,
+    # AUTO_PREFILL); larger ones where the slice has more layers than a group
+    groups = [n for n in (1, 2, 4) if n == 1 or n < moe_layers]
     return ["persistent", *(f"layer_grouped_{n}" for n in groups), "hcs_prefill", "chunked", "active_only"]
 
 
