@@ -216,12 +216,11 @@ def write_qwen3moe_gguf(path, shape: dict, expert_type: str = "Q4_0", dense_type
     recency = _recency(s, seed)
     # the next tensor is drawn (in order: the draws stay seeded) while this one is written
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool, ThreadPoolExecutor(1) as ahead:
-        draw = [ahead.submit(_data, rng, recency, pool, *plan[0])]
-        for i in range(len(plan)):
-            data = draw[i].result()
-            if i + 1 < len(plan):
-                draw.append(ahead.submit(_data, rng, recency, pool, *plan[i + 1]))
-            draw[i] = None
+        pending = ahead.submit(_data, rng, recency, pool, *plan[0])
+        for item in plan[1:]:
+            data = pending.result()
+            pending = ahead.submit(_data, rng, recency, pool, *item)
             w.write_tensor_data(data)
+        w.write_tensor_data(pending.result())
     w.close()
     return Path(path).stat().st_size

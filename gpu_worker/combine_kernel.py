@@ -5,8 +5,8 @@ order, summed back into their tokens in one pass.
 
 y [P, H] holds the pairs' outputs sorted by expert; inv [P] is where pair (t, j) sits in that order,
 w [P] its routing weight in token order. A decode step's pairs (moe_gpu.moe_pairs) are in token
-order already (no inv), and its sum is the layer's whole routed output (`out` written, not added to). The torch reference (moe_gpu.combine_pairs_reference)
-gathers y into token order, widens it to float32, weighs and sums it: five passes over a [P, H]
+order already (no inv), and its sum is the layer's whole routed output (`out` written, not added
+to). The torch reference (moe_gpu.combine_pairs_reference) gathers y into token order, widens it to float32, weighs and sums it: five passes over a [P, H]
 tensor (P = 8 x the chunk's tokens for Qwen3-30B-A3B: ~0.3 GB in bf16 and 0.65 GB in float32 at 10K
 tokens, ~1.3 ms of HBM time per layer on an H200). Here each program reads its token's k rows once
 and writes its output once. tests/test_combine_kernel.py compares the two under Triton's

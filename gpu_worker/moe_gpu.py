@@ -151,11 +151,11 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     if x.is_cuda and fmt.kind != "dense" and "b13" not in t and "b2" not in t:
         return pairs_in_kernels(x, rows, wt, k, t, fmt, act)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    pairs = torch.arange(m * k, device=x.device)
-    # the pairs are in token order already: the combine's map is themselves (no scatter to make it),
-    # and a pair's row clamped matters only to a bias's lookup (each is a kernel of a decode layer)
+    tok = torch.arange(m * k, device=x.device) // k
+    # the pairs are in token order already: the combine needs no map (None), and a pair's row
+    # clamped matters only to a bias's lookup (each is a kernel of a decode layer)
     erow = rows.clamp(min=0) if "b13" in t or "b2" in t else rows
-    _block(x, t, fmt, act, False, out, pairs // k, wt, erow, rows, None, (pairs, wt))
+    _block(x, t, fmt, act, False, out, tok, wt, erow, rows, None, (None, wt))
     return out
 
 
@@ -165,8 +165,9 @@ def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: i
     interpreter in the tests): each projection reads its token's row of x by the pair's number and
     writes x's dtype, the activation keeps the pairs that weigh something, and the combine writes
     the float32 sum in token order. The generic path (_block) gathers x, casts both projections'
-    outputs, builds the pairs' indices and zeroes `out` first: six more small kernels a decode layer,
-    the same numbers (tests/test_dequant.py compares the two)."""
+    outputs, builds the pairs' indices and zeroes `out` first: six more small kernels a decode layer
+    for the same numbers on CUDA (tests/test_dequant.py compares the two, this one in x's dtype and
+    the generic one in float32)."""
     from .expert_gemv_kernel import expert_gemv
 
     gu = expert_gemv(fmt, t, "w13", rows, x, x_div=k, dtype=x.dtype)
@@ -213,7 +214,7 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
     (for a bias's lookup), `experts` the rows dequantized as the groups (None: all the block's),
     `counts` the pairs per group (None: one each); `combine` (when the pairs are every (token,
     slot) of x) is combine_pairs's (inv, w): where each (token, slot) pair sits among the sorted
-    pairs, and its weight in token order."""
+    pairs (None: they are in token order), and its weight in token order."""
     offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
     sizes = None if grouped or counts is None else counts.tolist()
     proj = dict(offs=offs, counts=sizes, grouped=grouped)
@@ -255,7 +256,7 @@ def combine_pairs_reference(y: torch.Tensor, inv: torch.Tensor | None, w: torch.
     each (token, slot) pair in that order (None: y is in token order), w float32 [T k] the weights
     in token order (combine_kernel.py is the fast form)."""
     T, H = out.shape
-    s = ((y if inv is None else y.index_select(0, inv)).view(T, -1, H).float() * w.view(T, -1, 1)).sum(1)
+    s = ((y if inv is None else y.index_select(0, inv)).reshape(T, -1, H).float() * w.view(T, -1, 1)).sum(1)
     if add:
         out += s
     else:
