@@ -182,8 +182,10 @@ def _step_ms(before: dict, after: dict) -> dict:
 
 
 def _pool_delta(before: dict, after: dict) -> list[dict]:
-    """Each pool process's share of what ran between two stats (cpu_worker/main.py: its counters)."""
-    return [{**{k: b[k] - a[k] for k in POOL_COUNTERS}, "experts_asked": b["experts_asked"]}
+    """Each pool process's share of what ran between two stats (cpu_worker/main.py: its counters, and
+    the C kernel's clock where it ran)."""
+    return [{**{k: b[k] - a.get(k, 0.0) for k in (*POOL_COUNTERS, *(k for k in b if k.startswith("clock_")))},
+             "experts_asked": b["experts_asked"]}
             for a, b in zip(before["cpu_pool"], after["cpu_pool"])]
 
 
@@ -428,6 +430,13 @@ def decode_split(r: dict) -> str:
                  f"around it {us(pool['serve_s'] - pool['kernel_s'], pool['calls']):.1f}, "
                  f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}, "
                  f"of which its own work after answering {us(pool['after_s'], pool['calls']):.1f}")
+    if pool.get("clock_calls"):
+        per = lambda k, n="calls": 1e6 * pool[f"clock_{k}"] / max(1, pool[f"clock_{n}"])  # noqa: E731
+        line += (f"\npool kernel us from a call's start: its last thread in {per('wake_s'):.1f}, phase 1's first and last "
+                 f"thread done {per('p1_first_s'):.1f} / {per('p1_last_s'):.1f}, phase 2 after that {per('p2_s'):.1f}")
+        if pool.get("clock_ahead_calls"):
+            line += (f"; lookahead: its last thread in {per('ahead_wake_s', 'ahead_calls'):.1f}, "
+                     f"its guess made {per('ahead_guess_s', 'ahead_calls'):.1f}")
     if pool.get("lookahead_calls"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "

@@ -642,6 +642,39 @@ static int group_by_expert(const int32_t *ids, size_t mk, int topk, int64_t firs
     return na;
 }
 
+/* Where the calls' time goes, summed until read (krasis_clock), on omp_get_wtime's clock: from a
+ * call's start to its last thread's start (an OpenMP thread that went to sleep between calls is woken
+ * through the OS: tens of microseconds in a VM, against a layer of ~250 us), to phase 1's first and
+ * last thread's end (the static split waits for the slowest), to phase 2's last thread's end; and
+ * the lookahead's start to its guess (router, top-k, grouping: not interruptible). One process calls
+ * the kernels one at a time (the pool's loop), so these plain sums are not contended. */
+#define CLOCK_THREADS 1024
+enum { CLK_CALLS, CLK_WAKE, CLK_P1_FIRST, CLK_P1_LAST, CLK_P2, CLK_AHEAD_CALLS, CLK_AHEAD_WAKE, CLK_AHEAD_GUESS, CLK_N };
+static double clk[CLK_N], clk_in[CLOCK_THREADS], clk_p1[CLOCK_THREADS], clk_end[CLOCK_THREADS];
+
+INLINE void clock_mark(double *at, int tid) {
+    if (tid < CLOCK_THREADS) at[tid] = omp_get_wtime();
+}
+
+static double clock_max(const double *at, int n) {
+    double m = at[0];
+    for (int i = 1; i < n && i < CLOCK_THREADS; i++) m = at[i] > m ? at[i] : m;
+    return m;
+}
+
+static double clock_min(const double *at, int n) {
+    double m = at[0];
+    for (int i = 1; i < n && i < CLOCK_THREADS; i++) m = at[i] < m ? at[i] : m;
+    return m;
+}
+
+/* The sums since the last read, in seconds (index CLK_*), into out[CLK_N]; then zeroes them. */
+int krasis_clock(double *out) {
+    memcpy(out, clk, sizeof clk);
+    memset(clk, 0, sizeof clk);
+    return CLK_N;
+}
+
 /* Thread tid's share [*a, *b) of n work items split evenly over nt threads: phase 1's rows of the
  * active experts and phase 2's output rows (the lookahead reads each thread's share of a layer by
  * the same split, so the bytes land in the caches of the core that will read them). */
@@ -687,9 +720,13 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
     const size_t q13_e = (size_t)2 * I * nb13, s13_e = (size_t)2 * I * G13;
     const size_t q2_e = (size_t)H * nb2, s2_e = (size_t)H * G2;
 
+    const double t0 = omp_get_wtime();
+    int team = 1;
 #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        clock_mark(clk_in, tid);
+        if (tid == 0) team = nt;
 
 #pragma omp for schedule(static)
         for (int t = 0; t < M; t++)
@@ -732,6 +769,7 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             }
             u += pairs;
         }
+        clock_mark(clk_p1, tid);
 #pragma omp barrier
         if (q8) {
 #pragma omp for schedule(static)
@@ -771,7 +809,13 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                 h += R;
             }
         }
+        clock_mark(clk_end, tid);
     }
+    clk[CLK_CALLS] += 1;
+    clk[CLK_WAKE] += clock_max(clk_in, team) - t0;
+    clk[CLK_P1_FIRST] += clock_min(clk_p1, team) - t0;
+    clk[CLK_P1_LAST] += clock_max(clk_p1, team) - t0;
+    clk[CLK_P2] += clock_max(clk_end, team) - clock_max(clk_p1, team);
     return P;
 }
 
@@ -850,12 +894,16 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     }
     int32_t *fill = idx, *active = fill + count, *off = active + count, *tok = off + mk + 1, *slot = tok + mk;
     int32_t *want = slot + mk; /* the guess less the experts `allowed` rules out */
-    int na = 0;
+    int na = 0, team = 1;
     int64_t total = 0;
+    const double t0 = omp_get_wtime();
+    double guessed = t0;
 
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        clock_mark(clk_in, tid);
+        if (tid == 0) team = nt;
         if (router) {
 #pragma omp for schedule(static)
             for (int e = 0; e < E; e++)
@@ -894,6 +942,7 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
             for (size_t i = 0; i < mk; i++)
                 want[i] = allowed && predicted[i] >= 0 && predicted[i] < E_all && !allowed[predicted[i]] ? -1 : predicted[i];
             na = halted(&h) ? 0 : group_by_expert(want, mk, topk, first, count, fill, active, off, tok, slot);
+            guessed = omp_get_wtime();
         }
 
         int64_t left = budget / nt;
@@ -920,6 +969,9 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
         total += budget / nt - left;
     }
     free(logits), free(idx);
+    clk[CLK_AHEAD_CALLS] += 1;
+    clk[CLK_AHEAD_WAKE] += clock_max(clk_in, team) - t0;
+    clk[CLK_AHEAD_GUESS] += guessed - t0;
     return total;
 }
 

@@ -199,6 +199,11 @@ def c_kernel() -> native.CKernel | None:
     return _c_kernel or None
 
 
+def kernel_clock() -> dict[str, float]:
+    """The C kernel's clock since the last read (native.CKernel.clock), {} where it was never loaded."""
+    return _c_kernel.clock() if _c_kernel else {}
+
+
 def layer_kernel(t: dict[str, torch.Tensor], fmt: ExpertFormat, first: int, count: int, act: str = "silu",
                  kernel: str = "auto"):
     """The routed-expert work of one block of a layer, bound once (the pool binds each layer's at

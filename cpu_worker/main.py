@@ -21,7 +21,7 @@ from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import StartupMarks, die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
-from .expert_kernel import layer_kernel, set_threads, warm_up
+from .expert_kernel import kernel_clock, layer_kernel, set_threads, warm_up
 from .lookahead import Lookahead, bind as bind_lookahead, l2_bytes
 from ..shared.weight_cache import store_writer
 from ..shared.weights import load_family, open_source
@@ -152,6 +152,8 @@ def main() -> None:
         if isinstance(msg, P.Shutdown):
             return False
         if isinstance(msg, P.Stats):
+            for k, v in kernel_clock().items():  # summed here: the kernel's own sums restart at each read
+                work[f"clock_{k}"] = work.get(f"clock_{k}", 0.0) + v
             sock.send_multipart([ident, *P.encode(P.StatsReply(stats={**work, **ahead.summary()}))])
         else:
             sock.send_multipart([ident, *P.encode(P.WorkerError(role="cpu", rank=node, step=-1, message=f"unexpected {msg.TYPE}"))])

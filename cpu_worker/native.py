@@ -89,6 +89,12 @@ class Ahead(ctypes.Structure):
                 ("max_s", ctypes.c_double), ("budget", _i64), ("predicted", _p), ("allowed", _p), ("experts", _i)]
 
 
+# krasis_clock's sums, in its order (expert_kernel.c: CLK_*): the layer kernel's calls, from a call's
+# start to its last thread's start, to phase 1's first and last thread's end, phase 2 after phase 1's
+# last; the lookahead's calls, its last thread's start and its guess
+CLOCK = ("calls", "wake_s", "p1_first_s", "p1_last_s", "p2_s", "ahead_calls", "ahead_wake_s", "ahead_guess_s")
+
+
 class CKernel:
     """The loaded library's krasis_moe_layer and krasis_lookahead. `bind` checks a block of experts
     once and returns the call for it, which checks a call's buffers only when they are not the ones
@@ -101,9 +107,18 @@ class CKernel:
         self.fn, self.ahead = lib.krasis_moe_layer, lib.krasis_lookahead
         self.fn.argtypes, self.fn.restype = [_p, _p], _i
         self.ahead.argtypes, self.ahead.restype = [_p, _p, _p], _i64
+        self._clock = lib.krasis_clock
+        self._clock.argtypes, self._clock.restype = [_p], _i
         # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
         self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
+
+    def clock(self) -> dict[str, float]:
+        """Where the kernels' time went since the last read (CLOCK's sums), then zeroed."""
+        sums = (ctypes.c_double * len(CLOCK))()
+        if self._clock(sums) != len(CLOCK):
+            raise RuntimeError("krasis_clock's sums do not match native.CLOCK")
+        return dict(zip(CLOCK, sums))
 
     @staticmethod
     def _block(t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int) -> Block | None:

@@ -285,6 +285,32 @@ def test_a_bound_call_reused_on_the_same_buffers_reads_their_new_contents():
         assert torch.equal(other, out)
 
 
+@needs_cc
+def test_the_clock_times_each_call_in_order_and_restarts_when_read():
+    """krasis_clock (native.CKernel.clock): one entry per kernel call, its marks in the order the call
+    passes them (every thread in, then phase 1's first and last thread done, then phase 2), within
+    the call's own wall time; and zero again once read."""
+    import time
+
+    fmt = FORMATS["int4-g64"]
+    gen = torch.Generator().manual_seed(8)
+    t = node_block(fmt, gen)
+    c = native.load()
+    run = c.bind(t, 4, FIRST, COUNT, "silu", 2)
+    x, out = torch.randn(3, HIDDEN, generator=gen), torch.empty(3, HIDDEN)
+    ids, weights = routing(3, gen)
+    c.clock()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        run(x, ids, weights, out)
+    wall = time.perf_counter() - t0
+    clk = c.clock()
+    assert clk["calls"] == 5 and clk["ahead_calls"] == 0
+    assert 0 <= clk["wake_s"] <= clk["p1_first_s"] <= clk["p1_last_s"]
+    assert clk["p2_s"] > 0 and clk["p1_last_s"] + clk["p2_s"] <= wall
+    assert not any(c.clock().values())
+
+
 def test_no_token_in_the_block(kernel):
     fmt = FORMATS["int4-g128"]
     t = node_block(fmt, torch.Generator().manual_seed(1))

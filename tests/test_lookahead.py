@@ -70,6 +70,21 @@ def test_guess_is_the_routers_top_k_and_reads_the_guessed_experts_bytes(kind, m,
     assert read == len(in_block) * expert_bytes(t)  # every byte of each guessed expert of the block, once
 
 
+def test_clock_counts_the_lookaheads_guess():
+    """krasis_clock's lookahead entries: one a call that ran, its threads in before its guess made."""
+    gen = torch.Generator().manual_seed(3)
+    t = block(ExpertFormat("int4", group_size=32), gen)
+    c = native.load()
+    ahead = c.bind_lookahead(t, 4, FIRST, COUNT, 2, torch.randn(EXPERTS, HIDDEN, generator=gen).to(torch.bfloat16))
+    c.clock()
+    words, seen = never_stop()
+    for _ in range(3):
+        ahead(torch.randn(1, HIDDEN, generator=gen), torch.empty(1, TOP_K, dtype=torch.int32), words, seen, budget=1 << 20)
+    clk = c.clock()
+    assert clk["ahead_calls"] == 3 and clk["calls"] == 0
+    assert 0 <= clk["ahead_wake_s"] <= clk["ahead_guess_s"]
+
+
 def test_given_guess_budget_and_stop():
     gen = torch.Generator().manual_seed(1)
     t = block(ExpertFormat("int4", group_size=32), gen)
