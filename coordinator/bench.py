@@ -129,7 +129,7 @@ def _rss_gb(pids: list[int]) -> float:
 
 
 POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps", "after_s",
-                 "lookahead_calls", "lookahead_bytes", "guessed", "chosen")
+                 "lookahead_calls", "lookahead_bytes", "lookahead_prep_s", "guessed", "chosen")
 
 
 @dataclass
@@ -184,8 +184,12 @@ def _step_ms(before: dict, after: dict) -> dict:
 def _pool_delta(before: dict, after: dict) -> list[dict]:
     """Each pool process's share of what ran between two stats (cpu_worker/main.py: its counters, and
     the C kernel's clock where it ran)."""
-    return [{**{k: b[k] - a.get(k, 0.0) for k in (*POOL_COUNTERS, *(k for k in b if k.startswith("clock_")))},
-             "experts_asked": b["experts_asked"]}
+    def less(x, y):
+        return [u - v for u, v in zip(x, y + [0.0] * (len(x) - len(y)))] if isinstance(x, list) else x - y
+
+    return [{**{k: less(b[k], a.get(k, 0.0 if not isinstance(b[k], list) else []))
+                for k in (*POOL_COUNTERS, *(k for k in b if k.startswith("clock_") and k != "clock_cpu_by_thread"))},
+             "experts_asked": b["experts_asked"], "cpu_by_thread": b.get("clock_cpu_by_thread", [])}
             for a, b in zip(before["cpu_pool"], after["cpu_pool"])]
 
 
@@ -434,9 +438,16 @@ def decode_split(r: dict) -> str:
         per = lambda k, n="calls": 1e6 * pool[f"clock_{k}"] / max(1, pool[f"clock_{n}"])  # noqa: E731
         line += (f"\npool kernel us from a call's start: its last thread in {per('wake_s'):.1f}, phase 1's first and last "
                  f"thread done {per('p1_first_s'):.1f} / {per('p1_last_s'):.1f}, phase 2 after that {per('p2_s'):.1f}")
+        by = pool.get("clock_p1_by_thread_s") or []
+        if by:
+            cpus = pool.get("cpu_by_thread") or ["?"] * len(by)
+            line += "; phase 1 by thread (us@CPU last run on): " + " ".join(
+                f"{1e6 * t / pool['clock_calls']:.0f}@{c}" for t, c in zip(by, cpus))
         if pool.get("clock_ahead_calls"):
             line += (f"; lookahead: its last thread in {per('ahead_wake_s', 'ahead_calls'):.1f}, "
                      f"its guess made {per('ahead_guess_s', 'ahead_calls'):.1f}")
+        if pool.get("lookahead_calls"):
+            line += f"; the lookahead's Python before its C call {1e6 * pool['lookahead_prep_s'] / pool['lookahead_calls']:.1f}"
     if pool.get("lookahead_calls"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "

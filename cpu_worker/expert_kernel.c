@@ -43,9 +43,11 @@
  *   Q8 planes, which need the whole vector;  2. down rows, split by output
  *   row, so each output element has one owner and no atomics are needed.
  */
+#define _GNU_SOURCE /* sched_setaffinity, sched_getcpu */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -651,6 +653,10 @@ static int group_by_expert(const int32_t *ids, size_t mk, int topk, int64_t firs
 #define CLOCK_THREADS 1024
 enum { CLK_CALLS, CLK_WAKE, CLK_P1_FIRST, CLK_P1_LAST, CLK_P2, CLK_AHEAD_CALLS, CLK_AHEAD_WAKE, CLK_AHEAD_GUESS, CLK_N };
 static double clk[CLK_N], clk_in[CLOCK_THREADS], clk_p1[CLOCK_THREADS], clk_end[CLOCK_THREADS];
+/* per thread of the team: its phase 1 summed over calls, and the CPU it last ran phase 1 on (a
+ * thread that shares its core, or whose core is slow, shows here) */
+static double clk_thread_p1[CLOCK_THREADS];
+static int clk_cpu[CLOCK_THREADS], clk_team;
 
 INLINE void clock_mark(double *at, int tid) {
     if (tid < CLOCK_THREADS) at[tid] = omp_get_wtime();
@@ -668,11 +674,31 @@ static double clock_min(const double *at, int n) {
     return m;
 }
 
-/* The sums since the last read, in seconds (index CLK_*), into out[CLK_N]; then zeroes them. */
-int krasis_clock(double *out) {
+/* The sums since the last read, in seconds (index CLK_*), into out[CLK_N]; each thread's phase 1
+ * and its CPU into p1 and cpu (n of them at most); then zeroes the sums. Returns the team's size. */
+int krasis_clock(double *out, double *p1, int *cpu, int n) {
+    const int team = clk_team < CLOCK_THREADS ? clk_team : CLOCK_THREADS;
     memcpy(out, clk, sizeof clk);
+    for (int i = 0; i < team && i < n; i++) p1[i] = clk_thread_p1[i], cpu[i] = clk_cpu[i];
     memset(clk, 0, sizeof clk);
-    return CLK_N;
+    memset(clk_thread_p1, 0, sizeof clk_thread_p1);
+    return team;
+}
+
+/* Pins thread t of an n-thread team to cpus[t] (the pool's cores, one each; the caller's thread is
+ * thread 0): unpinned, the scheduler may put two of the team's threads on one core, and phase 1's
+ * static split then waits for that core's two shares. libgomp gives a team of one size the same
+ * threads in the same order every time. Returns how many threads could not be pinned. */
+int krasis_pin(const int *cpus, int n) {
+    int failed = 0;
+#pragma omp parallel num_threads(n) reduction(+ : failed)
+    {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpus[omp_get_thread_num()], &set);
+        failed += sched_setaffinity(0, sizeof set, &set) != 0;
+    }
+    return failed;
 }
 
 /* Thread tid's share [*a, *b) of n work items split evenly over nt threads: phase 1's rows of the
@@ -733,6 +759,7 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             prepare(bits, (const char *)x + (size_t)t * H * (xbf16 ? 2 : 4), xbf16, H, G13, p1, xp + (size_t)t * p1.bytes);
 
         /* Phase 1: unit u = row r of expert active[u / I], i.e. gate row r and up row I + r. */
+        const double p1_start = omp_get_wtime(); /* after the barrier that ends the loop above */
         long u, u1, h0, h1;
         share((long)na * I, tid, nt, &u, &u1);
         while (u < u1) {
@@ -770,6 +797,7 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             u += pairs;
         }
         clock_mark(clk_p1, tid);
+        if (tid < CLOCK_THREADS) clk_thread_p1[tid] += clk_p1[tid] - p1_start, clk_cpu[tid] = sched_getcpu();
 #pragma omp barrier
         if (q8) {
 #pragma omp for schedule(static)
@@ -812,6 +840,7 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         clock_mark(clk_end, tid);
     }
     clk[CLK_CALLS] += 1;
+    clk_team = team;
     clk[CLK_WAKE] += clock_max(clk_in, team) - t0;
     clk[CLK_P1_FIRST] += clock_min(clk_p1, team) - t0;
     clk[CLK_P1_LAST] += clock_max(clk_p1, team) - t0;

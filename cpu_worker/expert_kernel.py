@@ -199,9 +199,18 @@ def c_kernel() -> native.CKernel | None:
     return _c_kernel or None
 
 
-def kernel_clock() -> dict[str, float]:
+def kernel_clock() -> dict:
     """The C kernel's clock since the last read (native.CKernel.clock), {} where it was never loaded."""
     return _c_kernel.clock() if _c_kernel else {}
+
+
+def pin_threads(cpus: list[int]) -> bool:
+    """Pin the C kernel's threads (set_threads's count), thread i to cpus[i], where it is loaded and
+    there is a CPU for each (the pool process's cores); whether they were pinned."""
+    if not _c_kernel or len(cpus) != _threads:
+        return False
+    _c_kernel.pin(cpus)
+    return True
 
 
 def layer_kernel(t: dict[str, torch.Tensor], fmt: ExpertFormat, first: int, count: int, act: str = "silu",

@@ -15,6 +15,7 @@ would only read the wrong experts, never change a result.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ class Lookahead:
         self.seen = np.zeros(len(slots), dtype=np.int64)
         self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
         self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
-        self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "guessed": 0, "chosen": 0}
+        self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "lookahead_prep_s": 0.0, "guessed": 0, "chosen": 0}
 
     def summary(self) -> dict:
         """`stats`, and `experts_asked`: how many experts of its block the requests of a layer have
@@ -100,6 +101,7 @@ class Lookahead:
         meanwhile ends it at once)."""
         if not self.aheads:  # off, or nothing to read ahead with: no bookkeeping either
             return
+        t0 = time.perf_counter()
         before = self._previous.get(source)
         if before is not None and before < layer:
             self.follows[before] = layer
@@ -124,6 +126,7 @@ class Lookahead:
         if self.asked[next_layer] >= QUIET:
             allowed = self.allowed[next_layer]
             np.greater_equal(self.last[next_layer], self.asked[next_layer] - QUIET, out=allowed, casting="unsafe")
+        self.stats["lookahead_prep_s"] += time.perf_counter() - t0
         self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget, allowed=allowed)
         self.stats["lookahead_calls"] += 1
         self.pending = (next_layer, guess)

@@ -21,7 +21,7 @@ from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import StartupMarks, die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
-from .expert_kernel import kernel_clock, layer_kernel, set_threads, warm_up
+from .expert_kernel import kernel_clock, layer_kernel, pin_threads, set_threads, warm_up
 from .lookahead import Lookahead, bind as bind_lookahead, l2_bytes
 from ..shared.weight_cache import store_writer
 from ..shared.weights import load_family, open_source
@@ -107,6 +107,8 @@ def main() -> None:
             print(f"cpu_worker {node}: lookahead off: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers},
                       {layer: family.experts(layer).num for layer in layout.moe_layers})
+    # one core a thread, the caller's (this loop's) the first: see expert_kernel.c's krasis_pin
+    work["pinned"] = pin_threads(sorted(os.sched_getaffinity(0)))
     mark("kernels bound")
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(),
@@ -153,7 +155,13 @@ def main() -> None:
             return False
         if isinstance(msg, P.Stats):
             for k, v in kernel_clock().items():  # summed here: the kernel's own sums restart at each read
-                work[f"clock_{k}"] = work.get(f"clock_{k}", 0.0) + v
+                if k == "cpu_by_thread":
+                    work["clock_cpu_by_thread"] = v
+                elif isinstance(v, list):
+                    mine = work.setdefault(f"clock_{k}", [])
+                    work[f"clock_{k}"] = [a + b for a, b in zip(mine + [0.0] * (len(v) - len(mine)), v)]
+                else:
+                    work[f"clock_{k}"] = work.get(f"clock_{k}", 0.0) + v
             sock.send_multipart([ident, *P.encode(P.StatsReply(stats={**work, **ahead.summary()}))])
         else:
             sock.send_multipart([ident, *P.encode(P.WorkerError(role="cpu", rank=node, step=-1, message=f"unexpected {msg.TYPE}"))])

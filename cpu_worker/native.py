@@ -108,17 +108,27 @@ class CKernel:
         self.fn.argtypes, self.fn.restype = [_p, _p], _i
         self.ahead.argtypes, self.ahead.restype = [_p, _p, _p], _i64
         self._clock = lib.krasis_clock
-        self._clock.argtypes, self._clock.restype = [_p], _i
+        self._clock.argtypes, self._clock.restype = [_p, _p, _p, _i], _i
+        self._pin = lib.krasis_pin
+        self._pin.argtypes, self._pin.restype = [_p, _i], _i
         # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
         self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
 
-    def clock(self) -> dict[str, float]:
-        """Where the kernels' time went since the last read (CLOCK's sums), then zeroed."""
-        sums = (ctypes.c_double * len(CLOCK))()
-        if self._clock(sums) != len(CLOCK):
-            raise RuntimeError("krasis_clock's sums do not match native.CLOCK")
-        return dict(zip(CLOCK, sums))
+    def clock(self, threads: int = 256) -> dict:
+        """Where the kernels' time went since the last read (CLOCK's sums), then zeroed; with the layer
+        kernel's phase 1 of each thread of its team summed (`p1_by_thread_s`) and the CPU each last
+        ran it on (`cpu_by_thread`)."""
+        sums, p1, cpu = (ctypes.c_double * len(CLOCK))(), (ctypes.c_double * threads)(), (ctypes.c_int * threads)()
+        team = min(self._clock(sums, p1, cpu, threads), threads)
+        return {**dict(zip(CLOCK, sums)), "p1_by_thread_s": list(p1[:team]), "cpu_by_thread": list(cpu[:team])}
+
+    def pin(self, cpus: list[int]) -> None:
+        """Pin the kernels' team of len(cpus) threads, thread i to cpus[i] (the caller is thread 0)."""
+        arr = (ctypes.c_int * len(cpus))(*cpus)
+        failed = self._pin(arr, len(cpus))
+        if failed:
+            raise OSError(f"{failed} of the C kernel's {len(cpus)} threads could not be pinned to {cpus}")
 
     @staticmethod
     def _block(t: dict[str, torch.Tensor], bits: int, first: int, count: int, act: str, threads: int) -> Block | None:

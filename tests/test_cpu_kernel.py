@@ -308,7 +308,31 @@ def test_the_clock_times_each_call_in_order_and_restarts_when_read():
     assert clk["calls"] == 5 and clk["ahead_calls"] == 0
     assert 0 <= clk["wake_s"] <= clk["p1_first_s"] <= clk["p1_last_s"]
     assert clk["p2_s"] > 0 and clk["p1_last_s"] + clk["p2_s"] <= wall
-    assert not any(c.clock().values())
+    # each of the team's two threads ran its share of phase 1, within the call's phase 1
+    assert len(clk["p1_by_thread_s"]) == len(clk["cpu_by_thread"]) == 2
+    assert all(0 < t <= clk["p1_last_s"] for t in clk["p1_by_thread_s"])
+    again = c.clock()
+    assert not any(v for v in again.values() if not isinstance(v, list)) and again["p1_by_thread_s"] == [0.0, 0.0]
+
+
+@needs_cc
+def test_pinned_threads_run_on_their_cpus():
+    """krasis_pin puts thread i of the team on cpus[i]: the kernel's clock then sees its phase 1 run
+    there (a team of one: the calling thread, whose own mask is put back afterwards)."""
+    fmt = FORMATS["int4-g64"]
+    gen = torch.Generator().manual_seed(9)
+    c = native.load()
+    run = c.bind(node_block(fmt, gen), 4, FIRST, COUNT, "silu", 1)
+    ids, weights = routing(2, gen)
+    mask = os.sched_getaffinity(0)
+    cpu = max(mask)
+    try:
+        c.pin([cpu])
+        run(torch.randn(2, HIDDEN, generator=gen), ids, weights, torch.empty(2, HIDDEN))
+        assert c.clock()["cpu_by_thread"] == [cpu]
+        assert os.sched_getaffinity(0) == {cpu}
+    finally:
+        os.sched_setaffinity(0, mask)
 
 
 def test_no_token_in_the_block(kernel):
