@@ -129,7 +129,7 @@ def _rss_gb(pids: list[int]) -> float:
 
 
 POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps", "after_s",
-                 "lookahead_calls", "lookahead_bytes", "lookahead_prep_s", "guessed", "chosen")
+                 "lookahead_calls", "lookahead_bytes", "lookahead_prep_s", "lookahead_skipped", "guessed", "chosen")
 
 
 @dataclass
@@ -448,10 +448,11 @@ def decode_split(r: dict) -> str:
                      f"its guess made {per('ahead_guess_s', 'ahead_calls'):.1f}")
         if pool.get("lookahead_calls"):
             line += f"; the lookahead's Python before its C call {1e6 * pool['lookahead_prep_s'] / pool['lookahead_calls']:.1f}"
-    if pool.get("lookahead_calls"):
-        line += (f"\npool lookahead: {pool['lookahead_bytes'] / pool['lookahead_calls'] / 1e6:.2f} MB read ahead per layer, "
+    if pool.get("lookahead_calls") or pool.get("lookahead_skipped"):
+        line += (f"\npool lookahead: {pool['lookahead_bytes'] / max(1, pool['lookahead_calls']) / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "
-                 f"its requests have named {pool['experts_asked']:.1f} experts a layer since it started")
+                 f"its requests have named {pool['experts_asked']:.1f} experts a layer since it started; skipped after "
+                 f"{pool['lookahead_skipped']} of {pool['lookahead_skipped'] + pool['lookahead_calls']} answers (it read nothing)")
     line += f"\ndecode tokens: {r['decode_distinct']:.0%} of each run's distinct (sampled at temperature {r['temperature']})"
     if r.get("decode_resident_layers"):
         line += (f"\ndecode: {r['decode_resident_layers']} of {r['moe_layers']} MoE layers on the GPU (resident "

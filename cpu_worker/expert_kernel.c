@@ -41,7 +41,9 @@
  *   0. prepare x;  1. gate and up rows of every active expert, split evenly across threads by
  *   row, -> the activation of every (token, expert) assignment, then (INT4) its group sums or
  *   Q8 planes, which need the whole vector;  2. down rows, split by output
- *   row, so each output element has one owner and no atomics are needed.
+ *   row, so each output element has one owner and no atomics are needed. In both phases a thread
+ *   takes its share a chunk at a time and, once done, chunks of the shares of threads still at
+ *   work (claim, below).
  */
 #define _GNU_SOURCE /* sched_setaffinity, sched_getcpu */
 #include <immintrin.h>
@@ -709,6 +711,38 @@ INLINE void share(long n, int tid, int nt, long *a, long *b) {
     *b = n * (tid + 1) / nt;
 }
 
+/* A phase's items are handed out a chunk at a time: each thread takes chunks of its own share, in
+ * order, and then chunks of the shares of threads still at work. With the even split alone, a
+ * phase lasted as long as its slowest thread: on the lent H100 host, phase 1 of a decode layer
+ * ended after 116 us on its first thread and 204 on its last (cores do not get equal shares of
+ * DRAM), while the DRAM could have read the whole phase in ~150. Which thread computes an item
+ * changes nothing in its arithmetic, so results stay bit for bit those of the even split. A cursor
+ * per share, a cache line each, counts the items taken from it. */
+typedef struct {
+    long taken;
+    char pad[64 - sizeof(long)];
+} cursor_t;
+
+#define CHUNK1 32 /* phase 1 units (a gate and an up row: ~2.3 KB at H = 2048, INT4) */
+#define CHUNK2 16 /* phase 2 output rows (one row of each active expert: ~3.5 KB at I = 768, top-8) */
+
+/* The next chunk [*a, *b) of n items for thread tid of nt, from share *from onwards (which it then
+ * keeps: its next call starts there); 0 once every share is taken. */
+INLINE int claim(cursor_t *cur, long n, long chunk, int tid, int nt, int *from, long *a, long *b) {
+    for (; *from < nt; (*from)++) {
+        const int t = (tid + *from) % nt;
+        long lo, hi;
+        share(n, t, nt, &lo, &hi);
+        if (__atomic_load_n(&cur[t].taken, __ATOMIC_RELAXED) >= hi - lo) continue;
+        const long at = lo + __atomic_fetch_add(&cur[t].taken, chunk, __ATOMIC_RELAXED);
+        if (at < hi) {
+            *a = at, *b = at + chunk < hi ? at + chunk : hi;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* out [M, H] float32 = sum over the top-k slots of each token whose expert e = ids - first lies in
  * [0, count): weights * (W2_e act(W13_e x + b13_e) + b2_e); x is bf16 when xbf16, else float32 (INT4
  * with bf16 x runs the Q8 path). ids are int32 and out float32 whatever x is, because those are the
@@ -730,9 +764,13 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
     const size_t mk = (size_t)M * topk;
 
     size_t n_idx = 2 * (size_t)count + 1 + 3 * mk;
-    size_t bytes = (size_t)M * p1.bytes + mk * p2.bytes + sizeof(int32_t) * n_idx;
+    size_t cursors = 2 * (size_t)nthreads * sizeof(cursor_t);
+    size_t bytes = cursors + (size_t)M * p1.bytes + mk * p2.bytes + sizeof(int32_t) * n_idx;
     char *xp = scratch_get(bytes);
     if (!xp) return -1;
+    cursor_t *cur1 = (cursor_t *)xp, *cur2 = cur1 + nthreads; /* phase 1's and phase 2's */
+    memset(cur1, 0, cursors);
+    xp += cursors;
     char *ap = xp + (size_t)M * p1.bytes;
     int32_t *fill = (int32_t *)(ap + mk * p2.bytes), *active = fill + count, *off = active + count;
     int32_t *tok = off + mk + 1, *slot = tok + mk;
@@ -761,40 +799,42 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         /* Phase 1: unit u = row r of expert active[u / I], i.e. gate row r and up row I + r. */
         const double p1_start = omp_get_wtime(); /* after the barrier that ends the loop above */
         long u, u1, h0, h1;
-        share((long)na * I, tid, nt, &u, &u1);
-        while (u < u1) {
-            const int a = (int)(u / I), r = (int)(u % I), e = active[a];
-            const int n = off[a + 1] - off[a];
-            const int pairs = tile_rows(n) / 2 <= u1 - u && tile_rows(n) / 2 <= I - r ? tile_rows(n) / 2 : 1;
-            const uint8_t *q = q13 + e * q13_e;
-            const uint16_t *s = s13 + e * s13_e;
-            const uint8_t *rows[4];
-            const uint16_t *sc[4];
-            for (int i = 0; i < pairs; i++) {
-                rows[2 * i] = q + (size_t)(r + i) * nb13, sc[2 * i] = s + (size_t)(r + i) * G13;
-                rows[2 * i + 1] = q + (size_t)(I + r + i) * nb13, sc[2 * i + 1] = s + (size_t)(I + r + i) * G13;
+        int from = 0;
+        while (claim(cur1, (long)na * I, CHUNK1, tid, nt, &from, &u, &u1)) {
+            while (u < u1) {
+                const int a = (int)(u / I), r = (int)(u % I), e = active[a];
+                const int n = off[a + 1] - off[a];
+                const int pairs = tile_rows(n) / 2 <= u1 - u && tile_rows(n) / 2 <= I - r ? tile_rows(n) / 2 : 1;
+                const uint8_t *q = q13 + e * q13_e;
+                const uint16_t *s = s13 + e * s13_e;
+                const uint8_t *rows[4];
+                const uint16_t *sc[4];
+                for (int i = 0; i < pairs; i++) {
+                    rows[2 * i] = q + (size_t)(r + i) * nb13, sc[2 * i] = s + (size_t)(r + i) * G13;
+                    rows[2 * i + 1] = q + (size_t)(I + r + i) * nb13, sc[2 * i + 1] = s + (size_t)(I + r + i) * G13;
+                }
+                prefetch_ahead(rows, 2 * pairs, nb13);
+                for (int p = off[a]; p < off[a + 1];) {
+                    const int T = tile_tokens(off[a + 1] - p);
+                    vec_t v[4];
+                    float d[16];
+                    for (int t = 0; t < T; t++) v[t].p = xp + (size_t)tok[p + t] * p1.bytes;
+                    TILE_FN[bi][g13][2 * pairs][T](rows, sc, v, G13, gb13, p1, d);
+                    for (int i = 0; i < pairs; i++)
+                        for (int t = 0; t < T; t++) {
+                            float g = d[2 * i * T + t], up = d[(2 * i + 1) * T + t];
+                            if (b13) g += b13[(size_t)e * 2 * I + r + i], up += b13[(size_t)e * 2 * I + I + r + i];
+                            char *dst = ap + (size_t)(p + t) * p2.bytes;
+                            const float y = activation(act, g, up);
+                            if (q8)
+                                ((float *)(dst + p2.raw))[r + i] = y;
+                            else
+                                ((float *)dst)[place(p2, r + i)] = y;
+                        }
+                    p += T;
+                }
+                u += pairs;
             }
-            prefetch_ahead(rows, 2 * pairs, nb13);
-            for (int p = off[a]; p < off[a + 1];) {
-                const int T = tile_tokens(off[a + 1] - p);
-                vec_t v[4];
-                float d[16];
-                for (int t = 0; t < T; t++) v[t].p = xp + (size_t)tok[p + t] * p1.bytes;
-                TILE_FN[bi][g13][2 * pairs][T](rows, sc, v, G13, gb13, p1, d);
-                for (int i = 0; i < pairs; i++)
-                    for (int t = 0; t < T; t++) {
-                        float g = d[2 * i * T + t], up = d[(2 * i + 1) * T + t];
-                        if (b13) g += b13[(size_t)e * 2 * I + r + i], up += b13[(size_t)e * 2 * I + I + r + i];
-                        char *dst = ap + (size_t)(p + t) * p2.bytes;
-                        const float y = activation(act, g, up);
-                        if (q8)
-                            ((float *)(dst + p2.raw))[r + i] = y;
-                        else
-                            ((float *)dst)[place(p2, r + i)] = y;
-                    }
-                p += T;
-            }
-            u += pairs;
         }
         clock_mark(clk_p1, tid);
         if (tid < CLOCK_THREADS) clk_thread_p1[tid] += clk_p1[tid] - p1_start, clk_cpu[tid] = sched_getcpu();
@@ -807,34 +847,36 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             for (int p = 0; p < P; p++) group_sums((float *)(ap + (size_t)p * p2.bytes), p2, I / 2, G2);
         }
 
-        /* Phase 2: this thread's output rows [h0, h1) for every token. */
-        share(H, tid, nt, &h0, &h1);
-        for (int t = 0; t < M; t++) memset(out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
-        for (int a = 0; a < na; a++) {
-            const int e = active[a], n = off[a + 1] - off[a];
-            const uint8_t *q = q2 + e * q2_e;
-            const uint16_t *s = s2 + e * s2_e;
-            for (int h = (int)h0; h < h1;) {
-                int R = tile_rows(n);
-                while (R > h1 - h) R /= 2;
-                const uint8_t *rows[4];
-                const uint16_t *sc[4];
-                for (int i = 0; i < R; i++) rows[i] = q + (size_t)(h + i) * nb2, sc[i] = s + (size_t)(h + i) * G2;
-                prefetch_ahead(rows, R, nb2);
-                for (int p = off[a]; p < off[a + 1];) {
-                    const int T = tile_tokens(off[a + 1] - p);
-                    vec_t v[4];
-                    float d[16];
-                    for (int t = 0; t < T; t++) v[t].p = ap + (size_t)(p + t) * p2.bytes;
-                    TILE_FN[bi][g2][R][T](rows, sc, v, G2, gb2, p2, d);
-                    for (int i = 0; i < R; i++)
-                        for (int t = 0; t < T; t++) {
-                            float y = d[i * T + t] + (b2 ? b2[(size_t)e * H + h + i] : 0.0f);
-                            out[(size_t)tok[p + t] * H + h + i] += weights[(size_t)tok[p + t] * topk + slot[p + t]] * y;
-                        }
-                    p += T;
+        /* Phase 2: output rows [h0, h1) a chunk at a time, for every token. */
+        from = 0;
+        while (claim(cur2, H, CHUNK2, tid, nt, &from, &h0, &h1)) {
+            for (int t = 0; t < M; t++) memset(out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
+            for (int a = 0; a < na; a++) {
+                const int e = active[a], n = off[a + 1] - off[a];
+                const uint8_t *q = q2 + e * q2_e;
+                const uint16_t *s = s2 + e * s2_e;
+                for (int h = (int)h0; h < h1;) {
+                    int R = tile_rows(n);
+                    while (R > h1 - h) R /= 2;
+                    const uint8_t *rows[4];
+                    const uint16_t *sc[4];
+                    for (int i = 0; i < R; i++) rows[i] = q + (size_t)(h + i) * nb2, sc[i] = s + (size_t)(h + i) * G2;
+                    prefetch_ahead(rows, R, nb2);
+                    for (int p = off[a]; p < off[a + 1];) {
+                        const int T = tile_tokens(off[a + 1] - p);
+                        vec_t v[4];
+                        float d[16];
+                        for (int t = 0; t < T; t++) v[t].p = ap + (size_t)(p + t) * p2.bytes;
+                        TILE_FN[bi][g2][R][T](rows, sc, v, G2, gb2, p2, d);
+                        for (int i = 0; i < R; i++)
+                            for (int t = 0; t < T; t++) {
+                                float y = d[i * T + t] + (b2 ? b2[(size_t)e * H + h + i] : 0.0f);
+                                out[(size_t)tok[p + t] * H + h + i] += weights[(size_t)tok[p + t] * topk + slot[p + t]] * y;
+                            }
+                        p += T;
+                    }
+                    h += R;
                 }
-                h += R;
             }
         }
         clock_mark(clk_end, tid);

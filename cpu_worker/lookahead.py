@@ -24,6 +24,13 @@ import torch
 from ..shared.mailbox import REQUEST, Slot
 from .expert_kernel import c_kernel
 
+# A lookahead from a layer that read nothing EMPTY times in a row (the next request came before its
+# guess was made, or every guessed expert was the GPU's) is skipped for that layer's next SKIP
+# requests, then tried again. With every layer through the pool the GPU's turn (~50 us on the lent
+# hosts) is shorter than the guess takes there (Python ~30 us, router and top-k ~17), and the
+# lookahead only kept the next request waiting: 58 -> 76-87 us a layer between answer and request.
+EMPTY, SKIP = 8, 256
+
 # Requests of a layer without an expert after which it is taken as run elsewhere. A cold expert of a
 # balanced top-8-of-128 layer goes unasked that long with probability (15/16)^128, about 1e-4.
 QUIET = 128
@@ -84,7 +91,10 @@ class Lookahead:
         self.seen = np.zeros(len(slots), dtype=np.int64)
         self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
         self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
-        self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "lookahead_prep_s": 0.0, "guessed": 0, "chosen": 0}
+        self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "lookahead_prep_s": 0.0, "lookahead_skipped": 0,
+                      "guessed": 0, "chosen": 0}
+        self.empty: dict[int, int] = {}  # layer -> its lookaheads in a row that read nothing
+        self.skip: dict[int, int] = {}  # layer -> how many of its next requests go without a lookahead
 
     def summary(self) -> dict:
         """`stats`, and `experts_asked`: how many experts of its block the requests of a layer have
@@ -109,6 +119,10 @@ class Lookahead:
         chosen = ids.view(-1).tolist()  # as Python ints once: at 8 ids, numpy's per-call costs dominate
         self._score(layer, chosen)
         self._note(layer, chosen)
+        if self.skip.get(layer):
+            self.skip[layer] -= 1
+            self.stats["lookahead_skipped"] += 1
+            return
         next_layer = self.follows.get(layer)
         if next_layer not in self.targets:
             if layer not in self.aheads:
@@ -127,9 +141,13 @@ class Lookahead:
             allowed = self.allowed[next_layer]
             np.greater_equal(self.last[next_layer], self.asked[next_layer] - QUIET, out=allowed, casting="unsafe")
         self.stats["lookahead_prep_s"] += time.perf_counter() - t0
-        self.stats["lookahead_bytes"] += ahead(x, guess, self.words, self.seen, self.budget, allowed=allowed)
+        read = ahead(x, guess, self.words, self.seen, self.budget, allowed=allowed)
+        self.stats["lookahead_bytes"] += read
         self.stats["lookahead_calls"] += 1
         self.pending = (next_layer, guess)
+        self.empty[layer] = 0 if read else self.empty.get(layer, 0) + 1
+        if self.empty[layer] >= EMPTY:
+            self.empty[layer], self.skip[layer] = 0, SKIP
 
     def _note(self, layer: int, chosen: list[int]) -> None:
         """The experts this request for `layer` asked for (hot ones come as -1)."""

@@ -119,7 +119,7 @@ def test_experts_never_asked_for_are_left_out_after_quiet_requests():
 
     def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
         calls.append(None if allowed is None else allowed.copy())
-        return 0
+        return 1  # read something: a lookahead that reads nothing is skipped for a while (next test)
 
     la = Lookahead({0: (1, ahead)}, [], 1 << 20, {0: (0, 8), 1: (0, 8)}, {0: 8, 1: 8})
     x = torch.zeros(1, HIDDEN)
@@ -135,6 +135,32 @@ def test_experts_never_asked_for_are_left_out_after_quiet_requests():
     assert calls[-1][7] == 1
 
 
+def test_a_lookahead_that_reads_nothing_is_skipped_for_a_while():
+    """EMPTY lookaheads in a row from a layer that read nothing (the next request always came before
+    the guess) turn that layer's lookahead off for its next SKIP requests, then it is tried again;
+    another layer's, which reads, goes on; the skipped requests still count for the hot-expert mask."""
+    from krasis.cpu_worker.lookahead import EMPTY, SKIP
+
+    runs = {0: 0, 1: 0}
+
+    def bound(n, read):
+        def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
+            runs[n] += 1
+            return read
+        return ahead
+
+    la = Lookahead({0: (1, bound(0, 0)), 1: (2, bound(1, 4096))}, [], 1 << 20,
+                   {layer: (0, 8) for layer in range(3)}, {layer: 8 for layer in range(3)})
+    x = torch.zeros(1, HIDDEN)
+    for _ in range(EMPTY + SKIP):
+        for layer in (0, 1):
+            la.run(layer, x, torch.tensor([[layer, -1]], dtype=torch.int32), [])
+    assert runs == {0: EMPTY, 1: EMPTY + SKIP}
+    assert la.stats["lookahead_skipped"] == SKIP and la.asked[0] == EMPTY + SKIP
+    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
+    assert runs[0] == EMPTY + 1  # tried again
+
+
 def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
     """With layer 1 decoded on the GPU (resident), the pool is asked for 0, 2, 3: once a step has shown
     it, a request for layer 0 reads ahead for layer 2 (and the guess is scored there), not for 1."""
@@ -143,7 +169,7 @@ def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
     def bound(n):
         def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
             read.append(n)
-            return 0
+            return 1
         return ahead
 
     la = Lookahead({0: (1, bound(1)), 1: (2, bound(2)), 2: (3, bound(3))}, [], 1 << 20,

@@ -1,0 +1,26 @@
+# The layer kernel's threads taking their rows a chunk at a time, and then chunks of slower threads'
+# shares (expert_kernel.c: claim), against the even split alone; and the lookahead skipped where it
+# reads nothing (lookahead.py: EMPTY, SKIP). Session 24's third call: with each thread pinned to its
+# own core, phase 1's threads still took 114-152 us for equal shares (some cores get less of the
+# DRAM) and the phase ended with its slowest, 187 us after the call's start against 124 for its
+# first; with every layer through the pool the lookahead read nothing (its Python took 26-39 us, the
+# guess 17, the GPU's turn ~50) and kept the next request waiting 76 us against 58.
+# .old (carried; `git -C .old checkout --detach b688e72`): pinned threads, the even split, no skip.
+# a: every layer through the pool, the lookahead off; b: on; d: the defaults, after 512 and 10K,
+# 1 and 32 sequences. 0: .old, 1: this tree.
+. benchmarks/gpu_calls/lib.sh
+machine
+G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
+[ -f $G ] || { mkdir -p /tmp/peer; step gguf 320 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }
+O="$G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64"
+B="python3 -m krasis.coordinator bench $O --prompt-lens 512 --resident-decode off"
+D="python3 -m krasis.coordinator bench $O --prompt-lens 512,10000 --concurrency 1,32"
+mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
+PYTHONPATH=/tmp/old:$PYTHONPATH step a0 110 $B --lookahead-kb 0 --json $L/a0.json
+step a1 60 $B --lookahead-kb 0 --json $L/a1.json
+PYTHONPATH=/tmp/old:$PYTHONPATH step b0 60 $B --json $L/b0.json
+step b1 60 $B --json $L/b1.json
+PYTHONPATH=/tmp/old:$PYTHONPATH step d0 90 $D --json $L/d0.json
+step d1 90 $D --json $L/d1.json
+finish
+for s in a0 a1 b0 b1 d0 d1; do echo "== $s"; grep "^| qwen\|pool us\|pool kernel us\|lookahead:" $L/$s.log | cut -c1-400; done
