@@ -648,8 +648,8 @@ static int group_by_expert(const int32_t *ids, size_t mk, int topk, int64_t firs
 
 /* Where the calls' time goes, summed until read (krasis_clock), on omp_get_wtime's clock: from a
  * call's start to its last thread's start (an OpenMP thread that went to sleep between calls is woken
- * through the OS: tens of microseconds in a VM, against a layer of ~250 us), to phase 1's first and
- * last thread's end (the static split waits for the slowest), to phase 2's last thread's end; and
+ * through the OS: 3-20 us on the lent hosts, against a layer of ~300 us), to phase 1's first and
+ * last thread's end (the phase waits for the slowest), to phase 2's last thread's end; and
  * the lookahead's start to its guess (router, top-k, grouping: not interruptible). One process calls
  * the kernels one at a time (the pool's loop), so these plain sums are not contended. */
 #define CLOCK_THREADS 1024
@@ -688,9 +688,11 @@ int krasis_clock(double *out, double *p1, int *cpu, int n) {
 }
 
 /* Pins thread t of an n-thread team to cpus[t] (the pool's cores, one each; the caller's thread is
- * thread 0): unpinned, the scheduler may put two of the team's threads on one core, and phase 1's
- * static split then waits for that core's two shares. libgomp gives a team of one size the same
- * threads in the same order every time. Returns how many threads could not be pinned. */
+ * thread 0): unpinned, the scheduler may put two of the team's threads on one core, where each runs
+ * at half speed, and a lookahead's reads land in a core other than the one that will use them
+ * (measured no faster or slower on the lent hosts, session 24: kept for the latter). libgomp gives a
+ * team of one size the same threads in the same order every time (the clock saw thread i on cpus[i]
+ * in every run of session 24). Returns how many threads could not be pinned. */
 int krasis_pin(const int *cpus, int n) {
     int failed = 0;
 #pragma omp parallel num_threads(n) reduction(+ : failed)
@@ -715,7 +717,9 @@ INLINE void share(long n, int tid, int nt, long *a, long *b) {
  * order, and then chunks of the shares of threads still at work. With the even split alone, a
  * phase lasted as long as its slowest thread: on the lent H100 host, phase 1 of a decode layer
  * ended after 116 us on its first thread and 204 on its last (cores do not get equal shares of
- * DRAM), while the DRAM could have read the whole phase in ~150. Which thread computes an item
+ * DRAM, pinned or not), while the DRAM could have read the whole phase in ~150; claimed, its threads
+ * end within a few us of each other and the layer took 318 us against 364 (BENCHMARKS.md, session
+ * 24). Which thread computes an item
  * changes nothing in its arithmetic, so results stay bit for bit those of the even split. A cursor
  * per share, a cache line each, counts the items taken from it. */
 typedef struct {
