@@ -156,10 +156,10 @@ def bench(layer, fmt: ExpertFormat, layers, m: int, seconds: float, gen: torch.G
 
 
 def decode_rhythm(fmt: ExpertFormat, layers, gap_us: float, right: int | None, budget: int, seconds: float,
-                  gen: torch.Generator) -> tuple[float, float, float]:
-    """(kernel ms, layer ms with the turn, GB/s of weights over the kernel's time) at M = 1 with a
-    turn of gap_us after each call; `right` None: no lookahead, else the guess names that many of the
-    next call's experts."""
+                  gen: torch.Generator) -> tuple[float, float, float, dict]:
+    """(kernel ms, layer ms with the turn, GB/s of weights over the kernel's time, the kernel's own
+    clock over the calls: native.CKernel.clock) at M = 1 with a turn of gap_us after each call;
+    `right` None: no lookahead, else the guess names that many of the next call's experts."""
     c = native.load()
     bits = int(fmt.kind[3:])
     runs = [c.bind(t, bits, 0, EXPERTS, "silu", Threads.n) for t in layers]
@@ -174,6 +174,7 @@ def decode_rhythm(fmt: ExpertFormat, layers, gap_us: float, right: int | None, b
         wrong = [e for e in torch.randperm(EXPERTS, generator=gen).tolist() if e not in nxt]
         guesses.append(torch.tensor([nxt[: right or 0] + wrong[: TOP_K - (right or 0)]], dtype=torch.int32))
     per_expert = expert_bytes(layers[0])
+    c.clock()
     n, kernel_s, t_start = 0, 0.0, time.perf_counter()
     while time.perf_counter() - t_start < seconds or n < 2 * len(layers):
         t0 = time.perf_counter()
@@ -186,7 +187,7 @@ def decode_rhythm(fmt: ExpertFormat, layers, gap_us: float, right: int | None, b
             pass
         n += 1
     total = time.perf_counter() - t_start
-    return kernel_s / n * 1e3, total / n * 1e3, n * TOP_K * per_expert / kernel_s / 1e9
+    return kernel_s / n * 1e3, total / n * 1e3, n * TOP_K * per_expert / kernel_s / 1e9, c.clock()
 
 
 def main() -> None:
@@ -245,12 +246,17 @@ def main() -> None:
         if args.gap_us > 0:
             floor_ms = TOP_K * expert_bytes(layers[0]) / ceiling / 1e6
             for right in [None, *map(int, args.right.split(","))]:
-                k_ms, l_ms, gbs = decode_rhythm(fmt, layers, args.gap_us, right, (args.lookahead_kb << 10) * args.threads,
-                                                args.seconds, gen)
+                k_ms, l_ms, gbs, clk = decode_rhythm(fmt, layers, args.gap_us, right,
+                                                     (args.lookahead_kb << 10) * args.threads, args.seconds, gen)
                 how = "no lookahead" if right is None else f"lookahead, guess {right}/{TOP_K} right"
                 turns.append((kind, how, k_ms, l_ms, gbs, floor_ms / l_ms))
+                per = max(1.0, clk["calls"])
+                us = {k: 1e6 * v / per for k, v in clk.items() if k.endswith("_s") and not isinstance(v, list)}
+                threads = [1e6 * t / per for t in clk["p1_by_thread_s"]] or [0.0]
                 print(f"  M=1 + {args.gap_us:.0f} us turn, {how}: kernel {k_ms:.3f} ms ({gbs:.1f} GB/s), layer {l_ms:.3f} ms, "
-                      f"{floor_ms / l_ms:.0%} of the floor", flush=True)
+                      f"{floor_ms / l_ms:.0%} of the floor; by its clock (us): threads in {us.get('wake_s', 0):.1f}, phase 1 "
+                      f"done {us.get('p1_last_s', 0):.1f} (its threads {min(threads):.0f}-{max(threads):.0f}), phase 2 "
+                      f"{us.get('p2_s', 0):.1f}", flush=True)
         del layers
         torch.set_num_threads(args.threads)
     print(f"\n| format | M | kernel | ms / layer | weights GB/s | fraction of {ceiling:.1f} GB/s |")
