@@ -727,8 +727,14 @@ typedef struct {
     char pad[64 - sizeof(long)];
 } cursor_t;
 
+/* Chunk sizes (benchmarks/cpu_experts.py --c-flags=-DCHUNK2=32 compares others): smaller ones even
+ * out the threads' ends, larger ones read longer runs of each expert's rows. */
+#ifndef CHUNK1
 #define CHUNK1 32 /* phase 1 units (a gate and an up row: ~2.3 KB at H = 2048, INT4) */
+#endif
+#ifndef CHUNK2
 #define CHUNK2 16 /* phase 2 output rows (one row of each active expert: ~3.5 KB at I = 768, top-8) */
+#endif
 
 /* The next chunk [*a, *b) of n items for thread tid of nt, from share *from onwards (which it then
  * keeps: its next call starts there); 0 once every share is taken. */
