@@ -905,8 +905,9 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
  * M=1), and then the next call reads its experts from DRAM. The next layer's router applied to this
  * layer's input names most of the experts the next layer will choose: the residual stream changes
  * little from one layer to the next (the "pre-gated MoE" observation). krasis_lookahead reads those
- * experts' bytes during the wait, each thread the rows that krasis_moe_layer will give it if the
- * guess holds (the same grouping and split), in the order it will read them, so they wait in that
+ * experts' bytes during the wait, each thread the rows that krasis_moe_layer will give it first if
+ * the guess holds (the same grouping and split: its own share; claim lets a thread done early take
+ * rows of others' shares), in the order it will read them, so they wait in that
  * core's L2 (and the L3). It stops when any of the mailbox request numbers `words` differs from
  * `seen` (the next request is in: the kernel must not wait for the lookahead), at `max_s` seconds
  * (> 0), or when each thread has read its share of `budget` bytes (what its caches keep). A wrong
