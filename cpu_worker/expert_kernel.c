@@ -1057,6 +1057,21 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     return total;
 }
 
+/* Keeps the team's threads running until a request arrives (a word at `words` differs from `seen`)
+ * or max_s seconds pass: the pool's loop calls it after answering a layer when no lookahead runs.
+ * Threads left idle between two layers' calls are woken through the OS when the next call starts,
+ * which cost its start 7-20 us on one lent host (3 on others, and on all while a lookahead kept them
+ * reading). Returns 1 when a request came, 0 at max_s. */
+int krasis_hold(const int64_t *const *words, const int64_t *seen, int nwords, double max_s, int nthreads) {
+    halt_t h = {words, seen, nwords, omp_get_wtime() + max_s, 0};
+#pragma omp parallel num_threads(nthreads)
+    while (!halted(&h)) {
+    }
+    for (int i = 0; i < nwords; i++)
+        if (*(const volatile int64_t *)words[i] != seen[i]) return 1;
+    return 0;
+}
+
 /* The entry points take their arguments as structs that the caller fills once per bound block and
  * once per distinct set of token buffers (native.py): converting ~25 arguments per call through
  * ctypes cost more than 10 us, against a layer call of ~250 us in decode. */

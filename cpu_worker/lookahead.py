@@ -30,6 +30,10 @@ from .expert_kernel import c_kernel
 # hosts) is shorter than the guess takes there (Python ~30 us, router and top-k ~17), and the
 # lookahead only kept the next request waiting: 58 -> 76-87 us a layer between answer and request.
 EMPTY, SKIP = 8, 256
+# Instead, the team's threads are held running (expert_kernel.c: krasis_hold) until the next request,
+# for at most HOLD_S: longer than the GPU's turn between two layers of a step, shorter than a step's
+# turn between tokens (sampling, the coordinator), which the pool's loop waits out in Python.
+HOLD_S = 0.001
 
 # Requests of a layer without an expert after which it is taken as run elsewhere. A cold expert of a
 # balanced top-8-of-128 layer goes unasked that long with probability (15/16)^128, about 1e-4.
@@ -74,10 +78,13 @@ class Lookahead:
     "The next layer" is the one the pool was asked for after this one the last time, within a step
     and from the same slot: with resident decode (the default on a GPU, and hcs_hybrid's whole hot
     layers) the GPU runs some layers itself, and the store's next MoE layer may never come to the
-    pool. Until a layer has been followed once, the store's next MoE layer is guessed."""
+    pool. Until a layer has been followed once, the store's next MoE layer is guessed.
+
+    `hold_threads`: the layer kernel's threads, held running while a layer's lookahead is skipped
+    (HOLD_S); 0 holds nothing."""
 
     def __init__(self, aheads: dict, slots: list[Slot], budget: int, first_count: dict[int, tuple[int, int]],
-                 experts: dict[int, int]):
+                 experts: dict[int, int], hold_threads: int = 0):
         self.aheads, self.budget, self.first_count = aheads, budget, first_count
         self.targets = {nxt: ahead for nxt, ahead in aheads.values()}  # a layer -> the lookahead bound to it
         self.follows: dict[int, int] = {}  # layer -> the layer the pool was asked for after it
@@ -89,6 +96,8 @@ class Lookahead:
         # the request numbers of every slot: any new request ends the lookahead
         self.words = np.array([slot.hdr.ctypes.data + REQUEST * slot.hdr.itemsize for slot in slots], dtype=np.int64)
         self.seen = np.zeros(len(slots), dtype=np.int64)
+        c = c_kernel() if aheads and hold_threads and slots else None
+        self.hold = c.bind_hold(self.words, self.seen, hold_threads) if c is not None else None
         self._guess: dict[tuple[int, int], torch.Tensor] = {}  # (M, k) -> the int32 buffer the kernel writes its guess into
         self.pending: tuple[int, torch.Tensor] | None = None  # (layer, guess) awaiting that layer's request
         self.stats = {"lookahead_calls": 0, "lookahead_bytes": 0, "lookahead_prep_s": 0.0, "lookahead_skipped": 0,
@@ -122,6 +131,9 @@ class Lookahead:
         if self.skip.get(layer):
             self.skip[layer] -= 1
             self.stats["lookahead_skipped"] += 1
+            if self.hold is not None:
+                self.seen[:] = served
+                self.hold(HOLD_S)
             return
         next_layer = self.follows.get(layer)
         if next_layer not in self.targets:

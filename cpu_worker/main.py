@@ -106,7 +106,7 @@ def main() -> None:
         except Exception as e:  # it only saves time: serve without it rather than not at all
             print(f"cpu_worker {node}: lookahead off: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers},
-                      {layer: family.experts(layer).num for layer in layout.moe_layers})
+                      {layer: family.experts(layer).num for layer in layout.moe_layers}, spec["threads"])
     # one core a thread, the caller's (this loop's) the first: see expert_kernel.c's krasis_pin
     work["pinned"] = pin_threads(sorted(os.sched_getaffinity(0)))
     mark("kernels bound")

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("expert_kernel.c")
@@ -111,6 +112,8 @@ class CKernel:
         self._clock.argtypes, self._clock.restype = [_p, _p, _p, _i], _i
         self._pin = lib.krasis_pin
         self._pin.argtypes, self._pin.restype = [_p, _i], _i
+        self._hold = lib.krasis_hold
+        self._hold.argtypes, self._hold.restype = [_p, _p, _i, ctypes.c_double, _i], _i
         # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
         self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
@@ -122,6 +125,20 @@ class CKernel:
         sums, p1, cpu = (ctypes.c_double * len(CLOCK))(), (ctypes.c_double * threads)(), (ctypes.c_int * threads)()
         team = min(self._clock(sums, p1, cpu, threads), threads)
         return {**dict(zip(CLOCK, sums)), "p1_by_thread_s": list(p1[:team]), "cpu_by_thread": list(cpu[:team])}
+
+    def bind_hold(self, words: np.ndarray, seen: np.ndarray, threads: int):
+        """hold(max_s) -> whether a request came: krasis_hold on `threads` threads until a word at the
+        addresses `words` differs from `seen` (int64 arrays of one length, kept by the caller and read
+        at each call) or max_s seconds pass."""
+        if len(words) != len(seen) or words.dtype != np.int64 or seen.dtype != np.int64:
+            raise ValueError("words and seen must be int64 arrays of one length")
+        fn, w, s, n = self._hold, words.ctypes.data, seen.ctypes.data, len(words)
+
+        def hold(max_s: float) -> bool:
+            return bool(fn(w, s, n, max_s, threads))
+
+        hold.keep = (words, seen)
+        return hold
 
     def pin(self, cpus: list[int]) -> None:
         """Pin the kernels' team of len(cpus) threads, thread i to cpus[i] (the caller is thread 0)."""

@@ -161,6 +161,52 @@ def test_a_lookahead_that_reads_nothing_is_skipped_for_a_while():
     assert runs[0] == EMPTY + 1  # tried again
 
 
+def test_hold_lasts_until_a_request_or_its_time():
+    """krasis_hold keeps the threads running until a request number differs from the one seen (a
+    thread writes it 20 ms in) or its time is up."""
+    import threading
+    import time
+
+    words, seen = never_stop()
+    box = np.zeros(1, np.int64)
+    words[0] = box.ctypes.data
+    hold = native.load().bind_hold(words, seen, 2)
+    t0 = time.perf_counter()
+    assert not hold(0.03) and time.perf_counter() - t0 >= 0.03
+    timer = threading.Timer(0.02, lambda: box.__setitem__(0, 1))
+    timer.start()
+    t0 = time.perf_counter()
+    assert hold(5.0)
+    assert 0.015 <= time.perf_counter() - t0 < 4.0
+    timer.join()
+    t0 = time.perf_counter()
+    assert hold(5.0) and time.perf_counter() - t0 < 1.0  # the word differs already: at once
+
+
+def test_a_skipped_lookahead_holds_the_threads_until_the_next_request():
+    """Where a layer's lookahead is skipped, the pool's loop is held (krasis_hold) for HOLD_S unless
+    the next request is in already."""
+    import time
+
+    from krasis.cpu_worker.lookahead import EMPTY, HOLD_S
+    from krasis.shared import mailbox
+
+    shape = mailbox.SlotShape(1, HIDDEN, TOP_K)
+    slot = mailbox.Mailboxes(mailbox.create(shape, 1), shape, 1).slot(0)
+    la = Lookahead({0: (1, lambda *a, **k: 0)}, [slot], 1 << 20, {0: (0, 8), 1: (0, 8)}, {0: 8, 1: 8}, hold_threads=2)
+    x, ids = torch.zeros(1, HIDDEN), torch.tensor([[0, -1]], dtype=torch.int32)
+    held, hold = [], la.hold
+    la.hold = lambda max_s: held.append(hold(max_s)) or held[-1]
+    for _ in range(EMPTY):
+        la.run(0, x, ids, [slot.request()])
+    assert held == []  # not skipped yet
+    t0 = time.perf_counter()
+    la.run(0, x, ids, [slot.request()])  # skipped: held, and nothing comes
+    assert held == [False] and time.perf_counter() - t0 >= HOLD_S and la.stats["lookahead_skipped"] == 1
+    la.run(0, x, ids, [slot.request() - 1])  # a request the loop has not taken yet: held no time
+    assert held == [False, True] and la.stats["lookahead_skipped"] == 2
+
+
 def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
     """With layer 1 decoded on the GPU (resident), the pool is asked for 0, 2, 3: once a step has shown
     it, a request for layer 0 reads ahead for layer 2 (and the guess is scored there), not for 1."""
