@@ -170,18 +170,21 @@ def runtime_options(f):
     @click.option("--lookahead-kb", type=click.IntRange(min=0),
                   help="KiB of the next layer's likely experts each CPU pool thread reads into its caches while the "
                   "GPU runs its part of a decode layer (default: one core's L2; 0: off).")
+    @click.option("--reserved-cores", type=click.IntRange(min=0),
+                  help="Cores kept off the CPU pool for the GPU workers and the coordinator, from the end of the first "
+                  "NUMA node (default: one per GPU worker plus one, where the pool keeps three quarters of the cores).")
     @quant_options
     @host_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                prefill_strategy, decode_strategy, stream_decode, resident_decode, vram_budget, kv_dtype, lookahead_kb, hosts,
-                **kw):
+                prefill_strategy, decode_strategy, stream_decode, resident_decode, vram_budget, kv_dtype, lookahead_kb,
+                reserved_cores, hosts, **kw):
         opts = RuntimeOptions(**hosts,
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
             max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
             decode_strategy=decode_strategy, stream_decode=stream_decode, resident_decode=resident_decode,
-            vram_budget=vram_budget, kv_dtype=kv_dtype, lookahead_kb=lookahead_kb,
+            vram_budget=vram_budget, kv_dtype=kv_dtype, lookahead_kb=lookahead_kb, reserved_cores=reserved_cores,
         )
         return f(*args, opts=opts, **kw)
 

@@ -52,7 +52,7 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
     # child starts with its parent's CPU mask, and libgomp, loaded with torch before the child
     # pins itself, takes more threads than that mask's cores for oversubscription and lets them
     # sleep after ~100 spins instead of ~300,000, so every layer's call waits for them to wake.
-    nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), local)
+    nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), local, opts.reserved_cores)
     n_pool = opts.cpu_workers or len(nodes)
     layers = stages.layers
     fds = ExpertStore.create_segments(StoreLayout(family, n_pool, caches.cpu_fmt, layers))

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..shared.lifecycle import PRESTART_MARKS, die_with_parent
+from .plan import PlanError
 
 
 class WorkerDied(RuntimeError):
@@ -68,6 +69,9 @@ class RuntimeOptions:
     # KiB of the next layer's likely experts each CPU pool thread reads ahead while the GPU works
     # (cpu_worker/lookahead.py); None: one core's L2, 0: off
     lookahead_kb: int | None = None
+    # cores kept off the CPU pool for the GPU workers and the coordinator (processes.py:reserve_cores);
+    # None: one per local GPU worker plus one, where the pool keeps three quarters of the machine
+    reserved_cores: int | None = None
     cache_dir: str | None = None  # default: convert.cache_dir (MODEL/.krasis_cache, ...)
     rebuild: bool = False  # rebuild the caches even when they look current
     gguf: str | None = None  # a GGUF file the routed experts are read from instead of MODEL
@@ -113,17 +117,26 @@ def pool_processes(opts: RuntimeOptions) -> int:
     return opts.cpu_workers or len(numa_cpus(opts.numa_nodes))
 
 
-def reserve_cores(nodes: list[list[int]], gpu_workers: int) -> tuple[list[list[int]], list[int]]:
-    """(the pool's cores per node, the cores kept for the GPU workers and the coordinator): one per
-    GPU worker plus one, from the end of the first node, when that leaves the pool at least three
-    quarters of the machine. In decode a GPU worker launches a layer's kernels between two pool
-    calls; if the pool's threads (which spin a while after each call) share its core, every layer
-    waits for the scheduler."""
-    need = gpu_workers + 1
-    total = sum(map(len, nodes))
-    if total < 4 * need or len(nodes[0]) <= need:
-        return nodes, []
-    return [nodes[0][:-need], *nodes[1:]], nodes[0][-need:]
+def reserve_cores(nodes: list[list[int]], gpu_workers: int, reserved: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """(the pool's cores per node, the cores kept for the GPU workers and the coordinator), taken
+    from the end of the first node: `reserved` of them (--reserved-cores), else one per GPU worker
+    plus one when that leaves the pool at least three quarters of the machine. In decode a GPU
+    worker launches a layer's kernels between two pool calls; if the pool's threads (which spin a
+    while after each call) share its core, every layer waits for the scheduler. The pool's decode
+    kernel is bound by DRAM read, which on the lent hosts grows with the cores reading: a machine
+    whose GPU workers wait without spinning may give the pool more."""
+    first = nodes[0]
+    if reserved is not None:
+        if reserved >= len(first):
+            raise PlanError(f"--reserved-cores {reserved} leaves the CPU pool none of the first NUMA node's "
+                            f"{len(first)} cores")
+        keep = len(first) - reserved
+    else:
+        need = gpu_workers + 1
+        if sum(map(len, nodes)) < 4 * need or len(first) <= need:
+            return nodes, []
+        keep = len(first) - need
+    return [first[:keep], *nodes[1:]], first[keep:]
 
 
 def _parse_cpulist(s: str) -> list[int]:

@@ -113,6 +113,7 @@ def test_detokenizer_streams_whole_characters(tmp_path):
 
 
 def test_reserve_cores_keeps_gpu_workers_off_the_pool():
+    from krasis.coordinator.plan import PlanError
     from krasis.coordinator.processes import reserve_cores
 
     for nodes, world in (([list(range(16))], 1), ([list(range(8)), list(range(8, 16))], 2), ([[0, 1]], 1), ([list(range(6))], 2)):
@@ -124,6 +125,12 @@ def test_reserve_cores_keeps_gpu_workers_off_the_pool():
             assert len(front) == world + 1 and len(flat) >= 3 * len(front)
     assert reserve_cores([list(range(16))], 1)[1] == [14, 15]
     assert reserve_cores([[0, 1]], 1)[1] == []  # a 2-core machine: the pool keeps both
+    # --reserved-cores: exactly that many, from the end of the first node, even where the default keeps none
+    assert reserve_cores([list(range(16))], 1, 1) == ([list(range(15))], [15])
+    assert reserve_cores([list(range(16))], 1, 0) == ([list(range(16))], [])
+    assert reserve_cores([[0, 1, 2], [3, 4]], 2, 2) == ([[0], [3, 4]], [1, 2])
+    with pytest.raises(PlanError, match="--reserved-cores 3"):
+        reserve_cores([[0, 1, 2], [3, 4]], 1, 3)
 
 
 def test_mailbox_round_trip_errors_and_dead_pool():
