@@ -206,10 +206,15 @@ def kernel_clock() -> dict:
 
 def pin_threads(cpus: list[int]) -> bool:
     """Pin the C kernel's threads (set_threads's count), thread i to cpus[i], where it is loaded and
-    there is a CPU for each (the pool process's cores); whether they were pinned."""
+    there is a CPU for each (the pool process's cores); whether they were pinned. A host that refuses
+    (a cpuset narrower than the mask) leaves them unpinned, with a warning: they run as before."""
     if not _c_kernel or len(cpus) != _threads:
         return False
-    _c_kernel.pin(cpus)
+    try:
+        _c_kernel.pin(cpus)
+    except OSError as e:
+        logging.getLogger("krasis.cpu_worker").warning("kernel threads left unpinned: %s", e)
+        return False
     return True
 
 

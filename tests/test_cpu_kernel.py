@@ -338,6 +338,21 @@ def test_any_number_of_threads_gives_the_same_bits(kind, xdtype):
 
 
 @needs_cc
+def test_a_refused_pin_leaves_the_threads_as_they_were(caplog):
+    """Pinning is an optimisation: a CPU the process may not run on leaves the kernel's threads
+    unpinned, with a warning, and the caller's mask unchanged."""
+    assert expert_kernel.c_kernel() is not None
+    threads, mask = expert_kernel._threads, os.sched_getaffinity(0)
+    try:
+        expert_kernel.set_threads(1)
+        with caplog.at_level("WARNING", logger="krasis.cpu_worker"):
+            assert not expert_kernel.pin_threads([min(1023, (os.cpu_count() or 1) + 7)])
+        assert "unpinned" in caplog.text and os.sched_getaffinity(0) == mask
+    finally:
+        expert_kernel.set_threads(threads)
+
+
+@needs_cc
 def test_pinned_threads_run_on_their_cpus():
     """krasis_pin puts thread i of the team on cpus[i]: the kernel's clock then sees its phase 1 run
     there (a team of one: the calling thread, whose own mask is put back afterwards)."""
