@@ -244,6 +244,10 @@ class CKernel:
                      0 if router is None else router.shape[0])
         a_ptr = ctypes.addressof(args)
         last: list = [None, None, None]
+        # the arrays last given (the pool's are the same every call), checked and their addresses
+        # taken once: numpy's .ctypes costs ~1 us each on the dev machine, ~4 on the lent hosts, and
+        # this runs between the pool's answer and its first read ahead
+        arrays: list = [None, None, None]
 
         def ahead(x: torch.Tensor, predicted: torch.Tensor, words, seen, budget: int, max_s: float = 0.0, allowed=None) -> int:
             if last[0] is None or last[0][0] is not x or last[0][1] is not predicted:
@@ -252,13 +256,17 @@ class CKernel:
                 tokens.held = (x, predicted)
                 last[:] = tokens.held, tokens, ctypes.addressof(tokens)
                 args.predicted = predicted.data_ptr()
-            if len(words) != len(seen) or words.dtype != seen.dtype or words.dtype.itemsize != 8:
-                raise ValueError("words and seen must be int64 arrays of one length")
-            args.nwords, args.words, args.seen = len(words), words.ctypes.data, seen.ctypes.data
+            if words is not arrays[0] or seen is not arrays[1]:
+                if len(words) != len(seen) or words.dtype != seen.dtype or words.dtype.itemsize != 8:
+                    raise ValueError("words and seen must be int64 arrays of one length")
+                args.nwords, args.words, args.seen = len(words), words.ctypes.data, seen.ctypes.data
+                arrays[:2] = words, seen
+            if allowed is not arrays[2]:
+                if allowed is not None and allowed.dtype.itemsize != 1:
+                    raise ValueError("allowed must be a uint8 array over the layer's experts")
+                args.allowed, args.experts = (None, 0) if allowed is None else (allowed.ctypes.data, len(allowed))
+                arrays[2] = allowed
             args.max_s, args.budget = max_s, budget
-            if allowed is not None and allowed.dtype.itemsize != 1:
-                raise ValueError("allowed must be a uint8 array over the layer's experts")
-            args.allowed, args.experts = (None, 0) if allowed is None else (allowed.ctypes.data, len(allowed))
             rc = fn(b_ptr, last[2], a_ptr)
             if rc < 0:
                 raise MemoryError("the C lookahead could not allocate its buffers")
