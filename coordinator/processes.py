@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..shared.lifecycle import PRESTART_MARKS, die_with_parent
-from .plan import PlanError
 
 
 class WorkerDied(RuntimeError):
@@ -128,6 +127,8 @@ def reserve_cores(nodes: list[list[int]], gpu_workers: int, reserved: int | None
     first = nodes[0]
     if reserved is not None:
         if reserved >= len(first):
+            from .plan import PlanError  # here: plan imports the model families, and with them torch
+
             raise PlanError(f"--reserved-cores {reserved} leaves the CPU pool none of the first NUMA node's "
                             f"{len(first)} cores")
         keep = len(first) - reserved
