@@ -18,15 +18,13 @@ if [ -n "$LAYERS" ]; then
   G=/tmp/peer/qwen3-30b-a3b-${LAYERS}-q4_0.gguf; mkdir -p /tmp/peer
   [ -f $G ] || step b1 120 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from synth_gguf import QWEN3_30B_A3B as S, write_qwen3moe_gguf as w; w('$G', dict(S, layers=$LAYERS))"
 else
-  G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
-  step b1 200 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G
+  peer_gguf
 fi
 B="python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --prompt-lens 512 --runs 1"
 step x2 130 $B --vram-budget ${HOT_BUDGET:-17.8} --decode-strategy hcs_hybrid --json $L/x2.json
 step x1 110 $B --vram-budget ${HOT_BUDGET:-17.8} --json $L/x1.json
 if [ -d .old ]; then
-  mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-  PYTHONPATH=/tmp/old:$PYTHONPATH step x3 90 $B --vram-budget ${VB:-16} --json $L/x3.json
+  old_step x3 90 $B --vram-budget ${VB:-16} --json $L/x3.json
 fi
 step x4 90 $B --vram-budget ${VB:-16} --json $L/x4.json
 # the pool's kernel alone, from DRAM, with the

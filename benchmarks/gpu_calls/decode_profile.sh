@@ -22,8 +22,7 @@ machine
 synth_model
 B="python3 -m krasis.coordinator bench $M --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --runs 1"
 if [ -d .old ]; then
-  mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-  PYTHONPATH=/tmp/old:$PYTHONPATH step a0 120 $B --vram-budget $VB --resident-decode off --prompt-lens ${AB_LENS:-512,32768} --json $L/a0.json
+  old_step a0 120 $B --vram-budget $VB --resident-decode off --prompt-lens ${AB_LENS:-512,32768} --json $L/a0.json
 fi
 step a1 120 $B --vram-budget $VB --resident-decode off --prompt-lens ${AB_LENS:-512,32768} --json $L/a1.json
 step h0 120 $B --vram-budget 6 --decode-strategy hcs_hybrid --prompt-lens 512 --concurrency 1,32 --json $L/h0.json

@@ -5,7 +5,6 @@
 # process compiles for ~40 s: the limits allow it.
 . benchmarks/gpu_calls/lib.sh
 machine
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
 ARGS="--devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --decode-tokens 64 --prompt-lens 512"
 B="python3 -m krasis.coordinator bench $G $ARGS"
 step h0 90 $B --vram-budget 16 --resident-decode off --runs 2 --json $L/h0.json

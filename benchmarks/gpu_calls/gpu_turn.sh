@@ -16,8 +16,7 @@ G=/tmp/peer/qwen3-30b-a3b-16-q4_0.gguf; mkdir -p /tmp/peer
 [ -f $G ] || step b1 120 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from synth_gguf import QWEN3_30B_A3B as S, write_qwen3moe_gguf as w; w('$G', dict(S, layers=16))"
 B="python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32"
 if [ -d .old ]; then
-  mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-  PYTHONPATH=/tmp/old:$PYTHONPATH step f1 80 $B --vram-budget 5.33 --prompt-lens 10000 --decode-tokens 8 --runs 2 --json $L/f1.json
+  old_step f1 80 $B --vram-budget 5.33 --prompt-lens 10000 --decode-tokens 8 --runs 2 --json $L/f1.json
 fi
 step f2 80 $B --vram-budget 5.33 --prompt-lens 10000 --decode-tokens 8 --runs 2 --json $L/f2.json
 KRASIS_PROFILE=$L/prof KRASIS_PROFILE_TRACE=1 KRASIS_PROFILE_STEPS=0,20-22 step r0 80 $B --vram-budget 30 --prompt-lens 512 --decode-tokens 64 --runs 1 --json $L/r0.json

@@ -9,8 +9,7 @@
 # - h0: hcs_hybrid with 10 GB of hot experts (--vram-budget 17.8: the plan's fixed parts take 7.8).
 . benchmarks/gpu_calls/lib.sh
 machine
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
-[ -f $G ] || { mkdir -p /tmp/peer; step b1 200 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }
+peer_gguf
 A="python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64"
 step d4 120 $A --vram-budget 16 ${D4_ARGS---prefill-strategy layer_grouped_4} --prompt-lens 512,10000 --concurrency 1,32 --json $L/d4.json
 step d1 120 $A --vram-budget 16 ${D1_ARGS---prefill-strategy layer_grouped_1} --prompt-lens 512,10000 --concurrency 1,32 --json $L/d1.json

@@ -52,3 +52,10 @@ gpu_checks() {
   step g1 120 python3 -m pytest -q -x ${CHECK_TESTS:-tests/test_decode_graphs.py -k pp1-fp8}
 }
 synth_model() { [ -f $M/config.json ] || step synth 220 python3 -m krasis.coordinator synth --shape qwen3-30b-a3b ${LAYERS:+--layers $LAYERS} --expert-bits 4 --group-size 32 $M; }
+# The peer GGUF (Qwen3-30B-A3B's shape, Q4_0 experts: benchmarks/peer_llamacpp.py) at $G, written on a
+# fresh machine (66-82 s since session 23's writer).
+G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
+peer_gguf() { [ -f $G ] || { mkdir -p /tmp/peer; step gguf 320 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }; }
+# step NAME SECONDS CMD... with .old (a carried worktree of an earlier tree: `git worktree add --detach
+# .old REV`) imported as krasis, for an A/B against this tree on one machine.
+old_step() { mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis; PYTHONPATH=/tmp/old:$PYTHONPATH step "$@"; }

@@ -11,11 +11,9 @@
 . benchmarks/gpu_calls/lib.sh
 K="benchmarks/cpu_experts.py --threads 14 --group-size 32 --formats int4 --seconds 1 --gb 1.5 --gap-us 150 --right 8,6,4"
 if [ -d .old ]; then
-  mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-  PYTHONPATH=/tmp/old:$PYTHONPATH step k0 100 python3 .old/$K
+  old_step k0 100 python3 .old/$K
 fi
 step k1 100 python3 $K
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
 step o0 120 python3 -m krasis.coordinator bench $G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 \
   --runs 1 --decode-tokens 64 --prompt-lens 10000,512 --json $L/o0.json
 finish

@@ -10,17 +10,15 @@
 # 1 and 32 sequences. 0: .old, 1: this tree.
 . benchmarks/gpu_calls/lib.sh
 machine
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
-[ -f $G ] || { mkdir -p /tmp/peer; step gguf 320 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }
+peer_gguf
 O="$G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64"
 B="python3 -m krasis.coordinator bench $O --prompt-lens 512 --resident-decode off"
 D="python3 -m krasis.coordinator bench $O --prompt-lens 512,10000 --concurrency 1,32"
-mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis
-PYTHONPATH=/tmp/old:$PYTHONPATH step a0 110 $B --lookahead-kb 0 --json $L/a0.json
+old_step a0 110 $B --lookahead-kb 0 --json $L/a0.json
 step a1 60 $B --lookahead-kb 0 --json $L/a1.json
-PYTHONPATH=/tmp/old:$PYTHONPATH step b0 60 $B --json $L/b0.json
+old_step b0 60 $B --json $L/b0.json
 step b1 60 $B --json $L/b1.json
-PYTHONPATH=/tmp/old:$PYTHONPATH step d0 90 $D --json $L/d0.json
+old_step d0 90 $D --json $L/d0.json
 step d1 90 $D --json $L/d1.json
 finish
 for s in a0 a1 b0 b1 d0 d1; do echo "== $s"; grep "^| qwen\|pool us\|pool kernel us\|lookahead:" $L/$s.log | cut -c1-400; done

@@ -11,8 +11,7 @@
 # - r4 off and r5 on with OMP_WAIT_POLICY=active (they spin ~5 min; 1,000 times where oversubscribed).
 . benchmarks/gpu_calls/lib.sh
 machine
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
-[ -f $G ] || { mkdir -p /tmp/peer; step b1 320 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }
+peer_gguf
 B="python3 -m krasis.coordinator bench $G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64 --prompt-lens 512 --resident-decode off"
 step r1 110 $B --lookahead-kb 0 --json $L/r1.json
 step r0 60 $B --json $L/r0.json

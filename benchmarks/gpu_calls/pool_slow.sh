@@ -13,8 +13,7 @@
 . benchmarks/gpu_calls/lib.sh
 machine
 lscpu -e >> $L/machine.txt 2>&1
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
-[ -f $G ] || { mkdir -p /tmp/peer; step b1 320 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }
+peer_gguf
 B="python3 -m krasis.coordinator bench $G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64 --prompt-lens 512 --resident-decode off"
 step r0 110 $B --json $L/r0.json
 step r1 60 $B --lookahead-kb 0 --json $L/r1.json

@@ -13,8 +13,7 @@
 #   took 366 ms against 229 ms of copies and ~121 ms of matmul FLOPs, as if the two did not overlap).
 . benchmarks/gpu_calls/lib.sh
 machine
-G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
-[ -f $G ] || { mkdir -p /tmp/peer; step b1 200 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }
+peer_gguf
 A="python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1"
 B="$A --decode-tokens 64 --prompt-lens 512 --concurrency 32"
 step s3 130 $B --vram-budget 16 --decode-tokens 128 --json $L/s3.json
