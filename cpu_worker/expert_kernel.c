@@ -664,16 +664,13 @@ INLINE void clock_mark(double *at, int tid) {
     if (tid < CLOCK_THREADS) at[tid] = omp_get_wtime();
 }
 
-static double clock_max(const double *at, int n) {
-    double m = at[0];
-    for (int i = 1; i < n && i < CLOCK_THREADS; i++) m = at[i] > m ? at[i] : m;
-    return m;
-}
-
-static double clock_min(const double *at, int n) {
-    double m = at[0];
-    for (int i = 1; i < n && i < CLOCK_THREADS; i++) m = at[i] < m ? at[i] : m;
-    return m;
+/* The earliest and the latest of the team's first n marks. */
+static void clock_span(const double *at, int n, double *first, double *last) {
+    *first = *last = at[0];
+    for (int i = 1; i < n && i < CLOCK_THREADS; i++) {
+        if (at[i] < *first) *first = at[i];
+        if (at[i] > *last) *last = at[i];
+    }
 }
 
 /* The sums since the last read, in seconds (index CLK_*), into out[CLK_N]; each thread's phase 1
@@ -893,10 +890,14 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
     }
     clk[CLK_CALLS] += 1;
     clk_team = team;
-    clk[CLK_WAKE] += clock_max(clk_in, team) - t0;
-    clk[CLK_P1_FIRST] += clock_min(clk_p1, team) - t0;
-    clk[CLK_P1_LAST] += clock_max(clk_p1, team) - t0;
-    clk[CLK_P2] += clock_max(clk_end, team) - clock_max(clk_p1, team);
+    double in0, in1, p1_0, p1_1, end0, end1;
+    clock_span(clk_in, team, &in0, &in1);
+    clock_span(clk_p1, team, &p1_0, &p1_1);
+    clock_span(clk_end, team, &end0, &end1);
+    clk[CLK_WAKE] += in1 - t0;
+    clk[CLK_P1_FIRST] += p1_0 - t0;
+    clk[CLK_P1_LAST] += p1_1 - t0;
+    clk[CLK_P2] += end1 - p1_1;
     return P;
 }
 
@@ -929,11 +930,16 @@ typedef struct {
     volatile int stop;
 } halt_t;
 
+/* Whether a request came: a word at `words` differs from the number seen. */
+static int requested(const halt_t *h) {
+    for (int i = 0; i < h->nwords; i++)
+        if (*(const volatile int64_t *)h->words[i] != h->seen[i]) return 1;
+    return 0;
+}
+
 static int halted(halt_t *h) {
     if (h->stop) return 1;
-    for (int i = 0; i < h->nwords; i++)
-        if (*(const volatile int64_t *)h->words[i] != h->seen[i]) return h->stop = 1;
-    if (h->until > 0 && omp_get_wtime() >= h->until) return h->stop = 1;
+    if (requested(h) || (h->until > 0 && omp_get_wtime() >= h->until)) return h->stop = 1;
     return 0;
 }
 
@@ -1052,7 +1058,9 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     }
     free(logits), free(idx);
     clk[CLK_AHEAD_CALLS] += 1;
-    clk[CLK_AHEAD_WAKE] += clock_max(clk_in, team) - t0;
+    double in0, in1;
+    clock_span(clk_in, team, &in0, &in1);
+    clk[CLK_AHEAD_WAKE] += in1 - t0;
     clk[CLK_AHEAD_GUESS] += guessed - t0;
     return total;
 }
@@ -1067,9 +1075,7 @@ int krasis_hold(const int64_t *const *words, const int64_t *seen, int nwords, do
 #pragma omp parallel num_threads(nthreads)
     while (!halted(&h)) {
     }
-    for (int i = 0; i < nwords; i++)
-        if (*(const volatile int64_t *)words[i] != seen[i]) return 1;
-    return 0;
+    return requested(&h);
 }
 
 /* The entry points take their arguments as structs that the caller fills once per bound block and
