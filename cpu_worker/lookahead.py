@@ -128,11 +128,11 @@ class Lookahead:
         chosen = ids.view(-1).tolist()  # as Python ints once: at 8 ids, numpy's per-call costs dominate
         self._score(layer, chosen)
         self._note(layer, chosen)
+        self.seen[:] = served  # the numbers that end a hold or a lookahead when they change
         if self.skip.get(layer):
             self.skip[layer] -= 1
             self.stats["lookahead_skipped"] += 1
             if self.hold is not None:
-                self.seen[:] = served
                 self.hold(HOLD_S)
             return
         next_layer = self.follows.get(layer)
@@ -143,7 +143,6 @@ class Lookahead:
         ahead = self.targets[next_layer]
         if x.dtype == torch.float16:  # the kernel takes bf16 or float32; a guess needs no more precision
             x = x.float()
-        self.seen[:] = served
         m, k = ids.shape
         guess = self._guess.get((m, k))
         if guess is None:
