@@ -21,6 +21,7 @@ import secrets
 import time
 import zlib
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import torch
 
@@ -185,7 +186,7 @@ def _pool_delta(before: dict, after: dict) -> list[dict]:
     """Each pool process's share of what ran between two stats (cpu_worker/main.py: its counters, and
     the C kernel's clock where it ran)."""
     def less(x, y):
-        return [u - v for u, v in zip(x, y + [0.0] * (len(x) - len(y)))] if isinstance(x, list) else x - y
+        return [u - v for u, v in zip_longest(x, y, fillvalue=0.0)] if isinstance(x, list) else x - y
 
     return [{**{k: less(b[k], a.get(k, 0.0 if not isinstance(b[k], list) else []))
                 for k in (*POOL_COUNTERS, *(k for k in b if k.startswith("clock_") and k != "clock_cpu_by_thread"))},

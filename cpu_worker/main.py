@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from itertools import zip_longest
 
 import torch
 import zmq
@@ -158,8 +159,7 @@ def main() -> None:
                 if k == "cpu_by_thread":
                     work["clock_cpu_by_thread"] = v
                 elif isinstance(v, list):
-                    mine = work.setdefault(f"clock_{k}", [])
-                    work[f"clock_{k}"] = [a + b for a, b in zip(mine + [0.0] * (len(v) - len(mine)), v)]
+                    work[f"clock_{k}"] = [a + b for a, b in zip_longest(work.get(f"clock_{k}", []), v, fillvalue=0.0)]
                 else:
                     work[f"clock_{k}"] = work.get(f"clock_{k}", 0.0) + v
             sock.send_multipart([ident, *P.encode(P.StatsReply(stats={**work, **ahead.summary()}))])
