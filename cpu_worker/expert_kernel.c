@@ -40,10 +40,11 @@
  * chose its expert (tiles of R rows x T tokens, accumulators in registers). One OpenMP region:
  *   0. prepare x;  1. gate and up rows of every active expert, split evenly across threads by
  *   row, -> the activation of every (token, expert) assignment, then (INT4) its group sums or
- *   Q8 planes, which need the whole vector;  2. down rows, split by output
- *   row, so each output element has one owner and no atomics are needed. In both phases a thread
- *   takes its share a chunk at a time and, once done, chunks of the shares of threads still at
- *   work (claim, below).
+ *   Q8 planes, which need the whole vector;  2. down rows of every active expert, split the same
+ *   way, -> each assignment's output vector;  3. their weighted sum per token, split by output
+ *   element, each summed by one thread in expert order, so no atomics and the same bits for any
+ *   team. In phases 1 and 2 a thread takes its share a chunk at a time and, once done, chunks of
+ *   the shares of threads still at work (claim, below).
  */
 #define _GNU_SOURCE /* sched_setaffinity, sched_getcpu */
 #include <immintrin.h>
@@ -702,9 +703,9 @@ int krasis_pin(const int *cpus, int n) {
     return failed;
 }
 
-/* Thread tid's share [*a, *b) of n work items split evenly over nt threads: phase 1's rows of the
- * active experts and phase 2's output rows (the lookahead reads each thread's share of a layer by
- * the same split, so the bytes land in the caches of the core that will read them). */
+/* Thread tid's share [*a, *b) of n work items split evenly over nt threads: the rows of the active
+ * experts, phase 1's (gate and up) and phase 2's (down) (the lookahead reads each thread's share of a
+ * layer by the same split, so the bytes land in the caches of the core that will read them). */
 INLINE void share(long n, int tid, int nt, long *a, long *b) {
     *a = n * tid / nt;
     *b = n * (tid + 1) / nt;
@@ -724,27 +725,35 @@ typedef struct {
     char pad[64 - sizeof(long)];
 } cursor_t;
 
-/* Chunk sizes (benchmarks/cpu_experts.py --c-flags=-DCHUNK2=32 compares others): smaller ones even
- * out the threads' ends, larger ones read longer runs of each expert's rows. */
+/* Chunk sizes (benchmarks/cpu_experts.py --c-flags=-DCHUNK2=32 compares others): larger ones read
+ * longer runs of a matrix's rows between claims, and a share's last chunks are smaller (claim). */
 #ifndef CHUNK1
 #define CHUNK1 32 /* phase 1 units (a gate and an up row: ~2.3 KB at H = 2048, INT4) */
 #endif
 #ifndef CHUNK2
-#define CHUNK2 16 /* phase 2 output rows (one row of each active expert: ~3.5 KB at I = 768, top-8) */
+#define CHUNK2 64 /* phase 2 units (a down row of one active expert: ~0.4 KB at I = 768, INT4) */
 #endif
 
 /* The next chunk [*a, *b) of n items for thread tid of nt, from share *from onwards (which it then
- * keeps: its next call starts there); 0 once every share is taken. */
+ * keeps: its next call starts there); 0 once every share is taken. A phase ends when the last chunk
+ * taken does, so a share's chunks halve once fewer than two are left in it, down to an eighth of
+ * `chunk`: with 32 units a chunk throughout, phase 1's threads ended 18 us apart (session 24's call 4,
+ * a chunk ~11 us of one thread's DRAM reads). */
 INLINE int claim(cursor_t *cur, long n, long chunk, int tid, int nt, int *from, long *a, long *b) {
+    const long least = chunk / 8 > 0 ? chunk / 8 : 1;
     for (; *from < nt; (*from)++) {
         const int t = (tid + *from) % nt;
         long lo, hi;
         share(n, t, nt, &lo, &hi);
-        if (__atomic_load_n(&cur[t].taken, __ATOMIC_RELAXED) >= hi - lo) continue;
-        const long at = lo + __atomic_fetch_add(&cur[t].taken, chunk, __ATOMIC_RELAXED);
-        if (at < hi) {
-            *a = at, *b = at + chunk < hi ? at + chunk : hi;
-            return 1;
+        long at = __atomic_load_n(&cur[t].taken, __ATOMIC_RELAXED);
+        while (at < hi - lo) {
+            const long left = hi - lo - at;
+            long c = left >= 2 * chunk ? chunk : (left + 1) / 2;
+            if (c < least) c = least < left ? least : left;
+            if (__atomic_compare_exchange_n(&cur[t].taken, &at, at + c, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+                *a = lo + at, *b = lo + at + c;
+                return 1;
+            }
         }
     }
     return 0;
@@ -772,14 +781,15 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
 
     size_t n_idx = 2 * (size_t)count + 1 + 3 * mk;
     size_t cursors = 2 * (size_t)nthreads * sizeof(cursor_t);
-    size_t bytes = cursors + (size_t)M * p1.bytes + mk * p2.bytes + sizeof(int32_t) * n_idx;
+    size_t bytes = cursors + (size_t)M * p1.bytes + mk * p2.bytes + sizeof(float) * mk * H + sizeof(int32_t) * n_idx;
     char *xp = scratch_get(bytes);
     if (!xp) return -1;
     cursor_t *cur1 = (cursor_t *)xp, *cur2 = cur1 + nthreads; /* phase 1's and phase 2's */
     memset(cur1, 0, cursors);
     xp += cursors;
     char *ap = xp + (size_t)M * p1.bytes;
-    int32_t *fill = (int32_t *)(ap + mk * p2.bytes), *active = fill + count, *off = active + count;
+    float *ys = (float *)(ap + mk * p2.bytes); /* [P, H]: phase 2's down projection of each assignment */
+    int32_t *fill = (int32_t *)(ys + mk * H), *active = fill + count, *off = active + count;
     int32_t *tok = off + mk + 1, *slot = tok + mk;
 
     const int na = group_by_expert(ids, mk, topk, first, count, fill, active, off, tok, slot), P = off[na];
@@ -854,37 +864,44 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
             for (int p = 0; p < P; p++) group_sums((float *)(ap + (size_t)p * p2.bytes), p2, I / 2, G2);
         }
 
-        /* Phase 2: output rows [h0, h1) a chunk at a time, for every token. */
+        /* Phase 2: unit u = down row h of expert active[u / H], for each of its assignments p into
+         * ys[p]. Units run along each expert's rows, as phase 1's do: split by output row instead,
+         * a thread's chunk was a few KB of each of the 8 experts at M = 1, and the phase read DRAM at
+         * ~60% of phase 1's rate (session 24). */
         from = 0;
-        while (claim(cur2, H, CHUNK2, tid, nt, &from, &h0, &h1)) {
-            for (int t = 0; t < M; t++) memset(out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
-            for (int a = 0; a < na; a++) {
-                const int e = active[a], n = off[a + 1] - off[a];
+        while (claim(cur2, (long)na * H, CHUNK2, tid, nt, &from, &u, &u1)) {
+            while (u < u1) {
+                const int a = (int)(u / H), h = (int)(u % H), e = active[a];
+                int R = tile_rows(off[a + 1] - off[a]);
+                while (R > u1 - u || R > H - h) R /= 2;
                 const uint8_t *q = q2 + e * q2_e;
                 const uint16_t *s = s2 + e * s2_e;
-                for (int h = (int)h0; h < h1;) {
-                    int R = tile_rows(n);
-                    while (R > h1 - h) R /= 2;
-                    const uint8_t *rows[4];
-                    const uint16_t *sc[4];
-                    for (int i = 0; i < R; i++) rows[i] = q + (size_t)(h + i) * nb2, sc[i] = s + (size_t)(h + i) * G2;
-                    prefetch_ahead(rows, R, nb2);
-                    for (int p = off[a]; p < off[a + 1];) {
-                        const int T = tile_tokens(off[a + 1] - p);
-                        vec_t v[4];
-                        float d[16];
-                        for (int t = 0; t < T; t++) v[t].p = ap + (size_t)(p + t) * p2.bytes;
-                        TILE_FN[bi][g2][R][T](rows, sc, v, G2, gb2, p2, d);
-                        for (int i = 0; i < R; i++)
-                            for (int t = 0; t < T; t++) {
-                                float y = d[i * T + t] + (b2 ? b2[(size_t)e * H + h + i] : 0.0f);
-                                out[(size_t)tok[p + t] * H + h + i] += weights[(size_t)tok[p + t] * topk + slot[p + t]] * y;
-                            }
-                        p += T;
-                    }
-                    h += R;
+                const uint8_t *rows[4];
+                const uint16_t *sc[4];
+                for (int i = 0; i < R; i++) rows[i] = q + (size_t)(h + i) * nb2, sc[i] = s + (size_t)(h + i) * G2;
+                prefetch_ahead(rows, R, nb2);
+                for (int p = off[a]; p < off[a + 1];) {
+                    const int T = tile_tokens(off[a + 1] - p);
+                    vec_t v[4];
+                    float d[16];
+                    for (int t = 0; t < T; t++) v[t].p = ap + (size_t)(p + t) * p2.bytes;
+                    TILE_FN[bi][g2][R][T](rows, sc, v, G2, gb2, p2, d);
+                    for (int i = 0; i < R; i++)
+                        for (int t = 0; t < T; t++) ys[(size_t)(p + t) * H + h + i] = d[i * T + t] + (b2 ? b2[(size_t)e * H + h + i] : 0.0f);
+                    p += T;
                 }
+                u += R;
             }
+        }
+#pragma omp barrier
+        /* out[t] = sum of weight x ys[p] over token t's assignments, in increasing expert order
+         * whichever thread ran them: each output row has one owner here. */
+        share(H, tid, nt, &h0, &h1);
+        for (int t = 0; t < M; t++) memset(out + (size_t)t * H + h0, 0, sizeof(float) * (h1 - h0));
+        for (int p = 0; p < P && h0 < h1; p++) { /* p runs the active experts in order */
+            float *o = out + (size_t)tok[p] * H;
+            const float w = weights[(size_t)tok[p] * topk + slot[p]], *y = ys + (size_t)p * H;
+            for (long h = h0; h < h1; h++) o[h] += w * y[h];
         }
         clock_mark(clk_end, tid);
     }
@@ -1046,11 +1063,11 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
                  && touch((const uint8_t *)(s + r * G13), 2 * G13, &left, &h, &acc)
                  && touch((const uint8_t *)(s + (I + r) * G13), 2 * G13, &left, &h, &acc);
         }
-        share(H, tid, nt, &h0, &h1);
-        for (int a = 0; go && a < na; a++) { /* phase 2: output rows [h0, h1) of every active expert */
-            const size_t e = active[a];
-            go = touch(q2 + e * q2_e + h0 * nb2, (h1 - h0) * nb2, &left, &h, &acc)
-                 && touch((const uint8_t *)(s2 + e * s2_e + h0 * G2), 2 * (h1 - h0) * G2, &left, &h, &acc);
+        share((long)na * H, tid, nt, &h0, &h1);
+        for (long a = h0 / H; go && a < na && a * H < h1; a++) { /* phase 2: down rows [h0, h1) of the active experts */
+            const size_t e = active[a], r0 = h0 > a * H ? h0 - a * H : 0, r1 = h1 < (a + 1) * H ? h1 - a * H : H;
+            go = touch(q2 + e * q2_e + r0 * nb2, (r1 - r0) * nb2, &left, &h, &acc)
+                 && touch((const uint8_t *)(s2 + e * s2_e + r0 * G2), 2 * (r1 - r0) * G2, &left, &h, &acc);
         }
 #pragma omp atomic
         lookahead_sink += acc;
