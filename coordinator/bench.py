@@ -130,7 +130,7 @@ def _rss_gb(pids: list[int]) -> float:
 
 
 POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps", "after_s",
-                 "lookahead_calls", "lookahead_bytes", "lookahead_prep_s", "lookahead_skipped", "guessed", "chosen")
+                 "lookahead_calls", "lookahead_bytes", "lookahead_skipped", "guessed", "chosen")
 
 
 @dataclass
@@ -447,8 +447,6 @@ def decode_split(r: dict) -> str:
         if pool.get("clock_ahead_calls"):
             line += (f"; lookahead: its last thread in {per('ahead_wake_s', 'ahead_calls'):.1f}, "
                      f"its guess made {per('ahead_guess_s', 'ahead_calls'):.1f}")
-        if pool.get("lookahead_calls"):
-            line += f"; the lookahead's Python before its C call {1e6 * pool['lookahead_prep_s'] / pool['lookahead_calls']:.1f}"
     if pool.get("lookahead_calls") or pool.get("lookahead_skipped"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / max(1, pool['lookahead_calls']) / 1e6:.2f} MB read ahead per layer, "
                  f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "

@@ -15,6 +15,7 @@ import time
 import traceback
 from itertools import zip_longest
 
+import numpy as np
 import torch
 import zmq
 
@@ -22,13 +23,16 @@ from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import StartupMarks, die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
-from .expert_kernel import kernel_clock, layer_kernel, pin_threads, set_threads, warm_up
-from .lookahead import Lookahead, bind as bind_lookahead, l2_bytes
+from .decode_loop import DecodeLoop
+from .expert_kernel import c_kernel, kernel_clock, layer_kernel, pin_threads, set_threads, warm_up
+from .lookahead import l2_bytes, routers
+from .native import LOOP_STATS
 from ..shared.weight_cache import store_writer
 from ..shared.weights import load_family, open_source
 
-# While decode is under way the pool polls its mailbox slots without pause; after SPIN_S without work
-# it waits on its control socket in POLL_MS naps (main() says why).
+# While decode is under way the pool polls its mailbox slots without pause (in C: decode_loop.c), its
+# control socket every SPIN_S; after SPIN_S without work it waits on that socket in POLL_MS naps
+# (main() says why).
 SPIN_S = 0.05
 POLL_MS = 1
 
@@ -85,7 +89,8 @@ def main() -> None:
     # the request is a later layer of the same step (the GPU worker's part of the hop: its layer's
     # work and both crossings, during which the lookahead runs), step_gap_s when it starts a new step;
     # after_s from answering to polling again (the lookahead and this loop's bookkeeping: a request
-    # that comes sooner waits for it). The lookahead's own counters (lookahead.py) join these.
+    # that comes sooner waits for it). These are the requests this Python loop serves; the C loop
+    # (decode_loop.c) keeps the same counters and the lookahead's for the rest, summed at each stats.
     work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "pairs": 0, "max_m": 0,
             "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0, "after_s": 0.0}
     last = {"answered": None, "layer": -1}
@@ -99,15 +104,18 @@ def main() -> None:
     # each thread's share of what the lookahead reads: what one core's L2 holds, unless told
     share = spec.get("lookahead_kb")
     budget = (l2_bytes(min(os.sched_getaffinity(0))) if share is None else share << 10) * spec["threads"]
-    aheads = {}
+    guessed = {}
     if budget:
         try:
-            aheads = bind_lookahead(family, layout, store, node, open_source(spec["model"], spec["store"].get("gguf")).get,
-                                    spec["threads"])
+            guessed = routers(family, layout, open_source(spec["model"], spec["store"].get("gguf")).get)
         except Exception as e:  # it only saves time: serve without it rather than not at all
             print(f"cpu_worker {node}: lookahead off: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    ahead = Lookahead(aheads, slots, budget, {layer: _first_count(layout, layer, node) for layer in layout.moe_layers},
-                      {layer: family.experts(layer).num for layer in layout.moe_layers}, spec["threads"])
+    loop = None
+    c = c_kernel()
+    if c is not None and any(hasattr(run, "block") for run in kernels.values()):
+        moe = layout.moe_layers
+        loop = DecodeLoop(c, slots, kernels, guessed, {layer: family.experts(layer).num for layer in moe},
+                          dict(zip(moe, moe[1:])), budget if guessed else 0)
     # one core a thread, the caller's (this loop's) the first: see expert_kernel.c's krasis_pin
     work["pinned"] = pin_threads(sorted(os.sched_getaffinity(0)))
     mark("kernels bound")
@@ -116,14 +124,14 @@ def main() -> None:
                          info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks}))
     )
 
-    def serve(slot: Slot, number: int, seen: float):
-        """Run the slot's request; the kernel writes its reply into the slot in place. Returns the
-        request's (layer, x, ids) once answered without error, else None."""
+    def serve(slot: Slot, number: int, seen: float) -> None:
+        """Run the slot's request (one the C loop does not serve); the kernel writes its reply into the
+        slot in place."""
         layer, x, ids, weights, out = slot.take()
         run = kernels.get(layer)
         if run is None:
             slot.answer(number, error=f"layer {layer} has no routed experts here")
-            return None
+            return
         try:
             t0 = time.perf_counter()
             pairs = run(x, ids, weights, out)
@@ -133,7 +141,7 @@ def main() -> None:
         except Exception as e:
             traceback.print_exc()
             slot.answer(number, error=f"{type(e).__name__}: {e}")
-            return None
+            return
         m = x.shape[0]
         work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, pairs=work["pairs"] + pairs, max_m=max(work["max_m"], m),
                     kernel_s=work["kernel_s"] + t1 - t0, serve_s=work["serve_s"] + t2 - seen)
@@ -142,7 +150,7 @@ def main() -> None:
             work[f"{kind}_s"] += seen - last["answered"]
             work[f"{kind}s"] += 1
         last.update(answered=t2, layer=layer)
-        return layer, x, ids
+        work["after_s"] += time.perf_counter() - t2
 
     def control() -> bool:
         """One control message (stats, shutdown) from the coordinator; False on shutdown."""
@@ -162,7 +170,7 @@ def main() -> None:
                     work[f"clock_{k}"] = [a + b for a, b in zip_longest(work.get(f"clock_{k}", []), v, fillvalue=0.0)]
                 else:
                     work[f"clock_{k}"] = work.get(f"clock_{k}", 0.0) + v
-            sock.send_multipart([ident, *P.encode(P.StatsReply(stats={**work, **ahead.summary()}))])
+            sock.send_multipart([ident, *P.encode(P.StatsReply(stats=_merged(work, loop)))])
         else:
             sock.send_multipart([ident, *P.encode(P.WorkerError(role="cpu", rank=node, step=-1, message=f"unexpected {msg.TYPE}"))])
         return True
@@ -170,26 +178,41 @@ def main() -> None:
     # Poll the slots without pause while decode is under way (a layer's request follows the last
     # reply by well under a millisecond); after SPIN_S without work, wait on the control socket in
     # POLL_MS naps, so an idle pool costs no core and the first layer of a step waits at most a nap.
-    seen = [slot.request() for slot in slots]
-    last_work, spins = time.monotonic(), 0
+    seen = loop.seen if loop is not None else np.array([slot.request() for slot in slots], dtype=np.int64)
+
+    def poll(idle_s: float, max_s: float) -> int:
+        """krasis_loop's contract where there is no C loop: the first slot with a request, not taken,
+        or -1 after idle_s without one (max_s: nothing to serve here, so no turn to end)."""
+        t0 = time.perf_counter()
+        while True:
+            for i, slot in enumerate(slots):
+                if slot.request() != seen[i]:
+                    return i
+            if time.perf_counter() - t0 > idle_s:
+                return -1
+
+    run = loop.run if loop is not None else poll
+    idle = False
     while True:
-        for i, slot in enumerate(slots):
-            n = slot.request()
-            if n != seen[i]:
-                seen[i] = n
-                done = serve(slot, n, time.perf_counter())
-                if done is not None:  # its x and ids stay in the slot until the GPU worker's next request
-                    ahead.run(*done, seen, i)
-                    work["after_s"] += time.perf_counter() - last["answered"]
-                last_work, spins = time.monotonic(), 0
-        spins += 1
-        if spins % 4096 == 0:
-            idle = time.monotonic() - last_work > SPIN_S
-            if sock.poll(POLL_MS if idle else 0) and not control():
-                break
+        served = loop.served if loop is not None else 0
+        i = run(0.0 if idle else SPIN_S, SPIN_S)
+        if i >= 0:
+            seen[i] = slots[i].request()
+            serve(slots[i], int(seen[i]), time.perf_counter())
+        idle = i == -1 and (idle or loop is None or loop.served == served)
+        if sock.poll(POLL_MS if idle else 0) and not control():
+            break
     sock.close()
     coord.close()
     ctx.term()
+
+
+def _merged(work: dict, loop: DecodeLoop | None) -> dict:
+    """The Python loop's counters and the C loop's, summed (the largest M: the larger)."""
+    out = dict(work)
+    for k, v in (loop.stats() if loop is not None else {**dict.fromkeys(LOOP_STATS, 0), "experts_asked": 0.0}).items():
+        out[k] = max(out.get(k, 0), v) if k in ("max_m", "experts_asked") else out.get(k, 0) + v
+    return out
 
 
 def _first_count(layout: StoreLayout, layer: int, node: int) -> tuple[int, int]:

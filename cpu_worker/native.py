@@ -1,4 +1,5 @@
-"""Builds and loads the C layer kernel (expert_kernel.c) with the system C compiler at first use.
+"""Builds and loads the C layer kernel (expert_kernel.c) and the pool's decode loop around it
+(decode_loop.c, which includes it) with the system C compiler at first use.
 
 Built at first use rather than at install time because it is compiled for the CPU it runs on
 (-march=native: AVX-512 on the pool's hosts, AVX2 on smaller machines), and a pip wheel cannot know
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SOURCE = Path(__file__).with_name("expert_kernel.c")
+SOURCE = Path(__file__).with_name("decode_loop.c")
+INCLUDED = (Path(__file__).with_name("expert_kernel.c"),)  # what SOURCE includes: part of the build's key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CACHE = Path.home() / ".cache" / "krasis" / "kernels"
 ACTS = {"silu": 0, "gptoss": 1}
@@ -51,7 +53,8 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> Path:
     compiler = shutil.which(cc)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     flags = (*FLAGS, *extra_flags)
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu()]).encode()).hexdigest()[:16]
+    sources = [p.read_text() for p in (SOURCE, *INCLUDED)]
+    key = hashlib.sha256("\0".join([*sources, compiler, version, *flags, _cpu()]).encode()).hexdigest()[:16]
     out = cache / f"expert_kernel-{key}.so"
     if out.exists():
         return out
@@ -95,6 +98,24 @@ class Ahead(ctypes.Structure):
 # last; the lookahead's calls, its last thread's start and its guess
 CLOCK = ("calls", "wake_s", "p1_first_s", "p1_last_s", "p2_s", "ahead_calls", "ahead_wake_s", "ahead_guess_s")
 
+# krasis_loop's counters, in its order (decode_loop.c: S_*)
+LOOP_STATS = ("calls", "tokens", "pairs", "max_m", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps",
+              "after_s", "lookahead_calls", "lookahead_bytes", "lookahead_skipped", "guessed", "chosen")
+
+
+class SlotParts(ctypes.Structure):
+    """decode_loop.c's slot_t: a mailbox slot's header and parts."""
+    _fields_ = [(n, _p) for n in ("hdr", "x", "ids", "weights", "out")]
+
+
+class Loop(ctypes.Structure):
+    """decode_loop.c's loop_t (cpu_worker/decode_loop.py fills it)."""
+    _fields_ = [*((n, _i) for n in ("nslots", "nlayers", "max_m", "topk")),
+                *((n, _p) for n in ("slots", "words", "seen", "blocks", "routers", "next", "previous", "experts", "last",
+                                    "asked", "empty", "skip", "allowed", "guess")),
+                ("pending", _i), ("last_layer", _i), ("budget", _i64), ("quiet", _i64), ("empty_max", _i), ("skip_n", _i),
+                ("hold_s", ctypes.c_double), ("answered", ctypes.c_double), ("stats", ctypes.c_double * len(LOOP_STATS))]
+
 
 class CKernel:
     """The loaded library's krasis_moe_layer and krasis_lookahead (and its clock, pinning and hold:
@@ -115,6 +136,8 @@ class CKernel:
         self._pin.argtypes, self._pin.restype = [_p, _i], _i
         self._hold = lib.krasis_hold
         self._hold.argtypes, self._hold.restype = [_p, _p, _i, ctypes.c_double, _i], _i
+        self.loop = lib.krasis_loop
+        self.loop.argtypes, self.loop.restype = [_p, ctypes.c_double, ctypes.c_double], _i
         # INT4 with bf16 x runs the Q8 path (int8 activations), on 1: vpdpbusd (AVX512-VNNI),
         # 2: vpmaddubsw (AVX2, or AVX-512 without VNNI)
         self.int4_q8 = ctypes.c_int.in_dll(lib, "krasis_int4_q8").value
@@ -218,6 +241,7 @@ class CKernel:
                 raise MemoryError("the C expert kernel could not allocate its scratch buffers")
             return rc
 
+        run.block = block  # for the decode loop (decode_loop.py), which calls the kernel itself
         return run
 
     def bind_lookahead(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, threads: int,

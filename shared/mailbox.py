@@ -127,7 +127,7 @@ class Slot:
         self.hdr = part["header"].numpy().view(np.int64)
         if self.hdr[VERSION] != MAILBOX_VERSION:
             raise PoolError(f"mailbox version {self.hdr[VERSION]}, this side speaks {MAILBOX_VERSION}")
-        self._x = part["x"]
+        self.x = part["x"]  # bytes: a request's x is a view of them in its dtype (take())
         self.ids = part["ids"].view(torch.int32).view(shape.max_m, shape.top_k)
         self.weights = part["weights"].view(torch.float32).view(shape.max_m, shape.top_k)
         self.out = part["out"].view(torch.float32).view(shape.max_m, shape.hidden)
@@ -136,7 +136,7 @@ class Slot:
 
     def _x_as(self, dtype: torch.dtype, m: int) -> torch.Tensor:
         n = m * self.shape.hidden
-        return self._x.view(dtype)[:n].view(m, self.shape.hidden)
+        return self.x.view(dtype)[:n].view(m, self.shape.hidden)
 
     # --- GPU worker side --------------------------------------------------------------------------
 

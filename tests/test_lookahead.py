@@ -19,7 +19,7 @@ from krasis.coordinator.engine import Engine
 from krasis.coordinator.bench import generate_together
 from krasis.coordinator.processes import RuntimeOptions
 from krasis.cpu_worker import native
-from krasis.cpu_worker.lookahead import QUIET, Lookahead, l2_bytes
+from krasis.cpu_worker.lookahead import QUIET, l2_bytes
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
 from krasis.shared.weights import load_family
@@ -112,55 +112,6 @@ def test_given_guess_budget_and_stop():
     assert with_router(x, stale, words, seen, budget=1 << 30) > 0 and (stale >= 0).all()
 
 
-def test_experts_never_asked_for_are_left_out_after_quiet_requests():
-    """hcs_hybrid masks its hot experts out of the pool's requests; once a layer has had QUIET requests,
-    the experts none of them asked for are left out of its reads, and one asked for again comes back."""
-    calls = []
-
-    def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
-        calls.append(None if allowed is None else allowed.copy())
-        return 1  # read something: a lookahead that reads nothing is skipped for a while (next test)
-
-    la = Lookahead({0: (1, ahead)}, [], 1 << 20, {0: (0, 8), 1: (0, 8)}, {0: 8, 1: 8})
-    x = torch.zeros(1, HIDDEN)
-    for step in range(QUIET + 1):
-        la.run(0, x, torch.tensor([[step % 3, -1]], dtype=torch.int32), [])
-        # layer 1: expert 7 is hot (never asked for), the others come round
-        asked = 6 if step == QUIET - 1 else step % 6
-        la.run(1, x, torch.tensor([[asked, -1]], dtype=torch.int32), [])
-    assert all(c is None for c in calls[:QUIET])  # too few requests to tell
-    assert calls[QUIET].tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
-    la.run(1, x, torch.tensor([[7, -1]], dtype=torch.int32), [])  # the hot set changed: 7 is asked for
-    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
-    assert calls[-1][7] == 1
-
-
-def test_a_lookahead_that_reads_nothing_is_skipped_for_a_while():
-    """EMPTY lookaheads in a row from a layer that read nothing (the next request always came before
-    the guess) turn that layer's lookahead off for its next SKIP requests, then it is tried again;
-    another layer's, which reads, goes on; the skipped requests still count for the hot-expert mask."""
-    from krasis.cpu_worker.lookahead import EMPTY, SKIP
-
-    runs = {0: 0, 1: 0}
-
-    def bound(n, read):
-        def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
-            runs[n] += 1
-            return read
-        return ahead
-
-    la = Lookahead({0: (1, bound(0, 0)), 1: (2, bound(1, 4096))}, [], 1 << 20,
-                   {layer: (0, 8) for layer in range(3)}, {layer: 8 for layer in range(3)})
-    x = torch.zeros(1, HIDDEN)
-    for _ in range(EMPTY + SKIP):
-        for layer in (0, 1):
-            la.run(layer, x, torch.tensor([[layer, -1]], dtype=torch.int32), [])
-    assert runs == {0: EMPTY, 1: EMPTY + SKIP}
-    assert la.stats["lookahead_skipped"] == SKIP and la.asked[0] == EMPTY + SKIP
-    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
-    assert runs[0] == EMPTY + 1  # tried again
-
-
 def test_hold_lasts_until_a_request_or_its_time():
     """krasis_hold keeps the threads running until a request number differs from the one seen (a
     thread writes it 20 ms in) or its time is up."""
@@ -183,53 +134,158 @@ def test_hold_lasts_until_a_request_or_its_time():
     assert hold(5.0) and time.perf_counter() - t0 < 1.0  # the word differs already: at once
 
 
+class Pool:
+    """The decode loop (decode_loop.c) on `slots` mailbox slots and `layers` layers of one block of
+    all EXPERTS experts, with a router per layer after the first; requests are published as a GPU
+    worker would, and `serve()` runs the loop until it is idle."""
+
+    def __init__(self, gen, layers=2, slots=1, routers=None, budget=1 << 30, threads=2):
+        from krasis.cpu_worker.decode_loop import DecodeLoop
+        from krasis.shared import mailbox
+
+        self.fmt = ExpertFormat("int4", group_size=32)
+        self.t = block_all(self.fmt, gen)
+        shape = mailbox.SlotShape(2, HIDDEN, TOP_K)
+        boxes = mailbox.Mailboxes(mailbox.create(shape, slots), shape, slots)
+        self.slots = [boxes.slot(i) for i in range(slots)]
+        self.c = native.load()
+        run = self.c.bind(self.t, 4, 0, EXPERTS, "silu", threads)
+        routers = routers or {layer: (torch.randn(EXPERTS, HIDDEN, generator=gen), None) for layer in range(1, layers)}
+        self.loop = DecodeLoop(self.c, self.slots, {layer: run for layer in range(layers)}, routers,
+                               {layer: EXPERTS for layer in range(layers)}, {i: i + 1 for i in range(layers - 1)}, budget)
+
+    def publish(self, layer, ids, x=None, slot=0, dtype=torch.bfloat16):
+        ids = torch.tensor(ids, dtype=torch.int32).view(1, -1)
+        x = torch.ones(1, HIDDEN, dtype=dtype) if x is None else x.to(dtype)
+        self.slots[slot].write(x, ids, torch.full(ids.shape, 0.25))
+        return self.slots[slot].publish(layer, 1, dtype)
+
+    def serve(self):
+        return self.loop.run(0.0, 10.0)
+
+    def stats(self):
+        return self.loop.stats()
+
+
+def block_all(fmt, gen):
+    """Every expert of a layer: random codes, scales ~1e-2 (any bytes would do for the lookahead, but
+    the loop's answers are compared)."""
+    spec = fmt.tensors(ExpertShape(EXPERTS, TOP_K, HIDDEN, INTER), EXPERTS)
+    return {n: (torch.rand(shape, generator=gen) * 1e-2 + 1e-2).to(dtype) if n.endswith(".s")
+            else torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(dtype) for n, (dtype, shape) in spec.items()}
+
+
+def test_the_loop_answers_what_the_kernel_computes_and_returns_what_it_does_not_serve():
+    """Each request is answered in its slot with the layer kernel's own result and counted; a layer
+    with no block here, or x in fp16, is returned to the caller untaken and unanswered."""
+    gen = torch.Generator().manual_seed(11)
+    pool = Pool(gen, layers=2)
+    x = torch.randn(1, HIDDEN, generator=gen)
+    number = pool.publish(0, [1, 3, 5, 7], x, dtype=torch.float32)
+    assert pool.serve() == -1
+    slot = pool.slots[0]
+    assert slot.hdr[mailbox_words()["REPLY"]] == number and slot.hdr[mailbox_words()["ERROR"]] == 0
+    want = pool.c(x, torch.tensor([[1, 3, 5, 7]]), torch.full((1, TOP_K), 0.25), pool.t, 4, 0, EXPERTS, "silu", 2)
+    assert want.abs().max() > 0 and torch.equal(slot.out[:1], want)
+    st = pool.stats()
+    assert st["calls"] == 1 and st["tokens"] == 1 and st["pairs"] == TOP_K and st["max_m"] == 1
+    assert 0 < st["kernel_s"] <= st["serve_s"]
+    pool.publish(5, [0, 1, 2, 3])  # no such layer here
+    assert pool.serve() == 0 and pool.loop.seen[0] == number and slot.hdr[mailbox_words()["REPLY"]] == number
+    pool.loop.seen[0] = slot.request()  # taken by the caller
+    pool.publish(0, [0, 1, 2, 3], dtype=torch.float16)
+    assert pool.serve() == 0 and pool.stats()["calls"] == 1
+
+
+def mailbox_words():
+    from krasis.shared import mailbox
+    return {"REPLY": mailbox.REPLY, "ERROR": mailbox.ERROR}
+
+
+def test_experts_never_asked_for_are_left_out_after_quiet_requests():
+    """hcs_hybrid masks its hot experts out of the pool's requests; once a layer has had QUIET requests,
+    the experts none of them asked for are left out of its reads, and one asked for again comes back.
+    Layer 1's router always guesses experts 4-7; its requests ask for 0-3 only."""
+    gen = torch.Generator().manual_seed(12)
+    router = -torch.ones(EXPERTS, HIDDEN)
+    router[4:8] = 1.0
+    pool = Pool(gen, layers=2, routers={1: (router, None)})
+    expert = expert_bytes(pool.t)
+    read = []
+    for _ in range(QUIET + 1):
+        before = pool.stats()["lookahead_bytes"]
+        pool.publish(0, [8, 9, 10, 11])
+        pool.serve()  # layer 0, then its lookahead for layer 1
+        read.append(pool.stats()["lookahead_bytes"] - before)
+        pool.publish(1, [0, 1, 2, 3])
+        pool.serve()
+    assert read[0] == 4 * expert and read[QUIET - 1] == 4 * expert  # too few requests of layer 1 to tell
+    assert read[QUIET] == 0  # 4-7 unasked for QUIET requests: taken as hot
+    pool.publish(1, [7, 1, 2, 3])  # the hot set changed: 7 is asked for
+    pool.serve()
+    before = pool.stats()["lookahead_bytes"]
+    pool.publish(0, [8, 9, 10, 11])
+    pool.serve()
+    assert pool.stats()["lookahead_bytes"] - before == expert
+
+
+def test_a_lookahead_that_reads_nothing_is_skipped_for_a_while():
+    """EMPTY lookaheads in a row from a layer that read nothing (here the next request is always in
+    before its guess: slot 1's) turn that layer's lookahead off for its next SKIP requests, the
+    threads held instead (no time: a request is in), then it is tried again; another layer's, which
+    reads, goes on; the skipped requests still count for the hot-expert mask."""
+    from krasis.cpu_worker.lookahead import EMPTY, SKIP
+
+    gen = torch.Generator().manual_seed(13)
+    pool = Pool(gen, layers=3, slots=2)
+    for _ in range(EMPTY + SKIP):
+        pool.publish(0, [0, 1, 2, 3], slot=0)
+        pool.publish(1, [0, 1, 2, 3], slot=1)
+        pool.serve()  # slot 0's layer 0 (its lookahead sees slot 1's request), then slot 1's layer 1
+    st = pool.stats()
+    assert st["calls"] == 2 * (EMPTY + SKIP)
+    assert st["lookahead_skipped"] == SKIP and st["lookahead_calls"] == EMPTY + (EMPTY + SKIP)
+    assert pool.loop.asked[0] == EMPTY + SKIP
+    pool.publish(0, [0, 1, 2, 3])
+    pool.serve()
+    assert pool.stats()["lookahead_calls"] == st["lookahead_calls"] + 1  # tried again
+
+
 def test_a_skipped_lookahead_holds_the_threads_until_the_next_request():
-    """Where a layer's lookahead is skipped, the pool's loop is held (krasis_hold) for HOLD_S unless
-    the next request is in already."""
+    """Where a layer's lookahead is skipped, the loop holds the kernel's threads (krasis_hold) for
+    HOLD_S unless the next request is in already."""
     import time
 
-    from krasis.cpu_worker.lookahead import EMPTY, HOLD_S
-    from krasis.shared import mailbox
+    from krasis.cpu_worker.lookahead import HOLD_S
 
-    shape = mailbox.SlotShape(1, HIDDEN, TOP_K)
-    slot = mailbox.Mailboxes(mailbox.create(shape, 1), shape, 1).slot(0)
-    la = Lookahead({0: (1, lambda *a, **k: 0)}, [slot], 1 << 20, {0: (0, 8), 1: (0, 8)}, {0: 8, 1: 8}, hold_threads=2)
-    x, ids = torch.zeros(1, HIDDEN), torch.tensor([[0, -1]], dtype=torch.int32)
-    held, hold = [], la.hold
-    la.hold = lambda max_s: held.append(hold(max_s)) or held[-1]
-    for _ in range(EMPTY):
-        la.run(0, x, ids, [slot.request()])
-    assert held == []  # not skipped yet
+    gen = torch.Generator().manual_seed(14)
+    pool = Pool(gen, layers=2)
+    pool.loop.skip[0] = 2
+    pool.publish(0, [0, 1, 2, 3])
     t0 = time.perf_counter()
-    la.run(0, x, ids, [slot.request()])  # skipped: held, and nothing comes
-    assert held == [False] and time.perf_counter() - t0 >= HOLD_S and la.stats["lookahead_skipped"] == 1
-    la.run(0, x, ids, [slot.request() - 1])  # a request the loop has not taken yet: held no time
-    assert held == [False, True] and la.stats["lookahead_skipped"] == 2
+    pool.serve()  # nothing comes: held HOLD_S
+    assert time.perf_counter() - t0 >= HOLD_S and pool.stats()["lookahead_skipped"] == 1
 
 
 def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
     """With layer 1 decoded on the GPU (resident), the pool is asked for 0, 2, 3: once a step has shown
     it, a request for layer 0 reads ahead for layer 2 (and the guess is scored there), not for 1."""
-    read = []
-
-    def bound(n):
-        def ahead(x, guess, words, seen, budget, max_s=0.0, allowed=None):
-            read.append(n)
-            return 1
-        return ahead
-
-    la = Lookahead({0: (1, bound(1)), 1: (2, bound(2)), 2: (3, bound(3))}, [], 1 << 20,
-                   {layer: (0, 8) for layer in range(4)}, {layer: 8 for layer in range(4)})
-    x = torch.zeros(1, HIDDEN)
+    gen = torch.Generator().manual_seed(15)
+    pool = Pool(gen, layers=4, slots=2)
     for layer in (0, 2, 3):  # first step: the store's next layer
-        la.run(layer, x, torch.tensor([[layer, -1]], dtype=torch.int32), [])
-    assert read == [1, 3]
-    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
-    assert read[-1] == 2 and la.pending[0] == 2  # from then on: the layer that followed it
+        pool.publish(layer, [0, 1, 2, 3])
+        pool.serve()
+    assert pool.loop.next[0] == 2 and pool.loop.next[2] == 3
+    assert pool.stats()["chosen"] == TOP_K  # layer 3's request scored the guess made after layer 2
+    pool.publish(0, [0, 1, 2, 3])
+    pool.serve()
+    assert pool.loop.pending == 2  # from then on: the layer that followed it
     # a second slot's requests (another stage) do not teach this slot's order
-    la.run(3, x, torch.tensor([[0, -1]], dtype=torch.int32), [], source=1)
-    la.run(0, x, torch.tensor([[0, -1]], dtype=torch.int32), [])
-    assert read[-1] == 2
+    pool.publish(3, [0, 1, 2, 3], slot=1)
+    pool.serve()
+    pool.publish(0, [0, 1, 2, 3])
+    pool.serve()
+    assert pool.loop.next[0] == 2 and pool.loop.pending == 2
 
 
 def test_l2_size_is_read():

@@ -55,6 +55,11 @@ synth_model() { [ -f $M/config.json ] || step synth 220 python3 -m krasis.coordi
 # The peer GGUF (Qwen3-30B-A3B's shape, Q4_0 experts: benchmarks/peer_llamacpp.py) at $G, written on a
 # fresh machine (66-82 s since session 23's writer).
 G=/tmp/peer/qwen3-30b-a3b-q4_0.gguf
+# bench on it as the issue runs it: every layer through the pool (PB), and the defaults after 512 and
+# 10K tokens with 1 and 32 sequences (PD); each step adds its --json.
+PO="$G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64"
+PB="python3 -m krasis.coordinator bench $PO --prompt-lens 512 --resident-decode off"
+PD="python3 -m krasis.coordinator bench $PO --prompt-lens 512,10000 --concurrency 1,32"
 peer_gguf() { [ -f $G ] || { mkdir -p /tmp/peer; step gguf 320 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }; }
 # step NAME SECONDS CMD... with .old (a carried worktree of an earlier tree: `git worktree add --detach
 # .old REV`) imported as krasis, for an A/B against this tree on one machine.

@@ -11,14 +11,11 @@
 . benchmarks/gpu_calls/lib.sh
 machine
 peer_gguf
-O="$G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64"
-B="python3 -m krasis.coordinator bench $O --prompt-lens 512 --resident-decode off"
-D="python3 -m krasis.coordinator bench $O --prompt-lens 512,10000 --concurrency 1,32"
-old_step a0 110 $B --lookahead-kb 0 --json $L/a0.json
-step a1 60 $B --lookahead-kb 0 --json $L/a1.json
-old_step b0 60 $B --json $L/b0.json
-step b1 60 $B --json $L/b1.json
-old_step d0 90 $D --json $L/d0.json
-step d1 90 $D --json $L/d1.json
+old_step a0 110 $PB --lookahead-kb 0 --json $L/a0.json
+step a1 60 $PB --lookahead-kb 0 --json $L/a1.json
+old_step b0 60 $PB --json $L/b0.json
+step b1 60 $PB --json $L/b1.json
+old_step d0 90 $PD --json $L/d0.json
+step d1 90 $PD --json $L/d1.json
 finish
 for s in a0 a1 b0 b1 d0 d1; do echo "== $s"; grep "^| qwen\|pool us\|pool kernel us\|lookahead:" $L/$s.log | cut -c1-400; done

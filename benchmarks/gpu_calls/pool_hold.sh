@@ -13,12 +13,10 @@ machine
 peer_gguf
 K="benchmarks/cpu_experts.py --pin --threads 14 --group-size 32 --formats int4 --seconds 1 --gb 1.5 --gap-us 60"
 step c1 100 python3 $K --c-flags=-DCHUNK2=32 --c-flags=-DCHUNK2=64 --c-flags=-DCHUNK1=64 --c-flags=-DCHUNK1=16
-O="$G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 64"
-B="python3 -m krasis.coordinator bench $O --prompt-lens 512 --resident-decode off"
-old_step b0 110 $B --json $L/b0.json
-step b1 60 $B --json $L/b1.json
-step b2 60 $B --reserved-cores 1 --json $L/b2.json
-step d1 90 python3 -m krasis.coordinator bench $O --prompt-lens 512,10000 --concurrency 1,32 --json $L/d1.json
+old_step b0 110 $PB --json $L/b0.json
+step b1 60 $PB --json $L/b1.json
+step b2 60 $PB --reserved-cores 1 --json $L/b2.json
+step d1 90 $PD --json $L/d1.json
 finish
 grep -v numba $L/c1.log | tail -32
 for s in b0 b1 b2 d1; do echo "== $s"; grep "^| qwen\|pool us\|pool kernel us\|lookahead:" $L/$s.log | cut -c1-500; done
