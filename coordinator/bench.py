@@ -129,7 +129,7 @@ def _rss_gb(pids: list[int]) -> float:
     return total / 1e9
 
 
-POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps", "after_s",
+POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps", "step_kernel_s", "after_s",
                  "lookahead_calls", "lookahead_bytes", "lookahead_skipped", "guessed", "chosen")
 
 
@@ -430,11 +430,12 @@ def decode_split(r: dict) -> str:
     line = "decode ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())
     pool = (r.get("pool") or [{}])[0]
     if pool.get("calls") and pool.get("gaps"):
-        us = lambda s, n: 1e6 * s / n  # noqa: E731
+        us = lambda s, n: 1e6 * s / max(1, n)  # noqa: E731
         line += (f"\npool us per layer: kernel {us(pool['kernel_s'], pool['calls']):.1f}, "
                  f"around it {us(pool['serve_s'] - pool['kernel_s'], pool['calls']):.1f}, "
                  f"waiting for the next layer {us(pool['gap_s'], pool['gaps']):.1f}, "
-                 f"of which its own work after answering {us(pool['after_s'], pool['calls']):.1f}")
+                 f"of which its own work after answering {us(pool['after_s'], pool['calls']):.1f}; a step's first: waiting "
+                 f"{us(pool['step_gap_s'], pool['step_gaps']):.1f}, kernel {us(pool['step_kernel_s'], pool['step_gaps']):.1f}")
     if pool.get("clock_calls"):
         per = lambda k, n="calls": 1e6 * pool[f"clock_{k}"] / max(1, pool[f"clock_{n}"])  # noqa: E731
         line += (f"\npool kernel us from a call's start: its last thread in {per('wake_s'):.1f}, phase 1's first and last "

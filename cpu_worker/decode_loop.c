@@ -24,11 +24,13 @@ enum { X_FLOAT32, X_BF16 };
 /* The loop's counters (cpu_worker/native.py: LOOP_STATS names them in this order), in seconds where
  * a time: calls, tokens, pairs run, the largest M; the kernel, from seeing a request to answering it;
  * the wait since the previous answer when the request is a later layer of the same step (gap) or a
- * new step (step_gap), and their counts; from answering to polling again (after); the lookahead's
- * calls, bytes read, skipped lookaheads; of the chosen experts of the pool's block in requests for
- * a guessed layer, how many the guess named. */
-enum { S_CALLS, S_TOKENS, S_PAIRS, S_MAX_M, S_KERNEL, S_SERVE, S_GAP, S_GAPS, S_STEP_GAP, S_STEP_GAPS, S_AFTER,
-       S_AHEAD_CALLS, S_AHEAD_BYTES, S_AHEAD_SKIPPED, S_GUESSED, S_CHOSEN, S_N };
+ * new step (step_gap), and their counts, waits longer than IDLE_S left out (the pool was idle: a
+ * prefill, no request); the kernel of the requests that start a step; from answering to polling
+ * again (after); the lookahead's calls, bytes read, skipped lookaheads; of the chosen experts of the
+ * pool's block in requests for a guessed layer, how many the guess named. */
+enum { S_CALLS, S_TOKENS, S_PAIRS, S_MAX_M, S_KERNEL, S_SERVE, S_GAP, S_GAPS, S_STEP_GAP, S_STEP_GAPS, S_STEP_KERNEL,
+       S_AFTER, S_AHEAD_CALLS, S_AHEAD_BYTES, S_AHEAD_SKIPPED, S_GUESSED, S_CHOSEN, S_N };
+#define IDLE_S 0.05
 
 typedef struct { /* one mailbox slot's parts, as shared/mailbox.py lays them out */
     int64_t *hdr;
@@ -149,10 +151,11 @@ int krasis_loop(loop_t *L, double idle_s, double max_s) {
         st[S_CALLS] += 1, st[S_TOKENS] += (double)m, st[S_PAIRS] += pairs;
         if (m > st[S_MAX_M]) st[S_MAX_M] = (double)m;
         st[S_KERNEL] += done - seen_at, st[S_SERVE] += answered - seen_at;
-        if (L->answered > 0) {
+        if (L->answered > 0 && seen_at - L->answered < IDLE_S) {
             const int later = layer > L->last_layer;
             st[later ? S_GAP : S_STEP_GAP] += seen_at - L->answered;
             st[later ? S_GAPS : S_STEP_GAPS] += 1;
+            if (!later) st[S_STEP_KERNEL] += done - seen_at;
         }
         L->answered = answered, L->last_layer = (int32_t)layer;
         if (L->budget) after(L, i, (int)layer, &t);

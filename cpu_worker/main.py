@@ -35,6 +35,7 @@ from ..shared.weights import load_family, open_source
 # (main() says why).
 SPIN_S = 0.05
 POLL_MS = 1
+IDLE_S = 0.05  # decode_loop.c's: a wait for a request longer than this is idle time, not a step's turn
 
 
 def main() -> None:
@@ -87,12 +88,14 @@ def main() -> None:
     # Per call, on this process's clock: kernel_s the kernel; serve_s from seeing the request to
     # answering it (kernel_s plus this loop's own work); gap_s the wait since the previous answer when
     # the request is a later layer of the same step (the GPU worker's part of the hop: its layer's
-    # work and both crossings, during which the lookahead runs), step_gap_s when it starts a new step;
+    # work and both crossings, during which the lookahead runs), step_gap_s when it starts a new step
+    # (waits over IDLE_S left out: the pool was idle, e.g. during a prefill) and step_kernel_s its kernel;
     # after_s from answering to polling again (the lookahead and this loop's bookkeeping: a request
     # that comes sooner waits for it). These are the requests this Python loop serves; the C loop
     # (decode_loop.c) keeps the same counters and the lookahead's for the rest, summed at each stats.
     work = {"node": node, "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)), "calls": 0, "tokens": 0, "pairs": 0, "max_m": 0,
-            "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0, "after_s": 0.0}
+            "kernel_s": 0.0, "serve_s": 0.0, "gap_s": 0.0, "gaps": 0, "step_gap_s": 0.0, "step_gaps": 0, "step_kernel_s": 0.0,
+            "after_s": 0.0}
     last = {"answered": None, "layer": -1}
     kernels = {}
     for layer in layout.moe_layers:
@@ -145,10 +148,12 @@ def main() -> None:
         m = x.shape[0]
         work.update(calls=work["calls"] + 1, tokens=work["tokens"] + m, pairs=work["pairs"] + pairs, max_m=max(work["max_m"], m),
                     kernel_s=work["kernel_s"] + t1 - t0, serve_s=work["serve_s"] + t2 - seen)
-        if last["answered"] is not None:
+        if last["answered"] is not None and seen - last["answered"] < IDLE_S:
             kind = "gap" if layer > last["layer"] else "step_gap"
             work[f"{kind}_s"] += seen - last["answered"]
             work[f"{kind}s"] += 1
+            if kind == "step_gap":
+                work["step_kernel_s"] += t1 - t0
         last.update(answered=t2, layer=layer)
         work["after_s"] += time.perf_counter() - t2
 
