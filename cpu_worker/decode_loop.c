@@ -128,7 +128,9 @@ int krasis_loop(loop_t *L, double idle_s, double max_s) {
         while (i < 0) {
             for (int j = 0; j < L->nslots && i < 0; j++)
                 if (__atomic_load_n(L->words[j], __ATOMIC_ACQUIRE) != L->seen[j]) i = j;
-            if (i < 0 && omp_get_wtime() - last_work > idle_s) return -1;
+            if (i >= 0) break;
+            if (omp_get_wtime() - last_work > idle_s) return -1;
+            relax(); /* expert_kernel.c says why */
         }
         const double seen_at = omp_get_wtime();
         if (seen_at - start > max_s) return -2;

@@ -954,9 +954,22 @@ static int requested(const halt_t *h) {
     return 0;
 }
 
+/* A request word shares its cache line with the header the GPU writes before it and the reply word
+ * it spins on over PCIe. Polled in a tight loop by the CPU, the GPU's next request came ~1.1 ms
+ * after the reply instead of ~60 us (session 25, call 3: the pool's C loop with nothing else to do);
+ * fourteen threads polling in the lookahead's and the hold's loops cost ~5-10 us a layer. So a
+ * team's first thread alone reads the words, and a poller waits POLL_PAUSES pauses between reads
+ * (~0.5 us on the lent hosts, about the pace of the Python loop that polled before). */
+#ifndef POLL_PAUSES
+#define POLL_PAUSES 8
+#endif
+INLINE void relax(void) {
+    for (int i = 0; i < POLL_PAUSES; i++) _mm_pause();
+}
+
 static int halted(halt_t *h) {
     if (h->stop) return 1;
-    if (requested(h) || (h->until > 0 && omp_get_wtime() >= h->until)) return h->stop = 1;
+    if ((omp_get_thread_num() == 0 && requested(h)) || (h->until > 0 && omp_get_wtime() >= h->until)) return h->stop = 1;
     return 0;
 }
 
@@ -1011,7 +1024,7 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     }
     int32_t *fill = idx, *active = fill + count, *off = active + count, *tok = off + mk + 1, *slot = tok + mk;
     int32_t *want = slot + mk; /* the guess less the experts `allowed` rules out */
-    int na = 0, team = 1;
+    int na = 0, team = 1, reading = 0;
     int64_t total = 0;
     const double t0 = omp_get_wtime();
     double guessed = t0;
@@ -1020,7 +1033,7 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         clock_mark(clk_in, tid);
-        if (tid == 0) team = nt;
+        if (tid == 0) team = reading = nt; /* seen by all after the single below */
         if (router) {
             float *xf = logits + (size_t)M * E;
             if (xbf16) {
@@ -1078,6 +1091,11 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
 #pragma omp atomic
         lookahead_sink += acc;
         total += budget / nt - left;
+        /* the first thread alone watches for the next request (halted): done early, it watches on
+         * until the others are done too */
+        __atomic_fetch_sub(&reading, 1, __ATOMIC_RELEASE);
+        if (tid == 0)
+            while (__atomic_load_n(&reading, __ATOMIC_ACQUIRE) > 0 && !halted(&h)) relax();
     }
     free(logits), free(idx);
     clk[CLK_AHEAD_CALLS] += 1;
@@ -1096,8 +1114,7 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
 int krasis_hold(const int64_t *const *words, const int64_t *seen, int nwords, double max_s, int nthreads) {
     halt_t h = {words, seen, nwords, omp_get_wtime() + max_s, 0};
 #pragma omp parallel num_threads(nthreads)
-    while (!halted(&h)) {
-    }
+    while (!halted(&h)) relax();
     return requested(&h);
 }
 
