@@ -30,8 +30,9 @@ from .expert_kernel import c_kernel
 # A lookahead from a layer that read nothing EMPTY times in a row (the next request came before its
 # guess was made, or every guessed expert was the GPU's) is skipped for that layer's next SKIP
 # requests, then tried again. With every layer through the pool the GPU's turn (~50 us on the lent
-# hosts) is shorter than the guess takes there (Python ~30 us, router and top-k ~17), and the
-# lookahead only kept the next request waiting: 58 -> 76-87 us a layer between answer and request.
+# hosts) was shorter than the guess took there while the pool's loop was Python (~30 us of it before
+# the C call, router and top-k ~17), and the lookahead only kept the next request waiting: 58 -> 76-87
+# us a layer between answer and request (session 24). In the C loop it reads (session 25).
 EMPTY, SKIP = 8, 256
 # Instead, the team's threads are held running (expert_kernel.c: krasis_hold) until the next request,
 # for at most HOLD_S: longer than the GPU's turn between two layers of a step, shorter than a step's

@@ -119,7 +119,7 @@ class Loop(ctypes.Structure):
 
 class CKernel:
     """The loaded library's krasis_moe_layer and krasis_lookahead (and its clock, pinning and hold:
-    `clock`, `pin`, `bind_hold`). `bind` checks a block of experts
+    `clock`, `pin`, `bind_hold`; `loop` is krasis_loop, which decode_loop.py binds). `bind` checks a block of experts
     once and returns the call for it, which checks a call's buffers only when they are not the ones
     it was last given (the pool's slot views are the same tensors every step) and passes its
     arguments as structs filled then: its per-call Python work is a couple of microseconds, against
