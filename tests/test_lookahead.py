@@ -288,6 +288,18 @@ def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
     assert pool.loop.next[0] == 2 and pool.loop.pending == 2
 
 
+def test_the_pool_naps_only_after_a_run_that_served_nothing():
+    """cpu_worker/main.py's loop: after a run of the C loop (or its own poll) it naps on its control
+    socket only when the run came back for want of requests (-1) and served none; a pool that had
+    napped and then served a request must poll on, or each later request waits out a nap."""
+    from krasis.cpu_worker.main import still_idle
+
+    assert still_idle(-1, served=False)
+    assert not still_idle(-1, served=True)  # woke from a nap, served: busy again
+    assert not still_idle(-2, served=False)  # its turn ended with a request waiting
+    assert not still_idle(0, served=False)  # a request for Python: it is served next
+
+
 def test_l2_size_is_read():
     assert 64 << 10 <= l2_bytes() <= 64 << 20
 
