@@ -955,11 +955,11 @@ static int requested(const halt_t *h) {
 }
 
 /* A request word shares its cache line with the header the GPU writes before it and the reply word
- * it spins on over PCIe. Polled in a tight loop by the CPU, the GPU's next request came ~1.1 ms
- * after the reply instead of ~60 us (session 25, call 3: the pool's C loop with nothing else to do);
- * fourteen threads polling in the lookahead's and the hold's loops cost ~5-10 us a layer. So a
- * team's first thread alone reads the words, and a poller waits POLL_PAUSES pauses between reads
- * (~0.5 us on the lent hosts, about the pace of the Python loop that polled before). */
+ * it spins on over PCIe, so polling adds traffic on the line both sides use: a team's first thread
+ * alone reads the words (the others see its stop), and a poller waits POLL_PAUSES pauses between
+ * reads (~0.5 us on the lent hosts, about the pace of the Python loop that polled before). Session
+ * 25 suspected tight polling of the ~1.1 ms that requests waited in its calls 3 and 4; the cause was
+ * the pool's Python side napping (main.py: still_idle), and this pace was not measured apart. */
 #ifndef POLL_PAUSES
 #define POLL_PAUSES 8
 #endif

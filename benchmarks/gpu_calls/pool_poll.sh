@@ -1,4 +1,4 @@
-# Session 25's fourth call. The third (pool_step.sh) found the pool's C loop, polling its slots' request
+# Session 25's fourth call (the ~1.1 ms turned out to be main.py's naps, fixed after it: still_idle). The third (pool_step.sh) found the pool's C loop, polling its slots' request
 # words in a tight loop, made the GPU's next request come ~1.1 ms after the reply instead of ~60 us:
 # every layer with the lookahead off (15.9 tok/s), and before each step's first layer otherwise. Now
 # the loop waits a few pauses between reads and a team's first thread alone reads the words
