@@ -24,13 +24,12 @@ enum { X_FLOAT32, X_BF16 };
 /* The loop's counters (cpu_worker/native.py: LOOP_STATS names them in this order), in seconds where
  * a time: calls, tokens, pairs run, the largest M; the kernel, from seeing a request to answering it;
  * the wait since the previous answer when the request is a later layer of the same step (gap) or a
- * new step (step_gap), and their counts, waits longer than IDLE_S left out (the pool was idle: a
+ * new step (step_gap), and their counts, waits longer than idle_s left out (the pool was idle: a
  * prefill, no request); the kernel of the requests that start a step; from answering to polling
  * again (after); the lookahead's calls, bytes read, skipped lookaheads; of the chosen experts of the
  * pool's block in requests for a guessed layer, how many the guess named. */
 enum { S_CALLS, S_TOKENS, S_PAIRS, S_MAX_M, S_KERNEL, S_SERVE, S_GAP, S_GAPS, S_STEP_GAP, S_STEP_GAPS, S_STEP_KERNEL,
        S_AFTER, S_AHEAD_CALLS, S_AHEAD_BYTES, S_AHEAD_SKIPPED, S_GUESSED, S_CHOSEN, S_N };
-#define IDLE_S 0.05
 
 typedef struct { /* one mailbox slot's parts, as shared/mailbox.py lays them out */
     int64_t *hdr;
@@ -46,7 +45,8 @@ typedef struct {
     const int64_t *const *words; /* [nslots]: each slot's request word, for krasis_lookahead's and krasis_hold's halt */
     int64_t *seen;               /* [nslots]: the request numbers taken */
     const block_t *const *blocks; /* [nlayers]: the pool's block of a layer, NULL: not served here */
-    const ahead_t *const *routers; /* [nlayers]: a layer's router for guessing it (router, bias, E), NULL: none */
+    const ahead_t *const *routers; /* [nlayers]: a layer's router for guessing it (router, bias, E: the rest
+                                    * is filled per lookahead), NULL: none */
     int32_t *next;               /* [nlayers]: the layer looked ahead at after this one, -1 none */
     int32_t *previous;           /* [nslots]: the layer of the slot's last request, -1 none */
     int32_t *experts;            /* [nlayers]: the layer's number of experts */
@@ -58,7 +58,8 @@ typedef struct {
     int32_t pending, last_layer;
     int64_t budget, quiet;       /* lookahead bytes (0: off); QUIET */
     int32_t empty_max, skip_n;   /* EMPTY, SKIP */
-    double hold_s, answered;     /* HOLD_S; when the last answer was written (0: none yet) */
+    double hold_s, idle_s;       /* HOLD_S; decode_loop.py's IDLE_S */
+    double answered;             /* when the last answer was written (0: none yet) */
     double stats[S_N];
 } loop_t;
 
@@ -98,16 +99,14 @@ static void after(loop_t *L, int i, int layer, const tokens_t *t) {
     }
     const int nxt = L->next[layer];
     if (nxt < 0) return;
-    const block_t *b = L->blocks[nxt];
-    const ahead_t *r = L->routers[nxt];
-    const uint8_t *allowed = NULL;
+    ahead_t a = *L->routers[nxt];
+    a.nwords = L->nslots, a.words = L->words, a.seen = L->seen, a.max_s = 0.0, a.budget = L->budget;
+    a.predicted = L->guess, a.allowed = NULL, a.experts = L->experts[nxt];
     if (L->asked[nxt] >= L->quiet) {
         for (int e = 0; e < L->experts[nxt]; e++) L->allowed[e] = L->last[nxt][e] >= L->asked[nxt] - L->quiet;
-        allowed = L->allowed;
+        a.allowed = L->allowed;
     }
-    const int64_t read = lookahead(b->bits, b->nthreads, t->M, t->topk, b->H, b->I, b->G13, b->G2, t->xbf16, t->x,
-                                   r->router, r->bias, r->E, b->first, b->count, b->q13, b->s13, b->q2, b->s2, L->words,
-                                   L->seen, L->nslots, 0.0, L->budget, L->guess, allowed, L->experts[nxt]);
+    const int64_t read = krasis_lookahead(L->blocks[nxt], t, &a);
     if (read < 0) return; /* out of memory: no lookahead, the layers are still served */
     L->stats[S_AHEAD_CALLS] += 1, L->stats[S_AHEAD_BYTES] += (double)read;
     L->pending = nxt;
@@ -139,10 +138,7 @@ int krasis_loop(loop_t *L, double idle_s, double max_s) {
         const int64_t layer = s->hdr[LAYER_WORD], m = s->hdr[M_WORD], code = s->hdr[DTYPE_WORD];
         if (layer < 0 || layer >= L->nlayers || !L->blocks[layer] || m < 1 || m > L->max_m || (code != X_FLOAT32 && code != X_BF16)) return i;
         const tokens_t t = {(int)m, L->topk, code == X_BF16, s->x, s->ids, s->weights, s->out};
-        const block_t *b = L->blocks[layer];
-        const int pairs = moe_layer(b->bits, b->act, b->nthreads, t.M, t.topk, b->H, b->I, b->G13, b->G2, t.xbf16, t.x,
-                                    t.ids, t.weights, b->first, b->count, b->q13, b->s13, b->q2, b->s2, b->b13, b->b2,
-                                    t.out);
+        const int pairs = krasis_moe_layer(L->blocks[layer], &t);
         if (pairs < 0) return i;
         const double done = omp_get_wtime();
         L->seen[i] = number;
@@ -153,7 +149,7 @@ int krasis_loop(loop_t *L, double idle_s, double max_s) {
         st[S_CALLS] += 1, st[S_TOKENS] += (double)m, st[S_PAIRS] += pairs;
         if (m > st[S_MAX_M]) st[S_MAX_M] = (double)m;
         st[S_KERNEL] += done - seen_at, st[S_SERVE] += answered - seen_at;
-        if (L->answered > 0 && seen_at - L->answered < IDLE_S) {
+        if (L->answered > 0 && seen_at - L->answered < L->idle_s) {
             const int later = layer > L->last_layer;
             st[later ? S_GAP : S_STEP_GAP] += seen_at - L->answered;
             st[later ? S_GAPS : S_STEP_GAPS] += 1;

@@ -12,11 +12,14 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-import torch
 
 from ..shared.mailbox import REQUEST, Slot
 from . import native
 from .lookahead import EMPTY, HOLD_S, QUIET, SKIP
+
+# A wait for a request longer than this is idle time (a prefill, no request), not a step's turn: left out
+# of the gap counters, by the C loop and main.py's alike.
+IDLE_S = 0.05
 
 
 def _pointers(values: list) -> ctypes.Array:
@@ -41,14 +44,9 @@ class DecodeLoop:
             native.SlotParts(slot.hdr.ctypes.data, slot.x.data_ptr(), slot.ids.data_ptr(), slot.weights.data_ptr(),
                              slot.out.data_ptr()) for slot in slots))
         blocks = [getattr(kernels.get(layer), "block", None) for layer in range(layers)]
-        heads = {}  # layer -> the Ahead struct of its router, and the tensors it points into
-        for layer, (router, bias) in routers.items():
-            if blocks[layer] is None:
-                continue
-            router = router.to(torch.bfloat16).contiguous()
-            bias = None if bias is None else bias.float().contiguous()
-            heads[layer] = (native.Ahead(router.data_ptr(), None if bias is None else bias.data_ptr(), router.shape[0]),
-                            router, bias)
+        # layer -> the ahead_t of its router (the loop fills the rest of a copy per lookahead)
+        heads = {layer: c.router_args(router, bias, blocks[layer].H) for layer, (router, bias) in routers.items()
+                 if blocks[layer] is not None}
         self.next = np.array([next_layer.get(layer, -1) if next_layer.get(layer, -1) in heads else -1
                               for layer in range(layers)], dtype=np.int32)
         self.previous = np.full(len(slots), -1, dtype=np.int32)
@@ -62,15 +60,14 @@ class DecodeLoop:
         self.struct = native.Loop(
             len(slots), layers, shape.max_m, shape.top_k, ctypes.addressof(parts), self.words.ctypes.data,
             self.seen.ctypes.data, ctypes.addressof(blocks_arr := _pointers([b and ctypes.addressof(b) for b in blocks])),
-            ctypes.addressof(routers_arr := _pointers([ctypes.addressof(heads[i][0]) if i in heads else None
+            ctypes.addressof(routers_arr := _pointers([ctypes.addressof(heads[i]) if i in heads else None
                                                        for i in range(layers)])),
             self.next.ctypes.data, self.previous.ctypes.data, self.experts.ctypes.data,
             ctypes.addressof(last_arr := _pointers([a.ctypes.data for a in self.last])), self.asked.ctypes.data,
             self.empty.ctypes.data, self.skip.ctypes.data, allowed.ctypes.data, guess.ctypes.data,
-            -1, -1, budget, QUIET, EMPTY, SKIP, HOLD_S, 0.0)
-        self.guess = guess
+            -1, -1, budget, QUIET, EMPTY, SKIP, HOLD_S, IDLE_S, 0.0)
         # what the struct points into, kept alive with it
-        self._keep = (slots, parts, blocks, heads, blocks_arr, routers_arr, last_arr, allowed)
+        self._keep = (slots, parts, blocks, heads, blocks_arr, routers_arr, last_arr, allowed, guess)
         self._ptr = ctypes.addressof(self.struct)
         self.budget = budget
 

@@ -23,7 +23,7 @@ from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.lifecycle import StartupMarks, die_with_parent, limit_threads
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
-from .decode_loop import DecodeLoop
+from .decode_loop import IDLE_S, DecodeLoop
 from .expert_kernel import c_kernel, kernel_clock, layer_kernel, pin_threads, set_threads, warm_up
 from .lookahead import l2_bytes, routers
 from .native import LOOP_STATS
@@ -35,7 +35,6 @@ from ..shared.weights import load_family, open_source
 # (main() says why).
 SPIN_S = 0.05
 POLL_MS = 1
-IDLE_S = 0.05  # decode_loop.c's: a wait for a request longer than this is idle time, not a step's turn
 
 
 def main() -> None:

@@ -114,7 +114,8 @@ class Loop(ctypes.Structure):
                 *((n, _p) for n in ("slots", "words", "seen", "blocks", "routers", "next", "previous", "experts", "last",
                                     "asked", "empty", "skip", "allowed", "guess")),
                 ("pending", _i), ("last_layer", _i), ("budget", _i64), ("quiet", _i64), ("empty_max", _i), ("skip_n", _i),
-                ("hold_s", ctypes.c_double), ("answered", ctypes.c_double), ("stats", ctypes.c_double * len(LOOP_STATS))]
+                ("hold_s", ctypes.c_double), ("idle_s", ctypes.c_double), ("answered", ctypes.c_double),
+                ("stats", ctypes.c_double * len(LOOP_STATS))]
 
 
 class CKernel:
@@ -244,6 +245,23 @@ class CKernel:
         run.block = block  # for the decode loop (decode_loop.py), which calls the kernel itself
         return run
 
+    @staticmethod
+    def router_args(router: torch.Tensor | None, bias: torch.Tensor | None, hidden: int) -> Ahead:
+        """The ahead_t of a router [E, hidden] (made bf16) and bias [E] (made float32), checked to
+        fit (the tensors it points into are kept on it as `held`); without a router, one that guesses
+        nothing (the caller gives the ids)."""
+        if router is None:
+            args = Ahead(None, None, 0)
+            args.held = ()
+            return args
+        router = router.to(torch.bfloat16).contiguous()
+        bias = None if bias is None else bias.float().contiguous()
+        if router.shape[1] != hidden or (bias is not None and bias.shape != router.shape[:1]):
+            raise ValueError(f"router {list(router.shape)} does not fit experts of hidden size {hidden}")
+        args = Ahead(router.data_ptr(), None if bias is None else bias.data_ptr(), router.shape[0])
+        args.held = (router, bias)
+        return args
+
     def bind_lookahead(self, t: dict[str, torch.Tensor], bits: int, first: int, count: int, threads: int,
                        router: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         """ahead(x, predicted, words, seen, budget, max_s, allowed) -> bytes read: krasis_lookahead
@@ -258,14 +276,8 @@ class CKernel:
         if block is None:
             return None
         hidden = block.H
-        if router is not None:
-            router = router.to(torch.bfloat16).contiguous()
-            bias = None if bias is None else bias.float().contiguous()
-            if router.shape[1] != hidden or (bias is not None and bias.shape != router.shape[:1]):
-                raise ValueError(f"router {list(router.shape)} does not fit experts of hidden size {hidden}")
         fn, b_ptr = self.ahead, ctypes.addressof(block)
-        args = Ahead(None if router is None else router.data_ptr(), None if bias is None else bias.data_ptr(),
-                     0 if router is None else router.shape[0])
+        args = self.router_args(router, bias, hidden)
         a_ptr = ctypes.addressof(args)
         last: list = [None, None, None]
         # the arrays last given (the pool's are the same every call), checked and their addresses
@@ -296,7 +308,7 @@ class CKernel:
                 raise MemoryError("the C lookahead could not allocate its buffers")
             return rc
 
-        ahead.keep = (block, args, router, bias)  # what the structs point into
+        ahead.keep = (block, args)  # what the structs point into
         return ahead
 
     def __call__(self, x, ids, weights, t, bits: int, first: int, count: int, act: str, threads: int) -> torch.Tensor | None:
