@@ -20,6 +20,7 @@ from krasis.coordinator.bench import generate_together
 from krasis.coordinator.processes import RuntimeOptions
 from krasis.cpu_worker import native
 from krasis.cpu_worker.lookahead import QUIET, l2_bytes
+from krasis.shared import mailbox
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
 from krasis.shared.weights import load_family
@@ -31,11 +32,12 @@ HIDDEN, INTER, EXPERTS, TOP_K = 256, 128, 16, 4
 FIRST, COUNT = 4, 8  # this block holds experts [4, 12) of 16
 
 
-def block(fmt: ExpertFormat, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A block of experts in the store layout; the lookahead only reads bytes, so any bytes do."""
-    spec = fmt.tensors(ExpertShape(EXPERTS, TOP_K, HIDDEN, INTER), COUNT)
-    return {n: torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(dtype) if dtype != torch.uint8
-            else torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8) for n, (dtype, shape) in spec.items()}
+def block(fmt: ExpertFormat, gen: torch.Generator, count: int = COUNT) -> dict[str, torch.Tensor]:
+    """`count` experts in the store layout: random codes, scales ~1e-2 (the lookahead only reads
+    bytes, but the decode loop's answers are compared)."""
+    spec = fmt.tensors(ExpertShape(EXPERTS, TOP_K, HIDDEN, INTER), count)
+    return {n: (torch.rand(shape, generator=gen) * 1e-2 + 1e-2).to(dtype) if n.endswith(".s")
+            else torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(dtype) for n, (dtype, shape) in spec.items()}
 
 
 def expert_bytes(t: dict[str, torch.Tensor]) -> int:
@@ -141,10 +143,9 @@ class Pool:
 
     def __init__(self, gen, layers=2, slots=1, routers=None, budget=1 << 30, threads=2):
         from krasis.cpu_worker.decode_loop import DecodeLoop
-        from krasis.shared import mailbox
 
         self.fmt = ExpertFormat("int4", group_size=32)
-        self.t = block_all(self.fmt, gen)
+        self.t = block(self.fmt, gen, EXPERTS)
         shape = mailbox.SlotShape(2, HIDDEN, TOP_K)
         boxes = mailbox.Mailboxes(mailbox.create(shape, slots), shape, slots)
         self.slots = [boxes.slot(i) for i in range(slots)]
@@ -167,14 +168,6 @@ class Pool:
         return self.loop.stats()
 
 
-def block_all(fmt, gen):
-    """Every expert of a layer: random codes, scales ~1e-2 (any bytes would do for the lookahead, but
-    the loop's answers are compared)."""
-    spec = fmt.tensors(ExpertShape(EXPERTS, TOP_K, HIDDEN, INTER), EXPERTS)
-    return {n: (torch.rand(shape, generator=gen) * 1e-2 + 1e-2).to(dtype) if n.endswith(".s")
-            else torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(dtype) for n, (dtype, shape) in spec.items()}
-
-
 def test_the_loop_answers_what_the_kernel_computes_and_returns_what_it_does_not_serve():
     """Each request is answered in its slot with the layer kernel's own result and counted; a layer
     with no block here, or x in fp16, is returned to the caller untaken and unanswered."""
@@ -184,22 +177,17 @@ def test_the_loop_answers_what_the_kernel_computes_and_returns_what_it_does_not_
     number = pool.publish(0, [1, 3, 5, 7], x, dtype=torch.float32)
     assert pool.serve() == -1
     slot = pool.slots[0]
-    assert slot.hdr[mailbox_words()["REPLY"]] == number and slot.hdr[mailbox_words()["ERROR"]] == 0
+    assert slot.hdr[mailbox.REPLY] == number and slot.hdr[mailbox.ERROR] == 0
     want = pool.c(x, torch.tensor([[1, 3, 5, 7]]), torch.full((1, TOP_K), 0.25), pool.t, 4, 0, EXPERTS, "silu", 2)
     assert want.abs().max() > 0 and torch.equal(slot.out[:1], want)
     st = pool.stats()
     assert st["calls"] == 1 and st["tokens"] == 1 and st["pairs"] == TOP_K and st["max_m"] == 1
     assert 0 < st["kernel_s"] <= st["serve_s"]
     pool.publish(5, [0, 1, 2, 3])  # no such layer here
-    assert pool.serve() == 0 and pool.loop.seen[0] == number and slot.hdr[mailbox_words()["REPLY"]] == number
+    assert pool.serve() == 0 and pool.loop.seen[0] == number and slot.hdr[mailbox.REPLY] == number
     pool.loop.seen[0] = slot.request()  # taken by the caller
     pool.publish(0, [0, 1, 2, 3], dtype=torch.float16)
     assert pool.serve() == 0 and pool.stats()["calls"] == 1
-
-
-def mailbox_words():
-    from krasis.shared import mailbox
-    return {"REPLY": mailbox.REPLY, "ERROR": mailbox.ERROR}
 
 
 def test_experts_never_asked_for_are_left_out_after_quiet_requests():
