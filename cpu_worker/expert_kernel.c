@@ -1033,7 +1033,7 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         clock_mark(clk_in, tid);
-        if (tid == 0) team = reading = nt; /* seen by all after the single below */
+        if (tid == 0) team = reading = nt; /* seen by all after the barrier below */
         if (router) {
             float *xf = logits + (size_t)M * E;
             if (xbf16) {
@@ -1045,8 +1045,10 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
                 for (int t = 0; t < M; t++)
                     logits[(size_t)t * E + e] = router_dot(router + (size_t)e * H, (xbf16 ? xf : (const float *)x) + (size_t)t * H, H)
                                                 + (bias ? bias[e] : 0.0f);
-#pragma omp single
-            for (int t = 0; t < M; t++) { /* top-k by selection: k and E are small */
+        }
+        /* The guess's serial part, on the first thread: the one that watches for requests (halted). */
+        if (tid == 0) {
+            for (int t = 0; router && t < M; t++) { /* top-k by selection: k and E are small */
                 if (halted(&h)) { /* came during the router: no guess (see above) */
                     for (size_t i = (size_t)t * topk; i < mk; i++) predicted[i] = -1;
                     break;
@@ -1060,14 +1062,12 @@ static int64_t lookahead(int bits, int nthreads, int M, int topk, int H, int I, 
                     l[best] = -INFINITY;
                 }
             }
-        }
-#pragma omp single
-        {
             for (size_t i = 0; i < mk; i++)
                 want[i] = allowed && predicted[i] >= 0 && predicted[i] < E_all && !allowed[predicted[i]] ? -1 : predicted[i];
             na = halted(&h) ? 0 : group_by_expert(want, mk, topk, first, count, fill, active, off, tok, slot);
             guessed = omp_get_wtime();
         }
+#pragma omp barrier
 
         int64_t left = budget / nt;
         uint64_t acc = 0;
