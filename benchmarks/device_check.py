@@ -470,10 +470,12 @@ def dequant_check():
 
 
 def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: int = 8):
-    """The fused expert kernel of decode on the GPU (w13 then w2 of a Qwen3-30B-A3B layer, INT4/g32,
-    routing uniform over 128 experts) at 1-32 tokens, all held and with half the pairs not held
-    (row -1: hcs_hybrid's cold choices, which it skips), as a graph of 20 calls."""
-    from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
+    """Decode's expert products on the GPU (w13 then w2 of a Qwen3-30B-A3B layer, INT4/g32, routing
+    uniform over 128 experts) at 1-32 tokens, all held and with half the pairs not held (row -1:
+    hcs_hybrid's cold choices), as a graph of 20 calls: a program per pair (expert_gemv) against the
+    pairs grouped by expert (pair_groups + expert_grouped, its sort counted) at a few tilings, and
+    the distinct experts' bytes over the grouped time (what GROUPED_MIN_PAIRS is chosen from)."""
+    from krasis.gpu_worker.expert_gemv_kernel import expert_gemv, expert_grouped, pair_groups
     from krasis.shared.expert_store import ExpertFormat
     from krasis.shared.quant import quantized
 
@@ -482,29 +484,32 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
     for name, (o, i) in (("w13", (2 * inter, hidden)), ("w2", (hidden, inter))):
         one = quantized(fmt, torch.randn(o, i) * 0.05, name)
         t |= {n: v.unsqueeze(0).expand(num, *v.shape).contiguous().cuda() for n, v in one.items()}
+    expert_bytes = sum(v[0].numel() * v.element_size() for v in t.values())
     row = {}
-    for m in (1, 4, 16, 32):
+    for m in (1, 2, 4, 8, 16, 32):
         held = torch.stack([torch.randperm(num)[:k] for _ in range(m)]).reshape(-1).cuda()
         half = torch.where(torch.arange(m * k, device="cuda") % 2 == 0, held, -1)
-        x13, x2 = torch.randn(m * k, hidden, device="cuda").bfloat16(), torch.randn(m * k, inter, device="cuda").bfloat16()
+        x = torch.randn(m, hidden, device="cuda").bfloat16()
+        a = torch.randn(m * k, inter, device="cuda").bfloat16()
         for name, rows in (("held", held), ("half_cold", half)):
-            def call():
-                return expert_gemv(fmt, t, "w13", rows, x13), expert_gemv(fmt, t, "w2", rows, x2)
+            def pairs():
+                return expert_gemv(fmt, t, "w13", rows, x, x_div=k, dtype=x.dtype), expert_gemv(fmt, t, "w2", rows, a, dtype=a.dtype)
 
-            row[f"m{m}_{name}_us"] = graph_us(call, 10)[0]
-        # (output rows a program, row bytes a loop step, warps): the default read a layer's 21 MB at
-        # 1.16 TB/s at one token on the H200 (session 20), a quarter of its HBM
-        want = expert_gemv(fmt, t, "w13", held, x13), expert_gemv(fmt, t, "w2", held, x2)
-        for tiles in ((16, 128, 4), (32, 256, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8), (16, 256, 4)):
-            def call():
-                return expert_gemv(fmt, t, "w13", held, x13, tiles), expert_gemv(fmt, t, "w2", held, x2, tiles)
+            row[f"m{m}_{name}_pairs_us"], want = graph_us(pairs, 10)
+            for tiles in (None, (16, 32, 64, 4), (16, 64, 128, 4), (16, 128, 64, 8), (16, 64, 32, 4)):
+                def grouped():
+                    g = pair_groups(rows)
+                    return (expert_grouped(fmt, t, "w13", g, x, tiles, x_div=k), expert_grouped(fmt, t, "w2", g, a, tiles))
 
-            tag = f"m{m}_tiles_{'_'.join(map(str, tiles))}"
-            try:
-                row[f"{tag}_us"], got = graph_us(call, 10)
-                row[f"{tag}_same"] = all(torch.allclose(g, w, rtol=1e-5, atol=1e-5) for g, w in zip(got, want))
-            except Exception as e:  # past the registers: the others still run
-                row[f"{tag}_error"] = str(e)[:200]
+                tag = f"m{m}_{name}_grouped" + ("" if tiles is None else "_" + "_".join(map(str, tiles)))
+                try:
+                    row[f"{tag}_us"], got = graph_us(grouped, 10)
+                    row[f"{tag}_err"] = max(float((g.float() - w.float()).abs().max() / w.float().abs().max())
+                                            for g, w in zip(got, want))
+                except Exception as e:  # past the registers or shared memory: the others still run
+                    row[f"{tag}_error"] = str(e)[:200]
+            distinct = int(torch.unique(rows[rows >= 0]).numel())
+            row[f"m{m}_{name}_distinct_GBps"] = round(distinct * expert_bytes / row[f"m{m}_{name}_grouped_us"] / 1e3, 1)
     log("expert_gemv", row)
     RESULTS["expert_gemv"] = row
 

@@ -141,10 +141,12 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     matrix-vector product, so that nothing waits for the host and the step can be a CUDA graph
     (decode: hcs_hybrid's hot share, resident layers). A pair not held weighs 0, and the fused
     kernel skips it (hcs_hybrid's cold pairs: with a hot set of half the experts, half the pairs).
-    It reads M * k experts' weights (the L2 serves an expert's repeats), which only a decode step's
-    few rows make cheaper than finding the active ones on the host (moe_blocks). A token's pairs
+    A few pairs read an expert each (the L2 serves an expert's repeats); from GROUPED_MIN_PAIRS the
+    pairs are sorted by expert on the device and each expert is read once; either is cheaper for a
+    decode step's few rows than finding the active ones on the host (moe_blocks). A token's pairs
     are summed in their own order, not by a scatter's atomics, so a graph's replay and an eager step
-    agree bit for bit, and a token's result does not depend on the others in its step."""
+    agree bit for bit, and a token's result depends on the others in its step only through their
+    number (which kernel runs)."""
     m, k = local.shape
     rows = local.reshape(-1)
     wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
@@ -163,17 +165,27 @@ def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: i
                      fmt: ExpertFormat, act: str) -> torch.Tensor:
     """moe_pairs in four launches where the experts are quantized and have no biases (CUDA; Triton's
     interpreter in the tests): each projection reads its token's row of x by the pair's number and
-    writes x's dtype, the activation keeps the pairs that weigh something, and the combine writes
+    writes x's dtype (from GROUPED_MIN_PAIRS pairs, two more launches sort them by expert, and each
+    expert's weights are read once for all its pairs: expert_gemv_kernel.py), the activation keeps the pairs that weigh something, and the combine writes
     the float32 sum in token order. The generic path (_block) gathers x, casts both projections'
     outputs, builds the pairs' indices and zeroes `out` first: six more small kernels a decode layer
     for the same numbers on CUDA (tests/test_dequant.py compares the two, this one in x's dtype and
     the generic one in float32)."""
-    from .expert_gemv_kernel import expert_gemv
+    from .expert_gemv_kernel import GROUPED_MIN_PAIRS, expert_gemv, expert_grouped, pair_groups
 
-    gu = expert_gemv(fmt, t, "w13", rows, x, x_div=k, dtype=x.dtype)
+    if rows.numel() >= GROUPED_MIN_PAIRS and x.dtype in (torch.bfloat16, torch.float16):
+        groups = pair_groups(rows)
+
+        def product(name, v, x_div=1):
+            return expert_grouped(fmt, t, name, groups, v, x_div=x_div)
+    else:
+        def product(name, v, x_div=1):
+            return expert_gemv(fmt, t, name, rows, v, x_div=x_div, dtype=x.dtype)
+
+    gu = product("w13", x, k)
     a = masked_act(gu, act, wt)
     del gu
-    y = expert_gemv(fmt, t, "w2", rows, a, dtype=x.dtype)
+    y = product("w2", a)
     del a
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     combine_pairs(y, None, wt, out, add=False)

@@ -65,6 +65,27 @@ for kind in ("int4", "int8"):
         else:  # the interpreter's cast truncates
             assert torch.allclose(got.float(), f32, rtol=2**-7, atol=0)
 
+# the grouped product (pairs sorted by expert, an expert's weights read once for all its pairs) against
+# the weights dequantized to x's dtype times x in float32: rows -1 zero, an expert with more pairs than
+# one pass (16), pairs out of order, x_div. The interpreter's bfloat16 dot is wrong (Triton 3.9:
+# ~1e10 for unit inputs), so it runs in float16 there and in both on CUDA.
+from krasis.gpu_worker.expert_gemv_kernel import expert_grouped, pair_groups
+for kind in ("int4", "int8"):
+    for O, K, group, n in ((5, 96, 32, 4), (45, 288, 96, 4), (70, 512, 128, 3)):
+        fmt = ExpertFormat(kind, torch.bfloat16, group)
+        parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
+        t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
+        rows = torch.tensor([n - 1, 0, -1, n - 1, 1, 0, -1] + [n - 1] * 17 + [2, 1], device=dev)
+        for dtype in (torch.float16, torch.bfloat16) if dev == "cuda" else (torch.float16,):
+            x = torch.randn(rows.numel() // 2, K, device=dev).to(dtype)
+            y = expert_grouped(fmt, t, "w", pair_groups(rows), x, x_div=2)
+            w = dequant_reference(fmt, t, "w", rows.clamp(min=0), dtype).float()
+            want = torch.bmm(w, x.float().repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1)
+            assert y.dtype == dtype and y.shape == want.shape, (y.dtype, y.shape)
+            assert not y[rows < 0].any()
+            err = float((y.float() - want)[rows >= 0].abs().max() / want.abs().max())
+            assert err < (2e-3 if dtype == torch.float16 else 1e-2), (kind, O, K, dtype, err)
+
 # moe_pairs's four launches (quantized experts, no biases) against its generic path in float32: the
 # same products, x's rounding between them; choices not held (-1) and held ones weighing nothing
 from krasis.gpu_worker.moe_gpu import moe_pairs, pairs_in_kernels
@@ -76,17 +97,20 @@ for kind in ("int4", "int8"):
     for name, (O, K) in (("w13", (2 * I, H)), ("w2", (H, I))):
         parts = [quantized(fmt, torch.randn(O, K) * 0.2, name) for _ in range(E)]
         t |= {n: torch.stack([p[n] for p in parts]).to(dev) for n in parts[0]}
-    x = torch.randn(M, H, device=dev).bfloat16()
-    local = torch.tensor([[0, 4, -1, 2], [3, 3, 1, -1], [-1, -1, 0, 4]], device=dev)
-    weights = torch.rand(M, k, device=dev)
-    weights[1, 2] = 0.0
-    rows = local.reshape(-1)
-    wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
-    got = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu")
-    want = moe_pairs(x.float().cpu(), local.cpu(), weights.cpu(), {n: v.cpu() for n, v in t.items()}, fmt, "silu")
-    assert got.dtype == torch.float32 and got.shape == (M, H)
-    err = float((got.cpu() - want).abs().max() / want.abs().max())
-    assert err < 3e-2, (kind, err)
+    # 3 tokens: a program per pair; 12 (48 pairs, GROUPED_MIN_PAIRS 32): grouped by expert, in float16
+    # under the interpreter (its bfloat16 dot is wrong)
+    for M, dtype in ((3, torch.bfloat16), (12, torch.bfloat16 if dev == "cuda" else torch.float16)):
+        x = torch.randn(M, H, device=dev).to(dtype)
+        local = torch.tensor([[0, 4, -1, 2], [3, 3, 1, -1], [-1, -1, 0, 4]] * (M // 3), device=dev)
+        weights = torch.rand(M, k, device=dev)
+        weights[1, 2] = 0.0
+        rows = local.reshape(-1)
+        wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
+        got = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu")
+        want = moe_pairs(x.float().cpu(), local.cpu(), weights.cpu(), {n: v.cpu() for n, v in t.items()}, fmt, "silu")
+        assert got.dtype == torch.float32 and got.shape == (M, H)
+        err = float((got.cpu() - want).abs().max() / want.abs().max())
+        assert err < 3e-2, (kind, M, err)
 print("ok")
 """
 
