@@ -475,7 +475,8 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
     hcs_hybrid's cold choices), as a graph of 20 calls: a program per pair (expert_gemv) against the
     pairs grouped by expert (pair_groups + expert_grouped, its sort counted) at a few tilings, and
     the distinct experts' bytes over the grouped time (what GROUPED_MIN_PAIRS is chosen from)."""
-    from krasis.gpu_worker.expert_gemv_kernel import expert_gemv, expert_grouped, pair_groups
+    from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
+    from krasis.gpu_worker.expert_grouped_kernel import expert_grouped, pair_groups
     from krasis.shared.expert_store import ExpertFormat
     from krasis.shared.quant import quantized
 
@@ -496,7 +497,7 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
                 return expert_gemv(fmt, t, "w13", rows, x, x_div=k, dtype=x.dtype), expert_gemv(fmt, t, "w2", rows, a, dtype=a.dtype)
 
             row[f"m{m}_{name}_pairs_us"], want = graph_us(pairs, 10)
-            for tiles in (None, (16, 32, 64, 4), (16, 64, 128, 4), (16, 128, 64, 8), (16, 64, 32, 4)):
+            for tiles in (None, (16, 32, 64, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 8, 3), (16, 64, 32, 4, 2)):
                 def grouped():
                     g = pair_groups(rows)
                     return (expert_grouped(fmt, t, "w13", g, x, tiles, x_div=k), expert_grouped(fmt, t, "w2", g, a, tiles))
@@ -512,6 +513,49 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
             row[f"m{m}_{name}_distinct_GBps"] = round(distinct * expert_bytes / row[f"m{m}_{name}_grouped_us"] / 1e3, 1)
     log("expert_gemv", row)
     RESULTS["expert_gemv"] = row
+    expert_gemm_timing(t, fmt, num, hidden, inter, k)
+
+
+def expert_gemm_timing(t, fmt, num: int, hidden: int, inter: int, k: int, chunk: int = 4096):
+    """A prompt chunk's routed experts for one Qwen3-30B-A3B layer (the rows sorted by expert, uniform
+    routing) through w13 and w2: every expert dequantized into bf16 and torch's grouped product (the
+    path before session 26) against expert_gemm's product dequantizing tile by tile, at a few tilings,
+    as a graph of 20 calls; the same outputs to bf16 rounding."""
+    from krasis.gpu_worker.dequant import dequant_rows
+    from krasis.gpu_worker.expert_grouped_kernel import expert_gemm
+    from krasis.shared.routing_stats import count_choices
+
+    ids = torch.stack([torch.randperm(num)[:k] for _ in range(chunk)]).cuda()
+    key, order = torch.sort(ids.reshape(-1), stable=True)
+    counts = count_choices(key, num)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    tok = order // k
+    x = torch.randn(chunk, hidden, device="cuda").bfloat16()
+    a = torch.randn(chunk * k, inter, device="cuda").bfloat16()
+    row = {}
+
+    def torch_path():
+        w13 = dequant_rows(fmt, t, "w13", None, torch.bfloat16)
+        gu = torch._grouped_mm(x.index_select(0, tok), w13.transpose(-2, -1), offs=offs)
+        del w13
+        w2 = dequant_rows(fmt, t, "w2", None, torch.bfloat16)
+        return gu, torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+
+    row["dequant_grouped_mm_us"], want = graph_us(torch_path, 3)
+    flop = 2 * chunk * k * 3 * hidden * inter
+    for tiles in (None, (64, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4)):
+        def fused():
+            return expert_gemm(fmt, t, "w13", x, tok, counts, None, tiles), expert_gemm(fmt, t, "w2", a, None, counts, None, tiles)
+
+        tag = "fused" + ("" if tiles is None else "_" + "_".join(map(str, tiles)))
+        try:
+            row[f"{tag}_us"], got = graph_us(fused, 3)
+            row[f"{tag}_tflops"] = round(flop / row[f"{tag}_us"] / 1e6, 1)
+            row[f"{tag}_err"] = max(float((g.float() - w.float()).abs().max() / w.float().abs().max()) for g, w in zip(got, want))
+        except Exception as e:  # past the registers or shared memory: the others still run
+            row[f"{tag}_error"] = str(e)[:200]
+    log("expert_gemm", row)
+    RESULTS["expert_gemm"] = row
 
 
 def graphs_check():

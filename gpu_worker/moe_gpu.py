@@ -8,6 +8,10 @@ dequantized once on the device, then one grouped GEMM per projection.
     Y     = grouped_mm(X_sorted, W13^T);  A = act(Y);  Z = grouped_mm(A, W2^T)
     out  += sum over each token's k pairs of w * Z                    in float32
 
+On CUDA, quantized experts are dequantized inside the grouped product (expert_grouped_kernel.py:
+expert_gemm), tile by tile, instead of into a bf16 copy of every expert that torch's product reads
+again, and the product reads each row of x where it lies instead of from a sorted copy.
+
 Where the pairs are all of a chunk's (token, slot) pairs (a prompt chunk), the combine gathers each
 token's k rows of Z and sums them, with no scatter-add: at 10K tokens Z is ~0.3 GB, and the float32
 atomics and masking passes of a scatter cost ~2 ms per layer (on CUDA one Triton pass,
@@ -20,14 +24,16 @@ live (pinned host views, a staging slot, a hot-expert cache) and `lookup` int64 
 maps a layer's expert id to its row in the tensors, or -1 where the block does not hold it. Every
 strategy hands its experts to `moe_blocks` in that one form.
 
-`torch._grouped_mm` (bf16, sm90) is used on CUDA; elsewhere, and in float32, the same sorted rows go
-through one F.linear per active expert. `moe_pairs` (hcs_hybrid decode) makes every (token, choice)
+`torch._grouped_mm` (bf16, sm90) is used on CUDA for unquantized experts; elsewhere, and in float32,
+the same sorted rows go through one F.linear per active expert. `moe_pairs` (hcs_hybrid decode) makes every (token, choice)
 pair its own group, so nothing waits for the host; each is then one matrix-vector product, which
 on CUDA dequantizes in the kernel (expert_gemv_kernel.py). `shared/moe.py:moe_reference` is the
 plain reference; they agree to rounding (tests/test_strategies.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,11 @@ from ..shared.expert_store import ExpertFormat
 from ..shared.moe import gated_act
 from ..shared.routing_stats import count_choices
 from .dequant import dequant_rows
+
+# KRASIS_GROUPED_KERNELS=0: quantized experts as before expert_grouped_kernel.py (prefill dequantizes
+# every expert into bf16 for torch's grouped product, decode runs a program per pair), to compare or
+# to debug.
+GROUPED_KERNELS = os.environ.get("KRASIS_GROUPED_KERNELS", "1") != "0"
 
 
 class RoutedExperts:
@@ -166,14 +177,15 @@ def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: i
     """moe_pairs in four launches where the experts are quantized and have no biases (CUDA; Triton's
     interpreter in the tests): each projection reads its token's row of x by the pair's number and
     writes x's dtype (from GROUPED_MIN_PAIRS pairs, two more launches sort them by expert, and each
-    expert's weights are read once for all its pairs: expert_gemv_kernel.py), the activation keeps the pairs that weigh something, and the combine writes
-    the float32 sum in token order. The generic path (_block) gathers x, casts both projections'
+    expert's weights are read once for all its pairs: expert_grouped_kernel.py), the activation
+    keeps the pairs that weigh something, and the combine writes the float32 sum in token order. The generic path (_block) gathers x, casts both projections'
     outputs, builds the pairs' indices and zeroes `out` first: six more small kernels a decode layer
     for the same numbers on CUDA (tests/test_dequant.py compares the two, this one in x's dtype and
     the generic one in float32)."""
-    from .expert_gemv_kernel import GROUPED_MIN_PAIRS, expert_gemv, expert_grouped, pair_groups
+    from .expert_gemv_kernel import expert_gemv
+    from .expert_grouped_kernel import GROUPED_MIN_PAIRS, expert_grouped, pair_groups
 
-    if rows.numel() >= GROUPED_MIN_PAIRS and x.dtype in (torch.bfloat16, torch.float16):
+    if GROUPED_KERNELS and rows.numel() >= GROUPED_MIN_PAIRS and x.dtype in (torch.bfloat16, torch.float16):
         groups = pair_groups(rows)
 
         def product(name, v, x_div=1):
@@ -227,16 +239,26 @@ def _block(x, t, fmt: ExpertFormat, act: str, grouped: bool, out, tok, wt, erow,
     `counts` the pairs per group (None: one each); `combine` (when the pairs are every (token,
     slot) of x) is combine_pairs's (inv, w): where each (token, slot) pair sits among the sorted
     pairs (None: they are in token order), and its weight in token order."""
-    offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
-    sizes = None if grouped or counts is None else counts.tolist()
-    proj = dict(offs=offs, counts=sizes, grouped=grouped)
-    gu = _project(x.index_select(0, tok), fmt, t, "w13", experts, **proj)
+    if grouped and fmt.kind != "dense" and GROUPED_KERNELS:  # dequantized in the product, which gathers x's rows
+        from .expert_grouped_kernel import expert_gemm
+
+        def project(v, name, rows):
+            return expert_gemm(fmt, t, name, v, rows, counts, experts)
+    else:
+        offs = torch.cumsum(counts, 0).to(torch.int32) if counts is not None else None
+        sizes = None if grouped or counts is None else counts.tolist()
+
+        def project(v, name, rows):
+            v = v if rows is None else v.index_select(0, rows)
+            return _project(v, fmt, t, name, experts, offs=offs, counts=sizes, grouped=grouped)
+
+    gu = project(x, "w13", tok)
     if "b13" in t:
         gu = gu + t["b13"].index_select(0, erow).to(x.dtype)
     # a pair outside the block (weight 0) gets a zero activation: its rows may have overflowed to inf
     a = masked_act(gu, act, wt != 0)
     del gu
-    y = _project(a, fmt, t, "w2", experts, **proj)
+    y = project(a, "w2", None)
     del a
     if "b2" in t:
         y = y + t["b2"].index_select(0, erow).to(x.dtype)

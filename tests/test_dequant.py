@@ -69,7 +69,7 @@ for kind in ("int4", "int8"):
 # the weights dequantized to x's dtype times x in float32: rows -1 zero, an expert with more pairs than
 # one pass (16), pairs out of order, x_div. The interpreter's bfloat16 dot is wrong (Triton 3.9:
 # ~1e10 for unit inputs), so it runs in float16 there and in both on CUDA.
-from krasis.gpu_worker.expert_gemv_kernel import expert_grouped, pair_groups
+from krasis.gpu_worker.expert_grouped_kernel import expert_grouped, pair_groups
 for kind in ("int4", "int8"):
     for O, K, group, n in ((5, 96, 32, 4), (45, 288, 96, 4), (70, 512, 128, 3)):
         fmt = ExpertFormat(kind, torch.bfloat16, group)
@@ -85,6 +85,30 @@ for kind in ("int4", "int8"):
             assert not y[rows < 0].any()
             err = float((y.float() - want)[rows >= 0].abs().max() / want.abs().max())
             assert err < (2e-3 if dtype == torch.float16 else 1e-2), (kind, O, K, dtype, err)
+
+# the prefill's grouped product: rows sorted into groups (one empty, one over two tiles of 16 rows), each
+# group's expert a row of t (out of order, or group g row g), the input gathered by idx or x in order
+from krasis.gpu_worker.expert_grouped_kernel import expert_gemm
+for kind in ("int4", "int8"):
+    for O, K, group, n in ((45, 288, 96, 4), (40, 512, 32, 4)):
+        fmt = ExpertFormat(kind, torch.bfloat16, group)
+        parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
+        t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
+        counts = torch.tensor([3, 0, 37, 5], device=dev)
+        R = int(counts.sum())
+        for experts in (torch.tensor([2, 0, 3, 1], device=dev), None):
+            for gather in (True, False):
+                dtype = torch.bfloat16 if dev == "cuda" else torch.float16
+                x = torch.randn(R + 3 if gather else R, K, device=dev).to(dtype)
+                idx = torch.randperm(R + 3, device=dev)[:R] if gather else None
+                y = expert_gemm(fmt, t, "w", x, idx, counts, experts, tiles=(16, 32, 64, 4, 2))
+                erows = (experts if experts is not None else torch.arange(4, device=dev)).repeat_interleave(counts)
+                xs = x[idx] if gather else x
+                w = dequant_reference(fmt, t, "w", erows, dtype).float()
+                want = torch.bmm(w, xs.float().unsqueeze(-1)).squeeze(-1)
+                assert y.shape == (R, O) and y.dtype == dtype, (y.shape, y.dtype)
+                err = float((y.float() - want).abs().max() / want.abs().max())
+                assert err < (2e-3 if dtype == torch.float16 else 1e-2), (kind, O, K, gather, err)
 
 # moe_pairs's four launches (quantized experts, no biases) against its generic path in float32: the
 # same products, x's rounding between them; choices not held (-1) and held ones weighing nothing

@@ -156,7 +156,7 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
 def test_grouped_moe_matches_reference(kind, device):
     """moe_blocks and moe_pairs against moe_reference (on CUDA, moe_pairs' quantized projections
-    are the fused kernel of expert_gemv_kernel.py)."""
+    are the fused kernel of expert_gemv_kernel.py, and moe_blocks' in bf16 expert_grouped_kernel.py's)."""
     torch.manual_seed(0)
     E, H, I, M, k = 6, 64, 32, 40, 3
     fmt = ExpertFormat(kind, torch.float32, 16)
@@ -188,13 +188,22 @@ def test_grouped_moe_matches_reference(kind, device):
         want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), t, fmt, 0, E).to(device)
         assert got.dtype == torch.float32
         assert float((got - want).norm() / want.norm()) < 1e-5
+    if device == "cuda":  # in bf16: torch's grouped product (dense) or the quantized one of expert_grouped_kernel.py
+        for m in (M, 1):
+            got = moe_blocks(x[:m].bfloat16(), ids[:m], w[:m], blocks, fmt)
+            want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), t, fmt, 0, E).to(device)
+            assert float((got - want).norm() / want.norm()) < 2e-2
     # one group per (token, choice), as hcs_hybrid decode runs its hot share: only the reversed
-    # block's experts count; the others read row 0 with weight 0
+    # block's experts count; the others read row 0 with weight 0 (in bf16 on CUDA, 40 tokens group
+    # their pairs by expert: expert_grouped_kernel.py)
     for m in (M, 1):
-        got = moe_pairs(x[:m], lk_rev[ids[:m]], w[:m], rev, fmt)
         want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), {n: v[2:] for n, v in t.items()}, fmt, 2, E - 2).to(device)
+        got = moe_pairs(x[:m], lk_rev[ids[:m]], w[:m], rev, fmt)
         assert got.dtype == torch.float32
         assert float((got - want).norm() / want.norm()) < 1e-5
+        if device == "cuda" and kind != "dense":
+            got = moe_pairs(x[:m].bfloat16(), lk_rev[ids[:m]], w[:m], rev, fmt)
+            assert float((got - want).norm() / want.norm()) < 2e-2
 
 
 def tm_shape(E, H, I):

@@ -1,20 +1,29 @@
-# Session 26's device call (its first call, pool_idle.sh, found no machine: four refusals cost
-# 450 s, so this one call carries both). g0: the grouped expert product (expert_gemv_kernel.py:
-# expert_grouped) against its reference on CUDA in bf16 and fp16 (test_dequant's check), then timed
-# against a program per pair at 1-32 tokens; b: every layer through the pool, session 25's C loop
-# with main.py's idle fix (still_idle, never run on a GPU host) against session 25's start (.old);
-# e1: item 5 with no --vram-budget (the whole model in VRAM), 1 and 32 sequences; d1: the defaults.
-# .old (carried): `git worktree add --detach .old ffb8d9b`.
+# Session 26's device call (its first tries found no machine: six refusals cost 630 s of the 1,800,
+# so this one call carries what the session built and what session 25 left unmeasured).
+# g0: the grouped expert products (gpu_worker/expert_grouped_kernel.py: decode's pairs grouped by
+#     expert, prefill's experts dequantized inside the tile product) against their references on
+#     CUDA (test_dequant's check), then timed against the per-pair kernel (1-32 tokens) and against
+#     dequantize + torch's grouped product (a 4096-token chunk); g1: moe_blocks in bf16 against
+#     moe_reference on CUDA. If g1 fails, the benches run with KRASIS_GROUPED_KERNELS=0.
+# e1: item 5 with no --vram-budget (the whole model in VRAM), 1 and 32 sequences;
+# d1: the defaults after 512 and 10K, 1 and 32 sequences; p0: the 10K prefill with the grouped kernels
+#     off (the A/B of d1's prefill);
+# b1: every layer through the pool: session 25's C loop with main.py's idle fix (still_idle), which
+#     no GPU host has run.
 . benchmarks/gpu_calls/lib.sh
 machine
+step g1 90 python3 -m pytest -q -x tests/test_strategies.py -k "grouped_moe and cuda"
+grep -q " passed" $L/g1.log && ! grep -q "failed\|error" $L/g1.log || { export KRASIS_GROUPED_KERNELS=0; echo "g1 failed: grouped kernels off" | tee -a $L/steps.txt; }
 peer_gguf
-CHECKS=dequant step g0 100 python3 benchmarks/device_check.py --checks dequant --skip-exact --skip-bench
-old_step b0 100 $PB --json $L/b0.json
-step b1 50 $PB --json $L/b1.json
 step e1 110 python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 \
   --decode-tokens 64 --prompt-lens 512 --concurrency 1,32 --json $L/e1.json
 step d1 85 $PD --json $L/d1.json
+step g0 100 python3 benchmarks/device_check.py --checks dequant --skip-exact --skip-bench
+step b1 50 $PB --json $L/b1.json
+KRASIS_GROUPED_KERNELS=0 step p0 45 python3 -m krasis.coordinator bench $PO --prompt-lens 10000 --decode-tokens 8 --json $L/p0.json
 finish
-grep "^expert_gemv" $L/g0.log | tr ',' '\n' | grep -v "_err'" | tr -d "'{}" | paste -sd' ' | fold -w 300
-grep "dequant_exact\|Error\|error" $L/g0.log | cut -c1-400 | head -5
-for s in b0 b1 e1 d1; do echo "== $s"; grep "^| qwen\|pool us\|pool kernel us\|ms per token" $L/$s.log | cut -c1-300; done
+grep "passed\|failed\|Error" $L/g1.log | tail -3
+grep "^expert_gem" $L/g0.log | tr ',' '\n' | grep -v "_err'" | tr -d "'{}" | paste -sd' ' | fold -w 300
+grep -o "'[a-z_0-9]*_err': [0-9.e-]*" $L/g0.log | sort -t: -k2 -g | tail -2
+grep "dequant_exact\|Error\|error" $L/g0.log | cut -c1-600 | head -5
+for s in e1 d1 b1 p0; do echo "== $s"; grep "^| qwen\|pool us\|pool kernel us\|ms per token\|floor" $L/$s.log | cut -c1-300; done
