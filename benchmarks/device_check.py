@@ -543,7 +543,7 @@ def expert_gemm_timing(t, fmt, num: int, hidden: int, inter: int, k: int, chunk:
 
     row["dequant_grouped_mm_us"], want = graph_us(torch_path, 3)
     flop = 2 * chunk * k * 3 * hidden * inter
-    for tiles in (None, (64, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4)):
+    for tiles in (None, (64, 128, 32, 4, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)):
         def fused():
             return expert_gemm(fmt, t, "w13", x, tok, counts, None, tiles), expert_gemm(fmt, t, "w2", a, None, counts, None, tiles)
 

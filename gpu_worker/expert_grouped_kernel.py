@@ -37,12 +37,19 @@ import triton.language as tl
 from ..shared.expert_store import ExpertFormat
 
 # Pairs a decode step from which moe_gpu.pairs_in_kernels groups them (expert_grouped) instead of a
-# program per pair (expert_gemv).
-GROUPED_MIN_PAIRS = 32
+# program per pair (expert_gemv). A Qwen3-30B-A3B layer's w13 + w2 on the H100 (device_check,
+# session 26), a program per pair against grouped, us: 1 token 17.0 / 30.5, 4 tokens 54.8 / 76.0,
+# 16 tokens 185.7 / 179.9, 32 tokens 368.3 / 249.4; with half the pairs not held (hcs_hybrid's cold
+# ones) 16 tokens 106.1 / 123.9 and 32 tokens 198.7 / 204.5. From 32 tokens of 8 choices, then.
+GROUPED_MIN_PAIRS = 256
 
-# (rows a pass, output rows a program, stored bytes of a row a loop step, warps, pipeline stages)
+# (rows a pass, output rows a program, stored bytes of a row a loop step, warps, pipeline stages).
+# Prefill's, a 4096-token chunk of that layer on the H100 (session 26): 1,456 us (212 TFLOP/s)
+# against 2,064 for (64, 128, 64, 8, 3) and 1,676 for dequantizing every expert into bf16 and
+# torch's grouped product; that product alone, on a layer dequantized once for a step's chunks
+# (prefill_strategies: dequant_once), is still the faster one.
 DECODE_TILES = (16, 64, 64, 4, 3)
-PREFILL_TILES = (64, 128, 64, 8, 3)
+PREFILL_TILES = (128, 128, 64, 8, 3)
 
 
 @triton.jit

@@ -121,9 +121,9 @@ for kind in ("int4", "int8"):
     for name, (O, K) in (("w13", (2 * I, H)), ("w2", (H, I))):
         parts = [quantized(fmt, torch.randn(O, K) * 0.2, name) for _ in range(E)]
         t |= {n: torch.stack([p[n] for p in parts]).to(dev) for n in parts[0]}
-    # 3 tokens: a program per pair; 12 (48 pairs, GROUPED_MIN_PAIRS 32): grouped by expert, in float16
+    # 3 tokens: a program per pair; 66 (264 pairs, GROUPED_MIN_PAIRS 256): grouped by expert, in float16
     # under the interpreter (its bfloat16 dot is wrong)
-    for M, dtype in ((3, torch.bfloat16), (12, torch.bfloat16 if dev == "cuda" else torch.float16)):
+    for M, dtype in ((3, torch.bfloat16), (66, torch.bfloat16 if dev == "cuda" else torch.float16)):
         x = torch.randn(M, H, device=dev).to(dtype)
         local = torch.tensor([[0, 4, -1, 2], [3, 3, 1, -1], [-1, -1, 0, 4]] * (M // 3), device=dev)
         weights = torch.rand(M, k, device=dev)

@@ -194,8 +194,8 @@ def test_grouped_moe_matches_reference(kind, device):
             want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), t, fmt, 0, E).to(device)
             assert float((got - want).norm() / want.norm()) < 2e-2
     # one group per (token, choice), as hcs_hybrid decode runs its hot share: only the reversed
-    # block's experts count; the others read row 0 with weight 0 (in bf16 on CUDA, 40 tokens group
-    # their pairs by expert: expert_grouped_kernel.py)
+    # block's experts count; the others read row 0 with weight 0 (also in bf16 on CUDA, and there 120
+    # tokens group their pairs by expert: expert_grouped_kernel.py)
     for m in (M, 1):
         want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), {n: v[2:] for n, v in t.items()}, fmt, 2, E - 2).to(device)
         got = moe_pairs(x[:m], lk_rev[ids[:m]], w[:m], rev, fmt)
@@ -204,6 +204,9 @@ def test_grouped_moe_matches_reference(kind, device):
         if device == "cuda" and kind != "dense":
             got = moe_pairs(x[:m].bfloat16(), lk_rev[ids[:m]], w[:m], rev, fmt)
             assert float((got - want).norm() / want.norm()) < 2e-2
+            r = 3 if m == M else 1
+            got = moe_pairs(x[:m].repeat(r, 1).bfloat16(), lk_rev[ids[:m]].repeat(r, 1), w[:m].repeat(r, 1), rev, fmt)
+            assert float((got - want.repeat(r, 1)).norm() / want.repeat(r, 1).norm()) < 2e-2
 
 
 def tm_shape(E, H, I):
