@@ -24,10 +24,12 @@ live (pinned host views, a staging slot, a hot-expert cache) and `lookup` int64 
 maps a layer's expert id to its row in the tensors, or -1 where the block does not hold it. Every
 strategy hands its experts to `moe_blocks` in that one form.
 
-`torch._grouped_mm` (bf16, sm90) is used on CUDA for unquantized experts; elsewhere, and in float32,
-the same sorted rows go through one F.linear per active expert. `moe_pairs` (hcs_hybrid decode) makes every (token, choice)
-pair its own group, so nothing waits for the host; each is then one matrix-vector product, which
-on CUDA dequantizes in the kernel (expert_gemv_kernel.py). `shared/moe.py:moe_reference` is the
+`torch._grouped_mm` (bf16, sm90) is used on CUDA for unquantized experts (and a layer a prefill
+strategy dequantized once for its chunks); elsewhere, and in float32, the same sorted rows go
+through one F.linear per active expert. `moe_pairs` (hcs_hybrid decode, resident layers) makes
+every (token, choice) pair its own group, so nothing waits for the host; on CUDA each is one
+matrix-vector product that dequantizes in the kernel (expert_gemv_kernel.py), or from 32 tokens
+the pairs are grouped by expert on the device (expert_grouped_kernel.py). `shared/moe.py:moe_reference` is the
 plain reference; they agree to rounding (tests/test_strategies.py).
 """
 
@@ -178,10 +180,10 @@ def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: i
     interpreter in the tests): each projection reads its token's row of x by the pair's number and
     writes x's dtype (from GROUPED_MIN_PAIRS pairs, two more launches sort them by expert, and each
     expert's weights are read once for all its pairs: expert_grouped_kernel.py), the activation
-    keeps the pairs that weigh something, and the combine writes the float32 sum in token order. The generic path (_block) gathers x, casts both projections'
-    outputs, builds the pairs' indices and zeroes `out` first: six more small kernels a decode layer
-    for the same numbers on CUDA (tests/test_dequant.py compares the two, this one in x's dtype and
-    the generic one in float32)."""
+    keeps the pairs that weigh something, and the combine writes the float32 sum in token order.
+    The generic path (_block) gathers x, casts both projections' outputs, builds the pairs' indices
+    and zeroes `out` first: six more small kernels a decode layer for the same numbers on CUDA
+    (tests/test_dequant.py compares the two, this one in x's dtype and the generic one in float32)."""
     from .expert_gemv_kernel import expert_gemv
     from .expert_grouped_kernel import GROUPED_MIN_PAIRS, expert_grouped, pair_groups
 
