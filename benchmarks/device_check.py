@@ -519,8 +519,9 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
 def expert_gemm_timing(t, fmt, num: int, hidden: int, inter: int, k: int, chunk: int = 4096):
     """A prompt chunk's routed experts for one Qwen3-30B-A3B layer (the rows sorted by expert, uniform
     routing) through w13 and w2: every expert dequantized into bf16 and torch's grouped product (the
-    path before session 26) against expert_gemm's product dequantizing tile by tile, at a few tilings,
-    as a graph of 20 calls; the same outputs to bf16 rounding."""
+    path before session 26), that product alone on a layer dequantized once (a step of several
+    chunks), and expert_gemm's product dequantizing tile by tile, at a few tilings, as a graph of 20
+    calls; the same outputs to bf16 rounding."""
     from krasis.gpu_worker.dequant import dequant_rows
     from krasis.gpu_worker.expert_grouped_kernel import expert_gemm
     from krasis.shared.routing_stats import count_choices
@@ -542,6 +543,14 @@ def expert_gemm_timing(t, fmt, num: int, hidden: int, inter: int, k: int, chunk:
         return gu, torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
 
     row["dequant_grouped_mm_us"], want = graph_us(torch_path, 3)
+    w13, w2 = (dequant_rows(fmt, t, n, None, torch.bfloat16) for n in ("w13", "w2"))
+
+    def dequantized_once():  # a step of several chunks: the layer dequantized once (dequant_once)
+        return (torch._grouped_mm(x.index_select(0, tok), w13.transpose(-2, -1), offs=offs),
+                torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs))
+
+    row["grouped_mm_on_bf16_us"] = graph_us(dequantized_once, 3)[0]
+    del w13, w2
     flop = 2 * chunk * k * 3 * hidden * inter
     for tiles in (None, (64, 128, 32, 4, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)):
         def fused():
