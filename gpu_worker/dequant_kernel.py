@@ -12,6 +12,13 @@ from ..shared.expert_store import ExpertFormat
 
 
 @triton.jit
+def int4_pair(b):
+    """Stored INT4 bytes (int32) -> their two weights each, float32, the low nibble first (shared/
+    quant.py's layout; every kernel that reads INT4 experts unpacks them here)."""
+    return ((b & 15) - 8).to(tl.float32), ((b >> 4) - 8).to(tl.float32)
+
+
+@triton.jit
 def _dequant_kernel(q_ptr, s_ptr, rows_ptr, out_ptr, O, QK, NG, GROUP_Q, INT4: tl.constexpr, BLOCK: tl.constexpr):
     # one program: BLOCK stored bytes (int4: 2 weights each) of output row r = g * O + o
     r = tl.program_id(0)
@@ -22,8 +29,8 @@ def _dequant_kernel(q_ptr, s_ptr, rows_ptr, out_ptr, O, QK, NG, GROUP_Q, INT4: t
     s = tl.load(s_ptr + src * NG + j // GROUP_Q, mask=m, other=0.0).to(tl.float32)
     dst = out_ptr + r.to(tl.int64) * QK * (2 if INT4 else 1)
     if INT4:
-        lo = ((b & 15) - 8).to(tl.float32) * s
-        hi = ((b >> 4) - 8).to(tl.float32) * s
+        lo, hi = int4_pair(b)
+        lo, hi = lo * s, hi * s
         tl.store(dst + 2 * j, lo.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
         tl.store(dst + 2 * j + 1, hi.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
     else:

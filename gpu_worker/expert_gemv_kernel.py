@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..shared.expert_store import ExpertFormat
+from .dequant_kernel import int4_pair
 
 # Stored bytes of a row a program reads per loop step: a group at a time (16 bytes of INT4/g32)
 # left each step too little to read to keep the memory busy (~675 GB/s for a layer's 8 experts on the
@@ -58,8 +59,7 @@ def _gemv_kernel(q_ptr, s_ptr, rows_ptr, x_ptr, y_ptr, O, K, QK, NG, GQ,
         if INT4:
             xe = tl.load(xp + 2 * byte, mask=bm, other=0.0).to(tl.float32)
             xo = tl.load(xp + 2 * byte + 1, mask=bm, other=0.0).to(tl.float32)
-            lo = ((b & 15) - 8).to(tl.float32)
-            hi = ((b >> 4) - 8).to(tl.float32)
+            lo, hi = int4_pair(b)
             part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
         else:
             xv = tl.load(xp + byte, mask=bm, other=0.0).to(tl.float32)

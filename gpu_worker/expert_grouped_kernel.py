@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..shared.expert_store import ExpertFormat
+from .dequant_kernel import int4_pair
 
 # Pairs a decode step from which moe_gpu.pairs_in_kernels groups them (expert_grouped) instead of a
 # program per pair (expert_gemv). A Qwen3-30B-A3B layer's w13 + w2 on the H100 (device_check,
@@ -93,8 +94,8 @@ def _rows_product(q_ptr, s_ptr, idx_ptr, x_ptr, y_ptr, r, i0, n, O, K, QK, NG, G
             else:  # a group of bytes not a power of two: each byte's scale gathered
                 s = tl.load(s_ptr + wrow[:, None] * NG + (kb // GQ)[None, :], mask=bm, other=0.0).to(tl.float32)
             if INT4:  # byte j: weights 2j (low nibble) and 2j + 1, interleaved back into one row
-                w = tl.reshape(tl.join(((b & 15) - 8).to(tl.float32) * s, ((b >> 4) - 8).to(tl.float32) * s),
-                               (BO, 2 * BKB))
+                lo, hi = int4_pair(b)
+                w = tl.reshape(tl.join(lo * s, hi * s), (BO, 2 * BKB))
             else:
                 w = b.to(tl.float32) * s
             kx = PER * k0 + jx
