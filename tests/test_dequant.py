@@ -25,14 +25,32 @@ from krasis.shared.quant import quantized
 
 torch.manual_seed(0)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def block(fmt, O, K, n, name="w", scale=0.1):
+    # n random [O, K] weights of `name`, quantized in fmt and stacked as a block's tensors
+    parts = [quantized(fmt, torch.randn(O, K) * scale, name) for _ in range(n)]
+    return {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
+
+
+def products(fmt, t, rows, x, dtype):
+    # the reference: rows' weights dequantized to `dtype`, times the matching rows of x, in float32
+    return torch.bmm(dequant_reference(fmt, t, "w", rows, dtype).float(), x.float().unsqueeze(-1)).squeeze(-1)
+
+
+def rel_err(got, want):
+    return float((got.float() - want).abs().max() / want.abs().max())
+
+
+# the grouped products' tolerance in each dtype: their weights are rounded to it
+GROUPED_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 for kind in ("int4", "int8"):
     # odd sizes: O not a power of two, K / 2 not a multiple of the kernel's block, 3 groups per row;
     # O beyond one and two of the gemv kernel's 32-row blocks, a group of 96 (not a power of two),
     # 20 groups a row (the gemv kernel's 8 a step: the last step partly past the row)
     for O, K, group, n in ((5, 96, 32, 4), (3, 1536, 512, 3), (45, 288, 96, 4), (70, 512, 128, 3), (40, 640, 32, 3)):
         fmt = ExpertFormat(kind, torch.bfloat16, group)
-        parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
-        t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
+        t = block(fmt, O, K, n)
         rows = torch.tensor([n - 1, 0, n - 1], device=dev)  # gathered, out of order, repeated
         for dtype in (torch.bfloat16, torch.float32):
             want = dequant_reference(fmt, t, "w", rows, dtype)
@@ -43,18 +61,18 @@ for kind in ("int4", "int8"):
             else:  # the interpreter's float32 -> bfloat16 cast truncates where CUDA's rounds to nearest
                 assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0), (kind, O, K, dtype)
         x = torch.randn(3, K, device=dev).bfloat16()
-        want = torch.bmm(dequant_reference(fmt, t, "w", rows, torch.float32), x.float().unsqueeze(-1)).squeeze(-1)
+        want = products(fmt, t, rows, x, torch.float32)
         got = expert_gemv(fmt, t, "w", rows, x)
         assert got.dtype == torch.float32 and got.shape == (3, O), got.shape
-        err = float((got - want).abs().max() / want.abs().max())
+        err = rel_err(got, want)
         assert err < 1e-5, (kind, O, K, err)
         # pairs of row -1 (choices these tensors do not hold): zero, the others as before
         rows = torch.tensor([-1, 0, -1, n - 1], device=dev)
         x = torch.randn(4, K, device=dev).bfloat16()
         got = expert_gemv(fmt, t, "w", rows, x)
         assert not got[0].any() and not got[2].any()
-        want = torch.bmm(dequant_reference(fmt, t, "w", rows[1::2], torch.float32), x[1::2].float().unsqueeze(-1)).squeeze(-1)
-        assert float((got[1::2] - want).abs().max() / want.abs().max()) < 1e-5
+        want = products(fmt, t, rows[1::2], x[1::2], torch.float32)
+        assert rel_err(got[1::2], want) < 1e-5
         # pair p reading row p // x_div (a token's k choices, its one row), written in x's dtype
         f32 = expert_gemv(fmt, t, "w", rows, x[:2].repeat_interleave(2, 0))
         assert torch.equal(expert_gemv(fmt, t, "w", rows, x[:2], x_div=2), f32)
@@ -73,18 +91,16 @@ from krasis.gpu_worker.expert_grouped_kernel import expert_grouped, pair_groups
 for kind in ("int4", "int8"):
     for O, K, group, n in ((5, 96, 32, 4), (45, 288, 96, 4), (70, 512, 128, 3)):
         fmt = ExpertFormat(kind, torch.bfloat16, group)
-        parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
-        t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
+        t = block(fmt, O, K, n)
         rows = torch.tensor([n - 1, 0, -1, n - 1, 1, 0, -1] + [n - 1] * 17 + [2, 1], device=dev)
         for dtype in (torch.float16, torch.bfloat16) if dev == "cuda" else (torch.float16,):
             x = torch.randn(rows.numel() // 2, K, device=dev).to(dtype)
             y = expert_grouped(fmt, t, "w", pair_groups(rows), x, x_div=2)
-            w = dequant_reference(fmt, t, "w", rows.clamp(min=0), dtype).float()
-            want = torch.bmm(w, x.float().repeat_interleave(2, 0).unsqueeze(-1)).squeeze(-1)
+            want = products(fmt, t, rows.clamp(min=0), x.repeat_interleave(2, 0), dtype)
             assert y.dtype == dtype and y.shape == want.shape, (y.dtype, y.shape)
             assert not y[rows < 0].any()
             err = float((y.float() - want)[rows >= 0].abs().max() / want.abs().max())
-            assert err < (2e-3 if dtype == torch.float16 else 1e-2), (kind, O, K, dtype, err)
+            assert err < GROUPED_TOL[dtype], (kind, O, K, dtype, err)
 
 # the prefill's grouped product: rows sorted into groups (one empty, one over two tiles of 16 rows), each
 # group's expert a row of t (out of order, or group g row g), the input gathered by idx or x in order
@@ -92,8 +108,7 @@ from krasis.gpu_worker.expert_grouped_kernel import expert_gemm
 for kind in ("int4", "int8"):
     for O, K, group, n in ((45, 288, 96, 4), (40, 512, 32, 4)):
         fmt = ExpertFormat(kind, torch.bfloat16, group)
-        parts = [quantized(fmt, torch.randn(O, K) * 0.1, "w") for _ in range(n)]
-        t = {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
+        t = block(fmt, O, K, n)
         counts = torch.tensor([3, 0, 37, 5], device=dev)
         R = int(counts.sum())
         for experts in (torch.tensor([2, 0, 3, 1], device=dev), None):
@@ -103,12 +118,10 @@ for kind in ("int4", "int8"):
                 idx = torch.randperm(R + 3, device=dev)[:R] if gather else None
                 y = expert_gemm(fmt, t, "w", x, idx, counts, experts, tiles=(16, 32, 64, 4, 2))
                 erows = (experts if experts is not None else torch.arange(4, device=dev)).repeat_interleave(counts)
-                xs = x[idx] if gather else x
-                w = dequant_reference(fmt, t, "w", erows, dtype).float()
-                want = torch.bmm(w, xs.float().unsqueeze(-1)).squeeze(-1)
+                want = products(fmt, t, erows, x[idx] if gather else x, dtype)
                 assert y.shape == (R, O) and y.dtype == dtype, (y.shape, y.dtype)
-                err = float((y.float() - want).abs().max() / want.abs().max())
-                assert err < (2e-3 if dtype == torch.float16 else 1e-2), (kind, O, K, gather, err)
+                err = rel_err(y, want)
+                assert err < GROUPED_TOL[dtype], (kind, O, K, gather, err)
 
 # moe_pairs's four launches (quantized experts, no biases) against its generic path in float32: the
 # same products, x's rounding between them; choices not held (-1) and held ones weighing nothing
@@ -117,10 +130,7 @@ from krasis.shared.models.family import ExpertShape
 E, H, I, M, k = 5, 64, 96, 3, 4
 for kind in ("int4", "int8"):
     fmt = ExpertFormat(kind, torch.bfloat16, 32)
-    t = {}
-    for name, (O, K) in (("w13", (2 * I, H)), ("w2", (H, I))):
-        parts = [quantized(fmt, torch.randn(O, K) * 0.2, name) for _ in range(E)]
-        t |= {n: torch.stack([p[n] for p in parts]).to(dev) for n in parts[0]}
+    t = block(fmt, 2 * I, H, E, "w13", 0.2) | block(fmt, H, I, E, "w2", 0.2)
     # 3 tokens: a program per pair; 66 (264 pairs, GROUPED_MIN_PAIRS 256): grouped by expert, in float16
     # under the interpreter (its bfloat16 dot is wrong)
     for M, dtype in ((3, torch.bfloat16), (66, torch.bfloat16 if dev == "cuda" else torch.float16)):
@@ -133,7 +143,7 @@ for kind in ("int4", "int8"):
         got = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu")
         want = moe_pairs(x.float().cpu(), local.cpu(), weights.cpu(), {n: v.cpu() for n, v in t.items()}, fmt, "silu")
         assert got.dtype == torch.float32 and got.shape == (M, H)
-        err = float((got.cpu() - want).abs().max() / want.abs().max())
+        err = rel_err(got.cpu(), want)
         assert err < 3e-2, (kind, M, err)
 print("ok")
 """
