@@ -10,8 +10,7 @@
 # d2: the defaults after 512 and 10K, 1 and 32 sequences.
 . benchmarks/gpu_calls/lib.sh
 machine
-step g1 90 python3 -m pytest -q -x tests/test_strategies.py -k "grouped_moe and cuda"
-grep -q " passed" $L/g1.log && ! grep -q "failed\|error" $L/g1.log || { export KRASIS_GROUPED_KERNELS=0; echo "g1 failed: grouped kernels off" | tee -a $L/steps.txt; }
+grouped_check
 peer_gguf
 step e2 110 python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 \
   --decode-tokens 64 --prompt-lens 512 --concurrency 1,4,16,32 --json $L/e2.json

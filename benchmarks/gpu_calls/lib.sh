@@ -51,6 +51,13 @@ gpu_checks() {
   step g0 90 python3 benchmarks/device_check.py --checks ${CHECKS:-attention,dequant} --skip-exact --skip-bench
   step g1 120 python3 -m pytest -q -x ${CHECK_TESTS:-tests/test_decode_graphs.py -k pp1-fp8}
 }
+# g1: moe_blocks and moe_pairs in bf16 against moe_reference on CUDA (the grouped expert kernels of
+# gpu_worker/expert_grouped_kernel.py); if they fail, the call's later steps run with them off.
+grouped_check() {
+  step g1 90 python3 -m pytest -q -x tests/test_strategies.py -k "grouped_moe and cuda"
+  grep -q " passed" $L/g1.log && ! grep -q "failed\|error" $L/g1.log ||
+    { export KRASIS_GROUPED_KERNELS=0; echo "g1 failed: grouped kernels off" | tee -a $L/steps.txt; }
+}
 synth_model() { [ -f $M/config.json ] || step synth 220 python3 -m krasis.coordinator synth --shape qwen3-30b-a3b ${LAYERS:+--layers $LAYERS} --expert-bits 4 --group-size 32 $M; }
 # The peer GGUF (Qwen3-30B-A3B's shape, Q4_0 experts: benchmarks/peer_llamacpp.py) at $G, written on a
 # fresh machine (66-82 s since session 23's writer).
