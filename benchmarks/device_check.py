@@ -449,6 +449,47 @@ def bench(layers: int | None, prompts: list[int], decode: int, runs: int, config
     return table(rows) if rows else ""
 
 
+def turn_check(num: int = 128, hidden: int = 2048, k: int = 8):
+    """A decode layer's turn on the device, Qwen3-30B-A3B's shapes, each timed as a graph of 20 calls:
+    the router's product and top-k in one kernel (shared/kernels/router_kernel.py) against F.linear +
+    softmax_topk, at 1 to 8 tokens (the same choices?); the decode GEMV (gemv_kernel.py) at its
+    tilings against cuBLAS (F.linear) for qkv (5120 x 2048), o (2048 x 4096) and the LM head (151936
+    x 2048) at 1 and 4 tokens (equal to the float32 product rounded, as cuBLAS's is?)."""
+    import torch.nn.functional as F
+
+    from krasis.shared.kernels.gemv_kernel import gemv
+    from krasis.shared.kernels.router_kernel import router_topk_triton
+    from krasis.shared.models.layers import softmax_topk
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    r = (torch.randn(num, hidden, device="cuda", generator=g) * 0.02).bfloat16()
+    row = {}
+    for m in (1, 2, 4, 8):
+        x = torch.randn(m, hidden, device="cuda", generator=g).bfloat16()
+        row[f"router_m{m}_fused_us"], (ids, w) = graph_us(lambda: router_topk_triton(x, r, k, True), 20)
+        row[f"router_m{m}_linear_topk_us"], (want_ids, want_w) = graph_us(lambda: softmax_topk(F.linear(x, r), k, True), 20)
+        row[f"router_m{m}_same_ids"] = bool(torch.equal(ids, want_ids))
+        row[f"router_m{m}_max_w_diff"] = float((w - want_w).abs().max())
+    for name, (o, i) in (("qkv", (5120, 2048)), ("o", (2048, 4096)), ("lm_head", (151936, 2048))):
+        wt = (torch.randn(o, i, device="cuda", generator=g) * 0.02).bfloat16()
+        for m in (1, 4):
+            xi = torch.randn(m, i, device="cuda", generator=g).bfloat16()
+            want = (xi.float() @ wt.float().T).bfloat16()
+            us, got = graph_us(lambda: F.linear(xi, wt), 10)
+            row[f"{name}_m{m}_cublas_us"] = us
+            row[f"{name}_m{m}_cublas_ulps_off"] = float((got != want).float().mean())
+            for tiles in ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 3, 4), (32, 128, 6, 4), (64, 128, 4, 4), (16, 128, 8, 4)):
+                tag = f"{name}_m{m}_gemv_{'_'.join(map(str, tiles))}"
+                row[f"{tag}_us"], got = graph_us(lambda: gemv(xi, wt, tiles), 10)
+                row[f"{tag}_ulps_off"] = float((got != want).float().mean())
+            best = min((v, key) for key, v in row.items() if key.startswith(f"{name}_m{m}_gemv") and key.endswith("_us"))
+            row[f"{name}_m{m}_best"] = f"{best[1]} {best[0]:.2f} us, {o * i * 2 / best[0] / 1e6:.2f} TB/s; cuBLAS " \
+                                      f"{row[f'{name}_m{m}_cublas_us']:.2f} us"
+    log("turn", row)
+    RESULTS["turn"] = row
+    save()
+
+
 def dequant_check():
     """tests/test_dequant.py's comparisons on CUDA (the dequant kernel, where bfloat16 must be
     identical too, and the fused expert kernel of hcs_hybrid decode), tests/test_combine_kernel.py's
@@ -673,7 +714,7 @@ def main():
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
     checks = {"ceilings": ceilings, "norm_rope": norm_rope_check, "attention": attention_check,
-              "prefill_attention": prefill_attention_check,
+              "prefill_attention": prefill_attention_check, "turn": turn_check,
               "dequant": dequant_check, "kernel": kernel_check, "graphs": graphs_check}
     for step in () if a.skip_checks else [checks[c] for c in a.checks.split(",")]:
         try:
@@ -701,6 +742,7 @@ def main():
     print("prefill combine kernel matches its reference:", RESULTS.get("combine_matches"))
     print("expert activation kernel matches its reference:", RESULTS.get("act_matches"))
     print("norm/rope kernels:", RESULTS.get("norm_rope"))
+    print("turn kernels:", {k: v for k, v in RESULTS.get("turn", {}).items() if "best" in k or "router" in k})
     print("ceilings:", {k: round(v, 1) for k, v in RESULTS["ceilings"].items()})
     for r in RESULTS["kernel"]:
         print(f"kernel {r['kind']}: rel_err {r['rel_err']:.2e} grouped {r['grouped_ms']:.1f} ms "

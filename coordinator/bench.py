@@ -130,7 +130,7 @@ def _rss_gb(pids: list[int]) -> float:
 
 
 POOL_COUNTERS = ("calls", "tokens", "pairs", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps", "step_kernel_s", "after_s",
-                 "lookahead_calls", "lookahead_bytes", "lookahead_skipped", "guessed", "chosen")
+                 "lookahead_calls", "lookahead_bytes", "lookahead_skipped", "guessed", "chosen", "posted")
 
 
 @dataclass
@@ -450,7 +450,8 @@ def decode_split(r: dict) -> str:
                      f"its guess made {per('ahead_guess_s', 'ahead_calls'):.1f}")
     if pool.get("lookahead_calls") or pool.get("lookahead_skipped"):
         line += (f"\npool lookahead: {pool['lookahead_bytes'] / max(1, pool['lookahead_calls']) / 1e6:.2f} MB read ahead per layer, "
-                 f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen; "
+                 f"its guesses named {pool['guessed'] / max(1, pool['chosen']):.0%} of the experts chosen "
+                 f"({pool.get('posted', 0) / max(1, pool['lookahead_calls']):.0%} of them the GPU's); "
                  f"its requests have named {pool['experts_asked']:.1f} experts a layer since it started; skipped after "
                  f"{pool['lookahead_skipped']} of {pool['lookahead_skipped'] + pool['lookahead_calls']} answers (it read nothing)")
     line += f"\ndecode tokens: {r['decode_distinct']:.0%} of each run's distinct (sampled at temperature {r['temperature']})"

@@ -18,7 +18,8 @@
 #include "expert_kernel.c"
 
 /* shared/mailbox.py's header words, and its dtype codes of x (_DTYPES) that the kernel takes */
-enum { REQUEST_WORD, REPLY_WORD, LAYER_WORD, M_WORD, DTYPE_WORD, ERROR_WORD };
+enum { REQUEST_WORD, REPLY_WORD, LAYER_WORD, M_WORD, DTYPE_WORD, ERROR_WORD, VERSION_WORD, FILLED_WORD, GUESS_WORD,
+       GUESS_LAYER_WORD };
 enum { X_FLOAT32, X_BF16 };
 
 /* The loop's counters (cpu_worker/native.py: LOOP_STATS names them in this order), in seconds where
@@ -27,9 +28,10 @@ enum { X_FLOAT32, X_BF16 };
  * new step (step_gap), and their counts, waits longer than idle_s left out (the pool was idle: a
  * prefill, no request); the kernel of the requests that start a step; from answering to polling
  * again (after); the lookahead's calls, bytes read, skipped lookaheads; of the chosen experts of the
- * pool's block in requests for a guessed layer, how many the guess named. */
+ * pool's block in requests for a guessed layer, how many the guess named; the lookaheads that read
+ * the GPU worker's guess (the slot's) instead of making their own. */
 enum { S_CALLS, S_TOKENS, S_PAIRS, S_MAX_M, S_KERNEL, S_SERVE, S_GAP, S_GAPS, S_STEP_GAP, S_STEP_GAPS, S_STEP_KERNEL,
-       S_AFTER, S_AHEAD_CALLS, S_AHEAD_BYTES, S_AHEAD_SKIPPED, S_GUESSED, S_CHOSEN, S_N };
+       S_AFTER, S_AHEAD_CALLS, S_AHEAD_BYTES, S_AHEAD_SKIPPED, S_GUESSED, S_CHOSEN, S_POSTED, S_N };
 
 typedef struct { /* one mailbox slot's parts, as shared/mailbox.py lays them out */
     int64_t *hdr;
@@ -37,6 +39,7 @@ typedef struct { /* one mailbox slot's parts, as shared/mailbox.py lays them out
     const int32_t *ids;
     const float *weights;
     float *out;
+    const int32_t *guess;
 } slot_t;
 
 typedef struct {
@@ -97,9 +100,22 @@ static void after(loop_t *L, int i, int layer, const tokens_t *t) {
         krasis_hold(L->words, L->seen, L->nslots, L->hold_s, L->blocks[layer]->nthreads);
         return;
     }
-    const int nxt = L->next[layer];
+    /* The GPU worker's guess, when it posted one after this request (its router on this x, for the
+     * layer it will send next: shared/mailbox.py), is taken as made; otherwise the pool makes its own
+     * for the layer that followed this one last time. */
+    const slot_t *s = &L->slots[i];
+    const int64_t posted_layer = s->hdr[GUESS_LAYER_WORD];
+    const int posted = __atomic_load_n(&s->hdr[GUESS_WORD], __ATOMIC_ACQUIRE) == L->seen[i] && posted_layer >= 0
+                       && posted_layer < L->nlayers && L->blocks[posted_layer];
+    const int nxt = posted ? (int)posted_layer : L->next[layer];
     if (nxt < 0) return;
-    ahead_t a = *L->routers[nxt];
+    ahead_t a = {0};
+    if (posted) {
+        for (int j = 0; j < mk; j++) L->guess[j] = s->guess[j];
+        L->stats[S_POSTED] += 1;
+    } else {
+        a = *L->routers[nxt];
+    }
     a.nwords = L->nslots, a.words = L->words, a.seen = L->seen, a.max_s = 0.0, a.budget = L->budget;
     a.predicted = L->guess, a.allowed = NULL, a.experts = L->experts[nxt];
     if (L->asked[nxt] >= L->quiet) {

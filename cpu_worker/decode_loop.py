@@ -42,7 +42,7 @@ class DecodeLoop:
         self.words = np.array([slot.hdr.ctypes.data + REQUEST * slot.hdr.itemsize for slot in slots], dtype=np.int64)
         parts = (native.SlotParts * len(slots))(*(
             native.SlotParts(slot.hdr.ctypes.data, slot.x.data_ptr(), slot.ids.data_ptr(), slot.weights.data_ptr(),
-                             slot.out.data_ptr()) for slot in slots))
+                             slot.out.data_ptr(), slot.guess.data_ptr()) for slot in slots))
         blocks = [getattr(kernels.get(layer), "block", None) for layer in range(layers)]
         # layer -> the ahead_t of its router (the loop fills the rest of a copy per lookahead)
         heads = {layer: c.router_args(router, bias, blocks[layer].H) for layer, (router, bias) in routers.items()

@@ -1,9 +1,15 @@
 """The pool's lookahead: while the GPU worker runs its part of the next layer, read the experts that
 layer will probably choose into the pool cores' caches (expert_kernel.c: krasis_lookahead says why
-and how). After answering layer L, the pool applies layer L+1's router to layer L's input, still in
-the slot, and reads what its top-k names, each thread the rows the kernel will give it, until the
-next request arrives. When that request is for layer L+1, its ids score the guess. The decode loop
-runs it (decode_loop.c: after); this module holds its policy and what it is bound to.
+and how). After answering layer L, the pool takes layer L+1's router applied to layer L's input and
+reads what its top-k names, each thread the rows the kernel will give it, until the next request
+arrives. When that request is for layer L+1, its ids score the guess. The decode loop runs it
+(decode_loop.c: after); this module holds its policy and what it is bound to.
+
+The GPU worker makes that guess itself (decode_strategies.DecodeStrategy.guess) while the pool runs
+layer L, and posts it in the slot after the request (shared/mailbox.py: the guess), for the layer it
+knows it will send next: the pool then reads from the moment it answers. Made here instead (a slot
+without a fresh guess: KRASIS_POOL_GUESS=0, another stage's requests), the router and top-k took
+~14 us of the GPU's ~60 us turn on the lent H100 hosts (session 26) before the first read.
 
 "The next layer" is the one the pool was asked for after this one the last time, within a step and
 from the same slot: with resident decode (the default on a GPU, and hcs_hybrid's whole hot layers)

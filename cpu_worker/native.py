@@ -100,12 +100,13 @@ CLOCK = ("calls", "wake_s", "p1_first_s", "p1_last_s", "p2_s", "ahead_calls", "a
 
 # krasis_loop's counters, in its order (decode_loop.c: S_*)
 LOOP_STATS = ("calls", "tokens", "pairs", "max_m", "kernel_s", "serve_s", "gap_s", "gaps", "step_gap_s", "step_gaps",
-              "step_kernel_s", "after_s", "lookahead_calls", "lookahead_bytes", "lookahead_skipped", "guessed", "chosen")
+              "step_kernel_s", "after_s", "lookahead_calls", "lookahead_bytes", "lookahead_skipped", "guessed", "chosen",
+              "posted")
 
 
 class SlotParts(ctypes.Structure):
     """decode_loop.c's slot_t: a mailbox slot's header and parts."""
-    _fields_ = [(n, _p) for n in ("hdr", "x", "ids", "weights", "out")]
+    _fields_ = [(n, _p) for n in ("hdr", "x", "ids", "weights", "out", "guess")]
 
 
 class Loop(ctypes.Structure):

@@ -5,7 +5,9 @@ Same interface as the prefill strategies (moe_gpu.RoutedExperts), plus `close()`
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -15,6 +17,9 @@ from .moe_gpu import RoutedExperts, moe_blocks, moe_pairs
 from .pool_client import PoolClient
 
 DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
+# Whether the device guesses the pool's next layer's experts (DecodeStrategy.guess); with
+# KRASIS_POOL_GUESS=0 the pool guesses them itself after answering (an A/B, and a way out).
+POOL_GUESS = os.environ.get("KRASIS_POOL_GUESS", "1") != "0"
 
 
 class DecodeStrategy(RoutedExperts):
@@ -24,7 +29,9 @@ class DecodeStrategy(RoutedExperts):
     experts on the device (moe_pairs, as hcs_hybrid's hot share) and send the pool nothing for them:
     the weights are already there, and the pool's turn for such a layer (its kernel reading the
     chosen experts from DRAM, and the device waiting for it) is what a decode layer costs most.
-    `takes_resident`: whether the strategy does (compact and lru run every expert on the device)."""
+    `takes_resident`: whether the strategy does (compact and lru run every expert on the device).
+    `routes`: MoE layer -> its router (route(x) -> ids, weights), in layer order (the stage sets it),
+    for the guess."""
 
     name = ""
     takes_resident = False
@@ -33,6 +40,20 @@ class DecodeStrategy(RoutedExperts):
         self.pool, self.host, self.engine, self.act = pool, host, engine, act
         self.resident: dict[int, list] = {}
         self.resident_on = False  # resident decode on (experts.py): layers on the device skip the pool
+        self.routes: dict[int, Callable] = {}
+
+    def guess(self, layer: int, x: torch.Tensor) -> None:
+        """After posting `layer`'s work to the pool: the experts its next layer for the pool will
+        probably choose, from this layer's x through that layer's router, posted for the pool to
+        read ahead once it has answered (cpu_worker/lookahead.py). The device computes the guess
+        while the pool runs this layer, where the device idles anyway; the pool used to compute it
+        after answering, ~14 us of the device's ~60 us turn between two layers (session 26), and
+        read nothing meanwhile."""
+        if not POOL_GUESS:
+            return
+        nxt = next((i for i in self.routes if i > layer and i not in self.resident), None)
+        if nxt is not None:
+            self.pool.guess(nxt, self.routes[nxt](x)[0])
 
     def _on_device(self, layer: int, x, ids, weights) -> torch.Tensor:
         """float32 [M, hidden]: a resident layer's routed experts for x, on the device."""
@@ -65,6 +86,7 @@ class PureCpu(DecodeStrategy):
         if layer in self.resident:
             return x.dtype, self._on_device(layer, x, ids, weights)
         self.pool.submit(layer, x, ids, weights)
+        self.guess(layer, x)
         return x.dtype, None
 
     def collect(self, pending):
@@ -109,6 +131,7 @@ class HcsHybrid(DecodeStrategy):
             return x.dtype, self._on_device(layer, x, ids, weights), False
         local = self.hot.local(layer, ids)
         self.pool.submit(layer, x, ids.masked_fill(local >= 0, -1), weights)
+        self.guess(layer, x)  # the hot experts in it are left out by the pool (lookahead.py: QUIET)
         if self.hot.slots is None:
             return x.dtype, None, True
         return x.dtype, moe_pairs(x, local, weights, self.hot.slots.t, self.host.fmt, self.act), True

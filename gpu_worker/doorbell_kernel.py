@@ -14,6 +14,8 @@ reference of these two kernels, and what CPU devices run):
            mapped slot; barrier; fence.sc.sys; then the request number, so the pool that sees the
            number sees the payload (the number comes from a counter on the device, one per slot,
            which a graph's replay advances like an eager call);
+    guess: after a ring, the experts the next layer the pool will be asked for probably chooses,
+           its layer, barrier, fence, and the ring's request number (Slot.post_guess);
     wait:  spin on the reply number with volatile loads (sysmem, never a stale cached line) until it
            is the counter's, or until the GPU worker's host sets `abort` (the pool died or hung:
            PoolClient.finish); note an error reply's length in `failed`; then sum the slots' float32
@@ -38,8 +40,8 @@ _BLOCK = 2048
 # element (a slot's address comes from a table, which Triton otherwise takes as byte-aligned).
 _SLOT_ALIGN = tl.constexpr(mailbox.PART_ALIGN)
 # the header's fields (int64 indices), as constants the kernels may read
-_REQUEST, _REPLY, _LAYER, _M, _DTYPE, _ERROR = (
-    tl.constexpr(getattr(mailbox, f)) for f in ("REQUEST", "REPLY", "LAYER", "M", "DTYPE", "ERROR")
+_REQUEST, _REPLY, _LAYER, _M, _DTYPE, _ERROR, _GUESS, _GUESS_LAYER = (
+    tl.constexpr(getattr(mailbox, f)) for f in ("REQUEST", "REPLY", "LAYER", "M", "DTYPE", "ERROR", "GUESS", "GUESS_LAYER")
 )
 
 
@@ -73,6 +75,20 @@ def _ring(base, offsets, counters, x_ptr, ids_ptr, w_ptr, layer, dtype_code,
     tl.store(counters + s, n)
     tl.debug_barrier()
     tl.store(hdr + _REQUEST, _fence_sys(n))
+
+
+@triton.jit(do_not_specialize=["layer"])
+def _guess(base, offsets, counters, ids_ptr, layer, GUESS_OFF: tl.constexpr, MK: tl.constexpr, KB: tl.constexpr):
+    # the guess's ids, its layer, then (fenced) the number of the request it follows, which the ring
+    # before it set: the pool takes a guess whose number is the request it just answered
+    s = tl.program_id(0)
+    slot = base + tl.multiple_of(tl.load(offsets + s), _SLOT_ALIGN)
+    k = tl.arange(0, KB)
+    tl.store((slot + GUESS_OFF).to(tl.pointer_type(tl.int32)) + k, tl.load(ids_ptr + k, mask=k < MK).to(tl.int32), mask=k < MK)
+    hdr = slot.to(tl.pointer_type(tl.int64))
+    tl.store(hdr + _GUESS_LAYER, layer.to(tl.int64))
+    tl.debug_barrier()
+    tl.store(hdr + _GUESS, _fence_sys(tl.load(counters + s)))
 
 
 @triton.jit
@@ -127,6 +143,14 @@ def ring(base: int, offsets: torch.Tensor, counters: torch.Tensor, parts: dict[s
         dtype_code, X_OFF=parts["x"], IDS_OFF=parts["ids"], W_OFF=parts["weights"], M=m, HIDDEN=h, TOPK=k,
         KB=triton.next_power_of_2(m * k), BLOCK=_BLOCK,
     )
+
+
+def guess(base: int, offsets: torch.Tensor, counters: torch.Tensor, parts: dict[str, int], layer: int,
+          ids: torch.Tensor) -> None:
+    """After ring: post ids [M, k] (the experts layer `layer` will probably choose) to every slot."""
+    mk = ids.numel()
+    _guess[(offsets.numel(),)](_Mapped(base, torch.uint8), offsets, counters, ids.contiguous(), layer,
+                               GUESS_OFF=parts["guess"], MK=mk, KB=triton.next_power_of_2(mk))
 
 
 def wait(base: int, offsets: torch.Tensor, counters: torch.Tensor, abort: torch.Tensor, failed: torch.Tensor,

@@ -95,6 +95,17 @@ class PoolClient:
             slot.write(x, ids, weights)
         self._numbers = [slot.publish(layer, self._m, x.dtype) for slot in self.slots]
 
+    def guess(self, layer: int, ids: torch.Tensor) -> None:
+        """After submit: post ids [M, k], the experts the pool's next request (for `layer`) will
+        probably choose, which it reads ahead of that request (shared/mailbox.py: the guess)."""
+        if self.gpu:
+            from .doorbell_kernel import guess
+
+            guess(self.boxes.bytes.data_ptr(), self._offsets, self._counters, self._parts, layer, ids)
+            return
+        for slot in self.slots:
+            slot.post_guess(layer, ids)
+
     def collect(self, residual: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         """The summed float32 [M, hidden] partials of the work `submit` posted, on the device, plus
         `extra` (float32, the share the device computed meanwhile) when given; with `residual`,

@@ -3,7 +3,8 @@ the first stage and the final norm and LM head on the last.
 
     h = embed(tokens)                                       (first stage)
     for each layer in the slice:
-        for each chunk:  h = h + attention(input_norm(h));  x = post_norm(h)   (add_post_norm: one pass)
+        for each chunk:  h = h + attention(input_norm(h));  x = post_norm(h)   (add_post_norm: one pass;
+                         with the MoE layer's route(x), add_post_norm_route: one kernel in decode)
         MoE layer:   the strategy takes the layer's experts (layer_begin: a DMA'd group, the chosen
                      experts of every chunk, ...), then for each chunk h = h + (routed(x) + shared(x))
         dense layer: for each chunk h = h + dense(x)
@@ -96,6 +97,7 @@ class Stage:
         CPU pool has filled the store: separate from the constructor so that the dense weights load
         while the pool fills it."""
         self.experts = experts
+        experts.decode.routes = {layer.index: layer.route for layer in self.layers if layer.is_moe}
         if (self.device.type == "cuda" and os.environ.get("KRASIS_CUDA_GRAPHS", "1") != "0"
                 and experts.decode.graphable and all(layer.graphable for layer in self.layers)):
             self.graphs = DecodeGraphs(self.device, self._graph_body, self._graph_inputs)
@@ -232,17 +234,21 @@ class Stage:
         """One layer over every chunk, in order: attention first for all of them (a chunk attends over
         the earlier ones' cached keys), then the routed experts, which the strategy takes once for
         the whole step (`layer_begin`) before every chunk runs through them."""
-        hs, xs = [], []
+        hs, xs, routes = [], [], []
         for sub, h, pos in chunks:
             with record_function("attention"):
-                h, x = layer.add_post_norm(h, layer.attention(layer.input_norm(h), sub, pos, self.kv))
+                a = layer.attention(layer.input_norm(h), sub, pos, self.kv)
+            if layer.is_moe:
+                with record_function("route"):  # the residual add and the norm with it (one kernel in decode)
+                    h, x, route = layer.add_post_norm_route(h, a)
+                routes.append(route)
+            else:
+                h, x = layer.add_post_norm(h, a)
             hs.append(h)
             xs.append(x)
         if not layer.is_moe:
             with record_function("dense_mlp"):
                 return [(sub, h + layer.dense(x), pos) for (sub, _, pos), h, x in zip(chunks, hs, xs)]
-        with record_function("route"):
-            routes = [layer.route(x) for x in xs]
         with record_function("routed_experts"):
             runner.layer_begin(layer.index, [ids for ids, _ in routes])
         out = []

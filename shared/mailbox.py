@@ -10,18 +10,24 @@ process, polling its slots while decode is under way, writes its reply beside it
 CUDA a kernel spins on the reply's number). ZeroMQ keeps the control messages (stats, shutdown).
 
 One memfd holds a slot per (GPU worker, pool process) pair; the coordinator creates it and both
-sides inherit it. A slot (MAILBOX_VERSION 2; every part 64-byte aligned):
+sides inherit it. A slot (MAILBOX_VERSION 3; every part 64-byte aligned):
 
-    header   int64 [8]: 0 request number (written last by the GPU worker), 1 reply number (written
+    header   int64 [16]: 0 request number (written last by the GPU worker), 1 reply number (written
              last by the pool), 2 layer, 3 M, 4 dtype code of x (_DTYPES), 5 error length in bytes
              (0: none), 6 MAILBOX_VERSION (written by the coordinator), 7 1 once the pool process
              has filled its store segment (the GPU worker, started beside the pool, reads the store
-             only after every one of its slots says so)
+             only after every one of its slots says so), 8 the request number a guess follows
+             (written last by the GPU worker), 9 the layer the guess is for; 10-15 unused
     x        [max_m, hidden] in the GPU worker's dtype (room for float32)
     ids      int32 [max_m, top_k]: expert ids; ids the pool process does not hold are ignored (-1 too)
     weights  float32 [max_m, top_k]
     out      float32 [max_m, hidden]: the weighted sum over the experts this pool process holds
     error    ERROR_BYTES of UTF-8, when the pool failed the request
+    guess    int32 [max_m, top_k]: the experts the GPU worker expects the next layer it sends this
+             pool to choose (its router applied to this request's x, computed while the pool runs
+             this one), which the pool reads ahead after answering (cpu_worker/lookahead.py); -1
+             where none. Only a hint: a stale or torn guess reads the wrong bytes, never changes a
+             result.
 
 Ordering: each side writes its payload, then its number. x86 keeps stores in order, the GPU's kernel
 fences (fence.sc.sys) before its number, and a reader loads the number before the payload, so a
@@ -38,10 +44,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MAILBOX_VERSION = 2  # 2: header word 7 is the pool's filled flag
+MAILBOX_VERSION = 3  # 2: header word 7 is the pool's filled flag; 3: the 16-word header and the guess
 ERROR_BYTES = 1024
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-REQUEST, REPLY, LAYER, M, DTYPE, ERROR, VERSION, FILLED = range(8)
+REQUEST, REPLY, LAYER, M, DTYPE, ERROR, VERSION, FILLED, GUESS, GUESS_LAYER = range(10)
+HEADER_BYTES = 128
 
 
 class PoolError(RuntimeError):
@@ -72,8 +79,9 @@ class SlotShape:
 
     def parts(self) -> dict[str, tuple[int, int]]:
         """name -> (offset, bytes) within a slot."""
-        sizes = {"header": 64, "x": self.max_m * self.hidden * 4, "ids": self.max_m * self.top_k * 4,
-                 "weights": self.max_m * self.top_k * 4, "out": self.max_m * self.hidden * 4, "error": ERROR_BYTES}
+        sizes = {"header": HEADER_BYTES, "x": self.max_m * self.hidden * 4, "ids": self.max_m * self.top_k * 4,
+                 "weights": self.max_m * self.top_k * 4, "out": self.max_m * self.hidden * 4, "error": ERROR_BYTES,
+                 "guess": self.max_m * self.top_k * 4}
         out, at = {}, 0
         for name, n in sizes.items():
             out[name] = (at, n)
@@ -83,7 +91,7 @@ class SlotShape:
     @property
     def nbytes(self) -> int:
         """Bytes of a slot, a whole number of pages."""
-        at, n = self.parts()["error"]
+        at, n = self.parts()["guess"]
         return (at + n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
 
     def to_spec(self) -> dict:
@@ -97,7 +105,7 @@ def create(shape: SlotShape, count: int) -> int:
     os.set_inheritable(fd, True)
     boxes = Mailboxes(fd, shape, count)
     for i in range(count):
-        boxes.bytes[i * shape.nbytes : i * shape.nbytes + 64].numpy().view(np.int64)[VERSION] = MAILBOX_VERSION
+        boxes.bytes[i * shape.nbytes : i * shape.nbytes + HEADER_BYTES].numpy().view(np.int64)[VERSION] = MAILBOX_VERSION
     boxes.close()
     return fd
 
@@ -132,6 +140,7 @@ class Slot:
         self.weights = part["weights"].view(torch.float32).view(shape.max_m, shape.top_k)
         self.out = part["out"].view(torch.float32).view(shape.max_m, shape.hidden)
         self._error = part["error"].numpy()
+        self.guess = part["guess"].view(torch.int32).view(shape.max_m, shape.top_k)
         self._views: dict[tuple[int, int], tuple] = {}  # (M, dtype code) -> take()'s views
 
     def _x_as(self, dtype: torch.dtype, m: int) -> torch.Tensor:
@@ -154,6 +163,14 @@ class Slot:
         number = int(self.hdr[REQUEST]) + 1
         self.hdr[REQUEST] = number
         return number
+
+    def post_guess(self, layer: int, ids: torch.Tensor) -> None:
+        """After publish(): the experts ids [M, k] the next request, for `layer`, will probably choose
+        (the guess part). On CUDA doorbell_kernel.guess does this."""
+        m = ids.shape[0]
+        self.guess[:m].copy_(ids)
+        self.hdr[GUESS_LAYER] = layer
+        self.hdr[GUESS] = self.hdr[REQUEST]
 
     def wait(self, number: int, alive, timeout_s: float = 600.0) -> torch.Tensor:
         """The reply to request `number`: float32 [M, hidden], a view of the slot (valid until the next

@@ -115,6 +115,38 @@ def test_eager_and_graphed_steps_reach_every_slot(m):
         os.close(fd)
 
 
+def test_a_guess_follows_its_request_in_every_slot():
+    """guess() after submit(): each slot holds the ids (int32), the guess's layer, and, as its guess
+    number, the request's own number (so the pool takes it as this request's), eagerly and replayed."""
+    from krasis.shared.mailbox import GUESS, GUESS_LAYER
+
+    fd = create(SHAPE, SLOTS)
+    client = _client(fd, [os.getpid()])
+    try:
+        x, ids, w = _inputs(3, 4)
+        guess = torch.randint(0, 8, (3, SHAPE.top_k)).cuda()
+
+        def post():
+            client.submit(5, x, ids, w)
+            client.guess(7, guess)
+
+        post()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            post()
+        for replays in range(3):
+            for slot in client.slots:
+                assert slot.hdr[GUESS] == slot.request() == replays + 1 and slot.hdr[GUESS_LAYER] == 7
+                assert torch.equal(slot.guess[:3], guess.cpu().int())
+            guess.random_(0, 8)
+            g.replay()
+            torch.cuda.synchronize()
+    finally:
+        client.close()
+        os.close(fd)
+
+
 def test_wait_adds_the_residual_as_torch_does():
     """collect(residual=h) is h + collect().to(h.dtype), and collect(residual=h, extra=e) is
     h + (e + collect()).to(h.dtype), bit for bit (the decode layer's residual add and hcs_hybrid's

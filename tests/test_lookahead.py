@@ -276,6 +276,34 @@ def test_looks_ahead_at_the_layer_that_comes_next_to_the_pool():
     assert pool.loop.next[0] == 2 and pool.loop.pending == 2
 
 
+def test_a_guess_posted_after_the_request_is_read_ahead_instead_of_the_pools_own():
+    """The GPU worker's guess (shared/mailbox.py: posted after the request it follows, for the layer
+    it will send next) is what the lookahead reads and scores, for that layer; a guess posted after
+    an earlier request is stale and the pool guesses itself, for the layer it learned comes next."""
+    gen = torch.Generator().manual_seed(16)
+    router = -torch.ones(EXPERTS, HIDDEN)
+    router[4:8] = 1.0  # the pool's own guess for layers 1 and 2 (the next ones): experts 4-7
+    pool = Pool(gen, layers=3, routers={1: (router, None), 2: (router, None)})
+    expert = expert_bytes(pool.t)
+    slot = pool.slots[0]
+    pool.publish(0, [0, 1, 2, 3])
+    slot.post_guess(2, torch.tensor([[8, 9, 10, 4]], dtype=torch.int32))
+    pool.serve()
+    st = pool.stats()
+    assert st["posted"] == 1 and pool.loop.pending == 2 and st["lookahead_bytes"] == 4 * expert
+    pool.publish(2, [8, 9, 0, 1])
+    pool.serve()  # scored against the posted guess: 8 and 9 of its four chosen
+    st = pool.stats()
+    assert st["chosen"] == 4 and st["guessed"] == 2
+    pool.publish(0, [0, 1, 2, 3])  # no new guess: the slot's is the last request's
+    pool.serve()
+    st = pool.stats()
+    assert st["posted"] == 1 and pool.loop.pending == 2  # its own, for the layer that followed 0 last time
+    pool.publish(2, [4, 5, 12, 13])
+    pool.serve()
+    assert pool.stats()["guessed"] - st["guessed"] == 2  # 4 and 5: the router's 4-7
+
+
 def test_the_pool_naps_only_after_a_run_that_served_nothing():
     """cpu_worker/main.py's loop: after a run of the C loop (or its own poll) it naps on its control
     socket only when the run came back for want of requests (-1) and served none; a pool that had

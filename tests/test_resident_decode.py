@@ -94,3 +94,30 @@ def test_a_hot_set_built_while_serving_is_reported(tmp_path):
     assert before["hot_experts"] == 0 and before["decode_resident_layers"] == 0
     assert after["hot_experts"] > 0
     assert after["prefill_strategy"] == "layer_grouped_2"  # the rest of the start-up report is kept
+
+
+def test_the_guess_is_the_next_pool_layers_route_of_this_layers_input(monkeypatch):
+    """DecodeStrategy.guess: after a layer's work is posted to the pool, the next MoE layer the pool
+    will be asked for (resident ones skipped) routes this layer's x, and its ids are posted as the
+    pool's guess; after the stage's last pool layer, or with KRASIS_POOL_GUESS=0, nothing is."""
+    from krasis.gpu_worker import decode_strategies
+
+    posted = []
+
+    class Pool:
+        def submit(self, layer, x, ids, weights):
+            pass
+
+        def guess(self, layer, ids):
+            posted.append((layer, ids.tolist()))
+
+    s = decode_strategies.PureCpu(Pool(), None, None, "silu")
+    s.routes = {i: (lambda x, i=i: (x.long() + i, None)) for i in (2, 3, 5, 7)}
+    s.resident = {5: []}
+    x = torch.tensor([[1, 2]])
+    for layer in (2, 3, 7):
+        s.submit(layer, x, None, None)
+    assert posted == [(3, [[4, 5]]), (7, [[8, 9]])]  # 5 is the device's own: 3's guess is for 7
+    monkeypatch.setattr(decode_strategies, "POOL_GUESS", False)
+    s.submit(2, x, None, None)
+    assert len(posted) == 2

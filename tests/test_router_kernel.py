@@ -1,4 +1,4 @@
-"""The router's Triton kernel (shared/kernels/router_kernel.py) against layers.softmax_topk_reference,
+"""The router's Triton kernels (shared/kernels/router_kernel.py) against layers.softmax_topk_reference,
 under Triton's interpreter in a fresh process (as tests/test_norm_rope.py does); on CPU the
 dispatch runs the reference without importing the kernel."""
 
@@ -38,6 +38,63 @@ assert ids.tolist() == [[3, 9, 0]] and w[0, 0] == w[0, 1], ids
 x = torch.randn(4, 200, generator=g)[:, 10:138]
 ids, w = softmax_topk_triton(x, 8, True)
 assert torch.equal(ids, softmax_topk_reference(x, 8, True)[0])
+
+# router_topk: the product and the top-k in one kernel. Inputs on a grid where every product and
+# partial sum is exact in float32 and every logit a bf16 value (checked), so the kernel's logits are
+# the reference's whatever the order of the sum (and no rounding tie, which Triton's interpreter
+# breaks otherwise than CUDA): ids must be equal, not just close, equal logits taken lowest index
+# first (a stable sort). Qwen3-30B-A3B's router (128 x 2048, top 8), Qwen3-Next's 512 experts top
+# 10, an odd count and a narrow row; 1 to 8 tokens.
+from krasis.shared.kernels.router_kernel import fits, router_topk_triton
+import torch.nn.functional as F
+
+
+def reference(x, r, k, renorm):
+    logits = x.float() @ r.float().T
+    assert torch.equal(logits, logits.to(torch.bfloat16).float())
+    p = torch.softmax(logits, -1)
+    ids = torch.sort(p, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = p.gather(1, ids)
+    return ids, w / w.sum(-1, keepdim=True) if renorm else w
+
+
+for m, e, hidden, k in ((1, 128, 2048, 8), (8, 128, 2048, 8), (3, 512, 2048, 10), (2, 60, 96, 4), (5, 64, 1000, 1)):
+    # about 48 nonzero inputs a token: logits multiples of 2^-9 below 1/2 in size, so bf16 holds them
+    x = torch.randint(-2, 3, (m, hidden), generator=g) * 2.0**-6 * (torch.rand(m, hidden, generator=g) < 48 / hidden)
+    x = x.to(torch.bfloat16)
+    r = (torch.randint(-8, 9, (e, hidden), generator=g) / 8).to(torch.bfloat16)
+    assert fits(x, r)
+    for renorm in (True, False):
+        ids, w = router_topk_triton(x, r, k, renorm)
+        want_ids, want_w = reference(x, r, k, renorm)
+        assert torch.equal(ids, want_ids), (m, e, hidden, k, renorm, ids, want_ids)
+        torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
+        # and again: the count the last program reset lets the next call (a graph's replay) run
+        assert torch.equal(router_topk_triton(x, r, k, renorm)[0], ids)
+# with the residual add and the post-attention norm before the product: s = h + a and x = RMSNorm(s)
+# as add_rms_norm gives them, then the route of that x. Rows of s all +-1 and eps 0 make the norm's
+# scale exactly 1, so x = weight * s is on the grid above and the route exact again.
+from krasis.shared.models.layers import add_rms_norm
+for m, e, hidden, k in ((1, 128, 2048, 8), (4, 60, 96, 4)):
+    sign = (torch.randint(0, 2, (m, hidden), generator=g) * 2 - 1).to(torch.bfloat16)
+    h, a = sign * 0.75, sign * 0.25
+    ln = (torch.randint(-2, 3, (hidden,), generator=g) * 2.0**-6 * (torch.rand(hidden, generator=g) < 48 / hidden)).to(torch.bfloat16)
+    r = (torch.randint(-8, 9, (e, hidden), generator=g) / 8).to(torch.bfloat16)
+    want_s, want_x = add_rms_norm(h, a, ln, 0.0)
+    assert fits(h, r, ln) and torch.equal(want_s.abs(), torch.ones_like(want_s))
+    s, x, ids, w = router_topk_triton(h, r, k, True, norm=(a, ln, 0.0))
+    assert torch.equal(s, want_s) and torch.equal(x, want_x)
+    want_ids, want_w = reference(want_x, r, k, True)
+    assert torch.equal(ids, want_ids), (ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
+# a row of tokens inside a wider activation; nine tokens or a float32 router are not fused
+x = torch.randn(2, 300, generator=g).to(torch.bfloat16)[:, :256]
+r = (torch.randn(16, 256, generator=g) * 0.05).to(torch.bfloat16)  # logits of about unit size
+assert fits(x, r) and not fits(torch.zeros(9, 256, dtype=torch.bfloat16), r) and not fits(x, r.float())
+ids, w = router_topk_triton(x, r, 2, True)
+want_ids, want_w = softmax_topk_reference(F.linear(x.float(), r.float()).to(torch.bfloat16), 2, True)
+assert torch.equal(ids, want_ids)
+torch.testing.assert_close(w, want_w, rtol=1e-2, atol=0)  # a logit's last bf16 bit may differ
 print("ok")
 """
 

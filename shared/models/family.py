@@ -70,6 +70,12 @@ class DecoderLayer:
         """(h + a, post_norm(h + a)): the attention's residual add and the norm after it, in one pass."""
         return add_rms_norm(h, a, self.ln2, self.f.rms_norm_eps)
 
+    def add_post_norm_route(self, h: torch.Tensor, a: torch.Tensor):
+        """A MoE layer's (h + a, x = post_norm(h + a), route(x)); families whose router allows it
+        run the three as one kernel in decode."""
+        h, x = self.add_post_norm(h, a)
+        return h, x, self.route(x)
+
     def attention(self, x: torch.Tensor, slices: list[SeqSlice], positions: torch.Tensor, kv) -> torch.Tensor:
         raise NotImplementedError
 

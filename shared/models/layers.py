@@ -71,6 +71,34 @@ def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tens
     return softmax_topk_reference(logits, k, renorm)
 
 
+def router_topk(x: torch.Tensor, router: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_topk(linear(x, router), k, renorm): on CUDA, for a decode step's few tokens, the
+    router's product and the top-k in one Triton kernel (shared/kernels/router_kernel.py), two
+    launches of a decode layer's turn made one."""
+    if _use_kernel(x, router) and isinstance(router, torch.Tensor) and x.dim() == 2:
+        from ..kernels.router_kernel import fits, router_topk_triton
+
+        if fits(x, router):
+            return router_topk_triton(x, router, k, renorm)
+    return softmax_topk(linear(x, router), k, renorm)
+
+
+def add_rms_norm_router_topk(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float, router: torch.Tensor,
+                             k: int, renorm: bool):
+    """(s, x, (ids, weights)) with s, x = add_rms_norm(h, a, weight, eps) and the route
+    router_topk(x, router, k, renorm): a MoE layer's residual add, post-attention norm and router,
+    one Triton kernel on CUDA for a decode step's few tokens (three launches of its turn before)."""
+    if (_use_kernel(h, a, weight, router) and isinstance(router, torch.Tensor) and h.dim() == 2 and a.shape == h.shape
+            and a.dtype == h.dtype):
+        from ..kernels.router_kernel import fits, router_topk_triton
+
+        if fits(h, router, weight):
+            s, x, ids, w = router_topk_triton(h, router, k, renorm, norm=(a, weight, eps))
+            return s, x, (ids, w)
+    s, x = add_rms_norm(h, a, weight, eps)
+    return s, x, router_topk(x, router, k, renorm)
+
+
 def softmax_topk_reference(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
     if renorm:
@@ -79,8 +107,14 @@ def softmax_topk_reference(logits: torch.Tensor, k: int, renorm: bool) -> tuple[
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t)."""
+    """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t). On CUDA
+    a decode step's few tokens without a bias take a Triton GEMV (shared/kernels/gemv_kernel.py)."""
     if isinstance(w, torch.Tensor):
+        if b is None and _use_kernel(x, w) and x.dim() == 2:
+            from ..kernels.gemv_kernel import fits, gemv
+
+            if fits(x, w):
+                return gemv(x, w)
         return F.linear(x, w, b)
     y = w.matmul_t(x)
     return y if b is None else y + b

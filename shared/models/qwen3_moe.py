@@ -13,7 +13,7 @@ Layers in `mlp_only_layers`, or not a multiple of `decoder_sparse_step`, use one
 from __future__ import annotations
 
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily
-from .layers import Rotary, linear, qk_norm_rope, rope_inv_freq, rope_parameters, softmax_topk, stack_rows, swiglu
+from .layers import Rotary, add_rms_norm_router_topk, linear, qk_norm_rope, rope_inv_freq, rope_parameters, router_topk, stack_rows, swiglu
 
 
 class Qwen3Moe(ModelFamily):
@@ -112,7 +112,10 @@ class Qwen3MoeLayer(DecoderLayer):
         return linear(out.reshape(T, -1), self.wo, self.bo)
 
     def route(self, x):
-        return softmax_topk(linear(x, self.router), self.f.top_k, self.f.norm_topk_prob)
+        return router_topk(x, self.router, self.f.top_k, self.f.norm_topk_prob)
+
+    def add_post_norm_route(self, h, a):
+        return add_rms_norm_router_topk(h, a, self.ln2, self.f.rms_norm_eps, self.router, self.f.top_k, self.f.norm_topk_prob)
 
     def dense(self, x):
         return swiglu(x, *self.mlp)

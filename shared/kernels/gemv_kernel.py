@@ -1,0 +1,62 @@
+"""The Triton kernel behind layers.linear on CUDA for a decode step's few tokens: y = x W^T for x
+[M, K] with M <= MAX_TOKENS and a 16-bit weight W [N, K] read once, as W x^T on the tensor cores.
+
+Why: a decode layer's attention products are matrix-vector products bound by reading the weight
+(Qwen3-30B-A3B's qkv 5120 x 2048 and o 2048 x 4096: 38 MB of bf16 a layer, 11 us at the H100's
+3.35 TB/s), and cuBLAS took 9.7 us for qkv and 8.2 + 1.7 for o, the second a split-K product and its
+reduction kernel (session 24's trace): ~2.2 TB/s and a launch more, 48 times a token. Here a program
+takes BN rows of W and streams them in BK-wide tiles through a software pipeline (STAGES tiles in
+flight), each tile's product with the tokens' x (padded to the tensor cores' 16 columns) summed in
+float32; enough programs for every SM at once, no split of K, so no reduction kernel.
+
+Arithmetic: products of 16-bit values are exact in float32; the sums are float32 in this kernel's
+order (cuBLAS's order is its own and not fixed either), rounded once to x's dtype, as F.linear does.
+
+CUDA graphs: no host syncs; the output is allocated from the input's shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TOKENS = 16  # tl.dot's smallest N: more tokens are a matrix product, cuBLAS's
+# (BN, BK, STAGES, WARPS): a program's rows, the tile's width, tiles in flight, warps
+TILES = (16, 256, 4, 4)
+# KRASIS_GEMV=0 leaves every product to cuBLAS (an A/B, and a way out).
+ENABLED = os.environ.get("KRASIS_GEMV", "1") != "0"
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv(X, W, Y, M, N, K, sx, sy, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    m = tl.arange(0, BM)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        w = tl.load(W + n[:, None].to(tl.int64) * K + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
+        xt = tl.load(X + m[None, :] * sx + k[:, None], mask=(m < M)[None, :] & (k < K)[:, None], other=0.0)
+        acc = tl.dot(w, xt, acc)
+    y = tl.trans(acc).to(Y.dtype.element_ty)  # [BM, BN]
+    tl.store(Y + m[:, None] * sy + n[None, :], y, mask=(m < M)[:, None] & (n < N)[None, :])
+
+
+def fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether gemv takes x [M, K] and w [N, K]."""
+    return (ENABLED and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.stride(-1) == 1 and w.dim() == 2
+            and w.shape[1] == x.shape[1] and w.is_contiguous() and w.dtype == x.dtype
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, tiles: tuple[int, int, int, int] = TILES) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T -> [M, N] in x's dtype, where `fits`."""
+    m, k = x.shape
+    n = w.shape[0]
+    bn, bk, stages, warps = tiles
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _gemv[(triton.cdiv(n, bn),)](x, w, y, m, n, k, x.stride(0), y.stride(0), BN=bn, BK=bk, BM=MAX_TOKENS,
+                                 num_stages=stages, num_warps=warps)
+    return y

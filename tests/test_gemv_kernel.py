@@ -1,0 +1,37 @@
+"""The decode GEMV (shared/kernels/gemv_kernel.py) against the float32 product, under Triton's
+interpreter in a fresh process (as tests/test_norm_rope.py does), in float16: the interpreter's
+bfloat16 tensor-core products are wrong (expert_grouped_kernel's tests found it), and the kernel is
+the same code for both. Integer inputs keep every sum exact, so the products must be equal."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny_models as tm
+
+CHECK = r"""
+import torch
+from krasis.shared.kernels.gemv_kernel import MAX_TOKENS, fits, gemv
+
+g = torch.Generator().manual_seed(0)
+# one token and a batch; rows that fill a program's BN, that do not, and fewer than BN; widths a
+# whole number of BK tiles, not, and narrower than one; the tilings device_check times
+for m, n, k in ((1, 64, 512), (3, 100, 300), (MAX_TOKENS, 5, 33), (2, 48, 1000)):
+    for tiles in ((16, 256, 4, 4), (32, 64, 2, 4), (64, 128, 3, 8)):
+        wide = torch.randint(-2, 3, (m, k + 7), generator=g).half()
+        x = wide[:, 3:3 + k]  # rows inside a wider activation (stride k + 7)
+        w = torch.randint(-2, 3, (n, k), generator=g).half()
+        assert fits(x, w)
+        y = gemv(x, w, tiles)
+        want = (x.float() @ w.float().T).half()
+        assert y.dtype == torch.float16 and torch.equal(y, want), (m, n, k, tiles, (y.float() - want.float()).abs().max())
+assert not fits(torch.zeros(MAX_TOKENS + 1, 8).half(), torch.zeros(4, 8).half())
+assert not fits(torch.zeros(2, 8).half(), torch.zeros(4, 8).half().t().contiguous().t())  # a transposed view
+assert not fits(torch.zeros(2, 8), torch.zeros(4, 8))  # float32: cuBLAS's
+print("ok")
+"""
+
+
+def test_gemv_matches_the_float32_product():
+    pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
+    tm.run_interpreted(CHECK)
