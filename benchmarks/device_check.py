@@ -454,12 +454,13 @@ def turn_check(num: int = 128, hidden: int = 2048, k: int = 8):
     the router's product and top-k in one kernel (shared/kernels/router_kernel.py) against F.linear +
     softmax_topk, at 1 to 8 tokens (the same choices?); the decode GEMV (gemv_kernel.py) at its
     tilings against cuBLAS (F.linear) for qkv (5120 x 2048), o (2048 x 4096) and the LM head (151936
-    x 2048) at 1 and 4 tokens (equal to the float32 product rounded, as cuBLAS's is?)."""
+    x 2048) at 1 and 4 tokens (equal to the float32 product rounded, as cuBLAS's is?), and qkv with the
+    input norm inside the GEMV against rms_norm + cuBLAS."""
     import torch.nn.functional as F
 
     from krasis.shared.kernels.gemv_kernel import gemv
     from krasis.shared.kernels.router_kernel import router_topk_triton
-    from krasis.shared.models.layers import softmax_topk
+    from krasis.shared.models.layers import rms_norm, rms_norm_reference, softmax_topk
 
     g = torch.Generator(device="cuda").manual_seed(5)
     r = (torch.randn(num, hidden, device="cuda", generator=g) * 0.02).bfloat16()
@@ -482,6 +483,12 @@ def turn_check(num: int = 128, hidden: int = 2048, k: int = 8):
                 tag = f"{name}_m{m}_gemv_{'_'.join(map(str, tiles))}"
                 row[f"{tag}_us"], got = graph_us(lambda: gemv(xi, wt, tiles), 10)
                 row[f"{tag}_ulps_off"] = float((got != want).float().mean())
+            if name == "qkv":  # with the input norm in the kernel (layers.norm_linear), against rms_norm + cuBLAS
+                ln = (torch.rand(i, device="cuda", generator=g) + 0.5).bfloat16()
+                want = F.linear(rms_norm_reference(xi, ln, 1e-6), wt)
+                row[f"qkv_m{m}_norm_cublas_us"] = graph_us(lambda: F.linear(rms_norm(xi, ln, 1e-6), wt), 10)[0]
+                row[f"qkv_m{m}_norm_gemv_us"], got = graph_us(lambda: gemv(xi, wt, norm=(ln, 1e-6)), 10)
+                row[f"qkv_m{m}_norm_gemv_max_rel_diff"] = float(((got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-3)).max())
             best = min((v, key) for key, v in row.items() if key.startswith(f"{name}_m{m}_gemv") and key.endswith("_us"))
             row[f"{name}_m{m}_best"] = f"{best[1]} {best[0]:.2f} us, {o * i * 2 / best[0] / 1e6:.2f} TB/s; cuBLAS " \
                                       f"{row[f'{name}_m{m}_cublas_us']:.2f} us"

@@ -237,7 +237,7 @@ class Stage:
         hs, xs, routes = [], [], []
         for sub, h, pos in chunks:
             with record_function("attention"):
-                a = layer.attention(layer.input_norm(h), sub, pos, self.kv)
+                a = layer.norm_attention(h, sub, pos, self.kv)
             if layer.is_moe:
                 with record_function("route"):  # the residual add and the norm with it (one kernel in decode)
                     h, x, route = layer.add_post_norm_route(h, a)

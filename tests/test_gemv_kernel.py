@@ -1,7 +1,8 @@
 """The decode GEMV (shared/kernels/gemv_kernel.py) against the float32 product, under Triton's
 interpreter in a fresh process (as tests/test_norm_rope.py does), in float16: the interpreter's
 bfloat16 tensor-core products are wrong (expert_grouped_kernel's tests found it), and the kernel is
-the same code for both. Integer inputs keep every sum exact, so the products must be equal."""
+the same code for both. Integer inputs keep every sum exact, so the products must be equal; with
+the input norm in the kernel, the same."""
 
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ for m, n, k in ((1, 64, 512), (3, 100, 300), (MAX_TOKENS, 5, 33), (2, 48, 1000))
         y = gemv(x, w, tiles)
         want = (x.float() @ w.float().T).half()
         assert y.dtype == torch.float16 and torch.equal(y, want), (m, n, k, tiles, (y.float() - want.float()).abs().max())
+# with the input norm in the kernel (layers.norm_linear): row i all +-2^i and eps 0 make its scale
+# exactly 2^-i, so the normalised row is weight * (+-1), integers again, and the product exact
+from krasis.shared.models.layers import rms_norm
+for m, n, k in ((1, 64, 512), (3, 100, 300)):
+    sign = (torch.randint(0, 2, (m, k), generator=g) * 2 - 1).half()
+    x = sign * 2.0 ** torch.arange(m).half()[:, None]
+    ln = torch.randint(-2, 3, (k,), generator=g).half()
+    w = torch.randint(-2, 3, (n, k), generator=g).half()
+    assert fits(x, w, ln)
+    xn = rms_norm(x, ln, 0.0)
+    assert torch.equal(xn, ln * sign)
+    assert torch.equal(gemv(x, w, norm=(ln, 0.0)), (xn.float() @ w.float().T).half())
 assert not fits(torch.zeros(MAX_TOKENS + 1, 8).half(), torch.zeros(4, 8).half())
 assert not fits(torch.zeros(2, 8).half(), torch.zeros(4, 8).half().t().contiguous().t())  # a transposed view
 assert not fits(torch.zeros(2, 8), torch.zeros(4, 8))  # float32: cuBLAS's

@@ -7,7 +7,9 @@ Why: a decode layer's attention products are matrix-vector products bound by rea
 reduction kernel (session 24's trace): ~2.2 TB/s and a launch more, 48 times a token. Here a program
 takes BN rows of W and streams them in BK-wide tiles through a software pipeline (STAGES tiles in
 flight), each tile's product with the tokens' x (padded to the tensor cores' 16 columns) summed in
-float32; enough programs for every SM at once, no split of K, so no reduction kernel.
+float32; enough programs for every SM at once, no split of K, so no reduction kernel. With a norm
+(layers.norm_linear: the input norm before qkv), each program normalises x's tiles as it loads them,
+one launch of the turn fewer.
 
 Arithmetic: products of 16-bit values are exact in float32; the sums are float32 in this kernel's
 order (cuBLAS's order is its own and not fixed either), rounded once to x's dtype, as F.linear does.
@@ -23,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm_rope_kernel import _inv_rms, _weighted
+
 MAX_TOKENS = 16  # tl.dot's smallest N: more tokens are a matrix product, cuBLAS's
 # (BN, BK, STAGES, WARPS): a program's rows, the tile's width, tiles in flight, warps
 TILES = (16, 256, 4, 4)
@@ -31,32 +35,50 @@ ENABLED = os.environ.get("KRASIS_GEMV", "1") != "0"
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv(X, W, Y, M, N, K, sx, sy, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+def _gemv(X, W, Y, LN, eps, M, N, sx, sy, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+          NORM: tl.constexpr):
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     m = tl.arange(0, BM)
+    DT = X.dtype.element_ty
+    if NORM:
+        # x's rows normalised as norm_rope_kernel's rms_norm does it: each program sums the squares of
+        # the whole rows (a few KB from L2) before its tiles
+        sq = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            xt = tl.load(X + m[None, :] * sx + k[:, None], mask=(m < M)[None, :] & (k < K)[:, None], other=0.0).to(tl.float32)
+            sq += tl.sum(xt * xt, 0)
+        inv = _inv_rms(sq, eps, K)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
         w = tl.load(W + n[:, None].to(tl.int64) * K + k[None, :], mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
         xt = tl.load(X + m[None, :] * sx + k[:, None], mask=(m < M)[None, :] & (k < K)[:, None], other=0.0)
+        if NORM:
+            xt = _weighted(xt.to(tl.float32), inv[None, :], tl.load(LN + k, mask=k < K, other=0.0)[:, None], DT, DT)
         acc = tl.dot(w, xt, acc)
     y = tl.trans(acc).to(Y.dtype.element_ty)  # [BM, BN]
     tl.store(Y + m[:, None] * sy + n[None, :], y, mask=(m < M)[:, None] & (n < N)[None, :])
 
 
-def fits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether gemv takes x [M, K] and w [N, K]."""
+def fits(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None) -> bool:
+    """Whether gemv takes x [M, K] and w [N, K] (and the norm's weight [K])."""
     return (ENABLED and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.stride(-1) == 1 and w.dim() == 2
             and w.shape[1] == x.shape[1] and w.is_contiguous() and w.dtype == x.dtype
-            and x.dtype in (torch.bfloat16, torch.float16))
+            and x.dtype in (torch.bfloat16, torch.float16) and (norm is None or norm.shape == (x.shape[1],)
+                                                                 and norm.dtype == x.dtype))
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, tiles: tuple[int, int, int, int] = TILES) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T -> [M, N] in x's dtype, where `fits`."""
+def gemv(x: torch.Tensor, w: torch.Tensor, tiles: tuple[int, int, int, int] = TILES,
+         norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T -> [M, N] in x's dtype, where `fits`; with norm = (weight, eps),
+    rms_norm(x, weight, eps) @ w^T, the norm computed in the product's kernel."""
     m, k = x.shape
     n = w.shape[0]
     bn, bk, stages, warps = tiles
+    ln, eps = norm if norm is not None else (x, 0.0)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _gemv[(triton.cdiv(n, bn),)](x, w, y, m, n, k, x.stride(0), y.stride(0), BN=bn, BK=bk, BM=MAX_TOKENS,
-                                 num_stages=stages, num_warps=warps)
+    _gemv[(triton.cdiv(n, bn),)](x, w, y, ln, eps, m, n, x.stride(0), y.stride(0), K=k, BN=bn, BK=bk, BM=MAX_TOKENS,
+                                 NORM=norm is not None, num_stages=stages, num_warps=warps,
+                                 enable_fp_fusion=False)  # the norm's roundings are torch's (norm_rope_kernel)
     return y

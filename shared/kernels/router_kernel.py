@@ -178,5 +178,6 @@ def router_topk_triton(x: torch.Tensor, router: torch.Tensor, k: int, renorm: bo
         x, a, ln, s, y, eps, router, logits, count, ids, w, m, e, x.stride(0), a.stride(0), H=hidden, K=k,
         KP=triton.next_power_of_2(k), BLOCK=triton.next_power_of_2(e), BLOCK_E=block_e, BLOCK_H=block_h,
         RENORM=renorm, NORM=norm is not None, num_warps=4,
+        enable_fp_fusion=False,  # the norm's roundings are torch's, as norm_rope_kernel's (an fma would round once)
     )
     return (ids, w) if norm is None else (s, y, ids, w)

@@ -47,7 +47,7 @@ class ExpertShape:
 class DecoderLayer:
     """One layer's non-routed part. The worker runs, per layer:
 
-        h = h + attention(input_norm(h))      }  add_post_norm(h, attention(input_norm(h)))
+        h = h + attention(input_norm(h))      }  add_post_norm(h, norm_attention(h))
         x = post_norm(h)                      }
         h = h + (experts(x, route(x)) + shared(x))      for MoE layers
         h = h + dense(x)                                 for dense layers
@@ -69,6 +69,10 @@ class DecoderLayer:
     def add_post_norm(self, h: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + a, post_norm(h + a)): the attention's residual add and the norm after it, in one pass."""
         return add_rms_norm(h, a, self.ln2, self.f.rms_norm_eps)
+
+    def norm_attention(self, h: torch.Tensor, slices: list[SeqSlice], positions: torch.Tensor, kv) -> torch.Tensor:
+        """attention(input_norm(h)); families whose first product allows it take the norm into it."""
+        return self.attention(self.input_norm(h), slices, positions, kv)
 
     def add_post_norm_route(self, h: torch.Tensor, a: torch.Tensor):
         """A MoE layer's (h + a, x = post_norm(h + a), route(x)); families whose router allows it

@@ -13,7 +13,7 @@ Layers in `mlp_only_layers`, or not a multiple of `decoder_sparse_step`, use one
 from __future__ import annotations
 
 from .family import ConfigError, DecoderLayer, ExpertShape, Getter, ModelFamily
-from .layers import Rotary, add_rms_norm_router_topk, linear, qk_norm_rope, rope_inv_freq, rope_parameters, router_topk, stack_rows, swiglu
+from .layers import Rotary, add_rms_norm_router_topk, linear, norm_linear, qk_norm_rope, rope_inv_freq, rope_parameters, router_topk, stack_rows, swiglu
 
 
 class Qwen3Moe(ModelFamily):
@@ -104,8 +104,14 @@ class Qwen3MoeLayer(DecoderLayer):
             self.mlp = tuple(get(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
 
     def attention(self, x, slices, positions, kv):
-        f, T = self.f, x.shape[0]
-        qk, v = linear(x, self.wqkv, self.bqkv).split([(f.num_heads + f.num_kv_heads) * f.head_dim, f.num_kv_heads * f.head_dim], -1)
+        return self._attend(linear(x, self.wqkv, self.bqkv), slices, positions, kv)
+
+    def norm_attention(self, h, slices, positions, kv):
+        return self._attend(norm_linear(h, self.ln1, self.f.rms_norm_eps, self.wqkv, self.bqkv), slices, positions, kv)
+
+    def _attend(self, qkv, slices, positions, kv):
+        f, T = self.f, qkv.shape[0]
+        qk, v = qkv.split([(f.num_heads + f.num_kv_heads) * f.head_dim, f.num_kv_heads * f.head_dim], -1)
         q, k = qk_norm_rope(qk.view(T, -1, f.head_dim), f.num_heads, self.q_norm, self.k_norm, f.rms_norm_eps, self.rotary, positions)
         v = v.view(T, f.num_kv_heads, f.head_dim)
         out = kv.attend(self.index, slices, q, k, v, scale=f.head_dim**-0.5)
