@@ -1,8 +1,7 @@
 """The decode GEMV (shared/kernels/gemv_kernel.py) against the float32 product, under Triton's
-interpreter in a fresh process (as tests/test_norm_rope.py does), in float16: the interpreter's
-bfloat16 tensor-core products are wrong (expert_grouped_kernel's tests found it), and the kernel is
-the same code for both. Integer inputs keep every sum exact, so the products must be equal; with
-the input norm in the kernel, the same."""
+interpreter in a fresh process (as tests/test_norm_rope.py does), in bfloat16 and float16. Integer
+inputs keep every sum exact, so the products must be equal; with the input norm in the kernel, the
+same."""
 
 from __future__ import annotations
 
@@ -16,16 +15,17 @@ from krasis.shared.kernels.gemv_kernel import MAX_TOKENS, fits, gemv
 
 g = torch.Generator().manual_seed(0)
 # one token and a batch; rows that fill a program's BN, that do not, and fewer than BN; widths a
-# whole number of BK tiles, not, and narrower than one; the tilings device_check times
-for m, n, k in ((1, 64, 512), (3, 100, 300), (MAX_TOKENS, 5, 33), (2, 48, 1000)):
-    for tiles in ((16, 256, 4, 4), (32, 64, 2, 4), (64, 128, 3, 8)):
-        wide = torch.randint(-2, 3, (m, k + 7), generator=g).half()
+# whole number of BK, not, and narrower than one; the sizes device_check times
+for (m, n, k), dtype in zip(((1, 64, 512), (3, 100, 300), (MAX_TOKENS, 5, 33), (2, 48, 1000)),
+                          (torch.bfloat16, torch.float16, torch.bfloat16, torch.float16)):
+    for tiles in ((8192, 4), (1024, 4), (256, 2)):
+        wide = torch.randint(-2, 3, (m, k + 7), generator=g).to(dtype)
         x = wide[:, 3:3 + k]  # rows inside a wider activation (stride k + 7)
-        w = torch.randint(-2, 3, (n, k), generator=g).half()
+        w = torch.randint(-2, 3, (n, k), generator=g).to(dtype)
         assert fits(x, w)
         y = gemv(x, w, tiles)
-        want = (x.float() @ w.float().T).half()
-        assert y.dtype == torch.float16 and torch.equal(y, want), (m, n, k, tiles, (y.float() - want.float()).abs().max())
+        want = (x.float() @ w.float().T).to(dtype)
+        assert y.dtype == dtype and torch.equal(y, want), (m, n, k, tiles, (y.float() - want.float()).abs().max())
 # with the input norm in the kernel (layers.norm_linear): row i all +-2^i and eps 0 make its scale
 # exactly 2^-i, so the normalised row is weight * (+-1), integers again, and the product exact
 from krasis.shared.models.layers import rms_norm

@@ -45,7 +45,7 @@ assert torch.equal(ids, softmax_topk_reference(x, 8, True)[0])
 # breaks otherwise than CUDA): ids must be equal, not just close, equal logits taken lowest index
 # first (a stable sort). Qwen3-30B-A3B's router (128 x 2048, top 8), Qwen3-Next's 512 experts top
 # 10, an odd count and a narrow row; 1 to 8 tokens.
-from krasis.shared.kernels.router_kernel import fits, router_topk_triton
+from krasis.shared.kernels.router_kernel import FUSED_MAX_TOKENS, fits, router_topk_triton
 import torch.nn.functional as F
 
 
@@ -63,7 +63,7 @@ for m, e, hidden, k in ((1, 128, 2048, 8), (8, 128, 2048, 8), (3, 512, 2048, 10)
     x = torch.randint(-2, 3, (m, hidden), generator=g) * 2.0**-6 * (torch.rand(m, hidden, generator=g) < 48 / hidden)
     x = x.to(torch.bfloat16)
     r = (torch.randint(-8, 9, (e, hidden), generator=g) / 8).to(torch.bfloat16)
-    assert fits(x, r)
+    assert fits(x, r) == (m <= FUSED_MAX_TOKENS)  # the kernel serves any number, fused for few (timings)
     for renorm in (True, False):
         ids, w = router_topk_triton(x, r, k, renorm)
         want_ids, want_w = reference(x, r, k, renorm)
@@ -81,16 +81,16 @@ for m, e, hidden, k in ((1, 128, 2048, 8), (4, 60, 96, 4)):
     ln = (torch.randint(-2, 3, (hidden,), generator=g) * 2.0**-6 * (torch.rand(hidden, generator=g) < 48 / hidden)).to(torch.bfloat16)
     r = (torch.randint(-8, 9, (e, hidden), generator=g) / 8).to(torch.bfloat16)
     want_s, want_x = add_rms_norm(h, a, ln, 0.0)
-    assert fits(h, r, ln) and torch.equal(want_s.abs(), torch.ones_like(want_s))
+    assert fits(h, r, ln) == (m <= FUSED_MAX_TOKENS) and torch.equal(want_s.abs(), torch.ones_like(want_s))
     s, x, ids, w = router_topk_triton(h, r, k, True, norm=(a, ln, 0.0))
     assert torch.equal(s, want_s) and torch.equal(x, want_x)
     want_ids, want_w = reference(want_x, r, k, True)
     assert torch.equal(ids, want_ids), (ids, want_ids)
     torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
-# a row of tokens inside a wider activation; nine tokens or a float32 router are not fused
+# a row of tokens inside a wider activation; more tokens or a float32 router are not fused
 x = torch.randn(2, 300, generator=g).to(torch.bfloat16)[:, :256]
 r = (torch.randn(16, 256, generator=g) * 0.05).to(torch.bfloat16)  # logits of about unit size
-assert fits(x, r) and not fits(torch.zeros(9, 256, dtype=torch.bfloat16), r) and not fits(x, r.float())
+assert fits(x, r) and not fits(torch.zeros(FUSED_MAX_TOKENS + 1, 256, dtype=torch.bfloat16), r) and not fits(x, r.float())
 ids, w = router_topk_triton(x, r, 2, True)
 want_ids, want_w = softmax_topk_reference(F.linear(x.float(), r.float()).to(torch.bfloat16), 2, True)
 assert torch.equal(ids, want_ids)
