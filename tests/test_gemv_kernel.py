@@ -11,7 +11,10 @@ import tiny_models as tm
 
 CHECK = r"""
 import torch
+from krasis.shared.kernels import gemv_kernel
 from krasis.shared.kernels.gemv_kernel import MAX_TOKENS, fits, gemv
+
+gemv_kernel.ENABLED = True  # off by default (KRASIS_GEMV=1) until measured on the device
 
 g = torch.Generator().manual_seed(0)
 # one token and a batch; rows that fill a program's BN, that do not, and fewer than BN; widths a
@@ -41,6 +44,8 @@ for m, n, k in ((1, 64, 512), (3, 100, 300)):
 assert not fits(torch.zeros(MAX_TOKENS + 1, 8).half(), torch.zeros(4, 8).half())
 assert not fits(torch.zeros(2, 8).half(), torch.zeros(4, 8).half().t().contiguous().t())  # a transposed view
 assert not fits(torch.zeros(2, 8), torch.zeros(4, 8))  # float32: cuBLAS's
+gemv_kernel.ENABLED = False
+assert not fits(torch.zeros(2, 8).half(), torch.zeros(4, 8).half())
 print("ok")
 """
 

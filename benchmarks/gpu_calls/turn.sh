@@ -5,7 +5,8 @@
 #   (shared/kernels/gemv_kernel.py) instead of cuBLAS's GEMV and split-K + reduction;
 # - the pool's lookahead guess computed on the GPU while the pool runs the layer and posted in the
 #   slot (mailbox version 3), so the pool reads ahead from the moment it answers.
-# .old: the tree before (e3fe92d), for the A/B on this machine.
+# .old: the tree before (e3fe92d), for the A/B on this machine. (It ran the GEMV's first version, on by
+# default then; turn2.sh is the next call.)
 # g1: the doorbell (the guess kernel too), decode graphs against eager steps (the new kernels inside
 #     graphs), the grouped expert products, all on CUDA;
 # g0: device_check's turn check: the fused router against linear + top-k, the GEMV's tilings

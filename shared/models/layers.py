@@ -108,7 +108,8 @@ def softmax_topk_reference(logits: torch.Tensor, k: int, renorm: bool) -> tuple[
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t). On CUDA
-    a decode step's few tokens without a bias take a Triton GEMV (shared/kernels/gemv_kernel.py)."""
+    with KRASIS_GEMV=1, a decode step's few tokens without a bias take a Triton GEMV
+    (shared/kernels/gemv_kernel.py)."""
     if isinstance(w, torch.Tensor):
         if b is None and _use_kernel(x, w) and x.dim() == 2:
             from ..kernels.gemv_kernel import fits, gemv
@@ -122,7 +123,7 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
 
 def norm_linear(h: torch.Tensor, weight: torch.Tensor, eps: float, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """linear(rms_norm(h, weight, eps), w, b): a layer's input norm and its first product, the norm
-    inside the GEMV's kernel on CUDA for a decode step's few tokens (one launch of the turn fewer)."""
+    inside the GEMV's kernel where `linear` takes the GEMV (one launch of the turn fewer)."""
     if b is None and isinstance(w, torch.Tensor) and _use_kernel(h, w, weight) and h.dim() == 2:
         from ..kernels.gemv_kernel import fits, gemv
 
