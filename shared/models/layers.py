@@ -71,15 +71,27 @@ def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tens
     return softmax_topk_reference(logits, k, renorm)
 
 
+def _fused_router(x: torch.Tensor, router, norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+    """Whether router_kernel.router_topk_triton takes x [M, H] and the router in one kernel (with
+    norm = (a, weight): the residual add of a [M, H] and the norm's weight before it)."""
+    extra = () if norm is None else norm
+    if not (isinstance(router, torch.Tensor) and _use_kernel(x, router, *extra) and x.dim() == 2):
+        return False
+    if norm is not None and (norm[0].shape != x.shape or norm[0].dtype != x.dtype):
+        return False
+    from ..kernels.router_kernel import fits
+
+    return fits(x, router, None if norm is None else norm[1])
+
+
 def router_topk(x: torch.Tensor, router: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax_topk(linear(x, router), k, renorm): on CUDA, for a decode step's few tokens, the
     router's product and the top-k in one Triton kernel (shared/kernels/router_kernel.py), two
     launches of a decode layer's turn made one."""
-    if _use_kernel(x, router) and isinstance(router, torch.Tensor) and x.dim() == 2:
-        from ..kernels.router_kernel import fits, router_topk_triton
+    if _fused_router(x, router):
+        from ..kernels.router_kernel import router_topk_triton
 
-        if fits(x, router):
-            return router_topk_triton(x, router, k, renorm)
+        return router_topk_triton(x, router, k, renorm)
     return softmax_topk(linear(x, router), k, renorm)
 
 
@@ -88,13 +100,11 @@ def add_rms_norm_router_topk(h: torch.Tensor, a: torch.Tensor, weight: torch.Ten
     """(s, x, (ids, weights)) with s, x = add_rms_norm(h, a, weight, eps) and the route
     router_topk(x, router, k, renorm): a MoE layer's residual add, post-attention norm and router,
     one Triton kernel on CUDA for a decode step's few tokens (three launches of its turn before)."""
-    if (_use_kernel(h, a, weight, router) and isinstance(router, torch.Tensor) and h.dim() == 2 and a.shape == h.shape
-            and a.dtype == h.dtype):
-        from ..kernels.router_kernel import fits, router_topk_triton
+    if _fused_router(h, router, (a, weight)):
+        from ..kernels.router_kernel import router_topk_triton
 
-        if fits(h, router, weight):
-            s, x, ids, w = router_topk_triton(h, router, k, renorm, norm=(a, weight, eps))
-            return s, x, (ids, w)
+        s, x, ids, w = router_topk_triton(h, router, k, renorm, norm=(a, weight, eps))
+        return s, x, (ids, w)
     s, x = add_rms_norm(h, a, weight, eps)
     return s, x, router_topk(x, router, k, renorm)
 
@@ -106,16 +116,25 @@ def softmax_topk_reference(logits: torch.Tensor, k: int, renorm: bool) -> tuple[
     return ids, weights
 
 
+def _gemv_takes(x: torch.Tensor, w, b: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> bool:
+    """Whether gemv_kernel.gemv takes x W^T + b (with the input norm's weight `norm`, before it)."""
+    extra = () if norm is None else (norm,)
+    if b is not None or not isinstance(w, torch.Tensor) or not _use_kernel(x, w, *extra) or x.dim() != 2:
+        return False
+    from ..kernels.gemv_kernel import fits
+
+    return fits(x, w, norm)
+
+
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t). On CUDA
     with KRASIS_GEMV=1, a decode step's few tokens without a bias take a Triton GEMV
     (shared/kernels/gemv_kernel.py)."""
-    if isinstance(w, torch.Tensor):
-        if b is None and _use_kernel(x, w) and x.dim() == 2:
-            from ..kernels.gemv_kernel import fits, gemv
+    if _gemv_takes(x, w, b):
+        from ..kernels.gemv_kernel import gemv
 
-            if fits(x, w):
-                return gemv(x, w)
+        return gemv(x, w)
+    if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
     y = w.matmul_t(x)
     return y if b is None else y + b
@@ -124,11 +143,10 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
 def norm_linear(h: torch.Tensor, weight: torch.Tensor, eps: float, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """linear(rms_norm(h, weight, eps), w, b): a layer's input norm and its first product, the norm
     inside the GEMV's kernel where `linear` takes the GEMV (one launch of the turn fewer)."""
-    if b is None and isinstance(w, torch.Tensor) and _use_kernel(h, w, weight) and h.dim() == 2:
-        from ..kernels.gemv_kernel import fits, gemv
+    if _gemv_takes(h, w, b, weight):
+        from ..kernels.gemv_kernel import gemv
 
-        if fits(h, w, weight):
-            return gemv(h, w, norm=(weight, eps))
+        return gemv(h, w, norm=(weight, eps))
     return linear(rms_norm(h, weight, eps), w, b)
 
 
