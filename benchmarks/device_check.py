@@ -455,14 +455,17 @@ def turn_check(num: int = 128, hidden: int = 2048, k: int = 8):
     the router's product and top-k in one kernel (shared/kernels/router_kernel.py) against F.linear +
     softmax_topk, at 1 to 8 tokens (the same choices?); the decode GEMV (gemv_kernel.py) at its
     tilings against cuBLAS (F.linear) for qkv (5120 x 2048), o (2048 x 4096) and the LM head (151936
-    x 2048) at 1 and 4 tokens, each call's weight cold in HBM (which share of the outputs is not the
+    x 2048) at 1, 2 and 4 tokens, each call's weight cold in HBM (which share of the outputs is not the
     float32 product rounded, for both), and qkv with the input norm inside the GEMV against rms_norm +
-    cuBLAS."""
+    cuBLAS; the same products from INT8 rows (--attn-bits 8) in the GEMV against the reference path
+    (QuantLinear.matmul_t: a dequantized copy, then cuBLAS), and whether the GEMV's dequantized
+    weights are the reference's."""
     import torch.nn.functional as F
 
     from krasis.shared.kernels.gemv_kernel import gemv
     from krasis.shared.kernels.router_kernel import router_topk_triton
     from krasis.shared.models.layers import rms_norm, rms_norm_reference, softmax_topk
+    from krasis.shared.quant import QuantLinear
 
     g = torch.Generator(device="cuda").manual_seed(5)
     r = (torch.randn(num, hidden, device="cuda", generator=g) * 0.02).bfloat16()
@@ -477,7 +480,7 @@ def turn_check(num: int = 128, hidden: int = 2048, k: int = 8):
         # copies of the weight, 256 MB or more in all, taken in turn: each call reads its weight from
         # HBM, as a decode step's layers do (one copy would stay in the 50 MB L2 across a graph's calls)
         ws = [(torch.randn(o, i, device="cuda", generator=g) * 0.02).bfloat16() for _ in range(max(2, -(-256 * 2**20 // (o * i * 2))))]
-        for m in (1, 4):
+        for m in (1, 2, 4):
             xi = torch.randn(m, i, device="cuda", generator=g).bfloat16()
 
             def cold(product):
@@ -500,6 +503,27 @@ def turn_check(num: int = 128, hidden: int = 2048, k: int = 8):
             best = min((v, key) for key, v in row.items() if key.startswith(f"{name}_m{m}_gemv") and key.endswith("_us"))
             row[f"{name}_m{m}_best"] = f"{best[1]} {best[0]:.2f} us, {o * i * 2 / best[0] / 1e6:.2f} TB/s; cuBLAS " \
                                       f"{row[f'{name}_m{m}_cublas_us']:.2f} us"
+        # --attn-bits 8: INT8 rows with their scales (QuantLinear), cold as above, in the GEMV against
+        # the reference path (a dequantized copy at every call, then cuBLAS)
+        qs = [QuantLinear.quantize(w) for w in ws[:1]]
+        qs += [QuantLinear(torch.randint(-127, 128, (o, i), device="cuda", dtype=torch.int8, generator=g), qs[0].scale)
+               for _ in range(max(2, -(-256 * 2**20 // (o * i))) - 1)]
+        for m in (1, 2, 4):
+            xi = torch.randn(m, i, device="cuda", generator=g).bfloat16()
+            turn = itertools.cycle(qs)
+            row[f"{name}_m{m}_int8_dequant_cublas_us"] = graph_us(lambda: next(turn).matmul_t(xi), 10)[0]
+            for tiles in ((8192, 4), (16384, 4), (16384, 8), (32768, 8)):
+                turn = itertools.cycle(qs)
+                row[f"{name}_m{m}_int8_gemv_{'_'.join(map(str, tiles))}_us"] = graph_us(
+                    lambda: (lambda q: gemv(xi, q.q, tiles, scale=q.scale))(next(turn)), 10)[0]
+            best = min((v, key) for key, v in row.items() if key.startswith(f"{name}_m{m}_int8_gemv") and key.endswith("_us"))
+            row[f"{name}_m{m}_int8_best"] = f"{best[1]} {best[0]:.2f} us, {o * i / best[0] / 1e6:.2f} TB/s"
+        # the dequantized weights are the reference's, rounding included: unit rows pick them out
+        cols = torch.randint(0, i, (4,), device="cuda", generator=g)
+        unit = torch.zeros(4, i, device="cuda", dtype=torch.bfloat16)
+        unit[torch.arange(4, device="cuda"), cols] = 1
+        row[f"{name}_int8_weights_exact"] = bool(torch.equal(gemv(unit, qs[0].q, scale=qs[0].scale),
+                                                               qs[0].dequantize(torch.bfloat16).T[cols]))
     log("turn", row)
     RESULTS["turn"] = row
     save()

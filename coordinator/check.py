@@ -98,8 +98,9 @@ def check_vram(model: str | None, family, opts: RuntimeOptions) -> list[Line]:
             continue
         need = 0.0
         if stages is not None:
+            # dense_cache: whether the worker will get one (--attn-bits 8), not yet its path
             spec = dict(rank=rank, world=len(opts.devices), layers=list(stages[rank]), max_context=opts.max_context,
-                        **strategy_spec(model, opts))
+                        dense_cache=opts.attn_bits == 8, **strategy_spec(model, opts))
             layout = StoreLayout(family, 1, expert_format(opts.gpu_bits, _dtype(opts), opts.group_size))
             try:
                 prefill, plan = stage_plan(family, layout, spec, _dtype(opts).itemsize, total)

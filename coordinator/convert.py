@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..shared.expert_store import ExpertFormat, format_expert
 from ..shared.models.family import ModelFamily
-from ..shared.quant import QuantLinear
+from ..shared.quant import QuantLinear, dense_names
 from ..shared.weight_cache import CacheWriter, WeightCache, expert_key, fingerprint
 from ..shared.weights import open_source
 from .processes import RuntimeOptions
@@ -66,19 +66,6 @@ def cache_dir(model, override: str | None = None) -> Path:
         return folder / ".krasis_cache" / sub
     tag = hashlib.sha1(str(model).encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "krasis" / f"{model.name}-{tag}"
-
-
-def dense_names(family: ModelFamily) -> list[list[str]]:
-    """Names of the dense weights --attn-bits 8 quantizes, grouped per layer (lm_head last, unless
-    tied to the embedding, which stays unquantized): the 2-D projection weights (`*_proj*.weight`).
-    Routers (`mlp.gate`), norms and embeddings are not projections, so they stay as they are."""
-    out = [
-        [n for n, shape in family.layer_tensors(i).items() if "_proj" in n and n.endswith(".weight") and len(shape) == 2]
-        for i in range(family.num_layers)
-    ]
-    if not family.tie_word_embeddings:
-        out.append(["lm_head.weight"])
-    return out
 
 
 def _log(msg: str) -> None:

@@ -1,7 +1,8 @@
 """The VRAM plan of one GPU worker: what `--vram-budget` GB per GPU must hold, worked out from
 shapes before anything is allocated, and refused with the shortfall when it cannot fit.
 
-    fixed  = weights (this stage's non-routed tensors) + KV cache (one sequence of --max-context)
+    fixed  = weights (this stage's non-routed tensors; --attn-bits 8's at a byte a weight)
+           + KV cache (one sequence of --max-context)
            + staging (what the prefill and decode strategies keep for experts)
            + activations (one --prefill-chunk through the largest layer, routed experts included)
     spare  = budget - fixed, for the hot-expert cache (hcs_prefill, hcs_hybrid) and the lru cache;
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..shared.expert_store import StoreLayout
+from ..shared.quant import dense_names
 from ..shared.models.family import ConfigError, ModelFamily
 
 GB = 1e9
@@ -83,18 +85,21 @@ def plan(
     decode: str,
     budget_gb: float | None,
     device_total: int | None,
+    int8_dense: bool = False,
 ) -> VramPlan:
     from .prefill_strategies import parse_prefill, spread, stream_groups
 
     a, b = layers
     moe = [i for i in range(a, b) if i in layout.shapes]
-    weights = sum(_numel(s) for i in range(a, b) for s in family.layer_tensors(i).values())
     g = family.global_tensors()
+    shapes = {n: s for i in range(a, b) for n, s in family.layer_tensors(i).items()}
     if first:
-        weights += _numel(g["model.embed_tokens.weight"])
+        shapes["model.embed_tokens.weight"] = g["model.embed_tokens.weight"]
     if last:
-        weights += _numel(g["model.norm.weight"]) + _numel(g.get("lm_head.weight", (0,)))
-    weights *= dtype_bytes
+        shapes |= {n: g[n] for n in ("model.norm.weight", "lm_head.weight") if n in g}
+    # --attn-bits 8 (int8_dense): the projections it quantizes take a byte a weight and a bf16 scale a row
+    int8 = {n for names in dense_names(family) for n in names} if int8_dense else set()
+    weights = sum(_numel(s) + 2 * s[0] if n in int8 else _numel(s) * dtype_bytes for n, s in shapes.items())
     kv = max_context * sum(kv_bytes_per_token(family, i, kv_dtype, dtype_bytes) for i in range(a, b))
 
     per_layer = [layer_expert_bytes(layout, i) for i in moe]
@@ -197,6 +202,7 @@ def stage_plan(family: ModelFamily, layout: StoreLayout, spec: dict, dtype_bytes
             family, layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1, dtype_bytes,
             spec.get("kv_dtype") or "bf16", spec["max_context"], spec.get("prefill_chunk") or 4096, prefill,
             spec.get("decode_strategy") or "pure_cpu", spec.get("vram_budget"), device_total,
+            int8_dense=bool(spec.get("dense_cache")),
         )
 
     prefill = spec.get("prefill_strategy")

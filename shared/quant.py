@@ -109,6 +109,19 @@ def dequantize(fmt, t: dict, name: str, local: int) -> torch.Tensor:
 # --- dense weights (--attn-bits 8) ---------------------------------------------------------------
 
 
+def dense_names(family) -> list[list[str]]:
+    """Names of the dense weights --attn-bits 8 quantizes, grouped per layer (lm_head last, unless
+    tied to the embedding, which stays unquantized): the 2-D projection weights (`*_proj*.weight`).
+    Routers (`mlp.gate`), norms and embeddings are not projections, so they stay as they are."""
+    out = [
+        [n for n, shape in family.layer_tensors(i).items() if "_proj" in n and n.endswith(".weight") and len(shape) == 2]
+        for i in range(family.num_layers)
+    ]
+    if not family.tie_word_embeddings:
+        out.append(["lm_head.weight"])
+    return out
+
+
 class QuantLinear:
     """A dense weight [O, K] held as INT8 with one bf16 scale per output channel (a single group
     spanning K). shared/models/layers.py:linear() calls `matmul_t`, so model code is unchanged.

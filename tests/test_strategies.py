@@ -145,6 +145,13 @@ def test_vram_plan_gives_the_rest_to_hot_experts():
     assert abs(p.hot - spare) <= 1
     with pytest.raises(VramBudgetError, match=r"is 0\.00 GB short"):
         plan(*args, "hcs_prefill", "hcs_hybrid", (fixed.total() - fixed.hot - fixed.dequant_once - 1000) / 1e9, None)
+    # --attn-bits 8: the projections it quantizes count as QuantLinear holds them, each an INT8 row and its scale
+    from krasis.shared.quant import QuantLinear, dense_names
+
+    shapes = {n: s for i in range(3) for n, s in fam.layer_tensors(i).items()} | fam.global_tensors()
+    held = [QuantLinear.quantize(torch.ones(shapes[n])) for names in dense_names(fam) for n in names]
+    saved = sum(q.q.numel() * 2 - q.q.numel() * q.q.element_size() - q.scale.numel() * q.scale.element_size() for q in held)
+    assert held and plan(*args, "chunked", "pure_cpu", None, 10**12, int8_dense=True).weights == base.weights - saved
     # FP8 halves the bf16 cache (plus one float32 scale per row)
     assert plan(*args[:6], "bf16", *args[7:], "chunked", "pure_cpu", None, None).kv > 1.5 * base.kv
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..protocol import SeqSlice
+from ..quant import QuantLinear
 
 
 def _use_kernel(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -116,24 +117,32 @@ def softmax_topk_reference(logits: torch.Tensor, k: int, renorm: bool) -> tuple[
     return ids, weights
 
 
-def _gemv_takes(x: torch.Tensor, w, b: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> bool:
-    """Whether gemv_kernel.gemv takes x W^T + b (with the input norm's weight `norm`, before it)."""
+def _gemv_operands(x: torch.Tensor, w, b: torch.Tensor | None = None, norm: torch.Tensor | None = None):
+    """(rows, scales) as gemv_kernel.gemv takes x W^T + b (with the input norm's weight `norm`
+    before it), from a plain weight (scales None) or an INT8 QuantLinear; None where it does not."""
+    if isinstance(w, torch.Tensor):
+        rows, scales = w, None
+    elif isinstance(w, QuantLinear):
+        rows, scales = w.q, w.scale
+    else:
+        return None
     extra = () if norm is None else (norm,)
-    if b is not None or not isinstance(w, torch.Tensor) or not _use_kernel(x, w, *extra) or x.dim() != 2:
-        return False
+    if b is not None or not _use_kernel(x, rows, *extra) or x.dim() != 2:
+        return None
     from ..kernels.gemv_kernel import fits
 
-    return fits(x, w, norm)
+    return (rows, scales) if fits(x, rows, norm, scales) else None
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t). On CUDA
-    with KRASIS_GEMV=1, a decode step's few tokens without a bias take a Triton GEMV
-    (shared/kernels/gemv_kernel.py)."""
-    if _gemv_takes(x, w, b):
+    """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t). On CUDA,
+    a decode step's few tokens without a bias take a Triton GEMV (shared/kernels/gemv_kernel.py):
+    INT8 weights always, 16-bit ones with KRASIS_GEMV=1."""
+    operands = _gemv_operands(x, w, b)
+    if operands:
         from ..kernels.gemv_kernel import gemv
 
-        return gemv(x, w)
+        return gemv(x, operands[0], scale=operands[1])
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
     y = w.matmul_t(x)
@@ -143,10 +152,11 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
 def norm_linear(h: torch.Tensor, weight: torch.Tensor, eps: float, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """linear(rms_norm(h, weight, eps), w, b): a layer's input norm and its first product, the norm
     inside the GEMV's kernel where `linear` takes the GEMV (one launch of the turn fewer)."""
-    if _gemv_takes(h, w, b, weight):
+    operands = _gemv_operands(h, w, b, weight)
+    if operands:
         from ..kernels.gemv_kernel import gemv
 
-        return gemv(h, w, norm=(weight, eps))
+        return gemv(h, operands[0], norm=(weight, eps), scale=operands[1])
     return linear(rms_norm(h, weight, eps), w, b)
 
 
