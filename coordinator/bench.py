@@ -291,8 +291,15 @@ def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode
     # not sharing the machine with a pool process
     ceil = ceilings(opts) if measure_floor else None
     out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency), temperature, seed))
+    dram = {}
+    if ceil is not None:
+        # the DRAM read again once the workers are gone, the faster of the two the ceiling: on a lent
+        # host the read before the workers start varied 113-162 GB/s between bench processes minutes
+        # apart whose decode ran within 4% (session 28), so one measure made the floor a lottery
+        dram = {"dram_gb_s_before_after": [ceil[2] / 1e9, measure_dram() / 1e9]}
+        ceil = (*ceil[:2], 1e9 * max(dram["dram_gb_s_before_after"]))
     family = load_family(model)
-    return [_row(model, opts, family, out, r, length, decode_tokens, ceil) | {"seed": seed, "temperature": temperature}
+    return [_row(model, opts, family, out, r, length, decode_tokens, ceil) | dram | {"seed": seed, "temperature": temperature}
             for r, length in zip(out["rows"], prompt_lens)]
 
 

@@ -37,26 +37,28 @@ import triton.language as tl
 from .norm_rope_kernel import _inv_rms, _weighted
 
 MAX_TOKENS = 1  # 16-bit weights; more tokens: cuBLAS (see ENABLED)
-# INT8 rows: their other way reads a layer's bytes three times over (the copy written, then read)
+# INT8 rows: their other way (a dequantized copy each call) is 6-10x slower up to 4 tokens (ENABLED)
 INT8_MAX_TOKENS = 4
 # The widest row a program loads whole (elements); wider rows are read in blocks of it
 ROW_MAX = 16384
 # 16-bit weights take it unless KRASIS_GEMV=0: a row a program, one token, beat cuBLAS for qkv, o and
-# the LM head with each weight cold (8.96 / 7.65 / 196.6 us against 10.0 / 10.2 / 217.2) and the
-# every-layer-through-the-pool decode ran 93.30 tok/s against 90.17 and 90.32 (session 28, H100).
-# At 4 tokens its first form (each token's loop re-reading the rows) took 14-16 us against cuBLAS's
-# 10: MAX_TOKENS stays 1 until the form that loads the rows once for every token is timed.
-# INT8 rows always take it: their other way is a dequantized copy at every call.
+# the LM head with each weight cold (9.0-9.3 / 7.7-7.9 / 197 us against 10.0 / 10.1 / 217; session
+# 28, two H100 hosts), and the GPU's turn between two pool layers fell 58.5 -> 55.3 us. At 2 and 4
+# tokens cuBLAS is faster (10.0 against 10.5 and 12.8 for qkv), hence MAX_TOKENS 1.
+# INT8 rows always take it: their other way, a dequantized copy at every call, took 80-100 us a
+# product (against 8-13 here, up to 4 tokens).
 ENABLED = os.environ.get("KRASIS_GEMV", "1") == "1"
 
 
-def tiles(k: int) -> tuple[int, int]:
-    """(elements, warps) of a program for rows of k weights: one whole row (up to ROW_MAX), a warp
-    per 1024 weights (2 to 8). Timed on an H100 with each weight cold (session 28, device_check's
-    turn check): a row a program was the fastest of six tilings for qkv (k 2048: 8.96 us against
-    cuBLAS's 10.0) and the LM head, and within 2% of it for o (k 4096)."""
-    elements = min(ROW_MAX, triton.next_power_of_2(k))
-    return elements, max(2, min(8, elements // 1024))
+def tiles(k: int, int8: bool = False) -> tuple[int, int]:
+    """(elements, warps) of a program for rows of k weights. 16-bit: one whole row (up to ROW_MAX),
+    a warp per 1024 weights (2 to 8); INT8: at least 8192 weights (several short rows), a warp per
+    2048. Timed on H100s with each weight cold (session 28, device_check's turn check): a 16-bit row
+    a program was the fastest of six tilings for qkv (k 2048: 9.0-9.3 us against cuBLAS's 10.0) and
+    the LM head, within 3% of it for o (k 4096); INT8's (8192, 4) the fastest of four for qkv and o
+    (9.0 and 8.1 us: latency, not bytes, bounds these products at one token)."""
+    elements = min(ROW_MAX, max(8192 if int8 else 0, triton.next_power_of_2(k)))
+    return elements, max(2, min(8, elements // (2048 if int8 else 1024)))
 
 
 @triton.jit
@@ -133,10 +135,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, tiling: tuple[int, int] | None = None
     """x [M, K] @ w [N, K]^T -> [M, N] in x's dtype, where `fits`; with norm = (weight, eps),
     rms_norm(x, weight, eps) @ w^T, the norm computed in the product's kernel; with scale [N, 1],
     w's INT8 rows times their scales (quant.dequantize_q) in x's dtype. `tiling`: (elements, warps)
-    instead of tiles(k)'s (device_check times several)."""
+    instead of tiles(k, INT8?)'s (device_check times several)."""
     m, k = x.shape
     n = w.shape[0]
-    elements, warps = tiling or tiles(k)
+    elements, warps = tiling or tiles(k, scale is not None)
     bk = min(elements, triton.next_power_of_2(k))
     bn = elements // bk
     ln, eps = norm if norm is not None else (x, 0.0)
