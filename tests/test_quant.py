@@ -120,3 +120,10 @@ def test_quant_linear_is_dequantize_then_linear():
 
     b = torch.randn(24, generator=gen)
     assert torch.allclose(linear(x, ql, b), torch.nn.functional.linear(x, fake_quantize(w, 8, 40), b))
+    # in the scales' dtype (bf16) the weights are multiplied there: the float32 path's bits, every
+    # rounding of q * scale included (random scales; whole-range q)
+    full = QuantLinear(torch.arange(-127, 128, dtype=torch.int8).repeat(300, 1),
+                       torch.randn(300, 1, generator=gen).abs().bfloat16())
+    for q in (ql, QuantLinear(ql.q, ql.scale.bfloat16()), full):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert torch.equal(q.dequantize(dtype), dequantize_q(q.q, q.scale).to(dtype)), (q.scale.dtype, dtype)

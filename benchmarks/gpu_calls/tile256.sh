@@ -21,4 +21,4 @@ finish
 grep "^turn " $L/g0.log | tr ',' '\n' | grep "int8_best\|exact\|m1_best" | head -20
 grep -i "error\|Traceback" $L/g0.log | cut -c1-300 | head -5
 for s in p1 p0o p0 p1b d1 d8; do echo "== $s"; grep "^| qwen\|MoE layers on the GPU" $L/$s.log | cut -c1-220 | head -8; done
-python3 -c "import json; [print(s, json.load(open('$L/'+s+'.json'))[0].get('dram_gb_s_before_after')) for s in ('p1','d1','d8')]"
+python3 -c "import json; [print(s, [r.get('dram_gb_s_before_after') for r in (lambda d: d if isinstance(d, list) else [d])(json.load(open('$L/'+s+'.json')))]) for s in ('p1','d1','d8')]"
