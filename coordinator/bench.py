@@ -81,7 +81,7 @@ def measure_dram(nbytes: int = 1 << 30, reps: int = 15) -> float:
     fastest of `reps` passes. A ceiling is what the machine can do, and on the lent hosts a pass now
     and then runs at half speed (other tenants, frequency): the median of 5 read 39 and 83 GB/s in
     two processes minutes apart on one H100 host (2026-12-05) whose pool kernel ran the same in both."""
-    x = torch.rand(nbytes // 4)
+    x = torch.ones(nbytes // 4)  # ones, not rand: the read costs the same, and rand took 2.8 s to fill 1 GiB on 2 cores
     x.sum()
     return nbytes / min(_times(lambda: x.sum(), reps))
 
@@ -307,7 +307,9 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
     mean = lambda k: sum(x[k] for x in r["runs"]) / len(r["runs"])  # noqa: E731
     res = {
         "model": os.path.basename(os.path.normpath(model)), "gpus": len(opts.devices), "devices": opts.devices,
-        "bits": f"{_bits(opts.gpu_bits)}/{_bits(opts.cpu_bits)}",
+        # routed experts GPU/CPU, and the dense weights where --attn-bits quantizes them (a table's
+        # two rows must not read alike when one ran INT8 attention)
+        "bits": f"{_bits(opts.gpu_bits)}/{_bits(opts.cpu_bits)}" + (f", attn {_bits(opts.attn_bits)}" if opts.attn_bits != 16 else ""),
         "prefill_strategy": out["workers"][-1].get("prefill_strategy", ""),
         "decode_strategy": out["workers"][-1].get("decode_strategy", ""),
         "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,

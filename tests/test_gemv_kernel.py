@@ -19,7 +19,7 @@ from krasis.shared.kernels.gemv_kernel import INT8_MAX_TOKENS, MAX_TOKENS, ROW_M
 g = torch.Generator().manual_seed(0)
 # one token and a batch; rows that fill a program's BN, that do not, and fewer than BN; widths a
 # whole number of BK, not, and narrower than one; the sizes device_check times
-for (m, n, k), dtype in zip(((1, 64, 512), (3, 100, 300), (4, 5, 33), (2, 48, 1000)),
+for (m, n, k), dtype in zip(((1, 40, 512), (3, 20, 300), (4, 5, 33), (2, 16, 1000)),
                           (torch.bfloat16, torch.float16, torch.bfloat16, torch.float16)):
     for tiling in (None, (8192, 4), (256, 2)):
         wide = torch.randint(-2, 3, (m, k + 7), generator=g).to(dtype)
@@ -32,7 +32,7 @@ for (m, n, k), dtype in zip(((1, 64, 512), (3, 100, 300), (4, 5, 33), (2, 48, 10
 # with the input norm in the kernel (layers.norm_linear): row i all +-2^i and eps 0 make its scale
 # exactly 2^-i, so the normalised row is weight * (+-1), integers again, and the product exact
 from krasis.shared.models.layers import rms_norm
-for m, n, k in ((1, 64, 512), (3, 100, 300)):
+for m, n, k in ((1, 40, 512), (3, 20, 300)):
     sign = (torch.randint(0, 2, (m, k), generator=g) * 2 - 1).half()
     x = sign * 2.0 ** torch.arange(m).half()[:, None]
     ln = torch.randint(-2, 3, (k,), generator=g).half()
@@ -48,7 +48,7 @@ for m, n, k in ((1, 64, 512), (3, 100, 300)):
 # power-of-two scales keeps every weight exact and the sums exact and small (the interpreter's
 # truncation never rounds them), in both dtypes
 from krasis.shared.quant import QuantLinear
-for (m, n, k), dtype in zip(((2, 100, 300), (INT8_MAX_TOKENS, 64, 512)), (torch.bfloat16, torch.float16)):
+for (m, n, k), dtype in zip(((2, 20, 300), (INT8_MAX_TOKENS, 40, 512)), (torch.bfloat16, torch.float16)):
     gemv_kernel.ENABLED = False  # INT8 rows take the kernel whatever 16-bit weights do
     ql = QuantLinear.quantize(torch.randn(n, k, generator=g))
     unit = torch.zeros(m, k, dtype=dtype)

@@ -137,7 +137,7 @@ def _gemv_operands(x: torch.Tensor, w, b: torch.Tensor | None = None, norm: torc
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, for a plain weight tensor or a quantized weight (any object with matmul_t). On CUDA,
     a decode step's few tokens without a bias take a Triton GEMV (shared/kernels/gemv_kernel.py):
-    INT8 weights always, 16-bit ones with KRASIS_GEMV=1."""
+    INT8 weights up to 4 tokens, 16-bit ones at one token unless KRASIS_GEMV=0."""
     operands = _gemv_operands(x, w, b)
     if operands:
         from ..kernels.gemv_kernel import gemv
