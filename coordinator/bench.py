@@ -294,7 +294,7 @@ def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode
     dram = {}
     if ceil is not None:
         # the DRAM read again once the workers are gone, the faster of the two the ceiling: on a lent
-        # host the read before the workers start varied 113-162 GB/s between bench processes minutes
+        # host the read before the workers start varied 115-158 GB/s between bench processes minutes
         # apart whose decode ran within 4% (session 28), so one measure made the floor a lottery
         dram = {"dram_gb_s_before_after": [ceil[2] / 1e9, measure_dram() / 1e9]}
         ceil = (*ceil[:2], 1e9 * max(dram["dram_gb_s_before_after"]))
