@@ -18,7 +18,8 @@ from krasis.shared.kernels.gemv_kernel import INT8_MAX_TOKENS, MAX_TOKENS, ROW_M
 
 g = torch.Generator().manual_seed(0)
 # one token and a batch; rows that fill a program's BN, that do not, and fewer than BN; widths a
-# whole number of BK, not, and narrower than one; the sizes device_check times
+# whole number of BK, not, and narrower than one; a row a program (tiles(k)), several, and a row in
+# blocks (256: the loop)
 for (m, n, k), dtype in zip(((1, 40, 512), (3, 20, 300), (4, 5, 33), (2, 16, 1000)),
                           (torch.bfloat16, torch.float16, torch.bfloat16, torch.float16)):
     for tiling in (None, (8192, 4), (256, 2)):
