@@ -1,15 +1,15 @@
 """The Triton kernel behind layers.linear on CUDA for a decode step's few tokens: y = x W^T for x
-[M, K] with M <= MAX_TOKENS (INT8_MAX_TOKENS) and a weight W [N, K] read once: 16-bit, or INT8 rows with one scale
-each (--attn-bits 8: shared/quant.py's QuantLinear).
+[M, K] with M <= MAX_TOKENS (INT8_MAX_TOKENS) and a weight W [N, K] read once: 16-bit, or INT8
+rows with one scale each (--attn-bits 8: shared/quant.py's QuantLinear).
 
 Why: a decode layer's attention products are matrix-vector products bound by reading the weight
 (Qwen3-30B-A3B's qkv 5120 x 2048 and o 2048 x 4096: 38 MB of bf16 a layer, 11 us at the H100's
 3.35 TB/s), and cuBLAS took 9.7 us for qkv and 8.2 + 1.7 for o, the second a split-K product and its
 reduction kernel (session 24's trace): ~2.2 TB/s and a launch more, 48 times a token. Here a program
-loads ELEMENTS weights at once, BN whole rows of W where they fit (every load in flight together,
-no pipeline to fill), multiplies them with the token's x in float32 and sums each row: thousands of
-small programs, all resident at once, so the reads are as deep as HBM wants, and no split of K, so
-no reduction kernel. A first version (session 27, call 1) ran W x^T on the tensor cores, tiles
+loads its rows of W whole (`tiles`: one 16-bit row, or 8192 INT8 weights; every load in
+flight together, no pipeline to fill), multiplies them with the token's x in float32 and sums each
+row: thousands of small programs, all resident at once, so the reads are as deep as HBM wants, and
+no split of K, so no reduction kernel. A first version (session 27, call 1) ran W x^T on the tensor cores, tiles
 streamed through a software pipeline: 10-11 us a product in the decode step, slower than cuBLAS.
 With a norm (layers.norm_linear: the input norm before qkv), each program normalises x as it
 loads it, one launch of the turn fewer.
