@@ -392,14 +392,16 @@ def _sdpa4(q4, k4, v4, start: int, t: int, T: int, rep: int, scale: float, slidi
         # a boolean mask would force the slower masked kernels on every chunk past the first.
         if start == 0:
             return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
-        # imported at first use: the module pulls in torch._dynamo, 2-3 s of every process's start
-        from torch.nn.attention.bias import causal_lower_right
+        if q4.device.type == "cuda":
+            # imported at first use: the module pulls in torch._dynamo, 1.5-4 s. Elsewhere the
+            # boolean mask below (no fused kernel there to keep) spares every process that import.
+            from torch.nn.attention.bias import causal_lower_right
 
-        return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(t, T), scale=scale)
-    if sliding_window is None and T == start + t:
+            return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(t, T), scale=scale)
+    if sliding_window is None and T == start + t and t == 1:
         # one query that sees every key: no mask (a one-token prompt, or a decode step off the kernel)
         return F.scaled_dot_product_attention(q4, k4, v4, scale=scale, enable_gqa=rep > 1)
-    # a sliding window
+    # a sliding window, or a later prompt chunk off CUDA
     mask = _causal_mask(start, t, T, sliding_window, q4.device)
     return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
 
