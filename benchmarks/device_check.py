@@ -577,6 +577,8 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
                 return expert_gemv(fmt, t, "w13", rows, x, x_div=k, dtype=x.dtype), expert_gemv(fmt, t, "w2", rows, a, dtype=a.dtype)
 
             row[f"m{m}_{name}_pairs_us"], want = graph_us(pairs, 10)
+            if name == "held" and m in (1, 4):
+                pairs_cold(row, fmt, t, num, k, m, x, a)
             for tiles in (None, (16, 32, 64, 4, 3), (16, 64, 128, 4, 3), (16, 128, 64, 8, 3), (16, 64, 32, 4, 2)):
                 def grouped():
                     g = pair_groups(rows)
@@ -594,6 +596,31 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
     log("expert_gemv", row)
     RESULTS["expert_gemv"] = row
     expert_gemm_timing(t, fmt, num, hidden, inter, k)
+
+
+def pairs_cold(row: dict, fmt, t: dict, num: int, k: int, m: int, x, a) -> None:
+    """expert_gemv's tilings (one for w13 and w2) with each of the graph's 20 calls on its own experts,
+    as a decode step meets them (the same 8 experts 20 times stay in the H100's 50 MB L2): the
+    default (default_tiles, per projection) and fixed ones, (32, 128, 4) being session 28's."""
+    from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
+
+    sets = [torch.stack([torch.randperm(num)[:k] for _ in range(m)]).reshape(-1).cuda() for _ in range(20)]
+    for tiles in (None, (32, 128, 4), (8, 1024, 4), (8, 1024, 8), (4, 1024, 4), (16, 512, 4), (16, 1024, 8)):
+        turn, last = itertools.cycle(sets), []
+
+        def call():
+            last[:] = [next(turn)]
+            return (expert_gemv(fmt, t, "w13", last[0], x, tiles, x_div=k, dtype=x.dtype),
+                    expert_gemv(fmt, t, "w2", last[0], a, tiles, dtype=a.dtype))
+
+        tag = f"m{m}_cold_pairs_" + ("default" if tiles is None else "_".join(map(str, tiles)))
+        try:
+            row[f"{tag}_us"], got = graph_us(call, 10)
+            want = [expert_gemv(fmt, t, "w13", last[0], x, (32, 128, 4), x_div=k),
+                    expert_gemv(fmt, t, "w2", last[0], a, (32, 128, 4))]
+            row[f"{tag}_rel_err"] = max(float((g.float() - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
+        except Exception as e:  # past the registers: the others still run
+            row[f"{tag}_error"] = str(e)[:200]
 
 
 def expert_gemm_timing(t, fmt, num: int, hidden: int, inter: int, k: int, chunk: int = 4096):
