@@ -4,9 +4,12 @@
 # the whole model in VRAM) gave the GEMV 10.7 us a projection, 21.5 us of a resident layer's ~74.
 # Interleaved, twice: the whole model in VRAM (v1 / v0), one sequence, 128 tokens after 512; then
 # the defaults at --vram-budget 16 (d1 / d0, 28 resident layers), one sequence after 512.
+# g0: device_check's dequant check (the tilings, each call on its own experts: pairs_cold) and its
+# turn check (the attention GEMV's tilings against cuBLAS), the compiled kernels against references.
 . benchmarks/gpu_calls/lib.sh
 machine
 peer_gguf
+step g0 150 python3 benchmarks/device_check.py --checks dequant,turn --skip-exact --skip-bench
 V="python3 -m krasis.coordinator bench $G --devices cuda:0 --gpu-bits 4 --cpu-bits 4 --group-size 32 --runs 1 --decode-tokens 128 --prompt-lens 512"
 for r in 1 2; do
   step v1_$r 75 $V --json $L/v1_$r.json
@@ -15,4 +18,7 @@ done
 step d1 60 $PD --prompt-lens 512 --concurrency 1 --json $L/d1.json
 old_step d0 60 $PD --prompt-lens 512 --concurrency 1 --json $L/d0.json
 finish
+grep "^dequant_exact\|^combine_matches\|^act_matches" $L/g0.log | cut -c1-200
+grep "^expert_gemv\|^turn" $L/g0.log | tr ',' '\n' | grep "cold\|pairs_us\|exact\|match" | head -60
+grep -i "error\|Traceback" $L/g0.log | cut -c1-300 | head -5
 for s in v1_1 v0_1 v1_2 v0_2 d1 d0; do echo "== $s"; grep "^| qwen\|ms per token\|MoE layers" $L/$s.log | cut -c1-240 | head -6; done
