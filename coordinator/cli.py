@@ -234,15 +234,19 @@ def main():
 @click.option("--prompt-ids", callback=_int_list, help="Prompt token ids, comma-separated.")
 @click.option("--messages", help='Chat messages as JSON: [{"role": "user", "content": "..."}].')
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 is off.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Seed for sampling (reproducible).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with ids, text and timings.")
 @runtime_options
 def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, opts):
     """Start every process, generate once, print, stop every process."""
+    # what the options alone decide is refused before any process starts (the request's own
+    # validation, below, comes after the workers are started, to import while this process does)
+    if sum(v is not None for v in (prompt, prompt_ids, messages)) != 1:
+        raise click.UsageError("give exactly one of --prompt, --prompt-ids, --messages")
     try:
         msgs = json.loads(messages) if messages is not None else None
     except json.JSONDecodeError as e:

@@ -28,15 +28,15 @@ from ..shared.expert_store import ExpertFormat
 from .dequant_kernel import int4_pair
 
 
-def default_tiles(qk: int) -> tuple[int, int, int]:
-    """(output rows a program, stored bytes of a row a loop step, warps) for rows of qk stored bytes.
+def default_tiles(o: int, qk: int) -> tuple[int, int, int]:
+    """(output rows a program, stored bytes of a row a loop step, warps) for o rows of qk stored bytes.
     A decode step reads each expert once and the kernel is bound by the latency of its loads: a group
     a step (16 bytes of INT4/g32) read ~675 GB/s for a layer's 8 experts on the H100 (device_check,
     2026-12-05), and [32 rows, 128 bytes] a step (w13's rows in eight dependent steps) took 10.7 us
     a projection on average in a decode step's trace (session 29: ~1 TB/s). A whole row a step (up to 1 KiB: Qwen3's
     w13 and w2 rows, 1024 and 384 bytes of INT4) issues a program's loads at once, 8 KiB a program."""
     step = min(triton.next_power_of_2(qk), 1024)
-    return max(1, 8192 // step), step, 4
+    return max(1, min(8192 // step, triton.next_power_of_2(o))), step, 4
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: 
     if y.numel():
         GQ = QK // NG
         BG = triton.next_power_of_2(GQ)
-        BO, step, warps = tiles or default_tiles(QK)
+        BO, step, warps = tiles or default_tiles(O, QK)
         _gemv_kernel[(rows.numel(), triton.cdiv(O, BO))](
             q, s, rows, x.contiguous(), y, O, K, QK, NG, GQ,
             INT4=fmt.kind == "int4", BO=BO, BG=BG, GP=max(1, step // BG), X_DIV=x_div, num_warps=warps,

@@ -67,8 +67,8 @@ for kind in ("int4", "int8"):
         assert got.dtype == torch.float32 and got.shape == (3, O), got.shape
         err = rel_err(got, want)
         assert err < 1e-5, (kind, O, K, err)
-        # session 28's tiling: [32 rows, 128 bytes] a step, several steps a row
-        assert rel_err(expert_gemv(fmt, t, "w", rows, x, (32, 128, 4)), want) < 1e-5, (kind, O, K)
+        if group == 32:  # session 28's tiling, [32 rows, 128 bytes] a step: several steps a row
+            assert rel_err(expert_gemv(fmt, t, "w", rows, x, (32, 128, 4)), want) < 1e-5, (kind, O, K)
         # pairs of row -1 (choices these tensors do not hold): zero, the others as before
         rows = torch.tensor([-1, 0, -1, n - 1], device=dev)
         x = torch.randn(4, K, device=dev).bfloat16()

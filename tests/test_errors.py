@@ -75,7 +75,8 @@ def test_wrong_shape_is_named(model, tmp_path):
 
 def test_cli_option_errors(model):
     assert "temperature" in cli_error("generate", model, "--prompt-ids", "1", "--temperature", "-1")
-    assert "top_p" in cli_error("generate", model, "--prompt-ids", "1", "--top-p", "0")
+    assert "--top-p" in cli_error("generate", model, "--prompt-ids", "1", "--top-p", "0")
+    assert "--top-k" in cli_error("generate", model, "--prompt-ids", "1", "--top-k", "-1")
     assert "exactly one of" in cli_error("generate", model, "--prompt-ids", "1", "--prompt", "x")
     assert "--pp-layers" in cli_error("generate", model, "--prompt-ids", "1", "--devices", "cpu,cpu", "--pp-layers", "1,1")
     assert "CUDA is not available" in cli_error("generate", model, "--prompt-ids", "1", "--devices", "cuda:0") or torch.cuda.is_available()
