@@ -601,11 +601,11 @@ def expert_gemv_timing(num: int = 128, hidden: int = 2048, inter: int = 768, k: 
 def pairs_cold(row: dict, fmt, t: dict, num: int, k: int, m: int, x, a) -> None:
     """expert_gemv's tilings (one for w13 and w2) with each of the graph's 20 calls on its own experts,
     as a decode step meets them (the same 8 experts 20 times stay in the H100's 50 MB L2): the
-    default (default_tiles, per projection) and fixed ones, (32, 128, 4) being session 28's."""
+    default, (32, 128, 4), and whole rows a step (session 29: slower)."""
     from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
 
     sets = [torch.stack([torch.randperm(num)[:k] for _ in range(m)]).reshape(-1).cuda() for _ in range(20)]
-    for tiles in (None, (32, 128, 4), (8, 1024, 4), (8, 1024, 8), (4, 1024, 4), (16, 512, 4), (16, 1024, 8)):
+    for tiles in (None, (64, 128, 4), (64, 128, 8), (16, 128, 4), (32, 256, 8), (16, 512, 4), (8, 1024, 4)):
         turn, last = itertools.cycle(sets), []
 
         def call():

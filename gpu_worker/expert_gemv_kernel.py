@@ -27,16 +27,13 @@ import triton.language as tl
 from ..shared.expert_store import ExpertFormat
 from .dequant_kernel import int4_pair
 
-
-def default_tiles(o: int, qk: int) -> tuple[int, int, int]:
-    """(output rows a program, stored bytes of a row a loop step, warps) for o rows of qk stored bytes.
-    A decode step reads each expert once and the kernel is bound by the latency of its loads: a group
-    a step (16 bytes of INT4/g32) read ~675 GB/s for a layer's 8 experts on the H100 (device_check,
-    2026-12-05), and [32 rows, 128 bytes] a step (w13's rows in eight dependent steps) took 10.7 us
-    a projection on average in a decode step's trace (session 29: ~1 TB/s). A whole row a step (up to 1 KiB: Qwen3's
-    w13 and w2 rows, 1024 and 384 bytes of INT4) issues a program's loads at once, 8 KiB a program."""
-    step = min(triton.next_power_of_2(qk), 1024)
-    return max(1, min(8192 // step, triton.next_power_of_2(o))), step, 4
+# Stored bytes of a row a program reads per loop step: a group at a time (16 bytes of INT4/g32)
+# left each step too little to read to keep the memory busy (~675 GB/s for a layer's 8 experts on the
+# H100, device_check 2026-12-05); 128 gives a [32 rows, 128 bytes] tile, two 16-byte loads a thread.
+# Whole rows a step (a program's loads issued at once) were slower: a layer's w13 and w2 for one
+# token, each call on its own experts, 21.1 us at this tiling against 24.6-39.9 at (8-16 rows, 512-1024
+# bytes) (device_check's pairs_cold, H100, session 29).
+_STEP_BYTES = 128
 
 
 @triton.jit
@@ -81,7 +78,7 @@ def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: 
     p // x_div (a decode step's k choices of a token read its one row, not a gathered copy): [P, O]
     in `dtype` (summed in float32, rounded once), zero where a row is -1 (a choice these tensors do
     not hold). `tiles`: (output rows a program, stored bytes of a row a loop step, warps) instead of
-    default_tiles' (benchmarks/device_check.py times a few)."""
+    (32, _STEP_BYTES, 4) (benchmarks/device_check.py times a few)."""
     q, s = t[f"{name}.q"], t[f"{name}.s"]
     _, O, QK = q.shape
     NG = s.shape[-1]
@@ -90,7 +87,7 @@ def expert_gemv(fmt: ExpertFormat, t: dict[str, torch.Tensor], name: str, rows: 
     if y.numel():
         GQ = QK // NG
         BG = triton.next_power_of_2(GQ)
-        BO, step, warps = tiles or default_tiles(O, QK)
+        BO, step, warps = tiles or (32, _STEP_BYTES, 4)
         _gemv_kernel[(rows.numel(), triton.cdiv(O, BO))](
             q, s, rows, x.contiguous(), y, O, K, QK, NG, GQ,
             INT4=fmt.kind == "int4", BO=BO, BG=BG, GP=max(1, step // BG), X_DIV=x_div, num_warps=warps,
