@@ -1,4 +1,4 @@
-# Session 29's second call, on peer.sh's warm machine (its GGUF stays in /tmp). Session 28 found
+# Session 29's first call (on a fresh machine: peer_gguf writes the GGUF where none is). Session 28 found
 # --attn-bits 8's 10K prefill 6% below the defaults' (each chunk dequantizes its products), before
 # QuantLinear.dequantize multiplied in bf16; and item 3's runs compared floors from one DRAM read
 # each (bench reads it twice since). Interleaved, twice: the defaults (d1) and --attn-bits 8 (d8)
