@@ -62,6 +62,15 @@
 #define PREFETCH 2048
 #endif
 
+/* Where those prefetches land: __builtin_prefetch's locality, 3 = every level (prefetcht0), 2 = L2
+ * and beyond (prefetcht1), 1 = prefetcht2, 0 = non-temporal. A core tracks only ~16 misses into L1
+ * at once, ~100 ns each: ~10 GB/s a core, and session 29's pool read ~8.7 GB/s a thread (121 GB/s
+ * of 14 threads where the DRAM gave 184). Prefetches into L2 use its larger miss queue instead
+ * (benchmarks/cpu_experts.py --c-flags=-DPREFETCH_HINT=2 compares them). */
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT 3
+#endif
+
 /* Rows read together (phase 1: gate and up rows, so 2 means one of each) while one or two tokens
  * use them: 2 or 4. Four rows give more independent work per loop, but also twice the concurrent
  * DRAM streams per thread; on an AVX2 EPYC, 2 read INT8 ~45% faster from DRAM at equal arithmetic
@@ -590,7 +599,7 @@ static int tile_tokens(int left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 INLINE void prefetch_ahead(const uint8_t *const *rows, int R, int nbytes) {
     if (PREFETCH > 0)
         for (int r = 0; r < R; r++)
-            for (int o = 0; o < nbytes; o += 64) __builtin_prefetch(rows[r] + PREFETCH + o, 0, 3);
+            for (int o = 0; o < nbytes; o += 64) __builtin_prefetch(rows[r] + PREFETCH + o, 0, PREFETCH_HINT);
 }
 
 INLINE float activation(int act, float g, float u) {

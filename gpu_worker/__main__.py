@@ -1,3 +1,4 @@
+from ..shared.lifecycle import run_then_exit
 from .main import main
 
-main()
+run_then_exit(main)

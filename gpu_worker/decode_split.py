@@ -15,13 +15,13 @@ decode strategy holds (resident ones, hcs_hybrid's whole-hot ones) stay with it.
 to stream is measured per batch size (decode_route.py): it depends on PCIe against DRAM, on the
 batch, and on what the GPU's own turn costs.
 
-The streamed layers' experts are computed as the resident ones are (decode_strategies.on_device),
+The streamed layers' experts are computed as the resident ones are (decode_strategies.OnDevice),
 with the GPU's weights; the step runs eagerly (its copies wait on events between layers).
 """
 
 from __future__ import annotations
 
-from .decode_strategies import DecodeStrategy, on_device
+from .decode_strategies import DecodeStrategy, OnDevice
 from .moe_gpu import RoutedExperts
 from .prefill_strategies import LayerGrouped
 
@@ -66,15 +66,15 @@ class SplitStep(RoutedExperts):
         if not self._mine(layer):
             return None, self.decode.submit(layer, x, ids, weights)
         blocks = self.prefill.blocks(layer, [ids])
-        return x.dtype, on_device(blocks, x, ids, weights, self.prefill.host.fmt, self.prefill.act)
+        return x.dtype, OnDevice(blocks, x, ids, weights, self.prefill.host.fmt, self.prefill.act)
 
     def collect(self, pending):
         dtype, out = pending
-        return self.decode.collect(out) if dtype is None else out.to(dtype)
+        return self.decode.collect(out) if dtype is None else out().to(dtype)
 
     def collect_add(self, pending, h):
         dtype, out = pending
-        return self.decode.collect_add(out, h) if dtype is None else h + out.to(h.dtype)
+        return self.decode.collect_add(out, h) if dtype is None else out(residual=h)
 
     def layer_end(self, layer):
         self.prefill.layer_end(layer)  # a streamed group's slot is released after its last layer

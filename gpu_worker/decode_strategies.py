@@ -55,9 +55,9 @@ class DecodeStrategy(RoutedExperts):
         if nxt is not None:
             self.pool.guess(nxt, self.routes[nxt](x)[0])
 
-    def _on_device(self, layer: int, x, ids, weights) -> torch.Tensor:
-        """float32 [M, hidden]: a resident layer's routed experts for x, on the device."""
-        return on_device(self.resident[layer], x, ids, weights, self.host.fmt, self.act)
+    def _on_device(self, layer: int, x, ids, weights) -> OnDevice:
+        """A resident layer's routed experts for x, on the device, enqueued when collected."""
+        return OnDevice(self.resident[layer], x, ids, weights, self.host.fmt, self.act)
 
     def nbytes(self) -> int:
         return 0
@@ -91,12 +91,12 @@ class PureCpu(DecodeStrategy):
 
     def collect(self, pending):
         dtype, mine = pending
-        return (self.pool.collect() if mine is None else mine).to(dtype)
+        return (self.pool.collect() if mine is None else mine()).to(dtype)
 
     def collect_add(self, pending, h):
         mine = pending[1]
         # the pool's own rounding (pool_client.collect): residual + the float32 sum in its dtype
-        return self.pool.collect(residual=h) if mine is None else h + mine.to(h.dtype)
+        return self.pool.collect(residual=h) if mine is None else mine(residual=h)
 
 
 class HcsHybrid(DecodeStrategy):
@@ -134,15 +134,16 @@ class HcsHybrid(DecodeStrategy):
         self.guess(layer, x)  # the hot experts in it are left out by the pool (lookahead.py: QUIET)
         if self.hot.slots is None:
             return x.dtype, None, True
-        return x.dtype, moe_pairs(x, local, weights, self.hot.slots.t, self.host.fmt, self.act), True
+        mine = moe_pairs(x, self.hot.lookup[layer], ids, weights, self.hot.slots.t, self.host.fmt, self.act)
+        return x.dtype, mine, True
 
     def collect(self, pending):
         dtype, mine, pooled = pending
-        return (self.pool.collect(extra=mine) if pooled else mine).to(dtype)
+        return (self.pool.collect(extra=mine) if pooled else mine()).to(dtype)
 
     def collect_add(self, pending, h):
         _, mine, pooled = pending
-        return self.pool.collect(residual=h, extra=mine) if pooled else h + mine.to(h.dtype)
+        return self.pool.collect(residual=h, extra=mine) if pooled else mine(residual=h)
 
     def nbytes(self):
         return self.hot.nbytes()
@@ -202,15 +203,27 @@ class SlotDecode(DecodeStrategy):
         return self.slots.nbytes()
 
 
-def on_device(blocks: list[Block], x, ids, weights, fmt, act: str) -> torch.Tensor:
-    """float32 [M, hidden]: a decode step's routed experts for x from blocks in device memory,
-    each (token, choice) pair its own product (moe_pairs): a few tokens' pairs read fewer bytes
-    than dequantizing the blocks whole, as a prompt chunk's experts are (moe_blocks)."""
-    out = None
-    for t, lookup in blocks:
-        part = moe_pairs(x, lookup[ids], weights, t, fmt, act)
-        out = part if out is None else out + part
-    return out
+class OnDevice:
+    """A decode step's routed experts for x from blocks in device memory, each (token, choice) pair
+    its own product (moe_pairs): a few tokens' pairs read fewer bytes than dequantizing the blocks
+    whole, as a prompt chunk's experts are (moe_blocks). Called when the layer collects them:
+    () -> float32 [M, hidden]; (residual=h) -> h + that sum in h's dtype, which a resident layer's
+    one block adds in its combine (the stream runs the layer's kernels in order, so enqueueing them
+    at the collect rather than the submit delays nothing)."""
+
+    def __init__(self, blocks: list[Block], x, ids, weights, fmt, act: str):
+        self.blocks, self.x, self.ids, self.weights, self.fmt, self.act = blocks, x, ids, weights, fmt, act
+
+    def __call__(self, residual: torch.Tensor | None = None) -> torch.Tensor:
+        def part(block, residual=None):
+            return moe_pairs(self.x, block[1], self.ids, self.weights, block[0], self.fmt, self.act, residual)
+
+        if len(self.blocks) == 1:  # a resident layer: its combine adds the residual
+            return part(self.blocks[0], residual)
+        out = part(self.blocks[0])
+        for block in self.blocks[1:]:
+            out = out + part(block)
+        return out if residual is None else residual + out.to(residual.dtype)
 
 
 def _host_buffer(n: int, device) -> torch.Tensor:

@@ -147,10 +147,13 @@ def moe_blocks(
     return out
 
 
-def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: dict[str, torch.Tensor],
-              fmt: ExpertFormat, act: str = "silu") -> torch.Tensor:
-    """x [M, H], local [M, k] (each choice's row in `t`, -1 where `t` does not hold it), weights
-    [M, k] -> float32 [M, H]: the weighted sum over the held choices, each (token, choice) pair a
+def moe_pairs(x: torch.Tensor, lookup: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              t: dict[str, torch.Tensor], fmt: ExpertFormat, act: str = "silu",
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, H], ids [M, k] and weights [M, k] (the choices), lookup [experts] (each expert's row in
+    `t`, -1 where `t` does not hold it) -> float32 [M, H]: the weighted sum over the held choices
+    (with `residual`, residual + that sum rounded to residual's dtype, as the pool's wait adds its
+    layers: one kernel fewer, and no float32 sum written and read), each (token, choice) pair a
     matrix-vector product, so that nothing waits for the host and the step can be a CUDA graph
     (decode: hcs_hybrid's hot share, resident layers). A pair not held weighs 0, and the fused
     kernel skips it (hcs_hybrid's cold pairs: with a hot set of half the experts, half the pairs).
@@ -160,22 +163,39 @@ def moe_pairs(x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, t: di
     are summed in their own order, not by a scatter's atomics, so a graph's replay and an eager step
     agree bit for bit, and a token's result depends on the others in its step only through their
     number (which kernel runs)."""
-    m, k = local.shape
-    rows = local.reshape(-1)
-    wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
+    m, k = ids.shape
+    rows, wt = pair_rows(lookup, ids, weights)
     if x.is_cuda and fmt.kind != "dense" and "b13" not in t and "b2" not in t:
-        return pairs_in_kernels(x, rows, wt, k, t, fmt, act)
+        return pairs_in_kernels(x, rows, wt, k, t, fmt, act, residual)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     tok = torch.arange(m * k, device=x.device) // k
     # the pairs are in token order already: the combine needs no map (None), and a pair's row
     # clamped matters only to a bias's lookup (each is a kernel of a decode layer)
     erow = rows.clamp(min=0) if "b13" in t or "b2" in t else rows
     _block(x, t, fmt, act, False, out, tok, wt, erow, rows, None, (None, wt))
-    return out
+    return out if residual is None else residual + out.to(residual.dtype)
+
+
+def pair_rows_reference(lookup: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    """(rows, wt), each [P] for the P = ids.numel() (token, choice) pairs in token order: a pair's
+    row in the tensors `lookup` maps experts to (-1: not held, as for an id below 0), and its weight
+    as float32, 0 where it is not held."""
+    ids = ids.reshape(-1)
+    rows = torch.where(ids >= 0, lookup[ids.clamp(min=0)], -1)
+    return rows, torch.where(rows >= 0, weights.reshape(-1).float(), 0.0)
+
+
+def pair_rows(lookup: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    """pair_rows_reference; on CUDA one Triton launch (pair_rows_kernel.py)."""
+    if ids.is_cuda:
+        from .pair_rows_kernel import pair_rows_triton
+
+        return pair_rows_triton(lookup, ids, weights)
+    return pair_rows_reference(lookup, ids, weights)
 
 
 def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: int, t: dict[str, torch.Tensor],
-                     fmt: ExpertFormat, act: str) -> torch.Tensor:
+                     fmt: ExpertFormat, act: str, residual: torch.Tensor | None = None) -> torch.Tensor:
     """moe_pairs in four launches where the experts are quantized and have no biases (CUDA; Triton's
     interpreter in the tests): each projection reads its token's row of x by the pair's number and
     writes x's dtype (from GROUPED_MIN_PAIRS pairs, two more launches sort them by expert, and each
@@ -183,7 +203,8 @@ def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: i
     keeps the pairs that weigh something, and the combine writes the float32 sum in token order.
     The generic path (_block) gathers x, casts both projections' outputs, builds the pairs' indices
     and zeroes `out` first: six more small kernels a decode layer for the same numbers on CUDA
-    (tests/test_dequant.py compares the two, this one in x's dtype and the generic one in float32)."""
+    (tests/test_dequant.py compares the two, this one in x's dtype and the generic one in float32).
+    With `residual`, the combine adds it (moe_pairs)."""
     from .expert_gemv_kernel import expert_gemv
     from .expert_grouped_kernel import GROUPED_MIN_PAIRS, expert_grouped, pair_groups
 
@@ -201,8 +222,8 @@ def pairs_in_kernels(x: torch.Tensor, rows: torch.Tensor, wt: torch.Tensor, k: i
     del gu
     y = product("w2", a)
     del a
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    combine_pairs(y, None, wt, out, add=False)
+    out = torch.empty(x.shape, dtype=torch.float32 if residual is None else residual.dtype, device=x.device)
+    combine_pairs(y, None, wt, out, add=False, residual=residual)
     return out
 
 
@@ -286,26 +307,29 @@ def masked_act(gu: torch.Tensor, act: str, keep: torch.Tensor) -> torch.Tensor:
 
 
 def combine_pairs_reference(y: torch.Tensor, inv: torch.Tensor | None, w: torch.Tensor, out: torch.Tensor,
-                            add: bool = True) -> None:
+                            add: bool = True, residual: torch.Tensor | None = None) -> None:
     """out [T, H] float32 += (or, not `add`, =) for each token t the sum over its k pairs j of
     w[t k + j] y[inv[t k + j]]: y [T k, H] the pairs' outputs in expert order, inv the position of
     each (token, slot) pair in that order (None: y is in token order), w float32 [T k] the weights
-    in token order (combine_kernel.py is the fast form)."""
+    in token order (combine_kernel.py is the fast form). With `residual` [T, H] (`add` aside): out,
+    in residual's dtype, = residual + that sum rounded to the dtype."""
     T, H = out.shape
     s = ((y if inv is None else y.index_select(0, inv)).reshape(T, -1, H).float() * w.view(T, -1, 1)).sum(1)
-    if add:
+    if residual is not None:
+        out.copy_(residual + s.to(residual.dtype))
+    elif add:
         out += s
     else:
         out.copy_(s)
 
 
 def combine_pairs(y: torch.Tensor, inv: torch.Tensor | None, w: torch.Tensor, out: torch.Tensor,
-                  add: bool = True) -> None:
+                  add: bool = True, residual: torch.Tensor | None = None) -> None:
     """combine_pairs_reference; on CUDA the one-pass Triton kernel (imported only here: CPU workers
     never load Triton)."""
     if out.is_cuda:
         from .combine_kernel import combine_pairs_triton
 
-        combine_pairs_triton(y, inv, w, out, add)
+        combine_pairs_triton(y, inv, w, out, add, residual)
     else:
-        combine_pairs_reference(y, inv, w, out, add)
+        combine_pairs_reference(y, inv, w, out, add, residual)

@@ -1,5 +1,5 @@
-"""The prefill MoE's combine (gpu_worker/moe_gpu.py: combine_pairs): the one-pass Triton kernel
-(combine_kernel.py) against its torch reference, under Triton's interpreter in a fresh process
+"""The MoE's combine (gpu_worker/moe_gpu.py: combine_pairs), also adding a decode layer's residual:
+the one-pass Triton kernel (combine_kernel.py) against its torch reference, under Triton's interpreter in a fresh process
 (benchmarks/device_check.py runs the same check compiled on a GPU)."""
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ for T, k, H in ((5, 8, 96), (1, 2, 1024), (7, 1, 1030), (3, 8, 2051)):
         ordered = start.clone()
         combine_pairs_reference(y, torch.arange(T * k).to(dev), w, ordered)
         assert torch.allclose(want, ordered - start, rtol=1e-5, atol=1e-5)
+        # a decode layer's sum added to the residual stream in its 16 bits, rounded as
+        # `residual + sum.to(dtype)` rounds it (float16 under the interpreter)
+        if dtype == torch.bfloat16:
+            half = dtype if dev == "cuda" else torch.float16
+            res = start.to(half)
+            added = torch.empty_like(res)
+            combine_pairs_triton(y, None, w, added, residual=res)
+            assert torch.equal(added, res + got.to(half)), (T, k, H)  # got: this kernel's float32 sum
+            again = torch.empty_like(res)
+            combine_pairs_reference(y, None, w, again, residual=res)
+            assert torch.allclose(added.float(), again.float(), rtol=2e-3, atol=1e-3), (T, k, H)
 print("ok")
 """
 

@@ -125,9 +125,11 @@ for kind in ("int4", "int8"):
 
 # moe_pairs's four launches (quantized experts, no biases) against its generic path in float32: the
 # same products, x's rounding between them; choices not held (-1) and held ones weighing nothing
-from krasis.gpu_worker.moe_gpu import moe_pairs, pairs_in_kernels
+from krasis.gpu_worker.moe_gpu import moe_pairs, pair_rows, pair_rows_reference, pairs_in_kernels
 from krasis.shared.models.family import ExpertShape
 E, H, I, M, k = 5, 64, 96, 3, 4
+# the experts' rows in the block's tensors: expert 2 is not held, and id -1 names none
+lookup = torch.tensor([4, 0, -1, 3, 1], device=dev)
 for kind in ("int4", "int8"):
     fmt = ExpertFormat(kind, torch.bfloat16, 32)
     t = block(fmt, 2 * I, H, E, "w13", 0.2) | block(fmt, H, I, E, "w2", 0.2)
@@ -135,16 +137,22 @@ for kind in ("int4", "int8"):
     # under the interpreter (its bfloat16 dot is wrong)
     for M, dtype in ((3, torch.bfloat16), (66, torch.bfloat16 if dev == "cuda" else torch.float16)):
         x = torch.randn(M, H, device=dev).to(dtype)
-        local = torch.tensor([[0, 4, -1, 2], [3, 3, 1, -1], [-1, -1, 0, 4]] * (M // 3), device=dev)
+        ids = torch.tensor([[1, 0, 2, 4], [3, 3, 4, -1], [2, 2, 1, 0]] * (M // 3), device=dev)
         weights = torch.rand(M, k, device=dev)
         weights[1, 2] = 0.0
-        rows = local.reshape(-1)
-        wt = torch.where(local >= 0, weights.float(), 0.0).reshape(-1)
+        rows, wt = pair_rows(lookup, ids, weights)  # the kernel of pair_rows_kernel.py, compiled or interpreted
+        want_rows, want_wt = pair_rows_reference(lookup.cpu(), ids.cpu(), weights.cpu())
+        assert torch.equal(rows.cpu(), want_rows) and torch.equal(wt.cpu(), want_wt), (rows, wt)
+        assert int((rows < 0).sum()) == 4 * (M // 3) and int((wt == 0).sum()) == 4 * (M // 3) + 1
         got = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu")
-        want = moe_pairs(x.float().cpu(), local.cpu(), weights.cpu(), {n: v.cpu() for n, v in t.items()}, fmt, "silu")
+        want = moe_pairs(x.float().cpu(), lookup.cpu(), ids.cpu(), weights.cpu(), {n: v.cpu() for n, v in t.items()}, fmt, "silu")
         assert got.dtype == torch.float32 and got.shape == (M, H)
         err = rel_err(got.cpu(), want)
         assert err < 3e-2, (kind, M, err)
+        # the residual added in the combine: rounded as the torch kernels it replaces round it
+        h = torch.randn(M, H, device=dev).to(dtype)
+        added = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu", residual=h)
+        assert added.dtype == dtype and torch.equal(added, h + got.to(dtype)), (kind, M)
 print("ok")
 """
 

@@ -205,14 +205,14 @@ def test_grouped_moe_matches_reference(kind, device):
     # tokens group their pairs by expert: expert_grouped_kernel.py)
     for m in (M, 1):
         want = moe_reference(x[:m].cpu(), ids[:m].cpu(), w[:m].cpu(), {n: v[2:] for n, v in t.items()}, fmt, 2, E - 2).to(device)
-        got = moe_pairs(x[:m], lk_rev[ids[:m]], w[:m], rev, fmt)
+        got = moe_pairs(x[:m], lk_rev, ids[:m], w[:m], rev, fmt)
         assert got.dtype == torch.float32
         assert float((got - want).norm() / want.norm()) < 1e-5
         if device == "cuda" and kind != "dense":
-            got = moe_pairs(x[:m].bfloat16(), lk_rev[ids[:m]], w[:m], rev, fmt)
+            got = moe_pairs(x[:m].bfloat16(), lk_rev, ids[:m], w[:m], rev, fmt)
             assert float((got - want).norm() / want.norm()) < 2e-2
             r = 3 if m == M else 1
-            got = moe_pairs(x[:m].repeat(r, 1).bfloat16(), lk_rev[ids[:m]].repeat(r, 1), w[:m].repeat(r, 1), rev, fmt)
+            got = moe_pairs(x[:m].repeat(r, 1).bfloat16(), lk_rev, ids[:m].repeat(r, 1), w[:m].repeat(r, 1), rev, fmt)
             assert float((got - want.repeat(r, 1)).norm() / want.repeat(r, 1).norm()) < 2e-2
 
 
