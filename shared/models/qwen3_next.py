@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .family import ConfigError, DecoderLayer, Getter, ModelFamily
+from .family import ConfigError, DecoderLayer, Getter
 from .layers import Rotary, linear, rms_norm, rope_inv_freq, rope_parameters, rows_for_slices, stack_rows, swiglu
 from .qwen3_moe import Qwen3Moe, Qwen3MoeLayer
 
