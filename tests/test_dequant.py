@@ -125,7 +125,8 @@ for kind in ("int4", "int8"):
 
 # moe_pairs's four launches (quantized experts, no biases) against its generic path in float32: the
 # same products, x's rounding between them; choices not held (-1) and held ones weighing nothing
-from krasis.gpu_worker.moe_gpu import moe_pairs, pair_rows, pair_rows_reference, pairs_in_kernels
+from krasis.gpu_worker.moe_gpu import moe_pairs, pair_rows_reference, pairs_in_kernels
+from krasis.gpu_worker.pair_rows_kernel import pair_rows_triton
 from krasis.shared.models.family import ExpertShape
 E, H, I, M, k = 5, 64, 96, 3, 4
 # the experts' rows in the block's tensors: expert 2 is not held, and id -1 names none
@@ -140,7 +141,8 @@ for kind in ("int4", "int8"):
         ids = torch.tensor([[1, 0, 2, 4], [3, 3, 4, -1], [2, 2, 1, 0]] * (M // 3), device=dev)
         weights = torch.rand(M, k, device=dev)
         weights[1, 2] = 0.0
-        rows, wt = pair_rows(lookup, ids, weights)  # the kernel of pair_rows_kernel.py, compiled or interpreted
+        # the kernel itself, compiled or interpreted (moe_gpu.pair_rows takes it on CUDA only)
+        rows, wt = pair_rows_triton(lookup, ids, weights)
         want_rows, want_wt = pair_rows_reference(lookup.cpu(), ids.cpu(), weights.cpu())
         assert torch.equal(rows.cpu(), want_rows) and torch.equal(wt.cpu(), want_wt), (rows, wt)
         assert int((rows < 0).sum()) == 4 * (M // 3) and int((wt == 0).sum()) == 4 * (M // 3) + 1
