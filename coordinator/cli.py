@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..shared.keys import KeysError, require_keys
+from ..shared.strategy_names import DECODE_STRATEGIES, StrategyError, parse_prefill
 from .config import config_option
 from .processes import Prestarted, RuntimeOptions, WorkerDied
 
@@ -70,6 +71,15 @@ def _stream_decode_mode(ctx, param, value):
     if value in ("auto", "off", "always") or value.isdigit():
         return value
     raise click.BadParameter(f"{value!r}: one of auto, off, always, or a number of layers")
+
+
+def _prefill_strategy(ctx, param, value):
+    if value is not None:
+        try:
+            parse_prefill(value)
+        except StrategyError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
 
 
 BITS = click.Choice(["4", "8", "16"])
@@ -149,10 +159,10 @@ def runtime_options(f):
     @click.option("--prefill-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
                   help="Prompt tokens the GPU runs through a layer at a time: bounds activation and attention "
                   "memory only (a prefill step holds whole prompts, and streamed experts cross PCIe once per step).")
-    @click.option("--prefill-strategy", help="persistent | layer_grouped_N | chunked | active_only | hcs_prefill "
+    @click.option("--prefill-strategy", callback=_prefill_strategy, help="persistent | layer_grouped_N | chunked | active_only | hcs_prefill "
                   "(docs/strategies.md; default: the winner of `optimize`, else persistent if every expert "
                   "fits --vram-budget, else layer_grouped_1, then chunked: the first that fits).")
-    @click.option("--decode-strategy", type=click.Choice(["pure_cpu", "hcs_hybrid", "compact", "lru"]),
+    @click.option("--decode-strategy", type=click.Choice(DECODE_STRATEGIES),
                   help="Who runs decode's routed experts (default: the winner of `optimize`, else pure_cpu).")
     @click.option("--stream-decode", default="auto", show_default=True, callback=_stream_decode_mode,
                   help="Run a decode step's routed experts as prefill does (streamed over PCIe, the batch on the GPU), "

@@ -758,7 +758,10 @@ class Engine:
                 await self.head.send_multipart(P.encode(P.Shutdown()))
                 for s in self.pool_ctl:
                     await s.send_multipart(P.encode(P.Shutdown()))
-            await asyncio.get_running_loop().run_in_executor(None, self.group.stop)
+            # workers that never all started were sent no Shutdown (nothing connects them yet):
+            # waiting for them to end on their own would only delay the start error by the grace
+            grace = 5.0 if self.head is not None else 0.0
+            await asyncio.get_running_loop().run_in_executor(None, self.group.stop, grace)
         finally:
             self.group.kill_all()
             if hasattr(self, "ctx"):

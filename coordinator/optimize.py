@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from ..shared.strategy_names import DECODE_STRATEGIES
 from .processes import RuntimeOptions
 from .state import WINNER_FILE, state_path
 
@@ -19,7 +20,6 @@ def prefill_candidates(moe_layers: int) -> list[str]:
     return ["persistent", *(f"layer_grouped_{n}" for n in groups), "hcs_prefill", "chunked", "active_only"]
 
 
-DECODE_CANDIDATES = ["pure_cpu", "hcs_hybrid", "compact", "lru"]
 
 
 def rank(rows: list[dict], key: str) -> list[dict]:
@@ -37,7 +37,7 @@ def optimize(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens
         o = RuntimeOptions(**{**vars(opts), "prefill_strategy": name, "decode_strategy": "pure_cpu"})
         prefill_rows.append(_row(name, model, o, prompt_tokens, 2, runs, "prefill", log))
     best_prefill = rank(prefill_rows, "prefill_tok_s")[0]["strategy"]
-    for name in DECODE_CANDIDATES:
+    for name in DECODE_STRATEGIES:
         o = RuntimeOptions(**{**vars(opts), "prefill_strategy": best_prefill, "decode_strategy": name})
         decode_rows.append(_row(name, model, o, min(prompt_tokens, 512), decode_tokens, runs, "decode", log))
     prefill_rows, decode_rows = rank(prefill_rows, "prefill_tok_s"), rank(decode_rows, "decode_tok_s")

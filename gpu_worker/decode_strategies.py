@@ -11,12 +11,12 @@ from typing import Callable
 
 import torch
 
+from ..shared.strategy_names import check_decode
 from .dma import Block, CopyEngine, ExpertSlots, HostExperts
 from .hcs import HotSet
 from .moe_gpu import RoutedExperts, moe_blocks, moe_pairs
 from .pool_client import PoolClient
 
-DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
 # Whether the device guesses the pool's next layer's experts (DecodeStrategy.guess); with
 # KRASIS_POOL_GUESS=0 the pool guesses them itself after answering (an A/B, and a way out).
 POOL_GUESS = os.environ.get("KRASIS_POOL_GUESS", "1") != "0"
@@ -233,11 +233,7 @@ def _host_buffer(n: int, device) -> torch.Tensor:
 
 def make_decode(name: str, pool, host: HostExperts, engine: CopyEngine, act: str, hot: HotSet | None,
                 lru_capacity: int) -> DecodeStrategy:
-    if name not in DECODE_STRATEGIES:
-        from .prefill_strategies import StrategyError
-
-        raise StrategyError(f"unknown decode strategy {name!r} (one of {', '.join(DECODE_STRATEGIES)})")
-    if name == "pure_cpu":
+    if check_decode(name) == "pure_cpu":
         return PureCpu(pool, host, engine, act)
     if name == "hcs_hybrid":
         return HcsHybrid(pool, host, engine, act, hot)

@@ -11,34 +11,15 @@ Each counts the router's choices for the hot-expert cache.
 from __future__ import annotations
 
 import itertools
-import re
 
 import torch
 
 from ..shared.expert_store import ExpertFormat
+from ..shared.strategy_names import parse_prefill
 from .dequant import dequantized
 from .dma import Block, CopyEngine, ExpertSlots, GroupStager, HostExperts
 from .hcs import Counts, HotSet
 from .moe_gpu import RoutedExperts, moe_blocks
-
-PREFILL_STRATEGIES = ("persistent", "layer_grouped_N", "chunked", "active_only", "hcs_prefill")
-
-
-class StrategyError(ValueError):
-    pass
-
-
-def parse_prefill(name: str) -> tuple[str, int]:
-    """'layer_grouped_4' -> ('layer_grouped', 4); other names -> (name, 0)."""
-    m = re.fullmatch(r"layer_grouped_(\d+)", name)
-    if m:
-        if int(m.group(1)) < 1:
-            raise StrategyError("layer_grouped_N needs N >= 1")
-        return "layer_grouped", int(m.group(1))
-    if name not in PREFILL_STRATEGIES or name == "layer_grouped_N":
-        raise StrategyError(f"unknown prefill strategy {name!r} (one of {', '.join(PREFILL_STRATEGIES)})")
-    return name, 0
-
 
 class PrefillStrategy(RoutedExperts):
     """`whole_layers`: each of a layer's blocks holds that layer's experts and nothing else, so a step

@@ -37,7 +37,7 @@ def _no_resident_budget(model, prefill: str) -> str:
     """A --vram-budget (GB) with room for everything but a resident layer: layer_grouped_N then
     streams every MoE layer in groups of N (on a CPU device with no budget it keeps half of them)."""
     from krasis.shared.weights import load_family
-    from krasis.gpu_worker.prefill_strategies import parse_prefill
+    from krasis.shared.strategy_names import parse_prefill
     from krasis.gpu_worker.vram_budget import layer_expert_bytes, plan
     from krasis.shared.expert_store import ExpertFormat, StoreLayout
 

@@ -64,8 +64,11 @@ def test_strategy_exact_against_transformers(models, model, prefill, decode, top
 
 def test_unknown_strategy_and_budget_refusal(models):
     path = models["qwen3-base"]
+    # a usage error, before any worker starts
     p = tm.krasis("generate", path, "--prompt-ids", "1,2", "--prefill-strategy", "layer_grouped_0", check=False)
-    assert p.returncode == 1 and "layer_grouped_N needs N >= 1" in p.stderr
+    assert p.returncode == 2 and "layer_grouped_N needs N >= 1" in p.stderr and "--prefill-strategy" in p.stderr
+    p = tm.krasis("generate", path, "--prompt-ids", "1,2", "--prefill-strategy", "streamed", check=False)
+    assert p.returncode == 2 and "unknown prefill strategy 'streamed'" in p.stderr
     p = tm.krasis("generate", path, "--prompt-ids", "1,2", "--vram-budget", "0.0001", check=False)
     assert p.returncode == 1
     line = [x for x in p.stderr.splitlines() if "--vram-budget" in x][0]
@@ -278,7 +281,8 @@ def test_optimize_ranks_every_strategy_and_bench_uses_the_winner(models, tmp_pat
     import re
     import shutil
 
-    from krasis.coordinator.optimize import DECODE_CANDIDATES, prefill_candidates
+    from krasis.coordinator.optimize import prefill_candidates
+    from krasis.shared.strategy_names import DECODE_STRATEGIES
     from krasis.shared.weights import load_family
 
     path = shutil.copytree(models["qwen3-base"], tmp_path / "m")
@@ -288,7 +292,7 @@ def test_optimize_ranks_every_strategy_and_bench_uses_the_winner(models, tmp_pat
     fam = load_family(path)
     tables = p.stdout.split("**Decode strategies**")
     for text, names, col in ((tables[0], prefill_candidates(sum(map(fam.is_moe, range(fam.num_layers)))), 1),
-                             (tables[1], DECODE_CANDIDATES, 1)):
+                             (tables[1], DECODE_STRATEGIES, 1)):
         rows = [r.split("|")[1:-1] for r in text.splitlines() if re.match(r"\| [a-z_0-9]+ \|", r)]
         assert sorted(r[0].strip() for r in rows) == sorted(names)  # every strategy ran, none failed
         speeds = [float(r[col].replace(",", "")) for r in rows]
