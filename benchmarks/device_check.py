@@ -77,7 +77,7 @@ def exactness(root: Path):
                                 "--prefill-strategy", prefill, "--decode-strategy", decode, "--kv-dtype", kv,
                                 "--prefill-chunk", "100") as svc:
                     got = svc.client.complete(prompt_ids=prompt, max_new_tokens=16, prompt_logits=True, ignore_eos=True)
-                agree = float((got.prompt_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+                agree = float((torch.from_numpy(got.prompt_logits).argmax(-1) == ref_logits.argmax(-1)).float().mean())
                 row.update(top1=agree, greedy_same=got.token_ids == ref_tokens,
                            first_diff=next((i for i, (a, b) in enumerate(zip(got.token_ids, ref_tokens)) if a != b), None))
                 row["pass"] = agree >= 0.99 and (row["greedy_same"] or kv == "fp8")

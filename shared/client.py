@@ -7,6 +7,9 @@
     async with AsyncClient(endpoint) as c:
         async for ev in c.stream(messages=[{"role": "user", "content": "hi"}]):
             ...
+
+A client loads no torch (a tool beside an editor starts in a fraction of a second): tensors it
+receives, such as the prompt logits, arrive as numpy arrays.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -32,7 +35,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     done: P.Done | None = None
-    prompt_logits: torch.Tensor | None = None
+    prompt_logits: np.ndarray | None = None  # float32 [prompt tokens, vocab], where asked for
 
 
 def _generate_msg(prompt, prompt_ids, messages, prompt_logits, **sampling) -> P.Generate:
@@ -80,7 +83,7 @@ class Client:
 
     def recv(self) -> P.Message:
         try:
-            return P.decode(self.sock.recv_multipart())
+            return P.decode(self.sock.recv_multipart(), numpy=True)
         except zmq.Again:
             raise TimeoutError("no reply from the service") from None
 
@@ -136,7 +139,7 @@ class AsyncClient:
 
     async def _read(self):
         while True:
-            ev = P.decode(await self.sock.recv_multipart())
+            ev = P.decode(await self.sock.recv_multipart(), numpy=True)
             q = self._queues.get(getattr(ev, "id", None)) or self._queues.get(None)
             if q is not None:
                 q.put_nowait(ev)

@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 
 import msgpack
 import numpy as np
-import torch
+
+if typing.TYPE_CHECKING:
+    import torch
 
 PROTOCOL_VERSION = 3  # 2: host agents (attach, host_info, assign, heartbeat, host_fault), health's hosts;
 # logprobs (SamplingParams, Tokens, Draw, Logits), Fork; 3: worker_info
@@ -33,49 +35,58 @@ class ProtocolError(ValueError):
 
 # --- tensor frames -------------------------------------------------------------------------------
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# A dtype's name on the wire -> the numpy dtype its bytes are read as. bfloat16 has none: its bytes
+# travel as int16's.
+_WIRE_DTYPES = {"float32": np.float32, "bfloat16": np.int16, "float16": np.float16, "int64": np.int64,
+                "int32": np.int32, "int16": np.int16, "uint8": np.uint8, "int8": np.int8}
 
 
-def tensor_frame(t: torch.Tensor) -> tuple[dict, memoryview]:
-    """Describe a CPU tensor and expose its bytes without copying (contiguous tensors only copy once
-    if they were not contiguous already)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.dtype not in _DTYPE_NAMES:
-        raise ProtocolError(f"tensor dtype {t.dtype} cannot travel")
-    # bfloat16 has no numpy dtype: view it as int16, the bytes are what matter.
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    buf = memoryview(raw.numpy()).cast("B") if raw.numel() else memoryview(b"")
-    return {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}, buf
+def tensor_frame(t: torch.Tensor | np.ndarray) -> tuple[dict, memoryview]:
+    """Describe a CPU tensor (or numpy array) and expose its bytes without copying (a tensor that
+    is not contiguous, or not on the CPU, is copied once)."""
+    numpy = isinstance(t, np.ndarray)
+    name = t.dtype.name if numpy else str(t.dtype).removeprefix("torch.")
+    if name not in _WIRE_DTYPES:
+        raise ProtocolError(f"tensor dtype {name} cannot travel")
+    if numpy:
+        arr = np.ascontiguousarray(t)
+    else:
+        t = t.detach().cpu().contiguous()
+        arr = (t.view(_torch().int16) if name == "bfloat16" else t).numpy()
+    buf = memoryview(arr).cast("B") if arr.size else memoryview(b"")
+    return {"dtype": name, "shape": list(arr.shape)}, buf
 
 
-def frame_tensor(desc: dict, frame: bytes | memoryview) -> torch.Tensor:
+def frame_tensor(desc: dict, frame: bytes | memoryview, numpy: bool = False) -> torch.Tensor | np.ndarray:
+    """A frame as a torch tensor, or with `numpy` as a numpy array (bfloat16 widened to float32,
+    exactly), for processes that do not load torch (shared/client.py)."""
     try:
-        dtype = _DTYPES[desc["dtype"]]
+        name = desc["dtype"]
+        bits = np.dtype(_WIRE_DTYPES[name])
         shape = [int(s) for s in desc["shape"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"bad tensor descriptor {desc!r}") from e
-    nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * bits.itemsize
     if len(frame) != nbytes:
         raise ProtocolError(f"tensor frame has {len(frame)} bytes, descriptor {desc!r} needs {nbytes}")
+    torch = None if numpy else _torch()
     if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
+        return np.empty(shape, np.float32 if name == "bfloat16" else bits) if numpy else torch.empty(shape, dtype=getattr(torch, name))
     # frombuffer on a read-only zmq frame: torch warns about non-writable memory; copy only if needed.
     arr = np.frombuffer(frame, dtype=np.uint8)
-    t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
-    return t.view(dtype).reshape(shape)
+    arr = arr.copy() if not arr.flags.writeable else arr
+    if numpy:
+        a = arr.view(bits).reshape(shape)
+        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if name == "bfloat16" else a
+    return torch.from_numpy(arr).view(getattr(torch, name)).reshape(shape)
+
+
+@functools.cache
+def _torch():
+    """torch, imported where a tensor is made: the client (shared/client.py) never loads it."""
+    import torch
+
+    return torch
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -86,8 +97,9 @@ _REGISTRY: dict[str, type[Message]] = {}
 @dataclass
 class Message:
     TYPE: ClassVar[str] = ""
-    # Tensors carried as frames, by name; not part of the msgpack header.
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
+    # Tensors carried as frames, by name; not part of the msgpack header. torch tensors, or numpy
+    # arrays where decoded with numpy=True.
+    tensors: dict[str, Any] = field(default_factory=dict, kw_only=True)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -196,8 +208,9 @@ def encode(msg: Message) -> list:
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
-def decode(frames: list) -> Message:
-    """Multipart frames -> Message, or ProtocolError naming what is wrong."""
+def decode(frames: list, numpy: bool = False) -> Message:
+    """Multipart frames -> Message, or ProtocolError naming what is wrong. Its tensors are torch
+    tensors, or with `numpy` numpy arrays (frame_tensor)."""
     if not frames:
         raise ProtocolError("empty message")
     try:
@@ -220,7 +233,7 @@ def decode(frames: list) -> Message:
     for desc, frame in zip(descs, frames[1:]):
         if not isinstance(desc, dict) or not isinstance(desc.get("name"), str):
             raise ProtocolError(f"{mtype}: bad tensor descriptor {desc!r}")
-        msg.tensors[desc["name"]] = frame_tensor(desc, frame.buffer if hasattr(frame, "buffer") else frame)
+        msg.tensors[desc["name"]] = frame_tensor(desc, frame.buffer if hasattr(frame, "buffer") else frame, numpy)
     return msg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,25 @@ def test_tensor_frames_round_trip(dtype):
     assert isinstance(back, P.Step) and back.step == 3 and back.slices[0].n == 3
     assert back.tensors["hidden"].dtype == dtype and torch.equal(back.tensors["hidden"], t)
     assert back.tensors["empty"].shape == (0, 4)
+    # decoded as numpy (the client's way, without torch): the same values, bfloat16 widened exactly
+    arrays = P.decode(P.encode(msg), numpy=True).tensors
+    assert isinstance(arrays["hidden"], np.ndarray) and arrays["empty"].shape == (0, 4)
+    want = t.float() if dtype == torch.bfloat16 else t
+    assert str(arrays["hidden"].dtype) == str(want.dtype).removeprefix("torch.")
+    assert np.array_equal(arrays["hidden"], want.numpy())
+    # and a numpy array sent: the bytes a tensor of its dtype sends
+    if dtype != torch.bfloat16:
+        again = P.Step(step=3, slices=[], decode=False, tensors={"hidden": t.numpy()})
+        assert P.encode(again)[1:] == P.encode(P.Step(step=3, slices=[], decode=False, tensors={"hidden": t}))[1:]
+
+
+def test_the_client_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, krasis.shared.client; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]"
 
 
 def test_frame_size_mismatch_is_refused():
