@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import tiny_models as tm
 from krasis.coordinator.hosts import free_agent_port
