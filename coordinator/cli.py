@@ -162,7 +162,8 @@ def runtime_options(f):
     @click.option("--prefill-chunk", type=click.IntRange(min=1), default=4096, show_default=True,
                   help="Prompt tokens the GPU runs through a layer at a time: bounds activation and attention "
                   "memory only (a prefill step holds whole prompts, and streamed experts cross PCIe once per step).")
-    @click.option("--prefill-strategy", callback=_prefill_strategy, help="persistent | layer_grouped_N | chunked | active_only | hcs_prefill "
+    @click.option("--prefill-strategy", callback=_prefill_strategy,
+                  help="persistent | layer_grouped_N | chunked | active_only | hcs_prefill "
                   "(docs/strategies.md; default: the winner of `optimize`, else persistent if every expert "
                   "fits --vram-budget, else layer_grouped_1, then chunked: the first that fits).")
     @click.option("--decode-strategy", type=click.Choice(DECODE_STRATEGIES),

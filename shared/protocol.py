@@ -71,7 +71,9 @@ def frame_tensor(desc: dict, frame: bytes | memoryview, numpy: bool = False) -> 
         raise ProtocolError(f"tensor frame has {len(frame)} bytes, descriptor {desc!r} needs {nbytes}")
     torch = None if numpy else _torch()
     if nbytes == 0:
-        return np.empty(shape, np.float32 if name == "bfloat16" else bits) if numpy else torch.empty(shape, dtype=getattr(torch, name))
+        if numpy:
+            return np.empty(shape, np.float32 if name == "bfloat16" else bits)
+        return torch.empty(shape, dtype=getattr(torch, name))
     # frombuffer on a read-only zmq frame: torch warns about non-writable memory; copy only if needed.
     arr = np.frombuffer(frame, dtype=np.uint8)
     arr = arr.copy() if not arr.flags.writeable else arr
