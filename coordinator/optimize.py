@@ -20,8 +20,6 @@ def prefill_candidates(moe_layers: int) -> list[str]:
     return ["persistent", *(f"layer_grouped_{n}" for n in groups), "hcs_prefill", "chunked", "active_only"]
 
 
-
-
 def rank(rows: list[dict], key: str) -> list[dict]:
     """Successful rows best first (higher `key`), failed ones (key None) last."""
     return sorted(rows, key=lambda r: (r[key] is None, -(r[key] or 0.0)))
