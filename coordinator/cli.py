@@ -84,7 +84,8 @@ def _prefill_strategy(ctx, param, value):
 
 BITS = click.Choice(["4", "8", "16"])
 # A model folder or GGUF file that is not there is a usage error before any worker starts (the
-# workers' imports took a refused run 4 s on two cores); what it holds is read later.
+# workers' imports took a refused run 4 s on two cores); what it holds is read later. serve and check
+# take their model from a --config file too, so they check it where they need it.
 MODEL_PATH = click.Path(exists=True)
 
 
@@ -354,7 +355,7 @@ def _api_keys(key: str | None, key_file: str | None) -> list[str]:
 
 
 @main.command()
-@click.argument("model", type=MODEL_PATH)
+@click.argument("model", type=click.Path())
 @config_option
 @click.option("--print-config", is_flag=True, help="Print the options in effect, as a --config file, and exit.")
 @click.option("--zmq", "endpoint", default="tcp://127.0.0.1:5555", show_default=True,
@@ -391,6 +392,8 @@ def serve(model, print_config, endpoint, http_addr, served_model_name, api_key, 
 
         click.echo(effective(click.get_current_context()), nl=False)
         return
+    # checked only now: a config file may name a model that is not there yet (--print-config, check)
+    MODEL_PATH.convert(model, None, click.get_current_context())
     prestarted = _prestart(model, opts)
     from ..shared.models.family import ConfigError
     from .check import fits_in_ram
@@ -481,7 +484,7 @@ async def _until_fatal(engine: Engine):
 
 
 @main.command()
-@click.argument("model", required=False, type=MODEL_PATH)
+@click.argument("model", required=False, type=click.Path())
 @config_option
 @runtime_options
 def check(model, opts, **serve_options):
