@@ -35,6 +35,10 @@ def cli_error(*args) -> str:
 
 def test_missing_folder(tmp_path):
     assert "does not exist" in cli_error("generate", tmp_path / "nope", "--prompt-ids", "1")
+    # serve checks it after --print-config (a config file may name a model not there yet), before its workers
+    assert "does not exist" in cli_error("serve", tmp_path / "nope", "--zmq", f"ipc://{tmp_path}/s")
+    p = tm.krasis("serve", tmp_path / "nope", "--print-config", check=False)
+    assert p.returncode == 0 and f'model = "{tmp_path / "nope"}"' in p.stdout
 
 
 def test_folder_without_config(tmp_path):
