@@ -9,11 +9,7 @@ peer_gguf
 step c0 170 python3 benchmarks/cpu_experts.py --threads 14 --pin --group-size 32 --formats int4 --seconds 1 --gap-us 0 \
   --c-flags=-DPREFETCH_HINT=2 "--c-flags=-DPREFETCH_HINT=2 -DPREFETCH=4096" "--c-flags=-DPREFETCH_HINT=2 -DPREFETCH=8192" \
   --c-flags=-DPREFETCH=4096 --c-flags=-DPREFETCH=0
-# the tree with another default hint: every top-level folder linked but cpu_worker, copied and edited
-mkdir -p /tmp/alt/krasis && for f in $PWD/*; do ln -sfn $f /tmp/alt/krasis/; done
-rm /tmp/alt/krasis/cpu_worker && cp -r $PWD/cpu_worker /tmp/alt/krasis/
-sed -i "s/^#define PREFETCH_HINT 3$/#define PREFETCH_HINT ${HINT:-2}/" /tmp/alt/krasis/cpu_worker/expert_kernel.c
-grep -c "define PREFETCH_HINT ${HINT:-2}" /tmp/alt/krasis/cpu_worker/expert_kernel.c >> $L/steps.txt
+alt_tree PREFETCH_HINT ${HINT:-2}
 for r in 1 2; do
   step b3_$r 70 $PB --decode-tokens 256 --json $L/b3_$r.json
   PYTHONPATH=/tmp/alt:$PYTHONPATH step b${HINT:-2}_$r 70 $PB --decode-tokens 256 --json $L/b${HINT:-2}_$r.json

@@ -13,10 +13,7 @@ step n1 120 $P10 --json $L/n1.json
 old_step o1 80 $P10 --json $L/o1.json
 step n2 80 $P10 --json $L/n2.json
 old_step o2 80 $P10 --json $L/o2.json
-mkdir -p /tmp/alt/krasis && for f in $PWD/*; do ln -sfn $f /tmp/alt/krasis/; done
-rm /tmp/alt/krasis/cpu_worker && cp -r $PWD/cpu_worker /tmp/alt/krasis/
-sed -i "s/^#define PREFETCH 2048$/#define PREFETCH ${DIST:-4096}/" /tmp/alt/krasis/cpu_worker/expert_kernel.c
-grep -c "define PREFETCH ${DIST:-4096}" /tmp/alt/krasis/cpu_worker/expert_kernel.c >> $L/steps.txt
+alt_tree PREFETCH ${DIST:-4096}
 for r in 1 2; do
   step d2048_$r 60 $PB --decode-tokens 256 --json $L/d2048_$r.json
   PYTHONPATH=/tmp/alt:$PYTHONPATH step d${DIST:-4096}_$r 60 $PB --decode-tokens 256 --json $L/d${DIST:-4096}_$r.json
