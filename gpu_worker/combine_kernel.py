@@ -17,8 +17,8 @@ them were 2-3 us of a resident layer's decode on the H100.
 The torch reference (moe_gpu.combine_pairs_reference) gathers y into token order, widens it to
 float32, weighs and sums it: five passes over a [P, H] tensor (P = 8 x the chunk's tokens for
 Qwen3-30B-A3B: ~0.3 GB in bf16 and 0.65 GB in float32 at 10K tokens, ~1.3 ms of HBM time per layer
-on an H200). Here each program reads its token's k rows once and writes its output once. tests/test_combine_kernel.py compares the two under Triton's
-interpreter; device_check.py compiled."""
+on an H200). Here each program reads its token's k rows once and writes its output once.
+tests/test_combine_kernel.py compares the two under Triton's interpreter; device_check.py compiled."""
 
 from __future__ import annotations
 
