@@ -79,6 +79,13 @@
 #define TILE_ROWS 2
 #endif
 
+/* Phase 2's rows per tile for 1-2 tokens: a down row is short (~0.4 KB at I = 768, INT4), and its
+ * neighbours are the next bytes of the same matrix, so more rows per tile add no DRAM stream, only
+ * fewer calls, reductions and claims per byte (benchmarks/cpu_experts.py --c-flags=-DTILE_ROWS2=4). */
+#ifndef TILE_ROWS2
+#define TILE_ROWS2 2
+#endif
+
 /* 1: groups of 128 weights (64 bytes of INT4, 128 of INT8) take code built for that size, their
  * loops unrolled and tails dropped; 0: the code for any size (benchmarks/cpu_experts.py --c-flags
  * compares them). */
@@ -594,6 +601,7 @@ static dots_fn *const TILE_FN[3][2][5][5] = {TABLE(4, 0), TABLE(8, 0), TABLE(4, 
 
 /* Rows per tile for an expert with n tokens, and tokens per tile of the n - done left. */
 static int tile_rows(int n) { return n >= 4 ? 2 : TILE_ROWS; }
+static int tile_rows2(int n) { return n >= 4 ? 2 : TILE_ROWS2; }
 static int tile_tokens(int left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 INLINE void prefetch_ahead(const uint8_t *const *rows, int R, int nbytes) {
@@ -881,7 +889,7 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         while (claim(cur2, (long)na * H, CHUNK2, tid, nt, &from, &u, &u1)) {
             while (u < u1) {
                 const int a = (int)(u / H), h = (int)(u % H), e = active[a];
-                int R = tile_rows(off[a + 1] - off[a]);
+                int R = tile_rows2(off[a + 1] - off[a]);
                 while (R > u1 - u || R > H - h) R /= 2;
                 const uint8_t *q = q2 + e * q2_e;
                 const uint16_t *s = s2 + e * s2_e;

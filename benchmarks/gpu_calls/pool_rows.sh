@@ -1,0 +1,20 @@
+# Session 32: phase 2 of the pool's kernel (the down rows) read ~61 GB/s where phase 1 read ~100
+# (session 31's peer run: 116 us for 7.1 MB against 142 us for 14.2 MB). A down row is 0.4 KB at
+# Qwen3-30B-A3B's I = 768, and a tile took two of them at M = 1: per byte, three times phase 1's
+# calls, reductions and claims. TILE_ROWS2=4 takes four (adjacent bytes: no extra DRAM stream).
+# k: cpu_experts.py's kernels, this build against TILE_ROWS2=4, PREFETCH=4096 and both, pinned to the
+# pool's 14 threads as the pool runs. r2/r4: every layer through the pool (PB), this tree against the
+# /tmp/alt tree with TILE_ROWS2=4, interleaved, twice, 256 tokens each.
+. benchmarks/gpu_calls/lib.sh
+machine
+peer_gguf
+step k 150 python3 benchmarks/cpu_experts.py --pin --threads 14 --group-size 32 --formats int4 --seconds 1 --gb 1.5 \
+  --gap-us 120 --right 8 --c-flags=-DTILE_ROWS2=4 --c-flags=-DPREFETCH=4096 "--c-flags=-DTILE_ROWS2=4 -DPREFETCH=4096"
+alt_tree TILE_ROWS2 4
+for r in 1 2; do
+  step r2_$r 60 $PB --decode-tokens 256 --json $L/r2_$r.json
+  PYTHONPATH=/tmp/alt:$PYTHONPATH step r4_$r 60 $PB --decode-tokens 256 --json $L/r4_$r.json
+done
+finish
+grep "^|\|phase 2" $L/k.log | cut -c1-240
+for s in r2_1 r4_1 r2_2 r4_2; do echo "== $s"; grep "^| qwen\|pool us per layer\|ms per token" $L/$s.log | cut -c1-240 | head -4; done
