@@ -71,13 +71,17 @@ peer_gguf() { [ -f $G ] || { mkdir -p /tmp/peer; step gguf 320 python3 benchmark
 # step NAME SECONDS CMD... with .old (a carried worktree of an earlier tree: `git worktree add --detach
 # .old REV`) imported as krasis, for an A/B against this tree on one machine.
 old_step() { mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis; PYTHONPATH=/tmp/old:$PYTHONPATH step "$@"; }
-# alt_tree NAME VALUE: /tmp/alt, this tree with cpu_worker/expert_kernel.c's `#define NAME` set to VALUE (every
-# top-level folder linked but cpu_worker, which is copied and edited), for an A/B against this tree with
-# PYTHONPATH=/tmp/alt:$PYTHONPATH. steps.txt gets how many lines say so (1, or the edit did not take).
+# alt_tree NAME VALUE [NAME VALUE ...]: /tmp/alt, this tree with cpu_worker/expert_kernel.c's `#define NAME`
+# set to VALUE (every top-level folder linked but cpu_worker, which is copied and edited), for an A/B
+# against this tree with PYTHONPATH=/tmp/alt:$PYTHONPATH. steps.txt gets how many lines say so (1 each,
+# or the edit did not take).
 alt_tree() {
   rm -rf /tmp/alt/krasis/cpu_worker
   mkdir -p /tmp/alt/krasis && for f in $PWD/*; do ln -sfn $f /tmp/alt/krasis/; done
   rm /tmp/alt/krasis/cpu_worker && cp -r $PWD/cpu_worker /tmp/alt/krasis/
-  sed -i "s/^#define $1 .*$/#define $1 $2/" /tmp/alt/krasis/cpu_worker/expert_kernel.c
-  echo "alt tree, #define $1 $2: $(grep -c "^#define $1 $2$" /tmp/alt/krasis/cpu_worker/expert_kernel.c) line(s)" >> $L/steps.txt
+  while [ $# -ge 2 ]; do
+    sed -i "s/^#define $1 .*$/#define $1 $2/" /tmp/alt/krasis/cpu_worker/expert_kernel.c
+    echo "alt tree, #define $1 $2: $(grep -c "^#define $1 $2$" /tmp/alt/krasis/cpu_worker/expert_kernel.c) line(s)" >> $L/steps.txt
+    shift 2
+  done
 }
