@@ -62,13 +62,6 @@
 #define PREFETCH 2048
 #endif
 
-/* Phase 2's distance. Its rows are one stream of a thread's (phase 1 reads two, a gate and an up
- * row), so at the same distance it keeps half the bytes in flight: a thread's rate is about bytes
- * in flight over DRAM latency, and phase 2 read ~61% of phase 1's rate (session 31). */
-#ifndef PREFETCH2
-#define PREFETCH2 PREFETCH
-#endif
-
 /* Where those prefetches land: __builtin_prefetch's locality, 3 = every level (prefetcht0), 2 = L2
  * and beyond (prefetcht1), 1 = prefetcht2, 0 = non-temporal. A core tracks only ~16 misses into L1
  * at once, ~100 ns each: ~10 GB/s a core, and session 29's pool read ~8.7 GB/s a thread (121 GB/s
@@ -84,13 +77,6 @@
  * speed (benchmarks/cpu_experts.py --c-flags=-DTILE_ROWS=4 compares them). */
 #ifndef TILE_ROWS
 #define TILE_ROWS 2
-#endif
-
-/* Phase 2's rows per tile for 1-2 tokens: a down row is short (~0.4 KB at I = 768, INT4), and its
- * neighbours are the next bytes of the same matrix, so more rows per tile add no DRAM stream, only
- * fewer calls, reductions and claims per byte (benchmarks/cpu_experts.py --c-flags=-DTILE_ROWS2=4). */
-#ifndef TILE_ROWS2
-#define TILE_ROWS2 2
 #endif
 
 /* 1: groups of 128 weights (64 bytes of INT4, 128 of INT8) take code built for that size, their
@@ -608,13 +594,12 @@ static dots_fn *const TILE_FN[3][2][5][5] = {TABLE(4, 0), TABLE(8, 0), TABLE(4, 
 
 /* Rows per tile for an expert with n tokens, and tokens per tile of the n - done left. */
 static int tile_rows(int n) { return n >= 4 ? 2 : TILE_ROWS; }
-static int tile_rows2(int n) { return n >= 4 ? 2 : TILE_ROWS2; }
 static int tile_tokens(int left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-INLINE void prefetch_ahead(const uint8_t *const *rows, int R, int nbytes, const int ahead) {
-    if (ahead > 0)
+INLINE void prefetch_ahead(const uint8_t *const *rows, int R, int nbytes) {
+    if (PREFETCH > 0)
         for (int r = 0; r < R; r++)
-            for (int o = 0; o < nbytes; o += 64) __builtin_prefetch(rows[r] + ahead + o, 0, PREFETCH_HINT);
+            for (int o = 0; o < nbytes; o += 64) __builtin_prefetch(rows[r] + PREFETCH + o, 0, PREFETCH_HINT);
 }
 
 INLINE float activation(int act, float g, float u) {
@@ -854,7 +839,7 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
                     rows[2 * i] = q + (size_t)(r + i) * nb13, sc[2 * i] = s + (size_t)(r + i) * G13;
                     rows[2 * i + 1] = q + (size_t)(I + r + i) * nb13, sc[2 * i + 1] = s + (size_t)(I + r + i) * G13;
                 }
-                prefetch_ahead(rows, 2 * pairs, nb13, PREFETCH);
+                prefetch_ahead(rows, 2 * pairs, nb13);
                 for (int p = off[a]; p < off[a + 1];) {
                     const int T = tile_tokens(off[a + 1] - p);
                     vec_t v[4];
@@ -896,14 +881,14 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         while (claim(cur2, (long)na * H, CHUNK2, tid, nt, &from, &u, &u1)) {
             while (u < u1) {
                 const int a = (int)(u / H), h = (int)(u % H), e = active[a];
-                int R = tile_rows2(off[a + 1] - off[a]);
+                int R = tile_rows(off[a + 1] - off[a]);
                 while (R > u1 - u || R > H - h) R /= 2;
                 const uint8_t *q = q2 + e * q2_e;
                 const uint16_t *s = s2 + e * s2_e;
                 const uint8_t *rows[4];
                 const uint16_t *sc[4];
                 for (int i = 0; i < R; i++) rows[i] = q + (size_t)(h + i) * nb2, sc[i] = s + (size_t)(h + i) * G2;
-                prefetch_ahead(rows, R, nb2, PREFETCH2);
+                prefetch_ahead(rows, R, nb2);
                 for (int p = off[a]; p < off[a + 1];) {
                     const int T = tile_tokens(off[a + 1] - p);
                     vec_t v[4];

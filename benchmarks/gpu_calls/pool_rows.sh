@@ -8,6 +8,8 @@
 # (both phases), pinned to the pool's 14 threads as the pool runs. r2/r4: every layer through the pool
 # (PB), this tree against the /tmp/alt tree with TILE_ROWS2=4 and PREFETCH2=4096, interleaved, twice,
 # 256 tokens each.
+# Ran in session 32 (its call 1): no gain (BENCHMARKS.md, "Session 32"), and the two defines were taken
+# out of expert_kernel.c again; this script needs the tree of b2627d5 (`git checkout b2627d5`).
 . benchmarks/gpu_calls/lib.sh
 machine
 peer_gguf
