@@ -5,7 +5,8 @@ machine's floor measured in the same run (DESIGN.md, Ceilings):
                     (and the one-pass floor: every expert streamed once, the peer comparisons' yardstick)
     decode floor  = expert bytes one token reads from RAM / DRAM read bandwidth
 
-Each figure is also given as the fraction of its floor reached. The prompt is random token ids
+Each figure is also given as the fraction of its floor reached. Each prompt length is run once untimed
+before its timed runs (as llama-bench warms up each test). The prompt is random token ids
 (seeded), so no data set is needed; decode ignores EOS so every run decodes the same count. The seed
 is new for each bench unless given: the hot-expert counts a run saves (gpu_worker/hcs.py) would
 otherwise come from the very prompts the next run measures, and a hot set made from them served
@@ -215,11 +216,14 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
             after = (await engine.stats_reply()).stats
             return groups, _step_ms(before, after), _pool_delta(before, after)
 
-        # warm-up: kernels compiled, hot-expert counts gathered, allocator settled
-        await generate_together(engine, prompts(1, min(min(prompt_lens), opts.prefill_chunk)), min(decode_tokens, 4), "warmup",
-                                temperature, seed)
         rows = []
         for length in prompt_lens:
+            # a warm-up at each length, as llama-bench runs one of each test: kernels compiled for its
+            # shapes, hot-expert counts gathered, allocator settled. A prompt of several chunks takes
+            # paths that a one-chunk warm-up does not (a layer dequantized once for its chunks,
+            # attention over earlier chunks' keys): warmed up with 4096 tokens, the first 10K run on
+            # a fresh H100 host ran 11,895 tok/s and the second 28,382 (session 32)
+            await generate_together(engine, prompts(1, length), min(decode_tokens, 4), f"warmup{length}.", temperature, seed)
             groups, step_ms, pool = await measured(1, length, f"run{length}.")
             # the sampled tokens each run decoded: all distinct is the norm at temperature 1; few
             # means decode repeats itself, and its routing (the hot set's share, the lookahead's

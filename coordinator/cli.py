@@ -558,7 +558,7 @@ def chat(endpoint, max_new_tokens, temperature, system, keys):
               help="Prompt length (random token ids, seeded); several, comma-separated, give one row each "
                    "from one start of the processes.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens decoded per run.")
-@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs (after one warm-up).")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs of each prompt length (after one warm-up of that length).")
 @click.option("--concurrency", callback=_count_list,
               help="Also decode this many sequences together (comma-separated counts, e.g. 1,4,16,32; each sequence "
                    "with the row's prompt length): the aggregate and per-sequence decode tok/s, one line per count.")
