@@ -223,7 +223,7 @@ async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decod
             # paths that a one-chunk warm-up does not (a layer dequantized once for its chunks,
             # attention over earlier chunks' keys): warmed up with 4096 tokens, the first 10K run on
             # a fresh H100 host ran 11,895 tok/s and the second 28,382 (session 32)
-            await generate_together(engine, prompts(1, length), min(decode_tokens, 4), f"warmup{length}.", temperature, seed)
+            await generate_together(engine, prompts(1, length), min(decode_tokens, 4), f"warmup-len{length}", temperature, seed)
             groups, step_ms, pool = await measured(1, length, f"run{length}.")
             # the sampled tokens each run decoded: all distinct is the norm at temperature 1; few
             # means decode repeats itself, and its routing (the hot set's share, the lookahead's

@@ -25,11 +25,25 @@ def model(tmp_path_factory):
     return tm.build(tmp_path_factory.mktemp("bench") / "qwen3", "qwen3", seed=5)
 
 
-def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_path):
+def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_path, monkeypatch):
+    import krasis.coordinator.bench as bench
+
+    seen, real = [], bench.generate_together
+
+    async def recording(engine, prompts, decode_tokens, tag, *args):
+        seen.append((tag, [len(p) for p in prompts]))
+        return await real(engine, prompts, decode_tokens, tag, *args)
+
+    monkeypatch.setattr(bench, "generate_together", recording)
     out = tmp_path / "bench.json"
     p = CliRunner().invoke(main, ["bench", str(model), *OPTS, "--prompt-lens", "8,20", "--concurrency", "1,3", "--json", str(out),
                                   "--seed", "7"])
     assert p.exit_code == 0, p.output
+    # each length warmed up at that length before its timed runs, as llama-bench warms up each test: a
+    # prompt of several chunks takes paths a shorter warm-up does not (session 32: the first 10K run
+    # after a 4096-token warm-up ran at 42% of the second's speed); then 3 sequences warmed up and run
+    assert seen == [("warmup-len8", [8]), ("run8.0", [8]), ("warmup3.", [8, 8, 8]), ("c3.8.0", [8, 8, 8]),
+                    ("warmup-len20", [20]), ("run20.0", [20]), ("warmup3.", [16, 16, 16]), ("c3.20.0", [20, 20, 20])], seen
     rows = json.loads(out.read_text())
     assert [r["prompt_tokens"] for r in rows] == [8, 20]
     assert all(r["seed"] == 7 and r["temperature"] == 1.0 for r in rows)  # what a row's prompts and decode were
@@ -53,26 +67,6 @@ def test_bench_rows_per_prompt_length_and_entries_per_concurrency(model, tmp_pat
     lines = [ln for ln in p.output.splitlines() if ln.startswith("| qwen3 |")]
     assert len(lines) == 2 + 4  # the main table's two rows, then a line per prompt length and count
     assert "| Sequences | Decode aggregate (tok/s) |" in p.output
-
-
-def test_each_prompt_length_is_warmed_up_at_its_own_length_before_its_runs(model, tmp_path, monkeypatch):
-    """As llama-bench warms up each test: a prompt of several chunks takes paths that a shorter
-    warm-up does not (session 32: the first 10K run after a 4096-token warm-up ran at 42% of the
-    second's speed)."""
-    import krasis.coordinator.bench as bench
-
-    seen = []
-    real = bench.generate_together
-
-    async def recording(engine, prompts, decode_tokens, tag, *args):
-        seen.append((tag, [len(p) for p in prompts]))
-        return await real(engine, prompts, decode_tokens, tag, *args)
-
-    monkeypatch.setattr(bench, "generate_together", recording)
-    p = CliRunner().invoke(main, ["bench", str(model), *OPTS, "--runs", "2", "--prompt-lens", "8,20"])
-    assert p.exit_code == 0, p.output
-    assert seen == [("warmup8.", [8]), ("run8.0", [8]), ("run8.1", [8]),
-                    ("warmup20.", [20]), ("run20.0", [20]), ("run20.1", [20])], seen
 
 
 @pytest.mark.skipif(not any(shutil.which(n) for n in ("cc", "gcc")), reason="no C compiler")
