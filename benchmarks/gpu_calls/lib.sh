@@ -85,3 +85,11 @@ alt_tree() {
     shift 2
   done
 }
+# alt_ab THIS ALT SECONDS: every layer through the pool ($PB, 256 tokens after 512), this tree as steps
+# THIS_1, THIS_2 interleaved with the alt_tree copy as ALT_1, ALT_2, each bounded by SECONDS.
+alt_ab() {
+  for r in 1 2; do
+    step $1_$r $3 $PB --decode-tokens 256 --json $L/$1_$r.json
+    PYTHONPATH=/tmp/alt:$PYTHONPATH step $2_$r $3 $PB --decode-tokens 256 --json $L/$2_$r.json
+  done
+}

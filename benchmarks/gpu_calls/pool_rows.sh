@@ -17,10 +17,7 @@ step k 180 python3 benchmarks/cpu_experts.py --pin --threads 14 --group-size 32 
   --gap-us 120 --right 8 --c-flags=-DTILE_ROWS2=4 --c-flags=-DPREFETCH2=4096 "--c-flags=-DTILE_ROWS2=4 -DPREFETCH2=4096" \
   --c-flags=-DPREFETCH=4096
 alt_tree TILE_ROWS2 4 PREFETCH2 4096
-for r in 1 2; do
-  step r2_$r 60 $PB --decode-tokens 256 --json $L/r2_$r.json
-  PYTHONPATH=/tmp/alt:$PYTHONPATH step r4_$r 60 $PB --decode-tokens 256 --json $L/r4_$r.json
-done
+alt_ab r2 r4 60
 finish
 grep "^|\|phase 2" $L/k.log | cut -c1-240
 for s in r2_1 r4_1 r2_2 r4_2; do echo "== $s"; grep "^| qwen\|pool us per layer\|ms per token" $L/$s.log | cut -c1-240 | head -4; done

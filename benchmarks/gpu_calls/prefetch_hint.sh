@@ -10,10 +10,7 @@ step c0 170 python3 benchmarks/cpu_experts.py --threads 14 --pin --group-size 32
   --c-flags=-DPREFETCH_HINT=2 "--c-flags=-DPREFETCH_HINT=2 -DPREFETCH=4096" "--c-flags=-DPREFETCH_HINT=2 -DPREFETCH=8192" \
   --c-flags=-DPREFETCH=4096 --c-flags=-DPREFETCH=0
 alt_tree PREFETCH_HINT ${HINT:-2}
-for r in 1 2; do
-  step b3_$r 70 $PB --decode-tokens 256 --json $L/b3_$r.json
-  PYTHONPATH=/tmp/alt:$PYTHONPATH step b${HINT:-2}_$r 70 $PB --decode-tokens 256 --json $L/b${HINT:-2}_$r.json
-done
+alt_ab b3 b${HINT:-2} 70
 finish
 grep -A40 "^threads" $L/c0.log | grep -v "^  c.*max error" | head -40
 for s in b3_1 b${HINT:-2}_1 b3_2 b${HINT:-2}_2; do echo "== $s"; grep "^| qwen\|pool us\|ms per token" $L/$s.log | cut -c1-240 | head -4; done
