@@ -24,9 +24,9 @@ from .processes import Prestarted, RuntimeOptions, WorkerDied
 if TYPE_CHECKING:
     from .engine import Engine
 
-# Only light modules above: `serve` and `generate` start their workers (Prestarted) before anything
-# imports torch, which takes the coordinator as long as a worker's own imports (5 s on the H100
-# host), so the modules that import it are imported where they are used.
+# Only light modules above: `serve` and `generate` import torch once, with the workers' modules, and
+# fork their workers from there (Prestarted); the other commands import it where they use it, and
+# --help or a bad option never waits for it (5 s on the H100 host).
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -45,8 +45,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _prestart(model: str, opts: RuntimeOptions) -> Prestarted:
-    """Start the run's workers now, to import while this process imports and builds its engine; those
-    the engine never takes are killed when the command ends, however it ends."""
+    """Start the run's workers now, before this process builds its engine (processes.py: Prestarted);
+    those the engine never takes are killed when the command ends, however it ends."""
     return click.get_current_context().with_resource(Prestarted.for_run(model, opts))
 
 
@@ -258,8 +258,7 @@ def main():
 @runtime_options
 def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, top_k, top_p, seed, stop, as_json, opts):
     """Start every process, generate once, print, stop every process."""
-    # what the options alone decide is refused before any process starts (the request's own
-    # validation, below, comes after the workers are started, to import while this process does)
+    # what the options and the request alone decide is refused before any process starts
     if sum(v is not None for v in (prompt, prompt_ids, messages)) != 1:
         raise click.UsageError("give exactly one of --prompt, --prompt-ids, --messages")
     try:
@@ -268,9 +267,7 @@ def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, t
         from ..shared.models.family import ConfigError
 
         _fail(ConfigError(f"--messages is not valid JSON: {e}"))
-    prestarted = _prestart(model, opts)
     from ..shared import protocol as P
-    from .engine import RequestError, run
 
     gen = P.Generate(
         id="cli", prompt=prompt, prompt_ids=prompt_ids, messages=msgs,
@@ -281,6 +278,8 @@ def generate(model, prompt, prompt_ids, messages, max_new_tokens, temperature, t
         gen.validate()
     except P.ProtocolError as e:
         _fail(e)
+    prestarted = _prestart(model, opts)
+    from .engine import RequestError, run
 
     async def body(engine: Engine):
         ids, text, done = [], [], None

@@ -23,9 +23,9 @@ CPU worker spec: node, model, bind (its control endpoint: stats, shutdown), coor
     experts from the checkpoint (16-bit): MODEL, or the GGUF file `gguf` when not null;
     dense_cache: the INT8 dense cache file or null.
 
-A worker may also be started before its spec exists (Prestarted): it imports its module, most of its
-start, while the coordinator imports its own and builds the engine, then takes its spec and
-descriptors from a socket instead of its command line and inherited descriptors.
+A worker may also be started before its spec exists (Prestarted): forked from the coordinator once
+the workers' modules are imported (most of a worker's start), it takes its spec and descriptors
+from a socket instead of its command line and inherited descriptors.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..shared.lifecycle import PRESTART_MARKS, die_with_parent
+from ..shared.lifecycle import PRESTART_MARKS, die_with_parent, name_process, run_then_exit
 
 
 class WorkerDied(RuntimeError):
@@ -161,11 +163,12 @@ class Endpoints:
         return f"{self.prefix}-{name}"
 
 
+# Workers size their own thread pools; an inherited OMP_NUM_THREADS would fight that.
+DROPPED_ENV = ("OMP_NUM_THREADS",)
+
+
 def _worker_env() -> dict:
-    env = dict(os.environ)
-    # Workers size their own thread pools; an inherited OMP_NUM_THREADS would fight that.
-    env.pop("OMP_NUM_THREADS", None)
-    return env
+    return {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
 
 
 def _spec_fds(spec: dict) -> list[int]:
@@ -178,24 +181,80 @@ def _renumber(spec: dict, new: dict[int, int]) -> dict:
                 mailbox=dict(spec["mailbox"], fd=new[spec["mailbox"]["fd"]]))
 
 
+class Forked:
+    """A child this process forked (Prestarted), with the part of subprocess.Popen's interface that
+    WorkerGroup uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)  # -N: killed by signal N, as Popen says
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class Prestarted:
-    """Workers started before their specs exist: `serve` and `generate` start one per worker the run
-    will have before they import torch and build the engine (config, cache headers, tokenizer), and
-    each imports its module meanwhile, which is most of a worker's start (5 s on the H100 host, as
-    long as the coordinator's own imports), then waits for its spec (run_prestarted). The
-    WorkerGroup hands each spec to one of them instead of starting a process. As a context manager,
-    those never handed one are killed on exit; until then they die with the coordinator like any
-    worker (PDEATHSIG)."""
+    """Workers started before their specs exist: `serve` and `generate` import the workers' modules
+    (torch with them, which the coordinator needs too) before they build the engine (config, cache
+    headers, tokenizer), then fork one process per worker the run will have, which waits for its
+    spec (run_prestarted). A worker's imports are most of its start (5 s on the H100 host) and cost
+    each process the same CPU time: forked, the run pays them once instead of once a process (a
+    5-process run on the 2-core CI machine: 4.9 s to serving, 2.9 forked). The WorkerGroup hands each
+    spec to one of them instead of starting a process. As a context manager, those never handed one
+    are killed on exit; until then they die with the coordinator like any worker (PDEATHSIG).
+    Workers started later (a group restarted after a fault) are started afresh: by then this
+    process runs threads (ZeroMQ's, asyncio's) that a fork would copy half-way through their work.
+    A forked worker keeps the coordinator's command line: its name (ps -o comm, top) is
+    krasis-gpuN or krasis-cpuN (shared/lifecycle.py: name_process)."""
 
     def __init__(self, modules: list[str], model: str):
-        self.waiting: dict[str, list[tuple[subprocess.Popen, socket.socket]]] = {}
+        self.waiting: dict[str, list[tuple[subprocess.Popen | Forked, socket.socket]]] = {}
+        for module in dict.fromkeys(modules):
+            importlib.import_module(f"{module}.main")
+        for f in (sys.stdout, sys.stderr):  # else each child would write the buffered text again
+            f.flush()
+        parent = os.getpid()
         for module in modules:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with theirs:
-                cmd = [sys.executable, "-c", "from krasis.coordinator.processes import run_prestarted; run_prestarted()",
-                       module, str(theirs.fileno()), str(os.getpid()), str(model)]
-                p = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=_worker_env())
-            self.waiting.setdefault(module, []).append((p, ours))
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of fork in a process with threads: the only other thread here
+                # is numpy's idle OpenBLAS pool, which stops itself around a fork (pthread_atfork)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:
+                try:
+                    # the sockets of the workers forked before this one: only the coordinator may
+                    # hold them, or a worker it closes without a spec would never see the end
+                    for sock in [ours, *(s for ws in self.waiting.values() for _, s in ws)]:
+                        sock.close()
+                    run_then_exit(lambda: run_prestarted(module, theirs, parent))
+                except BaseException:
+                    traceback.print_exc()
+                finally:
+                    os._exit(1)  # never back into the coordinator's stack
+            theirs.close()
+            self.waiting.setdefault(module, []).append((Forked(pid), ours))
 
     @classmethod
     def for_run(cls, model: str, opts: RuntimeOptions) -> "Prestarted":
@@ -206,7 +265,7 @@ class Prestarted:
         modules = ["krasis.cpu_worker"] * pool_processes(opts) + ["krasis.gpu_worker"] * len(opts.devices)
         return cls(modules, model)
 
-    def hand(self, module: str, spec: dict, fds: list[int]) -> subprocess.Popen | None:
+    def hand(self, module: str, spec: dict, fds: list[int]) -> subprocess.Popen | Forked | None:
         """Send `spec` and `fds` to a worker of `module` started for it; None when none is left (or
         `fds` are not those the spec names, which run_prestarted could not renumber)."""
         if sorted(set(fds)) != sorted(set(_spec_fds(spec))):
@@ -235,17 +294,17 @@ class Prestarted:
         self.close()
 
 
-def run_prestarted() -> None:
-    """A Prestarted worker: argv is MODULE SOCKET_FD PARENT_PID MODEL (MODEL, unused here, is for ps and
-    for whoever finds a model's workers by their command line, as a spawned worker's spec shows it).
-    Imports MODULE's main, then runs MODULE as `python -m MODULE SPEC` would, with the spec and
-    descriptors received on the socket (a received descriptor has a number of its own, which the
-    spec is rewritten to). Exits quietly when the coordinator closes the socket without sending one."""
-    module, fd, parent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def run_prestarted(module: str, sock: socket.socket, parent: int) -> None:
+    """A Prestarted worker (forked, MODULE's main imported): runs MODULE as `python -m MODULE SPEC`
+    would, with the spec and descriptors received on `sock` (a received descriptor has a number of
+    its own, which the spec is rewritten to). Exits quietly when the coordinator closes the socket
+    without sending one."""
     die_with_parent(parent)
-    importlib.import_module(f"{module}.main")
+    name_process(f"krasis-{module.rsplit('.', 1)[1].removesuffix('_worker')}")
+    for name in DROPPED_ENV:
+        os.environ.pop(name, None)
     PRESTART_MARKS.append(["preload", time.time()])
-    with socket.socket(fileno=fd) as sock:
+    with sock:
         msg, received, _, _ = socket.recv_fds(sock, 1 << 20, 256)
     if not msg:
         sys.exit(0)
@@ -258,7 +317,7 @@ def run_prestarted() -> None:
 
 class WorkerGroup:
     def __init__(self, prestarted: Prestarted | None = None):
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.procs: list[tuple[str, subprocess.Popen | Forked]] = []
         self.stopping = False
         self.prestarted = prestarted
 

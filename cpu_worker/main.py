@@ -21,7 +21,7 @@ import zmq
 
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
-from ..shared.lifecycle import StartupMarks, die_with_parent, limit_threads
+from ..shared.lifecycle import StartupMarks, limit_threads, worker_start
 from ..shared.mailbox import Mailboxes, Slot, SlotShape
 from .decode_loop import IDLE_S, DecodeLoop
 from .expert_kernel import c_kernel, kernel_clock, layer_kernel, pin_threads, set_threads, warm_up
@@ -41,10 +41,7 @@ def main() -> None:
     mark = StartupMarks()
     mark("imports")
     spec = json.loads(sys.argv[1])
-    die_with_parent(spec["parent_pid"])
-    if spec.get("cores"):
-        os.sched_setaffinity(0, spec["cores"])
-    limit_threads(spec["threads"])
+    worker_start(spec, f"krasis-cpu{spec['node']}")
     node = spec["node"]
     ctx = zmq.Context()
     coord = ctx.socket(zmq.PUSH)

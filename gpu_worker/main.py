@@ -21,7 +21,7 @@ import zmq
 from ..shared import protocol as P
 from ..shared.expert_store import ExpertStore, StoreLayout, fill_node
 from ..shared.keys import Curve
-from ..shared.lifecycle import StartupMarks, die_with_parent, fine_timers, limit_threads
+from ..shared.lifecycle import StartupMarks, fine_timers, worker_start
 from ..shared.quant import QuantLinear
 from ..shared.weight_cache import WeightCache, store_writer
 from ..shared.weights import load_family, open_source
@@ -37,10 +37,7 @@ def main() -> None:
     mark = StartupMarks()
     mark("imports")
     spec = json.loads(sys.argv[1])
-    die_with_parent(spec["parent_pid"])
-    if spec.get("cores"):
-        os.sched_setaffinity(0, spec["cores"])
-    limit_threads(spec["threads"])
+    worker_start(spec, f"krasis-gpu{spec['rank']}")
     fine_timers()
     ctx = zmq.Context()
     coord = ctx.socket(zmq.PUSH)

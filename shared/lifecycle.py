@@ -10,6 +10,7 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_TIMERSLACK = 29
 # What a worker started before its spec did first (coordinator/processes.py: run_prestarted): when
 # its imports ended ("preload") and its spec came ("spec"); StartupMarks reports them after "exec".
@@ -23,6 +24,24 @@ def die_with_parent(parent_pid: int) -> None:
     # The parent may have died between fork and prctl: then we were re-parented already.
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def name_process(name: str) -> None:
+    """This process's name as ps -o comm, top and the journal show it (15 bytes at most): a worker
+    forked from the coordinator (coordinator/processes.py: Prestarted) keeps the coordinator's
+    command line, so its name is what tells them apart."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def worker_start(spec: dict, name: str) -> None:
+    """What every worker does first with its spec: die with its parent, take its name, its cores
+    (none: any) and its thread count."""
+    die_with_parent(spec["parent_pid"])
+    name_process(name)
+    if spec.get("cores"):
+        os.sched_setaffinity(0, spec["cores"])
+    limit_threads(spec["threads"])
 
 
 def run_then_exit(main) -> None:

@@ -32,11 +32,14 @@ def workers_of(model: Path) -> list[int]:
         if not d.name.isdigit():
             continue
         try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            text = b" ".join((d / "cmdline").read_bytes().split(b"\0"))
+            name = (d / "comm").read_bytes()
         except OSError:
             continue
-        text = b" ".join(cmd)
-        if (b"krasis.gpu_worker" in text or b"krasis.cpu_worker" in text) and str(model).encode() in text:
+        # a forked worker is named for its role (and keeps the coordinator's command line, which names
+        # the model); a worker started afresh says its module on its command line
+        if (name.startswith((b"krasis-gpu", b"krasis-cpu")) or b"krasis.gpu_worker" in text or b"krasis.cpu_worker" in text) \
+                and str(model).encode() in text:
             if tm.alive(int(d.name)):
                 pids.append(int(d.name))
     return pids

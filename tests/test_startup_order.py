@@ -4,8 +4,10 @@ imports torch, and hand each its spec once the engine has it (coordinator/proces
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,12 @@ from krasis.shared import protocol as P
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tm.build(tmp_path_factory.mktemp("m") / "qwen", "qwen3")
+
+
+def _proc(pid: int) -> tuple[str, int]:
+    """A process's name and its parent's pid."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return Path(f"/proc/{pid}/comm").read_text().strip(), int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_the_cli_imports_no_torch():
@@ -37,13 +45,15 @@ def test_prestarted_workers_take_their_specs(model):
                 await engine.start()
                 gen = P.Generate(id="a", prompt_ids=[1, 2, 3], sampling=P.SamplingParams(max_new_tokens=3))
                 toks = [t for m in [m async for m in engine.generate(gen)] if isinstance(m, P.Tokens) for t in m.token_ids]
-                return engine.workers, toks
+                return engine.workers, toks, {w["pid"]: _proc(w["pid"]) for w in engine.workers}
             finally:
                 await engine.close()
 
-        workers, toks = asyncio.run(go())
+        workers, toks, procs = asyncio.run(go())
         assert not any(pre.waiting.values())  # every one was taken
     assert sorted(w["pid"] for w in workers) == started
+    # forked from this process, each named for its role and rank (the command line is this one's)
+    assert {procs[w["pid"]] for w in workers} == {(f"krasis-{w['role']}{w['rank']}", os.getpid()) for w in workers}
     assert all([m[0] for m in w["startup"][:3]] == ["exec", "preload", "spec"] for w in workers)
     assert toks == tm.generate_json(model, [1, 2, 3], 3, "--devices", "cpu,cpu", "--cpu-workers", "2")["token_ids"]
     tm.wait_gone(started)
