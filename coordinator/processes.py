@@ -1,9 +1,9 @@
 """Starting, watching and stopping the worker processes.
 
-Every worker is a child of the coordinator (or, with --hosts, of its machine's host agent:
-coordinator/host_agent.py), started with a JSON spec (below, written by coordinator/local_group.py)
-and the expert-store memfds as inherited descriptors. Children set PDEATHSIG so they die with the coordinator however it
-ends; the coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
+Every worker is a child of the coordinator or of its zygote (Zygote, below; or, with --hosts, of its
+machine's host agent: coordinator/host_agent.py), started with a JSON spec (below, written by
+coordinator/local_group.py) and the expert-store memfds as inherited descriptors. Children set
+PDEATHSIG so they die with their parent, and so with the coordinator, however it ends; the coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
 child exit raises WorkerDied; the engine then restarts the whole group, or goes down past --max-restarts.
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
@@ -23,9 +23,9 @@ CPU worker spec: node, model, bind (its control endpoint: stats, shutdown), coor
     experts from the checkpoint (16-bit): MODEL, or the GGUF file `gguf` when not null;
     dense_cache: the INT8 dense cache file or null.
 
-A worker may also be started before its spec exists (Prestarted): forked from the coordinator once
-the workers' modules are imported (most of a worker's start), it takes its spec and descriptors
-from a socket instead of its command line and inherited descriptors.
+A worker may also be started before its spec exists (Prestarted): forked by the coordinator's
+zygote, which has the workers' modules imported (most of a worker's start), it takes its spec and
+descriptors from a socket instead of its command line and inherited descriptors.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -181,8 +182,137 @@ def _renumber(spec: dict, new: dict[int, int]) -> dict:
                 mailbox=dict(spec["mailbox"], fd=new[spec["mailbox"]["fd"]]))
 
 
+def _fork(child) -> int:
+    """os.fork(); in the child, run `child()` and exit (never back into the caller's stack)."""
+    for f in (sys.stdout, sys.stderr):  # else the child would write the buffered text again
+        f.flush()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns of fork in a process with threads: the only other thread where this
+        # runs is numpy's idle OpenBLAS pool, which stops itself around a fork (pthread_atfork)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            run_then_exit(child)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    return pid
+
+
+class Zygote:
+    """A process forked from the coordinator before it starts any thread, once the workers' modules
+    (torch with them, which the coordinator imports anyway) are imported, that forks each worker
+    on request (fork_worker): a worker's imports are most of its start (4-5 s on the H100 hosts), and
+    a forked one has them already, at its first start and at every restart after a fault alike. The
+    coordinator itself cannot fork by then: it runs ZeroMQ's and asyncio's threads, which a fork
+    would copy half-way through their work. Its workers are its children; it reports each one's exit
+    to the coordinator (ZygoteChild), dies with the coordinator and ends when the coordinator closes
+    its socket, and its workers die with it (PDEATHSIG). A forked worker keeps the coordinator's
+    command line: its name (ps -o comm, top) is krasis-gpuN or krasis-cpuN (shared/lifecycle.py:
+    name_process). Requests and replies, one at a time: {"module"} with the new worker's end of its
+    spec socket attached -> {"pid"}; {"reap"} -> {"exits": {pid: status}} (exit_code)."""
+
+    def __init__(self, modules: list[str]):
+        for module in dict.fromkeys(modules):
+            importlib.import_module(f"{module}.main")
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+
+        def serve():
+            self.sock.close()
+            _zygote_loop(theirs, parent)
+
+        self.pid = _fork(serve)
+        theirs.close()
+        self.lock = threading.Lock()
+        self.exits: dict[int, int] = {}
+        self.children: set[int] = set()
+        self.gone = False
+
+    def fork_worker(self, module: str) -> tuple["ZygoteChild", socket.socket] | None:
+        """A new process of `module`'s, waiting for its spec on the returned socket (run_prestarted);
+        None once the zygote is gone."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            reply = self._ask({"module": module}, [theirs.fileno()])
+        if reply is None:
+            ours.close()
+            return None
+        self.children.add(reply["pid"])
+        return ZygoteChild(self, reply["pid"]), ours
+
+    def exit_code(self, pid: int) -> int | None:
+        """`pid`'s exit status once it ended (as Popen.poll says it). The zygote reaps its children
+        only when asked here: until then an ended one is a zombie, which the other workers' liveness
+        checks (os.kill(pid, 0): gpu_worker/pool_client.py) still see, so the coordinator learns of
+        a death first, as it did when it reaped its workers itself, and replays the requests it
+        cost rather than failing them on the survivors' error."""
+        if pid not in self.exits:
+            reply = self._ask({"reap": True})
+            if reply is not None:
+                self.exits.update({int(k): v for k, v in reply["exits"].items()})
+        return self.exits.get(pid)
+
+    def _ask(self, msg: dict, fds: list[int] = ()) -> dict | None:
+        """One request and its reply; None once the zygote is gone (its workers died with it:
+        SIGKILL, -9, each)."""
+        with self.lock:
+            if not self.gone:
+                try:
+                    socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
+                    reply = self.sock.recv(1 << 16)
+                except OSError:
+                    reply = b""
+                if reply:
+                    return json.loads(reply)
+                self.gone = True
+                self.exits.update({pid: -signal.SIGKILL for pid in self.children - set(self.exits)})
+                Forked(self.pid).wait()
+            return None
+
+    def close(self) -> None:
+        """Stop the zygote (the workers it still has die with it) and wait for it."""
+        if not self.gone:
+            self.sock.close()
+            Forked(self.pid).wait()
+            self.gone = True
+
+
+def _zygote_loop(sock: socket.socket, parent: int) -> None:
+    die_with_parent(parent)
+    name_process("krasis-zygote")
+    children: set[int] = set()
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        if not msg:
+            return  # the coordinator is done with us
+        msg = json.loads(msg)
+        if "module" in msg:
+            module, me = msg["module"], os.getpid()
+
+            def worker():
+                sock.close()
+                run_prestarted(module, socket.socket(fileno=fds[0]), me)
+
+            pid = _fork(worker)
+            os.close(fds[0])
+            children.add(pid)
+            sock.send(json.dumps({"pid": pid}).encode())
+            continue
+        exits = {}  # {"reap"}: the children that ended since the last time, reaped only now
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                break
+            children.discard(pid)
+            exits[pid] = os.waitstatus_to_exitcode(status)
+        sock.send(json.dumps({"exits": exits}).encode())
+
+
 class Forked:
-    """A child this process forked (Prestarted), with the part of subprocess.Popen's interface that
+    """A process this one forked (the zygote), with the part of subprocess.Popen's interface that
     WorkerGroup uses."""
 
     def __init__(self, pid: int):
@@ -214,69 +344,66 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
+class ZygoteChild(Forked):
+    """A worker the zygote forked: its exit is the zygote's to reap, and it reports it."""
+
+    def __init__(self, zygote: Zygote, pid: int):
+        super().__init__(pid)
+        self.zygote = zygote
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.exit_code(self.pid)
+        return self.returncode
+
+
 class Prestarted:
-    """Workers started before their specs exist: `serve` and `generate` import the workers' modules
-    (torch with them, which the coordinator needs too) before they build the engine (config, cache
-    headers, tokenizer), then fork one process per worker the run will have, which waits for its
-    spec (run_prestarted). A worker's imports are most of its start (5 s on the H100 host) and cost
-    each process the same CPU time: forked, the run pays them once instead of once a process (a
-    5-process run on the 2-core CI machine: 4.9 s to serving, 2.9 forked). The WorkerGroup hands each
-    spec to one of them instead of starting a process. As a context manager, those never handed one
-    are killed on exit; until then they die with the coordinator like any worker (PDEATHSIG).
-    Workers started later (a group restarted after a fault) are started afresh: by then this
-    process runs threads (ZeroMQ's, asyncio's) that a fork would copy half-way through their work.
-    A forked worker keeps the coordinator's command line: its name (ps -o comm, top) is
-    krasis-gpuN or krasis-cpuN (shared/lifecycle.py: name_process)."""
+    """Workers started before their specs exist: `serve` and `generate` make the zygote, and through
+    it one process per worker the run will have, before they build the engine (config, cache
+    headers, tokenizer); each waits for its spec (run_prestarted). The WorkerGroup hands each spec to
+    one of them, and once none is left (a group started again after a fault), to one the zygote
+    forks then. As a context manager, those never handed one, and the zygote, are stopped on exit;
+    until then they die with the coordinator like any worker (PDEATHSIG)."""
 
     def __init__(self, modules: list[str], model: str):
-        self.waiting: dict[str, list[tuple[subprocess.Popen | Forked, socket.socket]]] = {}
-        for module in dict.fromkeys(modules):
-            importlib.import_module(f"{module}.main")
-        for f in (sys.stdout, sys.stderr):  # else each child would write the buffered text again
-            f.flush()
-        parent = os.getpid()
+        self.model = model
+        self.waiting: dict[str, list[tuple[ZygoteChild, socket.socket]]] = {}
+        self.zygote = Zygote(modules) if modules else None
         for module in modules:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with warnings.catch_warnings():
-                # Python 3.12+ warns of fork in a process with threads: the only other thread here
-                # is numpy's idle OpenBLAS pool, which stops itself around a fork (pthread_atfork)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-            if pid == 0:
-                try:
-                    # the sockets of the workers forked before this one: only the coordinator may
-                    # hold them, or a worker it closes without a spec would never see the end
-                    for sock in [ours, *(s for ws in self.waiting.values() for _, s in ws)]:
-                        sock.close()
-                    run_then_exit(lambda: run_prestarted(module, theirs, parent))
-                except BaseException:
-                    traceback.print_exc()
-                finally:
-                    os._exit(1)  # never back into the coordinator's stack
-            theirs.close()
-            self.waiting.setdefault(module, []).append((Forked(pid), ours))
+            self._fork(module)
+
+    def _fork(self, module: str) -> None:
+        forked = self.zygote.fork_worker(module) if self.zygote is not None else None
+        if forked is not None:
+            self.waiting.setdefault(module, []).append(forked)
 
     @classmethod
     def for_run(cls, model: str, opts: RuntimeOptions) -> "Prestarted":
         """One per worker coordinator/local_group.py will start for `opts` (a count that differs only
-        costs the head start: a spec with none left starts its process then)."""
+        costs the head start: a spec with none left has a process forked then)."""
         if opts.hosts:  # the host agents start the workers
             return cls([], model)
         modules = ["krasis.cpu_worker"] * pool_processes(opts) + ["krasis.gpu_worker"] * len(opts.devices)
         return cls(modules, model)
 
-    def hand(self, module: str, spec: dict, fds: list[int]) -> subprocess.Popen | Forked | None:
-        """Send `spec` and `fds` to a worker of `module` started for it; None when none is left (or
-        `fds` are not those the spec names, which run_prestarted could not renumber)."""
+    def hand(self, module: str, spec: dict, fds: list[int]) -> ZygoteChild | None:
+        """Send `spec` and `fds` to a worker of `module`, one started for it or one forked now; None
+        when the zygote is gone (or `fds` are not those the spec names, which run_prestarted could
+        not renumber)."""
         if sorted(set(fds)) != sorted(set(_spec_fds(spec))):
             return None
-        while self.waiting.get(module):
+        for _ in range(2):  # a waiting one that died before its spec is replaced once
+            if not self.waiting.get(module):
+                self._fork(module)
+            if not self.waiting.get(module):
+                return None
             p, sock = self.waiting[module].pop(0)
             with sock:
                 try:
-                    socket.send_fds(sock, [json.dumps({"spec": spec, "fds": fds}).encode()], fds)
+                    sent = dict(spec, parent_pid=self.zygote.pid)
+                    socket.send_fds(sock, [json.dumps({"spec": sent, "fds": fds}).encode()], fds)
                     return p
-                except OSError:  # it died before its spec (its error is on stderr): start a fresh one
+                except OSError:  # it died before its spec (its error is on stderr)
                     p.wait()
         return None
 
@@ -286,6 +413,8 @@ class Prestarted:
             p.kill()
             p.wait()
         self.waiting = {}
+        if self.zygote is not None:
+            self.zygote.close()
 
     def __enter__(self) -> "Prestarted":
         return self
@@ -295,10 +424,10 @@ class Prestarted:
 
 
 def run_prestarted(module: str, sock: socket.socket, parent: int) -> None:
-    """A Prestarted worker (forked, MODULE's main imported): runs MODULE as `python -m MODULE SPEC`
-    would, with the spec and descriptors received on `sock` (a received descriptor has a number of
-    its own, which the spec is rewritten to). Exits quietly when the coordinator closes the socket
-    without sending one."""
+    """A Prestarted worker (forked by the zygote, MODULE's main imported): runs MODULE as `python -m
+    MODULE SPEC` would, with the spec and descriptors received on `sock` (a received descriptor has
+    a number of its own, which the spec is rewritten to). Exits quietly when the coordinator closes
+    the socket without sending one."""
     die_with_parent(parent)
     name_process(f"krasis-{module.rsplit('.', 1)[1].removesuffix('_worker')}")
     for name in DROPPED_ENV:
@@ -317,7 +446,7 @@ def run_prestarted(module: str, sock: socket.socket, parent: int) -> None:
 
 class WorkerGroup:
     def __init__(self, prestarted: Prestarted | None = None):
-        self.procs: list[tuple[str, subprocess.Popen | Forked]] = []
+        self.procs: list[tuple[str, subprocess.Popen | ZygoteChild]] = []
         self.stopping = False
         self.prestarted = prestarted
 

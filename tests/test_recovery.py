@@ -91,14 +91,14 @@ def test_a_stage_killed_mid_stream_and_a_worker_killed_during_the_restart(svc, u
     """A GPU worker of the 2-stage run dies; then a worker of the group replacing it dies while it
     loads: the start is retried with backoff, and the streams still end as if nothing happened."""
     coord = psutil.Process(svc.proc.pid)
-    old = {p.pid for p in coord.children()}
+    old = {p.pid for p in coord.children(recursive=True)}  # the workers are the zygote's children
     restarts = svc.client.stats().stats["restarts"]
 
     async def kill_twice():
         os.kill(worker_pid(svc, "gpu"), signal.SIGKILL)
         deadline = time.monotonic() + 60
         while True:  # a worker of the replacement group, while it loads
-            fresh = [p.pid for p in coord.children() if p.pid not in old]
+            fresh = [p.pid for p in coord.children(recursive=True) if p.pid not in old]
             if fresh:
                 os.kill(fresh[0], signal.SIGKILL)
                 return

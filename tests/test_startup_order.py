@@ -37,6 +37,7 @@ def test_prestarted_workers_take_their_specs(model):
     opts = RuntimeOptions(devices=["cpu", "cpu"], cpu_workers=2, dtype="float32")
     with Prestarted.for_run(str(model), opts) as pre:
         started = sorted(p.pid for ws in pre.waiting.values() for p, _ in ws)
+        zygote = pre.zygote.pid
         assert len(started) == 4
 
         async def go():
@@ -51,12 +52,17 @@ def test_prestarted_workers_take_their_specs(model):
 
         workers, toks, procs = asyncio.run(go())
         assert not any(pre.waiting.values())  # every one was taken
-    assert sorted(w["pid"] for w in workers) == started
-    # forked from this process, each named for its role and rank (the command line is this one's)
-    assert {procs[w["pid"]] for w in workers} == {(f"krasis-{w['role']}{w['rank']}", os.getpid()) for w in workers}
-    assert all([m[0] for m in w["startup"][:3]] == ["exec", "preload", "spec"] for w in workers)
-    assert toks == tm.generate_json(model, [1, 2, 3], 3, "--devices", "cpu,cpu", "--cpu-workers", "2")["token_ids"]
-    tm.wait_gone(started)
+        # a group started again (as after a fault) has its workers forked then, by the same zygote
+        again, toks_again, procs_again = asyncio.run(go())
+        assert _proc(zygote) == ("krasis-zygote", os.getpid())
+    assert sorted(w["pid"] for w in workers) == started and not {w["pid"] for w in again} & set(started)
+    for ws, ps in ((workers, procs), (again, procs_again)):
+        # forked by the zygote, each named for its role and rank (the command line is this one's)
+        assert {ps[w["pid"]] for w in ws} == {(f"krasis-{w['role']}{w['rank']}", zygote) for w in ws}
+        assert all([m[0] for m in w["startup"][:3]] == ["exec", "preload", "spec"] for w in ws)
+    want = tm.generate_json(model, [1, 2, 3], 3, "--devices", "cpu,cpu", "--cpu-workers", "2")["token_ids"]
+    assert toks == toks_again == want
+    tm.wait_gone(started + [w["pid"] for w in again] + [zygote])
 
 
 def test_unused_prestarted_workers_are_killed(model):
