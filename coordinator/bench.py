@@ -198,8 +198,8 @@ def _pool_delta(before: dict, after: dict) -> list[dict]:
 
 
 async def _bench(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
-                 concurrency: list[int], temperature: float, seed: int) -> dict:
-    engine = Engine(model, opts)
+                 concurrency: list[int], temperature: float, seed: int, prestarted=None) -> dict:
+    engine = Engine(model, opts, prestarted=prestarted)
     try:
         await engine.start()
         vocab = engine.family.vocab_size
@@ -272,19 +272,21 @@ DECODE_TEMPERATURE = 1.0
 
 
 def run_bench(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int,
-              measure_floor: bool = True, temperature: float = DECODE_TEMPERATURE, seed: int | None = None) -> dict:
+              measure_floor: bool = True, temperature: float = DECODE_TEMPERATURE, seed: int | None = None,
+              prestarted=None) -> dict:
     """One prompt length, one sequence at a time: run_benches' row."""
     return run_benches(model, opts, [prompt_tokens], decode_tokens, runs, measure_floor=measure_floor,
-                       temperature=temperature, seed=seed)[0]
+                       temperature=temperature, seed=seed, prestarted=prestarted)[0]
 
 
 def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode_tokens: int, runs: int,
                 concurrency: list[int] = (), measure_floor: bool = True,
-                temperature: float = DECODE_TEMPERATURE, seed: int | None = None) -> list[dict]:
+                temperature: float = DECODE_TEMPERATURE, seed: int | None = None, prestarted=None) -> list[dict]:
     """One row per prompt length, all from one start of the processes. With `concurrency`, each row
     also holds an entry per count of sequences decoded together (each with that prompt length).
     Decode samples at `temperature` (0: greedy). `seed` draws the prompts (None: a new one, which
-    the rows record)."""
+    the rows record). `prestarted`: the command's (coordinator/processes.py: Prestarted), whose
+    zygote forks the workers; None: each worker is a fresh process."""
     if seed is None:
         seed = secrets.randbelow(2**31)
     from ..shared.weights import load_family
@@ -296,7 +298,8 @@ def run_benches(model: str, opts: RuntimeOptions, prompt_lens: list[int], decode
     # before the workers start: the DRAM read is then this process's threads alone, on every core,
     # not sharing the machine with a pool process
     ceil = ceilings(opts) if measure_floor else None
-    out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency), temperature, seed))
+    out = _run(_bench(model, opts, list(prompt_lens), decode_tokens, runs, list(concurrency), temperature, seed,
+                      prestarted))
     dram = {}
     if ceil is not None:
         # the DRAM read again once the workers are gone, the faster of the two the ceiling: on a lent

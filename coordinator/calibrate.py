@@ -19,10 +19,10 @@ from ..shared import protocol as P
 from .processes import RuntimeOptions
 
 
-async def _calibrate(model: str, opts: RuntimeOptions, ids: list[int], progress) -> int:
+async def _calibrate(model: str, opts: RuntimeOptions, ids: list[int], progress, prestarted) -> int:
     from .engine import Engine
 
-    engine = Engine(model, opts)
+    engine = Engine(model, opts, prestarted=prestarted)
     try:
         await engine.start()
         step = max(1, min(opts.prefill_chunk, opts.max_context - 1))
@@ -84,9 +84,9 @@ def report_lines(rep: dict) -> list[str]:
     return lines
 
 
-def calibrate(model: str, opts: RuntimeOptions, text: str, progress=lambda n: None) -> dict:
+def calibrate(model: str, opts: RuntimeOptions, text: str, progress=lambda n: None, prestarted=None) -> dict:
     """Prefill `text` through the model; returns the tokens sent, where the counts are kept and the
-    routing figures of the text (saved beside the counts)."""
+    routing figures of the text (saved beside the counts). `prestarted`: as bench.run_benches's."""
     from ..shared.weights import load_family
     from .state import state_path
     from .tokenizer import TextCodec
@@ -98,7 +98,7 @@ def calibrate(model: str, opts: RuntimeOptions, text: str, progress=lambda n: No
 
     path = state_path(model, "hcs_counts.json")
     before = _saved(path)
-    n = run(_calibrate(model, opts, ids, progress))
+    n = run(_calibrate(model, opts, ids, progress, prestarted))
     after = _saved(path)
     rep = routing_report(load_family(model), before, after)
     stats = state_path(model, "routing_stats.json")

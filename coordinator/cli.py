@@ -24,9 +24,9 @@ from .processes import Prestarted, RuntimeOptions, WorkerDied
 if TYPE_CHECKING:
     from .engine import Engine
 
-# Only light modules above: `serve` and `generate` import torch once, with the workers' modules, and
-# fork their workers from there (Prestarted); the other commands import it where they use it, and
-# --help or a bad option never waits for it (5 s on the H100 host).
+# Only light modules above: the commands that start workers start their zygote (Prestarted), which
+# imports torch for the workers, before anything here imports it (as long again: 5 s on the H100
+# host), so the modules that import it are imported where they are used.
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -575,7 +575,7 @@ def bench(model, prompt_lens, decode_tokens, runs, concurrency, json_file, tempe
 
     try:
         rows = run_benches(model, opts, prompt_lens, decode_tokens, runs, concurrency or [], temperature=temperature,
-                           seed=seed)
+                           seed=seed, prestarted=_prestart(model, opts))
     except _user_errors() as e:
         _fail(e)
     if json_file:
@@ -604,7 +604,8 @@ def optimize(model, prompt_tokens, decode_tokens, runs, opts):
     from .optimize import tables
 
     try:
-        res = run_optimize(model, opts, prompt_tokens, decode_tokens, runs, log=lambda m: click.echo(m, err=True))
+        res = run_optimize(model, opts, prompt_tokens, decode_tokens, runs, log=lambda m: click.echo(m, err=True),
+                           prestarted=_prestart(model, opts))
     except (*_user_errors(), RuntimeError) as e:
         _fail(e)
     click.echo(tables(res))
@@ -623,9 +624,10 @@ def calibrate(model, text_file, opts):
     from .calibrate import calibrate as run_calibrate
 
     text = text_file.read()
+    prestarted = _prestart(model, opts)
     try:
         with tqdm(desc="calibrating", unit="tok", disable=None) as bar:
-            res = run_calibrate(model, opts, text, bar.update)
+            res = run_calibrate(model, opts, text, bar.update, prestarted=prestarted)
     except (*_user_errors(), ValueError, RuntimeError) as e:
         _fail(e)
     from .calibrate import report_lines

@@ -25,7 +25,9 @@ def rank(rows: list[dict], key: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r[key] is None, -(r[key] or 0.0)))
 
 
-def optimize(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int, log=print) -> dict:
+def optimize(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens: int, runs: int, log=print,
+             prestarted=None) -> dict:
+    """Each strategy's bench, a start of the processes each (forked by `prestarted`'s zygote: bench.run_benches)."""
     from ..shared.weights import load_family
 
     family = load_family(model)
@@ -33,11 +35,11 @@ def optimize(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens
     prefill_rows, decode_rows = [], []
     for name in prefill_candidates(moe):
         o = RuntimeOptions(**{**vars(opts), "prefill_strategy": name, "decode_strategy": "pure_cpu"})
-        prefill_rows.append(_row(name, model, o, prompt_tokens, 2, runs, "prefill", log))
+        prefill_rows.append(_row(name, model, o, prompt_tokens, 2, runs, "prefill", log, prestarted))
     best_prefill = rank(prefill_rows, "prefill_tok_s")[0]["strategy"]
     for name in DECODE_STRATEGIES:
         o = RuntimeOptions(**{**vars(opts), "prefill_strategy": best_prefill, "decode_strategy": name})
-        decode_rows.append(_row(name, model, o, min(prompt_tokens, 512), decode_tokens, runs, "decode", log))
+        decode_rows.append(_row(name, model, o, min(prompt_tokens, 512), decode_tokens, runs, "decode", log, prestarted))
     prefill_rows, decode_rows = rank(prefill_rows, "prefill_tok_s"), rank(decode_rows, "decode_tok_s")
     if prefill_rows[0]["prefill_tok_s"] is None or decode_rows[0]["decode_tok_s"] is None:
         raise RuntimeError("optimize: no strategy ran; see the errors above")
@@ -49,11 +51,11 @@ def optimize(model: str, opts: RuntimeOptions, prompt_tokens: int, decode_tokens
     return {"prefill": prefill_rows, "decode": decode_rows, "winner": winner, "path": str(p)}
 
 
-def _row(name, model, opts, prompt_tokens, decode_tokens, runs, phase, log) -> dict:
+def _row(name, model, opts, prompt_tokens, decode_tokens, runs, phase, log, prestarted) -> dict:
     from .bench import run_bench
 
     try:
-        r = run_bench(model, opts, prompt_tokens, decode_tokens, runs, measure_floor=False)
+        r = run_bench(model, opts, prompt_tokens, decode_tokens, runs, measure_floor=False, prestarted=prestarted)
         return {"strategy": name, "prefill_tok_s": r["prefill_tok_s"], "ttft_s": r["ttft_s"],
                 "decode_tok_s": r["decode_tok_s"], "vram_mb": r["vram_mb"], "error": None}
     except Exception as e:  # a strategy that cannot run here (budget, memory) is ranked last, with why

@@ -30,6 +30,7 @@ descriptors from a socket instead of its command line and inherited descriptors.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import os
@@ -164,12 +165,11 @@ class Endpoints:
         return f"{self.prefix}-{name}"
 
 
-# Workers size their own thread pools; an inherited OMP_NUM_THREADS would fight that.
-DROPPED_ENV = ("OMP_NUM_THREADS",)
-
-
 def _worker_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
+    env = dict(os.environ)
+    # Workers size their own thread pools; an inherited OMP_NUM_THREADS would fight that.
+    env.pop("OMP_NUM_THREADS", None)
+    return env
 
 
 def _spec_fds(spec: dict) -> list[int]:
@@ -202,87 +202,126 @@ def _fork(child) -> int:
 
 
 class Zygote:
-    """A process forked from the coordinator before it starts any thread, once the workers' modules
-    (torch with them, which the coordinator imports anyway) are imported, that forks each worker
-    on request (fork_worker): a worker's imports are most of its start (4-5 s on the H100 hosts), and
-    a forked one has them already, at its first start and at every restart after a fault alike. The
-    coordinator itself cannot fork by then: it runs ZeroMQ's and asyncio's threads, which a fork
-    would copy half-way through their work. Its workers are its children; it reports each one's exit
-    to the coordinator (ZygoteChild), dies with the coordinator and ends when the coordinator closes
-    its socket, and its workers die with it (PDEATHSIG). A forked worker keeps the coordinator's
-    command line: its name (ps -o comm, top) is krasis-gpuN or krasis-cpuN (shared/lifecycle.py:
-    name_process). Requests and replies, one at a time: {"module"} with the new worker's end of its
-    spec socket attached -> {"pid"}; {"reap"} -> {"exits": {pid: status}} (exit_code)."""
+    """A process started once per command, which imports the workers' modules (torch with them) and
+    then forks each worker on request (fork_worker): a worker's imports are most of its start (4-5 s
+    on the H100 hosts, a core's time each), and a forked one has them already, at its first start
+    and at every restart after a fault alike. It is a process of its own, not a fork of the
+    coordinator, so that it starts with one thread whatever the coordinator has done (threads of
+    torch's OpenMP pool, ZeroMQ's, asyncio's, a test runner's: a fork copies their locks held, and a
+    worker forked from the middle of them hung on one). Its workers are its children; it dies with
+    the coordinator and ends when the coordinator closes its socket, and its workers die with it
+    (PDEATHSIG). A forked worker has the zygote's command line: its name (ps -o comm, top) is
+    krasis-gpuN or krasis-cpuN (shared/lifecycle.py: name_process). Requests and replies, one at a
+    time: {"module"} with the new worker's end of its spec socket attached -> {"pid"}; {"reap"} ->
+    {"exits": {pid: status}} (exit_code)."""
 
-    def __init__(self, modules: list[str]):
-        for module in dict.fromkeys(modules):
-            importlib.import_module(f"{module}.main")
+    def __init__(self, modules: list[str], model: str):
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent = os.getpid()
-
-        def serve():
-            self.sock.close()
-            _zygote_loop(theirs, parent)
-
-        self.pid = _fork(serve)
-        theirs.close()
+        with theirs:
+            cmd = [sys.executable, "-c", "from krasis.coordinator.processes import run_zygote; run_zygote()",
+                   str(theirs.fileno()), str(os.getpid()), str(model), *dict.fromkeys(modules)]
+            self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=_worker_env())
+        self.pid = self.proc.pid
         self.lock = threading.Lock()
         self.exits: dict[int, int] = {}
         self.children: set[int] = set()
+        self.unanswered: collections.deque[ZygoteChild] = collections.deque()
         self.gone = False
 
     def fork_worker(self, module: str) -> tuple["ZygoteChild", socket.socket] | None:
         """A new process of `module`'s, waiting for its spec on the returned socket (run_prestarted);
-        None once the zygote is gone."""
+        None once the zygote is gone. The zygote's reply (the pid) is read when first needed, so
+        that the first forks queue while the zygote still imports and the coordinator goes on."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs:
-            reply = self._ask({"module": module}, [theirs.fileno()])
-        if reply is None:
-            ours.close()
-            return None
-        self.children.add(reply["pid"])
-        return ZygoteChild(self, reply["pid"]), ours
+        with self.lock, theirs:
+            if not self.gone:
+                try:
+                    socket.send_fds(self.sock, [json.dumps({"module": module}).encode()], [theirs.fileno()])
+                    child = ZygoteChild(self)
+                    self.unanswered.append(child)
+                    return child, ours
+                except OSError:
+                    self._lost()
+        ours.close()
+        return None
 
-    def exit_code(self, pid: int) -> int | None:
-        """`pid`'s exit status once it ended (as Popen.poll says it). The zygote reaps its children
+    def pid_of(self, child: "ZygoteChild") -> int | None:
+        with self.lock:
+            self._settle()
+        return child.forked
+
+    def exit_code(self, child: "ZygoteChild") -> int | None:
+        """`child`'s exit status once it ended (as Popen.poll says it). The zygote reaps its children
         only when asked here: until then an ended one is a zombie, which the other workers' liveness
         checks (os.kill(pid, 0): gpu_worker/pool_client.py) still see, so the coordinator learns of
         a death first, as it did when it reaped its workers itself, and replays the requests it
         cost rather than failing them on the survivors' error."""
-        if pid not in self.exits:
-            reply = self._ask({"reap": True})
-            if reply is not None:
-                self.exits.update({int(k): v for k, v in reply["exits"].items()})
-        return self.exits.get(pid)
-
-    def _ask(self, msg: dict, fds: list[int] = ()) -> dict | None:
-        """One request and its reply; None once the zygote is gone (its workers died with it:
-        SIGKILL, -9, each)."""
         with self.lock:
-            if not self.gone:
+            self._settle()
+            if child.forked is None:  # the zygote went before it forked this one
+                return -signal.SIGKILL
+            if child.forked not in self.exits and not self.gone:
                 try:
-                    socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
-                    reply = self.sock.recv(1 << 16)
+                    self.sock.send(b'{"reap": true}')
                 except OSError:
-                    reply = b""
-                if reply:
-                    return json.loads(reply)
-                self.gone = True
-                self.exits.update({pid: -signal.SIGKILL for pid in self.children - set(self.exits)})
-                Forked(self.pid).wait()
+                    self._lost()
+                reply = self._reply()
+                if reply is not None:
+                    self.exits.update({int(k): v for k, v in reply["exits"].items()})
+            return self.exits.get(child.forked)
+
+    def _settle(self) -> None:
+        """Read the replies of the forks asked for (in order), with the lock held."""
+        while self.unanswered:
+            reply = self._reply()
+            if reply is None:
+                return
+            child = self.unanswered.popleft()
+            child.forked = reply["pid"]
+            self.children.add(child.forked)
+
+    def _reply(self) -> dict | None:
+        """The zygote's next reply, with the lock held; None once it is gone."""
+        if self.gone:
             return None
+        try:
+            reply = self.sock.recv(1 << 16)
+        except OSError:
+            reply = b""
+        if not reply:
+            self._lost()
+            return None
+        return json.loads(reply)
+
+    def _lost(self) -> None:
+        """The zygote is gone, and its workers with it (SIGKILL, -9, each)."""
+        self.gone = True
+        self.exits.update({pid: -signal.SIGKILL for pid in self.children - set(self.exits)})
+        self.unanswered.clear()
+        self.proc.wait()
 
     def close(self) -> None:
-        """Stop the zygote (the workers it still has die with it) and wait for it."""
-        if not self.gone:
-            self.sock.close()
-            Forked(self.pid).wait()
-            self.gone = True
+        """Stop the zygote, which may still be importing, at once (the workers it still has die with
+        it)."""
+        with self.lock:
+            if not self.gone:
+                self.sock.close()
+                self.proc.kill()
+                self._lost()
 
 
-def _zygote_loop(sock: socket.socket, parent: int) -> None:
+def run_zygote() -> None:
+    """The zygote (Zygote): argv is SOCKET_FD PARENT_PID MODEL MODULE... (MODEL, unused here, is for ps
+    and for whoever finds a model's processes by their command line)."""
+    fd, parent, modules = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4:]
     die_with_parent(parent)
     name_process("krasis-zygote")
+    for module in modules:
+        importlib.import_module(f"{module}.main")
+    run_then_exit(lambda: _zygote_loop(socket.socket(fileno=fd)))
+
+
+def _zygote_loop(sock: socket.socket) -> None:
     children: set[int] = set()
     while True:
         msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
@@ -312,8 +351,7 @@ def _zygote_loop(sock: socket.socket, parent: int) -> None:
 
 
 class Forked:
-    """A process this one forked (the zygote), with the part of subprocess.Popen's interface that
-    WorkerGroup uses."""
+    """A process by its pid, with the part of subprocess.Popen's interface that WorkerGroup uses."""
 
     def __init__(self, pid: int):
         self.pid, self.returncode = pid, None
@@ -347,20 +385,24 @@ class Forked:
 class ZygoteChild(Forked):
     """A worker the zygote forked: its exit is the zygote's to reap, and it reports it."""
 
-    def __init__(self, zygote: Zygote, pid: int):
-        super().__init__(pid)
-        self.zygote = zygote
+    def __init__(self, zygote: Zygote):
+        self.zygote, self.forked, self.returncode = zygote, None, None
+
+    @property
+    def pid(self) -> int | None:
+        return self.forked if self.forked is not None else self.zygote.pid_of(self)
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.zygote.exit_code(self.pid)
+            self.returncode = self.zygote.exit_code(self)
         return self.returncode
 
 
 class Prestarted:
-    """Workers started before their specs exist: `serve` and `generate` make the zygote, and through
-    it one process per worker the run will have, before they build the engine (config, cache
-    headers, tokenizer); each waits for its spec (run_prestarted). The WorkerGroup hands each spec to
+    """Workers started before their specs exist: `serve`, `generate`, `bench`, `optimize` and
+    `calibrate` start the zygote, and through it one process per worker the run will have, before
+    they import torch and build the engine (config, cache headers, tokenizer): the zygote imports
+    while they do. Each worker waits for its spec (run_prestarted). The WorkerGroup hands each spec to
     one of them, and once none is left (a group started again after a fault), to one the zygote
     forks then. As a context manager, those never handed one, and the zygote, are stopped on exit;
     until then they die with the coordinator like any worker (PDEATHSIG)."""
@@ -368,7 +410,7 @@ class Prestarted:
     def __init__(self, modules: list[str], model: str):
         self.model = model
         self.waiting: dict[str, list[tuple[ZygoteChild, socket.socket]]] = {}
-        self.zygote = Zygote(modules) if modules else None
+        self.zygote = Zygote(modules, model) if modules else None
         for module in modules:
             self._fork(module)
 
@@ -408,13 +450,12 @@ class Prestarted:
         return None
 
     def close(self) -> None:
+        if self.zygote is not None:
+            self.zygote.close()  # and with it the workers never handed a spec
         for p, sock in (w for ws in self.waiting.values() for w in ws):
             sock.close()
-            p.kill()
             p.wait()
         self.waiting = {}
-        if self.zygote is not None:
-            self.zygote.close()
 
     def __enter__(self) -> "Prestarted":
         return self
@@ -430,8 +471,6 @@ def run_prestarted(module: str, sock: socket.socket, parent: int) -> None:
     the socket without sending one."""
     die_with_parent(parent)
     name_process(f"krasis-{module.rsplit('.', 1)[1].removesuffix('_worker')}")
-    for name in DROPPED_ENV:
-        os.environ.pop(name, None)
     PRESTART_MARKS.append(["preload", time.time()])
     with sock:
         msg, received, _, _ = socket.recv_fds(sock, 1 << 20, 256)
