@@ -3,7 +3,8 @@
 Every worker is a child of the coordinator or of its zygote (Zygote, below; or, with --hosts, of its
 machine's host agent: coordinator/host_agent.py), started with a JSON spec (below, written by
 coordinator/local_group.py) and the expert-store memfds as inherited descriptors. Children set
-PDEATHSIG so they die with their parent, and so with the coordinator, however it ends; the coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
+PDEATHSIG so they die with their parent, and so with the coordinator, however it ends; the
+coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
 child exit raises WorkerDied; the engine then restarts the whole group, or goes down past --max-restarts.
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
@@ -350,17 +351,20 @@ def _zygote_loop(sock: socket.socket) -> None:
         sock.send(json.dumps({"exits": exits}).encode())
 
 
-class Forked:
-    """A process by its pid, with the part of subprocess.Popen's interface that WorkerGroup uses."""
+class ZygoteChild:
+    """A worker the zygote forked, with the part of subprocess.Popen's interface that WorkerGroup
+    uses: its exit is the zygote's to reap, and it reports it (Zygote.exit_code)."""
 
-    def __init__(self, pid: int):
-        self.pid, self.returncode = pid, None
+    def __init__(self, zygote: Zygote):
+        self.zygote, self.forked, self.returncode = zygote, None, None
+
+    @property
+    def pid(self) -> int | None:
+        return self.forked if self.forked is not None else self.zygote.pid_of(self)
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)  # -N: killed by signal N, as Popen says
+            self.returncode = self.zygote.exit_code(self)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -380,22 +384,6 @@ class Forked:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-
-class ZygoteChild(Forked):
-    """A worker the zygote forked: its exit is the zygote's to reap, and it reports it."""
-
-    def __init__(self, zygote: Zygote):
-        self.zygote, self.forked, self.returncode = zygote, None, None
-
-    @property
-    def pid(self) -> int | None:
-        return self.forked if self.forked is not None else self.zygote.pid_of(self)
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.zygote.exit_code(self)
-        return self.returncode
 
 
 class Prestarted:

@@ -28,8 +28,8 @@ def die_with_parent(parent_pid: int) -> None:
 
 def name_process(name: str) -> None:
     """This process's name as ps -o comm, top and the journal show it (15 bytes at most): a worker
-    forked from the coordinator (coordinator/processes.py: Prestarted) keeps the coordinator's
-    command line, so its name is what tells them apart."""
+    forked by the zygote (coordinator/processes.py: Zygote) has the zygote's command line, so its
+    name is what tells them apart."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15])
 

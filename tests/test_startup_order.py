@@ -57,7 +57,7 @@ def test_prestarted_workers_take_their_specs(model):
         assert _proc(zygote) == ("krasis-zygote", os.getpid())
     assert sorted(w["pid"] for w in workers) == started and not {w["pid"] for w in again} & set(started)
     for ws, ps in ((workers, procs), (again, procs_again)):
-        # forked by the zygote, each named for its role and rank (the command line is this one's)
+        # forked by the zygote, each named for its role and rank (the command line is the zygote's)
         assert {ps[w["pid"]] for w in ws} == {(f"krasis-{w['role']}{w['rank']}", zygote) for w in ws}
         assert all([m[0] for m in w["startup"][:3]] == ["exec", "preload", "spec"] for w in ws)
     want = tm.generate_json(model, [1, 2, 3], 3, "--devices", "cpu,cpu", "--cpu-workers", "2")["token_ids"]
