@@ -7,12 +7,12 @@ item 6: Qwen3-30B-A3B ready within 20 s of start with warm caches).
 takes the runtime options of `krasis-coord generate`. Each run is a fresh process (imports are part
 of a start) that starts as `serve` does: the zygote first, which imports the workers' modules and
 forks the workers (coordinator/processes.py: Prestarted), then the coordinator's imports and engine,
-whose spec each worker then takes; it generates one token
-from --prompt-ids, and lays out on its own clock, from its exec: the coordinator's imports and engine
-(config, tokenizer, cache headers), then each worker's phases from the times it reports in its Ready
-message (shared/lifecycle.py:StartupMarks: "exec", when the zygote forked it, "preload", none
-since, and "spec", its wait for the engine, when it was started ahead), and when the coordinator saw each Ready. A run that
-built a cache (one was missing or stale) is no warm start: the summary, each phase's least and
+whose spec each worker then takes; it generates one token from --prompt-ids, and lays out on its
+own clock, from its exec: the coordinator's imports and engine (config, tokenizer, cache headers),
+then each worker's phases from the times it reports in its Ready message
+(shared/lifecycle.py:StartupMarks: "exec", when the zygote forked it, "preload", none since, and
+"spec", its wait for the engine, when it was started ahead), and when the coordinator saw each
+Ready. A run that built a cache (one was missing or stale) is no warm start: the summary, each phase's least and
 median, leaves such runs out. Warm runs read the caches from the page cache where RAM holds them.
 """
 

@@ -396,7 +396,6 @@ class Prestarted:
     until then they die with the coordinator like any worker (PDEATHSIG)."""
 
     def __init__(self, modules: list[str], model: str):
-        self.model = model
         self.waiting: dict[str, list[tuple[ZygoteChild, socket.socket]]] = {}
         self.zygote = Zygote(modules, model) if modules else None
         for module in modules:
@@ -417,9 +416,9 @@ class Prestarted:
         return cls(modules, model)
 
     def hand(self, module: str, spec: dict, fds: list[int]) -> ZygoteChild | None:
-        """Send `spec` and `fds` to a worker of `module`, one started for it or one forked now; None
-        when the zygote is gone (or `fds` are not those the spec names, which run_prestarted could
-        not renumber)."""
+        """Send `spec` (with its parent, the zygote) and `fds` to a worker of `module`, one started for
+        it or one forked now; None when the zygote is gone (or `fds` are not those the spec names,
+        which run_prestarted could not renumber)."""
         if sorted(set(fds)) != sorted(set(_spec_fds(spec))):
             return None
         for _ in range(2):  # a waiting one that died before its spec is replaced once
@@ -428,9 +427,9 @@ class Prestarted:
             if not self.waiting.get(module):
                 return None
             p, sock = self.waiting[module].pop(0)
+            sent = dict(spec, parent_pid=self.zygote.pid)
             with sock:
                 try:
-                    sent = dict(spec, parent_pid=self.zygote.pid)
                     socket.send_fds(sock, [json.dumps({"spec": sent, "fds": fds}).encode()], fds)
                     return p
                 except OSError:  # it died before its spec (its error is on stderr)
@@ -478,9 +477,11 @@ class WorkerGroup:
         self.prestarted = prestarted
 
     def spawn(self, role: str, module: str, spec: dict, fds: list[int]) -> None:
-        spec = dict(spec, parent_pid=os.getpid())
+        """A worker of `module` with `spec`: forked by the zygote where there is one, else a process of
+        this one's; its spec names its parent (parent_pid) either way."""
         p = self.prestarted.hand(module, spec, fds) if self.prestarted else None
         if p is None:
+            spec = dict(spec, parent_pid=os.getpid())
             p = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], pass_fds=fds, env=_worker_env())
         self.procs.append((role, p))
 

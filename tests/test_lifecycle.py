@@ -38,8 +38,9 @@ def workers_of(model: Path) -> list[int]:
             continue
         # a forked worker is named for its role, and the zygote that forks them for what it is (the
         # zygote's command line names the model); a worker started afresh says its module on its command line
-        if (name.startswith((b"krasis-gpu", b"krasis-cpu", b"krasis-zygote")) or b"krasis.gpu_worker" in text or b"krasis.cpu_worker" in text) \
-                and str(model).encode() in text:
+        ours = name.startswith((b"krasis-gpu", b"krasis-cpu", b"krasis-zygote")) \
+            or b"krasis.gpu_worker" in text or b"krasis.cpu_worker" in text
+        if ours and str(model).encode() in text:
             if tm.alive(int(d.name)):
                 pids.append(int(d.name))
     return pids

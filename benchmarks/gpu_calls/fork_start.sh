@@ -1,5 +1,5 @@
-# Session 33: workers forked from the coordinator once the workers' modules are imported
-# (coordinator/processes.py: Prestarted) against session 32's tree (.old at 2823f81), where each
+# Session 33 (ran at 03d599b, where the coordinator forked its workers once the workers' modules were
+# imported; since b0e4c95 a zygote process forks them: coordinator/processes.py) against session 32's tree (.old at 2823f81), where each
 # worker imported torch itself, interleaved: benchmarks/startup.py on the peer GGUF with the issue's
 # options (warm caches: s0 builds them), three starts a step; then `generate` in both trees, whose
 # tokens must agree (a forked worker runs CUDA as an exec'd one does).
