@@ -1,6 +1,7 @@
 """CPU expert kernels against this machine's DRAM read bandwidth (issue 3).
 
     python benchmarks/cpu_experts.py [--threads N] [--gb 2.2] [--seconds 3] [--c-flags "-DPREFETCH=0" ...]
+        [--kernels c] [--pages small|huge|shared]
 
 1. The ceiling: DRAM read bandwidth, a float32 sum over a buffer of >= 2 GB with every thread.
 2. The layer kernels of cpu_worker/expert_kernel.py side by side, the C kernel (expert_kernel.c,
@@ -18,6 +19,9 @@
 4. Each kernel's arithmetic alone: one thread, M = 1, one expert whose weights stay in cache, in
    G weights/s; times the threads, against the ceiling in weights/s, it tells whether a kernel that
    falls short of the ceiling is compute-bound.
+--pages puts the weights and the ceiling's buffer on 4 KiB pages, 2 MiB ones, or the shared memory the
+pool's store uses: on 4 KiB pages a layer's ~19 MB span ~4,600 pages, each first read walking the page
+tables (two levels of them inside a VM, as on the lent hosts).
 Weights read per call = the bytes (codes and scales) of the distinct experts its tokens chose.
 The codes and scales are random: the kernels' work does not depend on their values. Before timing,
 each kernel's result on those weights is checked against shared/moe.py:moe_reference, for float32
@@ -30,6 +34,7 @@ built on, so this is its check there.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import shlex
 import time
@@ -40,6 +45,7 @@ import torch
 from krasis.cpu_worker import native
 from krasis.cpu_worker.expert_kernel import moe_layer, set_threads
 from krasis.cpu_worker.lookahead import l2_bytes
+from krasis.shared import expert_store
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.models.family import ExpertShape
 from krasis.shared.moe import moe_reference, moe_reference_q8
@@ -56,17 +62,56 @@ TOLERANCE_Q8 = 5e-3
 Q8_PATHS = {1: "Q8 on vpdpbusd (AVX512-VNNI)", 2: "Q8 on vpmaddubsw (AVX2, no VNNI)"}
 
 
-def dram_read_gbs(gb: float, reps: int = 5) -> float:
-    buf = torch.ones(int(gb * 1e9) // 4, dtype=torch.float32)  # written once: pages are resident
+def page_buffer(nbytes: int, pages: str) -> torch.Tensor:
+    """nbytes of memory as a uint8 tensor, on pages of the kind --pages names: "small", private memory
+    as torch allocates it (4 KiB pages where transparent_hugepage/enabled is "madvise", the lent hosts'
+    setting); "huge", private memory asking for 2 MiB pages (MADV_HUGEPAGE), which that setting gives;
+    "shared", a memfd mapped as the pool's expert store maps its segments (its MADV_HUGEPAGE is what
+    transparent_hugepage/shmem_enabled allows: 4 KiB pages at "never", the lent hosts' setting)."""
+    if pages == "small":
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if pages == "shared":
+        fd = os.memfd_create("cpu-experts", 0)
+        os.ftruncate(fd, nbytes)
+        m = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(fd)
+        expert_store._huge_pages(m)
+    else:
+        m = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(m, dtype=torch.uint8)  # holds m
+
+
+def huge_pages_mb() -> str:
+    """This process's memory on 2 MiB pages (private, shared), from /proc/self/smaps_rollup."""
+    kb = {}
+    for line in open("/proc/self/smaps_rollup"):
+        name, _, rest = line.partition(":")
+        if name in ("AnonHugePages", "ShmemPmdMapped"):
+            kb[name] = int(rest.split()[0])
+    return f"{kb.get('AnonHugePages', 0) >> 10} MiB private, {kb.get('ShmemPmdMapped', 0) >> 10} MiB shared"
+
+
+def in_pages(t: torch.Tensor, pages: str) -> torch.Tensor:
+    """t copied onto pages of the kind --pages names (page_buffer)."""
+    if pages == "small":
+        return t
+    out = page_buffer(t.numel() * t.element_size(), pages).view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+def dram_read_gbs(gb: float, pages: str, reps: int = 5) -> tuple[float, str]:
+    """(GB/s, what of the buffer lay on 2 MiB pages)"""
+    buf = page_buffer(int(gb * 1e9) // 4 * 4, pages).view(torch.float32).fill_(1.0)  # written once: pages are resident
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         buf.sum()
         best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best / 1e9
+    return buf.numel() * 4 / best / 1e9, huge_pages_mb()
 
 
-def make_layers(fmt: ExpertFormat, gb: float, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+def make_layers(fmt: ExpertFormat, gb: float, gen: torch.Generator, pages: str) -> list[dict[str, torch.Tensor]]:
     spec = fmt.tensors(ExpertShape(EXPERTS, TOP_K, HIDDEN, INTER), EXPERTS)
     per_layer = sum(torch.empty((), dtype=d).element_size() * torch.Size(s).numel() for d, s in spec.values())
     layers = []
@@ -77,7 +122,7 @@ def make_layers(fmt: ExpertFormat, gb: float, gen: torch.Generator) -> list[dict
                 t[name] = (torch.rand(shape, generator=gen) * 1e-2 + 1e-2).to(dtype)
             else:
                 t[name] = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8).view(dtype)
-        layers.append(t)
+        layers.append({name: in_pages(v, pages) for name, v in t.items()})
     return layers
 
 
@@ -96,12 +141,10 @@ class Threads:
         set_threads(n)
 
 
-def kernels(c_flags: list[str]) -> dict:
+def kernels(names: list[str], c_flags: list[str]) -> dict:
     """name -> layer(x, ids, weights, t, fmt)"""
-    out = {
-        "c": lambda x, ids, w, t, fmt: moe_layer(x, ids, w, t, fmt, 0, EXPERTS, kernel="c"),
-        "numba": lambda x, ids, w, t, fmt: moe_layer(x, ids, w, t, fmt, 0, EXPERTS, kernel="numba"),
-    }
+    out = {name: lambda x, ids, w, t, fmt, name=name: moe_layer(x, ids, w, t, fmt, 0, EXPERTS, kernel=name)
+           for name in names}
     for flags in c_flags:
         k = native.load(tuple(shlex.split(flags)))
         out[f"c {flags}"] = lambda x, ids, w, t, fmt, k=k: k(x, ids, w, t, int(fmt.kind[3:]), 0, EXPERTS, "silu", Threads.n)
@@ -204,6 +247,9 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true",
                     help="run on the first --threads cores only, as the pool process does (its cores are pinned, two kept "
                          "for the GPU worker and the coordinator: coordinator/processes.py:reserve_cores)")
+    ap.add_argument("--kernels", default="c,numba", help="the pool's kernels to time (cpu_worker/expert_kernel.py)")
+    ap.add_argument("--pages", choices=("small", "huge", "shared"), default="small",
+                    help="the pages the weights and the DRAM read's buffer lie on (page_buffer says which is which)")
     ap.add_argument("--lookahead-kb", type=int, default=l2_bytes() >> 10, help="lookahead bytes per thread (default: one core's L2)")
     args = ap.parse_args()
     if args.pin:  # before any thread pool starts: its threads inherit the mask
@@ -214,15 +260,16 @@ def main() -> None:
     print(f"threads {args.threads}, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}", flush=True)
     path = native.build()
     print(f"C kernel: {path} ({' '.join(native.FLAGS)}), INT4 with bf16 x: {Q8_PATHS[native.CKernel(path).int4_q8]}", flush=True)
-    layer_fns = kernels(args.c_flags)
-    ceiling = dram_read_gbs(max(args.gb, 2.0))
-    print(f"DRAM read (float32 sum over {max(args.gb, 2.0):.1f} GB): {ceiling:.1f} GB/s", flush=True)
+    layer_fns = kernels(args.kernels.split(","), args.c_flags)
+    ceiling, huge = dram_read_gbs(max(args.gb, 2.0), args.pages)
+    print(f"DRAM read (float32 sum over {max(args.gb, 2.0):.1f} GB, {args.pages} pages: {huge} on 2 MiB pages): "
+          f"{ceiling:.1f} GB/s", flush=True)
     rows, rates, turns = [], [], []
     for kind in args.formats.split(","):
         fmt = ExpertFormat(kind, group_size=args.group_size)
-        layers = make_layers(fmt, args.gb, gen)
+        layers = make_layers(fmt, args.gb, gen, args.pages)
         total = len(layers) * EXPERTS * expert_bytes(layers[0]) / 1e9
-        print(f"{kind}: {len(layers)} layers, {total:.2f} GB of expert weights", flush=True)
+        print(f"{kind}: {len(layers)} layers, {total:.2f} GB of expert weights ({huge_pages_mb()} on 2 MiB pages)", flush=True)
         torch.set_num_threads(1)  # as in the pool process: torch's idle OpenMP threads would spin against the kernel's
         for name, layer in layer_fns.items():
             for dtype, tol in ((torch.float32, TOLERANCE), (torch.bfloat16, TOLERANCE_BF16)):
