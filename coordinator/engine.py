@@ -217,7 +217,7 @@ class Engine:
         self.workers: list[dict] = []
         self.head, self.pool_ctl, self._reader_task = None, [], None
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "restarts": 0, "replays": 0, "replayed_tokens": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
+                      "restarts": 0, "restart_s": 0.0, "replays": 0, "replayed_tokens": 0, "decode_steps": 0, **{f"decode_{k}_s": 0.0 for k in DECODE_PARTS}}
         self.closed = False
         self.metrics = Metrics(self)
         self._pool_lock = asyncio.Lock()  # one stats query at a time on the pool control sockets
@@ -340,7 +340,7 @@ class Engine:
         so no worker can be restarted alone. Requests that had reached the workers go back to the
         front of the queue to be prefilled again (_requeue); the waiting ones stay queued. A group
         that fails to start is replaced again after a backoff, within --max-restarts."""
-        self.restarting = True
+        self.restarting, t0 = True, time.monotonic()
         self._requeue(cause)
         for _, fut in self._inflight:  # failed with the group; read here, or asyncio logs each as unhandled
             if fut.done() and not fut.cancelled():
@@ -364,6 +364,9 @@ class Engine:
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, RESTART_BACKOFF_MAX_S)
         self._broken, self.restarting = None, False
+        took = time.monotonic() - t0
+        self.stats["restart_s"] += took
+        print(f"krasis: workers ready again after {took:.2f} s", file=sys.stderr, flush=True)
         self._wake.set()
 
     def _requeue(self, cause: BaseException) -> None:

@@ -55,6 +55,8 @@ class Metrics:
         for name, key, text in [("krasis_prompt_tokens", "prompt_tokens", "Prompt tokens prefilled."),
                                 ("krasis_generated_tokens", "generated_tokens", "Tokens generated."),
                                 ("krasis_worker_restarts", "restarts", "Restarts of the worker group after a worker died."),
+                                ("krasis_worker_restart_seconds", "restart_s", "Seconds the service spent restarting its "
+                                 "workers, from a death seen to the new group ready."),
                                 ("krasis_replays", "replays", "Requests prefilled again (prompt and tokens so far) after a worker fault.")]:
             yield CounterMetricFamily(name, text, value=s[key])
         yield GaugeMetricFamily("krasis_queue_length", "Requests waiting to be prefilled.", value=s["waiting"])

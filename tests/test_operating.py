@@ -123,6 +123,7 @@ def test_metrics_count_what_was_served(svc):
     assert after[("krasis_queue_length", ())] == after[("krasis_running_requests", ())] == 0
     assert after[("krasis_kv_cache_usage_ratio", ())] == 0
     assert after[("krasis_worker_restarts_total", ())] == after[("krasis_replays_total", ())] == 0
+    assert after[("krasis_worker_restart_seconds_total", ())] == 0
     # pure_cpu: the pool ran every routed choice of decode, one layer call per MoE layer and step
     assert after[("krasis_cpu_pool_routed_share", ())] == 1 and after[("krasis_hot_expert_hit_rate", ())] == 0
     assert d("krasis_cpu_pool_layer_seconds_count", node="0") == 3 * (completion - 3)
