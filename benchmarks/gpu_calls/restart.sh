@@ -6,7 +6,7 @@
 machine
 peer_gguf
 ARGS="--devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 32"
-C="python3 benchmarks/chaos.py $G --minutes 0.75 --kill-every 10 --clients 4 --"
+C="python3 benchmarks/chaos.py $G --minutes 0.6 --kill-every 10 --clients 4 --"
 step cn 210 $C $ARGS  # first: a fresh machine builds the expert cache here
 old_step co 170 $C $ARGS
 finish
