@@ -29,7 +29,7 @@ from ..shared.sampling import Sampler, pick
 from ..shared.weights import load_family
 from .convert import prepare
 from .hosts import HostGroup, start_hosts
-from .local_group import LocalStages, start_local
+from .local_group import KeptStores, LocalStages, start_local
 from .metrics import Metrics
 from .plan import split_layers
 from .processes import Endpoints, Prestarted, RuntimeOptions, WorkerDied, WorkerGroup
@@ -198,6 +198,7 @@ class Engine:
             self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
         self.eos = set(self.family.eos_token_ids())
         self.group = WorkerGroup()
+        self.stores = KeptStores()  # a restart's group finds the experts in RAM
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.requests: dict[str, Request] = {}
@@ -247,7 +248,7 @@ class Engine:
             stages = LocalStages(list(range(world)), self.plan, opts.devices, {r: ep(f"stage{r}") for r in range(world)},
                                  ep("results"), ep("results"))
             pool_eps = await start_local(self.group, self.family, self.model_dir, opts, self.caches, stages,
-                                         self.strategy_spec(), ep, self._await_ready)
+                                         self.strategy_spec(), ep, self._await_ready, self.stores)
             stage0 = ep("stage0")
         # the pools, then the stages in pipeline order, however their Ready messages interleaved
         # (the GPU workers start beside the pool): readers take the last stage as workers[-1]
@@ -767,6 +768,7 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self.group.stop, grace)
         finally:
             self.group.kill_all()
+            self.stores.close()
             if hasattr(self, "ctx"):
                 self.curve.close()
                 self.ctx.destroy(linger=0)

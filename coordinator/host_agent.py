@@ -25,7 +25,7 @@ from ..shared.weights import load_family
 from .convert import prepare
 from .engine import validate_devices
 from .hosts import CONTROL, MISSED, RESULTS, STAGE, agent_endpoint
-from .local_group import LocalStages, start_local
+from .local_group import KeptStores, LocalStages, start_local
 from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
 from .state import state_path
 
@@ -44,6 +44,7 @@ class HostAgent:
         self.model_path, self.cache_dir = model_path, cache_dir
         self.name = socket.gethostname()
         self.group: WorkerGroup | None = None
+        self.stores = KeptStores()  # an assignment after a fault finds its stages' experts in RAM
         self.pool_eps: list[str] = []
         self.assigning: asyncio.Task | None = None
         self.reports = None  # the PULL its workers report to, for the current assignment
@@ -66,6 +67,7 @@ class HostAgent:
             await asyncio.gather(self._control(), self._watch())
         finally:
             await self._stop_group(kill=True)
+            self.stores.close()
             for s in (self.control, self.results):
                 s.close(0)
             self.curve.close()
@@ -94,8 +96,9 @@ class HostAgent:
                 await self._reply(msg)
             elif isinstance(msg, P.Assign):
                 self.assigning = asyncio.create_task(self._assign(msg))
-            elif isinstance(msg, P.Shutdown):
+            elif isinstance(msg, P.Shutdown):  # no restart is coming: the kept store goes too
                 await self._stop_group(kill=False)
+                self.stores.close()
             self.heard = time.monotonic()
 
     async def _watch(self) -> None:
@@ -140,7 +143,7 @@ class HostAgent:
             self.group = WorkerGroup()
             log(f"starting stages {ranks[0]}..{ranks[-1]} (layers {stages.layers[0]}..{stages.layers[1] - 1}) of {model}")
             self.pool_eps = await start_local(self.group, family, model, opts, caches, stages, strategy, ep,
-                                              self._await_ready)
+                                              self._await_ready, self.stores)
             log("workers ready")
         except asyncio.CancelledError:
             raise

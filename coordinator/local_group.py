@@ -6,6 +6,7 @@ holds only those stages' layers' experts."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,40 @@ from .processes import RuntimeOptions, WorkerGroup, numa_cpus, reserve_cores
 
 def _str(path) -> str | None:
     return None if path is None else str(path)
+
+
+class KeptStores:
+    """The expert stores' segments, kept by whoever starts the groups (the engine, a host agent) across
+    the groups it starts: a group started again after a fault finds the experts already in shared
+    memory and skips their fill (the pool's copy of 16 GB from the cache took 5.8 s of a 9.4 s
+    restart on the lent H100 hosts, session 34). A store counts as filled once every worker of a
+    group has said Ready, each after its part of the fill; a group that died before that leaves it
+    to be filled again. After its fill nothing writes a store (the pool and the GPU workers only
+    read it), so a worker's death cannot leave it half-changed."""
+
+    def __init__(self):
+        self.kept: dict[str, tuple[str, list[int], bool]] = {}  # name -> (what it holds, fds, filled)
+
+    def segments(self, name: str, holds: dict, layout: StoreLayout) -> tuple[list[int], bool]:
+        """(the segment fds of store `name` holding `holds`, whether they are filled): the kept ones
+        while they hold that, else new ones (the old freed)."""
+        key = json.dumps(holds, sort_keys=True)
+        if name in self.kept and self.kept[name][0] != key:
+            self._free(name)
+        if name not in self.kept:
+            self.kept[name] = (key, ExpertStore.create_segments(layout), False)
+        return self.kept[name][1], self.kept[name][2]
+
+    def mark_filled(self) -> None:
+        self.kept = {name: (key, fds, True) for name, (key, fds, _) in self.kept.items()}
+
+    def _free(self, name: str) -> None:
+        for fd in self.kept.pop(name)[1]:
+            os.close(fd)
+
+    def close(self) -> None:
+        for name in list(self.kept):
+            self._free(name)
 
 
 @dataclass
@@ -41,11 +76,11 @@ class LocalStages:
 
 
 async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, opts: RuntimeOptions, caches,
-                      stages: LocalStages, strategy: dict, ep, await_ready) -> list[str]:
+                      stages: LocalStages, strategy: dict, ep, await_ready, stores: KeptStores) -> list[str]:
     """Spawn the pool and the GPU workers together and await their Ready messages (`await_ready(count,
-    bar)`): a GPU worker imports and starts while the pool fills the store, and reads the store only
-    once the pool has said, in each of its mailbox slots, that it is filled. Returns the pool
-    processes' control endpoints."""
+    bar)`): a GPU worker imports and starts while the pool fills the store (unless `stores` kept it
+    filled), and reads the store only once the pool has said, in each of its mailbox slots, that it
+    is filled. Returns the pool processes' control endpoints."""
     local = len(stages.ranks)
     # The caller itself stays on every core. Pinned to the two front cores, its pool
     # processes' kernel ran 2.2x slower (0.64 against 0.29 ms per call on the lent H100 host): a
@@ -55,15 +90,17 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
     nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), local, opts.reserved_cores)
     n_pool = opts.cpu_workers or len(nodes)
     layers = stages.layers
-    fds = ExpertStore.create_segments(StoreLayout(family, n_pool, caches.cpu_fmt, layers))
-    store = {"nodes": n_pool, "fds": fds, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu),
-             "gguf": opts.gguf, "layers": list(layers)}
+    holds = {"nodes": n_pool, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu), "gguf": opts.gguf,
+             "layers": list(layers)}
+    fds, filled = stores.segments("cpu", dict(holds, model=model_dir), StoreLayout(family, n_pool, caches.cpu_fmt, layers))
+    store = dict(holds, fds=fds, filled=filled)
     if caches.gpu_fmt == caches.cpu_fmt:  # one store, one copy in RAM, serves both
         gpu_fds, gpu_store = fds, dict(store, fill=False)
     else:  # the GPU workers' own format: a single-node store each fills for its layers
-        gpu_fds = ExpertStore.create_segments(StoreLayout(family, 1, caches.gpu_fmt, layers))
-        gpu_store = dict(store, nodes=1, fds=gpu_fds, format=caches.gpu_fmt.to_spec(), cache=_str(caches.gpu),
-                         fill=True)
+        gpu_holds = dict(holds, nodes=1, format=caches.gpu_fmt.to_spec(), cache=_str(caches.gpu))
+        gpu_fds, gpu_filled = stores.segments("gpu", dict(gpu_holds, model=model_dir),
+                                              StoreLayout(family, 1, caches.gpu_fmt, layers))
+        gpu_store = dict(gpu_holds, fds=gpu_fds, fill=not gpu_filled)
     pool_eps = [ep(f"pool{i}") for i in range(n_pool)]
     world = len(stages.plan)
     # the decode hop: a shared-memory slot per (local GPU worker, pool process), slot local * n_pool + node
@@ -95,7 +132,7 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
                 )
                 group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
             await await_ready(n_pool + local, bar)
+        stores.mark_filled()
     finally:
-        for fd in set(fds) | set(gpu_fds) | {box_fd}:  # the children hold their own copies
-            os.close(fd)
+        os.close(box_fd)  # the children hold their own copies (and `stores` the store's)
     return pool_eps

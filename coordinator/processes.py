@@ -10,16 +10,18 @@ child exit raises WorkerDied; the engine then restarts the whole group, or goes 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
     mailbox {fd, shape, count, slots (its slot per pool process), pool_pids} (shared/mailbox.py),
-    store {nodes, fds, format, cache, gguf, fill}, dense_cache, parent_pid,
+    store {nodes, fds, format, cache, gguf, filled, fill}, dense_cache, parent_pid,
     cores (empty: any; else the cores kept off the pool, coordinator/processes.py:reserve_cores),
     prefill_strategy, decode_strategy, stream_decode, resident_decode, vram_budget, kv_dtype, prefill_chunk, hcs_path
     (gpu_worker/experts.py),
     keys (CURVE keys folder for its tcp endpoints, or null: shared/keys.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
-    otherwise a store of its own format (fill: each GPU worker fills its own layers).
+    otherwise a store of its own format (fill: each GPU worker fills its own layers; false where an
+    earlier group filled it: coordinator/local_group.py, KeptStores).
 CPU worker spec: node, model, bind (its control endpoint: stats, shutdown), coord, cores, threads,
     store {nodes, fds, format, cache, gguf, layers ([a, b): the layers whose experts the store holds,
-    those of this machine's stages)}, mailbox {fd, shape, count, slots (one per GPU worker)}, parent_pid.
+    those of this machine's stages), filled (an earlier group filled it: no fill)}, mailbox {fd, shape,
+    count, slots (one per GPU worker)}, parent_pid.
     format: ExpertFormat.to_spec(); cache: the expert cache file to copy from, or null to format the
     experts from the checkpoint (16-bit): MODEL, or the GGUF file `gguf` when not null;
     dense_cache: the INT8 dense cache file or null.

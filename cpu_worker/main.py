@@ -57,8 +57,9 @@ def main() -> None:
             done = layout.moe_layers.index(layer) + 1
             coord.send_multipart(P.encode(P.Progress(role="cpu", rank=node, what="expert layers", done=done, total=total)))
 
-        with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
-            fill_node(store, node, write, on_layer=on_layer, threads=threads)
+        if not spec["store"].get("filled"):  # else a group before this one filled it (local_group.py: KeptStores)
+            with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
+                fill_node(store, node, write, on_layer=on_layer, threads=threads)
         mark("fill")
         boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
         slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]
@@ -120,7 +121,8 @@ def main() -> None:
     mark("kernels bound")
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(),
-                         info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks}))
+                         info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks,
+                               "store": "kept" if spec["store"].get("filled") else "filled"}))
     )
 
     def serve(slot: Slot, number: int, seen: float) -> None:

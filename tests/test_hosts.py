@@ -321,6 +321,10 @@ def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agent
             assert time.monotonic() < deadline, "the coordinator did not reattach"
             time.sleep(0.2)
         assert not first & set(a.children()), "the surviving host's workers were replaced"
+        # the surviving agent kept its stages' store filled across the restart; the restarted one filled its own
+        pools = {x.endpoint: w["store"] for x in agents for w in svc.client.stats().stats["workers"]
+                 if w["role"] == "cpu" and w["host"].endswith(x.endpoint)}
+        assert pools == {a.endpoint: "kept", b.endpoint: "filled"}
         assert svc.client.complete(prompt_ids=PROMPT, max_new_tokens=16, ignore_eos=True).token_ids == want
 
 

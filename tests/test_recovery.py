@@ -75,8 +75,13 @@ def undisturbed(svc):
     return want
 
 
+def pool_stores(svc) -> set[str]:
+    return {w["store"] for w in svc.client.stats().stats["workers"] if w["role"] == "cpu"}
+
+
 def test_a_pool_process_killed_mid_stream_loses_nothing(svc, undisturbed):
     victim = worker_pid(svc, "cpu")
+    assert pool_stores(svc) == {"filled"}
     t0 = time.monotonic()
 
     async def kill():
@@ -87,6 +92,9 @@ def test_a_pool_process_killed_mid_stream_loses_nothing(svc, undisturbed):
     assert stats["errors"] == 0 and stats["replays"] == 5 and stats["restarts"] == 1
     # the restart's length is counted: the group's start, inside the time the streams took
     assert 0 < stats["restart_s"] < time.monotonic() - t0
+    # the new pool found the experts in the store the first group filled (kept across the restart),
+    # and the streams' tokens above are those of the undisturbed run
+    assert pool_stores(svc) == {"kept"}
     assert svc.client.health().status == "ok"
 
 
@@ -128,3 +136,36 @@ def test_a_request_replayed_too_often_fails_saying_so(text_model):  # noqa: F811
         tm.wait_gone(svc.worker_pids)
     assert "restart 1 of 3" in svc.stderr
     tm.wait_gone(new_pids)
+
+
+def test_kept_stores_hand_back_the_filled_segments_while_they_hold_the_same(text_model):  # noqa: F811
+    from krasis.coordinator.local_group import KeptStores
+    from krasis.shared.expert_store import ExpertFormat, StoreLayout
+    from krasis.shared.weights import load_family
+
+    def inodes(fds):
+        out = []
+        for fd in fds:
+            try:
+                out.append(os.fstat(fd).st_ino)
+            except OSError:  # closed
+                out.append(None)
+        return out
+
+    layout = StoreLayout(load_family(text_model), 1, ExpertFormat("int4", group_size=32))
+    stores = KeptStores()
+    holds = {"model": str(text_model), "format": "int4"}
+    fds, filled = stores.segments("cpu", holds, layout)
+    first = inodes(fds)
+    assert not filled and all(os.fstat(fd).st_size == size for fd, size in zip(fds, layout.sizes))
+    # a group that died before all its workers said Ready: the same segments, to be filled again
+    assert stores.segments("cpu", dict(holds), layout) == (fds, False)
+    stores.mark_filled()
+    assert stores.segments("cpu", dict(holds), layout) == (fds, True)
+    # another store in its place: new segments, unfilled, and the old ones closed
+    other, filled = stores.segments("cpu", dict(holds, format="int8"), layout)
+    second = inodes(other)
+    assert not filled and not set(second) & set(first)
+    assert not set(inodes(fds)) & set(first)
+    stores.close()
+    assert not set(inodes(other)) & set(second)
