@@ -29,10 +29,10 @@ from ..shared.sampling import Sampler, pick
 from ..shared.weights import load_family
 from .convert import prepare
 from .hosts import HostGroup, start_hosts
-from .local_group import KeptStores, LocalStages, start_local
+from .local_group import LocalStages, start_local
 from .metrics import Metrics
 from .plan import split_layers
-from .processes import Endpoints, Prestarted, RuntimeOptions, WorkerDied, WorkerGroup
+from .processes import Endpoints, KeptStores, Prestarted, RuntimeOptions, WorkerDied, WorkerGroup
 from .tokenizer import Detokenizer, TextCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,7 +198,8 @@ class Engine:
             self.plan = split_layers(self.family, len(opts.devices), opts.pp_layers)
         self.eos = set(self.family.eos_token_ids())
         self.group = WorkerGroup()
-        self.stores = KeptStores()  # a restart's group finds the experts in RAM
+        # a restart's group finds the experts in RAM; those of the command's other engines too
+        self.stores = prestarted.stores if prestarted is not None else KeptStores()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.requests: dict[str, Request] = {}
@@ -768,7 +769,8 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self.group.stop, grace)
         finally:
             self.group.kill_all()
-            self.stores.close()
+            if self.prestarted is None:  # else the command's, which its later engines may use
+                self.stores.close()
             if hasattr(self, "ctx"):
                 self.curve.close()
                 self.ctx.destroy(linger=0)

@@ -25,8 +25,8 @@ from ..shared.weights import load_family
 from .convert import prepare
 from .engine import validate_devices
 from .hosts import CONTROL, MISSED, RESULTS, STAGE, agent_endpoint
-from .local_group import KeptStores, LocalStages, start_local
-from .processes import Endpoints, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
+from .local_group import LocalStages, start_local
+from .processes import Endpoints, KeptStores, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
 from .state import state_path
 
 

@@ -6,54 +6,19 @@ holds only those stages' layers' experts."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from ..shared import mailbox
-from ..shared.expert_store import ExpertStore, StoreLayout
+from ..shared.expert_store import StoreLayout
 from ..shared.models.family import ModelFamily
-from .processes import RuntimeOptions, WorkerGroup, numa_cpus, reserve_cores
+from .processes import KeptStores, RuntimeOptions, WorkerGroup, numa_cpus, reserve_cores
 
 
 def _str(path) -> str | None:
     return None if path is None else str(path)
-
-
-class KeptStores:
-    """The expert stores' segments, kept by whoever starts the groups (the engine, a host agent) across
-    the groups it starts: a group started again after a fault finds the experts already in shared
-    memory and skips their fill (the pool's copy of 16 GB from the cache took 5.8 s of a 9.4 s
-    restart on the lent H100 hosts, session 34). A store counts as filled once every worker of a
-    group has said Ready, each after its part of the fill; a group that died before that leaves it
-    to be filled again. After its fill nothing writes a store (the pool and the GPU workers only
-    read it), so a worker's death cannot leave it half-changed."""
-
-    def __init__(self):
-        self.kept: dict[str, tuple[str, list[int], bool]] = {}  # name -> (what it holds, fds, filled)
-
-    def segments(self, name: str, holds: dict, layout: StoreLayout) -> tuple[list[int], bool]:
-        """(the segment fds of store `name` holding `holds`, whether they are filled): the kept ones
-        while they hold that, else new ones (the old freed)."""
-        key = json.dumps(holds, sort_keys=True)
-        if name in self.kept and self.kept[name][0] != key:
-            self._free(name)
-        if name not in self.kept:
-            self.kept[name] = (key, ExpertStore.create_segments(layout), False)
-        return self.kept[name][1], self.kept[name][2]
-
-    def mark_filled(self) -> None:
-        self.kept = {name: (key, fds, True) for name, (key, fds, _) in self.kept.items()}
-
-    def _free(self, name: str) -> None:
-        for fd in self.kept.pop(name)[1]:
-            os.close(fd)
-
-    def close(self) -> None:
-        for name in list(self.kept):
-            self._free(name)
 
 
 @dataclass

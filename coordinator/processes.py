@@ -17,7 +17,7 @@ GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, 
     keys (CURVE keys folder for its tcp endpoints, or null: shared/keys.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
     otherwise a store of its own format (fill: each GPU worker fills its own layers; false where an
-    earlier group filled it: coordinator/local_group.py, KeptStores).
+    earlier group filled it: KeptStores, below).
 CPU worker spec: node, model, bind (its control endpoint: stats, shutdown), coord, cores, threads,
     store {nodes, fds, format, cache, gguf, layers ([a, b): the layers whose experts the store holds,
     those of this machine's stages), filled (an earlier group filled it: no fill)}, mailbox {fd, shape,
@@ -388,6 +388,43 @@ class ZygoteChild:
         self.send_signal(signal.SIGKILL)
 
 
+class KeptStores:
+    """The expert stores' segments (coordinator/local_group.py), kept across the groups one owner
+    starts (a command's Prestarted, an engine without one, a host agent): a group started again after
+    a fault finds the experts already in shared memory and skips their fill (the pool's copy of 16 GB
+    from the cache took 5.8 s of a 9.4 s restart on the lent H100 hosts, session 34), and so do the
+    groups `bench` and `optimize` start one after another. A store counts as filled once every
+    worker of a group has said Ready, each after its part of the fill; a group that died before that
+    leaves it to be filled again. After its fill nothing writes a store (the pool and the GPU workers
+    only read it), so a worker's death cannot leave it half-changed."""
+
+    def __init__(self):
+        self.kept: dict[str, tuple[str, list[int], bool]] = {}  # name -> (what it holds, fds, filled)
+
+    def segments(self, name: str, holds: dict, layout) -> tuple[list[int], bool]:
+        """(the segment fds of store `name` holding `holds` in `layout` (a StoreLayout), whether they
+        are filled): the kept ones while they hold that, else new ones (the old freed)."""
+        from ..shared.expert_store import ExpertStore  # here: it imports torch, which the coordinator's start defers
+
+        key = json.dumps(holds, sort_keys=True)
+        if name in self.kept and self.kept[name][0] != key:
+            self._free(name)
+        if name not in self.kept:
+            self.kept[name] = (key, ExpertStore.create_segments(layout), False)
+        return self.kept[name][1], self.kept[name][2]
+
+    def mark_filled(self) -> None:
+        self.kept = {name: (key, fds, True) for name, (key, fds, _) in self.kept.items()}
+
+    def _free(self, name: str) -> None:
+        for fd in self.kept.pop(name)[1]:
+            os.close(fd)
+
+    def close(self) -> None:
+        for name in list(self.kept):
+            self._free(name)
+
+
 class Prestarted:
     """Workers started before their specs exist: `serve`, `generate`, `bench`, `optimize` and
     `calibrate` start the zygote, and through it one process per worker the run will have, before
@@ -395,9 +432,11 @@ class Prestarted:
     while they do. Each worker waits for its spec (run_prestarted). The WorkerGroup hands each spec to
     one of them, and once none is left (a group started again after a fault), to one the zygote
     forks then. As a context manager, those never handed one, and the zygote, are stopped on exit;
-    until then they die with the coordinator like any worker (PDEATHSIG)."""
+    until then they die with the coordinator like any worker (PDEATHSIG). It also keeps the command's
+    expert stores (`stores`) for every group it starts."""
 
     def __init__(self, modules: list[str], model: str):
+        self.stores = KeptStores()
         self.waiting: dict[str, list[tuple[ZygoteChild, socket.socket]]] = {}
         self.zygote = Zygote(modules, model) if modules else None
         for module in modules:
@@ -439,6 +478,7 @@ class Prestarted:
         return None
 
     def close(self) -> None:
+        self.stores.close()
         if self.zygote is not None:
             self.zygote.close()  # and with it the workers never handed a spec
         for p, sock in (w for ws in self.waiting.values() for w in ws):

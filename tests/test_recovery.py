@@ -139,7 +139,7 @@ def test_a_request_replayed_too_often_fails_saying_so(text_model):  # noqa: F811
 
 
 def test_kept_stores_hand_back_the_filled_segments_while_they_hold_the_same(text_model):  # noqa: F811
-    from krasis.coordinator.local_group import KeptStores
+    from krasis.coordinator.processes import KeptStores
     from krasis.shared.expert_store import ExpertFormat, StoreLayout
     from krasis.shared.weights import load_family
 

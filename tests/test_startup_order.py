@@ -52,8 +52,10 @@ def test_prestarted_workers_take_their_specs(model):
 
         workers, toks, procs = asyncio.run(go())
         assert not any(pre.waiting.values())  # every one was taken
-        # a group started again (as after a fault) has its workers forked then, by the same zygote
+        # a group started again (as after a fault) has its workers forked then, by the same zygote,
+        # and its pool finds the store the first group filled (the command's, kept by `pre`)
         again, toks_again, procs_again = asyncio.run(go())
+        assert [w["store"] for w in workers + again if w["role"] == "cpu"] == ["filled"] * 2 + ["kept"] * 2
         assert _proc(zygote) == ("krasis-zygote", os.getpid())
     assert sorted(w["pid"] for w in workers) == started and not {w["pid"] for w in again} & set(started)
     for ws, ps in ((workers, procs), (again, procs_again)):
