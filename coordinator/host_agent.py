@@ -26,7 +26,7 @@ from .convert import prepare
 from .engine import validate_devices
 from .hosts import CONTROL, MISSED, RESULTS, STAGE, agent_endpoint
 from .local_group import LocalStages, start_local
-from .processes import Endpoints, KeptStores, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
+from .processes import Endpoints, Prestarted, RuntimeOptions, WorkerDied, WorkerGroup, numa_cpus
 from .state import state_path
 
 
@@ -44,7 +44,11 @@ class HostAgent:
         self.model_path, self.cache_dir = model_path, cache_dir
         self.name = socket.gethostname()
         self.group: WorkerGroup | None = None
-        self.stores = KeptStores()  # an assignment after a fault finds its stages' experts in RAM
+        self.n_pool = cpu_workers or len(numa_cpus(numa_nodes))
+        # Its workers are forked by a zygote of its own, which imports their modules once, while the
+        # agent waits for a coordinator; it also keeps the stages' expert store: an assignment after
+        # a fault starts its workers with their imports done, on the filled store.
+        self.prestarted: Prestarted | None = None
         self.pool_eps: list[str] = []
         self.assigning: asyncio.Task | None = None
         self.reports = None  # the PULL its workers report to, for the current assignment
@@ -53,6 +57,8 @@ class HostAgent:
         self.coord, self.heard, self.heartbeat_s = None, 0.0, 2.0
 
     async def run(self) -> None:
+        self.prestarted = Prestarted(["krasis.cpu_worker"] * self.n_pool + ["krasis.gpu_worker"] * len(self.devices),
+                                     self.model_path or "")
         self.ctx = zmq.asyncio.Context()
         self.curve = Curve(self.ctx, self.keys)
         self.control = self.ctx.socket(zmq.ROUTER)
@@ -67,7 +73,7 @@ class HostAgent:
             await asyncio.gather(self._control(), self._watch())
         finally:
             await self._stop_group(kill=True)
-            self.stores.close()
+            self.prestarted.close()
             for s in (self.control, self.results):
                 s.close(0)
             self.curve.close()
@@ -88,8 +94,7 @@ class HostAgent:
                 await self._stop_group(kill=True)
                 self.coord, self.heartbeat_s = ident, msg.heartbeat_s
                 log("a coordinator attached")
-                n_pool = self.cpu_workers or len(numa_cpus(self.numa_nodes))
-                await self._reply(P.HostInfo(host=self.name, devices=self.devices, pools=n_pool, pid=os.getpid()))
+                await self._reply(P.HostInfo(host=self.name, devices=self.devices, pools=self.n_pool, pid=os.getpid()))
             elif ident != self.coord:
                 continue  # a coordinator that has been replaced by a later attach
             elif isinstance(msg, P.Heartbeat):
@@ -98,7 +103,7 @@ class HostAgent:
                 self.assigning = asyncio.create_task(self._assign(msg))
             elif isinstance(msg, P.Shutdown):  # no restart is coming: the kept store goes too
                 await self._stop_group(kill=False)
-                self.stores.close()
+                self.prestarted.stores.close()
             self.heard = time.monotonic()
 
     async def _watch(self) -> None:
@@ -140,10 +145,10 @@ class HostAgent:
             stages = LocalStages(ranks, [tuple(p) for p in msg.layers], self.devices, ins,
                                  msg.next or ep("results"), ep("results"), self.keys)
             strategy = dict(msg.strategy, hcs_path=str(state_path(model, "hcs_counts.json")))
-            self.group = WorkerGroup()
+            self.group = WorkerGroup(self.prestarted)
             log(f"starting stages {ranks[0]}..{ranks[-1]} (layers {stages.layers[0]}..{stages.layers[1] - 1}) of {model}")
             self.pool_eps = await start_local(self.group, family, model, opts, caches, stages, strategy, ep,
-                                              self._await_ready, self.stores)
+                                              self._await_ready, self.prestarted.stores)
             log("workers ready")
         except asyncio.CancelledError:
             raise

@@ -1,7 +1,7 @@
 """Starting, watching and stopping the worker processes.
 
-Every worker is a child of the coordinator or of its zygote (Zygote, below; or, with --hosts, of its
-machine's host agent: coordinator/host_agent.py), started with a JSON spec (below, written by
+Every worker is a child of the coordinator or of its zygote (Zygote, below; with --hosts, of its
+machine's host agent's zygote, or the agent's: coordinator/host_agent.py), started with a JSON spec (below, written by
 coordinator/local_group.py) and the expert-store memfds as inherited descriptors. Children set
 PDEATHSIG so they die with their parent, and so with the coordinator, however it ends; the
 coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
@@ -427,7 +427,8 @@ class KeptStores:
 
 class Prestarted:
     """Workers started before their specs exist: `serve`, `generate`, `bench`, `optimize` and
-    `calibrate` start the zygote, and through it one process per worker the run will have, before
+    `calibrate` (and a host agent, for its lifetime) start the zygote, and through it one process per
+    worker the run will have, before
     they import torch and build the engine (config, cache headers, tokenizer): the zygote imports
     while they do. Each worker waits for its spec (run_prestarted). The WorkerGroup hands each spec to
     one of them, and once none is left (a group started again after a fault), to one the zygote

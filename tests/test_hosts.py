@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -151,15 +152,32 @@ class Agent:
             time.sleep(0.1)
         return self
 
-    def children(self) -> list[int]:
-        return children(self.proc.pid)
+    def zygote(self) -> list[int]:
+        """The agent's zygote (coordinator/processes.py: Zygote), its one child of its own."""
+        return [p for p in children(self.proc.pid) if comm(p) == "krasis-zygote"]
+
+    def workers(self) -> list[int]:
+        """The workers it started: its zygote's children (and any it started itself) that took a spec,
+        named for their role and rank (those forked ahead, still waiting for one, are krasis-cpu and
+        krasis-gpu: shared/lifecycle.py)."""
+        zygote = self.zygote()
+        kids = [p for z in zygote for p in children(z)] + [p for p in children(self.proc.pid) if p not in zygote]
+        return [p for p in kids if re.fullmatch(r"krasis-(cpu|gpu)\d+", comm(p) or "")]
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        kids = self.children() if self.proc.poll() is None else []
+        kids = [p for z in self.zygote() for p in [z, *children(z)]] + self.workers() if self.proc.poll() is None else []
         tm.terminate(self.proc, "agent")
         tm.wait_gone(kids)
+
+
+def comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def children(pid: int) -> list[int]:
@@ -233,13 +251,14 @@ def test_generate_over_three_stages_on_two_hosts_matches_transformers(models, ke
 
 
 def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agents, tmp_path):
-    """serve --hosts on a CURVE tcp endpoint: exact prompt logits and tokens; every worker is a child of
-    its own agent, each pool holds only its stages' layers, no memfd is shared between the agents'
+    """serve --hosts on a CURVE tcp endpoint: exact prompt logits and tokens; every worker is its own
+    agent's (forked by the agent's zygote), each pool holds only its stages' layers, no memfd is shared between the agents'
     trees (nor held by the coordinator); health names each host; a client without an authorized key
     gets no answer. Then kill -9 of an agent while a request runs: its workers die with it, the
     coordinator notices within 3 heartbeats, the other host's workers are replaced, and once the agent
     is back (as systemd would bring it) the request completes as if nothing happened (replayed) or
-    fails naming the host, and new requests are exact again."""
+    fails naming the host, and new requests are exact again; the surviving agent's zygote forked its
+    new workers, which found its store filled."""
     path = models["qwen3"]
     ref = tm.reference_model(path)
     want = tm.reference_greedy(ref, PROMPT, 16)
@@ -265,7 +284,7 @@ def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agent
         trees = []
         for x, ws in zip(agents, by_host):
             pids = {w["pid"] for w in ws}
-            assert pids == set(x.children()), "every worker of a host is a child of its agent"
+            assert pids == set(x.workers()), "every worker of a host is its agent's (forked by the agent's zygote)"
             trees.append(set().union(*(memfds(p) for p in pids)))
         assert trees[0] and trees[1] and not trees[0] & trees[1]
         assert not memfds(svc.proc.pid) and not children(svc.proc.pid)
@@ -277,7 +296,7 @@ def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agent
                 with pytest.raises(TimeoutError):
                     c.health()
 
-        first, streamed, result = set(a.children()), [], {}
+        first, streamed, result = set(a.workers()), [], {}
 
         def long_request():
             with Client(endpoint, timeout_s=300, keys=keys) as c:
@@ -298,7 +317,7 @@ def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agent
         while len(streamed) < 5:  # mid-generation
             assert t.is_alive() and time.monotonic() < deadline, result
             time.sleep(0.05)
-        victims = b.children()
+        victims = b.workers() + b.zygote()
         t_kill = time.monotonic()
         b.proc.kill()
         tm.wait_gone(victims)
@@ -320,7 +339,8 @@ def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agent
         while svc.client.health().status != "ok":
             assert time.monotonic() < deadline, "the coordinator did not reattach"
             time.sleep(0.2)
-        assert not first & set(a.children()), "the surviving host's workers were replaced"
+        assert not first & set(a.workers()), "the surviving host's workers were replaced"
+        assert a.workers() and set(a.workers()) <= set(children(a.zygote()[0])), "forked by its zygote, imports done"
         # the surviving agent kept its stages' store filled across the restart; the restarted one filled its own
         pools = {x.endpoint: w["store"] for x in agents for w in svc.client.stats().stats["workers"]
                  if w["role"] == "cpu" and w["host"].endswith(x.endpoint)}
@@ -355,7 +375,7 @@ def test_agent_that_cannot_start_its_stages_fails_the_run_clearly(models, net, t
         p = tm.krasis("generate", models["qwen3"], "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
                       "--hosts", bad.endpoint, "--insecure", check=False)
         assert p.returncode != 0 and bad.endpoint in p.stderr and "missing" in p.stderr, p.stderr[-2000:]
-        assert not bad.children(), "the agent stopped what it had started"
+        assert not bad.workers(), "the agent stopped what it had started"
     finally:
         bad.stop()
 
