@@ -59,7 +59,7 @@ TOLERANCE_BF16 = 1e-2
 # another order, then out's bf16 rounding (up to 3.9e-3), and now and then one of the activation's
 # roundings to int8 going the other way (1e-3 or less)
 TOLERANCE_Q8 = 5e-3
-Q8_PATHS = {1: "Q8 on vpdpbusd (AVX512-VNNI)", 2: "Q8 on vpmaddubsw (AVX2, no VNNI)"}
+Q8_PATHS = {1: "Q8 on vpdpbusd (AVX512-VNNI, or AVX-VNNI without AVX-512)", 2: "Q8 on vpmaddubsw (AVX2, no VNNI)"}
 
 
 def page_buffer(nbytes: int, pages: str) -> torch.Tensor:

@@ -124,12 +124,16 @@ INLINE float hsum(vf v) {
 #endif
 }
 
-/* INT4_Q8: the Q8 path's instructions, 1 vpdpbusd (AVX512-VNNI), 2 vpmaddubsw + vpmaddwd (AVX2,
- * or AVX-512 without VNNI). Its registers are one vector of VL int32 lanes: QB bytes of codes. */
+/* INT4_Q8: the Q8 path's instructions, 1 vpdpbusd (AVX512-VNNI, or AVX-VNNI's on 256-bit registers
+ * in a build without AVX-512: `-mno-avx512f`, which benchmarks/cpu_experts.py --c-flags compares on a
+ * core where 512-bit work may lower its clock), 2 vpmaddubsw + vpmaddwd (AVX2, or AVX-512 without
+ * VNNI). Its registers are one vector of VL int32 lanes: QB bytes of codes. */
 #if VL == 16 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define INT4_Q8 1
 #elif VL == 16 && defined(__AVX512BW__)
 #define INT4_Q8 2
+#elif VL == 8 && defined(__AVXVNNI__)
+#define INT4_Q8 1
 #elif VL == 8
 #define INT4_Q8 2
 #else
@@ -158,9 +162,13 @@ typedef __m256i qv;
 INLINE qv q_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 INLINE qv q_lo(qv c) { return _mm256_and_si256(c, _mm256_set1_epi8(15)); }
 INLINE qv q_hi(qv c) { return _mm256_and_si256(_mm256_srli_epi16(c, 4), _mm256_set1_epi8(15)); }
+#if INT4_Q8 == 1
+INLINE vi q_dpbusd(vi acc, qv c, qv x) { return (vi)_mm256_dpbusd_avx_epi32((__m256i)acc, c, x); }
+#else
 INLINE qv q_pairs(qv c, qv x) { return _mm256_maddubs_epi16(c, x); }
 INLINE qv q_add16(qv a, qv b) { return _mm256_add_epi16(a, b); }
 INLINE vi q_widen(qv s) { return (vi)_mm256_madd_epi16(s, _mm256_set1_epi16(1)); }
+#endif
 #endif
 
 /* acc + the products of one register of codes c (its nibbles lo, hi) with x's planes e, o. */
