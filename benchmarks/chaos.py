@@ -4,18 +4,19 @@
 
 A fixed list of requests (greedy, and seeded at temperature 0.8) first runs once without faults: the
 reference tokens and the undisturbed time to first token. Then the same list runs round and round
-for --minutes without faults (the control), and as long again while the killer works: a kill --kill-every
-seconds after the service was last healthy. Every request that completes is compared token by token
-with its reference. Printed: requests completed, replayed (the service's count) and failed (target
-0), tokens that differ from the reference without and with faults, p50/p99 time to first token, kills,
-restarts, and each restart as a client sees it: from the kill until health says "ok" again.
+for --minutes without faults (the control), and as long again while the killer works: a kill
+--kill-every seconds after the service was last healthy. Every request that completes is compared
+token by token with its reference. Printed: requests completed, replayed (the service's count) and
+failed (target 0), tokens that differ from the reference without and with faults, p50/p99 time to
+first token, kills, restarts, and each restart as a client sees it: from the kill until health says
+"ok" again.
 
-Tokens that differ: on a CPU in float32 a request's tokens do not depend on what else is batched with
-it (target 0 in both storms). On a GPU its bf16 products take kernels chosen by the batch's size, whose
-sums round differently, so once a near-tie between two tokens falls the other way the rest differ; a
-random model's logits are full of near-ties (session 34: 32% of the tokens differed in a storm without
-faults on an H100). There, the control says what the batching alone does, and a replay (its prompt
-and tokens so far prefilled again) adds the prefill's rounding to that.
+Tokens that differ: on a CPU in float32 a request's tokens do not depend on what else is batched
+with it (target 0 in both storms). On a GPU its bf16 products take kernels chosen by the batch's
+size, whose sums round differently, so once a near-tie between two tokens falls the other way the
+rest differ; a random model's logits are full of near-ties (session 34: 32-48% of the tokens
+differed in storms without faults on H100 hosts). There, the control says what the batching alone
+does, and a replay (its prompt and tokens so far prefilled again) adds the prefill's rounding to it.
 Arguments after `--` go to `serve` (--max-restarts is raised so that the killer cannot exhaust it).
 """
 
@@ -119,8 +120,10 @@ def pct(xs: list[float], q: float) -> float:
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("model", type=click.Path(exists=True))
-@click.option("--minutes", type=float, default=2.0, show_default=True, help="How long each storm (without faults, then with) goes on.")
-@click.option("--kill-every", type=float, default=20.0, show_default=True, help="Seconds from the service being healthy to the next kill.")
+@click.option("--minutes", type=float, default=2.0, show_default=True,
+              help="How long each storm (without faults, then with) goes on.")
+@click.option("--kill-every", type=float, default=20.0, show_default=True,
+              help="Seconds from the service being healthy to the next kill.")
 @click.option("--clients", type=int, default=8, show_default=True, help="Requests in flight at once.")
 @click.option("--requests", "n_requests", type=int, default=32, show_default=True, help="Distinct requests in the list.")
 @click.option("--new-tokens", type=int, default=48, show_default=True, help="Tokens generated per request.")

@@ -55,6 +55,8 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
     nodes, front_cores = reserve_cores(numa_cpus(opts.numa_nodes), local, opts.reserved_cores)
     n_pool = opts.cpu_workers or len(nodes)
     layers = stages.layers
+    used = {"cpu"} if caches.gpu_fmt == caches.cpu_fmt else {"cpu", "gpu"}
+    stores.keep_only(used)
     holds = {"nodes": n_pool, "format": caches.cpu_fmt.to_spec(), "cache": _str(caches.cpu), "gguf": opts.gguf,
              "layers": list(layers)}
     fds, filled = stores.segments("cpu", dict(holds, model=model_dir), StoreLayout(family, n_pool, caches.cpu_fmt, layers))
@@ -97,7 +99,7 @@ async def start_local(group: WorkerGroup, family: ModelFamily, model_dir: str, o
                 )
                 group.spawn(f"gpu_worker {r} ({dev})", "krasis.gpu_worker", spec, [*gpu_fds, box_fd])
             await await_ready(n_pool + local, bar)
-        stores.mark_filled()
+        stores.mark_filled(used)
     finally:
         os.close(box_fd)  # the children hold their own copies (and `stores` the store's)
     return pool_eps

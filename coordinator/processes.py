@@ -1,8 +1,9 @@
 """Starting, watching and stopping the worker processes.
 
 Every worker is a child of the coordinator or of its zygote (Zygote, below; with --hosts, of its
-machine's host agent's zygote, or the agent's: coordinator/host_agent.py), started with a JSON spec (below, written by
-coordinator/local_group.py) and the expert-store memfds as inherited descriptors. Children set
+machine's host agent's zygote, or the agent's: coordinator/host_agent.py), started with a JSON spec
+(below, written by coordinator/local_group.py) and the expert-store memfds as inherited descriptors.
+Children set
 PDEATHSIG so they die with their parent, and so with the coordinator, however it ends; the
 coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
 child exit raises WorkerDied; the engine then restarts the whole group, or goes down past --max-restarts.
@@ -413,8 +414,14 @@ class KeptStores:
             self.kept[name] = (key, ExpertStore.create_segments(layout), False)
         return self.kept[name][1], self.kept[name][2]
 
-    def mark_filled(self) -> None:
-        self.kept = {name: (key, fds, True) for name, (key, fds, _) in self.kept.items()}
+    def keep_only(self, names: set[str]) -> None:
+        """Free the stores other than `names` (a group that needs no store of its own for the GPU
+        workers: none is held for nothing, nor later taken as filled)."""
+        for name in set(self.kept) - names:
+            self._free(name)
+
+    def mark_filled(self, names: set[str]) -> None:
+        self.kept.update({name: (*self.kept[name][:2], True) for name in names})
 
     def _free(self, name: str) -> None:
         for fd in self.kept.pop(name)[1]:
@@ -428,9 +435,8 @@ class KeptStores:
 class Prestarted:
     """Workers started before their specs exist: `serve`, `generate`, `bench`, `optimize` and
     `calibrate` (and a host agent, for its lifetime) start the zygote, and through it one process per
-    worker the run will have, before
-    they import torch and build the engine (config, cache headers, tokenizer): the zygote imports
-    while they do. Each worker waits for its spec (run_prestarted). The WorkerGroup hands each spec to
+    worker the run will have, before they import torch and build the engine (config, tokenizer, cache
+    headers): the zygote imports while they do. Each worker waits for its spec (run_prestarted). The WorkerGroup hands each spec to
     one of them, and once none is left (a group started again after a fault), to one the zygote
     forks then. As a context manager, those never handed one, and the zygote, are stopped on exit;
     until then they die with the coordinator like any worker (PDEATHSIG). It also keeps the command's

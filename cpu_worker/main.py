@@ -57,7 +57,7 @@ def main() -> None:
             done = layout.moe_layers.index(layer) + 1
             coord.send_multipart(P.encode(P.Progress(role="cpu", rank=node, what="expert layers", done=done, total=total)))
 
-        if not spec["store"].get("filled"):  # else a group before this one filled it (local_group.py: KeptStores)
+        if not spec["store"].get("filled"):  # else a group before this one did (coordinator/processes.py: KeptStores)
             with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
                 fill_node(store, node, write, on_layer=on_layer, threads=threads)
         mark("fill")

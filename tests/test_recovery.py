@@ -160,8 +160,17 @@ def test_kept_stores_hand_back_the_filled_segments_while_they_hold_the_same(text
     assert not filled and all(os.fstat(fd).st_size == size for fd, size in zip(fds, layout.sizes))
     # a group that died before all its workers said Ready: the same segments, to be filled again
     assert stores.segments("cpu", dict(holds), layout) == (fds, False)
-    stores.mark_filled()
+    stores.mark_filled({"cpu"})
     assert stores.segments("cpu", dict(holds), layout) == (fds, True)
+    # a store the next group does not use (its GPU workers read the pool's) is freed, not held for
+    # nothing, and never taken as filled by that group's Ready
+    gpu, _ = stores.segments("gpu", dict(holds, format="bf16"), layout)
+    gpu_first = inodes(gpu)
+    stores.keep_only({"cpu"})
+    stores.mark_filled({"cpu"})
+    assert not set(inodes(gpu)) & set(gpu_first)
+    assert stores.segments("gpu", dict(holds, format="bf16"), layout)[1] is False
+    stores.keep_only({"cpu"})
     # another store in its place: new segments, unfilled, and the old ones closed
     other, filled = stores.segments("cpu", dict(holds, format="int8"), layout)
     second = inodes(other)
