@@ -60,6 +60,7 @@ def main() -> None:
         if not spec["store"].get("filled"):  # else a group before this one did (coordinator/processes.py: KeptStores)
             with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
                 fill_node(store, node, write, on_layer=on_layer, threads=threads)
+        store.seal()
         mark("fill")
         boxes = Mailboxes(spec["mailbox"]["fd"], SlotShape(**spec["mailbox"]["shape"]), spec["mailbox"]["count"])
         slots = [boxes.slot(i) for i in spec["mailbox"]["slots"]]

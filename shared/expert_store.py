@@ -16,6 +16,7 @@ The layout is a pure function of (family, nodes, format), so every process compu
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -150,6 +151,15 @@ class ExpertStore:
             os.set_inheritable(fd, True)
             fds.append(fd)
         return fds
+
+    def seal(self) -> None:
+        """This process's mapping of the store, read-only from here (mprotect): once filled, nothing
+        writes it, and it outlives the process (coordinator/processes.py: KeptStores), so a stray
+        write would carry into the groups after it; it faults in the writer instead."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        for m, b in zip(self._maps, self._bytes):
+            if len(m) and libc.mprotect(ctypes.c_void_p(b.data_ptr()), ctypes.c_size_t(len(m)), mmap.PROT_READ):
+                raise OSError(ctypes.get_errno(), "mprotect of the expert store failed")
 
     def tensors(self, layer: int, node: int) -> dict[str, torch.Tensor]:
         out = {}

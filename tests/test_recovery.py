@@ -79,9 +79,18 @@ def pool_stores(svc) -> set[str]:
     return {w["store"] for w in svc.client.stats().stats["workers"] if w["role"] == "cpu"}
 
 
+def store_maps(pid: int) -> list[str]:
+    """The permissions of `pid`'s mappings of the expert store (shared/expert_store.py's memfds)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.split()[1] for line in f if "krasis-experts-node" in line]
+
+
 def test_a_pool_process_killed_mid_stream_loses_nothing(svc, undisturbed):
     victim = worker_pid(svc, "cpu")
     assert pool_stores(svc) == {"filled"}
+    # once filled, the pool maps the store read-only: the store outlives it (kept for the next
+    # group), so a stray write must fault here rather than carry over
+    assert store_maps(victim) and set(store_maps(victim)) == {"r--s"}
     t0 = time.monotonic()
 
     async def kill():
