@@ -551,6 +551,58 @@ def chat(endpoint, max_new_tokens, temperature, system, keys):
             history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _status_text(endpoint: str, health, stats: dict) -> str:
+    """status's table: the service's state, each worker (its process, where it runs, what it runs),
+    the hosts, and the counters an operator reads first."""
+    lines = [f"{endpoint}: {health.status} (model {health.model})", "workers:"]
+    for w in stats.get("workers") or health.workers:
+        if w["role"] == "cpu":
+            size = w.get("bytes", 0)
+            size = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+            what = f"expert store {size} ({w.get('store', 'filled')}), {w.get('experts', '')}"
+        else:
+            a, b = w.get("layers", [0, 0])
+            what = (f"{w.get('device', '?')}, layer{f' {a}' if b == a + 1 else f's {a}-{b - 1}'}, "
+                    f"prefill {w.get('prefill_strategy', '?')}, decode {w.get('decode_strategy', '?')}")
+        where = f"  on {w['host']}" if w.get("host") else ""
+        lines.append(f"  {w['role']} {w['rank']}  pid {w['pid']}  {what}{where}")
+    for h in health.hosts:
+        lines.append(f"host {h['host'] or '?'} {h['endpoint']}: {h['state']}, last heard {h['last_heard_s']:.1f} s ago")
+    lines += [f"requests: {stats['completed']} completed, {stats['errors']} errors, {stats['running']} running, "
+              f"{stats['waiting']} waiting",
+              f"tokens: {stats['prompt_tokens']:,} prompt, {stats['generated_tokens']:,} generated",
+              f"restarts: {stats['restarts']} ({stats.get('restart_s', 0.0):.2f} s in all), "
+              f"{stats['replays']} requests replayed"]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--connect", "endpoint", default="tcp://127.0.0.1:5555", show_default=True)
+@click.option("--keys", type=click.Path(file_okay=False, exists=True),
+              help="Client keys folder for a service run with --keys (docs/deployment.md).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds to wait for each answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the health and stats replies as one JSON object.")
+def status(endpoint, keys, timeout, as_json):
+    """A running service's health and counters: its workers (process, device, layers, strategies, the
+    pool's store), hosts, requests, tokens and restarts. Exits 0 when it serves (health "ok"), 1 when
+    it is restarting, draining or down, 2 when nothing answers within --timeout: a monitor can run it."""
+    from ..shared.client import Client
+
+    with Client(endpoint, timeout_s=timeout, keys=keys) as c:
+        try:
+            health, stats = c.health(), c.stats().stats
+        except TimeoutError:
+            click.echo(f"krasis: no service answered at {endpoint} within {timeout:g} s", err=True)
+            sys.exit(2)
+    if as_json:
+        click.echo(json.dumps({"health": {k: getattr(health, k) for k in ("status", "model", "workers", "hosts")},
+                               "stats": stats}))
+    else:
+        click.echo(_status_text(endpoint, health, stats))
+    sys.exit(0 if health.status == "ok" else 1)
+
+
 @main.command()
 @click.argument("model", type=MODEL_PATH)
 @click.option("--prompt-tokens", "--prompt-lens", "prompt_lens", callback=_count_list, default="10000", show_default=True,

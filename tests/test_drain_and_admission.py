@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
 import tiny_models as tm
 from krasis.shared import protocol as P
@@ -89,6 +90,11 @@ def test_admission_then_a_clean_drain(model):
                 assert health.status == 503 and (await health.json())["status"] == "draining"
                 zmq_reply = list(c.stream(prompt_ids=[1, 2], max_new_tokens=2))[-1]
                 assert isinstance(zmq_reply, P.Error) and zmq_reply.message.startswith("draining")
+                # `krasis-coord status` says so, and exits 1 (not serving) for a monitor
+                from krasis.coordinator.cli import main
+
+                st = CliRunner().invoke(main, ["status", "--connect", svc.endpoint])
+                assert st.exit_code == 1 and st.stdout.startswith(f"{svc.endpoint}: draining")
                 return await read_stream(a)
 
         events = asyncio.run(go())

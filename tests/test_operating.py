@@ -5,6 +5,7 @@ the official `openai` client, streaming and not."""
 
 from __future__ import annotations
 
+import json
 import socket
 import tomllib
 import urllib.error
@@ -135,6 +136,22 @@ def _reference_logprobs(ref, prompt_ids: list[int], generated: list[int]) -> tor
     """log_softmax, in float32, of transformers' logits at each generated token's position."""
     logits = tm.reference_logits(ref, prompt_ids + generated[:-1])[len(prompt_ids) - 1:]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_status_shows_the_running_service_and_exits_by_its_health(svc):
+    health, stats = svc.client.health(), svc.client.stats().stats
+    code, out, _ = cli("status", "--connect", svc.endpoint)
+    assert code == 0 and out.startswith(f"{svc.endpoint}: ok")
+    for w in health.workers:  # a line per worker, with its process
+        assert f"{w['role']} {w['rank']}  pid {w['pid']}" in out
+    assert f"{stats['completed']} completed" in out and "restarts: 0" in out
+    code, out, _ = cli("status", "--connect", svc.endpoint, "--json")
+    got = json.loads(out)
+    assert code == 0 and got["health"]["status"] == "ok" and got["health"]["workers"] == health.workers
+    assert got["stats"]["workers"] == stats["workers"] and got["stats"]["restarts"] == 0
+    # nothing at the endpoint: exit 2 within the timeout, for a monitor
+    code, _, err = cli("status", "--connect", "ipc://@krasis-test-nobody", "--timeout", "0.3")
+    assert code == 2 and "no service answered" in err
 
 
 def test_logprobs_are_the_models_log_softmax(svc, text_model):  # noqa: F811
