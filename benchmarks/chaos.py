@@ -12,7 +12,8 @@ first token, kills, restarts, and each restart as a client sees it: from the kil
 "ok" again.
 
 Tokens that differ: on a CPU in float32 a request's tokens do not depend on what else is batched
-with it (target 0 in both storms). On a GPU its bf16 products take kernels chosen by the batch's
+with it (target 0 in both storms, with --gpu-bits equal to --cpu-bits: a replay prefills the tokens
+so far with the GPU workers' experts, other numbers than the pool's with other bits). On a GPU its bf16 products take kernels chosen by the batch's
 size, whose sums round differently, so once a near-tie between two tokens falls the other way the
 rest differ; a random model's logits are full of near-ties (session 34: 32-48% of the tokens
 differed in storms without faults on H100 hosts). There, the control says what the batching alone
