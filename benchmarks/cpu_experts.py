@@ -45,8 +45,7 @@ import torch
 from krasis.cpu_worker import native
 from krasis.cpu_worker.expert_kernel import moe_layer, set_threads
 from krasis.cpu_worker.lookahead import l2_bytes
-from krasis.shared import expert_store
-from krasis.shared.expert_store import ExpertFormat
+from krasis.shared.expert_store import ExpertFormat, map_segment
 from krasis.shared.models.family import ExpertShape
 from krasis.shared.moe import moe_reference, moe_reference_q8
 
@@ -73,9 +72,8 @@ def page_buffer(nbytes: int, pages: str) -> torch.Tensor:
     if pages == "shared":
         fd = os.memfd_create("cpu-experts", 0)
         os.ftruncate(fd, nbytes)
-        m = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        m = map_segment(fd, nbytes)
         os.close(fd)
-        expert_store._huge_pages(m)
     else:
         m = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
         m.madvise(mmap.MADV_HUGEPAGE)

@@ -12,8 +12,8 @@ own clock, from its exec: the coordinator's imports and engine (config, tokenize
 then each worker's phases from the times it reports in its Ready message
 (shared/lifecycle.py:StartupMarks: "exec", when the zygote forked it, "preload", none since, and
 "spec", its wait for the engine, when it was started ahead), and when the coordinator saw each
-Ready. A run that built a cache (one was missing or stale) is no warm start: the summary, each phase's least and
-median, leaves such runs out. Warm runs read the caches from the page cache where RAM holds them.
+Ready. A run that built a cache (one was missing or stale) is no warm start: the summary, each
+phase's least and median, leaves such runs out. Warm runs read the caches from the page cache where RAM holds them.
 """
 
 from __future__ import annotations

@@ -3,10 +3,9 @@
 Every worker is a child of the coordinator or of its zygote (Zygote, below; with --hosts, of its
 machine's host agent's zygote, or the agent's: coordinator/host_agent.py), started with a JSON spec
 (below, written by coordinator/local_group.py) and the expert-store memfds as inherited descriptors.
-Children set
-PDEATHSIG so they die with their parent, and so with the coordinator, however it ends; the
-coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected
-child exit raises WorkerDied; the engine then restarts the whole group, or goes down past --max-restarts.
+Children set PDEATHSIG so they die with their parent, and so with the coordinator, however it ends;
+the coordinator in turn stops them on any exit path (normal, signal, exception). An unexpected child
+exit raises WorkerDied; the engine then restarts the whole group, or goes down past --max-restarts.
 
 GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, threads,
     in (its inbound endpoint), next (next stage's inbound or the coordinator's), coord,
@@ -436,9 +435,9 @@ class Prestarted:
     """Workers started before their specs exist: `serve`, `generate`, `bench`, `optimize` and
     `calibrate` (and a host agent, for its lifetime) start the zygote, and through it one process per
     worker the run will have, before they import torch and build the engine (config, tokenizer, cache
-    headers): the zygote imports while they do. Each worker waits for its spec (run_prestarted). The WorkerGroup hands each spec to
-    one of them, and once none is left (a group started again after a fault), to one the zygote
-    forks then. As a context manager, those never handed one, and the zygote, are stopped on exit;
+    headers): the zygote imports while they do. Each worker waits for its spec (run_prestarted). The
+    WorkerGroup hands each spec to one of them, and once none is left (a group started again after a
+    fault), to one the zygote forks then. As a context manager, those never handed one, and the zygote, are stopped on exit;
     until then they die with the coordinator like any worker (PDEATHSIG). It also keeps the command's
     expert stores (`stores`) for every group it starts."""
 

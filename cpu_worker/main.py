@@ -57,7 +57,8 @@ def main() -> None:
             done = layout.moe_layers.index(layer) + 1
             coord.send_multipart(P.encode(P.Progress(role="cpu", rank=node, what="expert layers", done=done, total=total)))
 
-        if not spec["store"].get("filled"):  # else a group before this one did (coordinator/processes.py: KeptStores)
+        kept = spec["store"].get("filled", False)  # a group before this one filled it (coordinator/processes.py: KeptStores)
+        if not kept:
             with store_writer(spec["store"], layout.fmt, family, spec["model"], spec["threads"]) as (write, threads):
                 fill_node(store, node, write, on_layer=on_layer, threads=threads)
         store.seal()
@@ -123,7 +124,7 @@ def main() -> None:
     coord.send_multipart(
         P.encode(P.Ready(role="cpu", rank=node, pid=os.getpid(),
                          info={"bytes": layout.sizes[node], "experts": layout.fmt.describe(), "startup": mark.marks,
-                               "store": "kept" if spec["store"].get("filled") else "filled"}))
+                               "store": "kept" if kept else "filled"}))
     )
 
     def serve(slot: Slot, number: int, seen: float) -> None:

@@ -121,12 +121,20 @@ def _huge_pages(m: mmap.mmap) -> None:
     """Ask for 2 MiB pages where the kernel gives them to shared memory (transparent_hugepage/
     shmem_enabled "advise" or "always"): the pool reads ~19 MB of experts per layer of a decode step
     from all over the store, and with 4 KiB pages that is ~4,600 pages per layer, far past what the
-    TLB holds, so every page's first read also walks the page tables. Elsewhere a no-op."""
+    TLB holds, so every page's first read also walks the page tables (worth 2-6% of decode on the
+    lent hosts with "advise", session 34: not the pool's bound). Elsewhere a no-op."""
     if len(m) and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             m.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
             pass
+
+
+def map_segment(fd: int, size: int) -> mmap.mmap:
+    """A store segment mapped shared and writable, asking for 2 MiB pages (_huge_pages)."""
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    _huge_pages(m)
+    return m
 
 
 class ExpertStore:
@@ -136,9 +144,7 @@ class ExpertStore:
         if len(fds) != layout.nodes:
             raise ValueError(f"expert store needs {layout.nodes} segment fds, got {len(fds)}")
         self.layout = layout
-        self._maps = [mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) for fd, size in zip(fds, layout.sizes)]
-        for m in self._maps:
-            _huge_pages(m)
+        self._maps = [map_segment(fd, size) for fd, size in zip(fds, layout.sizes)]
         self._bytes = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
 
     @staticmethod

@@ -154,7 +154,7 @@ class Agent:
 
     def zygote(self) -> list[int]:
         """The agent's zygote (coordinator/processes.py: Zygote), its one child of its own."""
-        return [p for p in children(self.proc.pid) if comm(p) == "krasis-zygote"]
+        return [p for p in children(self.proc.pid) if tm.comm(p) == "krasis-zygote"]
 
     def workers(self) -> list[int]:
         """The workers it started: its zygote's children (and any it started itself) that took a spec,
@@ -162,7 +162,7 @@ class Agent:
         krasis-gpu: shared/lifecycle.py)."""
         zygote = self.zygote()
         kids = [p for z in zygote for p in children(z)] + [p for p in children(self.proc.pid) if p not in zygote]
-        return [p for p in kids if re.fullmatch(r"krasis-(cpu|gpu)\d+", comm(p) or "")]
+        return [p for p in kids if re.fullmatch(r"krasis-(cpu|gpu)\d+", tm.comm(p) or "")]
 
     def stop(self) -> None:
         if self.proc is None:
@@ -170,14 +170,6 @@ class Agent:
         kids = [p for z in self.zygote() for p in [z, *children(z)]] + self.workers() if self.proc.poll() is None else []
         tm.terminate(self.proc, "agent")
         tm.wait_gone(kids)
-
-
-def comm(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
 
 
 def children(pid: int) -> list[int]:
@@ -252,9 +244,9 @@ def test_generate_over_three_stages_on_two_hosts_matches_transformers(models, ke
 
 def test_serve_over_hosts_then_an_agent_killed_and_restarted(models, keys, agents, tmp_path):
     """serve --hosts on a CURVE tcp endpoint: exact prompt logits and tokens; every worker is its own
-    agent's (forked by the agent's zygote), each pool holds only its stages' layers, no memfd is shared between the agents'
-    trees (nor held by the coordinator); health names each host; a client without an authorized key
-    gets no answer. Then kill -9 of an agent while a request runs: its workers die with it, the
+    agent's (forked by the agent's zygote), each pool holds only its stages' layers, no memfd is
+    shared between the agents' trees (nor held by the coordinator); health names each host; a client
+    without an authorized key gets no answer. Then kill -9 of an agent while a request runs: its workers die with it, the
     coordinator notices within 3 heartbeats, the other host's workers are replaced, and once the agent
     is back (as systemd would bring it) the request completes as if nothing happened (replayed) or
     fails naming the host, and new requests are exact again; the surviving agent's zygote forked its

@@ -25,7 +25,7 @@ def model(tmp_path_factory):
 def _proc(pid: int) -> tuple[str, int]:
     """A process's name and its parent's pid."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    return Path(f"/proc/{pid}/comm").read_text().strip(), int(stat.rsplit(")", 1)[1].split()[1])
+    return tm.comm(pid), int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_the_cli_imports_no_torch():

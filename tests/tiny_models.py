@@ -396,6 +396,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def comm(pid: int) -> str | None:
+    """A process's name (ps -o comm), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def wait_gone(pids: list[int], timeout: float = 15) -> None:
     import time
 
