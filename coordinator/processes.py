@@ -327,7 +327,10 @@ def run_zygote() -> None:
 def _zygote_loop(sock: socket.socket) -> None:
     children: set[int] = set()
     while True:
-        msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        except OSError:
+            msg = b""
         if not msg:
             return  # the coordinator is done with us
         msg = json.loads(msg)
@@ -341,16 +344,20 @@ def _zygote_loop(sock: socket.socket) -> None:
             pid = _fork(worker)
             os.close(fds[0])
             children.add(pid)
-            sock.send(json.dumps({"pid": pid}).encode())
-            continue
-        exits = {}  # {"reap"}: the children that ended since the last time, reaped only now
-        while children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if not pid:
-                break
-            children.discard(pid)
-            exits[pid] = os.waitstatus_to_exitcode(status)
-        sock.send(json.dumps({"exits": exits}).encode())
+            reply = {"pid": pid}
+        else:
+            exits = {}  # {"reap"}: the children that ended since the last time, reaped only now
+            while children:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if not pid:
+                    break
+                children.discard(pid)
+                exits[pid] = os.waitstatus_to_exitcode(status)
+            reply = {"exits": exits}
+        try:
+            sock.send(json.dumps(reply).encode())
+        except OSError:  # the coordinator closed its end meanwhile (Zygote.close, as a command ends)
+            return
 
 
 class ZygoteChild:

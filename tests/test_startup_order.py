@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,20 @@ def test_prestarted_workers_take_their_specs(model):
     want = tm.generate_json(model, [1, 2, 3], 3, "--devices", "cpu,cpu", "--cpu-workers", "2")["token_ids"]
     assert toks == toks_again == want
     tm.wait_gone(started + [w["pid"] for w in again] + [zygote])
+
+
+def test_the_zygote_ends_quietly_when_the_coordinator_closes_its_end_first(capfd):
+    """A command that fails early closes the zygote's socket while a request's reply is still to be
+    sent (CI saw a traceback of that on stderr, where a clean error was the command's one line): the
+    zygote's loop ends as when the socket closes between requests."""
+    from krasis.coordinator.processes import _zygote_loop
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.send(b'{"reap": true}')
+    ours.close()
+    with theirs:
+        _zygote_loop(theirs)  # returns: no BrokenPipeError
+    assert capfd.readouterr().err == ""
 
 
 def test_unused_prestarted_workers_are_killed(model):
