@@ -529,6 +529,66 @@ def turn_check(num: int = 128, hidden: int = 2048, k: int = 8):
     save()
 
 
+def warm_check(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: int = 128, experts: int = 128):
+    """The decode turn's products with their weights warmed into L2 beforehand (gpu_worker/
+    l2_warm_kernel.py) against cold from HBM, Qwen3-30B-A3B's shapes at one token: qkv with the input
+    norm (5120 x 2048), o (2048 x 4096) and the router (128 x 2048), from one of enough layers' copies
+    (each 38 MB) that a layer's are never in L2 when it comes round again, as in a decode step. Each
+    timed as a graph of 20 turns: the turn alone (cold), the warm-up alone, and the warm-up then the
+    turn; the warmed turn is the difference of the last two (in a step the warm-up runs while the
+    pool does). Also whether the compiled kernel read every word (its checksum against the reference)
+    in bf16 and with INT8 rows (--attn-bits 8)."""
+    from krasis.gpu_worker.l2_warm_kernel import L2_SHARE, L2Warm, warm_reference
+    from krasis.shared.kernels.gemv_kernel import gemv
+    from krasis.shared.kernels.router_kernel import router_topk_triton
+    from krasis.shared.quant import QuantLinear
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    budget = int(L2_SHARE * torch.cuda.get_device_properties(0).L2_cache_size)
+    row = {"l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size, "budget_bytes": budget}
+    for bits in (16, 8):
+        def weight(o, i):
+            w = (torch.randn(o, i, device="cuda", generator=g) * 0.02).bfloat16()
+            return w if bits == 16 else QuantLinear.quantize(w)
+
+        def rows(w):
+            return (w, None) if bits == 16 else (w.q, w.scale)
+
+        layers = []
+        for _ in range(8):
+            ln = (torch.rand(hidden, device="cuda", generator=g) + 0.5).bfloat16()
+            qkv, o = weight((heads + 2 * kv_heads) * head_dim, hidden), weight(hidden, heads * head_dim)
+            router = (torch.randn(experts, hidden, device="cuda", generator=g) * 0.02).bfloat16()
+            parts = [ln, *(t for w in (qkv, o) for t in rows(w) if t is not None), router]
+            layers.append((ln, qkv, o, router, L2Warm(parts, torch.device("cuda"), budget)))
+        x = torch.randn(1, hidden, device="cuda", generator=g).bfloat16()
+        a = torch.randn(1, heads * head_dim, device="cuda", generator=g).bfloat16()
+
+        def turn(layer):
+            ln, qkv, o, router, _ = layer
+            q, s = rows(qkv)
+            gemv(x, q, norm=(ln, 1e-6), scale=s)
+            q, s = rows(o)
+            gemv(a, q, scale=s)
+            return router_topk_triton(x, router, 8, True)
+
+        def warmed(layer):
+            layer[4]()
+            return turn(layer)
+
+        tag = "bf16" if bits == 16 else "int8"
+        for name, call in (("cold", turn), ("warm_only", lambda layer: layer[4]()), ("warm_then_turn", warmed)):
+            cycle = itertools.cycle(layers)
+            row[f"{tag}_{name}_us"] = graph_us(lambda: call(next(cycle)), 10)[0]
+        row[f"{tag}_warmed_turn_us"] = row[f"{tag}_warm_then_turn_us"] - row[f"{tag}_warm_only_us"]
+        row[f"{tag}_warm_bytes"] = layers[0][4].nbytes
+        layers[0][4]()
+        row[f"{tag}_checksum_exact"] = layers[0][4].checksum() == warm_reference(layers[0][4].tensors)
+    log("warm", row)
+    RESULTS["warm"] = row
+    save()
+
+
 def dequant_check():
     """tests/test_dequant.py's comparisons on CUDA (the dequant kernel, where bfloat16 must be
     identical too, and the fused expert kernel of hcs_hybrid decode), tests/test_combine_kernel.py's
@@ -780,7 +840,7 @@ def main():
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     t0 = time.time()
     checks = {"ceilings": ceilings, "norm_rope": norm_rope_check, "attention": attention_check,
-              "prefill_attention": prefill_attention_check, "turn": turn_check,
+              "prefill_attention": prefill_attention_check, "turn": turn_check, "warm": warm_check,
               "dequant": dequant_check, "kernel": kernel_check, "graphs": graphs_check}
     for step in () if a.skip_checks else [checks[c] for c in a.checks.split(",")]:
         try:

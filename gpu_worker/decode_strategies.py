@@ -20,6 +20,9 @@ from .pool_client import PoolClient
 # Whether the device guesses the pool's next layer's experts (DecodeStrategy.guess); with
 # KRASIS_POOL_GUESS=0 the pool guesses them itself after answering (an A/B, and a way out).
 POOL_GUESS = os.environ.get("KRASIS_POOL_GUESS", "1") != "0"
+# Whether the device reads the next layer's weights into its L2 while the pool runs a layer
+# (DecodeStrategy.warm); KRASIS_L2_WARM=0 for an A/B.
+L2_WARM = os.environ.get("KRASIS_L2_WARM", "1") != "0"
 
 
 class DecodeStrategy(RoutedExperts):
@@ -31,7 +34,8 @@ class DecodeStrategy(RoutedExperts):
     chosen experts from DRAM, and the device waiting for it) is what a decode layer costs most.
     `takes_resident`: whether the strategy does (compact and lru run every expert on the device).
     `routes`: MoE layer -> its router (route(x) -> ids, weights), in layer order (the stage sets it),
-    for the guess."""
+    for the guess. `warms`: layer -> the launch that reads the stage's next layer's weights into the
+    device's L2 (the stage sets it on CUDA)."""
 
     name = ""
     takes_resident = False
@@ -41,6 +45,7 @@ class DecodeStrategy(RoutedExperts):
         self.resident: dict[int, list] = {}
         self.resident_on = False  # resident decode on (experts.py): layers on the device skip the pool
         self.routes: dict[int, Callable] = {}
+        self.warms: dict[int, Callable[[], None]] = {}
 
     def guess(self, layer: int, x: torch.Tensor) -> None:
         """After posting `layer`'s work to the pool: the experts its next layer for the pool will
@@ -54,6 +59,13 @@ class DecodeStrategy(RoutedExperts):
         nxt = next((i for i in self.routes if i > layer and i not in self.resident), None)
         if nxt is not None:
             self.pool.guess(nxt, self.routes[nxt](x)[0])
+
+    def warm(self, layer: int) -> None:
+        """After posting `layer`'s work to the pool: the next layer's weights into the device's L2
+        while the device waits for the pool, so that its turn's products read them from there
+        (l2_warm_kernel.py says why)."""
+        if L2_WARM and layer in self.warms:
+            self.warms[layer]()
 
     def _on_device(self, layer: int, x, ids, weights) -> OnDevice:
         """A resident layer's routed experts for x, on the device, enqueued when collected."""
@@ -87,6 +99,7 @@ class PureCpu(DecodeStrategy):
             return x.dtype, self._on_device(layer, x, ids, weights)
         self.pool.submit(layer, x, ids, weights)
         self.guess(layer, x)
+        self.warm(layer)
         return x.dtype, None
 
     def collect(self, pending):
@@ -133,8 +146,10 @@ class HcsHybrid(DecodeStrategy):
         self.pool.submit(layer, x, ids.masked_fill(local >= 0, -1), weights)
         self.guess(layer, x)  # the hot experts in it are left out by the pool (lookahead.py: QUIET)
         if self.hot.slots is None:
+            self.warm(layer)
             return x.dtype, None, True
         mine = moe_pairs(x, self.hot.lookup[layer], ids, weights, self.hot.slots.t, self.host.fmt, self.act)
+        self.warm(layer)  # after the device's own share, which the next layer waits for as it waits for the pool
         return x.dtype, mine, True
 
     def collect(self, pending):
