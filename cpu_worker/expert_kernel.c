@@ -71,13 +71,6 @@
 #define PREFETCH_HINT 3
 #endif
 
-/* 1: a thread out of phase 1 while others are still in it reads the first rows of its phase-2 share
- * into its L2 (moe_layer says why); 0: it waits at the barrier (benchmarks/cpu_experts.py --c-flags
- * compares them). */
-#ifndef P2_AHEAD
-#define P2_AHEAD 1
-#endif
-
 /* Rows read together (phase 1: gate and up rows, so 2 means one of each) while one or two tokens
  * use them: 2 or 4. Four rows give more independent work per loop, but also twice the concurrent
  * DRAM streams per thread; on an AVX2 EPYC, 2 read INT8 ~45% faster from DRAM at equal arithmetic
@@ -617,12 +610,6 @@ INLINE void prefetch_ahead(const uint8_t *const *rows, int R, int nbytes) {
             for (int o = 0; o < nbytes; o += 64) __builtin_prefetch(rows[r] + PREFETCH + o, 0, PREFETCH_HINT);
 }
 
-/* Prefetches the n bytes at p, a cache line at a time, into L2 (prefetcht1). */
-INLINE void prefetch_l2(const void *p, size_t n) {
-    const uintptr_t a = (uintptr_t)p & ~(uintptr_t)63, end = (uintptr_t)p + n;
-    for (uintptr_t c = a; c < end; c += 64) __builtin_prefetch((const void *)c, 0, 2);
-}
-
 INLINE float activation(int act, float g, float u) {
     if (act == ACT_GPTOSS) {
         g = fminf(g, 7.0f);
@@ -832,7 +819,7 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
     const size_t q2_e = (size_t)H * nb2, s2_e = (size_t)H * G2;
 
     const double t0 = omp_get_wtime();
-    int team = 1, out_of_p1 = 0;
+    int team = 1;
 #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -885,23 +872,6 @@ static int moe_layer(int bits, int act, int nthreads, int M, int topk, int H, in
         }
         clock_mark(clk_p1, tid);
         if (tid < CLOCK_THREADS) clk_thread_p1[tid] += clk_p1[tid] - p1_start, clk_cpu[tid] = sched_getcpu();
-        /* Phase 2's first chunk of this thread's share (claim gives a thread its own share's chunks
-         * first) into its L2 while the team's slower threads end phase 1: the DRAM would otherwise
-         * idle through the barrier and the activations' quantization after it (phase 1's threads
-         * end ~10 us apart on the lent hosts, a chunk being ~30 KB). The last thread out skips it:
-         * the others wait for it. Which rows a thread reads ahead changes no result. */
-        if (P2_AHEAD && __atomic_add_fetch(&out_of_p1, 1, __ATOMIC_RELAXED) < nt) {
-            long a, b;
-            share((long)na * H, tid, nt, &a, &b);
-            if (b > a + CHUNK2) b = a + CHUNK2;
-            while (a < b) { /* a run of one expert's rows at a time */
-                const int ae = (int)(a / H), h = (int)(a % H), e = active[ae];
-                const long n = b - a < H - h ? b - a : H - h;
-                prefetch_l2(q2 + e * q2_e + (size_t)h * nb2, (size_t)n * nb2);
-                prefetch_l2(s2 + e * s2_e + (size_t)h * G2, (size_t)n * G2 * sizeof(uint16_t));
-                a += n;
-            }
-        }
 #pragma omp barrier
         if (q8) {
 #pragma omp for schedule(static)

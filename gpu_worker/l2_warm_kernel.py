@@ -50,6 +50,13 @@ def _warm(base, table, n, sink, BLOCK: tl.constexpr):
     tl.store(sink + pid, tl.xor_sum(acc, 0))
 
 
+def on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether t lies on device ("cuda" meaning the current CUDA device)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return t.device == device
+
+
 def tensors_of(obj) -> list[torch.Tensor]:
     """The tensors an object holds in its attributes (a layer's weights), in attribute order, through
     tuples, lists and objects that hold tensors themselves (an INT8 QuantLinear's rows and scales, a
@@ -85,7 +92,7 @@ class L2Warm:
         fit, words, total = [], [], 0
         for t in tensors:
             nbytes = t.numel() * t.element_size()
-            if (t.device == device and t.is_contiguous() and t.data_ptr() % 16 == 0 and nbytes >= 4
+            if (on(t, device) and t.is_contiguous() and t.data_ptr() % 16 == 0 and nbytes >= 4
                     and total + nbytes <= budget):
                 fit.append(t)
                 words.append(nbytes // 4)
