@@ -1,5 +1,5 @@
+# (P2_AHEAD was taken out of expert_kernel.c after this call, which found no gain; warm2.sh follows it.)
 # Session 35 (item 3): two ways to shorten a layer of pure_cpu decode, each against this tree with it
-# (P2_AHEAD was taken out of expert_kernel.c after this call: no gain; warm2.sh follows it.)
 # off, interleaved: the device reading the next layer's weights into its L2 during the pool's kernel
 # (gpu_worker/l2_warm_kernel.py; off: KRASIS_L2_WARM=0), and the pool's threads out of phase 1
 # reading their first phase-2 rows while the slowest end it (expert_kernel.c: P2_AHEAD; off: the
