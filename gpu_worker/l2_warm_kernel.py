@@ -57,32 +57,6 @@ def on(t: torch.Tensor, device: torch.device) -> bool:
     return t.device == device
 
 
-def tensors_of(obj) -> list[torch.Tensor]:
-    """The tensors an object holds in its attributes (a layer's weights), in attribute order, through
-    tuples, lists and objects that hold tensors themselves (an INT8 QuantLinear's rows and scales, a
-    rotary's tables), each storage once."""
-    out, seen, objects = [], set(), set()
-
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            key = (v.device, v.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                out.append(v)
-        elif isinstance(v, (tuple, list)):
-            for item in v:
-                walk(item)
-        elif hasattr(v, "__dict__") and not isinstance(v, type) and id(v) not in objects:
-            objects.add(id(v))
-            for item in vars(v).values():
-                walk(item)
-
-    for name, v in vars(obj).items():
-        if name != "f":  # the family: its tensors are every layer's, not this one's
-            walk(v)
-    return out
-
-
 class L2Warm:
     """One launch that reads `tensors` (those of them on `device`, contiguous and 16-byte aligned, in
     order while they fit in `budget` bytes) into L2. On the CPU it runs under Triton's interpreter

@@ -120,12 +120,7 @@ def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Sta
     info = {
         "layers": [a, b],
         "device": str(device),
-        "weights_bytes": sum(
-            t.numel() * t.element_size()
-            for layer in stage.layers
-            for t in vars(layer).values()
-            if isinstance(t, torch.Tensor)
-        ),
+        "weights_bytes": sum(t.numel() * t.element_size() for layer in stage.layers for t in layer.tensors()),
         **stage.experts.info(),
         "startup": mark.marks,
     }

@@ -99,10 +99,10 @@ class Stage:
         self.experts = experts
         experts.decode.routes = {layer.index: layer.route for layer in self.layers if layer.is_moe}
         if self.device.type == "cuda":
-            from .l2_warm_kernel import L2_SHARE, L2Warm, tensors_of  # here: triton, which CPU hosts may lack
+            from .l2_warm_kernel import L2_SHARE, L2Warm  # here: triton, which CPU hosts may lack
 
             budget = int(L2_SHARE * torch.cuda.get_device_properties(self.device).L2_cache_size)
-            experts.decode.warms = {a.index: L2Warm(tensors_of(b), self.device, budget) for a, b in zip(self.layers, self.layers[1:])}
+            experts.decode.warms = {a.index: L2Warm(b.tensors(), self.device, budget) for a, b in zip(self.layers, self.layers[1:])}
         if (self.device.type == "cuda" and os.environ.get("KRASIS_CUDA_GRAPHS", "1") != "0"
                 and experts.decode.graphable and all(layer.graphable for layer in self.layers)):
             self.graphs = DecodeGraphs(self.device, self._graph_body, self._graph_inputs)

@@ -1,7 +1,8 @@
 """The decode turn's L2 warm-up (gpu_worker/l2_warm_kernel.py): under Triton's interpreter, the
 kernel reads every whole 32-bit word of the tensors it keeps exactly once (the XOR of its reads
-against warm_reference's), and it keeps what its budget and layout allow; tensors_of finds every
-weight a layer's turn reads, an INT8 product's rows and scales included, and none of the family's."""
+against warm_reference's), and it keeps what its budget and layout allow; a layer's tensors()
+(what the warm-up reads, and the weights a GPU worker reports) hold every weight its decode turn
+reads, an INT8 product's rows and scales included, and none of the family's."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_a_layers_tensors_are_its_turns_weights(attn_int8):
     """A Qwen3-MoE layer's warm-up holds every weight its decode turn reads (norms, q/k/v and o, q/k
     norms, the router), as stored: with --attn-bits 8 the products' INT8 rows and scales."""
     pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
-    from krasis.gpu_worker.l2_warm_kernel import L2Warm, tensors_of
+    from krasis.gpu_worker.l2_warm_kernel import L2Warm
     from krasis.shared.models.qwen3_moe import Qwen3Moe
     from krasis.shared.quant import QuantLinear
 
@@ -64,11 +65,29 @@ def test_a_layers_tensors_are_its_turns_weights(attn_int8):
         return QuantLinear.quantize(w) if attn_int8 and name.endswith("_proj.weight") else w
 
     layer = fam.make_layer(1, get)
-    found = {t.data_ptr() for t in tensors_of(layer)}
+    found = {t.data_ptr() for t in layer.tensors()}
     products = [layer.wqkv, layer.wo]
     parts = [t for w in products for t in ((w.q, w.scale) if attn_int8 else (w,))]
     for t in [layer.ln1, layer.ln2, layer.q_norm, layer.k_norm, layer.router, *parts]:
         assert t.data_ptr() in found
     assert not any(isinstance(v, torch.Tensor) and v.data_ptr() in found for v in vars(fam).values())
-    whole = L2Warm(tensors_of(layer), torch.device("cpu"), 1 << 30, programs=1)
+    whole = L2Warm(layer.tensors(), torch.device("cpu"), 1 << 30, programs=1)
     assert whole.nbytes >= sum(t.numel() * t.element_size() for t in parts)
+
+
+def test_a_dense_layers_tensors_hold_its_mlp():
+    """A dense layer's MLP (a tuple of three weights) is among its tensors: the GPU worker's reported
+    weight bytes counted only a layer's plain tensor attributes before, missing it and every INT8
+    product."""
+    from krasis.shared.models.qwen3_moe import Qwen3Moe
+
+    fam = Qwen3Moe(tm.qwen3_config(mlp_only_layers=[1]).to_dict())
+    g = torch.Generator().manual_seed(2)
+    layer = fam.make_layer(1, lambda name: torch.randn(fam.layer_tensors(1)[name], generator=g))
+    assert not layer.is_moe
+    found = {t.data_ptr() for t in layer.tensors()}
+    assert all(w.data_ptr() in found for w in layer.mlp)
+    # every tensor the checkpoint holds for the layer is among them (q, k and v stacked into one; the
+    # rotary's tables on top)
+    shapes = fam.layer_tensors(1)
+    assert sum(t.numel() for t in layer.tensors()) >= sum(torch.Size(s).numel() for s in shapes.values())

@@ -93,6 +93,30 @@ class DecoderLayer:
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this layer holds (its weights), in attribute order, through tuples, lists and
+        objects that hold tensors themselves (an INT8 QuantLinear's rows and scales, a rotary's
+        tables), each storage once; not the family's (`f`), which are every layer's."""
+        out, seen, objects = [], set(), set()
+
+        def walk(v):
+            if isinstance(v, torch.Tensor):
+                if (v.device, v.data_ptr()) not in seen:
+                    seen.add((v.device, v.data_ptr()))
+                    out.append(v)
+            elif isinstance(v, (tuple, list)):
+                for item in v:
+                    walk(item)
+            elif hasattr(v, "__dict__") and not isinstance(v, type) and id(v) not in objects:
+                objects.add(id(v))
+                for item in vars(v).values():
+                    walk(item)
+
+        for name, v in vars(self).items():
+            if name != "f":
+                walk(v)
+        return out
+
 
 class ModelFamily:
     architectures: tuple[str, ...] = ()
