@@ -91,7 +91,14 @@ def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Sta
     def get(name):
         if dense is not None and name + ".q" in dense:
             return QuantLinear(dense.tensor(name + ".q"), dense.tensor(name + ".s")).to(device)
-        return source.get(name).to(device=device, dtype=dtype)
+        t = source.get(name)
+        if device.type == "cuda" and t.element_size() == 2:
+            # a 16-bit source (a GGUF's F16 attention and embeddings) crosses as it is and is cast on
+            # the device: torch casts a host-to-device copy on the host, with this worker's two
+            # threads and a fresh host copy whose pages fault in first (~0.5-2 s a GB on the dev
+            # machine), where the device casts it in microseconds (the same round-to-nearest-even)
+            return t.to(device).to(dtype)
+        return t.to(device=device, dtype=dtype)
 
     stage = Stage(family, get, (a, b), rank == 0, rank == spec["world"] - 1, device, dtype, spec["max_context"],
                   spec.get("kv_dtype"), spec.get("prefill_chunk") or 4096)
