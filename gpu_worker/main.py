@@ -104,6 +104,8 @@ def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Sta
                   spec.get("kv_dtype"), spec.get("prefill_chunk") or 4096)
     if dense is not None:
         dense.close()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the 16-bit sources' copies that get() cast on the device
     mark("dense weights")
     done += 1
     progress()
