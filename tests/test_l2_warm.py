@@ -71,6 +71,11 @@ def test_a_layers_tensors_are_its_turns_weights(attn_int8):
     for t in [layer.ln1, layer.ln2, layer.q_norm, layer.k_norm, layer.router, *parts]:
         assert t.data_ptr() in found
     assert not any(isinstance(v, torch.Tensor) and v.data_ptr() in found for v in vars(fam).values())
+    # a step's rotary tables (cached in the rotary's private attributes) are not the layer's weights
+    positions = torch.arange(5)
+    layer.rotary.rotate_half_reference(torch.zeros(5, 2, 16), positions)
+    assert layer.rotary._last is not None
+    assert {t.data_ptr() for t in layer.tensors()} == found
     whole = L2Warm(layer.tensors(), torch.device("cpu"), 1 << 30, programs=1)
     assert whole.nbytes >= sum(t.numel() * t.element_size() for t in parts)
 

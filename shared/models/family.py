@@ -96,7 +96,8 @@ class DecoderLayer:
     def tensors(self) -> list[torch.Tensor]:
         """The tensors this layer holds (its weights), in attribute order, through tuples, lists and
         objects that hold tensors themselves (an INT8 QuantLinear's rows and scales, a rotary's
-        tables), each storage once; not the family's (`f`), which are every layer's."""
+        frequencies), each storage once; not the family's (`f`), which are every layer's, nor what
+        private attributes cache (a rotary's tables of the last step's positions)."""
         out, seen, objects = [], set(), set()
 
         def walk(v):
@@ -109,11 +110,12 @@ class DecoderLayer:
                     walk(item)
             elif hasattr(v, "__dict__") and not isinstance(v, type) and id(v) not in objects:
                 objects.add(id(v))
-                for item in vars(v).values():
-                    walk(item)
+                for name, item in vars(v).items():
+                    if not name.startswith("_"):
+                        walk(item)
 
         for name, v in vars(self).items():
-            if name != "f":
+            if name != "f" and not name.startswith("_"):
                 walk(v)
         return out
 
