@@ -113,11 +113,12 @@ def dram_read_gbs(gb: float, pages: str, reps: int = 5) -> tuple[float, str]:
 
 
 def make_layers(fmt: ExpertFormat, gb: float, gen: torch.Generator, pages: str, experts: int = EXPERTS,
-                inter: int = INTER) -> list[dict[str, torch.Tensor]]:
+                inter: int = INTER, count: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """`count` layers of random experts, by default enough (and at least 2) to hold `gb` GB."""
     spec = fmt.tensors(ExpertShape(experts, TOP_K, HIDDEN, inter), experts)
     per_layer = sum(torch.empty((), dtype=d).element_size() * torch.Size(s).numel() for d, s in spec.values())
     layers = []
-    for _ in range(max(1 if gb == 0 else 2, -(-int(gb * 1e9) // per_layer))):
+    for _ in range(count or max(2, -(-int(gb * 1e9) // per_layer))):
         t = {}
         for name, (dtype, shape) in spec.items():
             if name.endswith(".s"):  # scales of weights ~N(0, 0.02): max|w| / qmax
@@ -294,7 +295,7 @@ def main() -> None:
         # path as much as the arithmetic. Two experts of SMALL_INTER rows (0.2 and 0.9 MB) stay in
         # L2, and the difference of their calls' times leaves out what a call costs whatever its
         # weights (its start, the input's preparation, the output's sum).
-        small = [make_layers(fmt, 0, gen, "small", experts=1, inter=i)[0] for i in SMALL_INTER]
+        small = [make_layers(fmt, 0, gen, "small", experts=1, inter=i, count=1)[0] for i in SMALL_INTER]
         for name, layer in layer_fns.items():
             sec = min(args.seconds, 1.0)
             rate = expert_weights(layers[0]) / call_seconds(layer, fmt, layers[0], sec, args.threads, gen) / 1e9

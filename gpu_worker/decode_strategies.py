@@ -145,10 +145,9 @@ class HcsHybrid(DecodeStrategy):
         local = self.hot.local(layer, ids)
         self.pool.submit(layer, x, ids.masked_fill(local >= 0, -1), weights)
         self.guess(layer, x)  # the hot experts in it are left out by the pool (lookahead.py: QUIET)
-        if self.hot.slots is None:
-            self.warm(layer)
-            return x.dtype, None, True
-        mine = moe_pairs(x, self.hot.lookup[layer], ids, weights, self.hot.slots.t, self.host.fmt, self.act)
+        mine = None
+        if self.hot.slots is not None:
+            mine = moe_pairs(x, self.hot.lookup[layer], ids, weights, self.hot.slots.t, self.host.fmt, self.act)
         self.warm(layer)  # after the device's own share, which the next layer waits for as it waits for the pool
         return x.dtype, mine, True
 
