@@ -24,12 +24,33 @@ class DmaError(RuntimeError):
 
 
 def pin_segment(seg: torch.Tensor, mapped: bool = False) -> None:
-    """Page-lock a host byte tensor in place (no copy); `mapped`: also into the device's address
+    """Page-lock a host tensor's memory in place (no copy); `mapped`: also into the device's address
     space (cudaHostRegisterMapped), for kernels that read and write it directly."""
-    rc = torch.cuda.cudart().cudaHostRegister(seg.data_ptr(), seg.numel(), 2 if mapped else 0)
+    nbytes = seg.numel() * seg.element_size()
+    rc = torch.cuda.cudart().cudaHostRegister(seg.data_ptr(), nbytes, 2 if mapped else 0)
     code = getattr(rc, "value", rc)
     if int(code) != 0:
-        raise DmaError(f"cudaHostRegister of {seg.numel() / 2**30:.1f} GiB of host memory failed (cudaError {int(code)})")
+        raise DmaError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB of host memory failed (cudaError {int(code)})")
+
+
+class _DeviceArray:
+    """A host pointer offered to torch as device memory (the CUDA array interface): valid where the
+    memory is page-locked and mapped, whose device address is its host address under unified
+    addressing (as the mailbox's kernels already use it, pool_client.py)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t  # kept alive as long as the view
+        self.__cuda_array_interface__ = {"shape": (t.numel() * t.element_size(),), "typestr": "|u1",
+                                         "data": (t.data_ptr(), False), "version": 3, "strides": None}
+
+
+def mapped_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device tensor over host tensor t's memory, no copy: the device's loads from it cross PCIe.
+    t must lie in memory pinned with `mapped` (pin_segment) and be contiguous."""
+    if not t.is_contiguous():
+        raise DmaError("a mapped view needs a contiguous host tensor")
+    raw = torch.as_tensor(_DeviceArray(t), device=device)
+    return raw.view(t.dtype).view(t.shape)
 
 
 def block_lookup(num_experts: int, first: int, count: int, device) -> torch.Tensor:
