@@ -479,5 +479,5 @@ def decode_split(r: dict) -> str:
     if r.get("hot_experts"):
         line += f"\nhot set: {r['hot_experts']} experts in {r['hot_gb']:.2f} GB of VRAM"
     if r.get("cpu_share") is not None:
-        line += f"\nrouted choices run by the CPU pool: {r['cpu_share']:.1%} (the rest by the GPU's hot experts)"
+        line += f"\nrouted choices run by the CPU pool: {r['cpu_share']:.1%} (the rest by the GPU: its hot experts, its host share)"
     return line

@@ -178,6 +178,10 @@ def runtime_options(f):
     @click.option("--resident-decode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="Decode the routed experts of the layers the prefill strategy keeps in VRAM on the GPU, not "
                   "the CPU pool: auto is on for a GPU.")
+    @click.option("--pcie-share", type=click.FloatRange(min=0, max=1),
+                  help="Share of the CPU pool's chosen experts of each decode layer that the GPU reads from host memory "
+                  "over PCIe and computes itself while the pool computes the rest (pure_cpu and hcs_hybrid; 0: off; "
+                  "default: auto, docs/strategies.md).")
     @click.option("--vram-budget", type=click.FloatRange(min=0, min_open=True),
                   help="GB of device memory per GPU for weights, KV cache, staging, activations and hot experts.")
     @click.option("--kv-dtype", type=click.Choice(["auto", "fp8", "bf16"]), default="auto", show_default=True,
@@ -192,14 +196,14 @@ def runtime_options(f):
     @host_options
     @functools.wraps(f)
     def wrapper(*args, devices, pp_layers, cpu_workers, numa_nodes, dtype, max_context, max_batch, prefill_chunk, quant,
-                prefill_strategy, decode_strategy, stream_decode, resident_decode, vram_budget, kv_dtype, lookahead_kb,
-                reserved_cores, hosts, **kw):
+                prefill_strategy, decode_strategy, stream_decode, resident_decode, pcie_share, vram_budget, kv_dtype,
+                lookahead_kb, reserved_cores, hosts, **kw):
         opts = RuntimeOptions(**hosts,
             devices=[d.strip() for d in devices.split(",") if d.strip()], pp_layers=pp_layers,
             cpu_workers=cpu_workers, numa_nodes=numa_nodes, dtype=dtype, max_context=max_context,
             max_batch=max_batch, prefill_chunk=prefill_chunk, **quant, prefill_strategy=prefill_strategy,
             decode_strategy=decode_strategy, stream_decode=stream_decode, resident_decode=resident_decode,
-            vram_budget=vram_budget, kv_dtype=kv_dtype, lookahead_kb=lookahead_kb, reserved_cores=reserved_cores,
+            pcie_share=pcie_share, vram_budget=vram_budget, kv_dtype=kv_dtype, lookahead_kb=lookahead_kb, reserved_cores=reserved_cores,
         )
         return f(*args, opts=opts, **kw)
 

@@ -154,7 +154,7 @@ def strategy_spec(model_dir: str, o: RuntimeOptions) -> dict:
     return dict(
         prefill_strategy=o.prefill_strategy or won.get("prefill"),  # None: the worker's VRAM plan chooses
         decode_strategy=o.decode_strategy or won.get("decode", "pure_cpu"), stream_decode=stream_decode(o),
-        resident_decode=o.resident_decode,
+        resident_decode=o.resident_decode, pcie_share=o.pcie_share,
         vram_budget=o.vram_budget, kv_dtype=kv, prefill_chunk=o.prefill_chunk,
         hcs_path=str(state_path(model_dir, "hcs_counts.json")),
     )

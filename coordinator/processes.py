@@ -12,7 +12,8 @@ GPU worker spec: rank, world, device, dtype, model, layers [a, b), max_context, 
     mailbox {fd, shape, count, slots (its slot per pool process), pool_pids} (shared/mailbox.py),
     store {nodes, fds, format, cache, gguf, filled, fill}, dense_cache, parent_pid,
     cores (empty: any; else the cores kept off the pool, coordinator/processes.py:reserve_cores),
-    prefill_strategy, decode_strategy, stream_decode, resident_decode, vram_budget, kv_dtype, prefill_chunk, hcs_path
+    prefill_strategy, decode_strategy, stream_decode, resident_decode, pcie_share, vram_budget, kv_dtype, prefill_chunk,
+    hcs_path
     (gpu_worker/experts.py),
     keys (CURVE keys folder for its tcp endpoints, or null: shared/keys.py).
     Its store is the CPU pool's when the GPU and CPU expert formats agree (one copy in RAM);
@@ -90,6 +91,9 @@ class RuntimeOptions:
     # The layers the prefill strategy keeps in VRAM decoded there too, not by the pool: auto (on a
     # GPU), on, off (gpu_worker/decode_strategies.py: DecodeStrategy).
     resident_decode: str = "auto"
+    # The share of the CPU pool's chosen experts of each decode layer that a GPU worker reads from
+    # host memory over PCIe and computes itself meanwhile (gpu_worker/host_share.py); None: auto.
+    pcie_share: float | None = None
     vram_budget: float | None = None  # GB per GPU; None: the device's memory
     kv_dtype: str = "auto"  # fp8 | bf16 | auto (fp8, except float32 runs keep float32)
     # Across machines (coordinator/hosts.py): the host agents' endpoints (None: every stage here,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from functools import partial
 from typing import Callable
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from ..shared.strategy_names import check_decode
 from .dma import Block, CopyEngine, ExpertSlots, HostExperts
 from .hcs import HotSet
+from .host_share import HostShare
 from .moe_gpu import RoutedExperts, moe_blocks, moe_pairs
 from .pool_client import PoolClient
 
@@ -35,7 +37,8 @@ class DecodeStrategy(RoutedExperts):
     `takes_resident`: whether the strategy does (compact and lru run every expert on the device).
     `routes`: MoE layer -> its router (route(x) -> ids, weights), in layer order (the stage sets it),
     for the guess. `warms`: layer -> the launch that reads the stage's next layer's weights into the
-    device's L2 (the stage sets it on CUDA)."""
+    device's L2 (the stage sets it on CUDA). `host_share`: the share of the pool's choices the device
+    computes from host memory meanwhile (host_share.py), or None."""
 
     name = ""
     takes_resident = False
@@ -46,6 +49,12 @@ class DecodeStrategy(RoutedExperts):
         self.resident_on = False  # resident decode on (experts.py): layers on the device skip the pool
         self.routes: dict[int, Callable] = {}
         self.warms: dict[int, Callable[[], None]] = {}
+        self.host_share: HostShare | None = None  # experts.py sets it (--pcie-share)
+        self._guessed = None
+
+    def begin(self):
+        self._guessed = None  # (layer, ids) the device last guessed within this step
+        super().begin()
 
     def guess(self, layer: int, x: torch.Tensor) -> None:
         """After posting `layer`'s work to the pool: the experts its next layer for the pool will
@@ -58,7 +67,28 @@ class DecodeStrategy(RoutedExperts):
             return
         nxt = next((i for i in self.routes if i > layer and i not in self.resident), None)
         if nxt is not None:
-            self.pool.guess(nxt, self.routes[nxt](x)[0])
+            ids = self.routes[nxt](x)[0]
+            self.pool.guess(nxt, ids)
+            self._guessed = (nxt, ids)
+
+    def _pool_submit(self, layer: int, x, ids, weights, device_share: Callable[[], torch.Tensor] | None = None):
+        """Post `layer`'s choices `ids` to the pool, less those the host share takes (host_share.py),
+        then, while the pool works: the guess of its next layer, the device's own shares (hot experts
+        in VRAM: `device_share`; the host share's, read from host memory) and the L2 warm-up (after
+        them: the next layer waits for them as it waits for the pool). Returns the device's float32
+        part for the pool's wait to add, or None."""
+        taken = None
+        if self.host_share is not None:
+            guessed = self._guessed[1] if self._guessed is not None and self._guessed[0] == layer else None
+            taken, ids = self.host_share.split(layer, ids, guessed)
+        self.pool.submit(layer, x, ids, weights)
+        self.guess(layer, x)
+        mine = device_share() if device_share is not None else None
+        if taken is not None:
+            part = self.host_share.products(layer, x, taken, weights, self.act)
+            mine = part if mine is None else mine + part
+        self.warm(layer)
+        return mine
 
     def warm(self, layer: int) -> None:
         """After posting `layer`'s work to the pool: the next layer's weights into the device's L2
@@ -85,7 +115,8 @@ class DecodeStrategy(RoutedExperts):
 
 
 class PureCpu(DecodeStrategy):
-    """Every routed expert on the CPU pool, but those of resident layers (DecodeStrategy)."""
+    """Every routed expert on the CPU pool, but those of resident layers (DecodeStrategy) and the
+    host share's (host_share.py)."""
 
     name = "pure_cpu"
     graphable = True
@@ -96,31 +127,26 @@ class PureCpu(DecodeStrategy):
 
     def submit(self, layer, x, ids, weights):
         if layer in self.resident:
-            return x.dtype, self._on_device(layer, x, ids, weights)
-        self.pool.submit(layer, x, ids, weights)
-        self.guess(layer, x)
-        self.warm(layer)
-        return x.dtype, None
+            return x.dtype, self._on_device(layer, x, ids, weights), False
+        return x.dtype, self._pool_submit(layer, x, ids, weights), True
 
     def collect(self, pending):
-        dtype, mine = pending
-        return (self.pool.collect() if mine is None else mine()).to(dtype)
+        dtype, mine, pooled = pending
+        return (self.pool.collect(extra=mine) if pooled else mine()).to(dtype)
 
     def collect_add(self, pending, h):
-        mine = pending[1]
+        _, mine, pooled = pending
         # the pool's own rounding (pool_client.collect): residual + the float32 sum in its dtype
-        return self.pool.collect(residual=h) if mine is None else mine(residual=h)
+        return self.pool.collect(residual=h, extra=mine) if pooled else mine(residual=h)
 
 
-class HcsHybrid(DecodeStrategy):
+class HcsHybrid(PureCpu):
     """Hot experts on the device, the rest on the CPU pool, at the same time: the pool's share is
     posted first (the hot ids masked to -1, which no pool process holds), the device computes its
     share while the pool works (moe_pairs: nothing waits for the host, so the step is a CUDA graph),
     and the pool's wait adds the two in float32."""
 
     name = "hcs_hybrid"
-    graphable = True
-    takes_resident = True
 
     def __init__(self, pool, host, engine, act, hot: HotSet):
         super().__init__(pool, host, engine, act)
@@ -135,29 +161,16 @@ class HcsHybrid(DecodeStrategy):
             self._whole = True
             for layer in self.hot.full_layers():
                 self.resident.setdefault(layer, self.hot.blocks(layer))
-
-    def run(self, layer, x, ids, weights):
-        return self.collect(self.submit(layer, x, ids, weights))
+        super().begin()
 
     def submit(self, layer, x, ids, weights):
         if layer in self.resident:
             return x.dtype, self._on_device(layer, x, ids, weights), False
         local = self.hot.local(layer, ids)
-        self.pool.submit(layer, x, ids.masked_fill(local >= 0, -1), weights)
-        self.guess(layer, x)  # the hot experts in it are left out by the pool (lookahead.py: QUIET)
-        mine = None
-        if self.hot.slots is not None:
-            mine = moe_pairs(x, self.hot.lookup[layer], ids, weights, self.hot.slots.t, self.host.fmt, self.act)
-        self.warm(layer)  # after the device's own share, which the next layer waits for as it waits for the pool
-        return x.dtype, mine, True
-
-    def collect(self, pending):
-        dtype, mine, pooled = pending
-        return (self.pool.collect(extra=mine) if pooled else mine()).to(dtype)
-
-    def collect_add(self, pending, h):
-        _, mine, pooled = pending
-        return self.pool.collect(residual=h, extra=mine) if pooled else mine(residual=h)
+        hot = None if self.hot.slots is None else partial(
+            moe_pairs, x, self.hot.lookup[layer], ids, weights, self.hot.slots.t, self.host.fmt, self.act)
+        # the hot experts in the guess are left out by the pool (lookahead.py: QUIET)
+        return x.dtype, self._pool_submit(layer, x, ids.masked_fill(local >= 0, -1), weights, hot), True
 
     def nbytes(self):
         return self.hot.nbytes()

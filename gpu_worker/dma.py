@@ -108,7 +108,8 @@ class HostExperts:
         self.nodes = self.layout.nodes
         if device.type == "cuda":
             for n in range(self.nodes):
-                pin_segment(store.segment(n))
+                # mapped too: the device's host share reads experts in place (host_share.py)
+                pin_segment(store.segment(n), mapped=True)
         self.span: dict[tuple[int, int], tuple[int, int]] = {}
         for n in range(self.nodes):
             for layer in self.layers:
@@ -126,6 +127,14 @@ class HostExperts:
 
     def host_blocks(self, layer: int) -> list[Block]:
         return [(self.store.tensors(layer, n), self.lookups[(layer, n)]) for n in range(self.nodes)]
+
+    def mapped_blocks(self, layer: int) -> list[Block]:
+        """host_blocks with device views of the host tensors (mapped_view: the device's loads read
+        the store over PCIe); on a CPU device, the host tensors themselves."""
+        blocks = self.host_blocks(layer)
+        if self.device.type != "cuda":
+            return blocks
+        return [({name: mapped_view(v, self.device) for name, v in t.items()}, lookup) for t, lookup in blocks]
 
     def layer_bytes(self, layer: int) -> int:
         return sum(b - a for (lay, _), (a, b) in self.span.items() if lay == layer)

@@ -2,7 +2,8 @@
 
 Spec keys read (coordinator/processes.py documents the spec): prefill_strategy (null: the first
 of vram_budget.AUTO_PREFILL that fits), decode_strategy, stream_decode (decode_route.py),
-resident_decode, vram_budget (GB or null), kv_dtype, prefill_chunk, max_context, hcs_path.
+resident_decode, pcie_share (null: auto), vram_budget (GB or null), kv_dtype, prefill_chunk, max_context,
+hcs_path.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .decode_split import SplitStep, streamable
 from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
+from .host_share import HostShare, auto_share
 from .prefill_strategies import make_prefill
 from .vram_budget import stage_plan
 
@@ -48,6 +50,10 @@ class StageExperts:
         if self.decode.takes_resident and (resident == "on" or (resident == "auto" and device.type == "cuda")):
             self.decode.resident = dict(self.prefill.resident_blocks())  # its own: hcs_hybrid adds to it
             self.decode.resident_on = True
+        share = spec.get("pcie_share")
+        share = auto_share(device) if share is None else share
+        if share > 0 and self.decode.takes_resident and self.host.layers:  # pure_cpu, hcs_hybrid: the pool's choices
+            self.decode.host_share = HostShare(self.host, share)
         mode = spec.get("stream_decode") or "auto"
         layers = streamable(self.prefill)
         # a split step where the prefill strategy can stream part of a step's layers (decode_split.py)

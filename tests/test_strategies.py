@@ -24,10 +24,12 @@ PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 2, 71, 82, 81]
 # (model, prefill, decode, topology): each strategy once, with one- and two-node stores and PP=2
 CASES = [
     ("qwen3-base", "persistent", "pure_cpu", ("--devices", "cpu", "--cpu-workers", "1")),
+    # the device's host share of the pool's choices (gpu_worker/host_share.py), over a two-node store
+    ("qwen3-base", "persistent", "pure_cpu", ("--devices", "cpu", "--cpu-workers", "2", "--pcie-share", "0.5")),
     ("qwen3-norm-tied-dense", "layer_grouped_2", "hcs_hybrid", ("--devices", "cpu", "--cpu-workers", "2")),
     ("qwen3-norm-tied-dense", "chunked", "compact", ("--devices", "cpu,cpu", "--cpu-workers", "2")),
     ("dsv2-qlora-group-yarn", "active_only", "lru", ("--devices", "cpu", "--cpu-workers", "2")),
-    ("dsv2-qlora-group-yarn", "hcs_prefill", "hcs_hybrid", ("--devices", "cpu,cpu", "--cpu-workers", "1")),
+    ("dsv2-qlora-group-yarn", "hcs_prefill", "hcs_hybrid", ("--devices", "cpu,cpu", "--cpu-workers", "1", "--pcie-share", "0.4")),
     # a middle stage holding only the dense layer 1: no routed experts, so no hot set
     ("qwen3-norm-tied-dense", "hcs_prefill", "hcs_hybrid", ("--devices", "cpu,cpu,cpu", "--pp-layers", "1,1,2", "--cpu-workers", "1")),
 ]
@@ -41,7 +43,7 @@ def models(tmp_path_factory):
     return {n: tm.build(root / n, CONFIGS[n][0], **CONFIGS[n][1]) for n in names}
 
 
-@pytest.mark.parametrize("model,prefill,decode,topology", CASES, ids=[f"{c[1]}+{c[2]}-pp{c[3][1].count(',') + 1}" for c in CASES])
+@pytest.mark.parametrize("model,prefill,decode,topology", CASES, ids=[f"{c[1]}+{c[2]}-pp{c[3][1].count(',') + 1}" + ("-pcie" if "--pcie-share" in c[3] else "") for c in CASES])
 def test_strategy_exact_against_transformers(models, model, prefill, decode, topology, tmp_path):
     import shutil
 
@@ -327,3 +329,6 @@ def test_optimize_ranks_every_strategy_and_bench_uses_the_winner(models, tmp_pat
         tm.krasis("bench", path, *small, "--decode-strategy", decode, "--json", out)
         share[decode] = json.loads(out.read_text())["cpu_share"]
     assert share["pure_cpu"] == 1.0 and 0 < share["hcs_hybrid"] < 1, share
+    # with a host share of half, the device takes one of each step's two distinct experts (M = 1, top-2)
+    tm.krasis("bench", path, *small, "--decode-strategy", "pure_cpu", "--pcie-share", "0.5", "--json", out)
+    assert json.loads(out.read_text())["cpu_share"] == 0.5

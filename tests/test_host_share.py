@@ -1,0 +1,88 @@
+"""The device's host share of the pool's decode work (gpu_worker/host_share.py): which of a layer's
+choices the device reads from host memory itself. split_reference's properties (every choice goes to
+exactly one side, an expert to one side for every token, the device takes (n * s256 + 128) // 256 of
+the n distinct experts, those the guess did not name first); the Triton kernel equal to it under
+Triton's interpreter. Decode with a host share against transformers is one of test_strategies.py's
+cases, and bench's count of the pool's share of the choices is test_strategies.py's too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_models as tm
+from krasis.gpu_worker.host_share import split_reference
+
+CASES = r"""
+import torch
+
+def cases():
+    g = torch.Generator().manual_seed(7)
+    for num, m, k in ((8, 1, 2), (64, 3, 6), (128, 1, 8), (128, 32, 8), (160, 5, 8), (128, 40, 8)):
+        for masked in (False, True):  # hcs_hybrid posts its hot choices as -1
+            ids = torch.stack([torch.randperm(num, generator=g)[:k] for _ in range(m)])
+            if masked:
+                ids = torch.where(torch.rand(ids.shape, generator=g) < 0.3, -1, ids)
+            guess = torch.stack([torch.randperm(num, generator=g)[:k] for _ in range(m)])
+            for s256 in (0, 1, 64, 77, 128, 200, 256):
+                for g_ in (None, guess):
+                    yield ids, g_, s256, int(torch.randint(0, 1000, (1,), generator=g)), num
+"""
+
+
+def _cases():
+    scope: dict = {}
+    exec(CASES, scope)
+    return scope["cases"]()
+
+
+def test_split_takes_whole_experts_unguessed_first():
+    for ids, guess, s256, salt, num in _cases():
+        mine, pool = split_reference(ids, guess, s256, salt, num)
+        assert mine.shape == pool.shape == ids.shape
+        # every choice on exactly one side, the no-one's (-1) on neither
+        assert torch.equal(torch.where(mine >= 0, mine, pool), ids)
+        assert not ((mine >= 0) & (pool >= 0)).any()
+        taken, left = set(mine[mine >= 0].tolist()), set(pool[pool >= 0].tolist())
+        assert not taken & left  # an expert's tokens all on one side: no expert read twice
+        chosen = taken | left
+        assert len(taken) == (len(chosen) * s256 + 128) // 256
+        if guess is not None:
+            named = set(guess.reshape(-1).tolist())
+            if taken & named:  # a guessed expert taken only once every unguessed one is
+                assert chosen - named <= taken
+
+
+def test_split_moves_with_the_layer():
+    """The rotation by layer spreads the device's share over the experts: a fixed choice of every
+    expert, over salts, lands on the device for some layers and on the pool for others."""
+    ids = torch.arange(8).reshape(1, 8)
+    seen = set()
+    for salt in range(128):
+        mine, _ = split_reference(ids, None, 64, salt, 128)
+        seen |= set(mine[mine >= 0].tolist())
+    assert seen == set(range(8))
+
+
+# the kernel against the reference: on the CPU under Triton's interpreter here, on CUDA where a GPU
+# call runs it (`python -c "import test_host_share as t; exec(t.CHECK)"` from tests/)
+CHECK = CASES + r"""
+import os
+from krasis.gpu_worker.host_share import split_reference
+from krasis.gpu_worker.host_share_kernel import split_triton
+
+dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+n = 0
+for ids, guess, s256, salt, num in cases():
+    want = split_reference(ids, guess, s256, salt, num)
+    got = split_triton(ids.to(dev), None if guess is None else guess.to(dev), s256, salt, num)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (ids, guess, s256, salt, num, got, want)
+    n += 1
+assert n > 100
+print("ok")
+"""
+
+
+def test_split_kernel_matches_reference():
+    pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
+    tm.run_interpreted(CHECK)
