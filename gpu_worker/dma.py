@@ -50,6 +50,8 @@ def mapped_view(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not t.is_contiguous():
         raise DmaError("a mapped view needs a contiguous host tensor")
     raw = torch.as_tensor(_DeviceArray(t), device=device)
+    if raw.data_ptr() != t.data_ptr():  # torch copied it: the host memory is not the device's to read
+        raise DmaError("host memory not mapped into the device's address space")
     return raw.view(t.dtype).view(t.shape)
 
 
