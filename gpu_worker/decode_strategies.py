@@ -71,7 +71,7 @@ class DecodeStrategy(RoutedExperts):
             self.pool.guess(nxt, ids)
             self._guessed = (nxt, ids)
 
-    def _pool_submit(self, layer: int, x, ids, weights, device_share: Callable[[], torch.Tensor] | None = None):
+    def _pool_submit(self, layer: int, x, weights, ids, device_share: Callable[[], torch.Tensor] | None):
         """Post `layer`'s choices `ids` to the pool, less those the host share takes (host_share.py),
         then, while the pool works: the guess of its next layer, the device's own shares (hot experts
         in VRAM: `device_share`; the host share's, read from host memory) and the L2 warm-up (after
@@ -128,7 +128,11 @@ class PureCpu(DecodeStrategy):
     def submit(self, layer, x, ids, weights):
         if layer in self.resident:
             return x.dtype, self._on_device(layer, x, ids, weights), False
-        return x.dtype, self._pool_submit(layer, x, ids, weights), True
+        return x.dtype, self._pool_submit(layer, x, weights, *self._hot(layer, x, ids, weights)), True
+
+    def _hot(self, layer, x, ids, weights):
+        """(the choices left for the pool, the device's share of the rest in VRAM or None): none here."""
+        return ids, None
 
     def collect(self, pending):
         dtype, mine, pooled = pending
@@ -163,14 +167,12 @@ class HcsHybrid(PureCpu):
                 self.resident.setdefault(layer, self.hot.blocks(layer))
         super().begin()
 
-    def submit(self, layer, x, ids, weights):
-        if layer in self.resident:
-            return x.dtype, self._on_device(layer, x, ids, weights), False
+    def _hot(self, layer, x, ids, weights):
         local = self.hot.local(layer, ids)
         hot = None if self.hot.slots is None else partial(
             moe_pairs, x, self.hot.lookup[layer], ids, weights, self.hot.slots.t, self.host.fmt, self.act)
         # the hot experts in the guess are left out by the pool (lookahead.py: QUIET)
-        return x.dtype, self._pool_submit(layer, x, ids.masked_fill(local >= 0, -1), weights, hot), True
+        return ids.masked_fill(local >= 0, -1), hot
 
     def nbytes(self):
         return self.hot.nbytes()
