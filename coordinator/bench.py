@@ -332,6 +332,8 @@ def _row(model, opts, family, out, r, prompt_tokens, decode_tokens, ceil) -> dic
     res["hot_gb"] = sum((w.get("vram_plan_mb") or {}).get("hot") or 0 for w in gpus) * 2**20 / 1e9
     res["ms_per_tok"] = 1000 / res["decode_tok_s"] if res["decode_tok_s"] else None
     res["cpu_share"] = cpu_share(family, r["pool"])
+    # per GPU worker, batch-size bucket -> the share of the pool's experts it took (gpu_worker/host_share.py)
+    res["host_share"] = [w.get("host_share") for w in gpus]
     if res["ms_per_tok"]:
         res["decode_split_ms"] = r["step_ms"]  # where a decode token's time goes
     if ceil is not None:
@@ -480,4 +482,8 @@ def decode_split(r: dict) -> str:
         line += f"\nhot set: {r['hot_experts']} experts in {r['hot_gb']:.2f} GB of VRAM"
     if r.get("cpu_share") is not None:
         line += f"\nrouted choices run by the CPU pool: {r['cpu_share']:.1%} (the rest by the GPU: its hot experts, its host share)"
+    for rank, shares in enumerate(r.get("host_share") or []):
+        if shares:
+            line += f"\nGPU worker {rank}'s host share of the pool's experts, by steps of up to N tokens: " + ", ".join(
+                f"{b}: {s:.1%}" for b, s in shares.items())
     return line

@@ -17,7 +17,7 @@ from .decode_split import SplitStep, streamable
 from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
-from .host_share import HostShare, auto_share
+from .host_share import HostShare, ShareTuner
 from .prefill_strategies import make_prefill
 from .vram_budget import stage_plan
 
@@ -50,10 +50,12 @@ class StageExperts:
         if self.decode.takes_resident and (resident == "on" or (resident == "auto" and device.type == "cuda")):
             self.decode.resident = dict(self.prefill.resident_blocks())  # its own: hcs_hybrid adds to it
             self.decode.resident_on = True
+        # the device's share of the pool's choices (pure_cpu, hcs_hybrid): auto measures it on a GPU
         share = spec.get("pcie_share")
-        share = auto_share(device) if share is None else share
-        if share > 0 and self.decode.takes_resident and self.host.layers:  # pure_cpu, hcs_hybrid: the pool's choices
-            self.decode.host_share = HostShare(self.host, share)
+        self.share_tuner = None
+        if self.decode.takes_resident and self.host.layers and (share or (share is None and device.type == "cuda")):
+            self.decode.host_share = HostShare(self.host)
+            self.share_tuner = ShareTuner(None if share is None else round(256 * share))
         mode = spec.get("stream_decode") or "auto"
         layers = streamable(self.prefill)
         # a split step where the prefill strategy can stream part of a step's layers (decode_split.py)
@@ -63,6 +65,22 @@ class StageExperts:
         if hot is not None:
             hot.ensure()  # from the counts an earlier run saved, if any: the last run's hot set
             self.decode.begin()  # hcs_hybrid takes the layers it holds whole as resident (so info() says so)
+
+    def pick(self, tokens: int):
+        """(the runner of a decode step of `tokens` tokens, the host share's level it runs at, or None
+        where the device takes no share)."""
+        runner = self.route.pick(tokens)
+        if self.share_tuner is None:
+            return runner, None
+        level = self.share_tuner.pick(tokens)
+        self.decode.host_share.use(level)
+        return runner, level
+
+    def record(self, runner, level: int | None, tokens: int, seconds: float) -> None:
+        """A decode step `pick` chose took `seconds` on the device."""
+        self.route.record(runner, tokens, seconds)
+        if level is not None and runner is self.decode:
+            self.share_tuner.record(tokens, level, seconds)
 
     def _stream_pays(self, tokens: int) -> bool:
         """decode_route.py's rule: the pool would read at least half the bytes the prefill strategy
@@ -82,7 +100,9 @@ class StageExperts:
         return {"hot_experts": len(self.hot.members) if self.hot is not None else 0,
                 "decode_resident_layers": len(self.decode.resident),
                 # batch-size bucket -> the runner its step times chose (decode_route.py)
-                "decode_route": {str(b): self.route.describe(n) for b, n in sorted(self.route.choice.items())}}
+                "decode_route": {str(b): self.route.describe(n) for b, n in sorted(self.route.choice.items())},
+                # batch-size bucket -> the share of the pool's experts the device takes (host_share.py)
+                "host_share": self.share_tuner.describe() if self.share_tuner is not None else None}
 
     def info(self) -> dict:
         out = {

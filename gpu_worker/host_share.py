@@ -21,15 +21,17 @@ graph's replay makes the eager step's.
 
 from __future__ import annotations
 
+import logging
+import statistics
+from collections import defaultdict, deque
+
 import torch
 
+from .decode_route import KEEP, REVISIT, SAMPLES, bucket
 from .dma import HostExperts
 from .moe_gpu import moe_pairs
 
-
-def auto_share(device: torch.device) -> float:
-    """--pcie-share's default: none yet (off) until measured on the GPU machine."""
-    return 0.0
+log = logging.getLogger("krasis.gpu_worker")
 
 
 def split_reference(ids: torch.Tensor, guess: torch.Tensor | None, s256: int, salt: int, num: int):
@@ -54,28 +56,36 @@ def split_reference(ids: torch.Tensor, guess: torch.Tensor | None, s256: int, sa
     return torch.where(is_mine, ids, -1), torch.where(is_mine, -1, ids)
 
 
-def split(ids: torch.Tensor, guess: torch.Tensor | None, s256: int, salt: int, num: int):
-    """split_reference; on CUDA one Triton launch (host_share_kernel.py)."""
+def split(ids: torch.Tensor, guess: torch.Tensor | None, s256: torch.Tensor, salt: int, num: int):
+    """split_reference with the level in an int32 [1] tensor; on CUDA one Triton launch
+    (host_share_kernel.py), which reads it on the device."""
     if ids.is_cuda:
         from .host_share_kernel import split_triton
 
         return split_triton(ids, guess, s256, salt, num)
-    return split_reference(ids, guess, s256, salt, num)
+    return split_reference(ids, guess, int(s256), salt, num)
 
 
 class HostShare:
-    """`share` (0-1) of the pool's chosen experts of each of the stage's MoE layers, computed on the
-    device from the host store (read in place over PCIe on CUDA; on a CPU device, the same tensors)."""
+    """A share of the pool's chosen experts of each of the stage's MoE layers, computed on the
+    device from the host store (read in place over PCIe on CUDA; on a CPU device, the same tensors).
+    The share is a level in 256ths (`use`), held in device memory: a step's graph reads it when it
+    replays, so the tuner changes it between steps without capturing again."""
 
-    def __init__(self, host: HostExperts, share: float):
-        if not 0 < share <= 1:
-            raise ValueError(f"a host share of {share} is not in (0, 1]")
-        self.host, self.share, self.s256 = host, share, round(share * 256)
+    def __init__(self, host: HostExperts):
+        self.host = host
+        self.level, self._level = torch.zeros(1, dtype=torch.int32, device=host.device), 0
         self.blocks = {layer: host.mapped_blocks(layer) for layer in host.layers}
+
+    def use(self, s256: int) -> None:
+        """The share of the steps enqueued from now on (stream order on a GPU)."""
+        if s256 != self._level:
+            self.level.fill_(s256)
+            self._level = s256
 
     def split(self, layer: int, ids: torch.Tensor, guess: torch.Tensor | None):
         """(the device's choices, the pool's), as split_reference."""
-        return split(ids, guess, self.s256, layer, self.host.shape(layer).num)
+        return split(ids, guess, self.level, layer, self.host.shape(layer).num)
 
     def products(self, layer: int, x: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor, act: str) -> torch.Tensor:
         """float32 [M, hidden]: the weighted sum of x's choices `mine` (split's first), enqueued now."""
@@ -84,3 +94,85 @@ class HostShare:
             part = moe_pairs(x, lookup, mine, weights, t, self.host.fmt, act)
             out = part if out is None else out + part
         return out
+
+
+class ShareTuner:
+    """--pcie-share auto: per batch-size bucket (decode_route.bucket), the level whose decode steps
+    ran fastest. How much the device should take depends on how fast it reads host memory over PCIe
+    against the pool's DRAM rate, on what the DRAM gives both at once, and on the batch (the pool's
+    arithmetic grows with its tokens, the device's reads do not), all of which differ between hosts:
+    so it is measured, as the decode route measures its runners. From none, a bucket climbs LEVELS
+    while each level's median step (SAMPLES of them, the first at a level not kept) is faster than the
+    last by more than MARGIN, keeps the best, and every REVISIT steps tries a neighbour of it again,
+    as the load and the hot set change. `fixed`: that level always (--pcie-share F)."""
+
+    LEVELS = (0, 32, 64, 96, 128, 160, 192)  # eighths, none to three quarters
+    MARGIN = 0.02
+
+    def __init__(self, fixed: int | None = None):
+        self.fixed = fixed
+        self.times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=KEEP))
+        self.seen: set[tuple[int, int]] = set()
+        self.trial: dict[int, int] = {}  # bucket -> the level index it measures now (climbing, or a revisit)
+        self.choice: dict[int, int] = {}  # bucket -> the level index chosen
+        self.steps: dict[int, int] = defaultdict(int)
+
+    def _measured(self, b: int, i: int) -> bool:
+        return len(self.times[(b, i)]) >= SAMPLES
+
+    def _median(self, b: int, i: int) -> float:
+        return statistics.median(self.times[(b, i)])
+
+    def pick(self, tokens: int) -> int:
+        """The level of a step of `tokens` tokens."""
+        if self.fixed is not None:
+            return self.fixed
+        levels = self.LEVELS
+        b = bucket(tokens)
+        self.steps[b] += 1
+        if b not in self.choice:  # climbing
+            i = self.trial.setdefault(b, 0)
+            if not self._measured(b, i):
+                return levels[i]
+            if i + 1 < len(levels) and (i == 0 or self._median(b, i) < self._median(b, i - 1) * (1 - self.MARGIN)):
+                self.trial[b] = i + 1
+                return levels[i + 1]
+            self._decide(b)
+        elif b in self.trial:  # a neighbour measured again
+            if not self._measured(b, self.trial[b]):
+                return levels[self.trial[b]]
+            self._decide(b)
+        elif self.steps[b] % REVISIT == 0:  # alternately the level above the choice and below it
+            near = self.choice[b] + (1 if (self.steps[b] // REVISIT) % 2 else -1)
+            if 0 <= near < len(levels):
+                self.times[(b, near)].clear()
+                self.seen.discard((b, near))
+                self.trial[b] = near
+                return levels[near]
+        return levels[self.choice[b]]
+
+    def _decide(self, b: int) -> None:
+        self.trial.pop(b, None)
+        measured = [i for i in range(len(self.LEVELS)) if self._measured(b, i)]
+        best = min(measured, key=lambda i: self._median(b, i))
+        if self.choice.get(b) != best:
+            log.info("decode steps of up to %d tokens: the device takes %.0f%% of the pool's experts (%s)", b,
+                     100 * self.LEVELS[best] / 256,
+                     ", ".join(f"{100 * self.LEVELS[i] / 256:.0f}% {1e3 * self._median(b, i):.2f} ms" for i in measured))
+        self.choice[b] = best
+
+    def record(self, tokens: int, s256: int, seconds: float) -> None:
+        """A decode step of `tokens` tokens that ran at level s256 took `seconds` on the device; a
+        level's first step in a bucket is not kept (its first replay, or the graph's capture)."""
+        if self.fixed is not None or s256 not in self.LEVELS:
+            return
+        key = (bucket(tokens), self.LEVELS.index(s256))
+        if key in self.seen:
+            self.times[key].append(seconds)
+        self.seen.add(key)
+
+    def describe(self) -> dict[str, float]:
+        """bucket -> the share chosen for it."""
+        if self.fixed is not None:
+            return {"all": self.fixed / 256}
+        return {str(b): self.LEVELS[i] / 256 for b, i in sorted(self.choice.items())}

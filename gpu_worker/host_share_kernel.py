@@ -20,7 +20,8 @@ _CHUNK = 128  # pairs (or guessed ids) compared against every expert at a time: 
 
 
 @triton.jit
-def _split_kernel(IDS, GUESS, MINE, POOL, P, G, E, salt, s256, EB: tl.constexpr, CHUNK: tl.constexpr):
+def _split_kernel(IDS, GUESS, MINE, POOL, P, G, E, salt, S256, EB: tl.constexpr, CHUNK: tl.constexpr):
+    s256 = tl.load(S256)  # from memory: a graph's replay takes the level set before it
     e = tl.arange(0, EB)
     c = tl.arange(0, CHUNK)
     chosen = tl.zeros((EB,), tl.int32)
@@ -46,7 +47,8 @@ def _split_kernel(IDS, GUESS, MINE, POOL, P, G, E, salt, s256, EB: tl.constexpr,
         tl.store(POOL + start + c, tl.where(is_mine, -1, ids), mask=ok)
 
 
-def split_triton(ids: torch.Tensor, guess: torch.Tensor | None, s256: int, salt: int, num: int):
+def split_triton(ids: torch.Tensor, guess: torch.Tensor | None, s256: torch.Tensor, salt: int, num: int):
+    """s256: an int32 [1] on the device."""
     flat = ids.reshape(-1).contiguous()
     mine, pool = torch.empty_like(flat), torch.empty_like(flat)
     g = flat if guess is None else guess.reshape(-1).to(flat.dtype).contiguous()

@@ -56,7 +56,8 @@ class Launched:
     """A step enqueued on the device: its routed-expert runner (which waits for it), its outputs on
     the host once `done` (a CUDA event; None on a CPU device, where launching ran the step). A
     decode step also keeps its token count and what times it for the decode route: the CUDA event
-    `start` (elapsed to `done`), or on a CPU device the seconds launching took."""
+    `start` (elapsed to `done`), or on a CPU device the seconds launching took, and the level of the
+    device's host share it ran at (host_share.py), for that share's tuner."""
 
     runner: object
     out: dict[str, torch.Tensor]
@@ -64,6 +65,7 @@ class Launched:
     tokens: int = 0
     start: object = None
     seconds: float = 0.0
+    share: int | None = None
 
 
 class Stage:
@@ -120,7 +122,7 @@ class Stage:
             start.record()
         # a decode step's experts: the decode strategy's, or streamed as a prefill's when the batch
         # makes that faster (decode_route.py)
-        runner = self.experts.route.pick(len(slices)) if decode else self.experts.prefill
+        runner, share = self.experts.pick(len(slices)) if decode else (self.experts.prefill, None)
         runner.begin()  # here, not in _forward: a graph's replay would skip it
         self.kv.begin_step(slices if decode else None)  # the step's cache rows and their table, likewise
         if self.first:
@@ -142,7 +144,7 @@ class Stage:
             done = torch.cuda.Event(enable_timing=start is not None)
             done.record()
         PHASES.mark("sample")
-        return Launched(runner, out, done, len(slices) if decode else 0, start, time.perf_counter() - t0)
+        return Launched(runner, out, done, len(slices) if decode else 0, start, time.perf_counter() - t0, share)
 
     def wait(self, step: "Launched", interrupt=None) -> bool:
         """Wait for a launched step (its outputs are then on the host); False, without waiting, as
@@ -153,7 +155,7 @@ class Stage:
         if step.tokens:
             # on the device's timeline: from the step's first kernel (after the step before it) to its last
             seconds = step.start.elapsed_time(step.done) / 1e3 if step.start is not None else step.seconds
-            self.experts.route.record(step.runner, step.tokens, seconds)
+            self.experts.record(step.runner, step.share, step.tokens, seconds)
         return True
 
     def _feed(self, tokens: torch.Tensor, slices: list[SeqSlice]) -> torch.Tensor:

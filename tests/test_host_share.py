@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import tiny_models as tm
-from krasis.gpu_worker.host_share import split_reference
+from krasis.gpu_worker.decode_route import REVISIT
+from krasis.gpu_worker.host_share import ShareTuner, split_reference
 
 CASES = r"""
 import torch
@@ -64,6 +65,42 @@ def test_split_moves_with_the_layer():
     assert seen == set(range(8))
 
 
+def _run(tuner: ShareTuner, cost, steps: int, tokens: int = 1) -> list[int]:
+    """The levels `steps` decode steps ran at, each timed by cost(level) and recorded one step late
+    (a worker launches the next step before it waits for this one)."""
+    levels, late = [], None
+    for _ in range(steps):
+        level = tuner.pick(tokens)
+        levels.append(level)
+        if late is not None:
+            tuner.record(tokens, *late)
+        late = (level, cost(level))
+    return levels
+
+
+def test_tuner_climbs_to_the_fastest_share_and_follows_a_change():
+    fastest = {"at": 96}
+    cost = lambda level: 1e-3 * (1 + abs(level - fastest["at"]) / 256)  # noqa: E731
+    tuner = ShareTuner()
+    levels = _run(tuner, cost, 60)
+    assert levels[0] == 0 and levels[-1] == 96  # climbed from none, past 96 once, and settled there
+    assert max(levels) == 128 and tuner.describe() == {"1": 96 / 256}
+    assert tuner.pick(32) == 0  # another batch size climbs on its own
+    # the machine changes: a neighbour tried every REVISIT steps, alternately above and below
+    fastest["at"] = 64
+    levels = _run(tuner, cost, 2 * REVISIT + 20)
+    assert levels[-1] == 64 and tuner.describe()["1"] == 64 / 256
+    # a step of no share at all as fast as the rest: the climb stops at none
+    flat = ShareTuner()
+    assert set(_run(flat, lambda level: 1e-3, 40)[-10:]) == {0}
+
+
+def test_fixed_share_is_never_tuned():
+    tuner = ShareTuner(64)
+    assert set(_run(tuner, lambda level: 1e-3 * (1 + level), 50)) == {64}
+    assert tuner.describe() == {"all": 0.25}
+
+
 # the kernel against the reference: on the CPU under Triton's interpreter here, on CUDA where a GPU
 # call runs it (`python -c "import test_host_share as t; exec(t.CHECK)"` from tests/)
 CHECK = CASES + r"""
@@ -75,7 +112,8 @@ dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 n = 0
 for ids, guess, s256, salt, num in cases():
     want = split_reference(ids, guess, s256, salt, num)
-    got = split_triton(ids.to(dev), None if guess is None else guess.to(dev), s256, salt, num)
+    level = torch.tensor([s256], dtype=torch.int32, device=dev)
+    got = split_triton(ids.to(dev), None if guess is None else guess.to(dev), level, salt, num)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (ids, guess, s256, salt, num, got, want)
     n += 1
 assert n > 100

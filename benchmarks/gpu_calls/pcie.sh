@@ -3,7 +3,8 @@
 # device each alone and at once; decode's expert products on a layer in host memory against device
 # memory), and the pool's kernel in decode's rhythm alone (c0) and with the device reading host
 # memory meanwhile (c1); the split kernel against its reference on CUDA (k0); then every layer through
-# the pool with --pcie-share 0, 0.25 and 0.375, interleaved twice.
+# the pool with --pcie-share 0 (off), 0.25, 0.375 and auto (the default: measured per batch size),
+# interleaved twice.
 . benchmarks/gpu_calls/lib.sh
 machine
 step d0 100 python3 benchmarks/dram_share.py --json $L/d0.json
@@ -13,12 +14,13 @@ step c0 80 $CE
 step c1 80 bash -c "python3 benchmarks/dram_share.py --reader 40 & $CE; wait"
 peer_gguf
 for r in 1 2; do
-  for s in 0 0.25 0.375; do
-    step s${s#0.}_$r $([ $r$s = 10 ] && echo 150 || echo 60) $PB --decode-tokens 256 --pcie-share $s --json $L/s${s#0.}_$r.json
+  for s in 0 0.25 0.375 auto; do
+    step s${s#0.}_$r $([ $r$s = 10 ] && echo 150 || echo 60) $PB --decode-tokens 256 \
+      $([ $s = auto ] || echo --pcie-share $s) --json $L/s${s#0.}_$r.json
   done
 done
 finish
 grep -v "^\s*$" $L/d0.log | tail -n 16 | cut -c1-300
 tail -n 3 $L/k0.log
 for s in c0 c1; do echo "== $s"; grep "DRAM read\|M=1\|reader" $L/$s.log | cut -c1-300; done
-for r in 1 2; do for s in 0 25 375; do echo "== s${s}_$r"; grep "^| qwen\|pool us\|routed choices\|lookahead:" $L/s${s}_$r.log | cut -c1-260 | head -5; done; done
+for r in 1 2; do for s in 0 25 375 auto; do echo "== s${s}_$r"; grep "^| qwen\|pool us\|routed choices\|lookahead:\|host share" $L/s${s}_$r.log | cut -c1-260 | head -6; done; done
