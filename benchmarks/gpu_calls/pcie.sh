@@ -15,6 +15,11 @@ for r in 1 2; do
     step s${s#0.}_$r $([ $r$s = 10 ] && echo 150 || echo 60) $PB --decode-tokens 256 \
       $([ $s = auto ] || echo --pcie-share $s) --json $L/s${s#0.}_$r.json
   done
+  # item 5: the defaults (28 layers resident at this budget) at 1 and 32 sequences, off and auto
+  [ $r = 1 ] && for s in 0 auto; do
+    step m${s}_1 90 python3 -m krasis.coordinator bench $PO --prompt-lens 512 --concurrency 1,32 \
+      $([ $s = auto ] || echo --pcie-share $s) --json $L/m${s}_1.json
+  done
 done
 CE="python3 benchmarks/cpu_experts.py --threads 14 --pin --group-size 32 --formats int4 --gap-us 52 --right 6 --kernels c --seconds 1"
 step c0 80 $CE
@@ -23,4 +28,5 @@ finish
 grep -v "^\s*$" $L/d0.log | tail -n 16 | cut -c1-300
 tail -n 3 $L/k0.log
 for s in c0 c1; do echo "== $s"; grep "DRAM read\|M=1\|reader" $L/$s.log | cut -c1-300; done
+for s in m0_1 mauto_1; do echo "== $s"; grep "^| qwen\|host share" $L/$s.log | cut -c1-260 | head -8; done
 for r in 1 2; do for s in 0 25 auto 375; do echo "== s${s}_$r"; grep "^| qwen\|pool us\|routed choices\|lookahead:\|host share" $L/s${s}_$r.log | cut -c1-260 | head -6; done; done
