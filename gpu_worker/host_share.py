@@ -70,10 +70,11 @@ class HostShare:
     """A share of the pool's chosen experts of each of the stage's MoE layers, computed on the
     device from the host store (read in place over PCIe on CUDA; on a CPU device, the same tensors).
     The share is a level in 256ths (`use`), held in device memory: a step's graph reads it when it
-    replays, so the tuner changes it between steps without capturing again."""
+    replays, so the tuner changes it between steps without capturing again. Steps of fewer than
+    `min_tokens` tokens take no share (decode_strategies leaves it out of their graphs)."""
 
-    def __init__(self, host: HostExperts):
-        self.host = host
+    def __init__(self, host: HostExperts, min_tokens: int = 1):
+        self.host, self.min_tokens = host, min_tokens
         self.level, self._level = torch.zeros(1, dtype=torch.int32, device=host.device), 0
         self.blocks = {layer: host.mapped_blocks(layer) for layer in host.layers}
 
@@ -96,6 +97,13 @@ class HostShare:
         return out
 
 
+# --pcie-share auto takes no share of steps below this many tokens: at one token the device's decode GEMV
+# read an expert from host memory at ~22 GB/s (its [32 rows, 128 bytes] tiles keep too few reads in
+# flight over PCIe, where a plain sum read 49 GB/s), ~150 us an expert, and no share made a token
+# faster on the lent H100 host; at 32 tokens 25% made a step 7% faster (BENCHMARKS.md, session 36).
+MIN_TOKENS = 8
+
+
 class ShareTuner:
     """--pcie-share auto: per batch-size bucket (decode_route.bucket), the level whose decode steps
     ran fastest. How much the device should take depends on how fast it reads host memory over PCIe
@@ -103,14 +111,19 @@ class ShareTuner:
     arithmetic grows with its tokens, the device's reads do not), all of which differ between hosts:
     so it is measured, as the decode route measures its runners. From none, a bucket climbs LEVELS
     while each level's median step (SAMPLES of them, the first at a level not kept) is faster than the
-    last by more than MARGIN, keeps the best, and every REVISIT steps tries a neighbour of it again,
-    as the load and the hot set change. `fixed`: that level always (--pcie-share F)."""
+    last by more than MARGIN, then measures none again (its first samples come from the steps right
+    after the batch formed: on a lent H100 host they ran 9.1 ms a token where the steady state ran
+    6.6, and 120 ms a 32-token step against 67, which made any share look faster; session 36), keeps
+    the best, and every REVISIT steps tries a neighbour of it again, as the load and the hot set
+    change. Steps of fewer than `min_tokens` tokens take no share. `fixed`: that level always
+    (--pcie-share F)."""
 
     LEVELS = (0, 32, 64, 96, 128, 160, 192)  # eighths, none to three quarters
     MARGIN = 0.02
 
-    def __init__(self, fixed: int | None = None):
-        self.fixed = fixed
+    def __init__(self, fixed: int | None = None, min_tokens: int = 1):
+        self.fixed, self.min_tokens = fixed, min_tokens
+        self.confirmed: set[int] = set()  # buckets whose level 0 was measured again after the climb
         self.times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=KEEP))
         self.seen: set[tuple[int, int]] = set()
         self.trial: dict[int, int] = {}  # bucket -> the level index it measures now (climbing, or a revisit)
@@ -125,6 +138,8 @@ class ShareTuner:
 
     def pick(self, tokens: int) -> int:
         """The level of a step of `tokens` tokens."""
+        if tokens < self.min_tokens:
+            return 0
         if self.fixed is not None:
             return self.fixed
         levels = self.LEVELS
@@ -134,10 +149,16 @@ class ShareTuner:
             i = self.trial.setdefault(b, 0)
             if not self._measured(b, i):
                 return levels[i]
+            if b in self.confirmed:  # none, measured again
+                self._decide(b)
+                return levels[self.choice[b]]
             if i + 1 < len(levels) and (i == 0 or self._median(b, i) < self._median(b, i - 1) * (1 - self.MARGIN)):
                 self.trial[b] = i + 1
                 return levels[i + 1]
-            self._decide(b)
+            self.confirmed.add(b)
+            self.times[(b, 0)].clear()
+            self.trial[b] = 0
+            return levels[0]
         elif b in self.trial:  # a neighbour measured again
             if not self._measured(b, self.trial[b]):
                 return levels[self.trial[b]]
@@ -164,7 +185,7 @@ class ShareTuner:
     def record(self, tokens: int, s256: int, seconds: float) -> None:
         """A decode step of `tokens` tokens that ran at level s256 took `seconds` on the device; a
         level's first step in a bucket is not kept (its first replay, or the graph's capture)."""
-        if self.fixed is not None or s256 not in self.LEVELS:
+        if self.fixed is not None or tokens < self.min_tokens or s256 not in self.LEVELS:
             return
         key = (bucket(tokens), self.LEVELS.index(s256))
         if key in self.seen:

@@ -95,6 +95,27 @@ def test_tuner_climbs_to_the_fastest_share_and_follows_a_change():
     assert set(_run(flat, lambda level: 1e-3, 40)[-10:]) == {0}
 
 
+def test_tuner_measures_none_again_after_the_climb():
+    """A batch's first steps run slow (graphs, the pool's lookahead learning the layers): none, measured
+    first, would lose to any share; measured again after the climb, it keeps a share that is no faster."""
+    step = {"n": 0}
+
+    def cost(level):
+        step["n"] += 1
+        return 1e-3 * (2 if step["n"] <= 6 else 1)
+
+    tuner = ShareTuner()
+    levels = _run(tuner, cost, 40)
+    assert max(levels) == 64 and levels[-1] == 0, levels  # climbed on the slow start, then took none again
+
+
+def test_small_steps_take_no_share():
+    tuner = ShareTuner(None, min_tokens=8)
+    assert set(_run(tuner, lambda level: 1e-3 / (1 + level), 30, tokens=4)) == {0}
+    assert tuner.describe() == {}
+    assert set(_run(tuner, lambda level: 1e-3 / (1 + level), 60, tokens=8)[-5:]) == {192}
+
+
 def test_fixed_share_is_never_tuned():
     tuner = ShareTuner(64)
     assert set(_run(tuner, lambda level: 1e-3 * (1 + level), 50)) == {64}
