@@ -16,7 +16,8 @@ pool's rate or takes from it depends on what the DRAM gives both at once, which 
 3. both at once, each one's rate over the same window;
 4. decode's expert products (gpu_worker/expert_gemv_kernel.py: w13 then w2 of k experts for one
    token) on a Qwen3-30B-A3B layer (INT4/g32, 128 experts) in host memory, alone and while the CPU
-   reads, against the same layer in device memory, each call on other experts (as a decode step).
+   reads, against the same layer in device memory, each call on other experts (as a decode step);
+   then the GEMV's tilings on host memory.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def layer() -> tuple[ExpertFormat, dict]:
     return fmt, t
 
 
-def products(fmt, t: dict, k: int, device):
+def products(fmt, t: dict, k: int, device, tiles=None):
     """(replay, bytes): a CUDA graph of 20 calls of the w13 and w2 products of one token's k
     experts, each call on other experts (none in the device's L2 from the call before), as a decode
     graph runs them (the host's launches not counted); the experts' bytes a replay reads."""
@@ -108,7 +109,7 @@ def products(fmt, t: dict, k: int, device):
 
     def calls():
         for r in sets:
-            expert_gemv(fmt, t, "w13", r, x, x_div=k, dtype=x.dtype), expert_gemv(fmt, t, "w2", r, a, dtype=a.dtype)
+            expert_gemv(fmt, t, "w13", r, x, tiles, x_div=k, dtype=x.dtype), expert_gemv(fmt, t, "w2", r, a, tiles, dtype=a.dtype)
 
     calls()
     graph = torch.cuda.CUDAGraph()
@@ -184,6 +185,17 @@ def main() -> None:
             print(f"k={k} experts in {where} memory: {row['alone_us']:.1f} us a call alone ({row['alone_GBps']:.1f} GB/s), "
                   f"{row['with_cpu_us']:.1f} us while the CPU reads at {row['cpu_meanwhile_GBps']:.1f} GB/s", flush=True)
     out["products"] = rows
+    # the GEMV's tiling for host memory (its default tile read ~22 GB/s there on the lent H100, session
+    # 36, where a plain sum read 49): fewer rows a program make more programs, more bytes a step more
+    # reads in flight each
+    tilings = {}
+    for tiles in ((32, 128, 4), (8, 128, 4), (4, 128, 4), (8, 512, 4), (4, 1024, 4), (16, 256, 8), (2, 1024, 2)):
+        replay, size = products(fmt, t_mapped, 2, device, tiles)
+        rate = gpu_rate(replay, size, reps=10)
+        tilings["_".join(map(str, tiles))] = {"us": 1e6 * size / rate / 20, "GBps": rate / 1e9}
+        print(f"k=2 experts in host memory, tiles {tiles}: {1e6 * size / rate / 20:.1f} us a call ({rate / 1e9:.1f} GB/s)",
+              flush=True)
+    out["host_tilings"] = tilings
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
