@@ -84,8 +84,8 @@ class DecodeStrategy(RoutedExperts):
         self.pool.submit(layer, x, ids, weights)
         self.guess(layer, x)
         mine = device_share() if device_share is not None else None
-        if taken is not None:
-            part = self.host_share.products(layer, x, taken, weights, self.act)
+        if taken is not None:  # enqueued now, as the hot share is: the device computes it while the pool works
+            part = OnDevice(self.host_share.blocks[layer], x, taken, weights, self.host.fmt, self.act)()
             mine = part if mine is None else mine + part
         self.warm(layer)
         return mine

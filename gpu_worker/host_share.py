@@ -29,7 +29,6 @@ import torch
 
 from .decode_route import KEEP, REVISIT, SAMPLES, bucket
 from .dma import HostExperts
-from .moe_gpu import moe_pairs
 
 log = logging.getLogger("krasis.gpu_worker")
 
@@ -68,7 +67,9 @@ def split(ids: torch.Tensor, guess: torch.Tensor | None, s256: torch.Tensor, sal
 
 class HostShare:
     """A share of the pool's chosen experts of each of the stage's MoE layers, computed on the
-    device from the host store (read in place over PCIe on CUDA; on a CPU device, the same tensors).
+    device from the host store: `blocks`, layer -> the store's blocks as the device reads them (in
+    place over PCIe on CUDA; on a CPU device, the same tensors), whose products the decode strategy
+    runs as a resident layer's (decode_strategies.OnDevice).
     The share is a level in 256ths (`use`), held in device memory: a step's graph reads it when it
     replays, so the tuner changes it between steps without capturing again. Steps of fewer than
     `min_tokens` tokens take no share (decode_strategies leaves it out of their graphs)."""
@@ -88,13 +89,6 @@ class HostShare:
         """(the device's choices, the pool's), as split_reference."""
         return split(ids, guess, self.level, layer, self.host.shape(layer).num)
 
-    def products(self, layer: int, x: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor, act: str) -> torch.Tensor:
-        """float32 [M, hidden]: the weighted sum of x's choices `mine` (split's first), enqueued now."""
-        out = None
-        for t, lookup in self.blocks[layer]:
-            part = moe_pairs(x, lookup, mine, weights, t, self.host.fmt, act)
-            out = part if out is None else out + part
-        return out
 
 
 # --pcie-share auto takes no share of steps below this many tokens: at one token the device's decode GEMV
