@@ -46,6 +46,34 @@ def bucket(tokens: int) -> int:
     return 1 << max(tokens - 1, 0).bit_length()
 
 
+class StepTimes:
+    """Recent decode step times per (batch-size bucket, option): the last KEEP of each, where an
+    option's first step in a bucket is not kept (it builds that batch size's CUDA graphs, or fills a
+    staging slot from cold). The decode route's options are its runners; the host share's tuner's
+    are its levels (host_share.py)."""
+
+    def __init__(self):
+        self.times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=KEEP))
+        self.seen: set[tuple[int, int]] = set()
+
+    def add(self, key: tuple[int, int], seconds: float) -> None:
+        if key in self.seen:
+            self.times[key].append(seconds)
+        self.seen.add(key)
+
+    def measured(self, key: tuple[int, int]) -> bool:
+        return len(self.times[key]) >= SAMPLES
+
+    def median(self, key: tuple[int, int]) -> float:
+        return statistics.median(self.times[key])
+
+    def forget(self, key: tuple[int, int], first_too: bool = False) -> None:
+        """To measure an option again: its times dropped; `first_too`: its next step is not kept either."""
+        self.times[key].clear()
+        if first_too:
+            self.seen.discard(key)
+
+
 def touched_share(tokens: int, top_k: int, num: int) -> float:
     """Expected share of a layer's experts that `tokens` tokens choose, for routing spread evenly."""
     return 1.0 - (1.0 - top_k / num) ** tokens
@@ -65,10 +93,7 @@ class DecodeRoute:
         self.decode, self._stream, self.mode, self._pays, self.layers = decode, stream, mode, pays, layers
         self.runners = {0: decode}  # streamed layers -> runner, made when first tried
         self.pays: dict[int, bool] = {}  # bucket -> pays(bucket), asked once: it depends on the bucket only
-        # (bucket, streamed layers) -> recent step seconds; a runner's first step in a bucket is not
-        # kept (it builds that batch size's CUDA graphs, or fills a staging slot from cold)
-        self.times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=KEEP))
-        self.seen: set[tuple[int, int]] = set()
+        self.times = StepTimes()  # (bucket, streamed layers) -> recent step seconds
         self.steps: dict[int, int] = defaultdict(int)
         self.tries: dict[int, list[int]] = {}  # bucket -> the streamed-layer counts it tries, in order
         self.confirmed: set[int] = set()  # buckets whose decode strategy was measured again after the others
@@ -80,10 +105,10 @@ class DecodeRoute:
         return self.runners[n]
 
     def _measured(self, b: int, n: int) -> bool:
-        return len(self.times[(b, n)]) >= SAMPLES
+        return self.times.measured((b, n))
 
     def _median_ms(self, b: int, n: int) -> float:
-        return statistics.median(self.times[(b, n)]) * 1e3
+        return self.times.median((b, n)) * 1e3
 
     def _next_try(self, b: int) -> int | None:
         """The streamed-layer count bucket b should measure next, or None once all are measured."""
@@ -109,7 +134,7 @@ class DecodeRoute:
             # GPU host, 39% slower than its steady state once: BENCHMARKS.md, session 22): its
             # samples are taken again, beside the others'
             self.confirmed.add(b)
-            self.times[(b, 0)].clear()
+            self.times.forget((b, 0))
             return 0
         return None
 
@@ -149,7 +174,4 @@ class DecodeRoute:
 
     def record(self, runner, tokens: int, seconds: float) -> None:
         """A decode step of `tokens` tokens that `runner` took ran `seconds` on the device."""
-        key = (bucket(tokens), next(n for n, r in self.runners.items() if r is runner))
-        if key in self.seen:
-            self.times[key].append(seconds)
-        self.seen.add(key)
+        self.times.add((bucket(tokens), next(n for n, r in self.runners.items() if r is runner)), seconds)

@@ -22,12 +22,11 @@ graph's replay makes the eager step's.
 from __future__ import annotations
 
 import logging
-import statistics
-from collections import defaultdict, deque
+from collections import defaultdict
 
 import torch
 
-from .decode_route import KEEP, REVISIT, SAMPLES, bucket
+from .decode_route import REVISIT, StepTimes, bucket
 from .dma import HostExperts
 
 log = logging.getLogger("krasis.gpu_worker")
@@ -118,17 +117,16 @@ class ShareTuner:
     def __init__(self, fixed: int | None = None, min_tokens: int = 1):
         self.fixed, self.min_tokens = fixed, min_tokens
         self.confirmed: set[int] = set()  # buckets whose level 0 was measured again after the climb
-        self.times: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=KEEP))
-        self.seen: set[tuple[int, int]] = set()
+        self.times = StepTimes()  # (bucket, level index) -> recent step seconds
         self.trial: dict[int, int] = {}  # bucket -> the level index it measures now (climbing, or a revisit)
         self.choice: dict[int, int] = {}  # bucket -> the level index chosen
         self.steps: dict[int, int] = defaultdict(int)
 
     def _measured(self, b: int, i: int) -> bool:
-        return len(self.times[(b, i)]) >= SAMPLES
+        return self.times.measured((b, i))
 
     def _median(self, b: int, i: int) -> float:
-        return statistics.median(self.times[(b, i)])
+        return self.times.median((b, i))
 
     def pick(self, tokens: int) -> int:
         """The level of a step of `tokens` tokens."""
@@ -150,7 +148,7 @@ class ShareTuner:
                 self.trial[b] = i + 1
                 return levels[i + 1]
             self.confirmed.add(b)
-            self.times[(b, 0)].clear()
+            self.times.forget((b, 0))
             self.trial[b] = 0
             return levels[0]
         elif b in self.trial:  # a neighbour measured again
@@ -160,8 +158,7 @@ class ShareTuner:
         elif self.steps[b] % REVISIT == 0:  # alternately the level above the choice and below it
             near = self.choice[b] + (1 if (self.steps[b] // REVISIT) % 2 else -1)
             if 0 <= near < len(levels):
-                self.times[(b, near)].clear()
-                self.seen.discard((b, near))
+                self.times.forget((b, near), first_too=True)
                 self.trial[b] = near
                 return levels[near]
         return levels[self.choice[b]]
@@ -181,10 +178,7 @@ class ShareTuner:
         level's first step in a bucket is not kept (its first replay, or the graph's capture)."""
         if self.fixed is not None or tokens < self.min_tokens or s256 not in self.LEVELS:
             return
-        key = (bucket(tokens), self.LEVELS.index(s256))
-        if key in self.seen:
-            self.times[key].append(seconds)
-        self.seen.add(key)
+        self.times.add((bucket(tokens), self.LEVELS.index(s256)), seconds)
 
     def describe(self) -> dict[str, float]:
         """bucket -> the share chosen for it."""
