@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from krasis.coordinator.bench import measure_dram
 from krasis.gpu_worker.dma import mapped_view, pin_segment
 from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
 from krasis.shared.expert_store import ExpertFormat
@@ -57,16 +58,6 @@ def gpu_rate(work, nbytes: int, reps: int = 5) -> float:
         b.synchronize()
         best = min(best, a.elapsed_time(b) / 1e3)
     return nbytes / best
-
-
-def cpu_rate(x: torch.Tensor, reps: int = 10) -> float:
-    x.sum()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
 
 
 def together(work, work_bytes: int, calls: int, x: torch.Tensor) -> tuple[float, float]:
@@ -151,9 +142,9 @@ def main() -> None:
     x = torch.ones(nbytes // 4)
     host, view = host_buffer(nbytes, device)
     dev = torch.empty(nbytes // 4, device=device)
-    out["cpu_alone_GBps"] = cpu_rate(x) / 1e9
+    out["cpu_alone_GBps"] = measure_dram(nbytes, reps=10) / 1e9
     torch.set_num_threads(os.cpu_count())
-    out["cpu_every_core_GBps"] = cpu_rate(x) / 1e9  # as bench's ceiling reads it
+    out["cpu_every_core_GBps"] = measure_dram(nbytes, reps=10) / 1e9  # as bench's ceiling reads it
     torch.set_num_threads(a.threads)
     zero_copy = (lambda: view.sum(), nbytes)
     copy_engine = (lambda: dev.copy_(host, non_blocking=True), nbytes)
