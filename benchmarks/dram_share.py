@@ -16,7 +16,8 @@ pool's rate or takes from it depends on what the DRAM gives both at once, which 
 3. both at once, each one's rate over the same window;
 4. decode's expert products (gpu_worker/expert_gemv_kernel.py: w13 then w2 of k experts for one
    token) on a Qwen3-30B-A3B layer (INT4/g32, 128 experts) in host memory, alone and while the CPU
-   reads, against the same layer in device memory, each call on other experts (as a decode step);
+   reads, against the same layer in device memory, each call on other experts (as a decode step),
+   and copied from host memory into device memory first (the host share's way);
    then the GEMV's tilings on host memory.
 """
 
@@ -33,6 +34,7 @@ import torch
 from krasis.coordinator.bench import measure_dram
 from krasis.gpu_worker.dma import mapped_view, pin_segment
 from krasis.gpu_worker.expert_gemv_kernel import expert_gemv
+from krasis.gpu_worker.host_share import gather
 from krasis.shared.expert_store import ExpertFormat
 from krasis.shared.quant import quantized
 
@@ -89,18 +91,28 @@ def layer() -> tuple[ExpertFormat, dict]:
     return fmt, t
 
 
-def products(fmt, t: dict, k: int, device, tiles=None):
+def products(fmt, t: dict, k: int, device, tiles=None, staged: bool = False):
     """(replay, bytes): a CUDA graph of 20 calls of the w13 and w2 products of one token's k
     experts, each call on other experts (none in the device's L2 from the call before), as a decode
-    graph runs them (the host's launches not counted); the experts' bytes a replay reads."""
+    graph runs them (the host's launches not counted); the experts' bytes a replay reads. `staged`:
+    each call copies its experts into device memory first and multiplies them there, as the host
+    share does (gpu_worker/host_share.py: gather)."""
     perm = torch.randperm(EXPERTS)
     sets = [perm[(i * k) % (EXPERTS - k + 1):][:k].to(device) for i in range(20)]
     x = torch.randn(1, HIDDEN, device=device).bfloat16()
     a = torch.randn(k, INTER, device=device).bfloat16()
+    stage = {n: torch.empty((k, *v.shape[1:]), dtype=v.dtype, device=device) for n, v in t.items()}
+    every, count = torch.arange(EXPERTS, device=device), torch.tensor([k], dtype=torch.int32, device=device)
+    mine = torch.arange(k, device=device)
 
     def calls():
         for r in sets:
-            expert_gemv(fmt, t, "w13", r, x, tiles, x_div=k, dtype=x.dtype), expert_gemv(fmt, t, "w2", r, a, tiles, dtype=a.dtype)
+            w, rows = t, r
+            if staged:
+                for n, v in t.items():
+                    gather(v, stage[n], r, every, count)
+                w, rows = stage, mine
+            expert_gemv(fmt, w, "w13", rows, x, tiles, x_div=k, dtype=x.dtype), expert_gemv(fmt, w, "w2", rows, a, tiles, dtype=a.dtype)
 
     calls()
     graph = torch.cuda.CUDAGraph()
@@ -166,8 +178,8 @@ def main() -> None:
     t_dev = {n: v.to(device) for n, v in t_host.items()}
     rows = []
     for k in (1, 2, 3, 4):
-        for where, t in (("device", t_dev), ("host", t_mapped)):
-            replay, size = products(fmt, t, k, device)
+        for where, t, staged in (("device", t_dev, False), ("host", t_mapped, False), ("staged host", t_mapped, True)):
+            replay, size = products(fmt, t, k, device, staged=staged)
             alone = gpu_rate(replay, size, reps=10)
             g, c = together(replay, size, max(10, int(1.5 * alone / size)), x)
             row = {"k": k, "where": where, "alone_us": 1e6 * size / alone / 20, "alone_GBps": alone / 1e9,

@@ -77,15 +77,17 @@ class DecodeStrategy(RoutedExperts):
         in VRAM: `device_share`; the host share's, read from host memory) and the L2 warm-up (after
         them: the next layer waits for them as it waits for the pool). Returns the device's float32
         part for the pool's wait to add, or None."""
-        taken = None
+        split = None
         if self.host_share is not None and x.shape[0] >= self.host_share.min_tokens:
             guessed = self._guessed[1] if self._guessed is not None and self._guessed[0] == layer else None
-            taken, ids = self.host_share.split(layer, ids, guessed)
+            split = self.host_share.split(layer, ids, guessed)
+            ids = split.pool
         self.pool.submit(layer, x, ids, weights)
         self.guess(layer, x)
         mine = device_share() if device_share is not None else None
-        if taken is not None:  # enqueued now, as the hot share is: the device computes it while the pool works
-            part = OnDevice(self.host_share.blocks[layer], x, taken, weights, self.host.fmt, self.act)()
+        if split is not None:  # enqueued now, as the hot share is: the device computes it while the pool works
+            block = self.host_share.staged_block(layer, split)
+            part = OnDevice([block], x, split.mine, weights, self.host.fmt, self.act)()
             mine = part if mine is None else mine + part
         self.warm(layer)
         return mine

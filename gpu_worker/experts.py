@@ -17,7 +17,7 @@ from .decode_split import SplitStep, streamable
 from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
-from .host_share import MIN_TOKENS, HostShare, ShareTuner
+from .host_share import MIN_TOKENS, HostShare, ShareTuner, share_most
 from .prefill_strategies import make_prefill
 from .vram_budget import stage_plan
 
@@ -52,11 +52,12 @@ class StageExperts:
             self.decode.resident_on = True
         # the device's share of the pool's choices (pure_cpu, hcs_hybrid): auto measures it on a GPU
         share = spec.get("pcie_share")
+        most = share_most(share, self.decode.takes_resident, device.type == "cuda")
         self.share_tuner = None
-        if self.decode.takes_resident and self.host.layers and (share or (share is None and device.type == "cuda")):
+        if most and self.host.layers:
             least = MIN_TOKENS if share is None else 1
-            self.decode.host_share = HostShare(self.host, least)
-            self.share_tuner = ShareTuner(None if share is None else round(256 * share), least)
+            self.share_tuner = ShareTuner(None if share is None else most, least)
+            self.decode.host_share = HostShare(self.host, least, most)
         mode = spec.get("stream_decode") or "auto"
         layers = streamable(self.prefill)
         # a split step where the prefill strategy can stream part of a step's layers (decode_split.py)

@@ -5,11 +5,17 @@ Why: a decode layer through the pool reads its chosen experts from DRAM with the
 the lent H100 hosts those 14 threads read 106-113 GB/s where the DRAM gave a sum over every core up to
 141 (BENCHMARKS.md, session 35): a core keeps only so many reads in flight, so the pool alone leaves
 DRAM bandwidth unused. The store is page-locked and mapped into the device's address space
-(dma.HostExperts), so the device's expert products (moe_pairs: the decode GEMV) can read its experts
-where they are, over PCIe, with no copy, no staging and nothing on the host's path: a launch in the
-decode graph like the hot share's. Splitting a layer's choices between the two readers, the layer
-costs about the longer of the two shares instead of the pool's whole; what that buys depends on how
-the DRAM serves both at once (benchmarks/dram_share.py measures it).
+(dma.HostExperts), so the device can read its share of a layer's experts itself, over PCIe, with
+nothing on the host's path: launches in the decode graph like the hot share's. Splitting a layer's
+choices between the two readers, the layer costs about the longer of the two shares instead of the
+pool's whole; what that buys depends on how the DRAM serves both at once
+(benchmarks/dram_share.py measures it).
+
+How the device reads them: a copy kernel gathers its experts from the store into staging slots in
+device memory, contiguous reads as a plain sum's (host_share_kernel.py), and the decode GEMV
+(moe_pairs) runs on the slots as on a resident layer. The GEMV reading the store in place read it
+at ~22 GB/s, where a sum's loads read 49 (its tiles keep too few reads in flight for PCIe's
+latency; session 36), and it read an expert once per token that chose it.
 
 Which experts: of the distinct experts a layer's tokens chose for the pool, `share` of them (rounded)
 go to the device, first those the pool's lookahead did not read ahead (the guess the device posted
@@ -23,20 +29,40 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
 from .decode_route import REVISIT, StepTimes, bucket
+from ..shared.expert_store import ExpertFormat
+from ..shared.models.family import ExpertShape
 from .dma import HostExperts
 
 log = logging.getLogger("krasis.gpu_worker")
 
+# The most bytes of experts the staging holds (one layer's share at a time): 96 of Qwen3-30B-A3B's 128
+# (the highest level, 3/4, of a step choosing every expert), 25 of a 10 MB expert's.
+STAGING_BYTES = 256 * 2**20
 
-def split_reference(ids: torch.Tensor, guess: torch.Tensor | None, s256: int, salt: int, num: int):
-    """(mine, pool), each like ids [M, k]: the choices whose expert the device takes, and the rest
-    (-1 elsewhere; ids of -1, choices that are no one's here, stay -1 in both). The device takes
-    (n * s256 + 128) // 256 of the n distinct experts chosen: those the guess did not name first, then
-    by (e + salt) % num."""
+
+class Split(NamedTuple):
+    """A layer's choices split between the device and the pool: `mine` and `pool` like ids [M, k]
+    (the choices of the device's experts, and the rest; -1 elsewhere, and ids of -1, choices that
+    are no one's here, stay -1 in both); `slots` [cap]: the device's experts in staging order (-1
+    past `count`); `lookup` [num]: each expert's slot (-1: not the device's); `count` int32 [1]."""
+
+    mine: torch.Tensor
+    pool: torch.Tensor
+    slots: torch.Tensor
+    lookup: torch.Tensor
+    count: torch.Tensor
+
+
+def split_reference(ids: torch.Tensor, guess: torch.Tensor | None, s256: int, salt: int, num: int,
+                    cap: int | None = None) -> Split:
+    """The device takes min((n * s256 + 128) // 256, cap) of the n distinct experts chosen: those the
+    guess did not name first, then by (e + salt) % num; its slots in that order."""
+    cap = num if cap is None else cap
     flat = ids.reshape(-1)
     chosen = torch.zeros(num, dtype=torch.bool)
     chosen[flat[flat >= 0].cpu()] = True
@@ -47,36 +73,91 @@ def split_reference(ids: torch.Tensor, guess: torch.Tensor | None, s256: int, sa
     e = torch.arange(num)
     key = guessed.long() * num + (e + salt) % num
     candidates = e[chosen]
-    take = (len(candidates) * s256 + 128) // 256
-    taken = torch.zeros(num, dtype=torch.bool)
-    taken[candidates[key[chosen].argsort()][:take]] = True
-    is_mine = (ids >= 0) & taken.to(ids.device)[ids.clamp(min=0)]
-    return torch.where(is_mine, ids, -1), torch.where(is_mine, -1, ids)
+    take = min((len(candidates) * s256 + 128) // 256, cap)
+    order = candidates[key[chosen].argsort()][:take]
+    slots = torch.full((cap,), -1, dtype=torch.long)
+    slots[:take] = order
+    lookup = torch.full((num,), -1, dtype=torch.long)
+    lookup[order] = torch.arange(take)
+    lookup = lookup.to(ids.device)
+    is_mine = (ids >= 0) & (lookup[ids.clamp(min=0)] >= 0)
+    return Split(torch.where(is_mine, ids, -1), torch.where(is_mine, -1, ids), slots.to(ids.device), lookup,
+                 torch.tensor([take], dtype=torch.int32, device=ids.device))
 
 
-def split(ids: torch.Tensor, guess: torch.Tensor | None, s256: torch.Tensor, salt: int, num: int):
+def split(ids: torch.Tensor, guess: torch.Tensor | None, s256: torch.Tensor, salt: int, num: int, cap: int) -> Split:
     """split_reference with the level in an int32 [1] tensor; on CUDA one Triton launch
     (host_share_kernel.py), which reads it on the device."""
     if ids.is_cuda:
         from .host_share_kernel import split_triton
 
-        return split_triton(ids, guess, s256, salt, num)
-    return split_reference(ids, guess, int(s256), salt, num)
+        return Split(*split_triton(ids, guess, s256, salt, num, cap))
+    return split_reference(ids, guess, int(s256), salt, num, cap)
+
+
+def gather_reference(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+                     count: torch.Tensor) -> None:
+    """dst[s] = src[rows[slots[s]]] for the slots s < count whose row is >= 0 (rows: a block's
+    lookup; -1 for an expert another block holds)."""
+    s = torch.arange(int(count))
+    r = rows[slots[s]]
+    held = r >= 0
+    dst[s[held]] = src[r[held]]
+
+
+def gather(src: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> None:
+    """gather_reference; on CUDA one Triton launch, which reads the count on the device."""
+    if dst.is_cuda:
+        from .host_share_kernel import gather_triton
+
+        return gather_triton(src, dst, slots, rows, count)
+    gather_reference(src, dst, slots, rows, count)
+
+
+def staging_slots(fmt: ExpertFormat, es: ExpertShape, s256: int) -> int:
+    """The experts a layer's staging holds at share s256: the most the share takes of a step choosing
+    every expert, within STAGING_BYTES."""
+    return min(-(-es.num * s256 // 256), max(1, STAGING_BYTES // _aligned(fmt.tensors(es, 1))))
+
+
+def staging_bytes(fmt: ExpertFormat, es: ExpertShape, s256: int) -> int:
+    """The bytes of those slots (each tensor 16-byte aligned, as _views lays them out)."""
+    return _aligned(fmt.tensors(es, staging_slots(fmt, es, s256)))
+
+
+def share_most(share: float | None, pooled: bool, cuda: bool) -> int:
+    """The highest level (256ths) of the host share a stage runs at, 0 for none: --pcie-share F's;
+    auto's (ShareTuner.LEVELS' last) on a GPU, none on a CPU device (the pool is the thing tested
+    there); none where the decode strategy sends the pool nothing (`pooled` false)."""
+    if not pooled:
+        return 0
+    if share is None:
+        return ShareTuner.LEVELS[-1] if cuda else 0
+    return round(256 * share)
 
 
 class HostShare:
     """A share of the pool's chosen experts of each of the stage's MoE layers, computed on the
-    device from the host store: `blocks`, layer -> the store's blocks as the device reads them (in
-    place over PCIe on CUDA; on a CPU device, the same tensors), whose products the decode strategy
-    runs as a resident layer's (decode_strategies.OnDevice).
+    device from the host store: the split (which experts), their copy from the store's blocks
+    (read in place over PCIe on CUDA: dma.HostExperts.mapped_blocks) into staging slots in device
+    memory, and the staged block the decode strategy runs as a resident layer's
+    (decode_strategies.OnDevice). The staging holds `most` (256ths) of a layer's experts, within
+    STAGING_BYTES (staging_slots); every layer uses it in turn (stream order).
     The share is a level in 256ths (`use`), held in device memory: a step's graph reads it when it
     replays, so the tuner changes it between steps without capturing again. Steps of fewer than
     `min_tokens` tokens take no share (decode_strategies leaves it out of their graphs)."""
 
-    def __init__(self, host: HostExperts, min_tokens: int = 1):
+    def __init__(self, host: HostExperts, min_tokens: int = 1, most: int = 256):
         self.host, self.min_tokens = host, min_tokens
         self.level, self._level = torch.zeros(1, dtype=torch.int32, device=host.device), 0
         self.blocks = {layer: host.mapped_blocks(layer) for layer in host.layers}
+        fmt = host.fmt
+        self.caps = {i: staging_slots(fmt, host.shape(i), most) for i in host.layers}
+        self.nbytes = max(staging_bytes(fmt, host.shape(i), most) for i in host.layers)
+        # zeros, not empty: the CPU's products (moe_gpu._block) read a block's every row, weighting
+        # those of no pair by 0, and uninitialised bytes may be NaNs; later a slot holds some expert
+        buffer = torch.zeros(self.nbytes, dtype=torch.uint8, device=host.device)
+        self.staged = {i: _views(buffer, fmt.tensors(host.shape(i), self.caps[i])) for i in host.layers}
 
     def use(self, s256: int) -> None:
         """The share of the steps enqueued from now on (stream order on a GPU)."""
@@ -84,10 +165,35 @@ class HostShare:
             self.level.fill_(s256)
             self._level = s256
 
-    def split(self, layer: int, ids: torch.Tensor, guess: torch.Tensor | None):
-        """(the device's choices, the pool's), as split_reference."""
-        return split(ids, guess, self.level, layer, self.host.shape(layer).num)
+    def split(self, layer: int, ids: torch.Tensor, guess: torch.Tensor | None) -> Split:
+        return split(ids, guess, self.level, layer, self.host.shape(layer).num, self.caps[layer])
 
+    def staged_block(self, layer: int, s: Split):
+        """The device's experts of split `s` copied from the host store into the staging: the block
+        (tensors, lookup) that holds them."""
+        for t, rows in self.blocks[layer]:
+            for name, v in t.items():
+                gather(v, self.staged[layer][name], s.slots, rows, s.count)
+        return self.staged[layer], s.lookup
+
+
+def _nbytes(dtype, shape) -> int:
+    return -(-torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() // 16) * 16
+
+
+def _aligned(tensors: dict) -> int:
+    """The bytes of tensors of the given (dtype, shape) one after another, each 16-byte aligned."""
+    return sum(_nbytes(*v) for v in tensors.values())
+
+
+def _views(buffer: torch.Tensor, tensors: dict) -> dict[str, torch.Tensor]:
+    """Those tensors, laid out so in a byte buffer."""
+    out, at = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        out[name] = buffer[at : at + n].view(dtype).view(shape)
+        at += _nbytes(dtype, shape)
+    return out
 
 
 # --pcie-share auto takes no share of steps below this many tokens: at one token the device's decode GEMV

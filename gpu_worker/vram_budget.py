@@ -3,7 +3,8 @@ shapes before anything is allocated, and refused with the shortfall when it cann
 
     fixed  = weights (this stage's non-routed tensors; --attn-bits 8's at a byte a weight)
            + KV cache (one sequence of --max-context)
-           + staging (what the prefill and decode strategies keep for experts)
+           + staging (what the prefill and decode strategies keep for experts, and the host share's
+             slots: host_share.py)
            + activations (one --prefill-chunk through the largest layer, routed experts included)
     spare  = budget - fixed, for the hot-expert cache (hcs_prefill, hcs_hybrid) and the lru cache;
              else, with layer_grouped prefill, for whole layers kept resident (streamed never)
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from ..shared.expert_store import StoreLayout
 from ..shared.quant import dense_names
+from ..shared.strategy_names import POOL_DECODE
 from ..shared.models.family import ConfigError, ModelFamily
 
 GB = 1e9
@@ -86,7 +88,9 @@ def plan(
     budget_gb: float | None,
     device_total: int | None,
     int8_dense: bool = False,
+    share_most: int = 0,
 ) -> VramPlan:
+    from .host_share import staging_bytes
     from .prefill_strategies import parse_prefill, spread, stream_groups
 
     a, b = layers
@@ -117,7 +121,10 @@ def plan(
             out = 2 * max((sum(size[i] for i in grp) for grp in groups), default=0)
         else:  # chunked, active_only, hcs_prefill: one layer's worth
             out = biggest
-        return out + (biggest if decode == "compact" else 0)
+        return out + (biggest if decode == "compact" else 0) + share
+
+    # the host share's slots at its highest level (share_most, in 256ths)
+    share = max((staging_bytes(layout.fmt, layout.shapes[i], share_most) for i in moe), default=0)
 
     staging = staging_for(0)
 
@@ -195,14 +202,18 @@ def stage_plan(family: ModelFamily, layout: StoreLayout, spec: dict, dtype_bytes
                device_total: int | None) -> tuple[str, VramPlan]:
     """A GPU worker's prefill strategy and VRAM plan from its spec (coordinator/processes.py):
     the strategy named there, or the first of AUTO_PREFILL that fits; VramBudgetError if it does not."""
+    from .host_share import share_most
+
     a, b = spec["layers"]
+    decode = spec.get("decode_strategy") or "pure_cpu"
 
     def plan_for(prefill: str) -> VramPlan:
         return plan(
             family, layout, (a, b), spec["rank"] == 0, spec["rank"] == spec["world"] - 1, dtype_bytes,
             spec.get("kv_dtype") or "bf16", spec["max_context"], spec.get("prefill_chunk") or 4096, prefill,
-            spec.get("decode_strategy") or "pure_cpu", spec.get("vram_budget"), device_total,
+            decode, spec.get("vram_budget"), device_total,
             int8_dense=bool(spec.get("dense_cache")),
+            share_most=share_most(spec.get("pcie_share"), decode in POOL_DECODE, device_total is not None),
         )
 
     prefill = spec.get("prefill_strategy")

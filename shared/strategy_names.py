@@ -8,6 +8,7 @@ import re
 
 PREFILL_STRATEGIES = ("persistent", "layer_grouped_N", "chunked", "active_only", "hcs_prefill")
 DECODE_STRATEGIES = ("pure_cpu", "hcs_hybrid", "compact", "lru")
+POOL_DECODE = ("pure_cpu", "hcs_hybrid")  # those whose routed experts go to the CPU pool (the others' to the device)
 
 
 class StrategyError(ValueError):

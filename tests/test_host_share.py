@@ -27,7 +27,8 @@ def cases():
             guess = torch.stack([torch.randperm(num, generator=g)[:k] for _ in range(m)])
             for s256 in (0, 1, 64, 77, 128, 200, 256):
                 for g_ in (None, guess):
-                    yield ids, g_, s256, int(torch.randint(0, 1000, (1,), generator=g)), num
+                    for cap in (num, 3):  # the staging holds every expert, or fewer than the share
+                        yield ids, g_, s256, int(torch.randint(0, 1000, (1,), generator=g)), num, cap
 """
 
 
@@ -38,8 +39,8 @@ def _cases():
 
 
 def test_split_takes_whole_experts_unguessed_first():
-    for ids, guess, s256, salt, num in _cases():
-        mine, pool = split_reference(ids, guess, s256, salt, num)
+    for ids, guess, s256, salt, num, cap in _cases():
+        mine, pool, slots, lookup, count = split_reference(ids, guess, s256, salt, num, cap)
         assert mine.shape == pool.shape == ids.shape
         # every choice on exactly one side, the no-one's (-1) on neither
         assert torch.equal(torch.where(mine >= 0, mine, pool), ids)
@@ -47,7 +48,12 @@ def test_split_takes_whole_experts_unguessed_first():
         taken, left = set(mine[mine >= 0].tolist()), set(pool[pool >= 0].tolist())
         assert not taken & left  # an expert's tokens all on one side: no expert read twice
         chosen = taken | left
-        assert len(taken) == (len(chosen) * s256 + 128) // 256
+        assert len(taken) == int(count) == min((len(chosen) * s256 + 128) // 256, cap)
+        # the staging: each taken expert in one slot, the slots past the count empty, lookup their inverse
+        assert slots.shape == (cap,) and set(slots[: int(count)].tolist()) == taken
+        assert (slots[int(count):] == -1).all()
+        assert torch.equal(lookup[slots[: int(count)]], torch.arange(int(count)))
+        assert int((lookup >= 0).sum()) == len(taken)
         if guess is not None:
             named = set(guess.reshape(-1).tolist())
             if taken & named:  # a guessed expert taken only once every unguessed one is
@@ -60,7 +66,7 @@ def test_split_moves_with_the_layer():
     ids = torch.arange(8).reshape(1, 8)
     seen = set()
     for salt in range(128):
-        mine, _ = split_reference(ids, None, 64, salt, 128)
+        mine = split_reference(ids, None, 64, salt, 128).mine
         seen |= set(mine[mine >= 0].tolist())
     assert seen == set(range(8))
 
@@ -122,26 +128,81 @@ def test_fixed_share_is_never_tuned():
     assert tuner.describe() == {"all": 0.25}
 
 
-# the kernel against the reference: on the CPU under Triton's interpreter here, on CUDA where a GPU
+def test_staged_block_holds_the_split_experts(tmp_path):
+    """HostShare.staged_block: the device's experts of a split copied from a two-node store into the
+    staging, each in its slot, bit for bit; the products' lookup is the split's."""
+    from krasis.gpu_worker.dma import HostExperts
+    from krasis.gpu_worker.host_share import HostShare
+    from krasis.shared.expert_store import ExpertFormat, ExpertStore, StoreLayout
+    from krasis.shared.weights import load_family
+
+    family = load_family(tm.build(tmp_path / "m", "qwen3", num_experts=16, num_hidden_layers=2))
+    layout = StoreLayout(family, 2, ExpertFormat("int4", torch.bfloat16, 16))
+    store = ExpertStore(layout, ExpertStore.create_segments(layout))
+    for node in range(2):  # any bytes: the copy is what is tested
+        seg = store.segment(node)
+        seg.copy_(torch.randint(0, 256, seg.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(node)))
+    host = HostExperts(store, range(family.num_layers), torch.device("cpu"))
+    share = HostShare(host, most=128)
+    layer = host.layers[0]
+    assert share.caps[layer] == 8  # half of 16 experts
+    # the VRAM plan counts the staging it allocates
+    from krasis.gpu_worker.vram_budget import plan
+
+    def planned(most):
+        return plan(family, layout, (0, family.num_layers), True, True, 2, "bf16", 64, 64, "chunked", "pure_cpu", None,
+                    None, share_most=most).staging
+
+    assert planned(128) - planned(0) == share.nbytes >= 8 * host.expert_nbytes(layer)
+    share.use(128)
+    ids = torch.tensor([[3, 9], [12, 3], [0, 15]])
+    s = share.split(layer, ids, None)
+    tensors, lookup = share.staged_block(layer, s)
+    assert lookup is s.lookup and int(s.count) == 3  # half of 5, rounded
+    for slot in range(int(s.count)):
+        e = int(s.slots[slot])
+        for t, rows in host.host_blocks(layer):
+            if rows[e] >= 0:
+                for name, v in t.items():  # as bytes: random ones hold NaNs
+                    assert torch.equal(tensors[name][slot].reshape(-1).view(torch.uint8),
+                                       v[rows[e]].reshape(-1).view(torch.uint8)), (name, e)
+
+
+# the kernels against the references: on the CPU under Triton's interpreter here, on CUDA where a GPU
 # call runs it (`python -c "import test_host_share as t; exec(t.CHECK)"` from tests/)
 CHECK = CASES + r"""
 import os
-from krasis.gpu_worker.host_share import split_reference
-from krasis.gpu_worker.host_share_kernel import split_triton
+from krasis.gpu_worker.host_share import gather_reference, split_reference
+from krasis.gpu_worker.host_share_kernel import gather_triton, split_triton
 
 dev = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 n = 0
-for ids, guess, s256, salt, num in cases():
-    want = split_reference(ids, guess, s256, salt, num)
+for ids, guess, s256, salt, num, cap in cases():
+    want = split_reference(ids, guess, s256, salt, num, cap)
     level = torch.tensor([s256], dtype=torch.int32, device=dev)
-    got = split_triton(ids.to(dev), None if guess is None else guess.to(dev), level, salt, num)
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (ids, guess, s256, salt, num, got, want)
+    got = split_triton(ids.to(dev), None if guess is None else guess.to(dev), level, salt, num, cap)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (ids, guess, s256, salt, num, cap, got, want)
     n += 1
 assert n > 100
+# gather: rows of whole words and of odd bytes, from a block holding some of the experts
+g = torch.Generator().manual_seed(3)
+for dtype, shape in ((torch.uint8, (12, 5, 7)), (torch.bfloat16, (12, 3, 4)), (torch.uint8, (12, 3000, 8))):
+    size = torch.empty((), dtype=dtype).element_size()
+    src = torch.randint(0, 255, (*shape[:-1], shape[-1] * size), generator=g, dtype=torch.uint8).view(dtype)
+    rows = torch.tensor([-1, 0, 1, -1, 2, 3, 4, 5, 6, 7, 8, 9])  # experts 0 and 3 in another block
+    for count in (0, 1, 4):
+        slots = torch.tensor([4, 0, 11, 6, -1, -1])
+        want = torch.zeros((6, *shape[1:]), dtype=dtype)
+        gather_reference(src, want, slots, rows, torch.tensor([count], dtype=torch.int32))
+        got = torch.zeros_like(want, device=dev)
+        gather_triton(src.to(dev), got, slots.to(dev), rows.to(dev), torch.tensor([count], dtype=torch.int32, device=dev))
+        raw = lambda t: t.reshape(-1).view(torch.uint8)  # random bytes hold NaNs
+        assert torch.equal(raw(got.cpu()), raw(want)), (dtype, shape, count)
+        assert count < 4 or torch.equal(raw(want[2]), raw(src[9]))
 print("ok")
 """
 
 
-def test_split_kernel_matches_reference():
+def test_kernels_match_references():
     pytest.importorskip("triton", reason="triton is a test dependency (pyproject's test extra)")
     tm.run_interpreted(CHECK)
