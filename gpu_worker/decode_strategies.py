@@ -78,7 +78,7 @@ class DecodeStrategy(RoutedExperts):
         them: the next layer waits for them as it waits for the pool). Returns the device's float32
         part for the pool's wait to add, or None."""
         split = None
-        if self.host_share is not None and x.shape[0] >= self.host_share.min_tokens:
+        if self.host_share is not None:
             guessed = self._guessed[1] if self._guessed is not None and self._guessed[0] == layer else None
             split = self.host_share.split(layer, ids, guessed)
             ids = split.pool

@@ -17,7 +17,7 @@ from .decode_split import SplitStep, streamable
 from .decode_strategies import make_decode
 from .dma import CopyEngine, HostExperts
 from .hcs import Counts, HotSet
-from .host_share import MIN_TOKENS, HostShare, ShareTuner, share_most
+from .host_share import HostShare, ShareTuner, share_most
 from .prefill_strategies import make_prefill
 from .vram_budget import stage_plan
 
@@ -55,9 +55,8 @@ class StageExperts:
         most = share_most(share, self.decode.takes_resident, device.type == "cuda")
         self.share_tuner = None
         if most and self.host.layers:
-            least = MIN_TOKENS if share is None else 1
-            self.share_tuner = ShareTuner(None if share is None else most, least)
-            self.decode.host_share = HostShare(self.host, least, most)
+            self.share_tuner = ShareTuner(None if share is None else most)
+            self.decode.host_share = HostShare(self.host, most)
         mode = spec.get("stream_decode") or "auto"
         layers = streamable(self.prefill)
         # a split step where the prefill strategy can stream part of a step's layers (decode_split.py)

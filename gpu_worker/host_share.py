@@ -144,11 +144,10 @@ class HostShare:
     (decode_strategies.OnDevice). The staging holds `most` (256ths) of a layer's experts, within
     STAGING_BYTES (staging_slots); every layer uses it in turn (stream order).
     The share is a level in 256ths (`use`), held in device memory: a step's graph reads it when it
-    replays, so the tuner changes it between steps without capturing again. Steps of fewer than
-    `min_tokens` tokens take no share (decode_strategies leaves it out of their graphs)."""
+    replays, so the tuner changes it between steps without capturing again."""
 
-    def __init__(self, host: HostExperts, min_tokens: int = 1, most: int = 256):
-        self.host, self.min_tokens = host, min_tokens
+    def __init__(self, host: HostExperts, most: int = 256):
+        self.host = host
         self.level, self._level = torch.zeros(1, dtype=torch.int32, device=host.device), 0
         self.blocks = {layer: host.mapped_blocks(layer) for layer in host.layers}
         fmt = host.fmt
@@ -196,32 +195,30 @@ def _views(buffer: torch.Tensor, tensors: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-# --pcie-share auto takes no share of steps below this many tokens: at one token the device's decode GEMV
-# read an expert from host memory at ~22 GB/s (its [32 rows, 128 bytes] tiles keep too few reads in
-# flight over PCIe, where a plain sum read 49 GB/s), ~150 us an expert, and no share made a token
-# faster on the lent H100 host; at 32 tokens 25% made a step 7% faster (BENCHMARKS.md, session 36).
-MIN_TOKENS = 8
-
-
 class ShareTuner:
     """--pcie-share auto: per batch-size bucket (decode_route.bucket), the level whose decode steps
     ran fastest. How much the device should take depends on how fast it reads host memory over PCIe
     against the pool's DRAM rate, on what the DRAM gives both at once, and on the batch (the pool's
     arithmetic grows with its tokens, the device's reads do not), all of which differ between hosts:
     so it is measured, as the decode route measures its runners. From none, a bucket climbs LEVELS
-    while each level's median step (SAMPLES of them, the first at a level not kept) is faster than the
-    last by more than MARGIN, then measures none again (its first samples come from the steps right
-    after the batch formed: on a lent H100 host they ran 9.1 ms a token where the steady state ran
-    6.6, and 120 ms a 32-token step against 67, which made any share look faster; session 36), keeps
-    the best, and every REVISIT steps tries a neighbour of it again, as the load and the hot set
-    change. Steps of fewer than `min_tokens` tokens take no share. `fixed`: that level always
-    (--pcie-share F)."""
+    (each level's median step of SAMPLES, the first at a level not kept) until two levels in a row
+    are no faster than the best below them by MARGIN (one-token steps are noisy: on a lent H100 host
+    an eighth measured slower than none where a quarter was 8-15% faster, session 37), then measures
+    none again (its first samples come from the steps right after the batch formed: on a lent H100
+    host they ran 9.1 ms a token where the steady state ran 6.6, and 120 ms a 32-token step against
+    67, which made any share look faster; session 36), keeps the best, and every REVISIT steps tries
+    a neighbour of it again, as the load and the hot set change. `fixed`: that level always
+    (--pcie-share F).
 
-    LEVELS = (0, 32, 64, 96, 128, 160, 192)  # eighths, none to three quarters
+    LEVELS end at a half: at 16 and 32 tokens 3/8 was fastest and a half slower (a 32-token step 68.8
+    ms at 3/8, 80.8 at a half, 96.5 with none), at one token a quarter (session 37); the staging
+    holds the highest level's experts."""
+
+    LEVELS = (0, 32, 64, 96, 128)  # eighths, none to a half
     MARGIN = 0.02
 
-    def __init__(self, fixed: int | None = None, min_tokens: int = 1):
-        self.fixed, self.min_tokens = fixed, min_tokens
+    def __init__(self, fixed: int | None = None):
+        self.fixed = fixed
         self.confirmed: set[int] = set()  # buckets whose level 0 was measured again after the climb
         self.times = StepTimes()  # (bucket, level index) -> recent step seconds
         self.trial: dict[int, int] = {}  # bucket -> the level index it measures now (climbing, or a revisit)
@@ -236,8 +233,6 @@ class ShareTuner:
 
     def pick(self, tokens: int) -> int:
         """The level of a step of `tokens` tokens."""
-        if tokens < self.min_tokens:
-            return 0
         if self.fixed is not None:
             return self.fixed
         levels = self.LEVELS
@@ -250,7 +245,7 @@ class ShareTuner:
             if b in self.confirmed:  # none, measured again
                 self._decide(b)
                 return levels[self.choice[b]]
-            if i + 1 < len(levels) and (i == 0 or self._median(b, i) < self._median(b, i - 1) * (1 - self.MARGIN)):
+            if i + 1 < len(levels) and (self._gained(b, i) or self._gained(b, i - 1)):
                 self.trial[b] = i + 1
                 return levels[i + 1]
             self.confirmed.add(b)
@@ -269,6 +264,13 @@ class ShareTuner:
                 return levels[near]
         return levels[self.choice[b]]
 
+    def _gained(self, b: int, i: int) -> bool:
+        """Whether level i ran faster than every level below it by MARGIN (none, and a level before
+        it, count as gains: the climb starts)."""
+        if i <= 0:
+            return True
+        return self._median(b, i) < min(self._median(b, j) for j in range(i)) * (1 - self.MARGIN)
+
     def _decide(self, b: int) -> None:
         self.trial.pop(b, None)
         measured = [i for i in range(len(self.LEVELS)) if self._measured(b, i)]
@@ -282,7 +284,7 @@ class ShareTuner:
     def record(self, tokens: int, s256: int, seconds: float) -> None:
         """A decode step of `tokens` tokens that ran at level s256 took `seconds` on the device; a
         level's first step in a bucket is not kept (its first replay, or the graph's capture)."""
-        if self.fixed is not None or tokens < self.min_tokens or s256 not in self.LEVELS:
+        if self.fixed is not None or s256 not in self.LEVELS:
             return
         self.times.add((bucket(tokens), self.LEVELS.index(s256)), seconds)
 
