@@ -69,12 +69,16 @@ def _half_hot_budget(model) -> str:
 
 
 # pure_cpu through the pool's doorbells (resident decode off: with no budget every expert is resident);
-# two stages whose resident layers decode on the GPU; hcs_hybrid's hot and cold experts together
+# the same with half the pool's experts read by the device from host memory (the host share); two
+# stages whose resident layers decode on the GPU; hcs_hybrid's hot and cold experts together. The host
+# share is fixed or off: auto's level follows step times, which the two runs need not share.
 @pytest.mark.parametrize("extra", [
-    ("--devices", "cuda:0", "--kv-dtype", "fp8", "--resident-decode", "off"),
-    ("--devices", "cuda:0,cuda:0", "--kv-dtype", "bf16"),
-    ("--devices", "cuda:0", "--kv-dtype", "fp8", "--prefill-strategy", "layer_grouped_1", "--decode-strategy", "hcs_hybrid"),
-], ids=["pp1-fp8", "pp2-bf16-resident", "pp1-hcs_hybrid"])
+    ("--devices", "cuda:0", "--kv-dtype", "fp8", "--resident-decode", "off", "--pcie-share", "0"),
+    ("--devices", "cuda:0", "--kv-dtype", "fp8", "--resident-decode", "off", "--pcie-share", "0.5"),
+    ("--devices", "cuda:0,cuda:0", "--kv-dtype", "bf16", "--pcie-share", "0"),
+    ("--devices", "cuda:0", "--kv-dtype", "fp8", "--prefill-strategy", "layer_grouped_1", "--decode-strategy", "hcs_hybrid",
+     "--pcie-share", "0"),
+], ids=["pp1-fp8", "pp1-fp8-host-share", "pp2-bf16-resident", "pp1-hcs_hybrid"])
 def test_graphs_replay_the_eager_steps(model, extra, tmp_path):
     import shutil
 
@@ -96,6 +100,8 @@ def test_graphs_replay_the_eager_steps(model, extra, tmp_path):
         # about half the experts hot: the pool ran a real share of decode's choices, in the graphs
         # as eagerly (the 48-layer GGUF's hot set served 100.0% on two GPU hosts, never on a CPU)
         assert 0.1 < share < 0.9 and 0.1 < eager_share < 0.9, (share, eager_share)
+    elif "0.5" in extra:  # half the pool's distinct experts (rounded) through the device's host share
+        assert 0.3 < share == eager_share < 0.7, (share, eager_share)
     elif "off" in extra:  # every choice through the pool's doorbells
         assert share == eager_share == 1.0, (share, eager_share)
     assert all(len(t) == NEW_TOKENS for t in solo)
