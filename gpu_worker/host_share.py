@@ -40,8 +40,9 @@ from .dma import HostExperts
 
 log = logging.getLogger("krasis.gpu_worker")
 
-# The most bytes of experts the staging holds (one layer's share at a time): 96 of Qwen3-30B-A3B's 128
-# (the highest level, 3/4, of a step choosing every expert), 25 of a 10 MB expert's.
+# The most bytes of experts the staging holds (one layer's share at a time): auto's highest level, a
+# half, of a step choosing every expert is 64 of Qwen3-30B-A3B's 128 experts (170 MiB), and 25 slots
+# of a 10 MB expert's.
 STAGING_BYTES = 256 * 2**20
 
 
