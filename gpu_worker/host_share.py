@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 import torch
 
-from .decode_route import REVISIT, StepTimes, bucket
 from ..shared.expert_store import ExpertFormat
 from ..shared.models.family import ExpertShape
+from .decode_route import REVISIT, StepTimes, bucket
 from .dma import HostExperts
 
 log = logging.getLogger("krasis.gpu_worker")
@@ -190,8 +190,7 @@ def _views(buffer: torch.Tensor, tensors: dict) -> dict[str, torch.Tensor]:
     """Those tensors, laid out so in a byte buffer."""
     out, at = {}, 0
     for name, (dtype, shape) in tensors.items():
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        out[name] = buffer[at : at + n].view(dtype).view(shape)
+        out[name] = buffer[at:].view(dtype)[: torch.Size(shape).numel()].view(shape)
         at += _nbytes(dtype, shape)
     return out
 
