@@ -67,11 +67,9 @@ class StepTimes:
     def median(self, key: tuple[int, int]) -> float:
         return statistics.median(self.times[key])
 
-    def forget(self, key: tuple[int, int], first_too: bool = False) -> None:
-        """To measure an option again: its times dropped; `first_too`: its next step is not kept either."""
+    def forget(self, key: tuple[int, int]) -> None:
+        """To measure an option again: its times dropped."""
         self.times[key].clear()
-        if first_too:
-            self.seen.discard(key)
 
 
 def touched_share(tokens: int, top_k: int, num: int) -> float:

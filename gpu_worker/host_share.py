@@ -200,15 +200,18 @@ class ShareTuner:
     ran fastest. How much the device should take depends on how fast it reads host memory over PCIe
     against the pool's DRAM rate, on what the DRAM gives both at once, and on the batch (the pool's
     arithmetic grows with its tokens, the device's reads do not), all of which differ between hosts:
-    so it is measured, as the decode route measures its runners. From none, a bucket climbs LEVELS
-    (each level's median step of SAMPLES, the first at a level not kept) until two levels in a row
-    are no faster than the best below them by MARGIN (one-token steps are noisy: on a lent H100 host
-    an eighth measured slower than none where a quarter was 8-15% faster, session 37), then measures
-    none again (its first samples come from the steps right after the batch formed: on a lent H100
-    host they ran 9.1 ms a token where the steady state ran 6.6, and 120 ms a 32-token step against
-    67, which made any share look faster; session 36), keeps the best, and every REVISIT steps tries
-    a neighbour of it again, as the load and the hot set change. `fixed`: that level always
-    (--pcie-share F).
+    so it is measured, as the decode route measures its runners.
+
+    From none, a bucket climbs LEVELS (each level's median step of SAMPLES, the first at a level not
+    kept) until two levels in a row are no faster than the best below them by MARGIN (one-token
+    steps are noisy: on a lent H100 host an eighth measured slower than none where a quarter was
+    8-15% faster, session 37). Then it measures none and the climb's best again, in turn, step by
+    step, and keeps the share where it is faster by MARGIN; every REVISIT steps it so compares the
+    choice with a neighbour, as the load and the hot set change. In turn, because a lent host's speed drifts while it is
+    measured: a batch's first steps ran 9.1 ms a token where the steady state ran 6.6, and 120 ms a
+    32-token step against 67 (session 36), and the DRAM read moved 76-122 GB/s within one bench
+    process, where auto once kept 3/8 at one token from medians within that noise, 4% slower than
+    none (session 37). `fixed`: that level always (--pcie-share F).
 
     LEVELS end at a half: at 16 and 32 tokens 3/8 was fastest and a half slower (a 32-token step 68.8
     ms at 3/8, 80.8 at a half, 96.5 with none), at one token a quarter (session 37); the staging
@@ -219,9 +222,9 @@ class ShareTuner:
 
     def __init__(self, fixed: int | None = None):
         self.fixed = fixed
-        self.confirmed: set[int] = set()  # buckets whose level 0 was measured again after the climb
         self.times = StepTimes()  # (bucket, level index) -> recent step seconds
-        self.trial: dict[int, int] = {}  # bucket -> the level index it measures now (climbing, or a revisit)
+        self.climb: dict[int, int] = {}  # bucket -> the level index its climb measures
+        self.pair: dict[int, tuple[int, int]] = {}  # bucket -> two level indices measured in turn
         self.choice: dict[int, int] = {}  # bucket -> the level index chosen
         self.steps: dict[int, int] = defaultdict(int)
 
@@ -238,30 +241,28 @@ class ShareTuner:
         levels = self.LEVELS
         b = bucket(tokens)
         self.steps[b] += 1
-        if b not in self.choice:  # climbing
-            i = self.trial.setdefault(b, 0)
+        if b in self.pair:
+            pair = self.pair[b]
+            if not all(self._measured(b, i) for i in pair):
+                return levels[pair[self.steps[b] % 2]]
+            self._decide(b, pair)
+        elif b not in self.choice:  # climbing
+            i = self.climb.setdefault(b, 0)
             if not self._measured(b, i):
                 return levels[i]
-            if b in self.confirmed:  # none, measured again
-                self._decide(b)
-                return levels[self.choice[b]]
             if i + 1 < len(levels) and (self._gained(b, i) or self._gained(b, i - 1)):
-                self.trial[b] = i + 1
+                self.climb[b] = i + 1
                 return levels[i + 1]
-            self.confirmed.add(b)
-            self.times.forget((b, 0))
-            self.trial[b] = 0
+            best = min(range(1, i + 1), key=lambda j: self._median(b, j))  # i >= 1: none always climbs
+            log.info("decode steps of up to %d tokens: the host share's climb %s; none and %.0f%% again, in turn", b,
+                     ", ".join(f"{100 * levels[j] / 256:.0f}% {1e3 * self._median(b, j):.2f} ms" for j in range(i + 1)),
+                     100 * levels[best] / 256)
+            self._compare(b, (0, best))
             return levels[0]
-        elif b in self.trial:  # a neighbour measured again
-            if not self._measured(b, self.trial[b]):
-                return levels[self.trial[b]]
-            self._decide(b)
         elif self.steps[b] % REVISIT == 0:  # alternately the level above the choice and below it
             near = self.choice[b] + (1 if (self.steps[b] // REVISIT) % 2 else -1)
             if 0 <= near < len(levels):
-                self.times.forget((b, near), first_too=True)
-                self.trial[b] = near
-                return levels[near]
+                self._compare(b, (self.choice[b], near))
         return levels[self.choice[b]]
 
     def _gained(self, b: int, i: int) -> bool:
@@ -271,14 +272,20 @@ class ShareTuner:
             return True
         return self._median(b, i) < min(self._median(b, j) for j in range(i)) * (1 - self.MARGIN)
 
-    def _decide(self, b: int) -> None:
-        self.trial.pop(b, None)
-        measured = [i for i in range(len(self.LEVELS)) if self._measured(b, i)]
-        best = min(measured, key=lambda i: self._median(b, i))
+    def _compare(self, b: int, pair: tuple[int, int]) -> None:
+        """Measure the two levels again, in turn."""
+        for i in pair:
+            self.times.forget((b, i))
+        self.pair[b] = pair
+
+    def _decide(self, b: int, pair: tuple[int, int]) -> None:
+        """The pair's second level where it ran faster than the first (none, or the choice) by MARGIN."""
+        del self.pair[b]
+        best = pair[1] if self._median(b, pair[1]) < self._median(b, pair[0]) * (1 - self.MARGIN) else pair[0]
         if self.choice.get(b) != best:
             log.info("decode steps of up to %d tokens: the device takes %.0f%% of the pool's experts (%s)", b,
                      100 * self.LEVELS[best] / 256,
-                     ", ".join(f"{100 * self.LEVELS[i] / 256:.0f}% {1e3 * self._median(b, i):.2f} ms" for i in measured))
+                     ", ".join(f"{100 * self.LEVELS[i] / 256:.0f}% {1e3 * self._median(b, i):.2f} ms" for i in pair))
         self.choice[b] = best
 
     def record(self, tokens: int, s256: int, seconds: float) -> None:

@@ -128,6 +128,24 @@ def test_tuner_climbs_past_one_slower_level():
     assert max(levels) == 64 and levels[-1] == 0  # 32 and 64 both slower: stopped there
 
 
+@pytest.mark.parametrize("drift", [0.01, -0.002])
+def test_tuner_is_not_fooled_by_a_drifting_host(drift):
+    """Every level equally fast on a host that slows down (or speeds up) as it is measured: a level
+    measured later looks slower (or faster), so comparing one climb's medians, or none measured again
+    against them, would keep a share; the last look takes none and the climb's best in turn, step by
+    step, and keeps none."""
+    step = {"n": 0}
+
+    def cost(level):
+        step["n"] += 1
+        return 1e-3 * (1 + drift * step["n"])
+
+    tuner = ShareTuner()
+    levels = _run(tuner, cost, 60)
+    assert levels[-1] == 0 and tuner.describe() == {"1": 0.0}, levels
+    assert len(set(levels[-30:])) == 1  # decided, not still alternating
+
+
 def test_fixed_share_is_never_tuned():
     tuner = ShareTuner(64)
     assert set(_run(tuner, lambda level: 1e-3 * (1 + level), 50)) == {64}
