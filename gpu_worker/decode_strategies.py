@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..shared.strategy_names import check_decode
+from ..shared.strategy_names import POOL_DECODE, check_decode
 from .dma import Block, CopyEngine, ExpertSlots, HostExperts
 from .hcs import HotSet
 from .host_share import HostShare
@@ -34,14 +34,14 @@ class DecodeStrategy(RoutedExperts):
     experts on the device (moe_pairs, as hcs_hybrid's hot share) and send the pool nothing for them:
     the weights are already there, and the pool's turn for such a layer (its kernel reading the
     chosen experts from DRAM, and the device waiting for it) is what a decode layer costs most.
-    `takes_resident`: whether the strategy does (compact and lru run every expert on the device).
+    `takes_resident`: whether the strategy does: those that send the pool its choices (POOL_DECODE;
+    compact and lru run every expert on the device).
     `routes`: MoE layer -> its router (route(x) -> ids, weights), in layer order (the stage sets it),
     for the guess. `warms`: layer -> the launch that reads the stage's next layer's weights into the
     device's L2 (the stage sets it on CUDA). `host_share`: the share of the pool's choices the device
     computes from host memory meanwhile (host_share.py), or None."""
 
     name = ""
-    takes_resident = False
 
     def __init__(self, pool: PoolClient | None, host: HostExperts, engine: CopyEngine, act: str):
         self.pool, self.host, self.engine, self.act = pool, host, engine, act
@@ -51,6 +51,10 @@ class DecodeStrategy(RoutedExperts):
         self.warms: dict[int, Callable[[], None]] = {}
         self.host_share: HostShare | None = None  # experts.py sets it (--pcie-share)
         self._guessed = None
+
+    @property
+    def takes_resident(self) -> bool:
+        return self.name in POOL_DECODE
 
     def begin(self):
         self._guessed = None  # (layer, ids) the device last guessed within this step
@@ -122,7 +126,6 @@ class PureCpu(DecodeStrategy):
 
     name = "pure_cpu"
     graphable = True
-    takes_resident = True
 
     def run(self, layer, x, ids, weights):
         return self.collect(self.submit(layer, x, ids, weights))

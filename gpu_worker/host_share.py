@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..shared.expert_store import ExpertFormat
+from ..shared.expert_store import Entry, ExpertFormat
 from ..shared.models.family import ExpertShape
 from .decode_route import REVISIT, StepTimes, bucket
 from .dma import HostExperts
@@ -178,7 +178,7 @@ class HostShare:
 
 
 def _nbytes(dtype, shape) -> int:
-    return -(-torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() // 16) * 16
+    return -(-Entry(0, dtype, shape).nbytes // 16) * 16
 
 
 def _aligned(tensors: dict) -> int:

@@ -110,6 +110,8 @@ def plan(
     biggest = max(per_layer, default=0)
     kind, n = parse_prefill(prefill)
     size = dict(zip(moe, per_layer))
+    # the host share's slots at its highest level (share_most, in 256ths)
+    share = max((staging_bytes(layout.fmt, layout.shapes[i], share_most) for i in moe), default=0)
 
     def staging_for(kept: int) -> int:
         """What the prefill and decode strategies stage with `kept` layers resident: layer_grouped's
@@ -122,9 +124,6 @@ def plan(
         else:  # chunked, active_only, hcs_prefill: one layer's worth
             out = biggest
         return out + (biggest if decode == "compact" else 0) + share
-
-    # the host share's slots at its highest level (share_most, in 256ths)
-    share = max((staging_bytes(layout.fmt, layout.shapes[i], share_most) for i in moe), default=0)
 
     staging = staging_for(0)
 
