@@ -13,6 +13,9 @@ with --all):
     --llama            llama-bench: hybrid (experts on the CPU) at -ub 4096 and larger ubatches, and
                        everything in VRAM; pp512, pp10000 and tg64
     --ours             krasis-coord bench on the same file, prompts of 512 and 10000 tokens
+    --pool             krasis-coord bench with every layer's experts through the CPU pool
+                       (`--resident-decode off`), 256 tokens after 512: issue 14's decode comparison
+                       with llama.cpp's experts on the CPU (hybrid), and its fraction of the DRAM floor
     --table            the markdown table of both, with the ratios (also printed after --all)
 
 Every phase writes its JSON and logs under --out; --table reads them back, so phases may run in
@@ -198,16 +201,33 @@ OUR_OPTS = ["--devices", "cuda:0", "--vram-budget", "16", "--gpu-bits", "4", "--
             "--runs", "2", "--decode-tokens", str(DECODE)]
 
 
+def _bench(gguf: Path, out: Path, name: str, args: list[str]) -> tuple[list, list[dict], float]:
+    """One krasis-coord bench on gguf with OUR_OPTS then args: (its command, its rows, seconds)."""
+    res = out / f"{name}.result.json"
+    cmd = [sys.executable, "-m", "krasis.coordinator", "bench", gguf, *OUR_OPTS, *args, "--json", res]
+    t0 = time.monotonic()
+    run(cmd, out / f"{name}.log")
+    rows = json.loads(res.read_text())
+    return cmd, rows if isinstance(rows, list) else [rows], time.monotonic() - t0
+
+
 def run_ours(gguf: Path, out: Path, prompts: list[int]) -> None:
     """One bench, one start of the processes (and one conversion of the GGUF), a row per prompt."""
-    res = out / "ours.result.json"
-    cmd = [sys.executable, "-m", "krasis.coordinator", "bench", gguf, "--prompt-lens", ",".join(map(str, prompts)),
-           *OUR_OPTS, "--json", res]
-    t0 = time.monotonic()
-    run(cmd, out / "ours.log")
-    rows = json.loads(res.read_text())
-    for n, row in zip(prompts, rows if isinstance(rows, list) else [rows]):
-        record(out / f"ours_p{n}.json", cmd, row, wall_s=time.monotonic() - t0)
+    cmd, rows, wall = _bench(gguf, out, "ours", ["--prompt-lens", ",".join(map(str, prompts))])
+    for n, row in zip(prompts, rows):
+        record(out / f"ours_p{n}.json", cmd, row, wall_s=wall)
+
+
+# The pool's decode over more tokens than llama-bench's: the host share's tuner (--pcie-share auto)
+# spends a run's first steps trying its levels (gpu_worker/host_share.py)
+POOL_DECODE = 256
+
+
+def run_pool(gguf: Path, out: Path) -> None:
+    """Every layer's routed experts through the CPU pool, as llama.cpp's hybrid runs them on its CPU."""
+    cmd, rows, wall = _bench(gguf, out, "ours_pool", ["--prompt-lens", str(PROMPTS[0]), "--resident-decode", "off",
+                                                      "--decode-tokens", str(POOL_DECODE)])
+    record(out / "ours_pool.json", cmd, rows[0], wall_s=wall)
 
 
 # --- records and the table --------------------------------------------------------------------------------
@@ -243,7 +263,7 @@ def _fmt(x: float | None) -> str:
 def table(out: Path) -> str:
     recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.stem.endswith(".result")}
     llama = {k.removeprefix("llama_"): v for k, v in recs.items() if k.startswith("llama_")}
-    ours = {k: v for k, v in recs.items() if k.startswith("ours_")}
+    ours = {k: v for k, v in recs.items() if k.startswith("ours_p") and k[6:].isdigit()}  # a row per prompt length
     rows = []  # (measure, llama.cpp name, llama.cpp value, ours value)
 
     def best_hybrid(n_prompt, n_gen):
@@ -269,6 +289,12 @@ def table(out: Path) -> str:
                  _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), 0, DECODE), o.get("decode_tok_s")))
     rows.append((f"decode {DECODE} tokens (tok/s)", "all in VRAM",
                  _llama_rate(llama.get("vram", {}).get("result", []), 0, DECODE), o.get("decode_tok_s")))
+    pool = recs.get("ours_pool", {}).get("result")
+    if pool:
+        rows.append((f"decode, every layer's experts on the CPU (ours {POOL_DECODE} tokens through the pool, "
+                     f"{pool['decode_fraction']:.0%} of its run's DRAM floor of {pool['decode_floor_tok_s']:.1f})",
+                     "hybrid -ub 4096", _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), 0, DECODE),
+                     pool["decode_tok_s"]))
     lines = ["| measure | llama.cpp | llama.cpp tok/s | ours tok/s | ours / llama.cpp |", "|---|---|---|---|---|"]
     for what, name, theirs, mine in rows:
         ratio = f"{mine / theirs:.2f}x" if theirs and mine else "—"
@@ -295,15 +321,16 @@ def main(argv=None) -> None:
     ap.add_argument("--ours", action="store_true", help="run krasis-coord bench")
     ap.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=list(PROMPTS),
                     help="with --ours: these prompt lengths (default: 512,10000; one bench each)")
+    ap.add_argument("--pool", action="store_true", help="run krasis-coord bench with every layer through the CPU pool")
     ap.add_argument("--table", action="store_true", help="print the table from --out's records")
-    ap.add_argument("--all", action="store_true", help="--build --gguf --llama --ours --table")
+    ap.add_argument("--all", action="store_true", help="--build --gguf --llama --ours --pool --table")
     ap.add_argument("--file", type=Path, default=Path("/tmp/peer/qwen3-30b-a3b-q4_0.gguf"),
                     help="the GGUF both run (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("peer_out"), help="records and logs (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if not any((a.fetch_source, a.build, a.gguf, a.llama, a.ours, a.table, a.all)):
-        ap.error("choose a phase: --fetch-source, --build, --gguf, --llama, --ours, --table or --all")
+    if not any((a.fetch_source, a.build, a.gguf, a.llama, a.ours, a.pool, a.table, a.all)):
+        ap.error("choose a phase: --fetch-source, --build, --gguf, --llama, --ours, --pool, --table or --all")
     a.out.mkdir(parents=True, exist_ok=True)
     if a.fetch_source:
         fetch_source(PEER, a.out)
@@ -319,6 +346,8 @@ def main(argv=None) -> None:
         run_llama(a.file, a.out, cuda=not a.cpu_only, only=a.configs)
     if a.ours or a.all:
         run_ours(a.file, a.out, a.prompts)
+    if a.pool or a.all:
+        run_pool(a.file, a.out)
     if a.table or a.all:
         print(table(a.out))
 

@@ -65,7 +65,8 @@ def test_peer_table_ratios(tmp_path):
     for name, result in (("llama_hybrid_ub4096", rows(600, 4000, 45)), ("llama_hybrid_ub16384", rows(500, 4400, 44)),
                          ("llama_vram", rows(9000, 13000, 300)), ("ours_p512", {"prefill_tok_s": 1800, "decode_tok_s": 90}),
                          ("ours_p10000", {"prefill_tok_s": 26400, "decode_tok_s": 80}),
-                         ("ours_p65536", {"prefill_tok_s": 20000, "decode_tok_s": 60})):
+                         ("ours_p65536", {"prefill_tok_s": 20000, "decode_tok_s": 60}),
+                         ("ours_pool", {"decode_tok_s": 81, "decode_fraction": 0.79, "decode_floor_tok_s": 102.5})):
         (tmp_path / f"{name}.json").write_text(json.dumps({"date": "d", "device": "dev", "command": name, "result": result}))
     table = peer_llamacpp.table(tmp_path).splitlines()
     assert "| prefill 10000 tokens (tok/s) | hybrid -ub 4096 | 4,000.0 | 26,400.0 | 6.60x |" in table
@@ -73,4 +74,7 @@ def test_peer_table_ratios(tmp_path):
     assert "| prefill 512 tokens (tok/s) | hybrid best (hybrid_ub4096) | 600.0 | 1,800.0 | 3.00x |" in table
     assert "| decode 64 tokens (tok/s) | hybrid -ub 4096 | 45.0 | 90.0 | 2.00x |" in table
     assert "| prefill 65536 tokens (tok/s) | — | — | 20,000.0 | — |" in table  # a length llama-bench did not run
-    assert sum(line.startswith("- `") for line in table) == 6
+    # every layer through the pool against llama.cpp's experts on the CPU (issue 14, item 3)
+    assert ("| decode, every layer's experts on the CPU (ours 256 tokens through the pool, 79% of its run's DRAM "
+            "floor of 102.5) | hybrid -ub 4096 | 45.0 | 81.0 | 1.80x |") in table
+    assert sum(line.startswith("- `") for line in table) == 7

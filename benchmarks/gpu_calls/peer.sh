@@ -1,10 +1,10 @@
 # llama.cpp's llama-bench (a --portable build made elsewhere, carried as .peer/bin.tar.xz) and our bench on one GGUF.
-# STEPS picks among "checks gguf llama ours" (default: gguf llama ours) so the work splits over calls on one
+# STEPS picks among "checks gguf llama ours pool" (default: gguf llama ours pool) so the work splits over calls on one
 # warm machine: the GGUF and the records stay in /tmp between them. PROMPTS: our prompt lengths.
 . benchmarks/gpu_calls/lib.sh
 LD_LIBRARY_PATH0=$LD_LIBRARY_PATH
 machine
-want() { [[ " ${STEPS:-gguf llama ours} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-gguf llama ours pool} " == *" $1 "* ]]; }
 want checks && gpu_checks
 # a --portable build made elsewhere travels as one archive (the bin folder is ~100 MB, over a call's limit)
 [ -f .peer/bin.tar.xz ] && [ ! -x .peer/build-cuda/bin/llama-bench ] && mkdir -p .peer/build-cuda && tar xJf .peer/bin.tar.xz -C .peer/build-cuda
@@ -23,6 +23,7 @@ want llama && step b0 30 bash -c "ldd .peer/build-cuda/bin/libggml-cuda.so | gre
 want gguf && step b1 320 $P --gguf
 want llama && step b2 270 $P --llama ${CONFIGS:+--configs $CONFIGS}
 want ours && step b3 400 $P --ours ${PROMPTS:+--prompts $PROMPTS}
+want pool && step b5 150 $P --pool
 step b4 20 $P --table
 cp -r $R $L/peer
 finish
