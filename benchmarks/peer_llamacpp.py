@@ -291,7 +291,7 @@ def table(out: Path) -> str:
                  _llama_rate(llama.get("vram", {}).get("result", []), 0, DECODE), o.get("decode_tok_s")))
     pool = recs.get("ours_pool", {}).get("result")
     if pool:
-        rows.append((f"decode, every layer's experts on the CPU (ours {POOL_DECODE} tokens through the pool, "
+        rows.append((f"decode, every layer's experts on the CPU (ours: `--resident-decode off`, {POOL_DECODE} tokens, "
                      f"{pool['decode_fraction']:.0%} of its run's DRAM floor of {pool['decode_floor_tok_s']:.1f})",
                      "hybrid -ub 4096", _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), 0, DECODE),
                      pool["decode_tok_s"]))

@@ -75,6 +75,6 @@ def test_peer_table_ratios(tmp_path):
     assert "| decode 64 tokens (tok/s) | hybrid -ub 4096 | 45.0 | 90.0 | 2.00x |" in table
     assert "| prefill 65536 tokens (tok/s) | — | — | 20,000.0 | — |" in table  # a length llama-bench did not run
     # every layer through the pool against llama.cpp's experts on the CPU (issue 14, item 3)
-    assert ("| decode, every layer's experts on the CPU (ours 256 tokens through the pool, 79% of its run's DRAM "
-            "floor of 102.5) | hybrid -ub 4096 | 45.0 | 81.0 | 1.80x |") in table
+    assert ("| decode, every layer's experts on the CPU (ours: `--resident-decode off`, 256 tokens, 79% of its run's "
+            "DRAM floor of 102.5) | hybrid -ub 4096 | 45.0 | 81.0 | 1.80x |") in table
     assert sum(line.startswith("- `") for line in table) == 7
