@@ -263,8 +263,11 @@ def _fmt(x: float | None) -> str:
 def table(out: Path) -> str:
     recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.stem.endswith(".result")}
     llama = {k.removeprefix("llama_"): v for k, v in recs.items() if k.startswith("llama_")}
-    ours = {k: v for k, v in recs.items() if k.startswith("ours_p") and k[6:].isdigit()}  # a row per prompt length
+    ours = {k: v for k, v in recs.items() if k.removeprefix("ours_p").isdigit()}  # a row per prompt length
     rows = []  # (measure, llama.cpp name, llama.cpp value, ours value)
+
+    def rate(config, n_prompt, n_gen):
+        return _llama_rate(llama.get(config, {}).get("result", []), n_prompt, n_gen)
 
     def best_hybrid(n_prompt, n_gen):
         vals = [(_llama_rate(v["result"], n_prompt, n_gen), k) for k, v in llama.items() if k.startswith("hybrid")]
@@ -278,23 +281,20 @@ def table(out: Path) -> str:
         if n not in PROMPTS:
             rows.append((f"prefill {n} tokens (tok/s)", "—", None, o.get("prefill_tok_s")))
             continue
-        h4096 = _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), n, 0)
+        h4096 = rate("hybrid_ub4096", n, 0)
         best, which = best_hybrid(n, 0)
         rows.append((f"prefill {n} tokens (tok/s)", "hybrid -ub 4096", h4096, o.get("prefill_tok_s")))
         rows.append((f"prefill {n} tokens (tok/s)", f"hybrid best ({which or '—'})", best, o.get("prefill_tok_s")))
-        rows.append((f"prefill {n} tokens (tok/s)", "all in VRAM", _llama_rate(llama.get("vram", {}).get("result", []), n, 0),
-                     o.get("prefill_tok_s")))
+        rows.append((f"prefill {n} tokens (tok/s)", "all in VRAM", rate("vram", n, 0), o.get("prefill_tok_s")))
     o = ours.get(f"ours_p{PROMPTS[0]}", {}).get("result", {})
-    rows.append((f"decode {DECODE} tokens (tok/s)", "hybrid -ub 4096",
-                 _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), 0, DECODE), o.get("decode_tok_s")))
-    rows.append((f"decode {DECODE} tokens (tok/s)", "all in VRAM",
-                 _llama_rate(llama.get("vram", {}).get("result", []), 0, DECODE), o.get("decode_tok_s")))
+    rows.append((f"decode {DECODE} tokens (tok/s)", "hybrid -ub 4096", rate("hybrid_ub4096", 0, DECODE),
+                 o.get("decode_tok_s")))
+    rows.append((f"decode {DECODE} tokens (tok/s)", "all in VRAM", rate("vram", 0, DECODE), o.get("decode_tok_s")))
     pool = recs.get("ours_pool", {}).get("result")
     if pool:
         rows.append((f"decode, every layer's experts on the CPU (ours: `--resident-decode off`, {POOL_DECODE} tokens, "
                      f"{pool['decode_fraction']:.0%} of its run's DRAM floor of {pool['decode_floor_tok_s']:.1f})",
-                     "hybrid -ub 4096", _llama_rate(llama.get("hybrid_ub4096", {}).get("result", []), 0, DECODE),
-                     pool["decode_tok_s"]))
+                     "hybrid -ub 4096", rate("hybrid_ub4096", 0, DECODE), pool["decode_tok_s"]))
     lines = ["| measure | llama.cpp | llama.cpp tok/s | ours tok/s | ours / llama.cpp |", "|---|---|---|---|---|"]
     for what, name, theirs, mine in rows:
         ratio = f"{mine / theirs:.2f}x" if theirs and mine else "—"

@@ -207,11 +207,11 @@ class ShareTuner:
     steps are noisy: on a lent H100 host an eighth measured slower than none where a quarter was
     8-15% faster, session 37). Then it measures none and the climb's best again, in turn, step by
     step, and keeps the share where it is faster by MARGIN; every REVISIT steps it so compares the
-    choice with a neighbour, as the load and the hot set change. In turn, because a lent host's speed drifts while it is
-    measured: a batch's first steps ran 9.1 ms a token where the steady state ran 6.6, and 120 ms a
-    32-token step against 67 (session 36), and the DRAM read moved 76-122 GB/s within one bench
-    process, where auto once kept 3/8 at one token from medians within that noise, 4% slower than
-    none (session 37). `fixed`: that level always (--pcie-share F).
+    choice with a neighbour, as the load and the hot set change. In turn, because a lent host's speed
+    drifts while it is measured: a batch's first steps ran 9.1 ms a token where the steady state ran
+    6.6, and 120 ms a 32-token step against 67 (session 36), and the DRAM read moved 76-122 GB/s
+    within one bench process, where auto once kept 3/8 at one token from medians within that noise,
+    4% slower than none (session 37). `fixed`: that level always (--pcie-share F).
 
     LEVELS end at a half: at 16 and 32 tokens 3/8 was fastest and a half slower (a 32-token step 68.8
     ms at 3/8, 80.8 at a half, 96.5 with none), at one token a quarter (session 37); the staging
