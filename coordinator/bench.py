@@ -84,9 +84,15 @@ def measure_dram(nbytes: int = 1 << 30, reps: int = 15) -> float:
     fastest of `reps` passes. A ceiling is what the machine can do, and on the lent hosts a pass now
     and then runs at half speed (other tenants, frequency): the median of 5 read 39 and 83 GB/s in
     two processes minutes apart on one H100 host (2026-12-05) whose pool kernel ran the same in both."""
-    x = torch.ones(nbytes // 4)  # ones, not rand: the read costs the same, and rand took 2.8 s to fill 1 GiB on 2 cores
+    # ones, not rand: the read costs the same, and rand took 2.8 s to fill 1 GiB on 2 cores
+    return read_rate(torch.ones(nbytes // 4), reps)
+
+
+def read_rate(x: torch.Tensor, reps: int = 15) -> float:
+    """Bytes/s of a float32 sum over x with this process's threads, the fastest of `reps` passes
+    after one that faults its pages in."""
     x.sum()
-    return nbytes / min(_times(lambda: x.sum(), reps))
+    return x.numel() * x.element_size() / min(_times(lambda: x.sum(), reps))
 
 
 # --- model arithmetic ----------------------------------------------------------------------------
