@@ -96,7 +96,8 @@ def _start(spec: dict, ctx: zmq.Context, coord, mark: StartupMarks) -> tuple[Sta
             # a 16-bit source (a GGUF's F16 attention and embeddings) crosses as it is and is cast on
             # the device: torch casts a host-to-device copy on the host, with this worker's two
             # threads and a fresh host copy whose pages fault in first (~0.5-2 s a GB on the dev
-            # machine), where the device casts it in microseconds (the same round-to-nearest-even)
+            # machine), where the device casts it in microseconds (the same round-to-nearest-even);
+            # the peer GGUF's dense weights took 0.93 s so against 2.33 on an H100 host (session 39)
             return t.to(device).to(dtype)
         return t.to(device=device, dtype=dtype)
 
