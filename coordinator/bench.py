@@ -83,7 +83,10 @@ def measure_dram(nbytes: int = 1 << 30, reps: int = 15) -> float:
     """Host DRAM read bytes/s with all of this process's threads (a float32 sum over 1 GiB): the
     fastest of `reps` passes. A ceiling is what the machine can do, and on the lent hosts a pass now
     and then runs at half speed (other tenants, frequency): the median of 5 read 39 and 83 GB/s in
-    two processes minutes apart on one H100 host (2026-12-05) whose pool kernel ran the same in both."""
+    two processes minutes apart on one H100 host (2026-12-05) whose pool kernel ran the same in both.
+    The drift is the host's in time, not where a buffer lies: fresh buffers and a memfd like the
+    store's read alike at a moment, and all moved 88-128 GB/s seconds apart (benchmarks/dram_read.py,
+    session 39)."""
     # ones, not rand: the read costs the same, and rand took 2.8 s to fill 1 GiB on 2 cores
     return read_rate(torch.ones(nbytes // 4), reps)
 
