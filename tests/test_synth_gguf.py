@@ -70,11 +70,16 @@ def test_peer_table_ratios(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps({"date": "d", "device": "dev", "command": name, "result": result}))
     table = peer_llamacpp.table(tmp_path).splitlines()
     assert "| prefill 10000 tokens (tok/s) | hybrid -ub 4096 | 4,000.0 | 26,400.0 | 6.60x |" in table
-    assert "| prefill 10000 tokens (tok/s) | hybrid best (hybrid_ub16384) | 4,400.0 | 26,400.0 | 6.00x |" in table
-    assert "| prefill 512 tokens (tok/s) | hybrid best (hybrid_ub4096) | 600.0 | 1,800.0 | 3.00x |" in table
+    assert "| prefill 10000 tokens (tok/s) | hybrid best of 2 (hybrid_ub16384) | 4,400.0 | 26,400.0 | 6.00x |" in table
+    assert "| prefill 512 tokens (tok/s) | hybrid best of 2 (hybrid_ub4096) | 600.0 | 1,800.0 | 3.00x |" in table
     assert "| decode 64 tokens (tok/s) | hybrid -ub 4096 | 45.0 | 90.0 | 2.00x |" in table
     assert "| prefill 65536 tokens (tok/s) | — | — | 20,000.0 | — |" in table  # a length llama-bench did not run
     # every layer through the pool against llama.cpp's experts on the CPU (issue 14, item 3)
     assert ("| decode, every layer's experts on the CPU (ours: `--resident-decode off`, 256 tokens, 79% of its run's "
             "DRAM floor of 102.5) | hybrid -ub 4096 | 45.0 | 81.0 | 1.80x |") in table
     assert sum(line.startswith("- `") for line in table) == 7
+    # a call that ran llama.cpp at -ub 4096 alone does not call it the best of several
+    for name in ("llama_hybrid_ub16384", "llama_vram"):
+        (tmp_path / f"{name}.json").unlink()
+    table = peer_llamacpp.table(tmp_path).splitlines()
+    assert "| prefill 10000 tokens (tok/s) | hybrid best of 1 (hybrid_ub4096) | 4,000.0 | 26,400.0 | 6.60x |" in table
