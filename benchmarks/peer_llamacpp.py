@@ -198,7 +198,7 @@ def run_llama(gguf: Path, out: Path, cuda: bool, only: list[str] | None) -> None
 # --- ours -----------------------------------------------------------------------------------------------
 
 OUR_OPTS = ["--devices", "cuda:0", "--vram-budget", "16", "--gpu-bits", "4", "--cpu-bits", "4", "--group-size", "32",
-            "--runs", "2", "--decode-tokens", str(DECODE)]
+            "--runs", "2"]
 
 
 def _bench(gguf: Path, out: Path, name: str, args: list[str]) -> tuple[list, list[dict], float]:
@@ -213,7 +213,8 @@ def _bench(gguf: Path, out: Path, name: str, args: list[str]) -> tuple[list, lis
 
 def run_ours(gguf: Path, out: Path, prompts: list[int]) -> None:
     """One bench, one start of the processes (and one conversion of the GGUF), a row per prompt."""
-    cmd, rows, wall = _bench(gguf, out, "ours", ["--prompt-lens", ",".join(map(str, prompts))])
+    cmd, rows, wall = _bench(gguf, out, "ours", ["--prompt-lens", ",".join(map(str, prompts)),
+                                                 "--decode-tokens", str(DECODE)])
     for n, row in zip(prompts, rows):
         record(out / f"ours_p{n}.json", cmd, row, wall_s=wall)
 
@@ -272,7 +273,7 @@ def table(out: Path) -> str:
     def best_hybrid(n_prompt, n_gen):
         """(the best hybrid rate, its configuration, how many configurations ran): a call that ran
         only -ub 4096 says so rather than calling it the best of several."""
-        vals = [(_llama_rate(v["result"], n_prompt, n_gen), k) for k, v in llama.items() if k.startswith("hybrid")]
+        vals = [(rate(k, n_prompt, n_gen), k) for k in llama if k.startswith("hybrid")]
         vals = [v for v in vals if v[0] is not None]
         return (*max(vals), len(vals)) if vals else (None, None, 0)
 
