@@ -68,6 +68,14 @@ PO="$G --devices cuda:0 --vram-budget 16 --gpu-bits 4 --cpu-bits 4 --group-size 
 PB="python3 -m krasis.coordinator bench $PO --prompt-lens 512 --resident-decode off"
 PD="python3 -m krasis.coordinator bench $PO --prompt-lens 512,10000 --concurrency 1,32"
 peer_gguf() { [ -f $G ] || { mkdir -p /tmp/peer; step gguf 320 python3 benchmarks/peer_llamacpp.py --out /tmp/peer-out --gguf --file $G; }; }
+# peer_inner RESERVE [STEPS]: peer.sh inside this call (its own logs folder, a second later), within
+# what is left of this call less RESERVE seconds, its output in $L/peer_STEPS.txt (STEPS: else the
+# caller's $STEPS, else peer.sh's default, named "default")
+peer_inner() {
+  local steps="${2:-$STEPS}"; local name="${steps:-default}"
+  sleep 1
+  BUDGET=$(( DEADLINE - $(date +%s) - $1 )) STEPS="$steps" bash benchmarks/gpu_calls/peer.sh > "$L/peer_${name// /_}.txt" 2>&1
+}
 # step NAME SECONDS CMD... with .old (a carried worktree of an earlier tree: `git worktree add --detach
 # .old REV`) imported as krasis, for an A/B against this tree on one machine.
 old_step() { mkdir -p /tmp/old && ln -sfn $PWD/.old /tmp/old/krasis; PYTHONPATH=/tmp/old:$PYTHONPATH step "$@"; }

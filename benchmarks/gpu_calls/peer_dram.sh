@@ -4,7 +4,7 @@
 . benchmarks/gpu_calls/lib.sh
 machine
 step r0 60 python3 benchmarks/dram_read.py --json $L/r0.json
-sleep 1; BUDGET=$(( DEADLINE - $(date +%s) - 45 )) bash benchmarks/gpu_calls/peer.sh > $L/peer.txt 2>&1
+peer_inner 45
 step r1 40 python3 benchmarks/dram_read.py --buffers 3 --json $L/r1.json
 finish
-tail -n 24 $L/peer.txt; cat $L/r0.log $L/r1.log
+tail -n 24 $L/peer_*.txt; cat $L/r0.log $L/r1.log

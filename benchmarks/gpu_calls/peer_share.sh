@@ -3,12 +3,10 @@
 # rest of peer.sh's table, then auto again (the tuner's interleaved last look, first run on a GPU), on
 # the same warm machine. Most needed first: a short call loses the last steps.
 . benchmarks/gpu_calls/lib.sh
-# peer.sh inside this call: its own logs folder (a second later), within what is left of this call
-inner() { sleep 1; BUDGET=$(( DEADLINE - $(date +%s) - $1 )) STEPS="$2" bash benchmarks/gpu_calls/peer.sh > $L/peer_${2// /_}.txt 2>&1; }
-inner 60 "gguf llama pool"
+peer_inner 60 "gguf llama pool"
 machine
 step s0 100 $PB --decode-tokens 256 --pcie-share 0 --json $L/s0.json
-inner 0 "ours"
+peer_inner 0 ours
 step sauto2 100 $PB --decode-tokens 256 --json $L/sauto2.json
 finish
 tail -n 24 $L/peer_ours.txt
